@@ -1,0 +1,227 @@
+"""The gateway's aiohttp applications: ``init_app`` (public proxy) and ``init_admin_app``.
+
+A request flows: environment id (host or header, validated) -> route (prefix, method, Accept)
+-> one limiter decision (one EVALSHA, pipelined with concurrent ones) -> refusal as
+problem+json, or a streamed proxy to the upstream with RateLimit headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from quotagate.clock import Clock
+from quotagate.gateway import metrics
+from quotagate.gateway.envid import environment_of
+from quotagate.gateway.headers import ratelimit_headers
+from quotagate.gateway.problems import Problem, refusal, route_not_found, store_unavailable
+from quotagate.gateway.proxy import UpstreamPool
+from quotagate.gateway.routing import Router
+from quotagate.limiter.codes import Flag, Outcome
+from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.limiter import Limiter
+from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.sync import sync_environments
+from quotagate.settings import Config
+
+log = logging.getLogger("quotagate.gateway")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REASONS = {o: o.name.lower().replace("_", "-") for o in Outcome}
+
+
+@dataclass
+class GatewayState:
+    config: Config
+    store_url: str
+    router: Router
+    limiter: Limiter
+    pool: UpstreamPool
+    redis: aredis.Redis
+    #: Environments whose mode (from the file) differs from the gateway's: "off" skips the store.
+    env_modes: dict[str, str] = field(default_factory=dict)
+    synced: bool = False
+    sync_task: asyncio.Task[None] | None = None
+
+
+STATE = web.AppKey("state", GatewayState)
+
+
+def build_state(config: Config, store_url: str, clock: Clock | None = None) -> GatewayState:
+    gw = config.gateway
+    store = PipelinedStore(
+        StoreAddress.from_url(store_url),
+        timeout_ms=gw.store.timeout_ms,
+        connect_timeout_ms=gw.store.connect_timeout_ms,
+        retry_interval_ms=gw.store.retry_interval_ms,
+    )
+    mode = "shadow" if gw.enforcement == "shadow" else "enforce"
+    limiter = Limiter(
+        store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure
+    )
+    timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
+    client = aredis.Redis.from_url(
+        store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5
+    )
+    env_modes = {
+        env_id: env.mode
+        for env_id, env in config.environments.environments.items()
+        if env.mode is not None
+    }
+    return GatewayState(config, store_url, Router(gw.routes), limiter, UpstreamPool(gw.upstream),
+                        client, env_modes)
+
+
+async def _sync_until_done(state: GatewayState) -> None:
+    delay = 0.2
+    while True:
+        try:
+            await sync_environments(state.redis, state.config)
+            await state.limiter.load_scripts()
+            state.synced = True
+            return
+        except (aredis.RedisError, OSError, StoreError) as exc:
+            log.warning("store not ready for the environment sync (%s); retrying", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.pool.start()
+    state.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(state))
+    with contextlib.suppress(TimeoutError):
+        # Usually done at once; a store that is down must not block the start.
+        await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
+    yield
+    state.sync_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await state.sync_task
+    if state.limiter.backlog.pending:
+        with contextlib.suppress(StoreError):
+            await state.limiter.flush_backlog()
+    await state.limiter.close()
+    await state.pool.close()
+    await state.redis.aclose()
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    gw = state.config.gateway
+    try:
+        env = environment_of(request, gw.domain)
+    except Problem as problem:
+        metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
+        return problem.response()
+    route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
+    if route is None:
+        metrics.INVALID_REQUESTS.labels("route-not-found").inc()
+        return route_not_found(request.path, env).response()
+
+    extra: dict[str, str] = {}
+    mode = state.env_modes.get(env, gw.enforcement)
+    if mode == "off":
+        metrics.DECISIONS.labels("off", "").inc()
+    else:
+        started = time.perf_counter()
+        try:
+            decision = await state.limiter.decide(env, route.kind, route.cost)
+        except StoreUnavailable as exc:
+            metrics.STORE_ERRORS.labels(
+                "timeout" if isinstance(exc, StoreTimeout) else "unavailable"
+            ).inc()
+            metrics.DECISIONS.labels("refused", "store-unavailable").inc()
+            return store_unavailable(env).response()
+        except StoreError as exc:
+            log.error("decision failed for %s: %s", env, exc)
+            metrics.STORE_ERRORS.labels("error").inc()
+            metrics.DECISIONS.labels("refused", "store-unavailable").inc()
+            return store_unavailable(env).response()
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+        if decision.store_bypassed:
+            metrics.DECISIONS.labels("bypassed", "store-unavailable").inc()
+            metrics.BACKLOG.set(len(state.limiter.backlog))
+            extra["X-Quotagate-Bypass"] = "store-unavailable"
+        elif not decision.admitted:
+            metrics.DECISIONS.labels("refused", _REASONS[decision.outcome]).inc()
+            return refusal(decision, env).response(ratelimit_headers(decision))
+        elif decision.flags & Flag.SHADOW_REFUSAL:
+            metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
+            extra["X-Quotagate-Shadow"] = "would-refuse"
+        else:
+            metrics.DECISIONS.labels("admitted", "").inc()
+        extra.update(ratelimit_headers(decision))
+    return await state.pool.forward(request, route, env, _request_id(request), extra)
+
+
+def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.Application:
+    """The public proxy application."""
+    app = web.Application(client_max_size=0)
+    app[STATE] = build_state(config, store_url, clock)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+# ------------------------------------------------------------------------------ admin
+
+
+ADMIN_STATE = web.AppKey("admin_state", GatewayState)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[ADMIN_STATE]
+    checks: dict[str, str] = {}
+    try:
+        pong = await state.limiter.store.execute("PING")
+        checks["store"] = "ok" if pong == b"PONG" else f"unexpected reply {pong!r}"
+        checks["scripts"] = "ok" if await state.limiter.scripts_loaded() else "not loaded"
+    except StoreError as exc:
+        checks["store"] = f"unreachable: {exc}"
+    checks["environments"] = "ok" if state.synced else "not yet written to the store"
+    ready = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status=200 if ready else 503,
+    )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    state = request.app[ADMIN_STATE]
+    metrics.BACKLOG.set(len(state.limiter.backlog))
+    registry = request.app.get(METRICS_REGISTRY) or REGISTRY
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+METRICS_REGISTRY = web.AppKey("metrics_registry", object)
+
+
+def init_admin_app(state: GatewayState, registry: object | None = None) -> web.Application:
+    """The admin listener: health, readiness, metrics. Never on the public port."""
+    app = web.Application()
+    app[ADMIN_STATE] = state
+    if registry is not None:
+        app[METRICS_REGISTRY] = registry
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app

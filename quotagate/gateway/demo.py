@@ -1,0 +1,182 @@
+"""``quotagate demo``: embedded Valkey, the demo upstream and the gateway, with a walk-through
+that sends real requests and prints what came back."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import tempfile
+import zoneinfo
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from quotagate.gateway.demo_upstream import make_upstream_app
+from quotagate.gateway.server import run_gateway
+from quotagate.limiter.embedded import EmbeddedValkey
+from quotagate.settings import load_config
+
+
+def find_plans_file() -> Path:
+    for candidate in (Path.cwd() / "config" / "plans.yaml",
+                      Path(__file__).resolve().parents[2] / "config" / "plans.yaml"):
+        if candidate.exists():
+            return candidate
+    raise SystemExit("config/plans.yaml not found: run the demo from the project directory")
+
+
+def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port: int,
+                      today: dt.date) -> Path:
+    up = f"http://127.0.0.1:{upstream_port}"
+    gateway = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin_port}",
+        "store": {"url": "", "data_dir": str(directory / "valkey")},
+        "on_store_failure": "open",
+        "timezone": "Asia/Shanghai",
+        "plans_file": str(find_plans_file()),
+        "environments_file": "environments.yaml",
+        "routes": [
+            {"prefix": "/functions/", "upstream": up, "kind": "function"},
+            {"prefix": "/database/", "upstream": up, "kind": "database"},
+            {"prefix": "/ai/", "upstream": up, "kind": "ai", "accept": "text/event-stream",
+             "cost": 50},
+            {"prefix": "/ai/", "upstream": up, "kind": "ai"},
+        ],
+    }
+    anchor = today.replace(day=1)
+    environments = {"environments": {
+        # A standard plan with a tiny quota override, hard stop: shows the 429 at the end.
+        "demo-shop": {"plan": "standard", "anchor": anchor.isoformat(),
+                      "expires": anchor.replace(year=anchor.year + 1).isoformat(),
+                      "limits": {"calls": 60}},
+        # A free plan at 5 QPS: shows the rate limit.
+        "demo-free": {"plan": "free", "anchor": anchor.isoformat(),
+                      "expires": anchor.replace(year=anchor.year + 1).isoformat(),
+                      "limits": {"qps": 5}},
+        # Overage on: keeps working past its quota, billed next day.
+        "demo-payg": {"plan": "personal", "anchor": anchor.isoformat(),
+                      "expires": anchor.replace(year=anchor.year + 1).isoformat(),
+                      "overage": True, "limits": {"calls": 3}},
+    }}
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+    (directory / "environments.yaml").write_text(yaml.safe_dump(environments, sort_keys=False))
+    return directory / "gateway.yaml"
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _show(session: aiohttp.ClientSession, title: str, method: str, url: str,
+                env: str | None, **kw: object) -> aiohttp.ClientResponse:
+    headers = dict(kw.pop("headers", {}) or {})  # type: ignore[call-overload]
+    if env is not None:
+        headers["X-CloudBase-Env"] = env
+    _say(f"\n── {title}")
+    _say(f"   {method} {url}" + (f"   (X-CloudBase-Env: {env})" if env else ""))
+    async with session.request(method, url, headers=headers, **kw) as resp:  # type: ignore[arg-type]
+        body = await resp.text()
+        _say(f"   → {resp.status} {resp.reason}")
+        for name in ("RateLimit-Policy", "RateLimit", "Retry-After"):
+            if name in resp.headers:
+                _say(f"     {name}: {resp.headers[name]}")
+        if resp.content_type == "application/problem+json":
+            problem = json.loads(body)
+            _say(f"     {problem['type']}: {problem['detail']}")
+        elif resp.content_type == "text/event-stream":
+            events = [line for line in body.splitlines() if line.startswith("data:")]
+            _say(f"     {len(events)} server-sent events streamed, last: {events[-1]}")
+        else:
+            _say(f"     {body[:120]}")
+        return resp
+
+
+async def walkthrough(base: str) -> dict[str, int]:
+    """Send the demo's requests; returns the status of each step (the test checks them)."""
+    seen: dict[str, int] = {}
+    async with aiohttp.ClientSession() as s:
+        r = await _show(s, "1. A function call passes and costs 1 call", "GET",
+                        f"{base}/functions/hello", "demo-shop")
+        seen["pass"] = r.status
+        r = await _show(s, "2. An AI chat over SSE streams through and costs 50 calls", "POST",
+                        f"{base}/ai/chat", "demo-shop", headers={"Accept": "text/event-stream"})
+        seen["sse"] = r.status
+        _say("\n── 3. demo-shop has 60 calls this cycle (hard stop): spend the rest")
+        statuses = []
+        for _ in range(12):
+            async with s.get(f"{base}/functions/hello",
+                             headers={"X-CloudBase-Env": "demo-shop"}) as resp:
+                statuses.append(resp.status)
+        _say(f"   12 more calls → {statuses.count(200)} passed, {statuses.count(429)} refused")
+        r = await _show(s, "4. The quota is used: refused until the cycle resets", "GET",
+                        f"{base}/functions/hello", "demo-shop")
+        seen["quota"] = r.status
+        _say("\n── 5. demo-free allows 5 requests/s: 20 at once")
+        async def one() -> int:
+            async with s.get(f"{base}/functions/hello",
+                             headers={"X-CloudBase-Env": "demo-free"}) as resp:
+                return resp.status
+        burst = await asyncio.gather(*(one() for _ in range(20)))
+        _say(f"   → {burst.count(200)} passed, {burst.count(429)} refused with qps-exceeded")
+        seen["qps_refused"] = burst.count(429)
+        _say("\n── 6. demo-payg has overage on: past its 3 calls it keeps working")
+        payg = []
+        for _ in range(6):
+            async with s.get(f"{base}/functions/hello",
+                             headers={"X-CloudBase-Env": "demo-payg"}) as resp:
+                payg.append(resp.status)
+        _say(f"   6 calls → {payg.count(200)} passed (3 billed as pay-as-you-go tomorrow)")
+        seen["payg_passed"] = payg.count(200)
+        r = await _show(s, "7. An invalid environment id is refused before any store call",
+                        "GET", f"{base}/functions/hello", "Bad_Env!")
+        seen["invalid"] = r.status
+        r = await _show(s, "8. An unknown environment", "GET", f"{base}/functions/hello",
+                        "no-such-env")
+        seen["unknown"] = r.status
+    return seen
+
+
+async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -> dict[str, int]:
+    tz = zoneinfo.ZoneInfo("Asia/Shanghai")
+    with tempfile.TemporaryDirectory(prefix="quotagate-demo-") as tmp:
+        directory = Path(tmp)
+        config_path = write_demo_config(directory, port, admin_port, upstream_port,
+                                        dt.datetime.now(tz).date())
+        config = load_config(config_path)
+        valkey = EmbeddedValkey(directory / "valkey").start()
+        upstream = web.AppRunner(make_upstream_app(), access_log=None)
+        await upstream.setup()
+        await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+        stop = asyncio.Event()
+        gateway = asyncio.create_task(run_gateway(config, valkey.url, stop=stop))
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession() as s:
+                for _ in range(100):
+                    try:
+                        async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
+                            if r.status == 200:
+                                break
+                    except aiohttp.ClientError:
+                        pass
+                    await asyncio.sleep(0.05)
+            _say(f"quotagate demo: embedded Valkey {valkey.url}, upstream :{upstream_port}, "
+                 f"gateway {base}, admin http://127.0.0.1:{admin_port}")
+            seen = await walkthrough(base)
+            _say(f"\nMetrics: curl -s http://127.0.0.1:{admin_port}/metrics | grep quotagate_")
+            if not once:
+                _say(f"\nThe gateway keeps running. Try:\n"
+                     f"  curl -i -H 'X-CloudBase-Env: demo-free' {base}/functions/hello\n"
+                     "Ctrl-C stops it.")
+                await gateway  # until Ctrl-C (the gateway's signal handler sets stop)
+            return seen
+        finally:
+            stop.set()
+            if not gateway.done():
+                await gateway
+            await upstream.cleanup()
+            valkey.stop()

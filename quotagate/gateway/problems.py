@@ -1,0 +1,94 @@
+"""Every refusal the gateway sends, as application/problem+json (RFC 9457), built in one place."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from quotagate.limiter.codes import Outcome
+from quotagate.limiter.limiter import Decision
+
+TYPE_BASE = "https://quotagate.dev/problems/"
+
+
+@dataclass(frozen=True)
+class Problem(Exception):
+    status: int
+    type_suffix: str
+    title: str
+    detail: str
+    env: str | None = None
+    meter: str | None = None
+    retry_after_s: int | None = None
+
+    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+        body = {
+            "type": TYPE_BASE + self.type_suffix,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "env": self.env,
+            "meter": self.meter,
+            "violated-policies": [self.meter] if self.meter else [],
+        }
+        headers = dict(extra_headers or {})
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(self.retry_after_s)
+        return web.Response(
+            status=self.status,
+            body=json.dumps(body).encode(),
+            content_type="application/problem+json",
+            headers=headers,
+        )
+
+
+def seconds_up(ms: int) -> int:
+    return max(1, math.ceil(ms / 1000))
+
+
+def refusal(decision: Decision, env: str) -> Problem:
+    """The problem for a refused decision."""
+    outcome = decision.outcome
+    if outcome is Outcome.QPS_EXCEEDED:
+        return Problem(429, "qps-exceeded", "Too many requests",
+                       f"environment {env} is over its limit of {decision.qps_limit} requests "
+                       "per second", env, "qps", seconds_up(decision.retry_after_ms))
+    if outcome is Outcome.QUOTA_EXCEEDED:
+        return Problem(429, "quota-exceeded", "Quota exhausted",
+                       f"environment {env} has used its {decision.meter} quota and packs for this "
+                       "billing cycle and overage is off", env, decision.meter,
+                       seconds_up(decision.retry_after_ms))
+    if outcome is Outcome.ISOLATED:
+        return Problem(403, "environment-isolated", "Environment isolated",
+                       f"the plan of environment {env} has expired; renew it to restore service",
+                       env)
+    if outcome is Outcome.NOT_STARTED:
+        return Problem(403, "environment-isolated", "Plan not started",
+                       f"the plan of environment {env} starts later", env)
+    return Problem(404, "environment-not-found", "Environment not found",
+                   f"no environment {env}", env)
+
+
+def store_unavailable(env: str) -> Problem:
+    return Problem(503, "store-unavailable", "Quota store unavailable",
+                   "the quota store cannot be reached and the gateway fails closed", env,
+                   retry_after_s=1)
+
+
+def invalid_environment(detail: str) -> Problem:
+    return Problem(400, "invalid-environment", "Invalid environment id", detail)
+
+
+def route_not_found(path: str, env: str) -> Problem:
+    return Problem(404, "route-not-found", "No route", f"no route for {path!r}", env)
+
+
+def upstream_unavailable(env: str, detail: str) -> Problem:
+    return Problem(502, "upstream-unavailable", "Upstream unavailable", detail, env)
+
+
+def upstream_timeout(env: str, detail: str) -> Problem:
+    return Problem(504, "upstream-timeout", "Upstream timeout", detail, env)

@@ -1,0 +1,136 @@
+"""Streaming HTTP proxying to the upstreams: pooled connections, hop-by-hop headers handled as
+RFC 9110 §7.6.1 asks, bodies streamed both ways (never buffered), SSE flushed per chunk."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, istr
+
+from quotagate.gateway import metrics
+from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
+from quotagate.gateway.routing import CompiledRoute
+from quotagate.settings.schema import UpstreamSettings
+
+#: Connection-specific fields never forwarded (RFC 9110 §7.6.1), plus any the Connection
+#: field names.
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Connection", "TE", "Trailer", "Transfer-Encoding",
+        "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
+    )
+)
+#: Set by the client library for the upstream hop, not copied from the client.
+_REQUEST_DROP = HOP_BY_HOP | {istr("Host")}
+_RESPONSE_DROP = HOP_BY_HOP | {istr("Content-Length")}
+
+
+def _connection_listed(headers: CIMultiDict[str] | object) -> set[istr]:
+    listed: set[istr] = set()
+    for value in headers.getall("Connection", []):  # type: ignore[attr-defined]
+        listed.update(istr(t.strip()) for t in value.split(",") if t.strip())
+    return listed
+
+
+def forward_request_headers(request: web.Request, env: str, request_id: str) -> CIMultiDict[str]:
+    drop = _REQUEST_DROP | _connection_listed(request.headers)
+    out: CIMultiDict[str] = CIMultiDict(
+        (k, v) for k, v in request.headers.items() if k not in drop
+    )
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.scheme
+    if request.host:
+        out["X-Forwarded-Host"] = request.host
+    out["X-CloudBase-Env"] = env
+    out["X-Request-Id"] = request_id
+    return out
+
+
+class UpstreamPool:
+    """One pooled aiohttp client session for every upstream."""
+
+    def __init__(self, settings: UpstreamSettings):
+        self.settings = settings
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=self.settings.pool_size, keepalive_timeout=30,
+            ttl_dns_cache=60,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.settings.connect_timeout_ms / 1000,
+                sock_read=self.settings.read_timeout_ms / 1000,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(
+        self,
+        request: web.Request,
+        route: CompiledRoute,
+        env: str,
+        request_id: str,
+        extra_headers: dict[str, str],
+    ) -> web.StreamResponse:
+        assert self.session is not None
+        headers = forward_request_headers(request, env, request_id)
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self.session.request(
+                request.method,
+                route.upstream_url(request.raw_path),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=False,
+            )
+        except TimeoutError:
+            metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+            return upstream_timeout(env, f"upstream {route.origin} did not answer in time").response(
+                extra_headers
+            )
+        except aiohttp.ClientError as exc:
+            metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            return upstream_unavailable(
+                env, f"upstream {route.origin} failed: {type(exc).__name__}"
+            ).response(extra_headers)
+
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            drop = _RESPONSE_DROP | _connection_listed(upstream.headers)
+            for name, value in upstream.headers.items():
+                if name not in drop:
+                    response.headers.add(name, value)
+            response.headers.update(extra_headers)
+            response.headers["X-Request-Id"] = request_id
+            length = upstream.content_length
+            chunked = upstream.headers.get("Transfer-Encoding", "").lower().endswith("chunked")
+            if length is not None and not chunked:
+                response.content_length = length
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+            # The status line is gone already: all we can do is cut the client's connection,
+            # so the client sees a truncated response rather than a clean end.
+            metrics.UPSTREAM_ERRORS.labels("aborted").inc()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        finally:
+            upstream.release()

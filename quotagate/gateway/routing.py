@@ -1,0 +1,54 @@
+"""Routes: longest path prefix first, then method and Accept filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from quotagate.settings.schema import Route
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    route: Route
+    #: scheme://host:port of the upstream, and the path prefix its URL adds.
+    origin: str
+    base_path: str
+
+    @property
+    def kind(self) -> str:
+        return self.route.kind
+
+    @property
+    def cost(self) -> int:
+        return self.route.cost
+
+    def upstream_url(self, path_qs: str) -> str:
+        return self.origin + self.base_path + path_qs
+
+
+def compile_route(route: Route) -> CompiledRoute:
+    parts = urlsplit(route.upstream)
+    return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"))
+
+
+class Router:
+    def __init__(self, routes: tuple[Route, ...] | list[Route]):
+        compiled = [compile_route(r) for r in routes]
+        # Longest prefix first; among equal prefixes, the more specific filters first.
+        compiled.sort(
+            key=lambda c: (-len(c.route.prefix), not c.route.accept, not c.route.methods)
+        )
+        self.routes = compiled
+
+    def match(self, path: str, method: str, accept: str) -> CompiledRoute | None:
+        for c in self.routes:
+            r = c.route
+            if not path.startswith(r.prefix):
+                continue
+            if r.methods and method not in r.methods:
+                continue
+            if r.accept and r.accept not in accept:
+                continue
+            return c
+        return None

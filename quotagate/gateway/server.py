@@ -1,0 +1,153 @@
+"""``quotagate serve``: the embedded store (if no URL is configured), N worker processes sharing
+the public port with SO_REUSEPORT, the admin listener in worker 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import tempfile
+
+from aiohttp import web
+
+from quotagate.gateway.app import STATE, init_admin_app, init_app
+from quotagate.limiter.embedded import EmbeddedValkey
+from quotagate.settings import Config, load_config
+
+log = logging.getLogger("quotagate.server")
+
+
+def _split(hostport: str) -> tuple[str, int]:
+    host, port = hostport.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on POSIX
+        log.warning("uvloop not available, using the default event loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def run_gateway(
+    config: Config,
+    store_url: str,
+    *,
+    admin: bool = True,
+    reuse_port: bool = False,
+    stop: asyncio.Event | None = None,
+    registry: object | None = None,
+) -> None:
+    """Serve the public (and optionally the admin) listener until ``stop`` is set or a signal."""
+    gw = config.gateway
+    app = init_app(config, store_url)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = _split(gw.listen)
+    await web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048).start()
+    admin_runner = None
+    if admin:
+        admin_runner = web.AppRunner(
+            init_admin_app(app[STATE], registry), access_log=None, handle_signals=False
+        )
+        await admin_runner.setup()
+        ahost, aport = _split(gw.admin_listen)
+        await web.TCPSite(admin_runner, ahost, aport).start()
+    log.info("gateway listening on http://%s (admin %s) pid %d", gw.listen,
+             gw.admin_listen if admin else "in worker 0", os.getpid())
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping gateway pid %d", os.getpid())
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()
+
+
+def _worker(config_path: str, store_url: str, index: int, log_level: str) -> None:
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    install_uvloop()
+    config = load_config(config_path)
+    registry = None
+    if index == 0 and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    asyncio.run(run_gateway(config, store_url, admin=index == 0, reuse_port=True,
+                            registry=registry))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def serve(config_path: str, workers: int = 1, log_level: str = "INFO") -> int:
+    config = load_config(config_path)
+    embedded: EmbeddedValkey | None = None
+    store_url = config.gateway.store.url
+    if not store_url:
+        data_dir = config.resolve(config.gateway.store.data_dir)
+        log.info("no store.url configured: starting the embedded Valkey in %s", data_dir)
+        embedded = EmbeddedValkey(data_dir).start()
+        store_url = embedded.url
+    try:
+        if workers <= 1:
+            install_uvloop()
+            asyncio.run(run_gateway(config, store_url))
+            return 0
+        return _serve_workers(config_path, store_url, workers, log_level)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _serve_workers(config_path: str, store_url: str, workers: int, log_level: str) -> int:
+    with tempfile.TemporaryDirectory(prefix="quotagate-metrics-") as metrics_dir:
+        # Set before the workers import prometheus_client: they aggregate through files here.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker, args=(config_path, store_url, i, log_level),
+                        name=f"quotagate-worker-{i}")
+            for i in range(workers)
+        ]
+        for p in procs:
+            p.start()
+        log.info("started %d workers: %s", workers, ", ".join(str(p.pid) for p in procs))
+        stopping = False
+
+        def _stop(signum: int, _frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+            for p in procs:
+                if p.is_alive() and p.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        # A worker that dies takes the whole server down: a supervisor restarts it cleanly.
+        while not stopping and all(p.is_alive() for p in procs):
+            for p in procs:
+                p.join(0.5)
+                if not p.is_alive():
+                    break
+        if not stopping:
+            dead = [p for p in procs if not p.is_alive()]
+            log.error("worker %s exited (code %s); stopping", dead[0].name, dead[0].exitcode)
+            _stop(signal.SIGTERM, None)
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        return 0 if stopping else 1
+

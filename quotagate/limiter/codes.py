@@ -1,0 +1,26 @@
+"""Reply codes of decide.lua, mapped to one enum in one place."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.IntEnum):
+    ADMITTED = 0
+    QPS_EXCEEDED = 1
+    QUOTA_EXCEEDED = 2
+    ISOLATED = 3
+    NOT_FOUND = 4
+    NOT_STARTED = 5
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    #: Shadow mode: the request would have been refused, it was admitted.
+    SHADOW_REFUSAL = 1
+    #: Part of the cost went to pay-as-you-go.
+    PAYG = 2
+    #: A database promo made this database request free.
+    DATABASE_FREE = 4
+    #: Enforcement is off for this environment (nothing counted).
+    MODE_OFF = 8

@@ -1,0 +1,104 @@
+"""The entitlement snapshot: what decide.lua reads about one environment, in one JSON value.
+
+Built from config (or, later, the admin API) by pure functions; written to the store by
+``sync``. Usage and pack consumption live in other keys, so rewriting the snapshot never resets
+them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import zoneinfo
+from typing import Any
+
+from quotagate.limiter import calendar as cal
+from quotagate.settings.schema import Environment, Limits, Plan, PlansFile
+
+GIB = 1024**3
+
+#: Days an isolated environment is kept before it is released (SPEC §11).
+ISOLATION_DAYS = 15
+
+SNAPSHOT_VERSION = 1
+
+
+def effective_limits(plan: Plan, overrides: Limits) -> dict[str, int]:
+    """Plan limits with per-environment overrides, in meter units (bytes for *_bytes)."""
+
+    def pick(name: str) -> int:
+        value = getattr(overrides, name)
+        return int(getattr(plan, name) if value is None else value)
+
+    qps = overrides.qps if overrides.qps is not None else plan.qps
+    assert qps is not None, "validated: plans without QPS need limits.qps"
+    return {
+        "qps": int(qps),
+        "calls": pick("calls"),
+        "gbs": pick("gbs"),
+        "outbound_bytes": pick("outbound_gb") * GIB,
+        "storage_traffic_bytes": pick("storage_traffic_gb") * GIB,
+        "cdn_origin_bytes": pick("cdn_origin_gb") * GIB,
+        "capacity_bytes": pick("capacity_gb") * GIB,
+        "ai_tokens": pick("ai_tokens"),
+        "sms": 0,  # the plan has no SMS quota: SMS go through packs, then calls
+        "realtime": pick("realtime"),
+        "function_concurrency": pick("function_concurrency"),
+    }
+
+
+def build_snapshot(
+    env: Environment, plans: PlansFile, default_timezone: str
+) -> dict[str, Any]:
+    """The JSON-able snapshot decide.lua reads (see the header of decide.lua)."""
+    plan = plans.plans[env.plan]
+    tz = zoneinfo.ZoneInfo(env.timezone or default_timezone)
+    release = env.expires + dt.timedelta(days=ISOLATION_DAYS)
+    starts = cal.cycle_starts(env.anchor, env.expires)
+    limits = effective_limits(plan, env.limits)
+
+    packs = []
+    for grant in env.packs:
+        if grant.pack:
+            spec = plans.resource_packs[grant.pack]
+            meter, amount, days = spec.meter, spec.amount, spec.days
+        else:
+            assert grant.meter is not None and grant.amount is not None
+            meter, amount, days = grant.meter, grant.amount, 30
+        first = cal.day_number(grant.purchased)
+        packs.append({"id": grant.id, "meter": meter, "amount": amount,
+                      "from": first, "to": first + days})
+    # Earliest expiry first (SPEC §5); ties by id so every instance orders them alike.
+    packs.sort(key=lambda p: (p["to"], p["id"]))
+
+    promos = []
+    for grant in env.promos:
+        spec = plans.promo_packs[grant.pack]
+        first = cal.day_number(grant.start)
+        promos.append({
+            "id": grant.id, "pack": grant.pack, "from": first, "to": first + grant.days,
+            "qps": spec.qps or 0, "fc": spec.function_concurrency or 0,
+            "rt": spec.realtime or 0, "db": 1 if spec.database_free else 0,
+        })
+
+    return {
+        "v": SNAPSHOT_VERSION,
+        "plan": env.plan,
+        "mode": env.mode or "",
+        "overage": 1 if env.overage else 0,
+        "qps": limits["qps"],
+        "limits": limits,
+        "timezone": tz.key,
+        "tz": cal.offset_transitions(tz, env.anchor, release),
+        "cycles": [[cal.day_number(d), cal.local_midnight_ms(d, tz)] for d in starts],
+        "anchor_day": cal.day_number(env.anchor),
+        "expire_day": cal.day_number(env.expires),
+        "release_day": cal.day_number(release),
+        "packs": packs,
+        "promos": promos,
+        "sms_calls": plans.sms_call_cost,
+    }
+
+
+def encode(snapshot: dict[str, Any]) -> str:
+    return json.dumps(snapshot, separators=(",", ":"), sort_keys=True)

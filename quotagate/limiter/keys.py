@@ -1,0 +1,56 @@
+"""Every store key quotagate writes, built in this one module.
+
+All keys of one environment carry the hash tag ``{env}``, so one script touches one Redis Cluster
+slot. ``env`` must already be validated (``ENV_ID``) before it reaches any function here.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Environment ids (SPEC §13): validated before they touch a key.
+ENV_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+PREFIX = "qg"
+
+
+def entitlements(env: str) -> str:
+    """String, JSON: the environment's plan limits, calendar, packs and promos (one snapshot)."""
+    return f"{PREFIX}:{{{env}}}:ent"
+
+
+def qps(env: str) -> str:
+    """String: GCRA theoretical arrival time of the environment's next request (ms since 2020)."""
+    return f"{PREFIX}:{{{env}}}:qps"
+
+
+def usage(env: str) -> str:
+    """Hash: ``<cycle_start_day>:<meter>`` -> amount used from the plan quota in that cycle."""
+    return f"{PREFIX}:{{{env}}}:usage"
+
+
+def pack_usage(env: str) -> str:
+    """Hash: ``<pack_id>`` -> amount used from that resource pack (packs have stable ids)."""
+    return f"{PREFIX}:{{{env}}}:packs"
+
+
+def payg(env: str) -> str:
+    """Hash: ``<local_day>:<meter>`` -> pay-as-you-go amount of that day (billed the next day);
+    ``…:<meter>:shadow`` and ``…:<meter>:unbilled`` -> beyond quota in shadow mode / written
+    back after a store outage with overage off (recorded, never billed)."""
+    return f"{PREFIX}:{{{env}}}:payg"
+
+
+def decision_keys(env: str) -> list[str]:
+    """KEYS of decide.lua, in its order."""
+    tag = f"{PREFIX}:{{{env}}}:"
+    return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg"]
+
+
+def env_keys(env: str) -> list[str]:
+    """Every key of an environment (release deletes them)."""
+    return decision_keys(env)
+
+
+#: Set: environments whose entitlements were written from environments.yaml (not env-scoped).
+FILE_OWNED_ENVS = f"{PREFIX}:envs:file"

@@ -1,0 +1,284 @@
+"""Auto-pipelined store connection for the hot path.
+
+Every request still makes exactly one EVALSHA, but the calls of requests that arrive in the
+same event-loop iteration leave in one write, and their replies come back in one read: many
+concurrent decisions share a round trip (as ioredis' auto-pipelining does). redis-py has no
+such mode and its per-command overhead would cost a third of the gateway's throughput, so the
+hot path speaks RESP itself on one connection and parses with hiredis; everything else (config
+sync, admin, tests) uses redis-py.
+
+Failure handling:
+- every command has a deadline (``timeout_ms``); a watchdog fails the whole connection once the
+  oldest reply is overdue, so a hung server (SIGSTOP, network black hole) costs each request at
+  most ``timeout_ms`` plus one watchdog tick;
+- a failed or refused connection makes calls fail at once for ``retry_interval_ms``, then the
+  next call reconnects;
+- ``NOSCRIPT`` (store restarted or ``SCRIPT FLUSH``) is answered by resending the script body
+  with EVAL, which also caches it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+
+_NOT_ENOUGH = object()
+
+
+@dataclass(frozen=True)
+class StoreAddress:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    unix_path: str = ""
+    tls: bool = False
+    username: str = ""
+    password: str = ""
+    db: int = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> StoreAddress:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        db_text = (query.get("db") or [""])[0] or parts.path.lstrip("/") or "0"
+        if parts.scheme == "unix":
+            db_text = (query.get("db") or ["0"])[0]
+        common = {
+            "username": unquote(parts.username or ""),
+            "password": unquote(parts.password or ""),
+            "db": int(db_text),
+        }
+        if parts.scheme == "unix":
+            return cls(unix_path=parts.path, **common)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported store URL scheme {parts.scheme!r}")
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 6379,
+            tls=parts.scheme == "rediss",
+            **common,
+        )
+
+
+def pack_command(*args: bytes | str | int) -> bytes:
+    """RESP array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            b = arg.encode()
+        elif isinstance(arg, int):
+            b = b"%d" % arg
+        else:
+            b = arg
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, owner: PipelinedStore):
+        self._owner = owner
+        self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
+        self.transport: asyncio.Transport | None = None
+        #: (future, deadline) per command in flight, in send order.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
+
+    def send(self, data: bytes, fut: asyncio.Future[Any], deadline: float) -> None:
+        self.waiting.append((fut, deadline))
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None and not self.closed:
+            data = b"".join(self._out)
+            self._out.clear()
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        reader.feed(data)
+        waiting = self.waiting
+        while True:
+            reply = reader.gets()
+            if reply is _NOT_ENOUGH:
+                return
+            if not waiting:  # a reply nobody asked for: the stream is out of step
+                self.abort(StoreError("unexpected reply from store"))
+                return
+            fut, _ = waiting.popleft()
+            if fut.done():
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail_all(StoreUnavailable(f"store connection lost: {exc or 'closed by server'}"))
+
+    def fail_all(self, exc: Exception) -> None:
+        self.closed = True
+        self._out.clear()
+        while self.waiting:
+            fut, _ = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+        self._owner._forget(self)
+
+    def abort(self, exc: Exception) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.fail_all(exc)
+
+
+class PipelinedStore:
+    """One auto-pipelined connection with deadlines, fast failure and reconnection."""
+
+    def __init__(
+        self,
+        address: StoreAddress,
+        timeout_ms: int = 200,
+        connect_timeout_ms: int = 500,
+        retry_interval_ms: int = 250,
+    ):
+        self.address = address
+        self.timeout = timeout_ms / 1000
+        self.connect_timeout = connect_timeout_ms / 1000
+        self.retry_interval = retry_interval_ms / 1000
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._down_until = 0.0
+        self._last_error = ""
+        self._watchdog: asyncio.TimerHandle | None = None
+        self.connects = 0
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    async def execute(self, *args: bytes | str | int) -> Any:
+        return await self.execute_packed(pack_command(*args))
+
+    async def execute_packed(self, packed: bytes) -> Any:
+        proto = self._proto
+        if proto is None or proto.closed:
+            proto = await self._connect()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        proto.send(packed, fut, time.monotonic() + self.timeout)
+        return await fut
+
+    async def _connect(self) -> _Protocol:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise StoreUnavailable(f"store unavailable: {self._last_error}")
+        if self._connecting is None:
+            loop = asyncio.get_running_loop()
+            self._connecting = loop.create_future()
+            task = loop.create_task(self._open())
+            task.add_done_callback(self._connected)
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise StoreTimeout("store connection did not complete in time") from None
+
+    def _connected(self, task: asyncio.Task[_Protocol]) -> None:
+        waiter, self._connecting = self._connecting, None
+        assert waiter is not None
+        exc = task.exception()
+        if exc is not None:
+            self._last_error = str(exc) or type(exc).__name__
+            self._down_until = time.monotonic() + self.retry_interval
+            err = exc if isinstance(exc, StoreError) else StoreUnavailable(self._last_error)
+            waiter.set_exception(err)
+            waiter.exception()  # mark retrieved: nobody may be waiting
+            return
+        self._proto = task.result()
+        self.connects += 1
+        waiter.set_result(self._proto)
+        self._arm_watchdog()
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        addr = self.address
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if addr.unix_path:
+                    _, proto = await loop.create_unix_connection(
+                        lambda: _Protocol(self), addr.unix_path
+                    )
+                else:
+                    ctx = ssl.create_default_context() if addr.tls else None
+                    _, proto = await loop.create_connection(
+                        lambda: _Protocol(self), addr.host, addr.port, ssl=ctx
+                    )
+                setup = []
+                if addr.password:
+                    auth = ["AUTH", addr.username, addr.password] if addr.username else [
+                        "AUTH", addr.password]
+                    setup.append(pack_command(*auth))
+                if addr.db:
+                    setup.append(pack_command("SELECT", addr.db))
+                setup.append(pack_command("CLIENT", "SETNAME", "quotagate-hot"))
+                futs = []
+                for cmd in setup:
+                    fut: asyncio.Future[Any] = loop.create_future()
+                    proto.send(cmd, fut, time.monotonic() + self.connect_timeout)
+                    futs.append(fut)
+                for fut in futs:
+                    await fut
+        except TimeoutError:
+            raise StoreTimeout("store connection timed out") from None
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot connect to store: {exc.strerror or exc}") from None
+        except hiredis.ReplyError as exc:
+            raise StoreUnavailable(f"store refused the connection setup: {exc}") from None
+        return proto
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            tick = max(self.timeout / 4, 0.005)
+            self._watchdog = asyncio.get_running_loop().call_later(tick, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._watchdog = None
+        proto = self._proto
+        if proto is None:
+            return
+        if proto.waiting and proto.waiting[0][1] < time.monotonic():
+            self._last_error = "store did not answer in time"
+            self._down_until = time.monotonic() + self.retry_interval
+            proto.abort(StoreTimeout(f"store did not answer within {self.timeout * 1000:.0f} ms"))
+            return
+        self._arm_watchdog()
+
+    def _forget(self, proto: _Protocol) -> None:
+        if self._proto is proto:
+            self._proto = None
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+
+    async def close(self) -> None:
+        if self._proto is not None:
+            proto = self._proto
+            if proto.transport is not None:
+                proto.transport.close()
+            proto.fail_all(StoreUnavailable("store connection closed"))

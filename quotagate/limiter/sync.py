@@ -1,0 +1,46 @@
+"""Write environments.yaml into the store: one entitlement snapshot per environment.
+
+Idempotent and safe with any number of instances starting at once: it rewrites snapshots only,
+never usage or pack consumption (packs keep their ids), so re-applying the file resets nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quotagate.limiter import keys
+from quotagate.limiter.entitlements import build_snapshot, encode
+from quotagate.settings import Config
+
+log = logging.getLogger("quotagate.sync")
+
+
+def snapshots(config: Config) -> dict[str, str]:
+    return {
+        env_id: encode(build_snapshot(env, config.plans, config.gateway.timezone))
+        for env_id, env in config.environments.environments.items()
+    }
+
+
+async def sync_environments(redis: Any, config: Config) -> tuple[int, int]:
+    """Apply the file's environments; forget file-owned ones the file no longer declares.
+
+    Returns (written, removed). ``redis`` is a redis-py asyncio client (plain or cluster).
+    """
+    wanted = snapshots(config)
+    previous = {m.decode() if isinstance(m, bytes) else m
+                for m in await redis.smembers(keys.FILE_OWNED_ENVS)}
+    removed = sorted(previous - set(wanted))
+    async with redis.pipeline(transaction=False) as pipe:
+        for env_id, blob in wanted.items():
+            pipe.set(keys.entitlements(env_id), blob)
+        if wanted:
+            pipe.sadd(keys.FILE_OWNED_ENVS, *wanted)
+        for env_id in removed:
+            # The snapshot goes (requests get 404); usage stays for billing.
+            pipe.delete(keys.entitlements(env_id))
+            pipe.srem(keys.FILE_OWNED_ENVS, env_id)
+        await pipe.execute()
+    log.info("environments applied: %d written, %d removed", len(wanted), len(removed))
+    return len(wanted), len(removed)

@@ -1,0 +1,306 @@
+"""Read and validate the config files; every failure names the file, the key path and the reason."""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+from quotagate.settings.schema import (
+    EnvironmentsFile,
+    GatewaySettings,
+    PlansFile,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.path}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """One or more config files are invalid; nothing of them was applied."""
+
+    def __init__(self, issues: list[ConfigIssue]):
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2-ish booleans: only true/false, so ``enforcement: off`` stays the string "off"."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+
+
+def parse_yaml(path: Path, kind: type[T]) -> T:
+    """Parse one YAML file into ``kind``; raises ConfigError with file, key path and reason."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]) from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue(name, where, f"invalid YAML: {problem}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigIssue(name, "$", "expected a mapping at the top level")])
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        match = _MSGSPEC_PATH.match(str(exc))
+        assert match is not None
+        raise ConfigError(
+            [ConfigIssue(name, match.group("path") or "$", match.group("reason"))]
+        ) from None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated, consistent set of the three files."""
+
+    gateway: GatewaySettings
+    plans: PlansFile
+    environments: EnvironmentsFile
+    base_dir: Path
+    files: tuple[Path, ...] = field(default=())
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.base_dir / p
+
+
+def valid_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    if not valid_timezone(gw.timezone):
+        issues.append(ConfigIssue(file, "$.timezone", f"unknown time zone {gw.timezone!r}"))
+    if gw.listen == gw.admin_listen:
+        issues.append(
+            ConfigIssue(file, "$.admin_listen", "must differ from listen (admin is never public)")
+        )
+    for key in ("listen", "admin_listen"):
+        port = int(getattr(gw, key).rsplit(":", 1)[1])
+        if port > 65535:
+            issues.append(ConfigIssue(file, f"$.{key}", f"port {port} is out of range"))
+    if gw.store.url:
+        scheme = urlsplit(gw.store.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            issues.append(
+                ConfigIssue(
+                    file, "$.store.url", f"scheme {scheme!r} is not redis://, rediss:// or unix://"
+                )
+            )
+    seen: set[tuple[str, tuple[str, ...], str]] = set()
+    for i, route in enumerate(gw.routes):
+        where = f"$.routes[{i}]"
+        up = urlsplit(route.upstream)
+        if up.scheme not in ("http", "https") or not up.hostname:
+            issues.append(
+                ConfigIssue(file, f"{where}.upstream", f"not an http(s) URL: {route.upstream!r}")
+            )
+        for method in route.methods:
+            if not re.fullmatch(r"[A-Z]+", method):
+                issues.append(
+                    ConfigIssue(file, f"{where}.methods", f"method {method!r} is not upper-case")
+                )
+        ident = (route.prefix, tuple(sorted(route.methods)), route.accept)
+        if ident in seen:
+            issues.append(
+                ConfigIssue(file, f"{where}.prefix", f"duplicate route for {route.prefix!r}")
+            )
+        seen.add(ident)
+    return issues
+
+
+def check_plans(plans: PlansFile, file: str) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    if not plans.plans:
+        issues.append(ConfigIssue(file, "$.plans", "at least one plan is required"))
+    for name in plans.plans:
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+            issues.append(ConfigIssue(file, f"$.plans.{name}", "plan ids are [a-z0-9_]{1,32}"))
+    return issues
+
+
+def check_environments(
+    envs: EnvironmentsFile, plans: PlansFile, file: str
+) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    for env_id, env in envs.environments.items():
+        where = f"$.environments.{env_id}"
+        plan = plans.plans.get(env.plan)
+        if plan is None:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    f"{where}.plan",
+                    f"unknown plan {env.plan!r} (plans: {', '.join(sorted(plans.plans))})",
+                )
+            )
+            continue
+        if plan.qps is None and env.limits.qps is None:
+            issues.append(
+                ConfigIssue(
+                    file, f"{where}.limits.qps", f"plan {env.plan!r} has no QPS: set it per env"
+                )
+            )
+        if env.expires <= env.anchor:
+            issues.append(ConfigIssue(file, f"{where}.expires", "must be after anchor"))
+        if env.timezone is not None and not valid_timezone(env.timezone):
+            issues.append(
+                ConfigIssue(file, f"{where}.timezone", f"unknown time zone {env.timezone!r}")
+            )
+        if env.packs and not plan.packs_allowed:
+            issues.append(
+                ConfigIssue(
+                    file, f"{where}.packs", f"plan {env.plan!r} cannot buy resource packs"
+                )
+            )
+        pack_ids: set[str] = set()
+        for i, grant in enumerate(env.packs):
+            pw = f"{where}.packs[{i}]"
+            if grant.id in pack_ids:
+                issues.append(ConfigIssue(file, f"{pw}.id", f"duplicate pack id {grant.id!r}"))
+            pack_ids.add(grant.id)
+            if grant.pack:
+                if grant.pack not in plans.resource_packs:
+                    issues.append(
+                        ConfigIssue(file, f"{pw}.pack", f"unknown resource pack {grant.pack!r}")
+                    )
+                if grant.meter is not None or grant.amount is not None:
+                    issues.append(
+                        ConfigIssue(file, pw, "give either pack, or meter and amount, not both")
+                    )
+            elif grant.meter is None or grant.amount is None:
+                issues.append(ConfigIssue(file, pw, "needs pack, or meter and amount"))
+        promo_ids: set[str] = set()
+        for i, promo in enumerate(env.promos):
+            pw = f"{where}.promos[{i}]"
+            if promo.id in promo_ids:
+                issues.append(ConfigIssue(file, f"{pw}.id", f"duplicate promo id {promo.id!r}"))
+            promo_ids.add(promo.id)
+            if promo.pack not in plans.promo_packs:
+                issues.append(
+                    ConfigIssue(file, f"{pw}.pack", f"unknown promo pack {promo.pack!r}")
+                )
+    return issues
+
+
+def load_config(gateway_file: str | Path) -> Config:
+    """Load gateway.yaml and the plans and environments files it names; all or nothing."""
+    gw_path = Path(gateway_file)
+    gw = parse_yaml(gw_path, GatewaySettings)
+    issues = check_gateway(gw, str(gw_path))
+    base = gw_path.parent
+    plans_path = Path(gw.plans_file) if Path(gw.plans_file).is_absolute() else base / gw.plans_file
+    envs_path = (
+        Path(gw.environments_file)
+        if Path(gw.environments_file).is_absolute()
+        else base / gw.environments_file
+    )
+    plans: PlansFile | None = None
+    envs: EnvironmentsFile | None = None
+    try:
+        plans = parse_yaml(plans_path, PlansFile)
+        issues += check_plans(plans, str(plans_path))
+    except ConfigError as exc:
+        issues += exc.issues
+    try:
+        envs = parse_yaml(envs_path, EnvironmentsFile)
+    except ConfigError as exc:
+        issues += exc.issues
+    if plans is not None and envs is not None:
+        issues += check_environments(envs, plans, str(envs_path))
+    if issues:
+        raise ConfigError(issues)
+    assert plans is not None and envs is not None
+    return Config(gw, plans, envs, base, (gw_path, plans_path, envs_path))
+
+
+def check_files(paths: list[str]) -> list[ConfigIssue]:
+    """``quotagate config check``: validate each file by its shape (guessed from its keys)."""
+    issues: list[ConfigIssue] = []
+    for name in paths:
+        path = Path(name)
+        try:
+            text = path.read_text(encoding="utf-8")
+            head = yaml.load(text, Loader=_Loader)
+        except OSError as exc:
+            issues.append(ConfigIssue(name, "$", f"cannot read: {exc.strerror}"))
+            continue
+        except yaml.YAMLError:
+            head = None
+        if isinstance(head, dict) and "plans" in head:
+            try:
+                issues += check_plans(parse_yaml(path, PlansFile), name)
+            except ConfigError as exc:
+                issues += exc.issues
+        elif isinstance(head, dict) and "environments" in head:
+            try:
+                envs = parse_yaml(path, EnvironmentsFile)
+            except ConfigError as exc:
+                issues += exc.issues
+                continue
+            plans_path = path.parent / "plans.yaml"
+            if plans_path.exists():
+                try:
+                    issues += check_environments(envs, parse_yaml(plans_path, PlansFile), name)
+                except ConfigError as exc:
+                    issues += exc.issues
+        else:
+            try:
+                load_config(path)
+            except ConfigError as exc:
+                issues += exc.issues
+    return issues

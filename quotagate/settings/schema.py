@@ -1,0 +1,209 @@
+"""Typed shape of the three config files (gateway.yaml, plans.yaml, environments.yaml).
+
+Data only: msgspec Structs that refuse unknown keys. Cross-field rules live in
+``quotagate.settings.load``, which reports every failure with the file, the key path and the
+reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+EnforcementMode = Literal["enforce", "shadow", "off"]
+StorePolicy = Literal["open", "closed"]
+RouteKind = Literal["function", "database", "storage", "static", "ai", "sms", "realtime", "auth"]
+
+#: Cumulative meters, counted per billing cycle (SPEC §3).
+CUMULATIVE_METERS = (
+    "calls",
+    "gbs",
+    "outbound_bytes",
+    "storage_traffic_bytes",
+    "cdn_origin_bytes",
+    "ai_tokens",
+    "sms",
+)
+#: Meters a resource pack may top up (SPEC §5).
+PACK_METERS = ("calls", "capacity_bytes", "sms")
+Meter = Literal[
+    "calls",
+    "gbs",
+    "outbound_bytes",
+    "storage_traffic_bytes",
+    "cdn_origin_bytes",
+    "ai_tokens",
+    "sms",
+    "capacity_bytes",
+]
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+Money = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?$")]
+HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
+EnvId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+# ---------------------------------------------------------------------------- gateway.yaml
+
+
+class StoreSettings(_Strict, kw_only=True):
+    #: redis://, rediss:// or unix:// URL of Redis >= 6.2 / Valkey. Empty: embedded Valkey.
+    url: str = ""
+    #: Longest a request waits on the store before the failure policy applies.
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 200
+    #: Longest a (re)connection attempt may take.
+    connect_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=30_000)] = 500
+    #: After a failed connection, requests fail fast this long before the next attempt.
+    retry_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 250
+    #: Embedded Valkey only: where its append-only files live (relative to gateway.yaml).
+    data_dir: str = "data"
+
+
+class UpstreamSettings(_Strict, kw_only=True):
+    connect_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] = 2_000
+    #: Longest silence while reading the upstream's response (SSE streams keep it alive).
+    read_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] = 60_000
+    #: Pooled keep-alive connections per upstream host.
+    pool_size: PosInt = 256
+
+
+class Route(_Strict, kw_only=True):
+    prefix: Annotated[str, msgspec.Meta(pattern=r"^/")]
+    upstream: str
+    kind: RouteKind
+    #: Units one request costs: calls for most kinds, SMS messages for ``sms``.
+    cost: NonNegInt = 1
+    name: str = ""
+    #: Only these methods match (empty: all).
+    methods: tuple[str, ...] = ()
+    #: Only requests whose Accept header contains this media type match (e.g. text/event-stream).
+    accept: str = ""
+
+
+class GatewaySettings(_Strict, kw_only=True):
+    listen: HostPort = "127.0.0.1:8080"
+    admin_listen: HostPort = "127.0.0.1:9090"
+    #: Environment id from the host ``{env}.<domain>``; empty: only the X-CloudBase-Env header.
+    domain: str = ""
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    on_store_failure: StorePolicy = "open"
+    enforcement: EnforcementMode = "enforce"
+    timezone: str = "Asia/Shanghai"
+    #: GCRA burst tolerance: an env may send limit x burst/1000 + 1 requests at once.
+    qps_burst_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+    plans_file: str = "plans.yaml"
+    environments_file: str = "environments.yaml"
+    upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
+    routes: tuple[Route, ...] = ()
+
+
+# ------------------------------------------------------------------------------ plans.yaml
+
+
+class Plan(_Strict, kw_only=True):
+    price: Money | None = None  # CNY / month; None: per contract
+    qps: PosInt | None = None  # None: per contract, each env must set limits.qps
+    calls: NonNegInt
+    realtime: NonNegInt
+    gbs: NonNegInt
+    capacity_gb: NonNegInt
+    outbound_gb: NonNegInt
+    storage_traffic_gb: NonNegInt
+    cdn_origin_gb: NonNegInt
+    custom_domains: NonNegInt
+    ai_tokens: NonNegInt = 100_000
+    function_concurrency: PosInt = 1_000
+    packs_allowed: bool = True
+
+
+class ResourcePack(_Strict, kw_only=True):
+    meter: Literal["calls", "capacity_bytes", "sms"]
+    amount: PosInt  # calls / bytes / messages
+    price: Money
+    days: PosInt = 30
+
+
+class PromoPack(_Strict, kw_only=True):
+    price_per_day: Money
+    qps: PosInt | None = None
+    function_concurrency: PosInt | None = None
+    realtime: PosInt | None = None
+    #: While active, database reads and writes cost no calls (SPEC §10).
+    database_free: bool = False
+
+
+class PaygPrice(_Strict, kw_only=True):
+    price: Money  # CNY per ``per`` units
+    per: PosInt = 1
+
+
+class PlansFile(_Strict, kw_only=True):
+    plans: dict[str, Plan]
+    resource_packs: dict[str, ResourcePack] = msgspec.field(default_factory=dict)
+    promo_packs: dict[str, PromoPack] = msgspec.field(default_factory=dict)
+    payg_prices: dict[str, PaygPrice] = msgspec.field(default_factory=dict)
+    #: Calls one SMS costs when no SMS pack is left (SPEC §3).
+    sms_call_cost: PosInt = 2_000
+
+
+# ------------------------------------------------------------------------ environments.yaml
+
+
+class Limits(_Strict, kw_only=True):
+    """Per-environment overrides of the plan (contract plans, tests)."""
+
+    qps: PosInt | None = None
+    calls: NonNegInt | None = None
+    realtime: NonNegInt | None = None
+    gbs: NonNegInt | None = None
+    capacity_gb: NonNegInt | None = None
+    outbound_gb: NonNegInt | None = None
+    storage_traffic_gb: NonNegInt | None = None
+    cdn_origin_gb: NonNegInt | None = None
+    ai_tokens: NonNegInt | None = None
+    function_concurrency: PosInt | None = None
+
+
+class PackGrant(_Strict, kw_only=True):
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    purchased: dt.date
+    #: A catalog pack name from plans.yaml, or ``meter`` + ``amount`` directly.
+    pack: str = ""
+    meter: Literal["calls", "capacity_bytes", "sms"] | None = None
+    amount: PosInt | None = None
+
+
+class PromoGrant(_Strict, kw_only=True):
+    id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    pack: str
+    start: dt.date
+    days: PosInt = 1
+
+
+class Environment(_Strict, kw_only=True):
+    plan: str
+    anchor: dt.date
+    expires: dt.date
+    overage: bool = False
+    mode: EnforcementMode | None = None  # None: the gateway's enforcement
+    timezone: str | None = None  # None: the gateway's timezone
+    limits: Limits = msgspec.field(default_factory=Limits)
+    packs: tuple[PackGrant, ...] = ()
+    promos: tuple[PromoGrant, ...] = ()
+
+
+class EnvironmentsFile(_Strict, kw_only=True):
+    environments: dict[EnvId, Environment] = msgspec.field(default_factory=dict)
+
+
+def money(text: str) -> Decimal:
+    """A price from config, exact."""
+    return Decimal(text)
