@@ -20,7 +20,7 @@ async def _echo(request: web.Request) -> web.Response:
     body = await request.read()
     return web.json_response({
         "method": request.method,
-        "path": request.path_qs,
+        "path": request.raw_path,
         "headers": {k: v for k, v in request.headers.items()},
         "body_bytes": len(body),
         "body": body.decode(errors="replace")[:1000],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, istr
+from yarl import URL
 
 from quotagate.gateway import metrics
 from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
@@ -91,7 +92,8 @@ class UpstreamPool:
         try:
             upstream = await self.session.request(
                 request.method,
-                route.upstream_url(request.raw_path),
+                # encoded=True: the client's path and query go on byte for byte.
+                URL(route.upstream_url(request.raw_path), encoded=True),
                 headers=headers,
                 data=body,
                 allow_redirects=False,

