@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 
@@ -29,10 +30,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     install_uvloop()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_demo(args.port, args.admin_port, args.upstream_port, args.once))
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -76,7 +76,9 @@ def servers() -> Iterator[dict[str, object]]:
 
 
 @pytest.fixture(params=_backends())
-async def store_url(request: pytest.FixtureRequest, servers: dict[str, object]) -> AsyncIterator[str]:
+async def store_url(
+    request: pytest.FixtureRequest, servers: dict[str, object]
+) -> AsyncIterator[str]:
     """URL of a real, empty store: each limiter test runs against Valkey and Redis."""
     url = servers[request.param].url  # type: ignore[attr-defined]
     client = aredis.Redis.from_url(url)

@@ -209,7 +209,8 @@ async def metrics_view(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
     metrics.BACKLOG.set(len(state.limiter.backlog))
     registry = request.app.get(METRICS_REGISTRY) or REGISTRY
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 METRICS_REGISTRY = web.AppKey("metrics_registry", object)

@@ -101,9 +101,8 @@ class UpstreamPool:
             )
         except TimeoutError:
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-            return upstream_timeout(env, f"upstream {route.origin} did not answer in time").response(
-                extra_headers
-            )
+            problem = upstream_timeout(env, f"upstream {route.origin} did not answer in time")
+            return problem.response(extra_headers)
         except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
             return upstream_unavailable(

@@ -16,7 +16,7 @@ class Script:
     @classmethod
     def load(cls, name: str) -> Script:
         body = resources.files("quotagate.limiter").joinpath(f"lua/{name}.lua").read_bytes()
-        return cls(name, body, hashlib.sha1(body).hexdigest())  # noqa: S324 - Redis' script id
+        return cls(name, body, hashlib.sha1(body).hexdigest())
 
 
 DECIDE = Script.load("decide")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import re
 import zoneinfo
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import msgspec
 import yaml
 
+from quotagate.limiter.calendar import add_months_clamped
+from quotagate.limiter.keys import ENV_ID
 from quotagate.settings.schema import (
     EnvironmentsFile,
     GatewaySettings,
@@ -19,6 +22,9 @@ from quotagate.settings.schema import (
 )
 
 T = TypeVar("T")
+
+#: A plan period longer than this is refused: the snapshot lists every cycle of the period.
+MAX_PLAN_YEARS = 10
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,10 @@ def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            raise yaml.constructor.ConstructorError(
+                None, None, "a key must be a scalar, not a list or mapping", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -65,6 +75,18 @@ def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def _timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    try:
+        return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+    except ValueError as exc:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"not a date: {node.value!r} ({exc})", node.start_mark
+        ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -77,8 +99,12 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})")]
+        ) from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
@@ -89,13 +115,42 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
     if not isinstance(raw, dict):
         raise ConfigError([ConfigIssue(name, "$", "expected a mapping at the top level")])
     try:
-        return msgspec.convert(raw, kind, strict=False)
+        return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
-        match = _MSGSPEC_PATH.match(str(exc))
-        assert match is not None
-        raise ConfigError(
-            [ConfigIssue(name, match.group("path") or "$", match.group("reason"))]
-        ) from None
+        path, reason = _split(exc)
+        if "[...]" in path:
+            path, reason = _locate(raw, kind, path, reason)
+        raise ConfigError([ConfigIssue(name, path, reason)]) from None
+
+
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
+
+
+def _split(exc: msgspec.ValidationError) -> tuple[str, str]:
+    match = _MSGSPEC_PATH.match(str(exc))
+    assert match is not None
+    path, reason = match.group("path") or "$", match.group("reason")
+    unknown = _UNKNOWN_FIELD.match(reason)
+    if unknown:  # name the unknown key itself in the path
+        path, reason = f"{path}.{unknown.group('key')}", "unknown key"
+    return path, reason
+
+
+def _locate(raw: dict, kind: type, path: str, reason: str) -> tuple[str, str]:
+    """msgspec writes dict keys as ``[...]``: find the failing entry and name it."""
+    field = path[2:].split("[", 1)[0]  # "$.environments[...].x" -> "environments"
+    hint = get_type_hints(kind).get(field)
+    entries = raw.get(field)
+    if get_origin(hint) is not dict or not isinstance(entries, dict):
+        return path, reason
+    value_type = get_args(hint)[1]
+    for key, value in entries.items():
+        try:
+            msgspec.convert(value, value_type, strict=True)
+        except msgspec.ValidationError as exc:
+            sub, sub_reason = _split(exc)
+            return f"$.{field}.{key}{sub[1:]}", sub_reason
+    return path, reason
 
 
 @dataclass(frozen=True)
@@ -179,6 +234,10 @@ def check_environments(
     issues: list[ConfigIssue] = []
     for env_id, env in envs.environments.items():
         where = f"$.environments.{env_id}"
+        if not ENV_ID.fullmatch(env_id):
+            issues.append(ConfigIssue(
+                file, where, f"{env_id!r} is not an environment id ([a-z0-9][a-z0-9-]{{0,62}})"))
+            continue
         plan = plans.plans.get(env.plan)
         if plan is None:
             issues.append(
@@ -197,6 +256,10 @@ def check_environments(
             )
         if env.expires <= env.anchor:
             issues.append(ConfigIssue(file, f"{where}.expires", "must be after anchor"))
+        elif env.expires > add_months_clamped(env.anchor, 12 * MAX_PLAN_YEARS):
+            issues.append(ConfigIssue(
+                file, f"{where}.expires",
+                f"at most {MAX_PLAN_YEARS} years after anchor (renew longer contracts)"))
         if env.timezone is not None and not valid_timezone(env.timezone):
             issues.append(
                 ConfigIssue(file, f"{where}.timezone", f"unknown time zone {env.timezone!r}")
@@ -251,15 +314,20 @@ def load_config(gateway_file: str | Path) -> Config:
     )
     plans: PlansFile | None = None
     envs: EnvironmentsFile | None = None
-    try:
-        plans = parse_yaml(plans_path, PlansFile)
-        issues += check_plans(plans, str(plans_path))
-    except ConfigError as exc:
-        issues += exc.issues
-    try:
-        envs = parse_yaml(envs_path, EnvironmentsFile)
-    except ConfigError as exc:
-        issues += exc.issues
+    for key, path in (("plans_file", plans_path), ("environments_file", envs_path)):
+        if not path.is_file():
+            issues.append(ConfigIssue(str(gw_path), f"$.{key}", f"no such file: {path}"))
+    if plans_path.is_file():
+        try:
+            plans = parse_yaml(plans_path, PlansFile)
+            issues += check_plans(plans, str(plans_path))
+        except ConfigError as exc:
+            issues += exc.issues
+    if envs_path.is_file():
+        try:
+            envs = parse_yaml(envs_path, EnvironmentsFile)
+        except ConfigError as exc:
+            issues += exc.issues
     if plans is not None and envs is not None:
         issues += check_environments(envs, plans, str(envs_path))
     if issues:
@@ -279,6 +347,9 @@ def check_files(paths: list[str]) -> list[ConfigIssue]:
         except OSError as exc:
             issues.append(ConfigIssue(name, "$", f"cannot read: {exc.strerror}"))
             continue
+        except UnicodeDecodeError as exc:
+            issues.append(ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})"))
+            continue
         except yaml.YAMLError:
             head = None
         if isinstance(head, dict) and "plans" in head:
@@ -293,11 +364,15 @@ def check_files(paths: list[str]) -> list[ConfigIssue]:
                 issues += exc.issues
                 continue
             plans_path = path.parent / "plans.yaml"
-            if plans_path.exists():
-                try:
-                    issues += check_environments(envs, parse_yaml(plans_path, PlansFile), name)
-                except ConfigError as exc:
-                    issues += exc.issues
+            if not plans_path.exists():
+                issues.append(ConfigIssue(
+                    name, "$", "no plans.yaml beside it to check plans and packs against: "
+                    "check the gateway.yaml that names both instead"))
+                continue
+            try:
+                issues += check_environments(envs, parse_yaml(plans_path, PlansFile), name)
+            except ConfigError as exc:
+                issues += exc.issues
         else:
             try:
                 load_config(path)

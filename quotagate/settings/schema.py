@@ -44,7 +44,6 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(gt=0)]
 Money = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?$")]
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
-EnvId = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -201,7 +200,8 @@ class Environment(_Strict, kw_only=True):
 
 
 class EnvironmentsFile(_Strict, kw_only=True):
-    environments: dict[EnvId, Environment] = msgspec.field(default_factory=dict)
+    #: Keys are environment ids, checked in load.py so the error names the bad id.
+    environments: dict[str, Environment] = msgspec.field(default_factory=dict)
 
 
 def money(text: str) -> Decimal:

@@ -1,0 +1,148 @@
+"""The real command: ``quotagate serve`` (embedded Valkey, workers), ``demo``, ``--help``."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from quotagate.gateway.demo_upstream import make_upstream_app
+from quotagate.limiter.embedded import free_port
+from tests.helpers import PLANS
+
+QUOTAGATE = [sys.executable, "-m", "quotagate"]
+
+
+def test_help_for_every_command():
+    for args in ([], ["serve"], ["demo"], ["config", "check"]):
+        out = subprocess.run([*QUOTAGATE, *args, "--help"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "usage: quotagate" in out.stdout
+
+
+def test_demo_walkthrough():
+    ports = [free_port() for _ in range(3)]
+    out = subprocess.run(
+        [*QUOTAGATE, "demo", "--once", "--port", str(ports[0]), "--admin-port", str(ports[1]),
+         "--upstream-port", str(ports[2])],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "1. A function call passes" in text and "→ 200 OK" in text
+    assert "12 more calls → 9 passed, 3 refused" in text
+    assert "quota-exceeded" in text and "→ 429 Too Many Requests" in text
+    assert "refused with qps-exceeded" in text
+    assert "6 calls → 6 passed" in text
+    assert "→ 400 Bad Request" in text and "→ 404 Not Found" in text
+
+
+@pytest.fixture
+async def upstream():
+    server = TestServer(make_upstream_app())
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, int]:
+    port, admin = free_port(), free_port()
+    today = dt.date.today()
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}",
+        "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"data_dir": "data"},  # no url: embedded Valkey
+        "plans_file": str(PLANS),
+        "routes": [{"prefix": "/functions/", "upstream": f"http://127.0.0.1:{upstream_port}",
+                    "kind": "function"}],
+    }))
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        # serve runs on the real clock: a period around today, whatever today is.
+        "shop": {"plan": "standard", "anchor": (today - dt.timedelta(days=40)).isoformat(),
+                 "expires": (today + dt.timedelta(days=400)).isoformat(),
+                 "limits": {"calls": 5}},
+    }}))
+    return tmp_path / "gateway.yaml", port, admin
+
+
+async def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("gateway never became ready")
+
+
+def valkey_children(pid: int) -> list[psutil.Process]:
+    return [c for c in psutil.Process(pid).children(recursive=True)
+            if "valkey-server" in " ".join(c.cmdline())]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_serve_with_embedded_valkey(tmp_path: Path, upstream, workers):
+    config, port, admin = write_serve_config(tmp_path, upstream.port)
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(config),
+                             "--workers", str(workers)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_ready(admin, proc)
+        valkeys = valkey_children(proc.pid)
+        assert len(valkeys) == 1
+        async with aiohttp.ClientSession() as s:
+            statuses = []
+            for _ in range(7):
+                async with s.get(f"http://127.0.0.1:{port}/functions/x",
+                                 headers={"X-CloudBase-Env": "shop"}) as r:
+                    statuses.append(r.status)
+            assert statuses == [200] * 5 + [429] * 2
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+        assert 'quotagate_decisions_total{reason="quota-exceeded",result="refused"} 2.0' in text
+        assert (tmp_path / "data" / "appendonlydir").is_dir()  # append-only persistence
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err
+    assert "embedded Valkey started" in err and "embedded Valkey stopped" in err
+    for child in valkeys:
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+async def test_serve_refuses_bad_config(tmp_path: Path):
+    (tmp_path / "gateway.yaml").write_text("listen: 127.0.0.1:8080\nenforcment: off\n")
+    out = subprocess.run([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "gateway.yaml" in out.stderr and "enforcment" in out.stderr
+
+
+def test_no_stray_valkey_left(tmp_path: Path):
+    """After the serve tests, no valkey-server of theirs is left running."""
+    mine = [p for p in psutil.process_iter(["cmdline"])
+            if p.info["cmdline"] and "valkey-server" in p.info["cmdline"][0]
+            and str(tmp_path.parent) in " ".join(p.info["cmdline"])
+            and p.pid != os.getpid()]
+    assert mine == []
