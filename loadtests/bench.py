@@ -1,0 +1,730 @@
+"""Saturation benchmark of quotagate against its baselines, on one machine (see
+/work/shared/BENCH.md and loadtests/README.md).
+
+    .venv/bin/python loadtests/bench.py [--duration 10] [--runs 3] [--connections 64]
+                                        [--arms A,B,C,Creject,D,N]
+
+Arms (same upstream, same client, same concurrency):
+  A        wrk -> demo upstream directly
+  B        wrk -> quotagate (enforcement: off) -> upstream
+  C        wrk -> quotagate (enforcement: enforce, never refuses) -> upstream; Valkey store
+  Creject  as C, every other request from an environment whose calls quota is 0 (refused)
+  D        wrk -> aiohttp passthrough deciding with the `limits` library -> upstream; sub-arms
+           D-fixed, D-moving, D-sliding (async Redis strategies against the same Valkey)
+  N        wrk -> nginx proxy_pass (keepalive 32, 1 worker) -> upstream   (if nginx is installed)
+
+Every proxy is its own process pinned to one core (``taskset -c 1``); wrk is pinned to core 0
+(``taskset -c 0 wrk -t1 -c64 -d10s --latency``), the upstream and Valkey too (``--aux-cpus``).
+Each arm gets a 2 s warm-up, then a measured run; arms are measured ``--runs`` times (the order
+rotates each round) and the table shows medians; ratios are computed within each round, then
+the median taken. Every child process is killed on exit, Ctrl-C or error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import http.client
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import yaml
+
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PLANS_FILE = ROOT / "config" / "plans.yaml"
+PY = sys.executable
+PATH = "/functions/bench"
+ENV_OK = "bench-ok"
+ENV_EMPTY = "bench-empty"
+D_STRATEGIES = ("fixed", "moving", "sliding")
+ALL_ARMS = ("A", "B", "C", "Creject", "D", "N")
+SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+class Children:
+    """Every process the benchmark starts; each in its own session so its whole group dies."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.valkey: EmbeddedValkey | None = None
+
+    def start(self, name: str, argv: list[str], cpus: str | None) -> subprocess.Popen[bytes]:
+        cmd = (["taskset", "-c", cpus] if cpus else []) + argv
+        log = open(self.logdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the child
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} (pid {proc.pid}) exited with {proc.returncode}:\n"
+                                   f"{self.log_tail(name)}")
+
+    def stop_all(self) -> None:
+        for _name, proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _name, proc in reversed(self.procs):
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        self.procs.clear()
+        if self.valkey is not None:
+            self.valkey.stop()
+            self.valkey = None
+
+
+def wait_http(port: int, env: str | None, timeout: float, what: str, children: Children) -> None:
+    """Until GET PATH on the port answers 200 (the gateway has synced its environments)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        children.check_alive()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", PATH, headers={"X-CloudBase-Env": env} if env else {})
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            if resp.status == 200:
+                return
+            last = f"HTTP {resp.status} {body[:200]!r}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} on port {port} not ready after {timeout:.0f} s: {last}")
+
+
+def tree_pids(root: int) -> list[int]:
+    """root and all its descendants (nginx: master + worker)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, []))
+    return out
+
+
+def cpu_ticks(pids: list[int]) -> int:
+    """utime + stime (clock ticks) of these processes, all threads."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return total
+
+
+def core_times() -> dict[str, tuple[int, int]]:
+    """Per core: (busy, total) jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                nums = [int(v) for v in vals[:8]]
+                idle = nums[3] + nums[4]
+                out[name] = (sum(nums) - idle, sum(nums))
+    return out
+
+
+# ------------------------------------------------------------------------------ store stats
+
+
+class StoreStats:
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url)
+        self.client.ping()
+
+    def snapshot(self) -> dict[str, int]:
+        stats = self.client.info("commandstats")
+        return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+    @staticmethod
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        # INFO itself is the only command the benchmark sends during a run.
+        return {k: after[k] - before.get(k, 0) for k in after
+                if k != "info" and after[k] - before.get(k, 0) > 0}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ------------------------------------------------------------------------------ wrk
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _to_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"unparsed wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+
+
+def parse_wrk(out: str) -> WrkResult:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+([\d.]+(?:us|ms|s|m))\s*$", out, re.M))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        rps=rps,
+        requests=requests,
+        p50_ms=_to_ms(lat["50"]),
+        p99_ms=_to_ms(lat["99"]),
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+    )
+
+
+ALTERNATE_LUA = f"""\
+-- Alternate X-CloudBase-Env between an admitted and a refused environment (arm C-reject).
+local reqs = {{}}
+local n = 0
+function init(args)
+  reqs[1] = wrk.format(nil, nil, {{["X-CloudBase-Env"] = "{ENV_OK}"}})
+  reqs[2] = wrk.format(nil, nil, {{["X-CloudBase-Env"] = "{ENV_EMPTY}"}})
+end
+function request()
+  n = n + 1
+  return reqs[n % 2 + 1]
+end
+"""
+
+
+# ------------------------------------------------------------------------------ arms
+
+
+@dataclass
+class Arm:
+    name: str
+    port: int
+    pid: int | None  # the proxy process whose CPU is measured (None for A)
+    wrk_args: list[str]
+    description: str
+
+
+@dataclass
+class Sample:
+    wrk: WrkResult
+    cpu_us_per_req: float | None
+    cmds_per_req: float
+    scripts_per_req: float
+    commands: dict[str, int]
+    core_util: dict[str, float]
+
+
+@dataclass
+class Results:
+    samples: dict[str, list[Sample | None]] = field(default_factory=dict)
+
+
+def write_configs(tmp: Path, upstream_port: int, store_url: str) -> dict[str, Path]:
+    today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
+    anchor = today.replace(day=1)
+    expires = anchor.replace(year=anchor.year + 1)
+    env_common = {"plan": "enterprise", "anchor": anchor, "expires": expires, "overage": False}
+    environments = {"environments": {
+        ENV_OK: {**env_common, "limits": {"qps": 10_000_000, "calls": 10**12}},
+        ENV_EMPTY: {**env_common, "limits": {"qps": 10_000_000, "calls": 0}},
+    }}
+    (tmp / "environments.yaml").write_text(yaml.safe_dump(environments, sort_keys=False))
+    paths = {}
+    for mode in ("off", "enforce"):
+        gateway = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "store": {"url": store_url, "timeout_ms": 200},
+            "enforcement": mode,
+            "timezone": "Asia/Shanghai",
+            "plans_file": str(PLANS_FILE),
+            "environments_file": str(tmp / "environments.yaml"),
+            "routes": [{"prefix": "/functions/", "upstream": f"http://127.0.0.1:{upstream_port}",
+                        "kind": "function"}],
+        }
+        paths[mode] = tmp / f"gateway-{mode}.yaml"
+        paths[mode].write_text(yaml.safe_dump(gateway, sort_keys=False))
+    return paths
+
+
+def nginx_conf(tmp: Path, port: int, upstream_port: int) -> Path:
+    ndir = tmp / "nginx"
+    ndir.mkdir()
+    conf = ndir / "nginx.conf"
+    conf.write_text(f"""\
+user root;
+worker_processes 1;
+daemon off;
+pid {ndir}/nginx.pid;
+error_log {ndir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {ndir}/body;
+    proxy_temp_path {ndir}/proxy;
+    fastcgi_temp_path {ndir}/fastcgi;
+    uwsgi_temp_path {ndir}/uwsgi;
+    scgi_temp_path {ndir}/scgi;
+    upstream up {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+""")
+    return conf
+
+
+def wrk_command(args: argparse.Namespace, port: int, seconds: int, extra: list[str]) -> list[str]:
+    return ["taskset", "-c", args.client_cpu, "wrk", "-t1", f"-c{args.connections}",
+            f"-d{seconds}s", "--latency", *extra, f"http://127.0.0.1:{port}{PATH}"]
+
+
+def run_wrk(cmd: list[str], seconds: int) -> str:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + 60)
+    except BaseException:  # timeout, Ctrl-C, SIGTERM: never leave wrk behind
+        proc.kill()
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err or out}")
+    return out
+
+
+def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Children,
+            verbose: Callable[[str], None]) -> Sample:
+    children.check_alive()
+    run_wrk(wrk_command(args, arm.port, args.warmup, arm.wrk_args), args.warmup)
+    pids = tree_pids(arm.pid) if arm.pid else []
+    clk = os.sysconf("SC_CLK_TCK")
+    cmd = wrk_command(args, arm.port, args.duration, arm.wrk_args)
+    s0, c0, t0 = stats.snapshot(), core_times(), cpu_ticks(pids)
+    out = run_wrk(cmd, args.duration)
+    t1, c1, s1 = cpu_ticks(pids), core_times(), stats.snapshot()
+    children.check_alive()
+    verbose(out)
+    res = parse_wrk(out)
+    n = max(res.requests, 1)
+    commands = StoreStats.delta(s0, s1)
+    util = {}
+    for core, (busy1, total1) in c1.items():
+        busy0, total0 = c0.get(core, (0, 0))
+        util[core] = 100.0 * (busy1 - busy0) / max(total1 - total0, 1)
+    return Sample(
+        wrk=res,
+        cpu_us_per_req=(t1 - t0) / clk * 1e6 / n if arm.pid else None,
+        cmds_per_req=sum(commands.values()) / n,
+        scripts_per_req=sum(v for k, v in commands.items() if k in SCRIPT_COMMANDS) / n,
+        commands=commands,
+        core_util=util,
+    )
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return format(value, spec)
+
+
+def report(args: argparse.Namespace, arms: list[Arm], results: Results,
+           commands: dict[str, str]) -> list[str]:
+    lines: list[str] = []
+    say = lines.append
+    say("")
+    say(f"quotagate benchmark: {args.runs} run(s) x {args.duration} s per arm "
+        f"(+{args.warmup} s warm-up), {args.connections} connections, medians over runs")
+    say(f"cores: wrk on {args.client_cpu}, each proxy on {args.proxy_cpu}, upstream "
+        f"({args.upstream_procs} process(es)) and Valkey on {args.aux_cpus}; "
+        f"cpuN% = busy share of that core during the measured run")
+    say("")
+    cores = sorted({c for arm in arms for s in results.samples.get(arm.name, []) if s
+                    for c in s.core_util})
+    head = (f"{'arm':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>9} "
+            f"{'sockerr':>7} {'CPU µs/req':>10} {'cmds/req':>8} {'scripts/req':>11} "
+            + " ".join(f"{c + '%':>6}" for c in cores) + "   req/s per run")
+    say(head)
+    say("-" * len(head))
+    for arm in arms:
+        samples = [s for s in results.samples.get(arm.name, []) if s]
+        if not samples:
+            say(f"{arm.name:<10} (no successful run)")
+            continue
+        runs = " / ".join(f"{s.wrk.rps:.0f}" for s in samples)
+        cpu = [s.cpu_us_per_req for s in samples if s.cpu_us_per_req is not None]
+        say(f"{arm.name:<10} {med([s.wrk.rps for s in samples]):>9.0f} "
+            f"{med([s.wrk.p50_ms for s in samples]):>8.2f} "
+            f"{med([s.wrk.p99_ms for s in samples]):>8.2f} "
+            f"{med([s.wrk.non2xx for s in samples]):>9.0f} "
+            f"{med([s.wrk.socket_errors for s in samples]):>7.0f} "
+            f"{fmt(med(cpu) if cpu else None, '.1f'):>10} "
+            f"{med([s.cmds_per_req for s in samples]):>8.2f} "
+            f"{med([s.scripts_per_req for s in samples]):>11.2f} "
+            + " ".join(f"{med([s.core_util.get(c, 0) for s in samples]):>6.0f}" for c in cores)
+            + f"   {runs}")
+    say("")
+    say("store commands per request (median over runs; includes the commands run inside "
+        "scripts, which INFO commandstats also counts):")
+    for arm in arms:
+        samples = [s for s in results.samples.get(arm.name, []) if s]
+        if not samples or not any(s.commands for s in samples):
+            continue
+        names = sorted({k for s in samples for k in s.commands})
+        parts = [f"{k} {med([s.commands.get(k, 0) / max(s.wrk.requests, 1) for s in samples]):.2f}"
+                 for k in names]
+        say(f"  {arm.name:<9} " + ", ".join(parts))
+
+    # Ratios: per round (same run), then the median over rounds.
+    def per_round(num: str, den: str, key: Callable[[Sample], float | None]) -> list[float]:
+        out = []
+        for a, b in zip(results.samples.get(num, []), results.samples.get(den, []), strict=False):
+            if a and b and key(a) and key(b):
+                out.append(key(a) / key(b))  # type: ignore[operator]
+        return out
+
+    def rps(s: Sample) -> float:
+        return s.wrk.rps
+
+    def cpu(s: Sample) -> float | None:
+        return s.cpu_us_per_req
+
+    def ratio_line(label: str, num: str, den: str, key: Callable[[Sample], float | None],
+                   note: str = "") -> None:
+        vals = per_round(num, den, key)
+        if not vals:
+            return
+        spread = f"  (rounds: {', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
+        say(f"  {label:<34} {med(vals):6.2f}{spread}{note}")
+
+    names = {a.name for a in arms}
+    d_arms = [a.name for a in arms if a.name.startswith("D-")]
+
+    def median_rps(name: str) -> float:
+        samples = [s for s in results.samples.get(name, []) if s]
+        return med([s.wrk.rps for s in samples]) if samples else 0.0
+
+    best_d = max(d_arms, key=median_rps) if d_arms else None
+    python_proxies = [n for n in ("B", "C", *d_arms) if n in names]
+    best_py = max(python_proxies, key=median_rps) if python_proxies else None
+    say("")
+    say("ratios (computed within each round, median over rounds):")
+    if {"B", "C"} <= names:
+        ratio_line("C/B req/s", "C", "B", rps)
+        ratio_line("C/B CPU µs per request", "C", "B", cpu)
+        diffs = [a.cpu_us_per_req - b.cpu_us_per_req  # type: ignore[operator]
+                 for a, b in zip(results.samples["C"], results.samples["B"], strict=False)
+                 if a and b and a.cpu_us_per_req and b.cpu_us_per_req]
+        if diffs:
+            say(f"  {'limiter cost C-B, CPU µs/request':<34} {med(diffs):6.1f}"
+                f"  (rounds: {', '.join(f'{d:.1f}' for d in diffs)})")
+    if "Creject" in names and "C" in names:
+        ratio_line("C-reject/C req/s", "Creject", "C", rps)
+        ratio_line("C-reject/C CPU µs per request", "Creject", "C", cpu)
+    if "C" in names and best_d:
+        ratio_line(f"C/{best_d} req/s (best D)", "C", best_d, rps)
+        ratio_line(f"C/{best_d} CPU µs per request", "C", best_d, cpu)
+    if "A" in names and best_py:
+        vals = per_round("A", best_py, rps)
+        ok = vals and med(vals) >= 3.0
+        ratio_line(f"A/{best_py} req/s (best Python proxy)", "A", best_py, rps,
+                   "   OK (>= 3x)" if ok else
+                   "   WARNING: < 3x, the upstream/harness may cap the proxy arms")
+    if "A" in names and "N" in names:
+        ratio_line("A/N req/s", "A", "N", rps,
+                   "   (N near A: nginx is upstream-bound, its req/s is a floor)"
+                   if med(per_round("A", "N", rps) or [9]) < 1.5 else "")
+    if {"B", "N"} <= names:
+        ratio_line("B/N req/s", "B", "N", rps)
+        ratio_line("B/N CPU µs per request", "B", "N", cpu)
+    say("")
+    say(f"wrk commands (measured run; the warm-up is the same with -d{args.warmup}s):")
+    for arm in arms:
+        say(f"  {arm.name:<9} {commands[arm.name]}")
+    say("")
+    for arm in arms:
+        say(f"  {arm.name:<9} {arm.description}")
+    return lines
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=int, default=10,
+                   help="seconds per measured run (%(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per arm (%(default)s)")
+    p.add_argument("--connections", type=int, default=64, help="wrk -c (%(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per arm (%(default)s)")
+    p.add_argument("--arms", default=",".join(ALL_ARMS),
+                   help="comma-separated subset of A,B,C,Creject,D,N, or D-fixed/D-moving/"
+                        "D-sliding (default: all; N is skipped when nginx is missing)")
+    p.add_argument("--client-cpu", default="0", help="core(s) for wrk (%(default)s)")
+    p.add_argument("--proxy-cpu", default="1", help="core(s) for each proxy (%(default)s)")
+    p.add_argument("--aux-cpus", default="0",
+                   help="core(s) for the upstream and Valkey (%(default)s)")
+    p.add_argument("--upstream-procs", type=int, default=1,
+                   help="upstream processes sharing the port with SO_REUSEPORT (%(default)s)")
+    p.add_argument("--store-aof", action="store_true",
+                   help="run Valkey with appendonly everysec (default: no persistence)")
+    p.add_argument("--d-limit", default="10000000/second",
+                   help="limit given to the `limits` strategies (%(default)s)")
+    p.add_argument("--json", help="also write every sample to this JSON file")
+    p.add_argument("--verbose", action="store_true", help="print every wrk output")
+    args = p.parse_args(argv)
+    if not 1 <= args.duration <= 600 or not 1 <= args.runs <= 20 or not 0 < args.warmup <= 60:
+        p.error("--duration 1..600, --runs 1..20, --warmup 1..60")
+    return args
+
+
+def select_arms(spec: str) -> list[str]:
+    out: list[str] = []
+    for raw in spec.split(","):
+        name = raw.strip().replace("C-reject", "Creject")
+        if not name:
+            continue
+        if name == "D":
+            out.extend(f"D-{s}" for s in D_STRATEGIES)
+        elif name in ALL_ARMS or name in {f"D-{s}" for s in D_STRATEGIES}:
+            out.append(name)
+        else:
+            raise SystemExit(f"unknown arm {name!r} (A, B, C, Creject, D, D-fixed, D-moving, "
+                             "D-sliding, N)")
+    return list(dict.fromkeys(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        print("error: wrk is not installed (it is the load generator of this benchmark).\n"
+              "       install it with: apt-get update && apt-get install -y wrk",
+              file=sys.stderr)
+        return 2
+    if not shutil.which("taskset"):
+        print("error: taskset (util-linux) is not installed", file=sys.stderr)
+        return 2
+    wanted = select_arms(args.arms)
+    if "N" in wanted and not shutil.which("nginx"):
+        print("note: nginx not found, skipping arm N (apt-get install -y nginx)", file=sys.stderr)
+        wanted.remove("N")
+    ncpu = os.cpu_count() or 1
+    used = {int(c) for spec in (args.client_cpu, args.proxy_cpu, args.aux_cpus)
+            for c in re.split(r"[,-]", spec) if c}
+    if max(used) >= ncpu:
+        print(f"error: only {ncpu} core(s) here; adjust --client-cpu/--proxy-cpu/--aux-cpus",
+              file=sys.stderr)
+        return 2
+    # The driver mostly sleeps; keep it off the proxy's core anyway.
+    os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    tmp = Path(tempfile.mkdtemp(prefix="qg-bench-"))
+    children = Children(tmp)
+    stats: StoreStats | None = None
+    keep_logs = False
+    verbose = print if args.verbose else (lambda _s: None)
+    try:
+        # Upstream
+        up_port = free_port()
+        for i in range(args.upstream_procs):
+            argv_up = [PY, str(HERE / "upstream_proc.py"), str(up_port)]
+            if args.upstream_procs > 1:
+                argv_up.append("--reuse-port")
+            children.start(f"upstream{i}", argv_up, args.aux_cpus)
+        wait_http(up_port, None, 20, "upstream", children)
+
+        # Store (also for B: the gateway writes its environments there at start)
+        valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=args.store_aof)
+        children.valkey = valkey.start()
+        assert valkey.process is not None
+        os.sched_setaffinity(valkey.process.pid, {int(c) for c in args.aux_cpus.split(",")})
+        stats = StoreStats(valkey.url)
+        configs = write_configs(tmp, up_port, valkey.url)
+        lua = tmp / "alternate.lua"
+        lua.write_text(ALTERNATE_LUA)
+        header = ["-H", f"X-CloudBase-Env: {ENV_OK}"]
+
+        arms: list[Arm] = []
+        up_desc = f"demo upstream, {args.upstream_procs} uvloop process(es) on cpu {args.aux_cpus}"
+        if "A" in wanted:
+            arms.append(Arm("A", up_port, None, header, f"wrk -> {up_desc}"))
+        if "B" in wanted:
+            cfg = yaml.safe_load(configs["off"].read_text())
+            port = int(cfg["listen"].rsplit(":", 1)[1])
+            proc = children.start("gateway-off", [PY, str(HERE / "gateway_proc.py"),
+                                                  str(configs["off"]), valkey.url], args.proxy_cpu)
+            wait_http(port, ENV_OK, 30, "gateway (off)", children)
+            arms.append(Arm("B", port, proc.pid, header,
+                            "quotagate, enforcement: off (no store calls) -> upstream"))
+        if "C" in wanted or "Creject" in wanted:
+            cfg = yaml.safe_load(configs["enforce"].read_text())
+            port = int(cfg["listen"].rsplit(":", 1)[1])
+            proc = children.start("gateway-enforce", [PY, str(HERE / "gateway_proc.py"),
+                                                      str(configs["enforce"]), valkey.url],
+                                  args.proxy_cpu)
+            wait_http(port, ENV_OK, 30, "gateway (enforce)", children)
+            if "C" in wanted:
+                arms.append(Arm("C", port, proc.pid, header,
+                                f"quotagate, enforcement: enforce, env {ENV_OK} (enterprise, "
+                                "qps 1e7, calls 1e12: never refused), Valkey on TCP"))
+            if "Creject" in wanted:
+                arms.append(Arm("Creject", port, proc.pid, ["-s", str(lua)],
+                                f"as C, alternating {ENV_OK} / {ENV_EMPTY} (calls 0, no overage:"
+                                " refused) via a wrk Lua script"))
+        for strategy in D_STRATEGIES:
+            name = f"D-{strategy}"
+            if name not in wanted:
+                continue
+            port = free_port()
+            host_port = valkey.url.removeprefix("redis://").split("/")[0]
+            proc = children.start(name, [
+                PY, str(HERE / "limits_proxy.py"), "--port", str(port),
+                "--upstream", f"http://127.0.0.1:{up_port}",
+                "--storage", f"async+redis://{host_port}", "--strategy", strategy,
+                "--limit", args.d_limit], args.proxy_cpu)
+            wait_http(port, ENV_OK, 30, name, children)
+            arms.append(Arm(name, port, proc.pid, header,
+                            f"aiohttp passthrough (quotagate's UpstreamPool) + limits "
+                            f"{strategy} window ({args.d_limit}, redis-py) -> upstream"))
+        if "N" in wanted:
+            port = free_port()
+            conf = nginx_conf(tmp, port, up_port)
+            proc = children.start("nginx", ["nginx", "-p", str(conf.parent), "-c", str(conf),
+                                            "-e", str(conf.parent / "error.log")],
+                                  args.proxy_cpu)
+            wait_http(port, ENV_OK, 20, "nginx", children)
+            arms.append(Arm("N", port, proc.pid, header,
+                            "nginx proxy_pass, 1 worker, upstream keepalive 32, HTTP/1.1, "
+                            "access_log off"))
+        if not arms:
+            print("no arms to run", file=sys.stderr)
+            return 2
+
+        commands = {a.name: shlex.join(wrk_command(args, a.port, args.duration, a.wrk_args))
+                    for a in arms}
+        results = Results({a.name: [] for a in arms})
+        total = len(arms) * args.runs * (args.duration + args.warmup)
+        print(f"running {len(arms)} arm(s) x {args.runs} run(s): about {total} s "
+              f"(logs in {tmp})", flush=True)
+        for rnd in range(args.runs):
+            order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
+            for arm in order:
+                sample = measure(args, arm, stats, children, verbose)
+                results.samples[arm.name].append(sample)
+                print(f"  round {rnd + 1} {arm.name:<9} {sample.wrk.rps:9.0f} req/s  "
+                      f"p99 {sample.wrk.p99_ms:6.2f} ms  non-2xx {sample.wrk.non2xx}  "
+                      f"CPU {fmt(sample.cpu_us_per_req, '.1f')} µs/req  "
+                      f"cmds {sample.cmds_per_req:.2f}/req", flush=True)
+        lines = report(args, arms, results, commands)
+        print("\n".join(lines))
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "args": vars(args),
+                "commands": commands,
+                "samples": {name: [s and {"wrk": s.wrk.__dict__, "cpu_us_per_req":
+                                          s.cpu_us_per_req, "cmds_per_req": s.cmds_per_req,
+                                          "scripts_per_req": s.scripts_per_req,
+                                          "commands": s.commands, "core_util": s.core_util}
+                                   for s in samples]
+                            for name, samples in results.samples.items()},
+            }, indent=2))
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping every child process", file=sys.stderr)
+        return 130
+    except Exception:
+        keep_logs = True
+        print(f"benchmark failed; child logs kept in {tmp}", file=sys.stderr)
+        raise
+    finally:
+        if stats is not None:
+            stats.close()
+        children.stop_all()
+        if not keep_logs:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
