@@ -101,6 +101,7 @@ async def test_request_headers_forwarded_hop_by_hop_removed(make_gateway):
     assert forwarded["x-cloudbase-env"] == "shop"
     assert forwarded["x-request-id"] == "req-123"
     assert forwarded["x-forwarded-for"] == "127.0.0.1"
+    assert forwarded["via"] == "1.1 quotagate" and resp.headers["Via"] == "1.1 quotagate"
     assert seen["path"] == "/functions/a%2Fb/echo?a=1&b=%26c"
     assert seen["body"] == "hello"
     assert resp.headers["X-Request-Id"] == "req-123"

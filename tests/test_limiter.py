@@ -212,6 +212,10 @@ async def test_cycle_follows_environment_timezone(tmp_path: Path, make_limiter):
     lim = await make_limiter(config, clock)
     for e in ("la", "sh"):
         assert (await lim.decide(e, "function", 1)).outcome is Outcome.ADMITTED
+    d = await lim.decide("la", "function", 0)
+    # Reset at 11-05 00:00 PST, one minute away; the cycle began 10-05 00:00 PDT, so it is
+    # 31 days and the hour the clocks went back long.
+    assert d.reset_ms == 60_000 and d.window_s == 31 * 86400 + 3600
     clock.set(dt.datetime(2026, 11, 5, 0, 0, tzinfo=la))
     assert (await lim.decide("la", "function", 1)).outcome is Outcome.ADMITTED  # reset in LA
     assert (await lim.decide("sh", "function", 1)).outcome is Outcome.QUOTA_EXCEEDED

@@ -38,6 +38,9 @@ log = logging.getLogger("quotagate.gateway")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _REASONS = {o: o.name.lower().replace("_", "-") for o in Outcome}
+# Bound once: the hot path must not look labels up per request.
+_ADMITTED = metrics.DECISIONS.labels("admitted", "")
+_OFF = metrics.DECISIONS.labels("off", "")
 
 
 @dataclass
@@ -136,7 +139,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     extra: dict[str, str] = {}
     mode = state.env_modes.get(env, gw.enforcement)
     if mode == "off":
-        metrics.DECISIONS.labels("off", "").inc()
+        _OFF.inc()
     else:
         started = time.perf_counter()
         try:
@@ -164,7 +167,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
             extra["X-Quotagate-Shadow"] = "would-refuse"
         else:
-            metrics.DECISIONS.labels("admitted", "").inc()
+            _ADMITTED.inc()
         extra.update(ratelimit_headers(decision))
     return await state.pool.forward(request, route, env, _request_id(request), extra)
 

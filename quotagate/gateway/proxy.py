@@ -22,8 +22,10 @@ HOP_BY_HOP = frozenset(
         "Upgrade", "Proxy-Authenticate", "Proxy-Authorization",
     )
 )
-#: Set by the client library for the upstream hop, not copied from the client.
-_REQUEST_DROP = HOP_BY_HOP | {istr("Host")}
+#: Set by the client library for the upstream hop, not copied from the client. Expect: the
+#: gateway answers 100-continue itself when it reads the body.
+_REQUEST_DROP = HOP_BY_HOP | {istr("Host"), istr("Expect")}
+VIA = "1.1 quotagate"
 _RESPONSE_DROP = HOP_BY_HOP | {istr("Content-Length")}
 
 
@@ -47,6 +49,7 @@ def forward_request_headers(request: web.Request, env: str, request_id: str) -> 
         out["X-Forwarded-Host"] = request.host
     out["X-CloudBase-Env"] = env
     out["X-Request-Id"] = request_id
+    out.add("Via", VIA)  # RFC 9110 §7.6.3: a proxy adds itself
     return out
 
 
@@ -115,6 +118,7 @@ class UpstreamPool:
             for name, value in upstream.headers.items():
                 if name not in drop:
                     response.headers.add(name, value)
+            response.headers.add("Via", VIA)
             response.headers.update(extra_headers)
             response.headers["X-Request-Id"] = request_id
             length = upstream.content_length

@@ -87,10 +87,11 @@ def build_snapshot(
         "mode": env.mode or "",
         "overage": 1 if env.overage else 0,
         "qps": limits["qps"],
-        "limits": limits,
+        # Only the quotas the script charges: the snapshot is decoded on every request.
+        "quota": {"calls": limits["calls"]},
         "timezone": tz.key,
         "tz": cal.offset_transitions(tz, env.anchor, release),
-        "cycles": [[cal.day_number(d), cal.local_midnight_ms(d, tz)] for d in starts],
+        "cycles": [cal.day_number(d) for d in starts],
         "anchor_day": cal.day_number(env.anchor),
         "expire_day": cal.day_number(env.expires),
         "release_day": cal.day_number(release),

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import hiredis
 
@@ -24,8 +23,9 @@ log = logging.getLogger("quotagate.limiter")
 FailurePolicy = Literal["open", "closed"]
 
 
-@dataclass(slots=True, frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """One decision, in decide.lua's reply order (a tuple: built once per request)."""
+
     outcome: Outcome
     flags: Flag = Flag.NONE
     qps_limit: int = 0
@@ -34,10 +34,11 @@ class Decision:
     #: The calls meter: plan quota, and what plan + valid packs still hold.
     quota: int = 0
     remaining: int = 0
-    #: Until the billing cycle resets, and the cycle's length.
+    #: Until the billing cycle resets.
     reset_ms: int = 0
-    window_s: int = 0
     retry_after_ms: int = 0
+    #: The billing cycle's length.
+    window_s: int = 0
     #: The meter that refused ("" when admitted).
     meter: str = ""
     #: Admitted without a decision because the store was unreachable (fail-open).
@@ -49,22 +50,13 @@ class Decision:
         return self.outcome is Outcome.ADMITTED or bool(self.flags & Flag.SHADOW_REFUSAL)
 
     @classmethod
-    def from_reply(cls, reply: list) -> Decision:
-        meter = reply[10]
-        return cls(
-            Outcome(reply[0]),
-            Flag(reply[1]),
-            reply[2],
-            reply[3],
-            reply[4],
-            reply[5],
-            reply[6],
-            reply[7],
-            reply[9],
-            reply[8],
-            meter.decode() if isinstance(meter, bytes) else meter,
-        )
+    def from_reply(cls, r: list) -> Decision:
+        return cls(_OUTCOMES[r[0]], _FLAGS[r[1]], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+                   r[9], r[10].decode(), False)
 
+
+_OUTCOMES = tuple(Outcome)
+_FLAGS = tuple(Flag(i) for i in range(16))
 
 BYPASSED = Decision(Outcome.ADMITTED, store_bypassed=True)
 
@@ -118,13 +110,23 @@ class Limiter:
         )
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
+        self._key_cache: dict[str, bytes] = {}
         self.script_reloads = 0
 
+    def _keys_packed(self, env: str) -> bytes:
+        """The KEYS part of the command, cached per environment (bounded)."""
+        packed = self._key_cache.get(env)
+        if packed is None:
+            if len(self._key_cache) >= 65536:
+                self._key_cache.clear()
+            packed = b"".join(
+                b"$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, keys.decision_keys(env))
+            )
+            self._key_cache[env] = packed
+        return packed
+
     def _packed(self, env: str, kind: str, cost: int, mode: str) -> bytes:
-        parts = [self._evalsha_head]
-        for key in keys.decision_keys(env):
-            kb = key.encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(kb), kb))
+        parts = [self._evalsha_head, self._keys_packed(env)]
         for arg in (
             str(self.clock.now_ms()).encode(),
             kind.encode(),

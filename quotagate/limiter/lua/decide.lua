@@ -1,8 +1,8 @@
 --[[ decide.lua — admit or refuse one request of one environment, atomically.
 
 All keys carry the environment's hash tag {env}.
-KEYS[1] ent    string, JSON entitlement snapshot (entitlements.py): limits, tz offsets,
-               cycles [[start_day, start_ms]…] (last entry = end of the last cycle),
+KEYS[1] ent    string, JSON entitlement snapshot (entitlements.py): quota {meter: amount},
+               tz [[from_ms, utc_offset_s]…], cycles [start_day…] (last = end of the last),
                expire_day, release_day, packs [{id, meter, amount, from, to}] earliest expiry
                first, promos [{from, to, qps, fc, rt, db}], overage, mode, sms_calls
 KEYS[2] qps    string, GCRA theoretical arrival time in ms since 2020-01-01 (store clock)
@@ -48,24 +48,32 @@ local ent = cjson.decode(raw)
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, ''} end
 
--- Local calendar day of the environment.
-local offset = ent.tz[1][2]
-for i = 2, #ent.tz do
-  if ent.tz[i][1] <= now_ms then offset = ent.tz[i][2] else break end
+-- Local calendar days of the environment (days since 1970-01-01 in its time zone).
+local function offset_at(ms)
+  local off = ent.tz[1][2]
+  for i = 2, #ent.tz do
+    if ent.tz[i][1] <= ms then off = ent.tz[i][2] else break end
+  end
+  return off
 end
+local offset = offset_at(now_ms)
 local today = math.floor((math.floor(now_ms / 1000) + offset) / 86400)
+local function midnight_ms(day)  -- epoch ms of a local day's 00:00
+  return (day * 86400 - offset_at((day * 86400 - offset) * 1000)) * 1000
+end
 
 if today >= ent.release_day then return early(4) end
 if today >= ent.expire_day then return early(3) end
 local cycles = ent.cycles
-if today < cycles[1][1] then return early(5) end
+if today < cycles[1] then return early(5) end
 local ci = 1
 for i = #cycles - 1, 1, -1 do
-  if cycles[i][1] <= today then ci = i break end
+  if cycles[i] <= today then ci = i break end
 end
-local cycle_day = cycles[ci][1]
-local reset_ms = cycles[ci + 1][2] - now_ms
-local window_s = math.floor((cycles[ci + 1][2] - cycles[ci][2]) / 1000)
+local cycle_day = cycles[ci]
+local cycle_end_ms = midnight_ms(cycles[ci + 1])
+local reset_ms = cycle_end_ms - now_ms
+local window_s = math.floor((cycle_end_ms - midnight_ms(cycle_day)) / 1000)
 
 -- Active promos raise QPS; a database promo makes database requests free.
 local qps_limit, flags = ent.qps, 0
@@ -97,7 +105,7 @@ if qps_remaining < 0 then qps_remaining = 0 end
 local takes = {}
 local function allocate(meter, amount)
   local field = cycle_day .. ':' .. meter
-  local quota = ent.limits[meter] or 0
+  local quota = ent.quota[meter] or 0
   local plan_left = quota - (tonumber(redis.call('HGET', KEYS[3], field)) or 0)
   if plan_left < 0 then plan_left = 0 end
   local left = amount
