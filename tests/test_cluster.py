@@ -1,0 +1,117 @@
+"""The same scripts on a real three-node Valkey Cluster: every key of an environment hashes to
+one slot ({env} tag), so the sync and the decision script run there unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+
+from quotagate.limiter import keys
+from quotagate.limiter.embedded import free_port, valkey_binary
+from quotagate.limiter.limiter import Decision
+from quotagate.limiter.scripts import DECIDE
+from quotagate.limiter.sync import sync_environments
+from tests.helpers import at, env, write_config
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    server = valkey_binary()
+    cli = str(Path(server).with_name("valkey-cli"))
+    ports = [_node_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = tmp_path_factory.mktemp(f"node{port}")
+        procs.append(subprocess.Popen(
+            [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            _wait(cli, port, "PING", "PONG")
+        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in ports:
+            _wait(cli, port, "CLUSTER INFO", "cluster_state:ok")
+        yield ports
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+
+def _node_port() -> int:
+    """A free port whose cluster bus port (+10000) is valid and free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def _wait(cli: str, port: int, command: str, expect: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run([cli, "-p", str(port), *command.split()], capture_output=True,
+                             text=True)
+        if expect in out.stdout:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"node {port}: no {expect!r} after {timeout} s")
+
+
+def test_environment_keys_share_one_slot():
+    from redis.crc import key_slot
+
+    for env_id in ("shop", "a", "x-1", "z" * 63):
+        slots = {key_slot(k.encode()) for k in keys.env_keys(env_id)}
+        assert len(slots) == 1
+
+
+async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
+    ids = [f"tenant-{i}" for i in range(12)]  # spread over the three nodes' slots
+    config = write_config(tmp_path, {i: env(limits={"calls": 40, "qps": 1_000_000})
+                                     for i in ids})
+    rc = RedisCluster(host="127.0.0.1", port=cluster[0], max_connections=64)
+    gate = asyncio.Semaphore(48)
+    try:
+        await rc.initialize()
+        nodes = {rc.get_node_from_key(keys.entitlements(i)).name for i in ids}
+        assert len(nodes) == 3
+        await sync_environments(rc, config)
+        await rc.script_load(DECIDE.body)
+        now = str(at("2026-11-26T12:00:00").now_ms())
+
+        async def decide(env_id: str) -> Decision:
+            async with gate:
+                reply = await rc.evalsha(DECIDE.sha, 5, *keys.decision_keys(env_id),
+                                         now, "function", 1, "enforce", 100)
+            return Decision.from_reply(reply)
+
+        results = await asyncio.gather(*(decide(i) for i in ids for _ in range(50)))
+        for n, env_id in enumerate(ids):
+            mine = results[n * 50:(n + 1) * 50]
+            assert sum(d.admitted for d in mine) == 40, env_id
+        # Each node holds exactly the keys of its environments: nothing crossed a slot.
+        for env_id in ids:
+            node = rc.get_node_from_key(keys.usage(env_id))
+            direct = aredis.Redis(host=node.host, port=node.port)
+            assert await direct.exists(*keys.decision_keys(env_id)) >= 3
+            await direct.aclose()
+    finally:
+        await rc.aclose()
