@@ -323,3 +323,11 @@ async def test_qps_admitted_rate_under_five_times_offered_load(tmp_path: Path, m
     assert admitted <= limit * elapsed + burst + 1
     assert admitted >= limit * seconds * 0.9
     assert all(r.retry_after_ms > 0 for r in refused)
+
+
+async def test_store_version_check(redis_client):
+    from quotagate.limiter.sync import check_store_version, parse_version
+
+    described = await check_store_version(redis_client)
+    assert described.startswith(("Valkey 8.", "Redis 7."))
+    assert parse_version("6.0.20") < (6, 2) <= parse_version("6.2.0")

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
 from aiohttp import web
@@ -24,14 +25,20 @@ from quotagate.clock import Clock
 from quotagate.gateway import metrics
 from quotagate.gateway.envid import environment_of
 from quotagate.gateway.headers import ratelimit_headers
-from quotagate.gateway.problems import Problem, refusal, route_not_found, store_unavailable
+from quotagate.gateway.problems import (
+    Problem,
+    invalid_path,
+    refusal,
+    route_not_found,
+    store_unavailable,
+)
 from quotagate.gateway.proxy import UpstreamPool
 from quotagate.gateway.routing import Router
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
-from quotagate.limiter.sync import sync_environments
+from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.settings import Config
 
 log = logging.getLogger("quotagate.gateway")
@@ -55,6 +62,21 @@ class GatewayState:
     env_modes: dict[str, str] = field(default_factory=dict)
     synced: bool = False
     sync_task: asyncio.Task[None] | None = None
+    #: monotonic time of the last re-sync asked for by a missing snapshot (debounce).
+    resync_at: float = 0.0
+
+    def resync_if_declared(self, env: str) -> None:
+        """The store has no snapshot of an environment the file declares: it lost its data
+        (restart without persistence, flush). Write the file again, at most every 5 s."""
+        if env not in self.config.environments.environments:
+            return
+        now = time.monotonic()
+        if now - self.resync_at < 5.0 or (self.sync_task and not self.sync_task.done()):
+            return
+        self.resync_at = now
+        log.warning("store has no snapshot of %s: writing the environments again", env)
+        self.synced = False
+        self.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(self))
 
 
 STATE = web.AppKey("state", GatewayState)
@@ -81,14 +103,17 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
         for env_id, env in config.environments.environments.items()
         if env.mode is not None
     }
-    return GatewayState(config, store_url, Router(gw.routes), limiter, UpstreamPool(gw.upstream),
-                        client, env_modes)
+    state = GatewayState(config, store_url, Router(gw.routes), limiter,
+                         UpstreamPool(gw.upstream), client, env_modes)
+    limiter.on_missing = state.resync_if_declared
+    return state
 
 
 async def _sync_until_done(state: GatewayState) -> None:
     delay = 0.2
     while True:
         try:
+            await check_store_version(state.redis)
             await sync_environments(state.redis, state.config)
             await state.limiter.load_scripts()
             state.synced = True
@@ -107,15 +132,38 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Usually done at once; a store that is down must not block the start.
         await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
     yield
-    state.sync_task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await state.sync_task
-    if state.limiter.backlog.pending:
+    if state.sync_task is not None:
+        state.sync_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.sync_task
+    if state.limiter.backlog.pending:  # flush_backlog holds a lock: never twice at once
         with contextlib.suppress(StoreError):
             await state.limiter.flush_backlog()
     await state.limiter.close()
     await state.pool.close()
     await state.redis.aclose()
+
+
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def _origin_form(request: web.Request) -> str | None:
+    """The path and query to forward, or None to refuse the request target.
+
+    Routing matches the decoded path and the upstream gets the raw one, so a target whose
+    decoded path holds dot-segments (``/database/%2e%2e/ai/chat``) is refused: an upstream that
+    normalises it would serve a route other than the one charged. An absolute-form target
+    (``GET http://host/path``) is forwarded by its path and query.
+    """
+    if _DOT_SEGMENT.search(request.path):
+        return None
+    raw = request.raw_path
+    if raw.startswith("/"):
+        return raw
+    parts = urlsplit(raw)
+    if not parts.scheme or not parts.path.startswith("/"):
+        return None
+    return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def _request_id(request: web.Request) -> str:
@@ -131,6 +179,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except Problem as problem:
         metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
         return problem.response()
+    path_qs = request.raw_path
+    if not path_qs.startswith("/") or "/." in request.path:
+        path_qs = _origin_form(request)
+        if path_qs is None:
+            metrics.INVALID_REQUESTS.labels("invalid-path").inc()
+            return invalid_path(request.raw_path[:200], env).response()
     route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
     if route is None:
         metrics.INVALID_REQUESTS.labels("route-not-found").inc()
@@ -169,7 +223,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         else:
             _ADMITTED.inc()
         extra.update(ratelimit_headers(decision))
-    return await state.pool.forward(request, route, env, _request_id(request), extra)
+    return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
 
 
 def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.Application:
@@ -197,6 +251,8 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         pong = await state.limiter.store.execute("PING")
         checks["store"] = "ok" if pong == b"PONG" else f"unexpected reply {pong!r}"
+        if not await state.limiter.scripts_loaded():  # flushed: load again, then say so
+            await state.limiter.load_scripts()
         checks["scripts"] = "ok" if await state.limiter.scripts_loaded() else "not loaded"
     except StoreError as exc:
         checks["store"] = f"unreachable: {exc}"

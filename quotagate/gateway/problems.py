@@ -82,6 +82,11 @@ def invalid_environment(detail: str) -> Problem:
     return Problem(400, "invalid-environment", "Invalid environment id", detail)
 
 
+def invalid_path(target: str, env: str) -> Problem:
+    return Problem(400, "invalid-path", "Invalid request target",
+                   f"request target {target!r} has dot-segments or is not in origin form", env)
+
+
 def route_not_found(path: str, env: str) -> Problem:
     return Problem(404, "route-not-found", "No route", f"no route for {path!r}", env)
 

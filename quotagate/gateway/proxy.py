@@ -86,6 +86,7 @@ class UpstreamPool:
         request: web.Request,
         route: CompiledRoute,
         env: str,
+        path_qs: str,
         request_id: str,
         extra_headers: dict[str, str],
     ) -> web.StreamResponse:
@@ -96,7 +97,7 @@ class UpstreamPool:
             upstream = await self.session.request(
                 request.method,
                 # encoded=True: the client's path and query go on byte for byte.
-                URL(route.upstream_url(request.raw_path), encoded=True),
+                URL(route.upstream_url(path_qs), encoded=True),
                 headers=headers,
                 data=body,
                 allow_redirects=False,

@@ -15,3 +15,7 @@ class StoreUnavailable(StoreError):
 
 class StoreTimeout(StoreUnavailable):
     """The store did not answer within the configured timeout."""
+
+
+class NoScript(StoreError):
+    """The store does not have the script (restarted, or SCRIPT FLUSH): send its body."""

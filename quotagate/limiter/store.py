@@ -8,13 +8,20 @@ hot path speaks RESP itself on one connection and parses with hiredis; everythin
 sync, admin, tests) uses redis-py.
 
 Failure handling:
-- every command has a deadline (``timeout_ms``); a watchdog fails the whole connection once the
-  oldest reply is overdue, so a hung server (SIGSTOP, network black hole) costs each request at
-  most ``timeout_ms`` plus one watchdog tick;
+- every command has a deadline (``timeout_ms``); a watchdog checks the oldest reply every
+  ``timeout_ms / 4``, so a hung server (SIGSTOP, network black hole) costs each request at most
+  about 1.25 x ``timeout_ms``. The stalled connection is then set aside, not closed: if the
+  server comes back, the late replies still arrive there and ``when_late`` callbacks learn
+  which timed-out commands did run (the limiter uses this so fail-open write-back does not
+  count them twice). Closing it instead would let a resumed server run commands whose outcome
+  nobody reads. At most ``MAX_STALLED`` such connections are kept;
 - a failed or refused connection makes calls fail at once for ``retry_interval_ms``, then the
   next call reconnects;
-- ``NOSCRIPT`` (store restarted or ``SCRIPT FLUSH``) is answered by resending the script body
-  with EVAL, which also caches it again.
+- error replies are translated here, once: ``NOSCRIPT`` -> ``NoScript``; a store that cannot
+  serve now (LOADING, BUSY, OOM, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, MISCONF) ->
+  ``StoreUnavailable``, so the failure policy applies; anything else -> ``StoreError``;
+- ``setup`` commands (the limiter's ``SCRIPT LOAD``) run on every new connection, so a
+  restarted store has the scripts before the first request needs them.
 """
 
 from __future__ import annotations
@@ -23,15 +30,34 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
 
 _NOT_ENOUGH = object()
+
+#: Stalled connections kept open to learn the fate of timed-out commands.
+MAX_STALLED = 8
+
+#: Error replies that mean "the store cannot serve right now", not "the command is wrong".
+_UNAVAILABLE = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
+                "MISCONF", "NOREPLICAS")
+
+LateCallback = Callable[[Any], None]
+
+
+def translate(error: hiredis.ReplyError) -> StoreError:
+    text = str(error)
+    if text.startswith("NOSCRIPT"):
+        return NoScript(text)
+    if text.startswith(_UNAVAILABLE):
+        return StoreUnavailable(f"store cannot serve: {text}")
+    return StoreError(f"store error: {text}")
 
 
 @dataclass(frozen=True)
@@ -92,11 +118,15 @@ class _Protocol(asyncio.Protocol):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self.closed = False
+        self.stalled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def send(self, data: bytes, fut: asyncio.Future[Any], deadline: float) -> None:
+        if self.closed or self.stalled:
+            fut.set_exception(StoreUnavailable("store connection closed"))
+            return
         self.waiting.append((fut, deadline))
         self._out.append(data)
         if not self._flush_scheduled:
@@ -117,17 +147,19 @@ class _Protocol(asyncio.Protocol):
         while True:
             reply = reader.gets()
             if reply is _NOT_ENOUGH:
-                return
+                break
             if not waiting:  # a reply nobody asked for: the stream is out of step
                 self.abort(StoreError("unexpected reply from store"))
                 return
             fut, _ = waiting.popleft()
-            if fut.done():
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                fut.set_exception(reply)
+            if fut.done():  # timed out earlier: someone may want to know it ran after all
+                self._owner._late_reply(fut, reply)
+            elif isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(translate(reply))
             else:
                 fut.set_result(reply)
+        if self.stalled and not waiting and self.transport is not None:
+            self.transport.close()  # every late reply is in: the stalled connection is done
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail_all(StoreUnavailable(f"store connection lost: {exc or 'closed by server'}"))
@@ -139,7 +171,18 @@ class _Protocol(asyncio.Protocol):
             fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+            else:
+                self._owner._late_reply(fut, None)  # never answered: it did not run
         self._owner._forget(self)
+
+    def stall(self, exc: Exception) -> None:
+        """Fail every waiting request now, but keep reading: late replies still count."""
+        self.stalled = True
+        self._out.clear()
+        for fut, _ in self.waiting:
+            if not fut.done():
+                fut.set_exception(exc)
+                self._owner._expect_late(fut)
 
     def abort(self, exc: Exception) -> None:
         if self.transport is not None:
@@ -156,16 +199,24 @@ class PipelinedStore:
         timeout_ms: int = 200,
         connect_timeout_ms: int = 500,
         retry_interval_ms: int = 250,
+        setup: tuple[bytes, ...] = (),
     ):
         self.address = address
         self.timeout = timeout_ms / 1000
         self.connect_timeout = connect_timeout_ms / 1000
         self.retry_interval = retry_interval_ms / 1000
+        self.setup = setup
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._down_until = 0.0
         self._last_error = ""
         self._watchdog: asyncio.TimerHandle | None = None
+        self._stalled: collections.deque[_Protocol] = collections.deque()
+        #: Timed-out futures -> the callback waiting for their late reply (None: not yet set).
+        self._late: dict[asyncio.Future[Any], LateCallback | None] = {}
+        #: Late replies that arrived before their callback was registered.
+        self._early: dict[asyncio.Future[Any], Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.connects = 0
 
     @property
@@ -176,13 +227,52 @@ class PipelinedStore:
         return await self.execute_packed(pack_command(*args))
 
     async def execute_packed(self, packed: bytes) -> Any:
-        proto = self._proto
-        if proto is None or proto.closed:
-            proto = await self._connect()
+        return await self.submit(packed)
+
+    def submit(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one packed command; the future gets its reply or a StoreError."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.send(packed, fut, time.monotonic() + self.timeout)
-        return await fut
+        proto = self._proto
+        if proto is not None and not proto.closed and not proto.stalled:
+            proto.send(packed, fut, time.monotonic() + self.timeout)
+        else:
+            task = loop.create_task(self._send_when_connected(packed, fut))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def _send_when_connected(self, packed: bytes, fut: asyncio.Future[Any]) -> None:
+        try:
+            proto = await self._connect()
+        except StoreError as exc:
+            if not fut.done():
+                fut.set_exception(exc)
+            return
+        if not fut.done():  # also fails at once if the connection closed meanwhile
+            proto.send(packed, fut, time.monotonic() + self.timeout)
+
+    def when_late(self, fut: asyncio.Future[Any], callback: LateCallback) -> None:
+        """Call ``callback(reply)`` if the timed-out ``fut``'s command is answered after all,
+        or ``callback(None)`` once it is known it never will be."""
+        if fut in self._early:
+            callback(self._early.pop(fut))
+        elif fut in self._late:
+            self._late[fut] = callback
+
+    def _expect_late(self, fut: asyncio.Future[Any]) -> None:
+        self._late[fut] = None
+
+    def _late_reply(self, fut: asyncio.Future[Any], reply: Any) -> None:
+        if fut not in self._late:
+            return
+        callback = self._late.pop(fut)
+        if callback is not None:
+            callback(reply)
+        elif reply is not None:
+            self._early[fut] = reply
+            if len(self._early) > 100_000:  # nobody registered: do not hold them forever
+                self._early.clear()
 
     async def _connect(self) -> _Protocol:
         now = time.monotonic()
@@ -237,6 +327,7 @@ class PipelinedStore:
                 if addr.db:
                     setup.append(pack_command("SELECT", addr.db))
                 setup.append(pack_command("CLIENT", "SETNAME", "quotagate-hot"))
+                setup.extend(self.setup)
                 futs = []
                 for cmd in setup:
                     fut: asyncio.Future[Any] = loop.create_future()
@@ -248,7 +339,7 @@ class PipelinedStore:
             raise StoreTimeout("store connection timed out") from None
         except OSError as exc:
             raise StoreUnavailable(f"cannot connect to store: {exc.strerror or exc}") from None
-        except hiredis.ReplyError as exc:
+        except StoreError as exc:
             raise StoreUnavailable(f"store refused the connection setup: {exc}") from None
         return proto
 
@@ -265,7 +356,12 @@ class PipelinedStore:
         if proto.waiting and proto.waiting[0][1] < time.monotonic():
             self._last_error = "store did not answer in time"
             self._down_until = time.monotonic() + self.retry_interval
-            proto.abort(StoreTimeout(f"store did not answer within {self.timeout * 1000:.0f} ms"))
+            self._proto = None
+            proto.stall(StoreTimeout(f"store did not answer within {self.timeout * 1000:.0f} ms"))
+            self._stalled.append(proto)
+            while len(self._stalled) > MAX_STALLED:
+                oldest = self._stalled.popleft()
+                oldest.abort(StoreTimeout("too many stalled store connections"))
             return
         self._arm_watchdog()
 
@@ -275,10 +371,11 @@ class PipelinedStore:
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
+        if proto in self._stalled:
+            self._stalled.remove(proto)
 
     async def close(self) -> None:
-        if self._proto is not None:
-            proto = self._proto
+        for proto in [*([self._proto] if self._proto else []), *self._stalled]:
             if proto.transport is not None:
                 proto.transport.close()
             proto.fail_all(StoreUnavailable("store connection closed"))

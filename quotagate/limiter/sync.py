@@ -11,9 +11,31 @@ from typing import Any
 
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import build_snapshot, encode
+from quotagate.limiter.errors import StoreError
 from quotagate.settings import Config
 
 log = logging.getLogger("quotagate.sync")
+
+
+MIN_REDIS = (6, 2)
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split(".")[:3] if p.isdigit())
+
+
+async def check_store_version(redis: Any) -> str:
+    """Refuse Redis older than 6.2 (scripts need TIME with effects replication, SET … PX).
+
+    Valkey reports a compatible ``redis_version`` too. Returns the server's description.
+    """
+    info = await redis.info("server")
+    if "valkey_version" in info:
+        return f"Valkey {info['valkey_version']}"
+    version = str(info.get("redis_version", "0"))
+    if parse_version(version) < MIN_REDIS:
+        raise StoreError(f"Redis {version} is too old: quotagate needs Redis >= 6.2 or Valkey")
+    return f"Redis {version}"
 
 
 def snapshots(config: Config) -> dict[str, str]:

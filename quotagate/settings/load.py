@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import zoneinfo
 from collections.abc import Hashable
@@ -15,6 +16,7 @@ import yaml
 
 from quotagate.limiter.calendar import add_months_clamped
 from quotagate.limiter.keys import ENV_ID
+from quotagate.limiter.store import StoreAddress
 from quotagate.settings.schema import (
     EnvironmentsFile,
     GatewaySettings,
@@ -25,6 +27,8 @@ T = TypeVar("T")
 
 #: A plan period longer than this is refused: the snapshot lists every cycle of the period.
 MAX_PLAN_YEARS = 10
+#: Dates outside this range are typos (and overflow the calendar arithmetic).
+MIN_DATE, MAX_DATE = dt.date(1971, 1, 1), dt.date(9000, 12, 31)
 
 
 @dataclass(frozen=True)
@@ -196,14 +200,26 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
                     file, "$.store.url", f"scheme {scheme!r} is not redis://, rediss:// or unix://"
                 )
             )
+        else:
+            try:
+                StoreAddress.from_url(gw.store.url)
+            except ValueError as exc:
+                issues.append(ConfigIssue(file, "$.store.url", f"not a store URL: {exc}"))
     seen: set[tuple[str, tuple[str, ...], str]] = set()
     for i, route in enumerate(gw.routes):
         where = f"$.routes[{i}]"
         up = urlsplit(route.upstream)
-        if up.scheme not in ("http", "https") or not up.hostname:
+        try:
+            port_ok = up.port is None or up.port > 0
+        except ValueError:
+            port_ok = False
+        if up.scheme not in ("http", "https") or not up.hostname or not port_ok:
             issues.append(
                 ConfigIssue(file, f"{where}.upstream", f"not an http(s) URL: {route.upstream!r}")
             )
+        elif up.query or up.fragment:
+            issues.append(ConfigIssue(file, f"{where}.upstream",
+                                      "an upstream URL takes no query or fragment"))
         for method in route.methods:
             if not re.fullmatch(r"[A-Z]+", method):
                 issues.append(
@@ -254,6 +270,10 @@ def check_environments(
                     file, f"{where}.limits.qps", f"plan {env.plan!r} has no QPS: set it per env"
                 )
             )
+        if not (env.anchor >= MIN_DATE and env.expires <= MAX_DATE):
+            issues.append(ConfigIssue(
+                file, where, f"anchor and expires must lie between {MIN_DATE} and {MAX_DATE}"))
+            continue
         if env.expires <= env.anchor:
             issues.append(ConfigIssue(file, f"{where}.expires", "must be after anchor"))
         elif env.expires > add_months_clamped(env.anchor, 12 * MAX_PLAN_YEARS):

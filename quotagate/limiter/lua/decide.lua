@@ -15,8 +15,8 @@ ARGV[1] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
 ARGV[2] kind      route kind: function database storage static ai sms realtime auth
 ARGV[3] cost      units of the request: calls, or SMS messages for kind "sms"
 ARGV[4] mode      "enforce" | "shadow" (the gateway's; the snapshot's mode wins) |
-                  "record" (write back usage that passed while the store was down:
-                  no QPS, never refuses)
+                  "record" (write back usage that passed while the store was down, at
+                  ARGV[1] = when it passed: no QPS, no lifecycle check, never refuses)
 ARGV[5] burst_ms  GCRA burst tolerance
 
 Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
@@ -58,14 +58,27 @@ local function offset_at(ms)
 end
 local offset = offset_at(now_ms)
 local today = math.floor((math.floor(now_ms / 1000) + offset) / 86400)
-local function midnight_ms(day)  -- epoch ms of a local day's 00:00
-  return (day * 86400 - offset_at((day * 86400 - offset) * 1000)) * 1000
+local function local_day(ms)
+  return math.floor((math.floor(ms / 1000) + offset_at(ms)) / 86400)
+end
+-- Epoch ms where a local day begins: the earliest instant whose local day is that day, tried
+-- with the offsets in force a day either side (exact also where DST starts at midnight).
+local function midnight_ms(day)
+  local guess = (day * 86400 - offset) * 1000
+  local best
+  for _, probe in ipairs({guess - 86400000, guess + 86400000}) do
+    local t = (day * 86400 - offset_at(probe)) * 1000
+    if local_day(t) >= day and (best == nil or t < best) then best = t end
+  end
+  return best or guess
 end
 
-if today >= ent.release_day then return early(4) end
-if today >= ent.expire_day then return early(3) end
 local cycles = ent.cycles
-if today < cycles[1] then return early(5) end
+if mode ~= 'record' then  -- usage that already passed is recorded whatever the status now
+  if today >= ent.release_day then return early(4) end
+  if today >= ent.expire_day then return early(3) end
+  if today < cycles[1] then return early(5) end
+end
 local ci = 1
 for i = #cycles - 1, 1, -1 do
   if cycles[i] <= today then ci = i break end
