@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aredis
 
 from quotagate.limiter import keys
+from quotagate.clock import ManualClock
 from quotagate.limiter.calendar import day_number
 from quotagate.limiter.codes import Flag, Outcome
 from tests.helpers import at, env, local, synced_limiter, write_config
@@ -331,3 +332,18 @@ async def test_store_version_check(redis_client):
     described = await check_store_version(redis_client)
     assert described.startswith(("Valkey 8.", "Redis 7."))
     assert parse_version("6.0.20") < (6, 2) <= parse_version("6.2.0")
+
+
+async def test_reset_where_dst_starts_at_midnight(tmp_path: Path, make_limiter):
+    """America/Santiago skips 2026-09-06 00:00 (clocks go to 01:00): the cycle starts at the
+    first instant of that local day."""
+    import datetime as dt
+    import zoneinfo
+
+    tz = zoneinfo.ZoneInfo("America/Santiago")
+    config = write_config(tmp_path, {"cl": env(anchor="2026-08-06", timezone="America/Santiago")})
+    now = dt.datetime(2026, 9, 5, 22, 0, tzinfo=tz)
+    lim = await make_limiter(config, ManualClock(now))
+    d = await lim.decide("cl", "function", 1)
+    first_instant = dt.datetime(2026, 9, 6, 0, 0, tzinfo=tz)  # resolves to 01:00 -03
+    assert d.reset_ms == int((first_instant.timestamp() - now.timestamp()) * 1000) == 7_200_000

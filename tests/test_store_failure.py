@@ -159,7 +159,7 @@ async def test_write_back_records_at_the_time_the_usage_passed(setup, tmp_path: 
     cycle; an environment that expired meanwhile still gets its usage recorded."""
     from quotagate.limiter.calendar import day_number
 
-    server, make = setup
+    server, _ = setup
     config = write_config(tmp_path / "x", {"shop": env(limits={"calls": 0}, overage=True,
                                                        expires="2026-12-01")})
     clock = at("2026-11-30T23:50:00")
