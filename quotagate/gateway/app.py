@@ -15,11 +15,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import urlsplit
 
 import redis.asyncio as aredis
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from quotagate.clock import Clock
 from quotagate.gateway import metrics
@@ -90,7 +91,7 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
         connect_timeout_ms=gw.store.connect_timeout_ms,
         retry_interval_ms=gw.store.retry_interval_ms,
     )
-    mode = "shadow" if gw.enforcement == "shadow" else "enforce"
+    mode: Literal["enforce", "shadow"] = "shadow" if gw.enforcement == "shadow" else "enforce"
     limiter = Limiter(
         store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure
     )
@@ -98,7 +99,7 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
     client = aredis.Redis.from_url(
         store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5
     )
-    env_modes = {
+    env_modes: dict[str, str] = {
         env_id: env.mode
         for env_id, env in config.environments.environments.items()
         if env.mode is not None
@@ -179,12 +180,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except Problem as problem:
         metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
         return problem.response()
-    path_qs = request.raw_path
-    if not path_qs.startswith("/") or "/." in request.path:
+    path_qs: str | None = request.raw_path
+    if not request.raw_path.startswith("/") or "/." in request.path:
         path_qs = _origin_form(request)
-        if path_qs is None:
-            metrics.INVALID_REQUESTS.labels("invalid-path").inc()
-            return invalid_path(request.raw_path[:200], env).response()
+    if path_qs is None:
+        metrics.INVALID_REQUESTS.labels("invalid-path").inc()
+        return invalid_path(request.raw_path[:200], env).response()
     route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
     if route is None:
         metrics.INVALID_REQUESTS.labels("route-not-found").inc()
@@ -272,10 +273,12 @@ async def metrics_view(request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-METRICS_REGISTRY = web.AppKey("metrics_registry", object)
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
-def init_admin_app(state: GatewayState, registry: object | None = None) -> web.Application:
+def init_admin_app(
+    state: GatewayState, registry: CollectorRegistry | None = None
+) -> web.Application:
     """The admin listener: health, readiness, metrics. Never on the public port."""
     app = web.Application()
     app[ADMIN_STATE] = state

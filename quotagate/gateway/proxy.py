@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, MultiMapping, istr
 from yarl import URL
 
 from quotagate.gateway import metrics
@@ -29,9 +29,9 @@ VIA = "1.1 quotagate"
 _RESPONSE_DROP = HOP_BY_HOP | {istr("Content-Length")}
 
 
-def _connection_listed(headers: CIMultiDict[str] | object) -> set[istr]:
+def _connection_listed(headers: MultiMapping[str]) -> set[istr]:
     listed: set[istr] = set()
-    for value in headers.getall("Connection", []):  # type: ignore[attr-defined]
+    for value in headers.getall("Connection", []):
         listed.update(istr(t.strip()) for t in value.split(",") if t.strip())
     return listed
 

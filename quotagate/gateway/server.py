@@ -12,6 +12,7 @@ import signal
 import tempfile
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from quotagate.gateway.app import STATE, init_admin_app, init_app
 from quotagate.limiter.embedded import EmbeddedValkey
@@ -41,7 +42,7 @@ async def run_gateway(
     admin: bool = True,
     reuse_port: bool = False,
     stop: asyncio.Event | None = None,
-    registry: object | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
     """Serve the public (and optionally the admin) listener until ``stop`` is set or a signal."""
     gw = config.gateway

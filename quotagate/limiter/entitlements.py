@@ -72,13 +72,13 @@ def build_snapshot(
     packs.sort(key=lambda p: (p["to"], p["id"]))
 
     promos = []
-    for grant in env.promos:
-        spec = plans.promo_packs[grant.pack]
-        first = cal.day_number(grant.start)
+    for promo in env.promos:
+        promo_spec = plans.promo_packs[promo.pack]
+        first = cal.day_number(promo.start)
         promos.append({
-            "id": grant.id, "pack": grant.pack, "from": first, "to": first + grant.days,
-            "qps": spec.qps or 0, "fc": spec.function_concurrency or 0,
-            "rt": spec.realtime or 0, "db": 1 if spec.database_free else 0,
+            "id": promo.id, "pack": promo.pack, "from": first, "to": first + promo.days,
+            "qps": promo_spec.qps or 0, "fc": promo_spec.function_concurrency or 0,
+            "rt": promo_spec.realtime or 0, "db": 1 if promo_spec.database_free else 0,
         })
 
     return {

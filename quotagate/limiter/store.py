@@ -77,20 +77,17 @@ class StoreAddress:
         db_text = (query.get("db") or [""])[0] or parts.path.lstrip("/") or "0"
         if parts.scheme == "unix":
             db_text = (query.get("db") or ["0"])[0]
-        common = {
-            "username": unquote(parts.username or ""),
-            "password": unquote(parts.password or ""),
-            "db": int(db_text),
-        }
+        username, password = unquote(parts.username or ""), unquote(parts.password or "")
         if parts.scheme == "unix":
-            return cls(unix_path=parts.path, **common)
+            return cls(unix_path=parts.path, username=username, password=password,
+                       db=int(db_text))
         if parts.scheme not in ("redis", "rediss"):
             raise ValueError(f"unsupported store URL scheme {parts.scheme!r}")
         return cls(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or 6379,
             tls=parts.scheme == "rediss",
-            **common,
+            username=username, password=password, db=int(db_text),
         )
 
 

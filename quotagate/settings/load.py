@@ -121,10 +121,10 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
     try:
         return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
-        path, reason = _split(exc)
-        if "[...]" in path:
-            path, reason = _locate(raw, kind, path, reason)
-        raise ConfigError([ConfigIssue(name, path, reason)]) from None
+        key_path, reason = _split(exc)
+        if "[...]" in key_path:
+            key_path, reason = _locate(raw, kind, key_path, reason)
+        raise ConfigError([ConfigIssue(name, key_path, reason)]) from None
 
 
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")

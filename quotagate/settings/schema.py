@@ -53,7 +53,7 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 # ---------------------------------------------------------------------------- gateway.yaml
 
 
-class StoreSettings(_Strict, kw_only=True):
+class StoreSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: redis://, rediss:// or unix:// URL of Redis >= 6.2 / Valkey. Empty: embedded Valkey.
     url: str = ""
     #: Longest a request waits on the store before the failure policy applies.
@@ -66,7 +66,7 @@ class StoreSettings(_Strict, kw_only=True):
     data_dir: str = "data"
 
 
-class UpstreamSettings(_Strict, kw_only=True):
+class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     connect_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] = 2_000
     #: Longest silence while reading the upstream's response (SSE streams keep it alive).
     read_timeout_ms: Annotated[int, msgspec.Meta(ge=1)] = 60_000
@@ -74,7 +74,7 @@ class UpstreamSettings(_Strict, kw_only=True):
     pool_size: PosInt = 256
 
 
-class Route(_Strict, kw_only=True):
+class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     prefix: Annotated[str, msgspec.Meta(pattern=r"^/")]
     upstream: str
     kind: RouteKind
@@ -87,7 +87,7 @@ class Route(_Strict, kw_only=True):
     accept: str = ""
 
 
-class GatewaySettings(_Strict, kw_only=True):
+class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     listen: HostPort = "127.0.0.1:8080"
     admin_listen: HostPort = "127.0.0.1:9090"
     #: Environment id from the host ``{env}.<domain>``; empty: only the X-CloudBase-Env header.
@@ -107,7 +107,7 @@ class GatewaySettings(_Strict, kw_only=True):
 # ------------------------------------------------------------------------------ plans.yaml
 
 
-class Plan(_Strict, kw_only=True):
+class Plan(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     price: Money | None = None  # CNY / month; None: per contract
     qps: PosInt | None = None  # None: per contract, each env must set limits.qps
     calls: NonNegInt
@@ -123,14 +123,14 @@ class Plan(_Strict, kw_only=True):
     packs_allowed: bool = True
 
 
-class ResourcePack(_Strict, kw_only=True):
+class ResourcePack(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     meter: Literal["calls", "capacity_bytes", "sms"]
     amount: PosInt  # calls / bytes / messages
     price: Money
     days: PosInt = 30
 
 
-class PromoPack(_Strict, kw_only=True):
+class PromoPack(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     price_per_day: Money
     qps: PosInt | None = None
     function_concurrency: PosInt | None = None
@@ -139,12 +139,12 @@ class PromoPack(_Strict, kw_only=True):
     database_free: bool = False
 
 
-class PaygPrice(_Strict, kw_only=True):
+class PaygPrice(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     price: Money  # CNY per ``per`` units
     per: PosInt = 1
 
 
-class PlansFile(_Strict, kw_only=True):
+class PlansFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     plans: dict[str, Plan]
     resource_packs: dict[str, ResourcePack] = msgspec.field(default_factory=dict)
     promo_packs: dict[str, PromoPack] = msgspec.field(default_factory=dict)
@@ -156,7 +156,7 @@ class PlansFile(_Strict, kw_only=True):
 # ------------------------------------------------------------------------ environments.yaml
 
 
-class Limits(_Strict, kw_only=True):
+class Limits(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Per-environment overrides of the plan (contract plans, tests)."""
 
     qps: PosInt | None = None
@@ -171,7 +171,7 @@ class Limits(_Strict, kw_only=True):
     function_concurrency: PosInt | None = None
 
 
-class PackGrant(_Strict, kw_only=True):
+class PackGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     purchased: dt.date
     #: A catalog pack name from plans.yaml, or ``meter`` + ``amount`` directly.
@@ -180,14 +180,14 @@ class PackGrant(_Strict, kw_only=True):
     amount: PosInt | None = None
 
 
-class PromoGrant(_Strict, kw_only=True):
+class PromoGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     pack: str
     start: dt.date
     days: PosInt = 1
 
 
-class Environment(_Strict, kw_only=True):
+class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     plan: str
     anchor: dt.date
     expires: dt.date
@@ -199,7 +199,7 @@ class Environment(_Strict, kw_only=True):
     promos: tuple[PromoGrant, ...] = ()
 
 
-class EnvironmentsFile(_Strict, kw_only=True):
+class EnvironmentsFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: Keys are environment ids, checked in load.py so the error names the bad id.
     environments: dict[str, Environment] = msgspec.field(default_factory=dict)
 
