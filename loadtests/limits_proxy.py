@@ -54,7 +54,7 @@ def make_app(upstream: str, storage_uri: str, strategy: str, limit: str,
             return web.json_response({"title": "no environment"}, status=400)
         if not await limiter.hit(item, env):
             return web.json_response({"title": "rate limited"}, status=429)
-        return await pool.forward(request, route, env, uuid.uuid4().hex, {})
+        return await pool.forward(request, route, env, request.raw_path, uuid.uuid4().hex, {})
 
     async def lifecycle(app: web.Application):  # type: ignore[no-untyped-def]
         await pool.start()

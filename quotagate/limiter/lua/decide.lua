@@ -65,6 +65,7 @@ end
 -- with the offsets in force a day either side (exact also where DST starts at midnight).
 local function midnight_ms(day)
   local guess = (day * 86400 - offset) * 1000
+  if #ent.tz == 1 then return guess end  -- a zone without offset changes (the common case)
   local best
   for _, probe in ipairs({guess - 86400000, guess + 86400000}) do
     local t = (day * 86400 - offset_at(probe)) * 1000
