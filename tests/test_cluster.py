@@ -115,3 +115,65 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
             await direct.aclose()
     finally:
         await rc.aclose()
+
+
+async def test_limiter_on_cluster_store_follows_moved(cluster, tmp_path: Path):
+    """The gateway's own client: decisions routed by slot; a stale slot map is corrected by
+    MOVED replies and exactness holds."""
+    from quotagate.limiter.cluster import ClusterStore
+    from quotagate.limiter.limiter import Limiter
+    from quotagate.limiter.store import StoreAddress
+
+    ids = [f"moved-{i}" for i in range(12)]  # the module shares one cluster
+    config = write_config(tmp_path, {i: env(limits={"calls": 25, "qps": 1_000_000})
+                                     for i in ids})
+    rc = RedisCluster(host="127.0.0.1", port=cluster[0])
+    await sync_environments(rc, config)
+    await rc.aclose()
+    store = ClusterStore(StoreAddress(port=cluster[1]), timeout_ms=500)
+    lim = Limiter(store, clock=at("2026-11-26T12:00:00"))
+    try:
+        await store.refresh()
+        true_map = list(store.slots)
+        store.slots = [("127.0.0.1", cluster[0])] * len(store.slots)  # stale: all on node 0
+        results = await asyncio.gather(*(lim.decide(i, "function", 1)
+                                         for i in ids for _ in range(40)))
+        for n, env_id in enumerate(ids):
+            mine = results[n * 40:(n + 1) * 40]
+            assert sum(d.outcome.name == "ADMITTED" for d in mine) == 25, env_id
+            assert not any(d.store_bypassed for d in mine)
+        await asyncio.sleep(0.1)  # the background refresh after MOVED
+        assert store.slots == true_map
+        assert await lim.scripts_loaded()  # on every primary
+    finally:
+        await lim.close()
+
+
+async def test_gateway_with_store_cluster(cluster, tmp_path: Path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from quotagate.gateway.app import STATE, init_admin_app, init_app
+    from quotagate.gateway.demo_upstream import make_upstream_app
+
+    upstream = TestServer(make_upstream_app())
+    await upstream.start_server()
+    config = write_config(
+        tmp_path, {"shop": env(limits={"calls": 2})},
+        store={"url": f"redis://127.0.0.1:{cluster[2]}/0", "cluster": True},
+        routes=[{"prefix": "/functions/", "upstream": f"http://127.0.0.1:{upstream.port}",
+                 "kind": "function"}])
+    gw = TestClient(TestServer(init_app(config, config.gateway.store.url,
+                                        at("2026-11-26T12:00:00"))))
+    await gw.start_server()
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE])))
+    await admin.start_server()
+    try:
+        statuses = [(await gw.get("/functions/x", headers={"X-CloudBase-Env": "shop"})).status
+                    for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        ready = await admin.get("/readyz")
+        assert ready.status == 200, await ready.text()
+    finally:
+        await admin.close()
+        await gw.close()
+        await upstream.close()

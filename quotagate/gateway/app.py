@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from redis.asyncio.cluster import RedisCluster
 
 from quotagate.clock import Clock
 from quotagate.gateway import metrics
@@ -35,6 +36,7 @@ from quotagate.gateway.problems import (
 )
 from quotagate.gateway.proxy import UpstreamPool
 from quotagate.gateway.routing import Router
+from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
@@ -58,7 +60,7 @@ class GatewayState:
     router: Router
     limiter: Limiter
     pool: UpstreamPool
-    redis: aredis.Redis
+    redis: aredis.Redis | RedisCluster
     #: Environments whose mode (from the file) differs from the gateway's: "off" skips the store.
     env_modes: dict[str, str] = field(default_factory=dict)
     synced: bool = False
@@ -85,18 +87,18 @@ STATE = web.AppKey("state", GatewayState)
 
 def build_state(config: Config, store_url: str, clock: Clock | None = None) -> GatewayState:
     gw = config.gateway
-    store = PipelinedStore(
-        StoreAddress.from_url(store_url),
-        timeout_ms=gw.store.timeout_ms,
-        connect_timeout_ms=gw.store.connect_timeout_ms,
-        retry_interval_ms=gw.store.retry_interval_ms,
-    )
+    address = StoreAddress.from_url(store_url)
+    store_class = ClusterStore if gw.store.cluster else PipelinedStore
+    store = store_class(address, timeout_ms=gw.store.timeout_ms,
+                        connect_timeout_ms=gw.store.connect_timeout_ms,
+                        retry_interval_ms=gw.store.retry_interval_ms)
     mode: Literal["enforce", "shadow"] = "shadow" if gw.enforcement == "shadow" else "enforce"
     limiter = Limiter(
         store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure
     )
     timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
-    client = aredis.Redis.from_url(
+    client_class = RedisCluster if gw.store.cluster else aredis.Redis
+    client = client_class.from_url(
         store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5
     )
     env_modes: dict[str, str] = {

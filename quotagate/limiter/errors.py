@@ -19,3 +19,13 @@ class StoreTimeout(StoreUnavailable):
 
 class NoScript(StoreError):
     """The store does not have the script (restarted, or SCRIPT FLUSH): send its body."""
+
+
+class Redirected(StoreError):
+    """A cluster node answered MOVED or ASK: the slot lives on another node."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        kind, slot, where = text.split()[:3]
+        host, _, port = where.rpartition(":")
+        self.kind, self.slot, self.host, self.port = kind, int(slot), host, int(port)

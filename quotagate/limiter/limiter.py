@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple
 
 from quotagate.clock import Clock, StoreClock
 from quotagate.limiter import keys
+from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
 from quotagate.limiter.scripts import DECIDE, Script
@@ -113,7 +114,7 @@ class Backlog:
 class Limiter:
     def __init__(
         self,
-        store: PipelinedStore,
+        store: PipelinedStore | ClusterStore,
         *,
         clock: Clock | None = None,
         mode: Literal["enforce", "shadow"] = "enforce",
@@ -139,23 +140,22 @@ class Limiter:
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
-        self._key_cache: dict[str, bytes] = {}
+        self._key_cache: dict[str, tuple[bytes, int]] = {}
         self.script_reloads = 0
 
-    def _keys_packed(self, env: str) -> bytes:
-        """The KEYS part of the command, cached per environment (bounded)."""
-        packed = self._key_cache.get(env)
-        if packed is None:
+    def _keys_packed(self, env: str) -> tuple[bytes, int]:
+        """The KEYS part of the command and their cluster slot, cached per env (bounded)."""
+        cached = self._key_cache.get(env)
+        if cached is None:
             if len(self._key_cache) >= 65536:
                 self._key_cache.clear()
-            packed = b"".join(
-                b"$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, keys.decision_keys(env))
-            )
-            self._key_cache[env] = packed
-        return packed
+            names = keys.decision_keys(env)
+            packed = b"".join(b"$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, names))
+            cached = self._key_cache[env] = (packed, slot_of(names[0]))
+        return cached
 
     def _packed(self, env: str, kind: str, cost: int, mode: str, now_ms: int) -> bytes:
-        parts = [self._evalsha_head, self._keys_packed(env)]
+        parts = [self._evalsha_head, self._keys_packed(env)[0]]
         for arg in (str(now_ms).encode(), kind.encode(), str(cost).encode(), mode.encode(),
                     self._burst):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
@@ -164,7 +164,8 @@ class Limiter:
     async def _run(self, env: str, kind: str, cost: int, mode: str, now_ms: int,
                    late: Callable[[Decision | None], None] | None = None) -> Decision:
         """One decision. ``late``: told the outcome of a command that timed out, if it ran."""
-        fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms))
+        slot = self._keys_packed(env)[1]
+        fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms), slot)
         try:
             reply = await fut
         except NoScript:
@@ -174,7 +175,7 @@ class Limiter:
             log.info("script %s missing in store, reloading", self.script.name)
             fut = self.store.submit(pack_command(
                 "EVAL", self.script.body, 5, *keys.decision_keys(env), now_ms, kind, cost, mode,
-                self.burst_ms))
+                self.burst_ms), slot)
             try:
                 reply = await fut
             except StoreTimeout:
@@ -225,11 +226,11 @@ class Limiter:
 
     async def load_scripts(self) -> None:
         """Cache the scripts in the store (``/readyz`` needs them)."""
-        await self.store.execute("SCRIPT", "LOAD", self.script.body)
+        await self.store.execute_all("SCRIPT", "LOAD", self.script.body)
 
     async def scripts_loaded(self) -> bool:
-        reply = await self.store.execute("SCRIPT", "EXISTS", self.script.sha)
-        return bool(reply and reply[0] == 1)
+        replies = await self.store.execute_all("SCRIPT", "EXISTS", self.script.sha)
+        return all(reply and reply[0] == 1 for reply in replies)
 
     # ------------------------------------------------------------- fail-open write-back
 

@@ -37,7 +37,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
-from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.errors import (
+    NoScript,
+    Redirected,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
 
 _NOT_ENOUGH = object()
 
@@ -55,6 +61,8 @@ def translate(error: hiredis.ReplyError) -> StoreError:
     text = str(error)
     if text.startswith("NOSCRIPT"):
         return NoScript(text)
+    if text.startswith(("MOVED ", "ASK ")):
+        return Redirected(text)
     if text.startswith(_UNAVAILABLE):
         return StoreUnavailable(f"store cannot serve: {text}")
     return StoreError(f"store error: {text}")
@@ -226,8 +234,13 @@ class PipelinedStore:
     async def execute_packed(self, packed: bytes) -> Any:
         return await self.submit(packed)
 
-    def submit(self, packed: bytes) -> asyncio.Future[Any]:
-        """Queue one packed command; the future gets its reply or a StoreError."""
+    async def execute_all(self, *args: bytes | str | int) -> list[Any]:
+        """The command on every node: here, the one."""
+        return [await self.execute(*args)]
+
+    def submit(self, packed: bytes, slot: int | None = None) -> asyncio.Future[Any]:
+        """Queue one packed command; the future gets its reply or a StoreError. (``slot`` is
+        for the cluster store's routing; one node serves them all here.)"""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         proto = self._proto

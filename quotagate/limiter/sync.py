@@ -30,12 +30,19 @@ async def check_store_version(redis: Any) -> str:
     Valkey reports a compatible ``redis_version`` too. Returns the server's description.
     """
     info = await redis.info("server")
-    if "valkey_version" in info:
-        return f"Valkey {info['valkey_version']}"
-    version = str(info.get("redis_version", "0"))
-    if parse_version(version) < MIN_REDIS:
-        raise StoreError(f"Redis {version} is too old: quotagate needs Redis >= 6.2 or Valkey")
-    return f"Redis {version}"
+    # A cluster client answers per node: {node: info}; check every one.
+    infos = [info] if "redis_version" in info else list(info.values())
+    described = []
+    for node in infos:
+        if "valkey_version" in node:
+            described.append(f"Valkey {node['valkey_version']}")
+            continue
+        version = str(node.get("redis_version", "0"))
+        if parse_version(version) < MIN_REDIS:
+            raise StoreError(
+                f"Redis {version} is too old: quotagate needs Redis >= 6.2 or Valkey")
+        described.append(f"Redis {version}")
+    return ", ".join(sorted(set(described)))
 
 
 def snapshots(config: Config) -> dict[str, str]:

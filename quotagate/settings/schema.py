@@ -62,6 +62,8 @@ class StoreSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     connect_timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=30_000)] = 500
     #: After a failed connection, requests fail fast this long before the next attempt.
     retry_interval_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 250
+    #: The URL names one node of a Redis / Valkey Cluster; the others are discovered.
+    cluster: bool = False
     #: Embedded Valkey only: where its append-only files live (relative to gateway.yaml).
     data_dir: str = "data"
 
