@@ -1,8 +1,8 @@
 """Saturation benchmark of quotagate against its baselines, on one machine (see
 /work/shared/BENCH.md and loadtests/README.md).
 
-    .venv/bin/python loadtests/bench.py [--duration 10] [--runs 3] [--connections 64]
-                                        [--arms A,B,C,Creject,D,N]
+    .venv/bin/python loadtests/bench.py [--runs 10] [--slice 2] [--slice-warmup 0.5]
+                                        [--connections 64] [--arms A,B,C,Creject,D,N]
 
 Arms (same upstream, same client, same concurrency):
   A        wrk -> demo upstream directly
@@ -14,10 +14,15 @@ Arms (same upstream, same client, same concurrency):
   N        wrk -> nginx proxy_pass (keepalive 32, 1 worker) -> upstream   (if nginx is installed)
 
 Every proxy is its own process pinned to one core (``taskset -c 1``); wrk is pinned to core 0
-(``taskset -c 0 wrk -t1 -c64 -d10s --latency``), the upstream and Valkey too (``--aux-cpus``).
-Each arm gets a 2 s warm-up, then a measured run; arms are measured ``--runs`` times (the order
-rotates each round) and the table shows medians; ratios are computed within each round, then
-the median taken. Every child process is killed on exit, Ctrl-C or error.
+(``taskset -c 0 wrk -t1 -c64 -d2s --latency``), the upstream and Valkey too (``--aux-cpus``).
+
+The machine's speed drifts by tens of percent over tens of seconds (other tenants), so arms are
+measured in short interleaved slices: every arm's processes run for the whole bench and are
+warmed up once; then each of ``--runs`` passes measures every arm for ``--slice`` seconds, one
+after another (after a ``--slice-warmup`` of load), in an order that alternates forward and
+reversed. Each ratio is computed from the two arms' slices of the same pass (seconds apart), and
+the report gives its median and interquartile range over passes; the table gives per-arm
+medians over slices. Every child process is killed on exit, Ctrl-C or error.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import math
 import os
 import re
 import shlex
@@ -56,6 +62,10 @@ ENV_OK = "bench-ok"
 ENV_EMPTY = "bench-empty"
 D_STRATEGIES = ("fixed", "moving", "sliding")
 ALL_ARMS = ("A", "B", "C", "Creject", "D", "N")
+# Measurement order within a pass (reversed every other pass): the pairs the ratios compare sit
+# next to each other (A|N, N|B, B|C, C|D-fixed), so their slices are seconds apart.
+MEASURE_ORDER = ("A", "N", "B", "C", "D-fixed", "D-moving", "D-sliding", "Creject")
+DISPLAY_ORDER = ("A", "B", "C", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -153,7 +163,7 @@ def tree_pids(root: int) -> list[int]:
 
 
 def cpu_ticks(pids: list[int]) -> int:
-    """utime + stime (clock ticks) of these processes, all threads."""
+    """utime + stime (clock ticks) of these processes, all threads, living and exited."""
     total = 0
     for pid in pids:
         try:
@@ -162,6 +172,29 @@ def cpu_ticks(pids: list[int]) -> int:
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return total
+
+
+HAVE_SCHEDSTAT = os.path.exists("/proc/self/schedstat")
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """On-CPU nanoseconds of these processes' living threads (/proc/<pid>/task/*/schedstat).
+
+    Ticks (10 ms) are too coarse for 2 s slices (a 0.5 % step per slice); schedstat is exact,
+    but forgets threads that exit, so the report cross-checks its totals against the ticks."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
     return total
 
 
@@ -269,16 +302,21 @@ class Arm:
 @dataclass
 class Sample:
     wrk: WrkResult
-    cpu_us_per_req: float | None
+    cpu_us_per_req: float | None  # from schedstat (exact) when available, else from ticks
+    cpu_ticks_s: float | None  # proxy CPU seconds from /proc/<pid>/stat ticks (cross-check)
+    cpu_sched_s: float | None  # proxy CPU seconds from schedstat
     cmds_per_req: float
     scripts_per_req: float
     commands: dict[str, int]
     core_util: dict[str, float]
+    run: int = 0  # pass index
+    position: int = 0  # place in that pass's order
+    started_s: float = 0.0  # seconds since the first measured slice
 
 
 @dataclass
 class Results:
-    samples: dict[str, list[Sample | None]] = field(default_factory=dict)
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
 
 
 def write_configs(tmp: Path, upstream_port: int, store_url: str) -> dict[str, Path]:
@@ -362,16 +400,37 @@ def run_wrk(cmd: list[str], seconds: int) -> str:
     return out
 
 
+def warm_up(args: argparse.Namespace, arm: Arm, seconds: float) -> None:
+    """Load the arm for `seconds`, unmeasured. wrk takes whole seconds only, so it runs with
+    -d<ceil>s and is stopped with SIGINT (it then exits cleanly within 0.1 s)."""
+    if seconds <= 0:
+        return
+    cmd = wrk_command(args, arm.port, math.ceil(seconds), arm.wrk_args)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=10)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Children,
             verbose: Callable[[str], None]) -> Sample:
+    """One measured slice of `args.slice` seconds (the arm is already warm)."""
     children.check_alive()
-    run_wrk(wrk_command(args, arm.port, args.warmup, arm.wrk_args), args.warmup)
     pids = tree_pids(arm.pid) if arm.pid else []
     clk = os.sysconf("SC_CLK_TCK")
-    cmd = wrk_command(args, arm.port, args.duration, arm.wrk_args)
-    s0, c0, t0 = stats.snapshot(), core_times(), cpu_ticks(pids)
-    out = run_wrk(cmd, args.duration)
-    t1, c1, s1 = cpu_ticks(pids), core_times(), stats.snapshot()
+    cmd = wrk_command(args, arm.port, args.slice, arm.wrk_args)
+    s0, c0 = stats.snapshot(), core_times()
+    t0, n0 = cpu_ticks(pids), cpu_ns(pids)
+    out = run_wrk(cmd, args.slice)
+    t1, n1 = cpu_ticks(pids), cpu_ns(pids)
+    c1, s1 = core_times(), stats.snapshot()
     children.check_alive()
     verbose(out)
     res = parse_wrk(out)
@@ -381,9 +440,14 @@ def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Chi
     for core, (busy1, total1) in c1.items():
         busy0, total0 = c0.get(core, (0, 0))
         util[core] = 100.0 * (busy1 - busy0) / max(total1 - total0, 1)
+    ticks_s = (t1 - t0) / clk if arm.pid else None
+    sched_s = (n1 - n0) / 1e9 if arm.pid and HAVE_SCHEDSTAT else None
+    cpu_s = sched_s if sched_s is not None else ticks_s
     return Sample(
         wrk=res,
-        cpu_us_per_req=(t1 - t0) / clk * 1e6 / n if arm.pid else None,
+        cpu_us_per_req=cpu_s * 1e6 / n if cpu_s is not None else None,
+        cpu_ticks_s=ticks_s,
+        cpu_sched_s=sched_s,
         cmds_per_req=sum(commands.values()) / n,
         scripts_per_req=sum(v for k, v in commands.items() if k in SCRIPT_COMMANDS) / n,
         commands=commands,
@@ -398,6 +462,16 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(q1, median, q3); the interquartile range q1..q3 holds the middle half of the values."""
+    if not values:
+        return (float("nan"),) * 3
+    if len(values) == 1:
+        return (values[0],) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def fmt(value: float | None, spec: str) -> str:
     if value is None or value != value:  # None or NaN
         return "-"
@@ -409,54 +483,59 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
     lines: list[str] = []
     say = lines.append
     say("")
-    say(f"quotagate benchmark: {args.runs} run(s) x {args.duration} s per arm "
-        f"(+{args.warmup} s warm-up), {args.connections} connections, medians over runs")
+    say(f"quotagate benchmark: {args.runs} interleaved pass(es) x one {args.slice} s slice per "
+        f"arm (+{args.slice_warmup:g} s warm-up per slice, {args.warmup} s once per arm), "
+        f"{args.connections} connections")
+    say(f"measurement order: {' '.join(a.name for a in arms)}, reversed every other pass; "
+        "table: medians over slices")
     say(f"cores: wrk on {args.client_cpu}, each proxy on {args.proxy_cpu}, upstream "
         f"({args.upstream_procs} process(es)) and Valkey on {args.aux_cpus}; "
-        f"cpuN% = busy share of that core during the measured run")
+        f"cpuN% = busy share of that core during the measured slice")
     say("")
-    cores = sorted({c for arm in arms for s in results.samples.get(arm.name, []) if s
+    shown = sorted(arms, key=lambda a: DISPLAY_ORDER.index(a.name))
+    cores = sorted({c for arm in arms for s in results.samples.get(arm.name, [])
                     for c in s.core_util})
     head = (f"{'arm':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>9} "
             f"{'sockerr':>7} {'CPU µs/req':>10} {'cmds/req':>8} {'scripts/req':>11} "
-            + " ".join(f"{c + '%':>6}" for c in cores) + "   req/s per run")
+            + " ".join(f"{c + '%':>6}" for c in cores) + "   req/s IQR over slices")
     say(head)
     say("-" * len(head))
-    for arm in arms:
-        samples = [s for s in results.samples.get(arm.name, []) if s]
+    for arm in shown:
+        samples = results.samples.get(arm.name, [])
         if not samples:
-            say(f"{arm.name:<10} (no successful run)")
+            say(f"{arm.name:<10} (no successful slice)")
             continue
-        runs = " / ".join(f"{s.wrk.rps:.0f}" for s in samples)
-        cpu = [s.cpu_us_per_req for s in samples if s.cpu_us_per_req is not None]
+        q1, _, q3 = quartiles([s.wrk.rps for s in samples])
+        cpu_values = [s.cpu_us_per_req for s in samples if s.cpu_us_per_req is not None]
         say(f"{arm.name:<10} {med([s.wrk.rps for s in samples]):>9.0f} "
             f"{med([s.wrk.p50_ms for s in samples]):>8.2f} "
             f"{med([s.wrk.p99_ms for s in samples]):>8.2f} "
             f"{med([s.wrk.non2xx for s in samples]):>9.0f} "
             f"{med([s.wrk.socket_errors for s in samples]):>7.0f} "
-            f"{fmt(med(cpu) if cpu else None, '.1f'):>10} "
+            f"{fmt(med(cpu_values) if cpu_values else None, '.1f'):>10} "
             f"{med([s.cmds_per_req for s in samples]):>8.2f} "
             f"{med([s.scripts_per_req for s in samples]):>11.2f} "
             + " ".join(f"{med([s.core_util.get(c, 0) for s in samples]):>6.0f}" for c in cores)
-            + f"   {runs}")
+            + f"   {q1:.0f}..{q3:.0f}")
     say("")
-    say("store commands per request (median over runs; includes the commands run inside "
+    say("store commands per request (median over slices; includes the commands run inside "
         "scripts, which INFO commandstats also counts):")
-    for arm in arms:
-        samples = [s for s in results.samples.get(arm.name, []) if s]
+    for arm in shown:
+        samples = results.samples.get(arm.name, [])
         if not samples or not any(s.commands for s in samples):
             continue
-        names = sorted({k for s in samples for k in s.commands})
+        command_names = sorted({k for s in samples for k in s.commands})
         parts = [f"{k} {med([s.commands.get(k, 0) / max(s.wrk.requests, 1) for s in samples]):.2f}"
-                 for k in names]
+                 for k in command_names]
         say(f"  {arm.name:<9} " + ", ".join(parts))
 
-    # Ratios: per round (same run), then the median over rounds.
-    def per_round(num: str, den: str, key: Callable[[Sample], float | None]) -> list[float]:
+    # Ratios: from the two arms' slices of the same pass, then median and IQR over passes.
+    def per_pass(num: str, den: str, key: Callable[[Sample], float | None]) -> list[float]:
         out = []
         for a, b in zip(results.samples.get(num, []), results.samples.get(den, []), strict=False):
-            if a and b and key(a) and key(b):
-                out.append(key(a) / key(b))  # type: ignore[operator]
+            ka, kb = key(a), key(b)
+            if ka and kb:
+                out.append(ka / kb)
         return out
 
     def rps(s: Sample) -> float:
@@ -465,35 +544,39 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
     def cpu(s: Sample) -> float | None:
         return s.cpu_us_per_req
 
-    def ratio_line(label: str, num: str, den: str, key: Callable[[Sample], float | None],
-                   note: str = "") -> None:
-        vals = per_round(num, den, key)
+    def spread_line(label: str, vals: list[float], spec: str, note: str = "") -> None:
         if not vals:
             return
-        spread = f"  (rounds: {', '.join(f'{v:.2f}' for v in vals)})" if len(vals) > 1 else ""
-        say(f"  {label:<34} {med(vals):6.2f}{spread}{note}")
+        q1, q2, q3 = quartiles(vals)
+        rel = f"  ±{50 * (q3 - q1) / abs(q2):4.1f} %" if q2 else ""
+        say(f"  {label:<34} {q2:7{spec}}   IQR {q1:{spec}}..{q3:{spec}}{rel}{note}")
+        if args.verbose:
+            say(f"  {'':<34} passes: {', '.join(format(v, spec) for v in vals)}")
+
+    def ratio_line(label: str, num: str, den: str, key: Callable[[Sample], float | None],
+                   note: str = "") -> None:
+        spread_line(label, per_pass(num, den, key), ".3f", note)
 
     names = {a.name for a in arms}
     d_arms = [a.name for a in arms if a.name.startswith("D-")]
 
     def median_rps(name: str) -> float:
-        samples = [s for s in results.samples.get(name, []) if s]
+        samples = results.samples.get(name, [])
         return med([s.wrk.rps for s in samples]) if samples else 0.0
 
     best_d = max(d_arms, key=median_rps) if d_arms else None
     python_proxies = [n for n in ("B", "C", *d_arms) if n in names]
     best_py = max(python_proxies, key=median_rps) if python_proxies else None
     say("")
-    say("ratios (computed within each round, median over rounds):")
+    say(f"ratios (each from the two arms' slices of the same pass; median, interquartile range "
+        f"over {args.runs} passes, ± = half the IQR relative to the median):")
     if {"B", "C"} <= names:
         ratio_line("C/B req/s", "C", "B", rps)
         ratio_line("C/B CPU µs per request", "C", "B", cpu)
-        diffs = [a.cpu_us_per_req - b.cpu_us_per_req  # type: ignore[operator]
+        diffs = [a.cpu_us_per_req - b.cpu_us_per_req
                  for a, b in zip(results.samples["C"], results.samples["B"], strict=False)
-                 if a and b and a.cpu_us_per_req and b.cpu_us_per_req]
-        if diffs:
-            say(f"  {'limiter cost C-B, CPU µs/request':<34} {med(diffs):6.1f}"
-                f"  (rounds: {', '.join(f'{d:.1f}' for d in diffs)})")
+                 if a.cpu_us_per_req and b.cpu_us_per_req]
+        spread_line("limiter cost C-B, CPU µs/request", diffs, ".1f")
     if "Creject" in names and "C" in names:
         ratio_line("C-reject/C req/s", "Creject", "C", rps)
         ratio_line("C-reject/C CPU µs per request", "Creject", "C", cpu)
@@ -501,7 +584,7 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
         ratio_line(f"C/{best_d} req/s (best D)", "C", best_d, rps)
         ratio_line(f"C/{best_d} CPU µs per request", "C", best_d, cpu)
     if "A" in names and best_py:
-        vals = per_round("A", best_py, rps)
+        vals = per_pass("A", best_py, rps)
         ok = vals and med(vals) >= 3.0
         ratio_line(f"A/{best_py} req/s (best Python proxy)", "A", best_py, rps,
                    "   OK (>= 3x)" if ok else
@@ -509,16 +592,28 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
     if "A" in names and "N" in names:
         ratio_line("A/N req/s", "A", "N", rps,
                    "   (N near A: nginx is upstream-bound, its req/s is a floor)"
-                   if med(per_round("A", "N", rps) or [9]) < 1.5 else "")
+                   if med(per_pass("A", "N", rps) or [9]) < 1.5 else "")
     if {"B", "N"} <= names:
         ratio_line("B/N req/s", "B", "N", rps)
         ratio_line("B/N CPU µs per request", "B", "N", cpu)
+    checks = []
+    for arm in shown:
+        samples = results.samples.get(arm.name, [])
+        ticks = sum(s.cpu_ticks_s or 0 for s in samples)
+        sched = sum(s.cpu_sched_s or 0 for s in samples)
+        if ticks and sched:
+            checks.append(f"{arm.name} {100 * (sched / ticks - 1):+.1f} %")
+    if checks:
+        say("")
+        say("CPU source: schedstat (ns) per slice; its totals vs /proc stat ticks (should be "
+            "within ~1 %): " + ", ".join(checks))
     say("")
-    say(f"wrk commands (measured run; the warm-up is the same with -d{args.warmup}s):")
-    for arm in arms:
+    say(f"wrk commands (measured slice; the warm-ups are the same with -d"
+        f"{math.ceil(args.slice_warmup or 1)}s stopped by SIGINT after {args.slice_warmup:g} s):")
+    for arm in shown:
         say(f"  {arm.name:<9} {commands[arm.name]}")
     say("")
-    for arm in arms:
+    for arm in shown:
         say(f"  {arm.name:<9} {arm.description}")
     return lines
 
@@ -529,11 +624,19 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=int, default=10,
-                   help="seconds per measured run (%(default)s)")
-    p.add_argument("--runs", type=int, default=3, help="measured runs per arm (%(default)s)")
+    p.add_argument("--runs", type=int, default=None,
+                   help="interleaved passes; each measures every arm once for --slice seconds "
+                        "(default 10)")
+    p.add_argument("--slice", type=int, default=2,
+                   help="measured seconds per arm per pass, wrk -d (%(default)s)")
+    p.add_argument("--duration", type=int, default=None,
+                   help="alternative to --runs: total measured seconds per arm; passes = "
+                        "ceil(duration / slice)")
+    p.add_argument("--slice-warmup", type=float, default=0.5,
+                   help="unmeasured load before each slice, seconds, 0 for none (%(default)s)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="warm-up seconds per arm, once, before the first pass (%(default)s)")
     p.add_argument("--connections", type=int, default=64, help="wrk -c (%(default)s)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up seconds per arm (%(default)s)")
     p.add_argument("--arms", default=",".join(ALL_ARMS),
                    help="comma-separated subset of A,B,C,Creject,D,N, or D-fixed/D-moving/"
                         "D-sliding (default: all; N is skipped when nginx is missing)")
@@ -550,8 +653,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", help="also write every sample to this JSON file")
     p.add_argument("--verbose", action="store_true", help="print every wrk output")
     args = p.parse_args(argv)
-    if not 1 <= args.duration <= 600 or not 1 <= args.runs <= 20 or not 0 < args.warmup <= 60:
-        p.error("--duration 1..600, --runs 1..20, --warmup 1..60")
+    if args.runs is not None and args.duration is not None:
+        p.error("give --runs (passes) or --duration (total seconds per arm), not both")
+    if not 1 <= args.slice <= 60:
+        p.error("--slice 1..60")
+    if args.duration is not None:
+        if not 1 <= args.duration <= 3600:
+            p.error("--duration 1..3600")
+        args.runs = math.ceil(args.duration / args.slice)
+    elif args.runs is None:
+        args.runs = 10
+    if not 1 <= args.runs <= 500 or not 0 <= args.warmup <= 60 or not 0 <= args.slice_warmup <= 10:
+        p.error("--runs 1..500, --warmup 0..60, --slice-warmup 0..10")
     return args
 
 
@@ -682,18 +795,28 @@ def main(argv: list[str] | None = None) -> int:
             print("no arms to run", file=sys.stderr)
             return 2
 
-        commands = {a.name: shlex.join(wrk_command(args, a.port, args.duration, a.wrk_args))
+        arms.sort(key=lambda a: MEASURE_ORDER.index(a.name))
+        commands = {a.name: shlex.join(wrk_command(args, a.port, args.slice, a.wrk_args))
                     for a in arms}
         results = Results({a.name: [] for a in arms})
-        total = len(arms) * args.runs * (args.duration + args.warmup)
-        print(f"running {len(arms)} arm(s) x {args.runs} run(s): about {total} s "
-              f"(logs in {tmp})", flush=True)
-        for rnd in range(args.runs):
-            order = arms[rnd % len(arms):] + arms[:rnd % len(arms)]
-            for arm in order:
+        total = (len(arms) * args.warmup
+                 + len(arms) * args.runs * (args.slice + args.slice_warmup + 0.15))
+        print(f"running {len(arms)} arm(s) x {args.runs} pass(es) of {args.slice} s slices: "
+              f"about {total:.0f} s (logs in {tmp})", flush=True)
+        # Every arm's processes run for the whole bench; warm each up once, then interleave.
+        for arm in arms:
+            children.check_alive()
+            warm_up(args, arm, args.warmup)
+        t_first = time.monotonic()
+        for run in range(args.runs):
+            order = arms if run % 2 == 0 else arms[::-1]
+            for position, arm in enumerate(order):
+                warm_up(args, arm, args.slice_warmup)
+                started = time.monotonic() - t_first
                 sample = measure(args, arm, stats, children, verbose)
+                sample.run, sample.position, sample.started_s = run, position, started
                 results.samples[arm.name].append(sample)
-                print(f"  round {rnd + 1} {arm.name:<9} {sample.wrk.rps:9.0f} req/s  "
+                print(f"  pass {run + 1:>2} {arm.name:<9} {sample.wrk.rps:9.0f} req/s  "
                       f"p99 {sample.wrk.p99_ms:6.2f} ms  non-2xx {sample.wrk.non2xx}  "
                       f"CPU {fmt(sample.cpu_us_per_req, '.1f')} µs/req  "
                       f"cmds {sample.cmds_per_req:.2f}/req", flush=True)
@@ -703,10 +826,13 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps({
                 "args": vars(args),
                 "commands": commands,
-                "samples": {name: [s and {"wrk": s.wrk.__dict__, "cpu_us_per_req":
-                                          s.cpu_us_per_req, "cmds_per_req": s.cmds_per_req,
-                                          "scripts_per_req": s.scripts_per_req,
-                                          "commands": s.commands, "core_util": s.core_util}
+                "samples": {name: [{"run": s.run, "position": s.position,
+                                    "started_s": s.started_s, "wrk": s.wrk.__dict__,
+                                    "cpu_us_per_req": s.cpu_us_per_req,
+                                    "cpu_ticks_s": s.cpu_ticks_s, "cpu_sched_s": s.cpu_sched_s,
+                                    "cmds_per_req": s.cmds_per_req,
+                                    "scripts_per_req": s.scripts_per_req,
+                                    "commands": s.commands, "core_util": s.core_util}
                                    for s in samples]
                             for name, samples in results.samples.items()},
             }, indent=2))

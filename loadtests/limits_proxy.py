@@ -42,7 +42,11 @@ ENV_HEADER = "X-CloudBase-Env"
 
 def make_app(upstream: str, storage_uri: str, strategy: str, limit: str,
              implementation: str) -> web.Application:
-    storage = RedisStorage(storage_uri, implementation=implementation)  # type: ignore[arg-type]
+    # One key prefix per strategy: they would all use the same key (LIMITS:LIMITER/<env>/...),
+    # a list for the moving window and a counter for the others, so an arm run just after
+    # another would get WRONGTYPE errors (500s) until the other's key expired.
+    storage = RedisStorage(storage_uri, implementation=implementation,  # type: ignore[arg-type]
+                           key_prefix=f"LIMITS-{strategy}")
     limiter = STRATEGIES[strategy](storage)
     item = parse(limit)
     route = compile_route(Route(prefix="/", upstream=upstream, kind="function"))
