@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
+from aiohttp.test_utils import TestServer
 
+from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 
@@ -110,3 +112,12 @@ async def redis_client(store_url: str) -> AsyncIterator[aredis.Redis]:
     client = aredis.Redis.from_url(store_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    """The demo upstream on a real socket."""
+    server = TestServer(make_upstream_app())
+    await server.start_server()
+    yield server
+    await server.close()

@@ -15,9 +15,7 @@ import aiohttp
 import psutil
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 
-from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import free_port
 from tests.helpers import PLANS
 
@@ -47,14 +45,6 @@ def test_demo_walkthrough():
     assert "refused with qps-exceeded" in text
     assert "6 calls → 6 passed" in text
     assert "→ 400 Bad Request" in text and "→ 404 Not Found" in text
-
-
-@pytest.fixture
-async def upstream():
-    server = TestServer(make_upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, int]:

@@ -14,17 +14,8 @@ import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
 
 from quotagate.gateway.app import STATE, init_admin_app, init_app
-from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import free_port
 from tests.helpers import at, env, write_config
-
-
-@pytest.fixture
-async def upstream():
-    server = TestServer(make_upstream_app())
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 def routes_to(origin: str) -> list[dict]:
