@@ -374,7 +374,7 @@ def test_effective_limits_plan_only(plans: PlansFile) -> None:
     assert limits == {
         "qps": 500,
         "calls": 8_000_000,
-        "gbs": 600_000,
+        "gbs": 600_000 * 1024 * 1000,  # MB·ms
         "outbound_bytes": 20 * GIB,
         "storage_traffic_bytes": 300 * GIB,
         "cdn_origin_bytes": 120 * GIB,
@@ -400,7 +400,7 @@ def test_effective_limits_overrides(plans: PlansFile) -> None:
     assert limits["realtime"] == 9 and limits["ai_tokens"] == 5
     assert limits["function_concurrency"] == 4000
     # not overridden: the plan's
-    assert limits["gbs"] == 15_000_000
+    assert limits["gbs"] == 15_000_000 * 1_024_000
     assert limits["storage_traffic_bytes"] == 4000 * GIB
     assert limits["cdn_origin_bytes"] == 2000 * GIB
 
@@ -412,11 +412,15 @@ def test_snapshot_shipped_environment(plans: PlansFile) -> None:
         promos=(PromoGrant(id="d1", pack="db-3k", start=D(2026, 11, 26), days=2),),
     )
     snap = build_snapshot(env, plans, "Asia/Shanghai")
-    assert snap["v"] == 1
+    assert snap["v"] == 2
     assert snap["plan"] == "standard"
     assert snap["mode"] == "" and snap["overage"] == 0
     assert snap["qps"] == 800
-    assert snap["quota"] == {"calls": 8_000_000}
+    assert snap["quota"] == {
+        "calls": 8_000_000, "gbs": 600_000 * 1_024_000, "storage_traffic_bytes": 300 * GIB,
+        "outbound_bytes": 20 * GIB, "cdn_origin_bytes": 120 * GIB, "ai_tokens": 100_000,
+    }
+    assert snap["caps"] == {"rt": 500, "fc": 1000}
     assert snap["timezone"] == "Asia/Shanghai"
     assert snap["tz"] == [[0, 28800]]
     assert snap["anchor_day"] == day_number(D(2026, 11, 1))

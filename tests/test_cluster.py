@@ -99,8 +99,9 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
 
         async def decide(env_id: str) -> Decision:
             async with gate:
-                reply = await rc.evalsha(DECIDE.sha, 5, *keys.decision_keys(env_id),
-                                         now, "function", 1, "enforce", 100)
+                reply = await rc.evalsha(DECIDE.sha, 7, *keys.decision_keys(env_id),
+                                         now, "function", 1, "enforce", 100, "fn:f", "i1",
+                                         15000, "gbs")
             return Decision.from_reply(reply)
 
         results = await asyncio.gather(*(decide(i) for i in ids for _ in range(50)))
@@ -111,7 +112,9 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
         for env_id in ids:
             node = rc.get_node_from_key(keys.usage(env_id))
             direct = aredis.Redis(host=node.host, port=node.port)
-            assert await direct.exists(*keys.decision_keys(env_id)) >= 3
+            # ent, qps, usage, slots, lease (40 invocations still held)
+            assert await direct.exists(*keys.decision_keys(env_id)) == 5
+            assert await direct.hget(keys.slots(env_id), "=fn:f") == b"40"
             await direct.aclose()
     finally:
         await rc.aclose()

@@ -12,6 +12,8 @@ class Outcome(enum.IntEnum):
     ISOLATED = 3
     NOT_FOUND = 4
     NOT_STARTED = 5
+    #: Realtime watches or function invocations at their cap.
+    CONCURRENCY_EXCEEDED = 6
 
 
 class Flag(enum.IntFlag):

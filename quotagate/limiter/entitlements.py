@@ -20,11 +20,19 @@ GIB = 1024**3
 #: Days an isolated environment is kept before it is released (SPEC §11).
 ISOLATION_DAYS = 15
 
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+
+#: Meters with a per-cycle quota in the snapshot.
+CHARGED_METERS = ("calls", "gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes",
+                  "ai_tokens")
+
+#: gbs is counted in MB·ms (exact integers): 1 GBs = 1024 MB x 1000 ms.
+MBMS_PER_GBS = 1024 * 1000
 
 
 def effective_limits(plan: Plan, overrides: Limits) -> dict[str, int]:
-    """Plan limits with per-environment overrides, in meter units (bytes for *_bytes)."""
+    """Plan limits with per-environment overrides, in meter units: bytes for *_bytes, MB·ms for
+    gbs."""
 
     def pick(name: str) -> int:
         value = getattr(overrides, name)
@@ -35,7 +43,7 @@ def effective_limits(plan: Plan, overrides: Limits) -> dict[str, int]:
     return {
         "qps": int(qps),
         "calls": pick("calls"),
-        "gbs": pick("gbs"),
+        "gbs": pick("gbs") * MBMS_PER_GBS,
         "outbound_bytes": pick("outbound_gb") * GIB,
         "storage_traffic_bytes": pick("storage_traffic_gb") * GIB,
         "cdn_origin_bytes": pick("cdn_origin_gb") * GIB,
@@ -87,8 +95,9 @@ def build_snapshot(
         "mode": env.mode or "",
         "overage": 1 if env.overage else 0,
         "qps": limits["qps"],
-        # Only the quotas the script charges: the snapshot is decoded on every request.
-        "quota": {"calls": limits["calls"]},
+        # The cumulative meters the scripts charge (capacity is a gauge: ingestion, later).
+        "quota": {m: limits[m] for m in CHARGED_METERS},
+        "caps": {"rt": limits["realtime"], "fc": limits["function_concurrency"]},
         "timezone": tz.key,
         "tz": cal.offset_transitions(tz, env.anchor, release),
         "cycles": [cal.day_number(d) for d in starts],

@@ -41,10 +41,35 @@ def payg(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:payg"
 
 
+def slots(env: str) -> str:
+    """Hash: ``<instance>|<slot>`` -> concurrency slots an instance holds (realtime watches
+    ``rt:``, invocations of a function ``fn:<name>``); ``=<slot>`` -> total of live instances."""
+    return f"{PREFIX}:{{{env}}}:slots"
+
+
+def lease(env: str) -> str:
+    """Sorted set: instance -> store-clock ms (since 2020) its slots are held until."""
+    return f"{PREFIX}:{{{env}}}:lease"
+
+
 def decision_keys(env: str) -> list[str]:
     """KEYS of decide.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
-    return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg"]
+    return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg",
+            tag + "slots", tag + "lease"]
+
+
+def settle_keys(env: str) -> list[str]:
+    """KEYS of settle.lua, in its order."""
+    tag = f"{PREFIX}:{{{env}}}:"
+    return [tag + "ent", tag + "usage", tag + "packs", tag + "payg", tag + "slots",
+            tag + "lease"]
+
+
+def renew_keys(env: str) -> list[str]:
+    """One environment's KEYS of renew.lua, in its order."""
+    tag = f"{PREFIX}:{{{env}}}:"
+    return [tag + "ent", tag + "slots", tag + "lease"]
 
 
 def env_keys(env: str) -> list[str]:

@@ -1,6 +1,13 @@
-"""The limiter's one interface to the gateway: ``Limiter.decide(env, kind, cost)``.
+"""The limiter's interface to the gateway: ``decide`` before a request, ``release`` and
+``meter`` after it, and the lease renewal of the slots this instance holds.
 
-It knows Redis, Lua, meters and the failure policy, and nothing of HTTP.
+It knows Redis, Lua, meters, leases and the failure policy, and nothing of HTTP.
+
+Slots (realtime watches, function invocations) are leased to this instance: ``held`` is what it
+holds, per environment and slot; a renewal writes those counts, absolute, for all its
+environments in one script call per batch, so the store converges on the truth every interval
+whatever was lost in between (a timed-out call, a store restart, a lease reaped while this
+instance could not reach the store).
 """
 
 from __future__ import annotations
@@ -8,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import os
+import secrets
+import socket
+from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 from quotagate.clock import Clock, StoreClock
@@ -16,7 +26,7 @@ from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
-from quotagate.limiter.scripts import DECIDE, Script
+from quotagate.limiter.scripts import ALL, DECIDE, RENEW, SETTLE, Script
 from quotagate.limiter.store import PipelinedStore, pack_command
 
 log = logging.getLogger("quotagate.limiter")
@@ -42,6 +52,9 @@ class Decision(NamedTuple):
     window_s: int = 0
     #: The meter that refused ("" when admitted).
     meter: str = ""
+    #: For a slot: its cap, and the live slots (this one included when admitted).
+    cap: int = 0
+    in_use: int = 0
     #: Admitted without a decision because the store was unreachable (fail-open).
     store_bypassed: bool = False
 
@@ -53,7 +66,7 @@ class Decision(NamedTuple):
     @classmethod
     def from_reply(cls, r: list) -> Decision:
         return cls(_OUTCOMES[r[0]], _FLAGS[r[1]], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                   r[9], r[10].decode(), False)
+                   r[9], r[10].decode(), r[11], r[12], False)
 
 
 _OUTCOMES = tuple(Outcome)
@@ -68,7 +81,21 @@ SLOT_MS = 15 * 60 * 1000
 #: Write-back attempts that find no snapshot (store lost its data) before an entry is given up.
 MAX_MISSING_ATTEMPTS = 20
 
-BacklogKey = tuple[str, str, int]  # env, route kind, slot start (epoch ms)
+#: env, what (a route kind: calls through decide.lua; or "meter:<name>": through settle.lua),
+#: slot start (epoch ms)
+BacklogKey = tuple[str, str, int]
+METER_PREFIX = "meter:"
+
+#: Environments per renewal call: bounds how long one renewal holds the store.
+RENEW_BATCH = 256
+#: Renewal statuses (renew.lua) that end an environment's watches.
+ENDED = {3: "isolated", 4: "not-found", 5: "not-started"}
+
+
+def new_instance_id() -> str:
+    """Unique per process: host, pid and a random part (no ``|`` or ``=``, used in fields)."""
+    host = "".join(c if c.isalnum() or c in "-." else "-" for c in socket.gethostname())[:40]
+    return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 class Backlog:
@@ -111,6 +138,14 @@ class Backlog:
         return len(self.pending)
 
 
+class _RenewCall(NamedTuple):
+    envs: list[str]
+    fut: asyncio.Future
+    names: list[str]
+    args: list[str | int]
+    key_slot: int
+
+
 class Limiter:
     def __init__(
         self,
@@ -120,28 +155,50 @@ class Limiter:
         mode: Literal["enforce", "shadow"] = "enforce",
         burst_ms: int = 100,
         on_failure: FailurePolicy = "open",
-        script: Script = DECIDE,
         on_missing: Callable[[str], None] | None = None,
+        instance: str | None = None,
+        lease_ms: int = 15_000,
+        renew_interval_ms: int = 5_000,
     ):
         self.store = store
-        # Every new connection loads the script first: a restarted store has it at once.
-        store.setup = (pack_command("SCRIPT", "LOAD", script.body),)
+        # Every new connection loads the scripts first: a restarted store has them at once.
+        store.setup = tuple(pack_command("SCRIPT", "LOAD", s.body) for s in ALL)
         self.clock = clock or StoreClock()
         self.mode = mode
         self.burst_ms = burst_ms
         self.on_failure = on_failure
-        self.script = script
+        self.script = DECIDE
         #: Called with an env id whose snapshot the store does not have (e.g. it lost its data).
         self.on_missing = on_missing
         self.backlog = Backlog()
         self._evalsha_head = (
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n5\r\n" % (3 + 5 + 5, script.sha.encode())
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n7\r\n" % (3 + 7 + 9, DECIDE.sha.encode())
         )
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._key_cache: dict[str, tuple[bytes, int]] = {}
         self.script_reloads = 0
+
+        # ---- leased slots
+        self.instance = instance or new_instance_id()
+        self.lease_ms = lease_ms
+        self.renew_interval = renew_interval_ms / 1000
+        self._tail = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (
+            self.instance.encode(), str(lease_ms).encode()))
+        #: env -> slot -> slots this instance holds (admitted ones, and acquisitions in flight).
+        self.held: dict[str, dict[str, int]] = {}
+        #: env -> renewals submitted: an acquisition refused after a renewal counted it must
+        #: be given back.
+        self._renewals: dict[str, int] = {}
+        #: env -> (slot -> count to give back, meter -> amount to charge), flushed next tick.
+        self._settle: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        self._settle_scheduled = False
+        self._renewer: asyncio.Task[None] | None = None
+        #: Told (env, status) when a renewal finds an environment isolated, released or unknown.
+        self.on_ended: Callable[[str, str], None] | None = None
+        self.renewals = 0
+        self.renew_commands = 0
 
     def _keys_packed(self, env: str) -> tuple[bytes, int]:
         """The KEYS part of the command and their cluster slot, cached per env (bounded)."""
@@ -154,28 +211,29 @@ class Limiter:
             cached = self._key_cache[env] = (packed, slot_of(names[0]))
         return cached
 
-    def _packed(self, env: str, kind: str, cost: int, mode: str, now_ms: int) -> bytes:
+    def _packed(self, env: str, kind: str, cost: int, mode: str, now_ms: int, slot: str,
+                needs: str) -> bytes:
         parts = [self._evalsha_head, self._keys_packed(env)[0]]
         for arg in (str(now_ms).encode(), kind.encode(), str(cost).encode(), mode.encode(),
-                    self._burst):
+                    self._burst, slot.encode()):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+        parts.append(self._tail)
+        parts.append(b"$%d\r\n%s\r\n" % (len(needs), needs.encode()))
         return b"".join(parts)
 
     async def _run(self, env: str, kind: str, cost: int, mode: str, now_ms: int,
-                   late: Callable[[Decision | None], None] | None = None) -> Decision:
+                   late: Callable[[Decision | None], None] | None = None, slot: str = "",
+                   needs: str = "") -> Decision:
         """One decision. ``late``: told the outcome of a command that timed out, if it ran."""
-        slot = self._keys_packed(env)[1]
-        fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms), slot)
+        key_slot = self._keys_packed(env)[1]
+        fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms, slot, needs),
+                                key_slot)
         try:
             reply = await fut
         except NoScript:
-            # Store flushed its scripts (SCRIPT FLUSH, or a restart without our reconnect):
-            # EVAL the body once, which caches it again.
-            self.script_reloads += 1
-            log.info("script %s missing in store, reloading", self.script.name)
-            fut = self.store.submit(pack_command(
-                "EVAL", self.script.body, 5, *keys.decision_keys(env), now_ms, kind, cost, mode,
-                self.burst_ms), slot)
+            fut = self._reload(DECIDE, keys.decision_keys(env), key_slot, (
+                now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
+                needs))
             try:
                 reply = await fut
             except StoreTimeout:
@@ -189,6 +247,15 @@ class Limiter:
             self.on_missing(env)
         return decision
 
+    def _reload(self, script: Script, names: list[str], key_slot: int | None,
+                args: Iterable[str | int]) -> asyncio.Future:
+        """The store flushed its scripts (SCRIPT FLUSH, or a restart without our reconnect):
+        EVAL the body once, which caches it again."""
+        self.script_reloads += 1
+        log.info("script %s missing in store, reloading", script.name)
+        return self.store.submit(
+            pack_command("EVAL", script.body, len(names), *names, *args), key_slot)
+
     def _watch_late(self, fut: asyncio.Future, late: Callable[[Decision | None], None] | None
                     ) -> None:
         if late is None:
@@ -200,37 +267,214 @@ class Limiter:
 
         self.store.when_late(fut, told)
 
-    async def decide(self, env: str, kind: str, cost: int) -> Decision:
+    async def decide(self, env: str, kind: str, cost: int, slot: str = "",
+                     needs: str = "") -> Decision:
         """Admit or refuse one request; on an unreachable store apply the failure policy.
 
+        ``slot`` ("rt:" or "fn:<name>"): also take a leased concurrency slot, given back with
+        ``release``. ``needs``: a metered meter the request will use (refused once used up).
         Raises ``StoreUnavailable`` only when the policy is ``closed``.
         """
         key: BacklogKey | None = None
+        if slot:
+            if env in self._settle:  # slots given back first: they may make room
+                self._flush_env(env)
+            self._hold(env, slot, 1)
+            renewals = self._renewals.get(env, 0)
 
         def late(decision: Decision | None) -> None:
             # The timed-out call ran after all: if it counted the cost, the backlog must not.
-            if key is not None and decision is not None and (
-                    decision.admitted and not decision.flags & Flag.MODE_OFF):
+            if decision is None or not decision.admitted or decision.flags & Flag.MODE_OFF:
+                return
+            if key is not None:
                 self.backlog.remove(key, cost)
+            elif slot:  # failed closed, so not held here; the store took it: give it back
+                self._queue(env, slot, None, 1)
 
         try:
-            return await self._run(env, kind, cost, self.mode, self.clock.now_ms(), late)
+            decision = await self._run(env, kind, cost, self.mode, self.clock.now_ms(), late,
+                                       slot, needs)
         except StoreUnavailable:
             if self.on_failure == "closed":
+                if slot:
+                    self._hold(env, slot, -1)
                 raise
+            # Fail-open: a slot stays held here; the next renewal writes it to the store.
             wall = self.clock.wall_ms()
             key = (env, kind, wall - wall % SLOT_MS)
             self.backlog.add(key, cost)
             self._start_drainer()
             return BYPASSED
+        if slot and (not decision.admitted or decision.flags & Flag.MODE_OFF):
+            self._hold(env, slot, -1)
+            if self._renewals.get(env, 0) != renewals and not decision.flags & Flag.MODE_OFF:
+                # A renewal sent while this was in flight counted it: take it back out.
+                self._queue(env, slot, None, 1)
+        return decision
+
+    # ------------------------------------------------------------------ slots and settling
+
+    def _hold(self, env: str, slot: str, n: int) -> None:
+        held = self.held.get(env)
+        if held is None:
+            held = self.held[env] = {}
+        held[slot] = max(0, held.get(slot, 0) + n)  # zeros stay until a renewal sends them
+
+    def release(self, env: str, slot: str, n: int = 1) -> None:
+        """Give back ``n`` slots taken by ``decide`` (or held through a store outage)."""
+        self._hold(env, slot, -n)
+        self._queue(env, slot, None, n)
+
+    def meter(self, env: str, meter: str, amount: int) -> None:
+        """Charge ``amount`` of a metered meter after the response (never refuses)."""
+        if amount > 0:
+            self._queue(env, None, meter, amount)
+
+    def _queue(self, env: str, slot: str | None, meter: str | None, n: int) -> None:
+        pending = self._settle.get(env)
+        if pending is None:
+            pending = self._settle[env] = ({}, {})
+        if slot is not None:
+            pending[0][slot] = pending[0].get(slot, 0) + n
+        if meter is not None:
+            pending[1][meter] = pending[1].get(meter, 0) + n
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_settle)
+
+    def _flush_settle(self) -> None:
+        """Everything finished in one loop iteration: one settle call per environment."""
+        self._settle_scheduled = False
+        for env in list(self._settle):
+            self._flush_env(env)
+
+    def _flush_env(self, env: str, mode: str | None = None, now_ms: int | None = None) -> None:
+        releases, meters = self._settle.pop(env)
+        now = self.clock.now_ms() if now_ms is None else now_ms
+        args: list[str | int] = [now, self.instance, mode or self.mode, len(releases)]
+        for slot, n in releases.items():
+            args += (slot, n)
+        for meter, amount in meters.items():
+            args += (meter, amount)
+        names = keys.settle_keys(env)
+        key_slot = self._keys_packed(env)[1]
+        fut = self.store.submit(
+            pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
+        fut.add_done_callback(lambda f: self._settled(env, meters, names, key_slot, args, f))
+
+    def _settled(self, env: str, meters: dict[str, int], names: list[str], key_slot: int,
+                 args: list[str | int], fut: asyncio.Future, retried: bool = False) -> None:
+        exc = fut.exception() if not fut.cancelled() else StoreUnavailable("cancelled")
+        if isinstance(exc, NoScript) and not retried:
+            again = self._reload(SETTLE, names, key_slot, args)
+            again.add_done_callback(
+                lambda f: self._settled(env, meters, names, key_slot, args, f, True))
+            return
+        if exc is None:
+            reply = fut.result()
+            if reply[0] == 4 and meters:  # no snapshot (yet): keep the usage for later
+                exc = StoreError(f"no snapshot of {env}")
+            else:
+                return
+        if not meters:
+            return  # slots only: the next renewal writes the true counts
+        wall = self.clock.wall_ms()
+        entries = [((env, METER_PREFIX + m, wall - wall % SLOT_MS), a) for m, a in meters.items()]
+        for key, amount in entries:
+            self.backlog.add(key, amount)
+        log.warning("metered usage of %s kept for write-back: %s", env, exc)
+        if isinstance(exc, StoreTimeout):
+            def late(reply: object) -> None:
+                if isinstance(reply, list) and reply[0] == 0:  # it ran: not twice
+                    for key, amount in entries:
+                        self.backlog.remove(key, amount)
+            self.store.when_late(fut, late)
+        self._start_drainer()
+
+    def slots_held(self, env: str, slot: str) -> int:
+        return self.held.get(env, {}).get(slot, 0)
+
+    async def renew(self, lease_ms: int | None = None) -> dict[str, int]:
+        """Renew the lease of every slot this instance holds; returns env -> status (renew.lua).
+
+        One script call per ``RENEW_BATCH`` environments (per cluster slot); counts are
+        absolute. ``lease_ms=0`` gives everything back (shutdown).
+        """
+        ms = self.lease_ms if lease_ms is None else lease_ms
+        groups: dict[int, list[str]] = {}
+        clustered = isinstance(self.store, ClusterStore)  # one script call: one hash slot
+        for env in self.held:
+            groups.setdefault(self._keys_packed(env)[1] if clustered else 0, []).append(env)
+        calls: list[_RenewCall] = []
+        now = self.clock.now_ms()
+        for key_slot, envs in groups.items():
+            for i in range(0, len(envs), RENEW_BATCH):
+                batch = envs[i:i + RENEW_BATCH]
+                names: list[str] = []
+                args: list[str | int] = [self.instance, ms, now]
+                for env in batch:
+                    names += keys.renew_keys(env)
+                    held = self.held[env]
+                    args.append(len(held))
+                    for slot, n in held.items():
+                        args += (slot, n)
+                    # What was queued to give back is in these absolute counts already.
+                    pending = self._settle.get(env)
+                    if pending is not None:
+                        pending[0].clear()
+                    self._renewals[env] = self._renewals.get(env, 0) + 1
+                    for slot in [s for s, n in held.items() if n == 0]:
+                        del held[slot]
+                    if not held:
+                        del self.held[env]
+                fut = self.store.submit(
+                    pack_command("EVALSHA", RENEW.sha, len(names), *names, *args), key_slot)
+                calls.append(_RenewCall(batch, fut, names, args, key_slot))
+                self.renew_commands += 1
+        self.renewals += 1
+        statuses: dict[str, int] = {}
+        errors: list[StoreError] = []
+        for call in calls:
+            try:
+                try:
+                    reply = await call.fut
+                except NoScript:
+                    reply = await self._reload(RENEW, call.names, call.key_slot, call.args)
+            except StoreError as exc:
+                errors.append(exc)
+                continue
+            statuses.update(zip(call.envs, reply, strict=True))
+        if errors:
+            raise errors[0]
+        if self.on_ended is not None:
+            for env, status in statuses.items():
+                if status in ENDED:
+                    self.on_ended(env, ENDED[status])
+        return statuses
+
+    def start_renewing(self) -> None:
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_interval)
+            if not self.held:
+                continue
+            try:
+                await self.renew()
+            except StoreError as exc:
+                log.warning("lease renewal failed (%s); slots of %d environments held here, "
+                            "renewed when the store answers", exc, len(self.held))
 
     async def load_scripts(self) -> None:
         """Cache the scripts in the store (``/readyz`` needs them)."""
-        await self.store.execute_all("SCRIPT", "LOAD", self.script.body)
+        for script in ALL:
+            await self.store.execute_all("SCRIPT", "LOAD", script.body)
 
     async def scripts_loaded(self) -> bool:
-        replies = await self.store.execute_all("SCRIPT", "EXISTS", self.script.sha)
-        return all(reply and reply[0] == 1 for reply in replies)
+        replies = await self.store.execute_all("SCRIPT", "EXISTS", *(s.sha for s in ALL))
+        return all(reply and all(r == 1 for r in reply) for reply in replies)
 
     # ------------------------------------------------------------- fail-open write-back
 
@@ -260,14 +504,19 @@ class Limiter:
         async with self._flush_lock:
             written = 0
             for key, cost in list(self.backlog.pending.items()):
-                env, kind, slot_ms = key
-                decision = await self._run(env, kind, cost, "record", slot_ms)
-                if decision.outcome is Outcome.NOT_FOUND:
+                env, what, slot_ms = key
+                if what.startswith(METER_PREFIX):
+                    found = await self._record_meter(env, what[len(METER_PREFIX):], cost,
+                                                     slot_ms)
+                else:
+                    decision = await self._run(env, what, cost, "record", slot_ms)
+                    found = decision.outcome is not Outcome.NOT_FOUND
+                if not found:
                     attempts = self.backlog.missing_attempts.get(key, 0) + 1
                     self.backlog.missing_attempts[key] = attempts
                     if attempts >= MAX_MISSING_ATTEMPTS:
                         log.error("usage of %s (%d %s) lost: the store has no such environment",
-                                  env, cost, kind)
+                                  env, cost, what)
                         self.backlog.dropped += cost
                         self.backlog.remove(key, self.backlog.pending.get(key, 0))
                     continue
@@ -280,9 +529,31 @@ class Limiter:
                          written)
             return written
 
-    async def close(self) -> None:
-        if self._drainer is not None:
-            self._drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drainer
+    async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
+        """Write back metered usage through settle.lua; False if the store has no snapshot."""
+        names = keys.settle_keys(env)
+        args: list[str | int] = [at_ms, self.instance, "record", 0, meter, amount]
+        key_slot = self._keys_packed(env)[1]
+        try:
+            reply = await self.store.submit(
+                pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
+        except NoScript:
+            reply = await self._reload(SETTLE, names, key_slot, args)
+        return bool(reply[0] != 4)
+
+    async def close(self, give_back: bool = True) -> None:
+        """Stop; with ``give_back`` hand every held slot back first (a clean shutdown)."""
+        for task in (self._drainer, self._renewer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._settle:
+            self._flush_settle()
+        if give_back and self.held:
+            try:
+                await self.renew(lease_ms=0)
+            except StoreError as exc:
+                log.warning("could not give slots back (%s): they expire with the lease", exc)
+        await asyncio.sleep(0)
         await self.store.close()

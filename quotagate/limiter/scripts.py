@@ -1,4 +1,5 @@
-"""Lua scripts: one file per decision under lua/, read once, called by SHA."""
+"""Lua scripts: one file per operation under lua/, each with common.lua in front, read once,
+called by SHA."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ class Script:
 
     @classmethod
     def load(cls, name: str) -> Script:
-        body = resources.files("quotagate.limiter").joinpath(f"lua/{name}.lua").read_bytes()
+        lua = resources.files("quotagate.limiter").joinpath("lua")
+        body = lua.joinpath("common.lua").read_bytes() + lua.joinpath(f"{name}.lua").read_bytes()
         return cls(name, body, hashlib.sha1(body).hexdigest())
 
 
 DECIDE = Script.load("decide")
+SETTLE = Script.load("settle")
+RENEW = Script.load("renew")
+ALL = (DECIDE, SETTLE, RENEW)

@@ -18,6 +18,7 @@ from quotagate.limiter.calendar import add_months_clamped
 from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.store import StoreAddress
 from quotagate.settings.schema import (
+    FUNCTION_NAME,
     EnvironmentsFile,
     GatewaySettings,
     PlansFile,
@@ -205,6 +206,10 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
                 StoreAddress.from_url(gw.store.url)
             except ValueError as exc:
                 issues.append(ConfigIssue(file, "$.store.url", f"not a store URL: {exc}"))
+    if gw.leases.renew_interval_ms * 2 > gw.leases.ttl_ms:
+        issues.append(ConfigIssue(file, "$.leases.renew_interval_ms",
+                                  f"must be at most half of ttl_ms ({gw.leases.ttl_ms}), so one "
+                                  "missed renewal does not lose the slots"))
     seen: set[tuple[str, tuple[str, ...], str]] = set()
     for i, route in enumerate(gw.routes):
         where = f"$.routes[{i}]"
@@ -220,6 +225,14 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         elif up.query or up.fragment:
             issues.append(ConfigIssue(file, f"{where}.upstream",
                                       "an upstream URL takes no query or fragment"))
+        realtime_only = [k for k, default in (("strict", False), ("realtime_unit", "watch"))
+                         if getattr(route, k) != default]
+        if route.kind != "realtime" and realtime_only:
+            issues.append(ConfigIssue(file, f"{where}.{realtime_only[0]}",
+                                      "only realtime routes take this key"))
+        if route.kind != "function" and not route.concurrency:
+            issues.append(ConfigIssue(file, f"{where}.concurrency",
+                                      "only function routes take this key"))
         for method in route.methods:
             if not re.fullmatch(r"[A-Z]+", method):
                 issues.append(
@@ -280,6 +293,10 @@ def check_environments(
             issues.append(ConfigIssue(
                 file, f"{where}.expires",
                 f"at most {MAX_PLAN_YEARS} years after anchor (renew longer contracts)"))
+        for name in env.functions:
+            if not re.fullmatch(FUNCTION_NAME, name):
+                issues.append(ConfigIssue(file, f"{where}.functions", f"{name!r} is not a "
+                                          "function name ([A-Za-z0-9][A-Za-z0-9_.-]{0,127})"))
         if env.timezone is not None and not valid_timezone(env.timezone):
             issues.append(
                 ConfigIssue(file, f"{where}.timezone", f"unknown time zone {env.timezone!r}")

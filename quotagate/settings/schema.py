@@ -76,17 +76,47 @@ class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields
     pool_size: PosInt = 256
 
 
+#: Meters the gateway counts itself after a response (SPEC §3): a route's ``meter``.
+RouteMeter = Literal["gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes", "none"]
+#: The function name from the path: the segment after the route's prefix.
+FUNCTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
 class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     prefix: Annotated[str, msgspec.Meta(pattern=r"^/")]
     upstream: str
     kind: RouteKind
-    #: Units one request costs: calls for most kinds, SMS messages for ``sms``.
+    #: Units one request costs: calls for most kinds, SMS messages for ``sms``. For realtime
+    #: routes: what each watch (or socket, with ``realtime_unit: socket``) costs when opened.
     cost: NonNegInt = 1
     name: str = ""
     #: Only these methods match (empty: all).
     methods: tuple[str, ...] = ()
     #: Only requests whose Accept header contains this media type match (e.g. text/event-stream).
     accept: str = ""
+    #: What the gateway meters after the response. Default by kind: ``function`` -> ``gbs``
+    #: (memory x run time), ``storage`` and ``static`` -> ``storage_traffic_bytes`` (response
+    #: bytes), others none.
+    meter: RouteMeter | None = None
+    #: Function routes: memory of a function in MB, for GBs (environments may set it per
+    #: function).
+    memory_mb: PosInt = 256
+    #: Function routes: hold one concurrency slot per invocation (SPEC §9).
+    concurrency: bool = True
+    #: Realtime routes: what takes a slot, each watch of the multiplexed protocol (SPEC §8) or
+    #: each WebSocket.
+    realtime_unit: Literal["watch", "socket"] = "watch"
+    #: Realtime routes: refuse client frames that are not the watch protocol (else passed on).
+    strict: bool = False
+    #: Realtime routes: largest WebSocket message accepted from either side.
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+
+
+class LeaseSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    #: Slots (watches, invocations) of an instance that stops renewing come back after this.
+    ttl_ms: Annotated[int, msgspec.Meta(ge=500, le=600_000)] = 15_000
+    #: Each instance renews all its slots in one batched call this often (< ttl_ms / 2).
+    renew_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=300_000)] = 5_000
 
 
 class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -103,6 +133,7 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     plans_file: str = "plans.yaml"
     environments_file: str = "environments.yaml"
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
+    leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
     routes: tuple[Route, ...] = ()
 
 
@@ -189,6 +220,11 @@ class PromoGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True)
     days: PosInt = 1
 
 
+class FunctionSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    #: Memory configured for the function, in MB: GBs = memory_mb / 1024 x run seconds.
+    memory_mb: PosInt
+
+
 class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     plan: str
     anchor: dt.date
@@ -199,6 +235,8 @@ class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     limits: Limits = msgspec.field(default_factory=Limits)
     packs: tuple[PackGrant, ...] = ()
     promos: tuple[PromoGrant, ...] = ()
+    #: Per function (name from the path), overriding the route's memory_mb.
+    functions: dict[str, FunctionSettings] = msgspec.field(default_factory=dict)
 
 
 class EnvironmentsFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

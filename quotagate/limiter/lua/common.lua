@@ -1,0 +1,155 @@
+--[[ common.lua — prepended to every quotagate script (scripts.py joins them).
+
+Calendar of an environment, the plan -> packs waterfall, and leased concurrency slots.
+
+Slots (realtime watches, in-flight function invocations) of one environment live in two keys:
+  slots  hash   "<instance>|<slot>" -> slots that instance holds; "=<slot>" -> total of live ones
+  lease  zset   "<instance>" -> the store-clock ms (since 2020) its slots are held until
+A slot is "rt:" (realtime) or "fn:<function>". An instance whose lease ended is reaped by the
+next script that touches the environment's slots: its fields go, the totals drop by them.
+]]
+
+local EPOCH_2020_MS = 1577836800000
+
+local function store_clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - EPOCH_2020_MS
+end
+
+-- The calendar of one environment at one instant: set by calendar_at, read by the helpers.
+local ENT, NOW_MS, OFFSET, TODAY
+
+local function offset_at(ms)
+  local tz = ENT.tz
+  local off = tz[1][2]
+  for i = 2, #tz do
+    if tz[i][1] <= ms then off = tz[i][2] else break end
+  end
+  return off
+end
+
+-- Local calendar days of the environment (days since 1970-01-01 in its time zone).
+local function local_day(ms)
+  return math.floor((math.floor(ms / 1000) + offset_at(ms)) / 86400)
+end
+
+local function calendar_at(ent, now_ms)
+  ENT, NOW_MS = ent, now_ms
+  OFFSET = offset_at(now_ms)
+  TODAY = math.floor((math.floor(now_ms / 1000) + OFFSET) / 86400)
+end
+
+-- Epoch ms where a local day begins: the earliest instant whose local day is that day, tried
+-- with the offsets in force a day either side (exact also where DST starts at midnight).
+local function midnight_ms(day)
+  local guess = (day * 86400 - OFFSET) * 1000
+  if #ENT.tz == 1 then return guess end  -- a zone without offset changes (the common case)
+  local best
+  for _, probe in ipairs({guess - 86400000, guess + 86400000}) do
+    local t = (day * 86400 - offset_at(probe)) * 1000
+    if local_day(t) >= day and (best == nil or t < best) then best = t end
+  end
+  return best or guess
+end
+
+-- 0 active, 3 isolated (expired), 4 released, 5 not started.
+local function lifecycle()
+  if TODAY >= ENT.release_day then return 4 end
+  if TODAY >= ENT.expire_day then return 3 end
+  if TODAY < ENT.cycles[1] then return 5 end
+  return 0
+end
+
+-- The billing cycle of today: its first day, and its end in epoch ms.
+local function cycle_now()
+  local cycles = ENT.cycles
+  local ci = 1
+  for i = #cycles - 1, 1, -1 do
+    if cycles[i] <= TODAY then ci = i break end
+  end
+  return cycles[ci], cycles[ci + 1]
+end
+
+-- Plan -> valid packs (earliest expiry first) for `amount` of `meter`. Appends the writes to
+-- `takes` ({key, field, n}); writes nothing. Returns what is left over (beyond plan + packs),
+-- the plan quota, and what plan + packs held before this amount.
+local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount)
+  local field = cycle_day .. ':' .. meter
+  local quota = ENT.quota[meter] or 0
+  local plan_left = quota - (tonumber(redis.call('HGET', usage_key, field)) or 0)
+  if plan_left < 0 then plan_left = 0 end
+  local left = amount
+  local take = math.min(left, plan_left)
+  if take > 0 then takes[#takes + 1] = {usage_key, field, take}; left = left - take end
+  local held = plan_left
+  for _, p in ipairs(ENT.packs) do
+    if p.meter == meter and p.from <= TODAY and TODAY < p.to then
+      local pack_left = p.amount - (tonumber(redis.call('HGET', packs_key, p.id)) or 0)
+      if pack_left > 0 then
+        held = held + pack_left
+        take = math.min(left, pack_left)
+        if take > 0 then takes[#takes + 1] = {packs_key, p.id, take}; left = left - take end
+      end
+    end
+  end
+  return left, quota, held
+end
+
+-- Where usage beyond plan + packs goes: pay-as-you-go (overage on), else recorded unbilled.
+local function over_field(meter, mode)
+  local field = TODAY .. ':' .. meter
+  if ENT.overage == 1 then return field, true end
+  if mode == 'shadow' then return field .. ':shadow', false end
+  return field .. ':unbilled', false
+end
+
+-- Drop every slot of instances whose lease ended before `now` (store clock).
+local function reap(slots_key, lease_key, now)
+  local dead = redis.call('ZRANGEBYSCORE', lease_key, '-inf', '(' .. now, 'LIMIT', 0, 64)
+  if #dead == 0 then return end
+  local gone = {}
+  for _, inst in ipairs(dead) do gone[inst] = true end
+  local all = redis.call('HGETALL', slots_key)
+  for i = 1, #all, 2 do
+    local f = all[i]
+    local bar = string.find(f, '|', 1, true)
+    if bar and gone[string.sub(f, 1, bar - 1)] then
+      local n = tonumber(all[i + 1])
+      if n > 0 then
+        local total = '=' .. string.sub(f, bar + 1)
+        if redis.call('HINCRBY', slots_key, total, -n) <= 0 then
+          redis.call('HDEL', slots_key, total)
+        end
+      end
+      redis.call('HDEL', slots_key, f)
+    end
+  end
+  redis.call('ZREM', lease_key, unpack(dead))
+end
+
+-- Set what `inst` holds of `slot` to n (>= 0), keeping the total in step.
+local function set_held(slots_key, inst, slot, n)
+  local field = inst .. '|' .. slot
+  local old = tonumber(redis.call('HGET', slots_key, field)) or 0
+  if n == old then return end
+  if n > 0 then redis.call('HSET', slots_key, field, n) else redis.call('HDEL', slots_key, field) end
+  if redis.call('HINCRBY', slots_key, '=' .. slot, n - old) <= 0 then
+    redis.call('HDEL', slots_key, '=' .. slot)
+  end
+end
+
+-- Give back up to n slots `inst` holds (never below zero: a reaped instance gives back none).
+local function release_held(slots_key, inst, slot, n)
+  local old = tonumber(redis.call('HGET', slots_key, inst .. '|' .. slot)) or 0
+  if old > 0 then set_held(slots_key, inst, slot, math.max(0, old - n)) end
+end
+
+-- Hold `inst`'s lease until now + lease_ms (never shortened). Both keys outlive the longest
+-- lease by one period, so an environment whose instances all died forgets its slots by itself.
+local function hold_lease(slots_key, lease_key, inst, now, lease_ms)
+  redis.call('ZADD', lease_key, 'GT', now + lease_ms, inst)
+  local keep = 2 * lease_ms
+  for _, k in ipairs({slots_key, lease_key}) do
+    if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
+  end
+end

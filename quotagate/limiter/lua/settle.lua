@@ -1,0 +1,53 @@
+--[[ settle.lua — what one environment's finished requests leave behind, in one call:
+slots given back and metered usage (bytes served, GBs run) charged after the response.
+
+KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
+        (as in decide.lua)
+ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's clock
+ARGV[2] instance  the gateway instance giving slots back
+ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
+ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs
+
+Metered usage never refuses (the request has been served): it goes plan -> packs ->
+pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; the next
+request that needs the meter is then refused by decide.lua.
+
+Reply: {status, flags}; status 4 = no snapshot (usage not written: the caller keeps it),
+flags 2 = pay-as-you-go used.
+]]
+
+local store_ms = store_clock_ms()
+local now_ms = tonumber(ARGV[1])
+if now_ms <= 0 then now_ms = store_ms + EPOCH_2020_MS end
+local inst, mode = ARGV[2], ARGV[3]
+local n = tonumber(ARGV[4])
+
+local i = 5
+for _ = 1, n do
+  release_held(KEYS[5], inst, ARGV[i], tonumber(ARGV[i + 1]))
+  i = i + 2
+end
+if i > #ARGV then return {0, 0} end
+
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {4, 0} end
+local ent = cjson.decode(raw)
+if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
+if mode == 'off' then return {0, 0} end
+calendar_at(ent, now_ms)
+local cycle_day = cycle_now()
+
+local flags = 0
+while i < #ARGV do
+  local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
+  local takes = {}
+  local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount)
+  for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+  if over > 0 then
+    local field, billed = over_field(meter, mode)
+    if billed then flags = 2 end
+    redis.call('HINCRBY', KEYS[4], field, over)
+  end
+  i = i + 2
+end
+return {0, flags}
