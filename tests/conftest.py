@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import TestClient, TestServer
 
+from quotagate.gateway.app import init_app
 from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
+from tests.helpers import at, routes_to, write_config
 
 
 class RedisServer:
@@ -121,3 +123,26 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.start_server()
     yield server
     await server.close()
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
+    made: list[TestClient] = []
+    counter = 0
+
+    async def factory(environments: dict, *, store_url: str | None = None, clock=None,
+                      **gateway) -> TestClient:
+        nonlocal counter
+        counter += 1
+        origin = f"http://127.0.0.1:{upstream.port}"
+        gateway.setdefault("routes", routes_to(origin))
+        config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
+        app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        await client.close()

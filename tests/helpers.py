@@ -10,6 +10,7 @@ import redis.asyncio as aredis
 import yaml
 
 from quotagate.clock import Clock, ManualClock
+from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import sync_environments
@@ -65,3 +66,33 @@ async def synced_limiter(store_url: str, config: Config, clock: Clock | None = N
                            retry_interval_ms=kw.pop("retry_interval_ms", 100))
     kw.setdefault("burst_ms", config.gateway.qps_burst_ms)
     return Limiter(store, clock=clock, **kw)
+
+
+def routes_to(origin: str) -> list[dict]:
+    return [
+        {"prefix": "/functions/", "upstream": origin, "kind": "function"},
+        {"prefix": "/database/", "upstream": origin, "kind": "database"},
+        {"prefix": "/storage/", "upstream": origin, "kind": "storage"},
+        {"prefix": "/ai/", "upstream": origin, "kind": "ai", "accept": "text/event-stream",
+         "cost": 50},
+        {"prefix": "/ai/", "upstream": origin, "kind": "ai"},
+        {"prefix": "/admin-only/", "upstream": origin, "kind": "function", "methods": ["POST"]},
+    ]
+
+
+def realtime_routes(origin: str, **extra: Any) -> list[dict[str, Any]]:
+    """A realtime route to the stub beside the usual ones (connect to ``/realtime?event_ms=N``
+    for a NEXT_EVENT every N ms)."""
+    return [{"prefix": "/realtime", "upstream": origin, "kind": "realtime", **extra},
+            *routes_to(origin)]
+
+
+async def live_slots(client: aredis.Redis, env_id: str) -> dict[str, int]:
+    """What the store counts, from its keys: totals of instances whose lease is live."""
+    raw = await client.hgetall(keys.slots(env_id))
+    return {k.decode()[1:]: int(v) for k, v in raw.items() if k.startswith(b"=")}
+
+
+async def per_instance(client: aredis.Redis, env_id: str) -> dict[str, int]:
+    raw = await client.hgetall(keys.slots(env_id))
+    return {k.decode(): int(v) for k, v in raw.items() if not k.startswith(b"=")}

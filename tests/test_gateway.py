@@ -6,51 +6,15 @@ import asyncio
 import json
 import re
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from quotagate.gateway.app import STATE, init_admin_app, init_app
+from quotagate.gateway.app import STATE, init_admin_app
 from quotagate.limiter.embedded import free_port
-from tests.helpers import at, env, write_config
-
-
-def routes_to(origin: str) -> list[dict]:
-    return [
-        {"prefix": "/functions/", "upstream": origin, "kind": "function"},
-        {"prefix": "/database/", "upstream": origin, "kind": "database"},
-        {"prefix": "/storage/", "upstream": origin, "kind": "storage"},
-        {"prefix": "/ai/", "upstream": origin, "kind": "ai", "accept": "text/event-stream",
-         "cost": 50},
-        {"prefix": "/ai/", "upstream": origin, "kind": "ai"},
-        {"prefix": "/admin-only/", "upstream": origin, "kind": "function", "methods": ["POST"]},
-    ]
-
-
-@pytest.fixture
-async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
-    made: list[TestClient] = []
-    counter = 0
-
-    async def factory(environments: dict, *, store_url: str | None = None, clock=None,
-                      **gateway) -> TestClient:
-        nonlocal counter
-        counter += 1
-        origin = f"http://127.0.0.1:{upstream.port}"
-        gateway.setdefault("routes", routes_to(origin))
-        config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
-        app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        made.append(client)
-        return client
-
-    yield factory
-    for client in made:
-        await client.close()
+from tests.helpers import env
 
 
 async def evalsha_calls(url: str) -> int:

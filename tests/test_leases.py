@@ -10,14 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aredis
 
 from quotagate.limiter import keys
 from quotagate.limiter.calendar import day_number
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.entitlements import MBMS_PER_GBS
 from quotagate.limiter.limiter import Limiter
-from tests.helpers import at, env, local, synced_limiter, write_config
+from tests.helpers import at, env, live_slots, local, per_instance, synced_limiter, write_config
 
 NOON = "2026-11-26T12:00:00"
 
@@ -34,17 +33,6 @@ async def make_limiter(store_url):
     yield factory
     for lim in made:
         await lim.close(give_back=False)
-
-
-async def live_slots(client: aredis.Redis, env_id: str) -> dict[str, int]:
-    """What the store counts, from its keys: totals of instances whose lease is live."""
-    raw = await client.hgetall(keys.slots(env_id))
-    return {k.decode()[1:]: int(v) for k, v in raw.items() if k.startswith(b"=")}
-
-
-async def per_instance(client: aredis.Redis, env_id: str) -> dict[str, int]:
-    raw = await client.hgetall(keys.slots(env_id))
-    return {k.decode(): int(v) for k, v in raw.items() if not k.startswith(b"=")}
 
 
 async def test_function_cap_exact_across_instances(tmp_path: Path, make_limiter, redis_client):

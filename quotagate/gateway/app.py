@@ -24,21 +24,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate.clock import Clock
-from quotagate.gateway import metrics
-from quotagate.gateway.envid import environment_of
+from quotagate.gateway import metrics, realtime
+from quotagate.gateway.decisions import decide
+from quotagate.gateway.envid import environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
 from quotagate.gateway.problems import (
     Problem,
+    invalid_function,
     invalid_path,
     refusal,
     route_not_found,
-    store_unavailable,
 )
-from quotagate.gateway.proxy import UpstreamPool
-from quotagate.gateway.routing import Router
+from quotagate.gateway.proxy import Tally, UpstreamPool
+from quotagate.gateway.routing import CompiledRoute, Router
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
-from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
@@ -67,6 +68,22 @@ class GatewayState:
     sync_task: asyncio.Task[None] | None = None
     #: monotonic time of the last re-sync asked for by a missing snapshot (debounce).
     resync_at: float = 0.0
+    #: Open realtime sockets per environment (closed when the environment is isolated).
+    sockets: dict[str, set[realtime.RealtimeSocket]] = field(default_factory=dict)
+
+    def memory_mb(self, env: str, function: str, route: CompiledRoute) -> int:
+        """A function's memory for GBs: the environment's setting, else the route's."""
+        declared = self.config.environments.environments.get(env)
+        if declared is not None:
+            fn = declared.functions.get(function)
+            if fn is not None:
+                return fn.memory_mb
+        return route.route.memory_mb
+
+    def environment_ended(self, env: str, status: str) -> None:
+        """A lease renewal found the environment isolated or gone: close its watches."""
+        for sock in list(self.sockets.get(env, ())):
+            sock.end_environment(status)
 
     def resync_if_declared(self, env: str) -> None:
         """The store has no snapshot of an environment the file declares: it lost its data
@@ -94,7 +111,8 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
                         retry_interval_ms=gw.store.retry_interval_ms)
     mode: Literal["enforce", "shadow"] = "shadow" if gw.enforcement == "shadow" else "enforce"
     limiter = Limiter(
-        store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure
+        store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure,
+        lease_ms=gw.leases.ttl_ms, renew_interval_ms=gw.leases.renew_interval_ms,
     )
     timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
     client_class = RedisCluster if gw.store.cluster else aredis.Redis
@@ -109,6 +127,7 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
     state = GatewayState(config, store_url, Router(gw.routes), limiter,
                          UpstreamPool(gw.upstream), client, env_modes)
     limiter.on_missing = state.resync_if_declared
+    limiter.on_ended = state.environment_ended
     return state
 
 
@@ -130,6 +149,7 @@ async def _sync_until_done(state: GatewayState) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.pool.start()
+    state.limiter.start_renewing()
     state.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(state))
     with contextlib.suppress(TimeoutError):
         # Usually done at once; a store that is down must not block the start.
@@ -145,6 +165,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.limiter.close()
     await state.pool.close()
     await state.redis.aclose()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown, realtime sockets are told to go away (their slots go back at cleanup)."""
+    sockets = [s for peers in app[STATE].sockets.values() for s in peers]
+    await asyncio.gather(*(s.shutdown() for s in sockets), return_exceptions=True)
 
 
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
@@ -187,8 +213,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         path_qs = _origin_form(request)
     if path_qs is None:
         metrics.INVALID_REQUESTS.labels("invalid-path").inc()
-        return invalid_path(request.raw_path[:200], env).response()
+        return invalid_path(request.raw_path[:200], env or "").response()
     route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
+    if route is not None and route.kind == "realtime" and (
+            request.headers.get("Upgrade", "").lower() == "websocket"):
+        return await realtime.handle_upgrade(request, state, route, env, path_qs,
+                                             _request_id(request))
+    if env is None:
+        metrics.INVALID_REQUESTS.labels("invalid-environment").inc()
+        return missing_environment(gw.domain).response()
     if route is None:
         metrics.INVALID_REQUESTS.labels("route-not-found").inc()
         return route_not_found(request.path, env).response()
@@ -197,36 +230,42 @@ async def handle(request: web.Request) -> web.StreamResponse:
     mode = state.env_modes.get(env, gw.enforcement)
     if mode == "off":
         _OFF.inc()
-    else:
-        started = time.perf_counter()
-        try:
-            decision = await state.limiter.decide(env, route.kind, route.cost)
-        except StoreUnavailable as exc:
-            metrics.STORE_ERRORS.labels(
-                "timeout" if isinstance(exc, StoreTimeout) else "unavailable"
-            ).inc()
-            metrics.DECISIONS.labels("refused", "store-unavailable").inc()
-            return store_unavailable(env).response()
-        except StoreError as exc:
-            log.error("decision failed for %s: %s", env, exc)
-            metrics.STORE_ERRORS.labels("error").inc()
-            metrics.DECISIONS.labels("refused", "store-unavailable").inc()
-            return store_unavailable(env).response()
-        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
-        if decision.store_bypassed:
-            metrics.DECISIONS.labels("bypassed", "store-unavailable").inc()
-            metrics.BACKLOG.set(len(state.limiter.backlog))
-            extra["X-Quotagate-Bypass"] = "store-unavailable"
-        elif not decision.admitted:
-            metrics.DECISIONS.labels("refused", _REASONS[decision.outcome]).inc()
-            return refusal(decision, env).response(ratelimit_headers(decision))
-        elif decision.flags & Flag.SHADOW_REFUSAL:
-            metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
-            extra["X-Quotagate-Shadow"] = "would-refuse"
-        else:
-            _ADMITTED.inc()
-        extra.update(ratelimit_headers(decision))
-    return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
+        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
+
+    slot = ""
+    if route.kind == "function" and route.route.concurrency:
+        name = route.function_name(request.path)
+        if name is None:
+            metrics.INVALID_REQUESTS.labels("invalid-function").inc()
+            return invalid_function(request.path, env).response()
+        slot = "fn:" + name
+    decision = await decide(state.limiter, env, route.kind, route.cost, slot, route.meter)
+    if isinstance(decision, Problem):
+        return decision.response()
+    if not decision.admitted:
+        return refusal(decision, env).response(ratelimit_headers(decision))
+    if decision.store_bypassed:
+        extra["X-Quotagate-Bypass"] = "store-unavailable"
+    elif decision.flags & Flag.SHADOW_REFUSAL:
+        extra["X-Quotagate-Shadow"] = "would-refuse"
+    extra.update(ratelimit_headers(decision))
+    holds = bool(slot) and not decision.flags & Flag.MODE_OFF
+    if not holds and not route.meter:
+        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
+    tally = Tally()
+    try:
+        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra,
+                                        tally)
+    finally:
+        # Also when the client went away or the upstream failed: never a leaked slot.
+        if holds:
+            state.limiter.release(env, slot)
+        if route.meter and not decision.flags & Flag.MODE_OFF:
+            if route.meter == "gbs":
+                amount = state.memory_mb(env, slot[3:], route) * tally.run_ms
+            else:
+                amount = tally.body_bytes
+            state.limiter.meter(env, route.meter, amount)
 
 
 def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.Application:
@@ -234,6 +273,7 @@ def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.
     app = web.Application(client_max_size=0)
     app[STATE] = build_state(config, store_url, clock)
     app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_close_sockets)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

@@ -1,12 +1,13 @@
-"""A small upstream that stands in for the platform's function, database, storage and AI
-endpoints: used by ``quotagate demo``, the tests and the benchmark."""
+"""A small upstream that stands in for the platform's function, database, storage, AI and
+realtime endpoints: used by ``quotagate demo``, the tests and the benchmark."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 PAYLOAD = b'{"ok":true}'
 
@@ -68,8 +69,107 @@ async def _upload(request: web.Request) -> web.Response:
     return web.json_response({"received": total})
 
 
+@dataclass
+class RealtimeStats:
+    """What the realtime stub saw: tests read it at ``GET /_realtime``."""
+
+    sockets: int = 0
+    open_watches: int = 0
+    frames: int = 0
+    inits: int = 0
+    by_env: dict[str, int] = field(default_factory=dict)
+
+
+REALTIME = web.AppKey("realtime", RealtimeStats)
+
+
+async def _realtime(request: web.Request) -> web.WebSocketResponse:
+    """The watch protocol (SPEC §8), as a platform's realtime server speaks it.
+
+    LOGIN -> LOGIN_RES; INIT_WATCH / REBUILD_WATCH -> INIT_EVENT, then a NEXT_EVENT every
+    ``event_ms`` (query, default 1000) until CLOSE_WATCH; a watch of collection ``fail`` gets an
+    ERROR instead; CHECK_LAST -> CHECK_EVENT; PING -> PONG; anything else is echoed back.
+    """
+    stats = request.app[REALTIME]
+    period = float(request.query.get("event_ms", "1000")) / 1000
+    ws = web.WebSocketResponse(protocols=("watch.v1",), max_msg_size=64 * 1024 * 1024)
+    await ws.prepare(request)
+    stats.sockets += 1
+    watches: dict[str, asyncio.Task[None]] = {}
+    env = request.headers.get("X-CloudBase-Env", "")
+
+    async def send(watch_id: object, request_id: object, kind: str, data: object) -> None:
+        await ws.send_str(json.dumps({"watchId": watch_id, "requestId": request_id,
+                                      "msgType": kind, "msgData": data}))
+
+    async def events(watch_id: str) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(period)
+            seq += 1
+            await send(watch_id, None, "NEXT_EVENT", {"seq": seq})
+
+    def stop(watch_id: str) -> None:
+        task = watches.pop(watch_id, None)
+        if task is not None:
+            task.cancel()
+            stats.open_watches -= 1
+
+    try:
+        async for msg in ws:
+            stats.frames += 1
+            if msg.type is WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+                continue
+            if msg.type is not WSMsgType.TEXT:
+                break
+            try:
+                frame = json.loads(msg.data)
+                kind, wid, rid = frame["msgType"], frame.get("watchId"), frame.get("requestId")
+                data = frame.get("msgData") or {}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                await ws.send_str(msg.data)  # not the protocol: echoed
+                continue
+            if kind == "LOGIN":
+                env = data.get("envId", env)
+                await send(None, rid, "LOGIN_RES", {"envId": env, "ok": True})
+            elif kind in ("INIT_WATCH", "REBUILD_WATCH"):
+                stats.inits += 1
+                if data.get("collName") == "fail":
+                    await send(wid, rid, "ERROR", {"code": "WATCH_FAILED", "message": "no"})
+                    continue
+                await send(wid, rid, "INIT_EVENT", {"docs": [], "envId": env})
+                if wid not in watches:
+                    stats.open_watches += 1
+                    stats.by_env[env] = stats.by_env.get(env, 0) + 1
+                    watches[wid] = asyncio.ensure_future(events(wid))
+            elif kind == "CLOSE_WATCH":
+                stop(wid)
+            elif kind == "CHECK_LAST":
+                await send(wid, rid, "CHECK_EVENT", {})
+            elif kind == "PING":
+                await send(None, rid, "PONG", {})
+            else:
+                await ws.send_str(msg.data)
+    finally:
+        for wid in list(watches):
+            stop(wid)
+        stats.sockets -= 1
+    return ws
+
+
+async def _realtime_stats(request: web.Request) -> web.Response:
+    stats = request.app[REALTIME]
+    return web.json_response({"sockets": stats.sockets, "open_watches": stats.open_watches,
+                              "frames": stats.frames, "inits": stats.inits})
+
+
 async def _dispatch(request: web.Request) -> web.StreamResponse:
     path = request.path
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _realtime(request)
+    if path == "/_realtime":
+        return await _realtime_stats(request)
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await _sse(request)
     if path.endswith("/echo"):
@@ -85,5 +185,6 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
 
 def make_upstream_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
+    app[REALTIME] = RealtimeStats()
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from quotagate.gateway.problems import invalid_environment
+from quotagate.gateway.problems import Problem, invalid_environment
 from quotagate.limiter.keys import ENV_ID
 
 ENV_HEADER = "X-CloudBase-Env"
@@ -14,10 +14,17 @@ def _shown(value: str) -> str:
     return repr(value[:80]) + ("…" if len(value) > 80 else "")
 
 
-def environment_of(request: web.Request, domain: str) -> str:
-    """The env id from the host ``{env}.<domain>`` (when configured), else the header.
+def missing_environment(domain: str) -> Problem:
+    return invalid_environment(
+        f"no environment: send the {ENV_HEADER} header"
+        + (f" or use {{env}}.{domain}" if domain else ""))
 
-    Raises a 400 Problem for a missing or malformed id.
+
+def environment_of(request: web.Request, domain: str) -> str | None:
+    """The env id from the host ``{env}.<domain>`` (when configured), else the header; None
+    when the request names none (realtime sockets name it in their LOGIN frame).
+
+    Raises a 400 Problem for a malformed id.
     """
     if domain:
         host = (request.host or "").rsplit(":", 1)[0].lower() if request.host else ""
@@ -32,10 +39,7 @@ def environment_of(request: web.Request, domain: str) -> str:
             )
     values = request.headers.getall(ENV_HEADER, [])
     if not values:
-        raise invalid_environment(
-            f"no environment: send the {ENV_HEADER} header"
-            + (f" or use {{env}}.{domain}" if domain else "")
-        )
+        return None
     if len(values) > 1:
         raise invalid_environment(f"more than one {ENV_HEADER} header")
     value = values[0]

@@ -41,3 +41,18 @@ INVALID_REQUESTS = Counter(
 SCRIPT_RELOADS = Counter(
     "quotagate_script_reloads_total", "Scripts re-sent after NOSCRIPT (store restart or flush)."
 )
+REALTIME_SOCKETS = Gauge(
+    "quotagate_realtime_sockets",
+    "Realtime WebSockets open through this instance.",
+    multiprocess_mode="livesum",
+)
+REALTIME_WATCHES = Gauge(
+    "quotagate_realtime_watches",
+    "Realtime watches holding a slot through this instance.",
+    multiprocess_mode="livesum",
+)
+REALTIME_REFUSED = Counter(
+    "quotagate_realtime_frames_refused_total",
+    "Client frames answered by the gateway with an ERROR frame, by code.",
+    ["code"],
+)

@@ -61,6 +61,14 @@ def refusal(decision: Decision, env: str) -> Problem:
                        f"environment {env} has used its {decision.meter} quota and packs for this "
                        "billing cycle and overage is off", env, decision.meter,
                        seconds_up(decision.retry_after_ms))
+    if outcome is Outcome.CONCURRENCY_EXCEEDED:
+        if decision.meter == "realtime":
+            return Problem(429, "connections-exceeded", "Too many realtime connections",
+                           f"environment {env} has {decision.in_use} of its {decision.cap} "
+                           "realtime connections open", env, "realtime")
+        return Problem(429, "concurrency-exceeded", "Too many concurrent invocations",
+                       f"this function of environment {env} runs {decision.in_use} of its "
+                       f"{decision.cap} concurrent invocations", env, "function_concurrency")
     if outcome is Outcome.ISOLATED:
         return Problem(403, "environment-isolated", "Environment isolated",
                        f"the plan of environment {env} has expired; renew it to restore service",
@@ -87,13 +95,24 @@ def invalid_path(target: str, env: str) -> Problem:
                    f"request target {target!r} has dot-segments or is not in origin form", env)
 
 
+def invalid_function(path: str, env: str) -> Problem:
+    return Problem(400, "invalid-function", "Invalid function name",
+                   f"no function name ([A-Za-z0-9][A-Za-z0-9_.-]{{0,127}}) in {path[:200]!r}",
+                   env)
+
+
+def websocket_required(env: str | None) -> Problem:
+    return Problem(400, "websocket-required", "WebSocket required",
+                   "this realtime route takes WebSocket upgrades only", env)
+
+
 def route_not_found(path: str, env: str) -> Problem:
     return Problem(404, "route-not-found", "No route", f"no route for {path!r}", env)
 
 
-def upstream_unavailable(env: str, detail: str) -> Problem:
+def upstream_unavailable(env: str | None, detail: str) -> Problem:
     return Problem(502, "upstream-unavailable", "Upstream unavailable", detail, env)
 
 
-def upstream_timeout(env: str, detail: str) -> Problem:
+def upstream_timeout(env: str | None, detail: str) -> Problem:
     return Problem(504, "upstream-timeout", "Upstream timeout", detail, env)

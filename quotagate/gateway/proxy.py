@@ -3,6 +3,8 @@ RFC 9110 §7.6.1 asks, bodies streamed both ways (never buffered), SSE flushed p
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping, istr
@@ -53,6 +55,26 @@ def forward_request_headers(request: web.Request, env: str, request_id: str) -> 
     return out
 
 
+class Tally:
+    """What one proxied exchange used, for the meters charged after it."""
+
+    __slots__ = ("body_bytes", "done_at", "sent_at")
+
+    def __init__(self) -> None:
+        self.sent_at = 0.0
+        self.done_at = 0.0
+        #: Response body bytes written to the client.
+        self.body_bytes = 0
+
+    @property
+    def run_ms(self) -> int:
+        """Upstream run time, from sending the request to the end of its response (ceil ms)."""
+        if not self.sent_at:
+            return 0
+        end = self.done_at or time.perf_counter()
+        return max(0, int(-(-(end - self.sent_at) * 1000 // 1)))
+
+
 class UpstreamPool:
     """One pooled aiohttp client session for every upstream."""
 
@@ -89,10 +111,13 @@ class UpstreamPool:
         path_qs: str,
         request_id: str,
         extra_headers: dict[str, str],
+        tally: Tally | None = None,
     ) -> web.StreamResponse:
         assert self.session is not None
         headers = forward_request_headers(request, env, request_id)
         body = request.content if request.body_exists else None
+        if tally is not None:
+            tally.sent_at = time.perf_counter()
         try:
             upstream = await self.session.request(
                 request.method,
@@ -105,10 +130,14 @@ class UpstreamPool:
             )
         except TimeoutError:
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+            if tally is not None:
+                tally.done_at = time.perf_counter()
             problem = upstream_timeout(env, f"upstream {route.origin} did not answer in time")
             return problem.response(extra_headers)
         except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            if tally is not None:  # never reached the function: nothing ran
+                tally.done_at = tally.sent_at = 0.0
             return upstream_unavailable(
                 env, f"upstream {route.origin} failed: {type(exc).__name__}"
             ).response(extra_headers)
@@ -127,8 +156,13 @@ class UpstreamPool:
             if length is not None and not chunked:
                 response.content_length = length
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            if tally is None:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    tally.body_bytes += len(chunk)
             await response.write_eof()
             return response
         except (TimeoutError, aiohttp.ClientError, ConnectionError):
@@ -139,4 +173,6 @@ class UpstreamPool:
                 request.transport.abort()
             return response
         finally:
+            if tally is not None:
+                tally.done_at = time.perf_counter()
             upstream.release()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from quotagate.settings.schema import Route
+from quotagate.settings.schema import FUNCTION_NAME, Route
+
+#: What a route meters after the response, by kind, unless it says (``meter``).
+DEFAULT_METERS = {"function": "gbs", "storage": "storage_traffic_bytes",
+                  "static": "storage_traffic_bytes"}
+_FUNCTION_NAME = re.compile(FUNCTION_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +20,8 @@ class CompiledRoute:
     #: scheme://host:port of the upstream, and the path prefix its URL adds.
     origin: str
     base_path: str
+    #: The meter charged after the response ("" none).
+    meter: str = ""
 
     @property
     def kind(self) -> str:
@@ -26,10 +34,17 @@ class CompiledRoute:
     def upstream_url(self, path_qs: str) -> str:
         return self.origin + self.base_path + path_qs
 
+    def function_name(self, path: str) -> str | None:
+        """The function a request invokes: the path segment after the prefix, or None."""
+        name = path[len(self.route.prefix):].lstrip("/").split("/", 1)[0]
+        return name if _FUNCTION_NAME.fullmatch(name) else None
+
 
 def compile_route(route: Route) -> CompiledRoute:
     parts = urlsplit(route.upstream)
-    return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"))
+    meter = route.meter if route.meter is not None else DEFAULT_METERS.get(route.kind, "")
+    return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"),
+                         "" if meter == "none" else meter)
 
 
 class Router:

@@ -1,0 +1,52 @@
+"""The gateway's one way to ask for a decision: counted in the metrics, store failures turned
+into the fail-closed problem."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from quotagate.gateway import metrics
+from quotagate.gateway.problems import Problem, store_unavailable
+from quotagate.limiter.codes import Flag, Outcome
+from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.limiter import Decision, Limiter
+
+log = logging.getLogger("quotagate.gateway")
+
+_REASONS = {o: o.name.lower().replace("_", "-") for o in Outcome}
+# Bound once: the hot path must not look labels up per request.
+_ADMITTED = metrics.DECISIONS.labels("admitted", "")
+
+
+async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "",
+                 needs: str = "") -> Decision | Problem:
+    """One decision, counted in the metrics; a Problem when the store fails closed.
+
+    A refused decision is returned as it is (the caller words the refusal).
+    """
+    started = time.perf_counter()
+    try:
+        decision = await limiter.decide(env, kind, cost, slot, needs)
+    except StoreUnavailable as exc:
+        metrics.STORE_ERRORS.labels(
+            "timeout" if isinstance(exc, StoreTimeout) else "unavailable"
+        ).inc()
+        metrics.DECISIONS.labels("refused", "store-unavailable").inc()
+        return store_unavailable(env)
+    except StoreError as exc:
+        log.error("decision failed for %s: %s", env, exc)
+        metrics.STORE_ERRORS.labels("error").inc()
+        metrics.DECISIONS.labels("refused", "store-unavailable").inc()
+        return store_unavailable(env)
+    metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    if decision.store_bypassed:
+        metrics.DECISIONS.labels("bypassed", "store-unavailable").inc()
+        metrics.BACKLOG.set(len(limiter.backlog))
+    elif not decision.admitted:
+        metrics.DECISIONS.labels("refused", _REASONS[decision.outcome]).inc()
+    elif decision.flags & Flag.SHADOW_REFUSAL:
+        metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
+    else:
+        _ADMITTED.inc()
+    return decision

@@ -1,0 +1,454 @@
+"""Realtime WebSocket proxying (SPEC §8).
+
+One client WebSocket multiplexes many watches; every frame is JSON ``{watchId, requestId,
+msgType, msgData}``. The gateway relays frames both ways and reads only the client's:
+
+- ``LOGIN`` names the environment (``msgData.envId``) when the upgrade did not (host or
+  header); an isolated or unknown one ends the socket, another env than the upgrade's is refused;
+- ``INIT_WATCH`` (and ``REBUILD_WATCH`` of a watch not held on this socket) takes one leased
+  realtime slot in the same script call that checks lifecycle, QPS and calls; refused, it is
+  answered here with an ``ERROR`` frame for that ``watchId``/``requestId`` and not forwarded —
+  the socket and its other watches stay up;
+- ``CLOSE_WATCH``, the socket's close, or an upstream ``ERROR`` for a held watch frees it;
+- anything else is passed through untouched (``strict: true`` refuses what is not the protocol).
+
+With ``realtime_unit: socket`` each WebSocket holds one slot instead, taken at the upgrade (429
+``connections-exceeded`` at the cap), and frames are not read at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+from aiohttp import WSMsgType, web
+from multidict import istr
+from yarl import URL
+
+from quotagate.gateway import metrics
+from quotagate.gateway.decisions import decide
+from quotagate.gateway.envid import missing_environment
+from quotagate.gateway.problems import (
+    Problem,
+    refusal,
+    upstream_timeout,
+    upstream_unavailable,
+)
+from quotagate.gateway.proxy import forward_request_headers
+from quotagate.gateway.routing import CompiledRoute
+from quotagate.limiter.codes import Flag, Outcome
+from quotagate.limiter.keys import ENV_ID
+from quotagate.limiter.limiter import Decision
+
+if TYPE_CHECKING:
+    from quotagate.gateway.app import GatewayState
+
+log = logging.getLogger("quotagate.realtime")
+
+CLIENT_TYPES = frozenset(
+    {"LOGIN", "INIT_WATCH", "REBUILD_WATCH", "CHECK_LAST", "CLOSE_WATCH", "PING"})
+MAX_WATCH_ID = 256
+SLOT = "rt:"
+#: Close code when the gateway ends a socket by policy (environment isolated or gone).
+POLICY_CLOSE = 1008
+
+#: ERROR frame codes for refused decisions.
+ERROR_CODES = {
+    Outcome.CONCURRENCY_EXCEEDED: "REALTIME_CONNECTION_LIMIT_EXCEEDED",
+    Outcome.QPS_EXCEEDED: "QPS_LIMIT_EXCEEDED",
+    Outcome.QUOTA_EXCEEDED: "QUOTA_EXCEEDED",
+    Outcome.ISOLATED: "ENVIRONMENT_ISOLATED",
+    Outcome.NOT_STARTED: "ENVIRONMENT_ISOLATED",
+    Outcome.NOT_FOUND: "ENVIRONMENT_NOT_FOUND",
+}
+_ENDS_SOCKET = {Outcome.ISOLATED, Outcome.NOT_STARTED, Outcome.NOT_FOUND}
+_ENDED_CODES = {"isolated": "ENVIRONMENT_ISOLATED", "not-started": "ENVIRONMENT_ISOLATED",
+                "not-found": "ENVIRONMENT_NOT_FOUND"}
+
+#: Handshake fields aiohttp sets itself for the upstream hop.
+_HANDSHAKE = frozenset(istr(h) for h in (
+    "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+    "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept"))
+
+_decoder = msgspec.json.Decoder()
+
+
+def _frame(data: str) -> dict[str, Any] | None:
+    """The frame as a protocol message, or None if it is not one."""
+    try:
+        frame = _decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(frame, dict) and frame.get("msgType") in CLIENT_TYPES:
+        return frame
+    return None
+
+
+def _watch_id(frame: dict[str, Any]) -> str | None:
+    wid = frame.get("watchId")
+    return wid if isinstance(wid, str) and 0 < len(wid) <= MAX_WATCH_ID else None
+
+
+def _msg_env(frame: dict[str, Any]) -> Any:
+    data = frame.get("msgData")
+    return data.get("envId") if isinstance(data, dict) else None
+
+
+class RealtimeSocket:
+    """One client WebSocket and its upstream twin: relays frames, holds its watches' slots."""
+
+    def __init__(self, state: GatewayState, route: CompiledRoute, env: str | None,
+                 client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse):
+        self.state = state
+        self.route = route
+        self.client = client
+        self.upstream = upstream
+        self.env: str | None = None
+        self.counting = True
+        #: Watches of this socket holding a slot.
+        self.held: set[str] = set()
+        self.closing = False
+        self._ending: asyncio.Task[None] | None = None
+        if env is not None:
+            self._set_env(env)
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    def _set_env(self, env: str) -> None:
+        self.env = env
+        self.counting = self.state.env_modes.get(
+            env, self.state.config.gateway.enforcement) != "off"
+        self.state.sockets.setdefault(env, set()).add(self)
+
+    async def run(self) -> None:
+        metrics.REALTIME_SOCKETS.inc()
+        relays = [asyncio.ensure_future(self._from_client()),
+                  asyncio.ensure_future(self._from_upstream())]
+        try:
+            await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.closing = True
+            for task in relays:
+                task.cancel()
+            for task in relays:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._close_both()
+            self._release_all()
+            if self.env is not None:
+                peers = self.state.sockets.get(self.env)
+                if peers is not None:
+                    peers.discard(self)
+                    if not peers:
+                        del self.state.sockets[self.env]
+            metrics.REALTIME_SOCKETS.dec()
+
+    async def _close_both(self) -> None:
+        code_from_client = self.client.close_code
+        code_from_upstream = self.upstream.close_code
+        with contextlib.suppress(Exception):
+            await self.upstream.close(code=code_from_client or 1000)
+        with contextlib.suppress(Exception):
+            await self.client.close(code=code_from_upstream or 1000)
+
+    def _release_all(self) -> None:
+        if self.held and self.env is not None:
+            self.state.limiter.release(self.env, SLOT, len(self.held))
+            metrics.REALTIME_WATCHES.dec(len(self.held))
+        self.held.clear()
+
+    def end_environment(self, status: str) -> None:
+        """The environment was isolated or released: end every watch and the socket."""
+        if self._ending is None and not self.closing:
+            self._ending = asyncio.ensure_future(self._end(_ENDED_CODES.get(status, status)))
+
+    async def _end(self, code: str) -> None:
+        self.closing = True
+        with contextlib.suppress(Exception):
+            for wid in sorted(self.held):
+                await self._send_error(wid, None, code, f"environment {self.env} is {code}")
+            await self.client.close(code=POLICY_CLOSE, message=code.encode()[:120])
+        with contextlib.suppress(Exception):
+            await self.upstream.close(code=1001)
+
+    async def shutdown(self) -> None:
+        """The gateway is stopping: going away (1001), the client reconnects elsewhere."""
+        self.closing = True
+        with contextlib.suppress(Exception):
+            await self.client.close(code=1001, message=b"gateway shutting down")
+        with contextlib.suppress(Exception):
+            await self.upstream.close(code=1001)
+
+    # ------------------------------------------------------------------- client -> upstream
+
+    async def _from_client(self) -> None:
+        async for msg in self.client:
+            if msg.type is WSMsgType.TEXT:
+                await self._client_text(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                if self.route.route.strict:
+                    await self._send_error(None, None, "INVALID_FRAME",
+                                           "binary frames are not the watch protocol")
+                else:
+                    await self.upstream.send_bytes(msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                log.info("realtime client error on %s: %s", self.env, self.client.exception())
+                return
+
+    async def _client_text(self, data: str) -> None:
+        frame = _frame(data)
+        if frame is None:
+            if self.route.route.strict:
+                metrics.REALTIME_REFUSED.labels("INVALID_FRAME").inc()
+                await self._send_error(None, None, "INVALID_FRAME",
+                                       "not a frame of the watch protocol")
+                return
+            await self.upstream.send_str(data)
+            return
+        kind = frame["msgType"]
+        if kind == "INIT_WATCH" or kind == "REBUILD_WATCH":
+            await self._open_watch(frame, data)
+        elif kind == "CLOSE_WATCH":
+            wid = _watch_id(frame)
+            if wid is not None and wid in self.held:
+                self.held.discard(wid)
+                metrics.REALTIME_WATCHES.dec()
+                if self.env is not None:
+                    self.state.limiter.release(self.env, SLOT)
+            await self.upstream.send_str(data)
+        elif kind == "LOGIN":
+            await self._login(frame, data)
+        else:
+            await self.upstream.send_str(data)
+
+    async def _login(self, frame: dict[str, Any], data: str) -> None:
+        named = _msg_env(frame)
+        if named is None or named == self.env:
+            await self.upstream.send_str(data)
+            return
+        if self.env is not None:
+            await self._refuse(frame, "ENVIRONMENT_MISMATCH",
+                               f"this socket belongs to environment {self.env}")
+            return
+        if not isinstance(named, str) or not ENV_ID.fullmatch(named):
+            await self._refuse(frame, "INVALID_ENV_ID",
+                               "envId is not an environment id ([a-z0-9][a-z0-9-]{0,62})")
+            return
+        if self.state.env_modes.get(named, self.state.config.gateway.enforcement) != "off":
+            # Lifecycle and QPS of the environment, no call counted.
+            decision = await self._decide(named, 0, "")
+            if decision is None or not await self._admitted(decision, frame):
+                return
+        self._set_env(named)
+        await self.upstream.send_str(data)
+
+    async def _open_watch(self, frame: dict[str, Any], data: str) -> None:
+        wid = _watch_id(frame)
+        if wid is None:  # an uncountable watch is never forwarded
+            await self._refuse(frame, "INVALID_FRAME",
+                               f"{frame['msgType']} needs a watchId string of 1 to "
+                               f"{MAX_WATCH_ID} characters")
+            return
+        if wid in self.held:  # a rebuild (or a repeat) of a held watch takes nothing more
+            await self.upstream.send_str(data)
+            return
+        named = _msg_env(frame)
+        if self.env is None:
+            if named is None:
+                await self._refuse(frame, "ENVIRONMENT_REQUIRED",
+                                   "send LOGIN with msgData.envId (or envId here) first")
+                return
+            if not isinstance(named, str) or not ENV_ID.fullmatch(named):
+                await self._refuse(frame, "INVALID_ENV_ID",
+                                   "envId is not an environment id ([a-z0-9][a-z0-9-]{0,62})")
+                return
+            self._set_env(named)
+        elif named is not None and named != self.env:
+            await self._refuse(frame, "ENVIRONMENT_MISMATCH",
+                               f"this socket belongs to environment {self.env}")
+            return
+        assert self.env is not None
+        if not self.counting:
+            await self.upstream.send_str(data)
+            return
+        decision = await self._decide(self.env, self.route.cost, SLOT)
+        if decision is None:
+            return
+        holds = not decision.flags & Flag.MODE_OFF
+        if self.closing:  # the socket ended while the store answered
+            if decision.admitted and holds:
+                self.state.limiter.release(self.env, SLOT)
+            return
+        if not await self._admitted(decision, frame):
+            return
+        if holds:
+            self.held.add(wid)
+            metrics.REALTIME_WATCHES.inc()
+        await self.upstream.send_str(data)
+
+    async def _decide(self, env: str, cost: int, slot: str) -> Decision | None:
+        """The decision, or None after answering a store failure (fail-closed)."""
+        decision = await decide(self.state.limiter, env, "realtime", cost, slot)
+        if isinstance(decision, Problem):
+            await self._send_error(None, None, "STORE_UNAVAILABLE", decision.detail)
+            return None
+        return decision
+
+    async def _admitted(self, decision: Decision, frame: dict[str, Any]) -> bool:
+        """True if admitted; else answers with the ERROR frame (and ends the socket when the
+        environment is isolated or gone)."""
+        if decision.admitted:
+            return True
+        code = ERROR_CODES.get(decision.outcome, "REFUSED")
+        metrics.REALTIME_REFUSED.labels(code).inc()
+        problem = refusal(decision, self.env or _msg_env(frame) or "")
+        await self._send_error(_watch_id(frame), frame.get("requestId"), code, problem.detail)
+        if decision.outcome in _ENDS_SOCKET:
+            self.end_environment(code)
+        return False
+
+    # ------------------------------------------------------------------- upstream -> client
+
+    async def _from_upstream(self) -> None:
+        async for msg in self.upstream:
+            if msg.type is WSMsgType.TEXT:
+                data = msg.data
+                if self.held and '"ERROR"' in data:
+                    self._upstream_error(data)
+                await self.client.send_str(data)
+            elif msg.type is WSMsgType.BINARY:
+                await self.client.send_bytes(msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                log.info("realtime upstream error on %s: %s", self.env, self.upstream.exception())
+                return
+
+    def _upstream_error(self, data: str) -> None:
+        """The upstream ended (or refused) a held watch: its slot comes back."""
+        try:
+            frame = _decoder.decode(data)
+        except msgspec.DecodeError:
+            return
+        if isinstance(frame, dict) and frame.get("msgType") == "ERROR":
+            wid = frame.get("watchId")
+            if isinstance(wid, str) and wid in self.held and self.env is not None:
+                self.held.discard(wid)
+                metrics.REALTIME_WATCHES.dec()
+                self.state.limiter.release(self.env, SLOT)
+
+    # ------------------------------------------------------------------------------ errors
+
+    async def _refuse(self, frame: dict[str, Any], code: str, message: str) -> None:
+        metrics.REALTIME_REFUSED.labels(code).inc()
+        await self._send_error(_watch_id(frame), frame.get("requestId"), code, message)
+
+    async def _send_error(self, wid: str | None, request_id: Any, code: str,
+                          message: str) -> None:
+        if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+            request_id = None
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.client.send_str(msgspec.json.encode({
+                "watchId": wid, "requestId": request_id, "msgType": "ERROR",
+                "msgData": {"code": code, "message": message},
+            }).decode())
+
+
+async def handle_upgrade(request: web.Request, state: GatewayState, route: CompiledRoute,
+                         env: str | None, path_qs: str, request_id: str) -> web.StreamResponse:
+    """A WebSocket upgrade on a realtime route: checks, upstream socket, then the relay."""
+    gw = state.config.gateway
+    per_socket = route.route.realtime_unit == "socket"
+    if env is None and per_socket:
+        metrics.INVALID_REQUESTS.labels("invalid-environment").inc()
+        return missing_environment(gw.domain).response()
+    holds = False
+    if env is not None and state.env_modes.get(env, gw.enforcement) != "off":
+        if per_socket:
+            decision = await decide(state.limiter, env, "realtime", route.cost, SLOT)
+        else:  # lifecycle and QPS; watches are counted one by one
+            decision = await decide(state.limiter, env, "realtime", 0)
+        if isinstance(decision, Problem):
+            return decision.response()
+        if not decision.admitted:
+            return refusal(decision, env).response()
+        holds = per_socket and not decision.flags & Flag.MODE_OFF
+    try:
+        return await _relay(request, state, route, env, path_qs, request_id, per_socket)
+    finally:
+        if holds:
+            assert env is not None
+            state.limiter.release(env, SLOT)
+
+
+async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute,
+                 env: str | None, path_qs: str, request_id: str,
+                 per_socket: bool) -> web.StreamResponse:
+    assert state.pool.session is not None
+    headers = forward_request_headers(request, env or "", request_id)
+    for name in _HANDSHAKE:
+        headers.popall(name, None)
+    if env is None:
+        headers.popall("X-CloudBase-Env", None)
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+               if p.strip()]
+    limit = route.route.max_frame_bytes
+    try:
+        upstream = await state.pool.session.ws_connect(
+            URL(route.upstream_url(path_qs), encoded=True), headers=headers,
+            protocols=offered, max_msg_size=limit, autoping=True)
+    except aiohttp.WSServerHandshakeError as exc:
+        metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+        return upstream_unavailable(
+            env, f"upstream {route.origin} refused the WebSocket upgrade: {exc.status}"
+        ).response()
+    except TimeoutError:
+        metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+        return upstream_timeout(env, f"upstream {route.origin} did not answer in time").response()
+    except aiohttp.ClientError as exc:
+        metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+        return upstream_unavailable(
+            env, f"upstream {route.origin} failed: {type(exc).__name__}").response()
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=limit,
+        autoping=True)
+    client.headers["X-Request-Id"] = request_id
+    try:
+        await client.prepare(request)
+    except Exception:
+        await upstream.close()
+        raise
+    if per_socket:  # one slot for the socket: frames are not read
+        await _pipe(client, upstream)
+        return client
+    await RealtimeSocket(state, route, env, client, upstream).run()
+    return client
+
+
+async def _pipe(client: web.WebSocketResponse,
+                upstream: aiohttp.ClientWebSocketResponse) -> None:
+    async def copy(src: Any, dst: Any) -> None:
+        async for msg in src:
+            if msg.type is WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            else:
+                return
+
+    relays = [asyncio.ensure_future(copy(client, upstream)),
+              asyncio.ensure_future(copy(upstream, client))]
+    try:
+        await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in relays:
+            task.cancel()
+        for task in relays:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await upstream.close(code=client.close_code or 1000)
+        with contextlib.suppress(Exception):
+            await client.close(code=upstream.close_code or 1000)

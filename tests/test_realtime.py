@@ -1,0 +1,360 @@
+"""Realtime watches through real gateways: real WebSocket clients, the protocol stub upstream,
+a real Valkey; slots read back from the store."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aredis
+from aiohttp.test_utils import TestClient, TestServer
+
+from quotagate.gateway.app import STATE
+from tests.helpers import at, env, live_slots, local, realtime_routes
+
+
+class Watcher:
+    """One client WebSocket speaking the watch protocol; frames are collected as they come."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse):
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+        self.raw: list[str | bytes] = []
+        self._arrived = asyncio.Event()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                self.raw.append(msg.data)
+                try:
+                    frame = json.loads(msg.data)
+                except ValueError:
+                    frame = None
+                if isinstance(frame, dict):
+                    self.frames.append(frame)
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                self.raw.append(msg.data)
+            self._arrived.set()
+        self._arrived.set()
+
+    async def send(self, msg_type: str, watch_id: Any = None, request_id: Any = None,
+                   **data: Any) -> None:
+        await self.ws.send_str(json.dumps({"watchId": watch_id, "requestId": request_id,
+                                           "msgType": msg_type, "msgData": data}))
+
+    async def wait_for(self, pred, timeout: float = 3.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for frame in self.frames[seen:]:
+                if pred(frame):
+                    return frame
+            seen = len(self.frames)
+            left = deadline - time.monotonic()
+            if left <= 0 or (self.ws.closed and self._reader.done()):
+                raise AssertionError(f"no such frame; got {self.frames[-5:]}")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), left)
+
+    def of(self, watch_id: str, msg_type: str | None = None) -> list[dict[str, Any]]:
+        return [f for f in self.frames if f.get("watchId") == watch_id
+                and (msg_type is None or f.get("msgType") == msg_type)]
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self._reader
+
+
+def answered(watch_id: str):
+    return lambda f: f.get("watchId") == watch_id and f.get("msgType") in ("INIT_EVENT", "ERROR")
+
+
+@pytest.fixture
+async def ws_session():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def connect(ws_session: aiohttp.ClientSession):
+    opened: list[Watcher] = []
+
+    async def open_(gw: TestClient, headers: dict[str, str] | None = None,
+                    query: str = "event_ms=50", **kw: Any) -> Watcher:
+        ws = await ws_session.ws_connect(gw.make_url(f"/realtime?{query}"),
+                                         headers=headers or {}, **kw)
+        watcher = Watcher(ws)
+        opened.append(watcher)
+        return watcher
+
+    yield open_
+    for w in opened:
+        if not w.ws.closed:
+            await w.close()
+
+
+async def login(w: Watcher, env_id: str = "shop") -> dict[str, Any]:
+    await w.send("LOGIN", request_id="login", envId=env_id, accessToken="t")
+    return await w.wait_for(lambda f: f.get("requestId") == "login")
+
+
+async def stub_stats(upstream: TestServer) -> dict[str, int]:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{upstream.port}/_realtime") as r:
+        return await r.json()
+
+
+@pytest.fixture
+async def store(valkey_url: str):
+    client = aredis.Redis.from_url(valkey_url)
+    yield client
+    await client.aclose()
+
+
+async def settle() -> None:
+    """Slots go back on the gateway's next loop tick; the store then has them."""
+    await asyncio.sleep(0.1)
+
+
+async def test_cap_exact_over_sockets_and_instances(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    envs = {"shop": env(plan="personal")}  # 10 realtime connections
+    gws = [await make_gateway(envs, routes=routes) for _ in range(2)]
+    sockets = [await connect(gws[i % 2]) for i in range(4)]
+    for w in sockets:
+        assert (await login(w))["msgType"] == "LOGIN_RES"
+    # 4 sockets x 4 watches at once over 2 gateways: cap 10 -> 10 open, 6 refused here.
+    await asyncio.gather(*(w.send("INIT_WATCH", f"s{i}w{j}", f"r{i}{j}", envId="shop",
+                                  collName="todos", query="{}")
+                           for i, w in enumerate(sockets) for j in range(4)))
+    replies = await asyncio.gather(*(w.wait_for(answered(f"s{i}w{j}"))
+                                     for i, w in enumerate(sockets) for j in range(4)))
+    kinds = Counter(f["msgType"] for f in replies)
+    assert kinds == {"INIT_EVENT": 10, "ERROR": 6}
+    for f in replies:
+        if f["msgType"] == "ERROR":
+            assert f["msgData"]["code"] == "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+            assert f["requestId"] == "r" + f["watchId"][1] + f["watchId"][3]
+            assert "10" in f["msgData"]["message"]
+    stats = await stub_stats(upstream)
+    assert stats["inits"] == 10 and stats["open_watches"] == 10  # refused ones not forwarded
+    assert await live_slots(store, "shop") == {"rt:": 10}
+    # The open watches keep receiving events after the refusals, sockets and all.
+    open_ids = [f["watchId"] for f in replies if f["msgType"] == "INIT_EVENT"]
+    owner = {f"s{i}w{j}": w for i, w in enumerate(sockets) for j in range(4)}
+    for wid in open_ids:
+        count = len(owner[wid].of(wid, "NEXT_EVENT"))
+        await owner[wid].wait_for(
+            lambda f, wid=wid, count=count: f.get("watchId") == wid
+            and f.get("msgType") == "NEXT_EVENT" and f["msgData"]["seq"] > count)
+
+    # CLOSE_WATCH frees one: exactly one new watch fits, on the other instance.
+    closing = open_ids[0]
+    await owner[closing].send("CLOSE_WATCH", closing, "c1")
+    await settle()
+    taker = next(w for w in sockets if w is not owner[closing])
+    await taker.send("INIT_WATCH", "late1", "x1", collName="todos")
+    await taker.send("INIT_WATCH", "late2", "x2", collName="todos")
+    assert (await taker.wait_for(answered("late1")))["msgType"] == "INIT_EVENT"
+    assert (await taker.wait_for(answered("late2")))["msgData"]["code"] == \
+        "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+    # A socket's close frees all its watches.
+    gone = sockets[0]
+    held = len({f["watchId"] for f in gone.frames if f["msgType"] == "INIT_EVENT"}) - (
+        1 if owner[closing] is gone else 0)
+    await gone.close()
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 10 - held}
+    assert sum(len(g.app[STATE].limiter.held.get("shop", {})) for g in gws) >= 1
+
+
+async def test_rebuild_of_a_held_watch_takes_nothing(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env(limits={"realtime": 2})}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})  # env from the header
+    for wid in ("a", "b"):
+        await w.send("INIT_WATCH", wid, wid, collName="c")
+        assert (await w.wait_for(answered(wid)))["msgType"] == "INIT_EVENT"
+    await w.send("REBUILD_WATCH", "a", "ra", collName="c")
+    await w.wait_for(lambda f: f.get("requestId") == "ra")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "ra"))["msgType"] == "INIT_EVENT"
+    await w.send("REBUILD_WATCH", "zz", "rz", collName="c")  # not held here: a new watch
+    assert (await w.wait_for(lambda f: f.get("requestId") == "rz"))["msgData"]["code"] == \
+        "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+    await w.send("PING", request_id="p")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "p"))["msgType"] == "PONG"
+    assert await live_slots(store, "shop") == {"rt:": 2}
+    # The upstream refusing a held watch gives its slot back.
+    await w.send("CLOSE_WATCH", "b", "cb")
+    await settle()
+    await w.send("INIT_WATCH", "f", "rf", collName="fail")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "rf"))["msgData"]["code"] == \
+        "WATCH_FAILED"
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 1}
+
+
+async def test_environment_from_login_and_refusals(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    envs = {"shop": env(), "old": env(anchor="2025-01-01", expires="2026-11-20")}
+    gw = await make_gateway(envs, routes=routes)
+    # No environment yet: a watch is refused (it could not be counted), the socket stays.
+    w = await connect(gw)
+    await w.send("INIT_WATCH", "a", "ra", collName="c")
+    assert (await w.wait_for(answered("a")))["msgData"]["code"] == "ENVIRONMENT_REQUIRED"
+    await w.send("LOGIN", request_id="bad", envId="Bad_Id!")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "bad"))["msgData"]["code"] == \
+        "INVALID_ENV_ID"
+    assert (await login(w))["msgType"] == "LOGIN_RES"
+    await w.send("LOGIN", request_id="other", envId="old")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "other"))["msgData"]["code"] == \
+        "ENVIRONMENT_MISMATCH"
+    await w.send("INIT_WATCH", "b", "rb", envId="old", collName="c")
+    assert (await w.wait_for(answered("b")))["msgData"]["code"] == "ENVIRONMENT_MISMATCH"
+    await w.send("INIT_WATCH", "c", "rc", collName="c")
+    assert (await w.wait_for(answered("c")))["msgType"] == "INIT_EVENT"
+    assert await live_slots(store, "shop") == {"rt:": 1}
+
+    # An isolated environment in LOGIN: ERROR, then the socket is closed by policy.
+    iso = await connect(gw)
+    await iso.send("LOGIN", request_id="l", envId="old")
+    assert (await iso.wait_for(lambda f: f.get("requestId") == "l"))["msgData"]["code"] == \
+        "ENVIRONMENT_ISOLATED"
+    await iso._reader
+    assert iso.ws.close_code == 1008
+    unknown = await connect(gw)
+    await unknown.send("INIT_WATCH", "u", "ru", envId="nobody", collName="c")
+    assert (await unknown.wait_for(answered("u")))["msgData"]["code"] == "ENVIRONMENT_NOT_FOUND"
+    await unknown._reader
+    assert unknown.ws.close_code == 1008
+
+    # Named at the upgrade: refused with the problem before any socket.
+    async with aiohttp.ClientSession() as s:
+        for env_id, status, suffix in (("old", 403, "environment-isolated"),
+                                       ("nobody", 404, "environment-not-found")):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await s.ws_connect(gw.make_url("/realtime"), headers={"X-CloudBase-Env": env_id})
+            assert err.value.status == status
+            async with s.get(gw.make_url("/realtime"),
+                             headers={"X-CloudBase-Env": env_id, "Upgrade": "websocket",
+                                      "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+                assert r.status == status
+                assert (await r.json(content_type=None))["type"].endswith(suffix)
+
+
+HOSTILE = [
+    "not json at all",
+    "[1, 2, 3]",
+    '"a string"',
+    '{"msgType": 7}',
+    '{"msgType": "NOT_A_TYPE", "watchId": "w"}',
+    '{"watchId": {"$ne": 1}}',
+    "{" * 10_000,
+    '{"msgType": null, "watchId": null}',
+]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+async def test_malformed_and_hostile_frames(make_gateway, connect, upstream, store, strict):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", strict=strict,
+                             max_frame_bytes=65536)
+    gw = await make_gateway({"shop": env(limits={"realtime": 3})}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await w.send("INIT_WATCH", "keep", "k", collName="c")
+    assert (await w.wait_for(answered("keep")))["msgType"] == "INIT_EVENT"
+    for text in HOSTILE:
+        await w.ws.send_str(text)
+    await w.ws.send_bytes(b"\x00\xffbinary")
+    # Watch frames that cannot be counted are never forwarded, strict or not.
+    for bad in ({"msgType": "INIT_WATCH"}, {"msgType": "INIT_WATCH", "watchId": 12},
+                {"msgType": "INIT_WATCH", "watchId": "x" * 300},
+                {"msgType": "REBUILD_WATCH", "watchId": ["a"]},
+                {"msgType": "INIT_WATCH", "watchId": "e", "msgData": {"envId": 5}}):
+        await w.ws.send_str(json.dumps({**bad, "requestId": "bad"}))
+    await w.send("PING", request_id="after")
+    await w.wait_for(lambda f: f.get("requestId") == "after")
+    # The socket and its watch are still up.
+    seen = len(w.of("keep", "NEXT_EVENT"))
+    await w.wait_for(lambda f: f.get("watchId") == "keep" and f.get("msgType") == "NEXT_EVENT"
+                     and f["msgData"]["seq"] > seen)
+    bad_replies = [f for f in w.frames if f.get("requestId") == "bad"]
+    assert len(bad_replies) == 5
+    assert {f["msgData"]["code"] for f in bad_replies} <= {"INVALID_FRAME", "ENVIRONMENT_MISMATCH"}
+    stats = await stub_stats(upstream)
+    assert stats["inits"] == 1
+    echoed = [r for r in w.raw if r in HOSTILE or r == b"\x00\xffbinary"]
+    invalid = [f for f in w.frames if f.get("msgType") == "ERROR"
+               and f["msgData"]["code"] == "INVALID_FRAME" and f.get("requestId") != "bad"]
+    if strict:  # refused here with an ERROR each, none reached the upstream
+        assert echoed == [] and len(invalid) == len(HOSTILE) + 1
+    else:  # passed through untouched (the stub echoes what it does not understand)
+        assert len(echoed) == len(HOSTILE) + 1 and invalid == []
+    assert await live_slots(store, "shop") == {"rt:": 1}
+    # An oversized frame closes the socket (1009) and its slots come back.
+    await w.ws.send_str("x" * 70_000)
+    await w._reader
+    assert w.ws.close_code == 1009
+    await settle()
+    assert await live_slots(store, "shop") == {}
+
+
+async def test_isolation_closes_held_watches(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    clock_env = {"shop": env(expires="2026-12-01")}
+
+
+    clock = at("2026-11-30T23:59:00")
+    gw = await make_gateway(clock_env, routes=routes, clock=clock)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    for wid in ("a", "b"):
+        await w.send("INIT_WATCH", wid, wid, collName="c")
+        assert (await w.wait_for(answered(wid)))["msgType"] == "INIT_EVENT"
+    limiter = gw.app[STATE].limiter
+    assert await limiter.renew() == {"shop": 0}
+    clock.set(local("2026-12-01T00:00:00"))  # plan expiry: isolated
+    assert await limiter.renew() == {"shop": 3}
+    await w._reader
+    ended = [f for f in w.frames if f.get("msgType") == "ERROR"]
+    assert {f["watchId"] for f in ended} == {"a", "b"}
+    assert {f["msgData"]["code"] for f in ended} == {"ENVIRONMENT_ISOLATED"}
+    assert w.ws.close_code == 1008
+    await settle()
+    assert await live_slots(store, "shop") == {}
+    assert (await stub_stats(upstream))["open_watches"] == 0
+
+
+async def test_socket_unit_caps_upgrades(make_gateway, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", realtime_unit="socket")
+    gw = await make_gateway({"shop": env(limits={"realtime": 2})}, routes=routes)
+    h = {"X-CloudBase-Env": "shop"}
+    async with aiohttp.ClientSession() as s:
+        a = await s.ws_connect(gw.make_url("/realtime"), headers=h)
+        b = await s.ws_connect(gw.make_url("/realtime"), headers=h)
+        assert await live_slots(store, "shop") == {"rt:": 2}
+        async with s.get(gw.make_url("/realtime"),
+                         headers={**h, "Upgrade": "websocket", "Connection": "Upgrade",
+                                  "Sec-WebSocket-Version": "13",
+                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
+            assert r.status == 429
+            body = await r.json(content_type=None)
+            assert body["type"].endswith("connections-exceeded") and body["meter"] == "realtime"
+        # Frames pass untouched both ways (not read in socket mode).
+        await a.send_str("hello")
+        assert (await a.receive_str(timeout=2)) == "hello"
+        await a.close()
+        await settle()
+        c = await s.ws_connect(gw.make_url("/realtime"), headers=h)
+        assert await live_slots(store, "shop") == {"rt:": 2}
+        for ws in (b, c):
+            await ws.close()
+    await settle()
+    assert await live_slots(store, "shop") == {}
