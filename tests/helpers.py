@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis.asyncio as aredis
 import yaml
 
@@ -16,6 +21,7 @@ from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import sync_environments
 from quotagate.settings import Config, load_config
 
+QUOTAGATE = [sys.executable, "-m", "quotagate"]
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "config" / "plans.yaml"
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -96,3 +102,18 @@ async def live_slots(client: aredis.Redis, env_id: str) -> dict[str, int]:
 async def per_instance(client: aredis.Redis, env_id: str) -> dict[str, int]:
     raw = await client.hgetall(keys.slots(env_id))
     return {k.decode(): int(v) for k, v in raw.items() if not k.startswith(b"=")}
+
+
+async def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as s:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("gateway never became ready")

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import aiohttp
@@ -17,9 +14,7 @@ import pytest
 import yaml
 
 from quotagate.limiter.embedded import free_port
-from tests.helpers import PLANS
-
-QUOTAGATE = [sys.executable, "-m", "quotagate"]
+from tests.helpers import PLANS, QUOTAGATE, wait_ready
 
 
 def test_help_for_every_command():
@@ -65,21 +60,6 @@ def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, i
                  "limits": {"calls": 5}},
     }}))
     return tmp_path / "gateway.yaml", port, admin
-
-
-async def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("gateway never became ready")
 
 
 def valkey_children(pid: int) -> list[psutil.Process]:

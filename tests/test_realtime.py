@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 from typing import Any
@@ -13,10 +17,22 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aredis
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
+from quotagate.clock import StoreClock
 from quotagate.gateway.app import STATE
-from tests.helpers import at, env, live_slots, local, realtime_routes
+from quotagate.limiter.embedded import free_port
+from tests.helpers import (
+    PLANS,
+    QUOTAGATE,
+    at,
+    env,
+    live_slots,
+    local,
+    realtime_routes,
+    wait_ready,
+)
 
 
 class Watcher:
@@ -358,3 +374,51 @@ async def test_socket_unit_caps_upgrades(make_gateway, upstream, store):
             await ws.close()
     await settle()
     assert await live_slots(store, "shop") == {}
+
+
+async def test_killed_instance_slots_return_within_the_lease(tmp_path, make_gateway, connect,
+                                                             upstream, store, valkey_url):
+    """A real `quotagate serve` holding watches is killed with SIGKILL: its slots come back
+    within one lease; while it lived, its renewals kept them past the lease."""
+    today = dt.date.today()
+    envs = {"shop": {"plan": "standard", "anchor": (today - dt.timedelta(days=40)).isoformat(),
+                     "expires": (today + dt.timedelta(days=400)).isoformat(),
+                     "limits": {"realtime": 3}}}
+    leases = {"ttl_ms": 1000, "renew_interval_ms": 250}
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    port, admin = free_port(), free_port()
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"url": valkey_url}, "plans_file": str(PLANS), "leases": leases,
+        "routes": routes}))
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as s:
+            doomed = Watcher(await s.ws_connect(f"http://127.0.0.1:{port}/realtime?event_ms=50",
+                                                headers={"X-CloudBase-Env": "shop"}))
+            for wid in ("a", "b", "c"):
+                await doomed.send("INIT_WATCH", wid, wid, collName="c")
+                assert (await doomed.wait_for(answered(wid)))["msgType"] == "INIT_EVENT"
+            await asyncio.sleep(1.5)  # past the lease: renewals hold them
+            gw = await make_gateway(envs, routes=routes, clock=StoreClock(), leases=leases)
+            w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+            await w.send("INIT_WATCH", "x0", "x0", collName="c")
+            assert (await w.wait_for(answered("x0")))["msgData"]["code"] == \
+                "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            for i in range(1, 100):
+                await w.send("INIT_WATCH", f"x{i}", f"x{i}", collName="c")
+                if (await w.wait_for(answered(f"x{i}")))["msgType"] == "INIT_EVENT":
+                    break
+                await asyncio.sleep(0.05)
+            back_after = time.monotonic() - killed
+            assert back_after <= 1.0 + 0.3, back_after  # one lease (+ polling)
+            assert await live_slots(store, "shop") == {"rt:": 1}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
