@@ -8,6 +8,8 @@ Arms (same upstream, same client, same concurrency):
   A        wrk -> demo upstream directly
   B        wrk -> quotagate (enforcement: off) -> upstream
   C        wrk -> quotagate (enforcement: enforce, never refuses) -> upstream; Valkey store
+  Cplain   as C on a function route without concurrency slots or GBs metering
+           (``concurrency: false, meter: none``): C/Cplain is what they cost
   Creject  as C, every other request from an environment whose calls quota is 0 (refused)
   D        wrk -> aiohttp passthrough deciding with the `limits` library -> upstream; sub-arms
            D-fixed, D-moving, D-sliding (async Redis strategies against the same Valkey)
@@ -61,11 +63,12 @@ PATH = "/functions/bench"
 ENV_OK = "bench-ok"
 ENV_EMPTY = "bench-empty"
 D_STRATEGIES = ("fixed", "moving", "sliding")
-ALL_ARMS = ("A", "B", "C", "Creject", "D", "N")
+ALL_ARMS = ("A", "B", "C", "Cplain", "Creject", "D", "N")
+PLAIN_PATH = "/plain/bench"
 # Measurement order within a pass (reversed every other pass): the pairs the ratios compare sit
 # next to each other (A|N, N|B, B|C, C|D-fixed), so their slices are seconds apart.
-MEASURE_ORDER = ("A", "N", "B", "C", "D-fixed", "D-moving", "D-sliding", "Creject")
-DISPLAY_ORDER = ("A", "B", "C", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
+MEASURE_ORDER = ("A", "N", "B", "C", "Cplain", "D-fixed", "D-moving", "D-sliding", "Creject")
+DISPLAY_ORDER = ("A", "B", "C", "Cplain", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -297,6 +300,7 @@ class Arm:
     pid: int | None  # the proxy process whose CPU is measured (None for A)
     wrk_args: list[str]
     description: str
+    path: str = PATH
 
 
 @dataclass
@@ -340,7 +344,9 @@ def write_configs(tmp: Path, upstream_port: int, store_url: str) -> dict[str, Pa
             "plans_file": str(PLANS_FILE),
             "environments_file": str(tmp / "environments.yaml"),
             "routes": [{"prefix": "/functions/", "upstream": f"http://127.0.0.1:{upstream_port}",
-                        "kind": "function"}],
+                        "kind": "function"},
+                       {"prefix": "/plain/", "upstream": f"http://127.0.0.1:{upstream_port}",
+                        "kind": "function", "concurrency": False, "meter": "none"}],
         }
         paths[mode] = tmp / f"gateway-{mode}.yaml"
         paths[mode].write_text(yaml.safe_dump(gateway, sort_keys=False))
@@ -382,9 +388,10 @@ http {{
     return conf
 
 
-def wrk_command(args: argparse.Namespace, port: int, seconds: int, extra: list[str]) -> list[str]:
+def wrk_command(args: argparse.Namespace, port: int, seconds: int, extra: list[str],
+                path: str = PATH) -> list[str]:
     return ["taskset", "-c", args.client_cpu, "wrk", "-t1", f"-c{args.connections}",
-            f"-d{seconds}s", "--latency", *extra, f"http://127.0.0.1:{port}{PATH}"]
+            f"-d{seconds}s", "--latency", *extra, f"http://127.0.0.1:{port}{path}"]
 
 
 def run_wrk(cmd: list[str], seconds: int) -> str:
@@ -405,7 +412,7 @@ def warm_up(args: argparse.Namespace, arm: Arm, seconds: float) -> None:
     -d<ceil>s and is stopped with SIGINT (it then exits cleanly within 0.1 s)."""
     if seconds <= 0:
         return
-    cmd = wrk_command(args, arm.port, math.ceil(seconds), arm.wrk_args)
+    cmd = wrk_command(args, arm.port, math.ceil(seconds), arm.wrk_args, arm.path)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         try:
@@ -425,7 +432,7 @@ def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Chi
     children.check_alive()
     pids = tree_pids(arm.pid) if arm.pid else []
     clk = os.sysconf("SC_CLK_TCK")
-    cmd = wrk_command(args, arm.port, args.slice, arm.wrk_args)
+    cmd = wrk_command(args, arm.port, args.slice, arm.wrk_args, arm.path)
     s0, c0 = stats.snapshot(), core_times()
     t0, n0 = cpu_ticks(pids), cpu_ns(pids)
     out = run_wrk(cmd, args.slice)
@@ -577,6 +584,9 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
                  for a, b in zip(results.samples["C"], results.samples["B"], strict=False)
                  if a.cpu_us_per_req and b.cpu_us_per_req]
         spread_line("limiter cost C-B, CPU µs/request", diffs, ".1f")
+    if "Cplain" in names and "C" in names:
+        ratio_line("C/Cplain req/s (slots + GBs)", "C", "Cplain", rps)
+        ratio_line("C/Cplain CPU µs per request", "C", "Cplain", cpu)
     if "Creject" in names and "C" in names:
         ratio_line("C-reject/C req/s", "Creject", "C", rps)
         ratio_line("C-reject/C CPU µs per request", "Creject", "C", cpu)
@@ -751,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(port, ENV_OK, 30, "gateway (off)", children)
             arms.append(Arm("B", port, proc.pid, header,
                             "quotagate, enforcement: off (no store calls) -> upstream"))
-        if "C" in wanted or "Creject" in wanted:
+        if "C" in wanted or "Creject" in wanted or "Cplain" in wanted:
             cfg = yaml.safe_load(configs["enforce"].read_text())
             port = int(cfg["listen"].rsplit(":", 1)[1])
             proc = children.start("gateway-enforce", [PY, str(HERE / "gateway_proc.py"),
@@ -762,6 +772,10 @@ def main(argv: list[str] | None = None) -> int:
                 arms.append(Arm("C", port, proc.pid, header,
                                 f"quotagate, enforcement: enforce, env {ENV_OK} (enterprise, "
                                 "qps 1e7, calls 1e12: never refused), Valkey on TCP"))
+            if "Cplain" in wanted:
+                arms.append(Arm("Cplain", port, proc.pid, header,
+                                f"as C on {PLAIN_PATH}: a function route without concurrency "
+                                "slots or GBs metering", PLAIN_PATH))
             if "Creject" in wanted:
                 arms.append(Arm("Creject", port, proc.pid, ["-s", str(lua)],
                                 f"as C, alternating {ENV_OK} / {ENV_EMPTY} (calls 0, no overage:"
@@ -796,7 +810,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
         arms.sort(key=lambda a: MEASURE_ORDER.index(a.name))
-        commands = {a.name: shlex.join(wrk_command(args, a.port, args.slice, a.wrk_args))
+        commands = {a.name: shlex.join(
+            wrk_command(args, a.port, args.slice, a.wrk_args, a.path))
                     for a in arms}
         results = Results({a.name: [] for a in arms})
         total = (len(arms) * args.warmup

@@ -145,9 +145,11 @@ local function release_held(slots_key, inst, slot, n)
 end
 
 -- Hold `inst`'s lease until now + lease_ms (never shortened). Both keys outlive the longest
--- lease by one period, so an environment whose instances all died forgets its slots by itself.
-local function hold_lease(slots_key, lease_key, inst, now, lease_ms)
-  redis.call('ZADD', lease_key, 'GT', now + lease_ms, inst)
+-- lease by one period, so an environment whose instances all died forgets its slots by itself:
+-- their expiry is set when an instance joins and pushed on by every renewal (`always`).
+local function hold_lease(slots_key, lease_key, inst, now, lease_ms, always)
+  local joined = redis.call('ZADD', lease_key, 'GT', now + lease_ms, inst)
+  if joined == 0 and not always then return end
   local keep = 2 * lease_ms
   for _, k in ipairs({slots_key, lease_key}) do
     if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end

@@ -161,7 +161,7 @@ if slot ~= '' then
   local inst = ARGV[7]
   redis.call('HINCRBY', KEYS[6], inst .. '|' .. slot, 1)
   in_use = redis.call('HINCRBY', KEYS[6], '=' .. slot, 1)
-  hold_lease(KEYS[6], KEYS[7], inst, store_ms, tonumber(ARGV[8]))
+  hold_lease(KEYS[6], KEYS[7], inst, store_ms, tonumber(ARGV[8]), false)
 end
 return {code, flags, qps_limit, qps_remaining, qps_reset, quota, held - consumed, reset_ms,
         retry, window_s, meter, cap, in_use}

@@ -30,7 +30,7 @@ for e = 0, #KEYS / 3 - 1 do
     a = a + 2
   end
   if lease_ms > 0 then
-    hold_lease(slots_key, lease_key, inst, store_ms, lease_ms)
+    hold_lease(slots_key, lease_key, inst, store_ms, lease_ms, true)
   else
     redis.call('ZREM', lease_key, inst)
   end
