@@ -40,6 +40,9 @@ def test_demo_walkthrough():
     assert "refused with qps-exceeded" in text
     assert "6 calls → 6 passed" in text
     assert "→ 400 Bad Request" in text and "→ 404 Not Found" in text
+    assert "→ 10 INIT_EVENT, 2 ERROR REALTIME_CONNECTION_LIMIT_EXCEEDED" in text
+    assert "then INIT_WATCH w12 → INIT_EVENT" in text
+    assert "→ 2 passed, 2 refused with concurrency-exceeded" in text
 
 
 def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, int]:

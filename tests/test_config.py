@@ -91,7 +91,9 @@ def test_shipped_config_loads(shipped) -> None:
     assert gw.listen != gw.admin_listen
     assert gw.enforcement == "enforce" and gw.on_store_failure == "open"
     assert gw.timezone == "Asia/Shanghai"
-    assert len(gw.routes) == 7
+    assert len(gw.routes) == 8
+    assert [r.kind for r in gw.routes].count("realtime") == 1
+    assert gw.leases.ttl_ms == 15_000 and gw.leases.renew_interval_ms == 5_000
     assert "shop-1a2b" in shipped.environments.environments
 
 

@@ -10,12 +10,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aredis
 
 from quotagate.limiter import keys
 from quotagate.limiter.calendar import day_number
 from quotagate.limiter.codes import Outcome
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from quotagate.limiter.entitlements import MBMS_PER_GBS
+from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
+from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.sync import sync_environments
 from tests.helpers import at, env, live_slots, local, per_instance, synced_limiter, write_config
 
 NOON = "2026-11-26T12:00:00"
@@ -275,3 +280,50 @@ async def test_renewal_reports_isolated_environments(tmp_path: Path, make_limite
     clock.set(local("2026-12-01T00:00:00"))
     assert await lim.renew() == {"shop": 3, "other": 0}
     assert ended == [("shop", "isolated")]
+
+
+async def test_slots_held_through_a_store_outage_are_written_back(tmp_path: Path):
+    """Fail-open: a watch admitted while the store is down is held here; the first renewal
+    that reaches the store writes it, so the cap counts it."""
+    port = free_port()
+    config = write_config(tmp_path / "cfg", {"shop": env(limits={"realtime": 2})})
+    store = PipelinedStore(StoreAddress.from_url(f"redis://127.0.0.1:{port}/0"),
+                           timeout_ms=100, connect_timeout_ms=100, retry_interval_ms=50)
+    lim = Limiter(store, clock=at(NOON), on_failure="open")
+    server = None
+    try:
+        d = await lim.decide("shop", "realtime", 1, "rt:")
+        assert d.store_bypassed and lim.slots_held("shop", "rt:") == 1
+        with pytest.raises(StoreError):
+            await lim.renew()
+        assert lim.slots_held("shop", "rt:") == 1
+        server = EmbeddedValkey(tmp_path / "v", port=port, appendonly=False).start()
+        client = aredis.Redis.from_url(server.url)
+        await sync_environments(client, config)
+        await asyncio.sleep(0.1)  # past the retry interval
+        assert (await lim.renew())["shop"] == 0
+        assert await live_slots(client, "shop") == {"rt:": 1}
+        other = await synced_limiter(server.url, config, at(NOON))
+        assert (await other.decide("shop", "realtime", 1, "rt:")).admitted
+        assert (await other.decide("shop", "realtime", 1, "rt:")).outcome is \
+            Outcome.CONCURRENCY_EXCEEDED
+        await other.close()
+        await client.aclose()
+    finally:
+        await lim.close(give_back=False)
+        if server is not None:
+            server.stop()
+
+
+async def test_clean_shutdown_gives_every_slot_back(tmp_path: Path, make_limiter, store_url,
+                                                    redis_client):
+    config = write_config(tmp_path, {"shop": env(), "other": env()})
+    lim = await synced_limiter(store_url, config, at(NOON))
+    for e in ("shop", "other"):
+        for _ in range(3):
+            assert (await lim.decide(e, "realtime", 1, "rt:")).admitted
+        assert (await lim.decide(e, "function", 1, "fn:f")).admitted
+    await lim.close()
+    for e in ("shop", "other"):
+        assert await live_slots(redis_client, e) == {}
+        assert await redis_client.zcard(keys.lease(e)) == 0

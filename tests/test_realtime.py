@@ -422,3 +422,33 @@ async def test_killed_instance_slots_return_within_the_lease(tmp_path, make_gate
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+async def test_sockets_are_not_limited_by_the_keepalive_pool(make_gateway, connect, upstream):
+    """Each WebSocket holds its upstream connection for life: more sockets than the HTTP pool
+    size must all work (they have their own unpooled connector)."""
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env()}, routes=routes, upstream={"pool_size": 2})
+    sockets = [await connect(gw, headers={"X-CloudBase-Env": "shop"}) for _ in range(5)]
+    for i, w in enumerate(sockets):
+        await w.send("PING", request_id=f"p{i}")
+    for i, w in enumerate(sockets):
+        assert (await w.wait_for(lambda f, i=i: f.get("requestId") == f"p{i}"))["msgType"] \
+            == "PONG"
+    assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status == 200
+
+
+async def test_isolation_closes_socket_unit_sockets_too(make_gateway, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", realtime_unit="socket")
+    clock = at("2026-11-30T23:59:00")
+    gw = await make_gateway({"shop": env(expires="2026-12-01")}, routes=routes, clock=clock)
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(gw.make_url("/realtime"), headers={"X-CloudBase-Env": "shop"})
+        assert await live_slots(store, "shop") == {"rt:": 1}
+        clock.set(local("2026-12-01T00:00:00"))
+        assert await gw.app[STATE].limiter.renew() == {"shop": 3}
+        msg = await ws.receive(timeout=3)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == 1008
+    await settle()
+    assert await live_slots(store, "shop") == {}

@@ -42,6 +42,7 @@ def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port
         "routes": [
             {"prefix": "/functions/", "upstream": up, "kind": "function"},
             {"prefix": "/database/", "upstream": up, "kind": "database"},
+            {"prefix": "/realtime", "upstream": up, "kind": "realtime"},
             {"prefix": "/ai/", "upstream": up, "kind": "ai", "accept": "text/event-stream",
              "cost": 50},
             {"prefix": "/ai/", "upstream": up, "kind": "ai"},
@@ -61,6 +62,10 @@ def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port
         "demo-payg": {"plan": "personal", "anchor": anchor.isoformat(),
                       "expires": anchor.replace(year=anchor.year + 1).isoformat(),
                       "overage": True, "limits": {"calls": 3}},
+        # Personal plan: 10 realtime watches; 2 concurrent invocations per function.
+        "demo-live": {"plan": "personal", "anchor": anchor.isoformat(),
+                      "expires": anchor.replace(year=anchor.year + 1).isoformat(),
+                      "limits": {"function_concurrency": 2}},
     }}
     (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
     (directory / "environments.yaml").write_text(yaml.safe_dump(environments, sort_keys=False))
@@ -137,6 +142,51 @@ async def walkthrough(base: str) -> dict[str, int]:
         r = await _show(s, "8. An unknown environment", "GET", f"{base}/functions/hello",
                         "no-such-env")
         seen["unknown"] = r.status
+        seen.update(await _realtime_steps(s, base))
+    return seen
+
+
+async def _realtime_steps(s: aiohttp.ClientSession, base: str) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    _say("\n── 9. demo-live (personal: 10 realtime watches) opens 12 watches on one WebSocket")
+    ws = await s.ws_connect(f"{base}/realtime?event_ms=200")
+    await ws.send_json({"requestId": "l", "msgType": "LOGIN",
+                        "msgData": {"envId": "demo-live", "accessToken": "demo"}})
+    for i in range(12):
+        await ws.send_json({"watchId": f"w{i}", "requestId": f"r{i}", "msgType": "INIT_WATCH",
+                            "msgData": {"collName": "todos", "query": "{}"}})
+    answers: dict[str, dict] = {}
+    while len(answers) < 12:
+        frame = await ws.receive_json(timeout=5)
+        if frame.get("msgType") in ("INIT_EVENT", "ERROR") and frame.get("watchId"):
+            answers.setdefault(frame["watchId"], frame)
+    opened = sum(f["msgType"] == "INIT_EVENT" for f in answers.values())
+    refused = [f for f in answers.values() if f["msgType"] == "ERROR"]
+    _say(f"   → {opened} INIT_EVENT, {len(refused)} ERROR "
+         f"{refused[0]['msgData']['code'] if refused else ''} (answered by the gateway, not "
+         "forwarded; the socket and its other watches stay up)")
+    seen["watches_open"], seen["watches_refused"] = opened, len(refused)
+    await ws.send_json({"watchId": "w0", "requestId": "c0", "msgType": "CLOSE_WATCH"})
+    await asyncio.sleep(0.1)
+    await ws.send_json({"watchId": "w12", "requestId": "r12", "msgType": "INIT_WATCH",
+                        "msgData": {"collName": "todos"}})
+    while True:
+        frame = await ws.receive_json(timeout=5)
+        if frame.get("watchId") == "w12" and frame.get("msgType") in ("INIT_EVENT", "ERROR"):
+            break
+    _say(f"   CLOSE_WATCH w0, then INIT_WATCH w12 → {frame['msgType']}")
+    seen["after_close"] = 1 if frame["msgType"] == "INIT_EVENT" else 0
+    await ws.close()
+
+    _say("\n── 10. demo-live runs at most 2 invocations of a function at once: 4 slow calls")
+    async def slow() -> int:
+        async with s.get(f"{base}/functions/report/slow?ms=300",
+                         headers={"X-CloudBase-Env": "demo-live"}) as resp:
+            return resp.status
+    calls = await asyncio.gather(*(slow() for _ in range(4)))
+    _say(f"   → {calls.count(200)} passed, {calls.count(429)} refused with "
+         "concurrency-exceeded (slots are leased: a crashed gateway's come back by themselves)")
+    seen["fn_refused"] = calls.count(429)
     return seen
 
 

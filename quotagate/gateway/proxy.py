@@ -81,6 +81,9 @@ class UpstreamPool:
     def __init__(self, settings: UpstreamSettings):
         self.settings = settings
         self.session: aiohttp.ClientSession | None = None
+        #: WebSockets (realtime): each holds its upstream connection for its whole life, so
+        #: they must not count against the keep-alive pool's limit (nor be pooled).
+        self.ws_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -98,10 +101,22 @@ class UpstreamPool:
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self.ws_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True, ttl_dns_cache=60),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.settings.connect_timeout_ms / 1000,
+                sock_read=self.settings.read_timeout_ms / 1000,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.ws_session):
+            if session is not None:
+                await session.close()
 
     async def forward(
         self,

@@ -112,6 +112,9 @@ class RealtimeSocket:
         #: Watches of this socket holding a slot.
         self.held: set[str] = set()
         self.closing = False
+        #: ``realtime_unit: socket``: the socket holds the slot (taken at the upgrade) and
+        #: frames are relayed without being read.
+        self.opaque = route.route.realtime_unit == "socket"
         self._ending: asyncio.Task[None] | None = None
         if env is not None:
             self._set_env(env)
@@ -190,7 +193,7 @@ class RealtimeSocket:
             if msg.type is WSMsgType.TEXT:
                 await self._client_text(msg.data)
             elif msg.type is WSMsgType.BINARY:
-                if self.route.route.strict:
+                if self.route.route.strict and not self.opaque:
                     await self._send_error(None, None, "INVALID_FRAME",
                                            "binary frames are not the watch protocol")
                 else:
@@ -200,6 +203,9 @@ class RealtimeSocket:
                 return
 
     async def _client_text(self, data: str) -> None:
+        if self.opaque:
+            await self.upstream.send_str(data)
+            return
         frame = _frame(data)
         if frame is None:
             if self.route.route.strict:
@@ -376,7 +382,7 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
             return refusal(decision, env).response()
         holds = per_socket and not decision.flags & Flag.MODE_OFF
     try:
-        return await _relay(request, state, route, env, path_qs, request_id, per_socket)
+        return await _relay(request, state, route, env, path_qs, request_id)
     finally:
         if holds:
             assert env is not None
@@ -384,9 +390,8 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
 
 
 async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute,
-                 env: str | None, path_qs: str, request_id: str,
-                 per_socket: bool) -> web.StreamResponse:
-    assert state.pool.session is not None
+                 env: str | None, path_qs: str, request_id: str) -> web.StreamResponse:
+    assert state.pool.ws_session is not None
     headers = forward_request_headers(request, env or "", request_id)
     for name in _HANDSHAKE:
         headers.popall(name, None)
@@ -396,7 +401,7 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
                if p.strip()]
     limit = route.route.max_frame_bytes
     try:
-        upstream = await state.pool.session.ws_connect(
+        upstream = await state.pool.ws_session.ws_connect(
             URL(route.upstream_url(path_qs), encoded=True), headers=headers,
             protocols=offered, max_msg_size=limit, autoping=True)
     except aiohttp.WSServerHandshakeError as exc:
@@ -420,35 +425,5 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
     except Exception:
         await upstream.close()
         raise
-    if per_socket:  # one slot for the socket: frames are not read
-        await _pipe(client, upstream)
-        return client
     await RealtimeSocket(state, route, env, client, upstream).run()
     return client
-
-
-async def _pipe(client: web.WebSocketResponse,
-                upstream: aiohttp.ClientWebSocketResponse) -> None:
-    async def copy(src: Any, dst: Any) -> None:
-        async for msg in src:
-            if msg.type is WSMsgType.TEXT:
-                await dst.send_str(msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                await dst.send_bytes(msg.data)
-            else:
-                return
-
-    relays = [asyncio.ensure_future(copy(client, upstream)),
-              asyncio.ensure_future(copy(upstream, client))]
-    try:
-        await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in relays:
-            task.cancel()
-        for task in relays:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        with contextlib.suppress(Exception):
-            await upstream.close(code=client.close_code or 1000)
-        with contextlib.suppress(Exception):
-            await client.close(code=upstream.close_code or 1000)

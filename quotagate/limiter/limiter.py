@@ -423,10 +423,6 @@ class Limiter:
                     if pending is not None:
                         pending[0].clear()
                     self._renewals[env] = self._renewals.get(env, 0) + 1
-                    for slot in [s for s, n in held.items() if n == 0]:
-                        del held[slot]
-                    if not held:
-                        del self.held[env]
                 fut = self.store.submit(
                     pack_command("EVALSHA", RENEW.sha, len(names), *names, *args), key_slot)
                 calls.append(_RenewCall(batch, fut, names, args, key_slot))
@@ -444,6 +440,13 @@ class Limiter:
                 errors.append(exc)
                 continue
             statuses.update(zip(call.envs, reply, strict=True))
+            for env in call.envs:  # zeros written: forget them (unless taken again since)
+                kept = self.held.get(env)
+                if kept is not None:
+                    for slot in [s for s, n in kept.items() if n == 0]:
+                        del kept[slot]
+                    if not kept:
+                        del self.held[env]
         if errors:
             raise errors[0]
         if self.on_ended is not None:
