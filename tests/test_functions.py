@@ -62,7 +62,7 @@ async def test_no_leak_on_client_disconnect_or_upstream_failure(make_gateway, st
     await asyncio.sleep(0.5)  # the invocations end upstream; their slots come back
     await settled()
     assert await live_slots(store, "shop") == {}
-    ran = await usage(store, "gbs")  # metered up to the client's leaving
+    ran = await usage(store, "gbs")  # the three runs, metered until they ended
 
     dead = await make_gateway({"shop": env(limits={"function_concurrency": 2})},
                               routes=[{"prefix": "/functions/", "kind": "function",
@@ -147,3 +147,15 @@ async def test_invalid_function_name(make_gateway, valkey_url):
         resp = await gw.get(path, headers=H)
         assert resp.status == 400, path
         assert (await resp.json(content_type=None))["type"].endswith("invalid-function")
+
+
+async def test_gbs_without_concurrency_slots_uses_the_function_memory(make_gateway, store,
+                                                                     upstream):
+    routes = [{"prefix": "/functions/", "upstream": f"http://127.0.0.1:{upstream.port}",
+               "kind": "function", "concurrency": False}]
+    gw = await make_gateway({"shop": env(functions={"big": {"memory_mb": 2048}})},
+                            routes=routes)
+    assert (await gw.get("/functions/big/slow?ms=100", headers=H)).status == 200
+    await settled()
+    assert 2048 * 100 <= await usage(store, "gbs") < 2048 * 300
+    assert await live_slots(store, "shop") == {}  # no slot taken

@@ -5,6 +5,7 @@ out a short lease (under a second); calendar logic uses the injected clock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -327,3 +328,71 @@ async def test_clean_shutdown_gives_every_slot_back(tmp_path: Path, make_limiter
     for e in ("shop", "other"):
         assert await live_slots(redis_client, e) == {}
         assert await redis_client.zcard(keys.lease(e)) == 0
+
+
+@pytest.mark.parametrize("at_cap", [False, True])
+async def test_cancelled_decision_leaks_no_slot(tmp_path: Path, make_limiter, redis_client,
+                                                at_cap):
+    """The caller goes away (client disconnect, socket closed) while the store decides: the
+    outcome is handled when it arrives, admitted or refused, with a renewal in between."""
+    config = write_config(tmp_path, {"shop": env(limits={"realtime": 2})})
+    lim = await make_limiter(config)
+    if at_cap:
+        for _ in range(2):
+            assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
+    task = asyncio.ensure_future(lim.decide("shop", "realtime", 1, "rt:"))
+    await asyncio.sleep(0)  # submitted
+    await lim.renew()  # counts it while in flight
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.1)
+    expected = {"rt:": 2} if at_cap else {}
+    assert await live_slots(redis_client, "shop") == expected
+    assert lim.slots_held("shop", "rt:") == (2 if at_cap else 0)
+    await lim.renew()
+    assert await live_slots(redis_client, "shop") == expected
+
+
+async def test_old_snapshot_layout_is_treated_as_missing(tmp_path: Path, make_limiter,
+                                                         redis_client):
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await make_limiter(config)
+    missing: list[str] = []
+    ended: list[tuple[str, str]] = []
+    lim.on_missing = missing.append
+    lim.on_ended = lambda e, s: ended.append((e, s))
+    assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
+    old = {"v": 1, "plan": "standard", "quota": {"calls": 5}}
+    await redis_client.set(keys.entitlements("shop"), json.dumps(old))
+    assert (await lim.decide("shop", "function", 1, "fn:f")).outcome is Outcome.NOT_FOUND
+    assert missing == ["shop"]
+    assert (await lim.renew())["shop"] == 7 and ended == [("shop", "missing")]
+    await redis_client.delete(keys.entitlements("shop"))
+    assert (await lim.renew())["shop"] == 7
+
+
+async def test_giving_back_reaps_fields_the_instance_forgot(tmp_path: Path, store_url,
+                                                            redis_client):
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await synced_limiter(store_url, config, at(NOON))
+    assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
+    # A slot the store has but this instance no longer knows of (a late reply ran after a
+    # renewal, say).
+    await redis_client.hset(keys.slots("shop"), mapping={f"{lim.instance}|fn:ghost": 2,
+                                                          "=fn:ghost": 2})
+    await lim.close()
+    assert await redis_client.hgetall(keys.slots("shop")) == {}
+    assert await redis_client.zcard(keys.lease("shop")) == 0
+
+
+async def test_slot_keys_always_expire(tmp_path: Path, make_limiter, redis_client):
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await make_limiter(config, lease_ms=5000)
+    assert (await lim.decide("shop", "function", 1, "fn:f")).admitted
+    lim.release("shop", "fn:f")
+    await asyncio.sleep(0.05)
+    assert not await redis_client.exists(keys.slots("shop"))  # emptied: gone
+    assert (await lim.decide("shop", "function", 1, "fn:f")).admitted  # same instance again
+    for key in (keys.slots("shop"), keys.lease("shop")):
+        assert 5000 < await redis_client.pttl(key) <= 10_000

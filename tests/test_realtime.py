@@ -189,7 +189,8 @@ async def test_cap_exact_over_sockets_and_instances(make_gateway, connect, upstr
     await gone.close()
     await settle()
     assert await live_slots(store, "shop") == {"rt:": 10 - held}
-    assert sum(len(g.app[STATE].limiter.held.get("shop", {})) for g in gws) >= 1
+    # What the instances hold is what the store counts.
+    assert sum(g.app[STATE].limiter.slots_held("shop", "rt:") for g in gws) == 10 - held
 
 
 async def test_rebuild_of_a_held_watch_takes_nothing(make_gateway, connect, upstream, store):
@@ -452,3 +453,80 @@ async def test_isolation_closes_socket_unit_sockets_too(make_gateway, upstream, 
         assert ws.close_code == 1008
     await settle()
     assert await live_slots(store, "shop") == {}
+
+
+async def test_store_losing_its_data_does_not_close_sockets(make_gateway, connect, upstream,
+                                                             store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env()}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await w.send("INIT_WATCH", "a", "a", collName="c")
+    assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
+    await store.flushall()  # a restart without persistence
+    limiter = gw.app[STATE].limiter
+    assert await limiter.renew() == {"shop": 7}  # no snapshot: the file is written again
+    for _ in range(50):
+        if await store.exists("qg:{shop}:ent"):
+            break
+        await asyncio.sleep(0.1)
+    assert await limiter.renew() == {"shop": 0}
+    assert await live_slots(store, "shop") == {"rt:": 1}  # restored by the renewal
+    await w.send("PING", request_id="still")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "still"))["msgType"] == "PONG"
+    assert not w.ws.closed
+
+
+async def test_shadow_mode_never_closes_sockets(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    clock = at("2026-11-30T23:59:00")
+    gw = await make_gateway({"shop": env(expires="2026-12-01")}, routes=routes, clock=clock,
+                            enforcement="shadow")
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await w.send("INIT_WATCH", "a", "a", collName="c")
+    assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
+    clock.set(local("2026-12-01T00:00:00"))
+    assert await gw.app[STATE].limiter.renew() == {"shop": 3}
+    await w.send("INIT_WATCH", "b", "b", collName="c")  # isolated, but shadow: passes
+    assert (await w.wait_for(answered("b")))["msgType"] == "INIT_EVENT"
+    assert not w.ws.closed
+
+
+async def test_frames_only_lenient_parsers_read_are_still_counted(make_gateway, connect,
+                                                                  upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env(limits={"realtime": 1})}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    # A lone surrogate and 1e400: msgspec refuses them, the upstream's parser does not.
+    for wid in ("s1", "s2"):
+        head = f'{{"watchId": "{wid}", "requestId": "{wid}", "msgType": "INIT_WATCH", '
+        await w.ws.send_str(head + '"msgData": {"collName": "c\\ud800", "n": 1e400}}')
+    assert (await w.wait_for(answered("s1")))["msgType"] == "INIT_EVENT"
+    assert (await w.wait_for(answered("s2")))["msgData"]["code"] == \
+        "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+    # Nested too deep to inspect: a watch frame like that is refused, not forwarded.
+    deep = '{"watchId": "d", "msgType": "INIT_WATCH", "msgData": ' + "[" * 5000 + "]" * 5000 + "}"
+    await w.ws.send_str(deep)
+    await w.send("PING", request_id="p")
+    await w.wait_for(lambda f: f.get("requestId") == "p")
+    assert any(f.get("msgType") == "ERROR" and f["msgData"]["code"] == "INVALID_FRAME"
+               for f in w.frames)
+    assert (await stub_stats(upstream))["inits"] == 1
+    assert await live_slots(store, "shop") == {"rt:": 1}
+
+
+async def test_only_the_answer_to_init_frees_a_watch(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env(limits={"realtime": 2})}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await w.send("INIT_WATCH", "a", "a", collName="c")
+    assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
+    # A later ERROR naming the open watch (the stub refuses a rebuild into "fail") does not
+    # free it: the watch is counted until CLOSE_WATCH or the socket's close.
+    await w.send("REBUILD_WATCH", "a", "ra", collName="fail")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "ra"))["msgType"] == "ERROR"
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 1}
+    await w.send("INIT_WATCH", "f", "rf", collName="fail")  # refused by the upstream at once
+    assert (await w.wait_for(lambda f: f.get("requestId") == "rf"))["msgType"] == "ERROR"
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 1}

@@ -82,7 +82,18 @@ class GatewayState:
         return route.route.memory_mb
 
     def environment_ended(self, env: str, status: str) -> None:
-        """A lease renewal found the environment isolated or gone: close its watches."""
+        """A lease renewal found the environment isolated or gone: close its watches.
+
+        Not in shadow or off mode (they never refuse). A missing snapshot of an environment
+        the file declares means the store lost its data: it is written again, sockets stay.
+        """
+        if self.env_modes.get(env, self.config.gateway.enforcement) != "enforce":
+            return
+        if status == "missing":
+            if env in self.config.environments.environments:
+                self.resync_if_declared(env)
+                return
+            status = "not-found"
         for sock in list(self.sockets.get(env, ())):
             sock.end_environment(status)
 
@@ -241,13 +252,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
         _OFF.inc()
         return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
 
-    slot = ""
-    if route.kind == "function" and route.route.concurrency:
+    slot = function = ""
+    if route.kind == "function":
         name = route.function_name(request.path)
-        if name is None:
-            metrics.INVALID_REQUESTS.labels("invalid-function").inc()
-            return invalid_function(request.path, env).response()
-        slot = "fn:" + name
+        if route.route.concurrency:
+            if name is None:
+                metrics.INVALID_REQUESTS.labels("invalid-function").inc()
+                return invalid_function(request.path, env).response()
+            slot = "fn:" + name
+        function = name or ""
     decision = await decide(state.limiter, env, route.kind, route.cost, slot, route.meter)
     if isinstance(decision, Problem):
         return decision.response()
@@ -258,7 +271,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     elif decision.flags & Flag.SHADOW_REFUSAL:
         extra["X-Quotagate-Shadow"] = "would-refuse"
     extra.update(ratelimit_headers(decision))
-    holds = bool(slot) and not decision.flags & Flag.MODE_OFF
+    holds = decision.slot_held
     if not holds and not route.meter:
         return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
     tally = Tally()
@@ -271,7 +284,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.limiter.release(env, slot)
         if route.meter and not decision.flags & Flag.MODE_OFF:
             if route.meter == "gbs":
-                amount = state.memory_mb(env, slot[3:], route) * tally.run_ms
+                amount = state.memory_mb(env, function, route) * tally.run_ms
             else:
                 amount = tally.body_bytes
             state.limiter.meter(env, route.meter, amount)

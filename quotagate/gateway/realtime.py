@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from quotagate.gateway.problems import (
 )
 from quotagate.gateway.proxy import forward_request_headers
 from quotagate.gateway.routing import CompiledRoute
-from quotagate.limiter.codes import Flag, Outcome
+from quotagate.limiter.codes import Outcome
 from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Decision
 
@@ -74,15 +75,34 @@ _HANDSHAKE = frozenset(istr(h) for h in (
     "Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
     "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept"))
 
+#: Seconds between WebSocket pings on both sides: a half-open socket (a phone that changed
+#: networks) is dropped, and its watches freed, within 1.5 x this.
+HEARTBEAT_S = 30.0
+
 _decoder = msgspec.json.Decoder()
+_UNREADABLE = object()
 
 
-def _frame(data: str) -> dict[str, Any] | None:
-    """The frame as a protocol message, or None if it is not one."""
+def _decode(data: str) -> Any:
+    """JSON as the upstream would read it: msgspec first (fast); what it refuses but other
+    parsers accept (lone surrogates, 1e400, NaN) through the stdlib's lenient parser;
+    ``_UNREADABLE`` if neither can (not JSON, or nested too deep to inspect)."""
     try:
-        frame = _decoder.decode(data)
-    except msgspec.DecodeError:
-        return None
+        return _decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return _UNREADABLE
+
+
+def _frame(data: str) -> dict[str, Any] | object | None:
+    """The frame as a protocol message; None if it is not one; ``_UNREADABLE`` if it cannot
+    be read at all."""
+    frame = _decode(data)
+    if frame is _UNREADABLE:
+        return _UNREADABLE
     if isinstance(frame, dict) and frame.get("msgType") in CLIENT_TYPES:
         return frame
     return None
@@ -111,6 +131,9 @@ class RealtimeSocket:
         self.counting = True
         #: Watches of this socket holding a slot.
         self.held: set[str] = set()
+        #: Held watches whose INIT_WATCH the upstream has not answered yet: watchId ->
+        #: requestId. Only an upstream ERROR answering it frees the slot.
+        self.unanswered: dict[str, Any] = {}
         self.closing = False
         #: ``realtime_unit: socket``: the socket holds the slot (taken at the upgrade) and
         #: frames are relayed without being read.
@@ -140,8 +163,8 @@ class RealtimeSocket:
             for task in relays:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            self._release_all()  # before the close handshakes, which may take a while
             await self._close_both()
-            self._release_all()
             if self.env is not None:
                 peers = self.state.sockets.get(self.env)
                 if peers is not None:
@@ -163,6 +186,7 @@ class RealtimeSocket:
             self.state.limiter.release(self.env, SLOT, len(self.held))
             metrics.REALTIME_WATCHES.dec(len(self.held))
         self.held.clear()
+        self.unanswered.clear()
 
     def end_environment(self, status: str) -> None:
         """The environment was isolated or released: end every watch and the socket."""
@@ -207,7 +231,13 @@ class RealtimeSocket:
             await self.upstream.send_str(data)
             return
         frame = _frame(data)
-        if frame is None:
+        if frame is _UNREADABLE and "WATCH" in data:
+            # Could be a watch the upstream reads but this gateway cannot: never forwarded.
+            metrics.REALTIME_REFUSED.labels("INVALID_FRAME").inc()
+            await self._send_error(None, None, "INVALID_FRAME",
+                                   "a watch frame that is not readable JSON")
+            return
+        if not isinstance(frame, dict):
             if self.route.route.strict:
                 metrics.REALTIME_REFUSED.labels("INVALID_FRAME").inc()
                 await self._send_error(None, None, "INVALID_FRAME",
@@ -222,6 +252,7 @@ class RealtimeSocket:
             wid = _watch_id(frame)
             if wid is not None and wid in self.held:
                 self.held.discard(wid)
+                self.unanswered.pop(wid, None)
                 metrics.REALTIME_WATCHES.dec()
                 if self.env is not None:
                     self.state.limiter.release(self.env, SLOT)
@@ -246,7 +277,7 @@ class RealtimeSocket:
             return
         if self.state.env_modes.get(named, self.state.config.gateway.enforcement) != "off":
             # Lifecycle and QPS of the environment, no call counted.
-            decision = await self._decide(named, 0, "")
+            decision = await self._decide(named, 0, "", frame)
             if decision is None or not await self._admitted(decision, frame):
                 return
         self._set_env(named)
@@ -281,26 +312,29 @@ class RealtimeSocket:
         if not self.counting:
             await self.upstream.send_str(data)
             return
-        decision = await self._decide(self.env, self.route.cost, SLOT)
+        decision = await self._decide(self.env, self.route.cost, SLOT, frame)
         if decision is None:
             return
-        holds = not decision.flags & Flag.MODE_OFF
         if self.closing:  # the socket ended while the store answered
-            if decision.admitted and holds:
+            if decision.slot_held:
                 self.state.limiter.release(self.env, SLOT)
             return
         if not await self._admitted(decision, frame):
+            if decision.slot_held:  # (never: a refusal takes no slot)
+                self.state.limiter.release(self.env, SLOT)
             return
-        if holds:
+        if decision.slot_held:
             self.held.add(wid)
+            self.unanswered[wid] = frame.get("requestId")
             metrics.REALTIME_WATCHES.inc()
         await self.upstream.send_str(data)
 
-    async def _decide(self, env: str, cost: int, slot: str) -> Decision | None:
+    async def _decide(self, env: str, cost: int, slot: str,
+                      frame: dict[str, Any]) -> Decision | None:
         """The decision, or None after answering a store failure (fail-closed)."""
         decision = await decide(self.state.limiter, env, "realtime", cost, slot)
         if isinstance(decision, Problem):
-            await self._send_error(None, None, "STORE_UNAVAILABLE", decision.detail)
+            await self._refuse(frame, "STORE_UNAVAILABLE", decision.detail)
             return None
         return decision
 
@@ -323,8 +357,8 @@ class RealtimeSocket:
         async for msg in self.upstream:
             if msg.type is WSMsgType.TEXT:
                 data = msg.data
-                if self.held and '"ERROR"' in data:
-                    self._upstream_error(data)
+                if self.unanswered:
+                    self._upstream_answer(data)
                 await self.client.send_str(data)
             elif msg.type is WSMsgType.BINARY:
                 await self.client.send_bytes(msg.data)
@@ -332,18 +366,25 @@ class RealtimeSocket:
                 log.info("realtime upstream error on %s: %s", self.env, self.upstream.exception())
                 return
 
-    def _upstream_error(self, data: str) -> None:
-        """The upstream ended (or refused) a held watch: its slot comes back."""
-        try:
-            frame = _decoder.decode(data)
-        except msgspec.DecodeError:
+    def _upstream_answer(self, data: str) -> None:
+        """The upstream's first answer to a held watch's INIT_WATCH: an ERROR answering it means
+        the watch never opened, and its slot comes back. Later ERRORs change nothing (the watch
+        is counted until CLOSE_WATCH or the socket's close)."""
+        frame = _decode(data)
+        if not isinstance(frame, dict):
             return
-        if isinstance(frame, dict) and frame.get("msgType") == "ERROR":
-            wid = frame.get("watchId")
-            if isinstance(wid, str) and wid in self.held and self.env is not None:
-                self.held.discard(wid)
-                metrics.REALTIME_WATCHES.dec()
+        wid = frame.get("watchId")
+        if not isinstance(wid, str) or wid not in self.unanswered:
+            return
+        kind = frame.get("msgType")
+        if kind == "ERROR" and frame.get("requestId") == self.unanswered[wid]:
+            del self.unanswered[wid]
+            self.held.discard(wid)
+            metrics.REALTIME_WATCHES.dec()
+            if self.env is not None:
                 self.state.limiter.release(self.env, SLOT)
+        elif kind in ("INIT_EVENT", "NEXT_EVENT", "CHECK_EVENT"):
+            del self.unanswered[wid]  # it opened
 
     # ------------------------------------------------------------------------------ errors
 
@@ -380,7 +421,7 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
             return decision.response()
         if not decision.admitted:
             return refusal(decision, env).response()
-        holds = per_socket and not decision.flags & Flag.MODE_OFF
+        holds = decision.slot_held
     try:
         return await _relay(request, state, route, env, path_qs, request_id)
     finally:
@@ -403,7 +444,7 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
     try:
         upstream = await state.pool.ws_session.ws_connect(
             URL(route.upstream_url(path_qs), encoded=True), headers=headers,
-            protocols=offered, max_msg_size=limit, autoping=True)
+            protocols=offered, max_msg_size=limit, autoping=True, heartbeat=HEARTBEAT_S)
     except aiohttp.WSServerHandshakeError as exc:
         metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
         return upstream_unavailable(
@@ -418,7 +459,7 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
             env, f"upstream {route.origin} failed: {type(exc).__name__}").response()
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=limit,
-        autoping=True)
+        autoping=True, heartbeat=HEARTBEAT_S)
     client.headers["X-Request-Id"] = request_id
     try:
         await client.prepare(request)

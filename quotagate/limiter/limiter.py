@@ -57,6 +57,8 @@ class Decision(NamedTuple):
     in_use: int = 0
     #: Admitted without a decision because the store was unreachable (fail-open).
     store_bypassed: bool = False
+    #: This instance holds the slot asked for: give it back with ``Limiter.release``.
+    slot_held: bool = False
 
     @property
     def admitted(self) -> bool:
@@ -66,13 +68,14 @@ class Decision(NamedTuple):
     @classmethod
     def from_reply(cls, r: list) -> Decision:
         return cls(_OUTCOMES[r[0]], _FLAGS[r[1]], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                   r[9], r[10].decode(), r[11], r[12], False)
+                   r[9], r[10].decode(), r[11], r[12], False, False)
 
 
 _OUTCOMES = tuple(Outcome)
 _FLAGS = tuple(Flag(i) for i in range(16))
 
 BYPASSED = Decision(Outcome.ADMITTED, store_bypassed=True)
+BYPASSED_HOLDING = Decision(Outcome.ADMITTED, store_bypassed=True, slot_held=True)
 
 
 #: Fail-open usage is summed per slot of this length and written back at the slot's start, so
@@ -89,7 +92,7 @@ METER_PREFIX = "meter:"
 #: Environments per renewal call: bounds how long one renewal holds the store.
 RENEW_BATCH = 256
 #: Renewal statuses (renew.lua) that end an environment's watches.
-ENDED = {3: "isolated", 4: "not-found", 5: "not-started"}
+ENDED = {3: "isolated", 4: "not-found", 5: "not-started", 7: "missing"}
 
 
 def new_instance_id() -> str:
@@ -223,29 +226,42 @@ class Limiter:
 
     async def _run(self, env: str, kind: str, cost: int, mode: str, now_ms: int,
                    late: Callable[[Decision | None], None] | None = None, slot: str = "",
-                   needs: str = "") -> Decision:
-        """One decision. ``late``: told the outcome of a command that timed out, if it ran."""
+                   needs: str = "",
+                   abandoned: Callable[[Decision | None], None] | None = None) -> Decision:
+        """One decision. ``late``: told the outcome of a command that timed out, if it ran.
+        ``abandoned``: told the outcome of a call whose caller was cancelled meanwhile."""
         key_slot = self._keys_packed(env)[1]
         fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms, slot, needs),
                                 key_slot)
         try:
-            reply = await fut
+            reply = await self._reply(fut, late, abandoned)
         except NoScript:
             fut = self._reload(DECIDE, keys.decision_keys(env), key_slot, (
                 now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
                 needs))
-            try:
-                reply = await fut
-            except StoreTimeout:
-                self._watch_late(fut, late)
-                raise
-        except StoreTimeout:
-            self._watch_late(fut, late)
-            raise
+            reply = await self._reply(fut, late, abandoned)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND and self.on_missing is not None:
             self.on_missing(env)
         return decision
+
+    async def _reply(self, fut: asyncio.Future,
+                     late: Callable[[Decision | None], None] | None,
+                     abandoned: Callable[[Decision | None], None] | None) -> list:
+        try:
+            # Shielded when the outcome matters after a cancellation (a slot): the reply is
+            # then handed to ``abandoned``.
+            return await (fut if abandoned is None else asyncio.shield(fut))
+        except StoreTimeout:
+            self._watch_late(fut, late)
+            raise
+        except asyncio.CancelledError:
+            if abandoned is not None:
+                def told(f: asyncio.Future) -> None:
+                    ok = not f.cancelled() and f.exception() is None
+                    abandoned(Decision.from_reply(f.result()) if ok else None)
+                fut.add_done_callback(told)
+            raise
 
     def _reload(self, script: Script, names: list[str], key_slot: int | None,
                 args: Iterable[str | int]) -> asyncio.Future:
@@ -276,11 +292,31 @@ class Limiter:
         Raises ``StoreUnavailable`` only when the policy is ``closed``.
         """
         key: BacklogKey | None = None
+        renewals = 0
         if slot:
             if env in self._settle:  # slots given back first: they may make room
                 self._flush_env(env)
+            # Held from now on: a renewal sent while this is in flight counts it.
             self._hold(env, slot, 1)
             renewals = self._renewals.get(env, 0)
+
+        def finish(decision: Decision) -> bool:
+            """Whether the store took the slot; if not, undo the local hold."""
+            if (decision.admitted and not decision.flags & Flag.MODE_OFF
+                    and decision.in_use > 0):
+                return True
+            self._hold(env, slot, -1)
+            if self._renewals.get(env, 0) != renewals:
+                # A renewal sent while this was in flight counted it: take it back out.
+                self._queue(env, slot, None, 1)
+            return False
+
+        def abandoned(decision: Decision | None) -> None:
+            # The caller was cancelled (client gone, socket closed) before the reply.
+            if decision is None:
+                self._hold(env, slot, -1)  # never answered: the next renewal is the truth
+            elif finish(decision):
+                self.release(env, slot)
 
         def late(decision: Decision | None) -> None:
             # The timed-out call ran after all: if it counted the cost, the backlog must not.
@@ -288,12 +324,12 @@ class Limiter:
                 return
             if key is not None:
                 self.backlog.remove(key, cost)
-            elif slot:  # failed closed, so not held here; the store took it: give it back
+            elif slot and decision.in_use > 0:  # failed closed, not held here: give it back
                 self._queue(env, slot, None, 1)
 
         try:
             decision = await self._run(env, kind, cost, self.mode, self.clock.now_ms(), late,
-                                       slot, needs)
+                                       slot, needs, abandoned if slot else None)
         except StoreUnavailable:
             if self.on_failure == "closed":
                 if slot:
@@ -304,12 +340,13 @@ class Limiter:
             key = (env, kind, wall - wall % SLOT_MS)
             self.backlog.add(key, cost)
             self._start_drainer()
-            return BYPASSED
-        if slot and (not decision.admitted or decision.flags & Flag.MODE_OFF):
-            self._hold(env, slot, -1)
-            if self._renewals.get(env, 0) != renewals and not decision.flags & Flag.MODE_OFF:
-                # A renewal sent while this was in flight counted it: take it back out.
-                self._queue(env, slot, None, 1)
+            return BYPASSED_HOLDING if slot else BYPASSED
+        except StoreError:
+            if slot:
+                self._hold(env, slot, -1)
+            raise
+        if slot and finish(decision):
+            return decision._replace(slot_held=True)
         return decision
 
     # ------------------------------------------------------------------ slots and settling

@@ -10,6 +10,9 @@ next script that touches the environment's slots: its fields go, the totals drop
 ]]
 
 local EPOCH_2020_MS = 1577836800000
+-- The snapshot layout these scripts read (entitlements.SNAPSHOT_VERSION); another one is
+-- treated as missing, so the gateway writes it again.
+local SNAPSHOT_V = 2
 
 local function store_clock_ms()
   local t = redis.call('TIME')
@@ -127,6 +130,15 @@ local function reap(slots_key, lease_key, now)
   redis.call('ZREM', lease_key, unpack(dead))
 end
 
+-- The decoded snapshot, or nil when there is none of this layout.
+local function snapshot(key)
+  local raw = redis.call('GET', key)
+  if not raw then return nil end
+  local ent = cjson.decode(raw)
+  if ent.v ~= SNAPSHOT_V then return nil end
+  return ent
+end
+
 -- Set what `inst` holds of `slot` to n (>= 0), keeping the total in step.
 local function set_held(slots_key, inst, slot, n)
   local field = inst .. '|' .. slot
@@ -149,7 +161,8 @@ end
 -- their expiry is set when an instance joins and pushed on by every renewal (`always`).
 local function hold_lease(slots_key, lease_key, inst, now, lease_ms, always)
   local joined = redis.call('ZADD', lease_key, 'GT', now + lease_ms, inst)
-  if joined == 0 and not always then return end
+  -- (a slots hash emptied and created again has no expiry yet)
+  if joined == 0 and not always and redis.call('PTTL', slots_key) >= 0 then return end
   local keep = 2 * lease_ms
   for _, k in ipairs({slots_key, lease_key}) do
     if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end

@@ -50,9 +50,8 @@ local function early(code)
   return {code, (mode == 'shadow') and 1 or 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0}
 end
 
-local raw = redis.call('GET', KEYS[1])
-if not raw then return early(4) end
-local ent = cjson.decode(raw)
+local ent = snapshot(KEYS[1])
+if not ent then return early(4) end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
 

@@ -3,6 +3,7 @@
 For every environment e (in order) KEYS holds three keys: ent, slots, lease (as in decide.lua).
 ARGV[1] instance  the renewing instance
 ARGV[2] lease_ms  hold the slots this long from now (store clock); "0" = give them all back
+                  (every slot of the instance in these environments, listed or not)
 ARGV[3] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
 then per environment: k, followed by k (slot, count) pairs: what the instance holds now.
 
@@ -10,7 +11,8 @@ Counts are absolute: a renewal restores what the store lost (a restart, a lease 
 the instance could not reach the store) and forgets what it holds no more. A slot not listed
 is left as it is. Dead instances' slots are reaped on the way.
 
-Reply: one status per environment: 0 active, 3 isolated, 4 unknown or released, 5 not started.
+Reply: one status per environment: 0 active, 3 isolated, 4 released, 5 not started, 7 no
+snapshot (unknown, or the store lost it: the gateway writes the file's again).
 ]]
 
 local store_ms = store_clock_ms()
@@ -32,14 +34,16 @@ for e = 0, #KEYS / 3 - 1 do
   if lease_ms > 0 then
     hold_lease(slots_key, lease_key, inst, store_ms, lease_ms, true)
   else
-    redis.call('ZREM', lease_key, inst)
+    -- Given back: end the lease now and reap, so no field of this instance outlives it.
+    redis.call('ZADD', lease_key, 0, inst)
+    reap(slots_key, lease_key, store_ms)
   end
-  local raw = redis.call('GET', ent_key)
-  if raw then
-    calendar_at(cjson.decode(raw), now_ms)
+  local ent = snapshot(ent_key)
+  if ent then
+    calendar_at(ent, now_ms)
     statuses[#statuses + 1] = lifecycle()
   else
-    statuses[#statuses + 1] = 4
+    statuses[#statuses + 1] = 7
   end
 end
 return statuses

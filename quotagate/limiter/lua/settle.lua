@@ -29,9 +29,8 @@ for _ = 1, n do
 end
 if i > #ARGV then return {0, 0} end
 
-local raw = redis.call('GET', KEYS[1])
-if not raw then return {4, 0} end
-local ent = cjson.decode(raw)
+local ent = snapshot(KEYS[1])
+if not ent then return {4, 0} end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 0} end
 calendar_at(ent, now_ms)
