@@ -25,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate.clock import Clock
+from quotagate.control import api as control_api
+from quotagate.control.envs import Environments
 from quotagate.gateway import metrics, realtime
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_of, missing_environment
@@ -341,11 +343,14 @@ METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
 def init_admin_app(
-    state: GatewayState, registry: CollectorRegistry | None = None
+    state: GatewayState, registry: CollectorRegistry | None = None, token: str | None = None
 ) -> web.Application:
-    """The admin listener: health, readiness, metrics. Never on the public port."""
+    """The admin listener: health, readiness, metrics and the admin API (``/admin/v1``,
+    bearer ``token``, default from QUOTAGATE_ADMIN_TOKEN). Never on the public port."""
     app = web.Application()
     app[ADMIN_STATE] = state
+    control_api.install(app, Environments(state.redis, lambda: state.config,  # type: ignore[arg-type]
+                                          state.limiter.clock), token)
     if registry is not None:
         app[METRICS_REGISTRY] = registry
     app.router.add_get("/healthz", healthz)

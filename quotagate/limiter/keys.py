@@ -79,3 +79,10 @@ def env_keys(env: str) -> list[str]:
 
 #: Set: environments whose entitlements were written from environments.yaml (not env-scoped).
 FILE_OWNED_ENVS = f"{PREFIX}:envs:file"
+#: Set: environments created through the admin API (their records live in the store).
+API_OWNED_ENVS = f"{PREFIX}:envs:api"
+
+
+def definition(env: str) -> str:
+    """String, JSON: an API-owned environment's record (the Environment of the config schema)."""
+    return f"{PREFIX}:{{{env}}}:def"

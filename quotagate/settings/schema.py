@@ -29,6 +29,7 @@ CUMULATIVE_METERS = (
 )
 #: Meters a resource pack may top up (SPEC §5).
 PACK_METERS = ("calls", "capacity_bytes", "sms")
+PackMeter = Literal["calls", "capacity_bytes", "sms"]
 Meter = Literal[
     "calls",
     "gbs",
@@ -237,6 +238,15 @@ class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     promos: tuple[PromoGrant, ...] = ()
     #: Per function (name from the path), overriding the route's memory_mb.
     functions: dict[str, FunctionSettings] = msgspec.field(default_factory=dict)
+    #: What was paid for the current period (downgrade refunds); None: the plan's price x the
+    #: period's months.
+    paid: Money | None = None
+    #: Where the paid period began; None: the anchor.
+    period_start: dt.date | None = None
+    #: Multiplier of upgrade fees (contract discounts), e.g. "0.8".
+    discount: Money = "1"
+    #: The account is in arrears: it keeps working but cannot renew or change plan (SPEC §11).
+    arrears: bool = False
 
 
 class EnvironmentsFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

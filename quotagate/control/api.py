@@ -1,0 +1,247 @@
+"""The admin API: JSON over HTTP under ``/admin/v1`` on the admin listener (never the public
+port), bearer token compared in constant time. docs/openapi.yaml describes every route (a test
+checks it against these)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from quotagate.billing.bills import bill, total
+from quotagate.control.envs import ControlError, Environments, Invalid
+from quotagate.control.usage import usage_report
+from quotagate.limiter.keys import ENV_ID
+from quotagate.settings.schema import PACK_METERS, Environment
+
+PREFIX = "/admin/v1"
+TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
+ENVS = web.AppKey("control_envs", Environments)
+TOKEN = web.AppKey("admin_token", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, **detail: Any) -> web.Response:
+    return web.json_response({"error": message, **detail}, status=status)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token on every /admin/v1 route; ControlError -> its status, JSON."""
+    if not request.path.startswith(PREFIX):
+        return await handler(request)
+    expected = request.app[TOKEN]
+    given = request.headers.get("Authorization", "")
+    if not expected:
+        return _error(401, f"the admin API is off: set {TOKEN_ENV} for the gateway",
+                      headers_hint="Authorization: Bearer <token>")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        response = _error(401, "missing or wrong bearer token")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="quotagate-admin"'
+        return response
+    try:
+        return await handler(request)
+    except ControlError as exc:
+        return _error(exc.status, str(exc), **exc.detail)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ControlError(f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ControlError("the body must be a JSON object")
+    return body
+
+
+def _env_id(request: web.Request) -> str:
+    env_id = request.match_info["env"]
+    if not ENV_ID.fullmatch(env_id):
+        raise ControlError(f"{env_id[:80]!r} is not an environment id ([a-z0-9][a-z0-9-]{{0,62}})")
+    return env_id
+
+
+def _plain(value: Any) -> Any:
+    return msgspec.to_builtins(value)
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...],
+           required: bool = True) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise Invalid(f"{name} is required")
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise Invalid(f"{name} must be {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _date(value: str | None, name: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise Invalid(f"{name} must be a date YYYY-MM-DD") from None
+
+
+# --------------------------------------------------------------------------------- routes
+
+
+async def list_envs(request: web.Request) -> web.Response:
+    envs = request.app[ENVS]
+    out = []
+    for env_id, owner in (await envs.ids()).items():
+        try:
+            record = await envs.get(env_id)
+        except ControlError:
+            continue
+        out.append({"env": env_id, "owner": owner, "plan": record.env.plan,
+                    "expires": record.env.expires.isoformat(), "overage": record.env.overage})
+    return web.json_response({"environments": out})
+
+
+async def get_env(request: web.Request) -> web.Response:
+    record = await request.app[ENVS].get(_env_id(request))
+    return web.json_response({"env": record.env_id, "owner": record.owner,
+                              "definition": _plain(record.env)})
+
+
+async def put_env(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    try:
+        definition = msgspec.convert(body, Environment, strict=False)
+    except msgspec.ValidationError as exc:
+        raise Invalid(f"invalid environment: {exc}") from None
+    record = await request.app[ENVS].put(env_id, definition)
+    return web.json_response({"env": env_id, "owner": record.owner,
+                              "definition": _plain(record.env)})
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    envs = request.app[ENVS]
+    record = await envs.get(_env_id(request))
+    return web.json_response(await usage_report(envs, record))
+
+
+async def put_overage(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    on = _field(await _body(request), "overage", bool)
+    env = await request.app[ENVS].set_overage(env_id, on)
+    return web.json_response({"env": env_id, "overage": env.overage})
+
+
+async def list_packs(request: web.Request) -> web.Response:
+    envs = request.app[ENVS]
+    report = await usage_report(envs, await envs.get(_env_id(request)))
+    packs = [dict(p, meter=m) for m, entry in report["meters"].items() for p in entry["packs"]]
+    return web.json_response({"env": report["env"], "packs": packs})
+
+
+async def buy_pack(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    pack = _field(body, "pack", str, required=False) or ""
+    meter = _field(body, "meter", str, required=False)
+    amount = _field(body, "amount", int, required=False)
+    if not pack and (meter is None or amount is None):
+        raise Invalid("give pack (a catalog name) or meter and amount")
+    if amount is not None and amount <= 0:
+        raise Invalid("amount must be positive")
+    if meter is not None and meter not in PACK_METERS:
+        raise Invalid(f"meter must be one of {', '.join(PACK_METERS)}")
+    grant = await request.app[ENVS].buy_pack(env_id, pack, meter, amount,
+                                             _field(body, "id", str, required=False))
+    return web.json_response({"env": env_id, "pack": _plain(grant)}, status=201)
+
+
+async def refund_pack(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    grant = await request.app[ENVS].refund_pack(env_id, request.match_info["pack_id"])
+    return web.json_response({"env": env_id, "refunded": _plain(grant)})
+
+
+async def list_promos(request: web.Request) -> web.Response:
+    record = await request.app[ENVS].get(_env_id(request))
+    return web.json_response({"env": record.env_id, "promos": _plain(record.env.promos)})
+
+
+async def buy_promo(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    days = _field(body, "days", int, required=False) or 1
+    start = _date(_field(body, "start", str, required=False), "start")
+    grant = await request.app[ENVS].buy_promo(env_id, _field(body, "pack", str), days, start)
+    return web.json_response({"env": env_id, "promo": _plain(grant)}, status=201)
+
+
+def _quote_body(quote: Any, over: list[str]) -> dict[str, Any]:
+    return {"change": quote.change, "amount": str(quote.amount), "currency": "CNY",
+            "days_left": quote.days_left, "parts": quote.parts, "allowed": not over,
+            "over_target": over}
+
+
+async def quote_plan(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    target = _field(await _body(request), "plan", str)
+    quote, over = await request.app[ENVS].quote(env_id, target)
+    return web.json_response({"env": env_id, "plan": target, **_quote_body(quote, over)})
+
+
+async def change_plan(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    target = _field(await _body(request), "plan", str)
+    env, quote = await request.app[ENVS].change_plan(env_id, target)
+    return web.json_response({"env": env_id, "plan": env.plan, **_quote_body(quote, [])})
+
+
+async def get_bill(request: web.Request) -> web.Response:
+    envs = request.app[ENVS]
+    day = _date(request.query.get("date"), "date")
+    if day is None:
+        raise Invalid("date is required (?date=YYYY-MM-DD)")
+    ids = list(await envs.ids())
+    wanted = request.query.get("env")
+    if wanted:
+        ids = [e for e in ids if e == wanted]
+    lines = await bill(envs.redis, envs.config.plans, ids, day)
+    return web.json_response({"date": day.isoformat(), "currency": "CNY",
+                              "lines": [line.as_dict() for line in lines],
+                              "total": str(total(lines))})
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/envs", list_envs),
+    ("GET", "/envs/{env}", get_env),
+    ("PUT", "/envs/{env}", put_env),
+    ("GET", "/envs/{env}/usage", get_usage),
+    ("PUT", "/envs/{env}/overage", put_overage),
+    ("GET", "/envs/{env}/packs", list_packs),
+    ("POST", "/envs/{env}/packs", buy_pack),
+    ("DELETE", "/envs/{env}/packs/{pack_id}", refund_pack),
+    ("GET", "/envs/{env}/promos", list_promos),
+    ("POST", "/envs/{env}/promos", buy_promo),
+    ("POST", "/envs/{env}/plan/quote", quote_plan),
+    ("POST", "/envs/{env}/plan", change_plan),
+    ("GET", "/bills", get_bill),
+]
+
+
+def install(app: web.Application, envs: Environments, token: str | None = None) -> None:
+    """Mount the admin API on the admin application."""
+    app[ENVS] = envs
+    app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    app.middlewares.append(guard)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, PREFIX + path, handler)

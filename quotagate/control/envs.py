@@ -1,0 +1,325 @@
+"""The control plane's environments: who owns each, their records, and every change operators
+make (overage, packs, promos, plan changes) — validated, then written with the snapshot the
+scripts read, in one optimistic transaction.
+
+Ownership is explicit: an environment declared in environments.yaml is owned by the file
+(changes through the API are refused, ``Conflict``); any other is owned by the API, its record
+kept in the store (``qg:{env}:def``) and listed in ``qg:envs:api``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import zoneinfo
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import redis.asyncio as aredis
+from redis.exceptions import WatchError
+
+from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
+from quotagate.clock import Clock
+from quotagate.limiter import calendar as cal
+from quotagate.limiter import keys
+from quotagate.limiter.entitlements import build_snapshot, effective_limits, encode
+from quotagate.settings import Config
+from quotagate.settings.load import check_environments
+from quotagate.settings.schema import (
+    Environment,
+    EnvironmentsFile,
+    PackGrant,
+    PackMeter,
+    PromoGrant,
+)
+
+#: Days from purchase in which an unused pack can be refunded (the purchase day and 6 more).
+REFUND_DAYS = 7
+#: Meters compared with the target plan before a downgrade (SPEC §11).
+DOWNGRADE_METERS = ("calls", "gbs", "outbound_bytes", "storage_traffic_bytes",
+                    "cdn_origin_bytes", "ai_tokens")
+
+
+class ControlError(Exception):
+    """A refused operation: ``status`` is the HTTP status the admin API answers with."""
+
+    status = 400
+
+    def __init__(self, message: str, **detail: Any):
+        super().__init__(message)
+        self.detail = detail
+
+
+class NotFound(ControlError):
+    status = 404
+
+
+class Conflict(ControlError):
+    status = 409
+
+
+class Invalid(ControlError):
+    status = 422
+
+
+@dataclass(frozen=True)
+class Record:
+    env_id: str
+    owner: str  # "file" | "api"
+    env: Environment
+
+
+def _tz(config: Config, env: Environment) -> zoneinfo.ZoneInfo:
+    return zoneinfo.ZoneInfo(env.timezone or config.gateway.timezone)
+
+
+class Environments:
+    """Reads and changes environments; ``config`` is read through a callable (hot reload)."""
+
+    def __init__(self, redis: aredis.Redis, config: Callable[[], Config], clock: Clock):
+        self.redis = redis
+        self._config = config
+        self.clock = clock
+
+    @property
+    def config(self) -> Config:
+        return self._config()
+
+    def today(self, env: Environment) -> dt.date:
+        """The environment's local date now."""
+        return dt.datetime.fromtimestamp(self.clock.now_ms() / 1000, _tz(self.config, env)).date()
+
+    # --------------------------------------------------------------------------- reading
+
+    async def ids(self) -> dict[str, str]:
+        """Every environment: id -> owner."""
+        api = {m.decode() if isinstance(m, bytes) else m
+               for m in await self.redis.smembers(keys.API_OWNED_ENVS)}
+        out = {e: "api" for e in sorted(api)}
+        out.update({e: "file" for e in self.config.environments.environments})
+        return dict(sorted(out.items()))
+
+    async def get(self, env_id: str) -> Record:
+        declared = self.config.environments.environments.get(env_id)
+        if declared is not None:
+            return Record(env_id, "file", declared)
+        raw = await self.redis.get(keys.definition(env_id))
+        if raw is None:
+            raise NotFound(f"no environment {env_id}")
+        return Record(env_id, "api", msgspec.json.decode(raw, type=Environment))
+
+    # --------------------------------------------------------------------------- writing
+
+    def validate(self, env_id: str, env: Environment) -> None:
+        issues = check_environments(EnvironmentsFile(environments={env_id: env}),
+                                    self.config.plans, "admin API")
+        if issues:
+            raise Invalid("; ".join(f"{i.path}: {i.reason}" for i in issues),
+                          issues=[{"path": i.path, "reason": i.reason} for i in issues])
+
+    async def put(self, env_id: str, env: Environment) -> Record:
+        """Create or replace an API-owned environment (usage and pack consumption stay)."""
+        self._refuse_file_owned(env_id)
+        self.validate(env_id, env)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self._write(pipe, env_id, env)
+            pipe.sadd(keys.API_OWNED_ENVS, env_id)
+            await pipe.execute()
+        return Record(env_id, "api", env)
+
+    def _refuse_file_owned(self, env_id: str) -> None:
+        if env_id in self.config.environments.environments:
+            raise Conflict(f"environment {env_id} is owned by environments.yaml: change the "
+                           "file (and reload) instead", owner="file")
+
+    def _write(self, pipe: Any, env_id: str, env: Environment) -> None:
+        pipe.set(keys.definition(env_id), msgspec.json.encode(env))
+        pipe.set(keys.entitlements(env_id), encode(
+            build_snapshot(env, self.config.plans, self.config.gateway.timezone)))
+
+    async def change(self, env_id: str,
+                     edit: Callable[[Environment, dict[str, int]], Environment],
+                     watch_usage: bool = False) -> Environment:
+        """Apply ``edit`` to an API-owned environment atomically: the record (and, with
+        ``watch_usage``, its usage and pack consumption, passed to ``edit``) is watched, so a
+        concurrent change or a request using a pack makes it start over."""
+        self._refuse_file_owned(env_id)
+        watched = [keys.definition(env_id)]
+        if watch_usage:
+            watched += [keys.usage(env_id), keys.pack_usage(env_id)]
+        for _ in range(20):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(*watched)
+                    raw = await pipe.get(keys.definition(env_id))
+                    if raw is None:
+                        raise NotFound(f"no environment {env_id}")
+                    current = msgspec.json.decode(raw, type=Environment)
+                    used: dict[str, int] = {}
+                    if watch_usage:
+                        for key in watched[1:]:
+                            for f, v in (await pipe.hgetall(key)).items():
+                                name = f.decode() if isinstance(f, bytes) else f
+                                used[f"{key}|{name}"] = int(v)
+                    new = edit(current, used)
+                    self.validate(env_id, new)
+                    pipe.multi()
+                    self._write(pipe, env_id, new)
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+        raise Conflict(f"environment {env_id} kept changing; try again")
+
+    # --------------------------------------------------------------------- operations
+
+    async def set_overage(self, env_id: str, on: bool) -> Environment:
+        return await self.change(env_id, lambda e, _: msgspec.structs.replace(e, overage=on))
+
+    async def buy_pack(self, env_id: str, pack: str = "", meter: PackMeter | None = None,
+                       amount: int | None = None, pack_id: str | None = None) -> PackGrant:
+        plans = self.config.plans
+        if pack and pack not in plans.resource_packs:
+            raise Invalid(f"unknown pack {pack!r} (packs: {', '.join(plans.resource_packs)})")
+        grant: PackGrant | None = None
+
+        def edit(env: Environment, _: dict[str, int]) -> Environment:
+            nonlocal grant
+            if not plans.plans[env.plan].packs_allowed:
+                raise Conflict(f"plan {env.plan} cannot buy resource packs: upgrade first")
+            today = self.today(env)
+            new_id = pack_id or f"p{today:%Y%m%d}-{secrets.token_hex(3)}"
+            if any(p.id == new_id for p in env.packs):
+                raise Conflict(f"pack id {new_id} exists already")
+            grant = PackGrant(id=new_id, purchased=today, pack=pack, meter=meter, amount=amount)
+            # Expired packs are dropped from the record (their consumption stays for bills).
+            live = tuple(p for p in env.packs if (today - p.purchased).days < 60)
+            return msgspec.structs.replace(env, packs=(*live, grant))
+
+        await self.change(env_id, edit)
+        assert grant is not None
+        return grant
+
+    async def refund_pack(self, env_id: str, pack_id: str) -> PackGrant:
+        refunded: PackGrant | None = None
+
+        def edit(env: Environment, used: dict[str, int]) -> Environment:
+            nonlocal refunded
+            found = [p for p in env.packs if p.id == pack_id]
+            if not found:
+                raise NotFound(f"environment {env_id} has no pack {pack_id}")
+            grant = found[0]
+            age = (self.today(env) - grant.purchased).days
+            if age >= REFUND_DAYS:
+                raise Conflict(f"pack {pack_id} was bought {age} days ago: refunds only within "
+                               f"{REFUND_DAYS} days of purchase")
+            spent = used.get(f"{keys.pack_usage(env_id)}|{pack_id}", 0)
+            if spent:
+                raise Conflict(f"pack {pack_id} has been used ({spent}): only unused packs are "
+                               "refunded")
+            refunded = grant
+            return msgspec.structs.replace(
+                env, packs=tuple(p for p in env.packs if p.id != pack_id))
+
+        await self.change(env_id, edit, watch_usage=True)
+        assert refunded is not None
+        return refunded
+
+    async def buy_promo(self, env_id: str, pack: str, days: int,
+                        start: dt.date | None = None) -> PromoGrant:
+        plans = self.config.plans
+        if pack not in plans.promo_packs:
+            raise Invalid(f"unknown promo pack {pack!r} (promos: {', '.join(plans.promo_packs)})")
+        if days < 1:
+            raise Invalid("days must be at least 1")
+        grant: PromoGrant | None = None
+
+        def edit(env: Environment, _: dict[str, int]) -> Environment:
+            nonlocal grant
+            today = self.today(env)
+            first = start or today
+            if first < today:
+                raise Invalid(f"a promo cannot start before today ({today})")
+            grant = PromoGrant(id=f"r{first:%Y%m%d}-{secrets.token_hex(3)}", pack=pack,
+                               start=first, days=days)
+            live = tuple(p for p in env.promos
+                         if p.start + dt.timedelta(days=p.days) > today)
+            return msgspec.structs.replace(env, promos=(*live, grant))
+
+        await self.change(env_id, edit)
+        assert grant is not None
+        return grant
+
+    # ------------------------------------------------------------------- plan changes
+
+    def _paid(self, env: Environment) -> Decimal:
+        if env.paid is not None:
+            return Decimal(env.paid)
+        price = self.config.plans.plans[env.plan].price
+        if price is None:
+            raise Invalid(f"plan {env.plan} is priced per contract: set the environment's paid")
+        # cycle_starts lists the starts and, last, the end of the last cycle
+        months = len(cal.cycle_starts(env.period_start or env.anchor, env.expires)) - 1
+        return Decimal(price) * months
+
+    async def quote(self, env_id: str, target: str) -> tuple[Quote, list[str]]:
+        """The price of moving to ``target`` and, for a downgrade, the meters whose usage of
+        this cycle exceeds the target plan (empty: allowed)."""
+        record = await self.get(env_id)
+        return await self._quote(env_id, record.env, target)
+
+    async def _quote(self, env_id: str, env: Environment, target: str
+                     ) -> tuple[Quote, list[str]]:
+        plans = self.config.plans.plans
+        if target not in plans:
+            raise Invalid(f"unknown plan {target!r} (plans: {', '.join(plans)})")
+        if target == env.plan:
+            raise Invalid(f"environment {env_id} is on plan {target} already")
+        old, new = plans[env.plan], plans[target]
+        if old.price is None or new.price is None:
+            raise Invalid("a plan priced per contract cannot be quoted: agree the price")
+        today = self.today(env)
+        if today >= env.expires:
+            raise Conflict(f"the plan of {env_id} has expired: renew it first")
+        if Decimal(new.price) > Decimal(old.price):
+            return upgrade_fee(Decimal(old.price), Decimal(new.price), today, env.expires,
+                               Decimal(env.discount)), []
+        quote = downgrade_refund(self._paid(env), env.period_start or env.anchor, env.expires,
+                                 today, Decimal(new.price))
+        return quote, await self._over_target(env_id, env, target)
+
+    async def _over_target(self, env_id: str, env: Environment, target: str) -> list[str]:
+        limits = effective_limits(self.config.plans.plans[target], env.limits)
+        start, _ = cal.cycle_of(env.anchor, self.today(env))
+        used = await self.redis.hgetall(keys.usage(env_id))
+        cycle = cal.day_number(start)
+        over = []
+        for meter in DOWNGRADE_METERS:
+            value = int(used.get(f"{cycle}:{meter}".encode(), 0))
+            if value > limits[meter]:
+                over.append(meter)
+        return over
+
+    async def change_plan(self, env_id: str, target: str) -> tuple[Environment, Quote]:
+        record = await self.get(env_id)
+        if record.owner == "file":
+            self._refuse_file_owned(env_id)
+        if record.env.arrears:
+            raise Conflict(f"environment {env_id} is in arrears: it cannot change plan until "
+                           "paid up")
+        quote, over = await self._quote(env_id, record.env, target)
+        if over:
+            raise Conflict(f"downgrade to {target} refused: this cycle's usage exceeds it for "
+                           + ", ".join(over), meters=over)
+
+        def edit(env: Environment, _: dict[str, int]) -> Environment:
+            if env.plan != record.env.plan:
+                raise Conflict("the plan changed meanwhile; quote again")
+            paid = self._paid(env)
+            paid = paid + quote.amount if quote.change == "upgrade" else paid - quote.amount
+            return msgspec.structs.replace(env, plan=target, paid=f"{paid:.2f}")
+
+        return await self.change(env_id, edit), quote

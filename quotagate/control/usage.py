@@ -1,0 +1,93 @@
+"""Usage of one environment, per meter, read from the store: plan quota, used from the plan,
+each pack's remaining and expiry, pay-as-you-go so far this cycle, the cycle, the QPS limit in
+force and the open slots."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from quotagate.control.envs import Environments, Record
+from quotagate.limiter import calendar as cal
+from quotagate.limiter import keys
+from quotagate.limiter.entitlements import CHARGED_METERS, MBMS_PER_GBS, effective_limits
+
+#: Units of each meter in reports (gbs is counted in MB·ms and shown in GBs too).
+UNITS = {"calls": "calls", "gbs": "MB·ms", "outbound_bytes": "bytes",
+         "storage_traffic_bytes": "bytes", "cdn_origin_bytes": "bytes", "ai_tokens": "tokens",
+         "sms": "messages"}
+
+
+async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
+    env_id, env = record.env_id, record.env
+    config = envs.config
+    plan = config.plans.plans[env.plan]
+    limits = effective_limits(plan, env.limits)
+    today = envs.today(env)
+    start, end = cal.cycle_of(env.anchor, min(today, env.expires - dt.timedelta(days=1)))
+    cycle, first, last = cal.day_number(start), cal.day_number(start), cal.day_number(end)
+    async with envs.redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.usage(env_id))
+        pipe.hgetall(keys.pack_usage(env_id))
+        pipe.hgetall(keys.payg(env_id))
+        pipe.hgetall(keys.slots(env_id))
+        usage, pack_used, payg, slots = await pipe.execute()
+
+    def num(mapping: dict[bytes, bytes], field: str) -> int:
+        return int(mapping.get(field.encode(), 0))
+
+    meters: dict[str, Any] = {}
+    for meter in (*CHARGED_METERS, "sms"):
+        packs: list[dict[str, Any]] = []
+        for grant in env.packs:
+            p_meter: str | None
+            if grant.pack:
+                spec = config.plans.resource_packs[grant.pack]
+                p_meter, amount, days = spec.meter, spec.amount, spec.days
+            else:
+                p_meter, amount, days = grant.meter, grant.amount or 0, 30
+            if p_meter != meter:
+                continue
+            expires = grant.purchased + dt.timedelta(days=days)
+            used = num(pack_used, grant.id)
+            packs.append({"id": grant.id, "amount": amount, "used": used,
+                          "remaining": max(0, amount - used) if today < expires else 0,
+                          "purchased": grant.purchased.isoformat(),
+                          "expires": expires.isoformat(), "valid": grant.purchased <= today
+                          < expires})
+        payg_cycle = sum(int(v) for f, v in payg.items()
+                         if f.decode().endswith(f":{meter}")
+                         and first <= int(f.decode().split(":")[0]) < last)
+        quota = limits.get(meter, 0)
+        used_plan = num(usage, f"{cycle}:{meter}")
+        entry: dict[str, Any] = {
+            "unit": UNITS[meter], "quota": quota, "used": used_plan,
+            "plan_remaining": max(0, quota - used_plan), "packs": packs,
+            "payg": payg_cycle,
+            "remaining": max(0, quota - used_plan) + sum(p["remaining"] for p in packs
+                                                         if p["valid"]),
+        }
+        if meter == "gbs":
+            entry["used_gbs"] = str(used_plan / MBMS_PER_GBS)
+        meters[meter] = entry
+
+    qps = limits["qps"]
+    rt_cap, fc_cap = limits["realtime"], limits["function_concurrency"]
+    for promo in env.promos:
+        promo_spec = config.plans.promo_packs[promo.pack]
+        if promo.start <= today < promo.start + dt.timedelta(days=promo.days):
+            qps = max(qps, promo_spec.qps or 0)
+            rt_cap = max(rt_cap, promo_spec.realtime or 0)
+            fc_cap = max(fc_cap, promo_spec.function_concurrency or 0)
+    functions = {f.decode()[4:]: int(v) for f, v in slots.items()
+                 if f.startswith(b"=fn:")}
+    return {
+        "env": env_id, "owner": record.owner, "plan": env.plan, "overage": env.overage,
+        "today": today.isoformat(),
+        "cycle": {"start": start.isoformat(), "end": end.isoformat()},
+        "expires": env.expires.isoformat(),
+        "qps_limit": qps,
+        "realtime": {"open": num(slots, "=rt:"), "cap": rt_cap},
+        "function_concurrency": {"in_flight": functions, "cap": fc_cap},
+        "meters": meters,
+    }

@@ -1,0 +1,275 @@
+"""The admin API over a real listener, a real Valkey and real gateways: authentication, bad
+input, ownership, overage, packs, promos, plan changes with the seed's prices, bills."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+import yaml
+from aiohttp.test_utils import TestClient, TestServer
+
+from quotagate.billing.bills import price_line
+from quotagate.gateway.app import STATE, init_admin_app
+from quotagate.limiter import keys
+from quotagate.limiter.calendar import day_number
+from quotagate.settings.load import PlansFile, parse_yaml
+from tests.helpers import PLANS, at, env, local
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def admin_for(tmp_path: Path):
+    made: list[TestClient] = []
+
+    async def factory(gw: TestClient, token: str | None = TOKEN) -> TestClient:
+        client = TestClient(TestServer(init_admin_app(gw.app[STATE], token=token)))
+        await client.start_server()
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+async def store(valkey_url: str):
+    client = aredis.Redis.from_url(valkey_url)
+    yield client
+    await client.aclose()
+
+
+def api_env(**extra) -> dict:
+    return {"plan": "personal", "anchor": "2026-11-01", "expires": "2027-11-01", **extra}
+
+
+async def test_authentication(make_gateway, admin_for):
+    gw = await make_gateway({"shop": env()})
+    admin = await admin_for(gw)
+    assert (await admin.get("/admin/v1/envs")).status == 401
+    wrong = await admin.get("/admin/v1/envs", headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401 and wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    basic = await admin.get("/admin/v1/envs", headers={"Authorization": f"Basic {TOKEN}"})
+    assert basic.status == 401
+    ok = await admin.get("/admin/v1/envs", headers=AUTH)
+    assert ok.status == 200
+    assert (await ok.json())["environments"][0] == {
+        "env": "shop", "owner": "file", "plan": "standard", "expires": "2027-11-01",
+        "overage": False}
+    assert (await admin.get("/healthz")).status == 200  # health stays open
+    off = await admin_for(gw, token="")
+    resp = await off.get("/admin/v1/envs", headers=AUTH)
+    assert resp.status == 401 and "QUOTAGATE_ADMIN_TOKEN" in (await resp.json())["error"]
+    # Never on the public port: there it is just a path without a route.
+    public = await gw.get("/admin/v1/envs", headers={**AUTH, "X-CloudBase-Env": "shop"})
+    assert public.status == 404
+
+
+async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
+    gw = await make_gateway({"shop": env()})
+    admin = await admin_for(gw)
+    cases = [
+        ("PUT", "/admin/v1/envs/new", b"{not json", 400),
+        ("PUT", "/admin/v1/envs/new", b"[1, 2]", 400),
+        ("PUT", "/admin/v1/envs/Bad_Id", b"{}", 400),
+        ("PUT", "/admin/v1/envs/new", b'{"plan": "gold", "anchor": "2026-11-01", '
+                                      b'"expires": "2027-11-01"}', 422),
+        ("PUT", "/admin/v1/envs/new", b'{"plan": "personal"}', 422),
+        ("PUT", "/admin/v1/envs/new", b'{"plan": "personal", "anchor": "2026-11-01", '
+                                      b'"expires": "2027-11-01", "colour": "red"}', 422),
+        ("PUT", "/admin/v1/envs/shop", b'{"plan": "personal", "anchor": "2026-11-01", '
+                                       b'"expires": "2027-11-01"}', 409),
+        ("GET", "/admin/v1/envs/nobody/usage", None, 404),
+        ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": "yes"}', 422),
+        ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": true}', 409),
+        ("GET", "/admin/v1/bills?date=yesterday", None, 422),
+    ]
+    before = sorted(await store.keys("*"))
+    for method, path, body, status in cases:
+        resp = await admin.request(method, path, data=body, headers=AUTH)
+        assert resp.status == status, (path, body, await resp.text())
+        assert "error" in await resp.json()
+    assert sorted(await store.keys("*")) == before
+
+
+async def test_api_owned_env_overage_switch_on_every_instance(make_gateway, admin_for):
+    gws = [await make_gateway({"shop": env()}) for _ in range(2)]
+    admin = await admin_for(gws[0])
+    resp = await admin.put("/admin/v1/envs/api-1", json=api_env(limits={"calls": 2}),
+                           headers=AUTH)
+    assert resp.status == 200 and (await resp.json())["owner"] == "api"
+    h = {"X-CloudBase-Env": "api-1"}
+    assert [(await gws[i % 2].get("/functions/f", headers=h)).status for i in range(3)] == \
+        [200, 200, 429]
+    resp = await admin.put("/admin/v1/envs/api-1/overage", json={"overage": True}, headers=AUTH)
+    assert (await resp.json()) == {"env": "api-1", "overage": True}
+    # The next request on every instance.
+    assert (await gws[1].get("/functions/f", headers=h)).status == 200
+    assert (await gws[0].get("/functions/f", headers=h)).status == 200
+    usage = await (await admin.get("/admin/v1/envs/api-1/usage", headers=AUTH)).json()
+    calls = usage["meters"]["calls"]
+    assert calls["quota"] == 2 and calls["used"] == 2 and calls["payg"] == 2
+    assert usage["cycle"] == {"start": "2026-11-01", "end": "2026-12-01"}
+    assert usage["qps_limit"] == 500 and usage["realtime"] == {"open": 0, "cap": 10}
+    listed = await (await admin.get("/admin/v1/envs", headers=AUTH)).json()
+    assert {e["env"]: e["owner"] for e in listed["environments"]} == {"api-1": "api",
+                                                                       "shop": "file"}
+
+
+async def test_packs_buy_list_refund(make_gateway, admin_for, store):
+    clock = at("2026-11-26T12:00:00")
+    gw = await make_gateway({}, clock=clock)
+    admin = await admin_for(gw)
+    await admin.put("/admin/v1/envs/free-1", json=api_env(plan="free"), headers=AUTH)
+    resp = await admin.post("/admin/v1/envs/free-1/packs", json={"pack": "calls-10m"},
+                            headers=AUTH)
+    assert resp.status == 409 and "free cannot buy" in (await resp.json())["error"]
+    await admin.put("/admin/v1/envs/p-1", json=api_env(limits={"calls": 1}), headers=AUTH)
+    for body, status in (({"pack": "calls-1g"}, 422), ({"meter": "calls", "amount": -5}, 422),
+                         ({"meter": "qps", "amount": 5}, 422), ({}, 422)):
+        assert (await admin.post("/admin/v1/envs/p-1/packs", json=body,
+                                 headers=AUTH)).status == status
+    resp = await admin.post("/admin/v1/envs/p-1/packs", json={"meter": "calls", "amount": 3,
+                                                              "id": "a-small"}, headers=AUTH)
+    assert resp.status == 201
+    assert (await resp.json())["pack"]["purchased"] == "2026-11-26"
+    unused = await admin.post("/admin/v1/envs/p-1/packs", json={"pack": "calls-10m",
+                                                                "id": "b-big"}, headers=AUTH)
+    assert unused.status == 201
+    h = {"X-CloudBase-Env": "p-1"}
+    # 1 from the plan, then the pack expiring first; both expire 12-26: by id, a-small.
+    assert [(await gw.get("/functions/f", headers=h)).status for _ in range(3)] == [200] * 3
+    packs = {p["id"]: p for p in (await (await admin.get(
+        "/admin/v1/envs/p-1/packs", headers=AUTH)).json())["packs"]}
+    assert packs["b-big"]["remaining"] == 10_000_000 and packs["a-small"]["remaining"] == 1
+    assert packs["a-small"]["expires"] == "2026-12-26"
+    used = await admin.delete("/admin/v1/envs/p-1/packs/a-small", headers=AUTH)
+    assert used.status == 409 and "has been used" in (await used.json())["error"]
+    clock.set(local("2026-12-02T23:59:59"))  # day 7 after purchase: still refundable
+    ok = await admin.delete("/admin/v1/envs/p-1/packs/b-big", headers=AUTH)
+    assert ok.status == 200 and (await ok.json())["refunded"]["id"] == "b-big"
+    assert (await admin.delete("/admin/v1/envs/p-1/packs/b-big", headers=AUTH)).status == 404
+    await admin.post("/admin/v1/envs/p-1/packs", json={"pack": "sms-1k", "id": "late"},
+                     headers=AUTH)
+    clock.set(local("2026-12-10T00:00:00"))  # 8 days later
+    late = await admin.delete("/admin/v1/envs/p-1/packs/late", headers=AUTH)
+    assert late.status == 409 and "within 7 days" in (await late.json())["error"]
+
+
+async def test_promo_for_days_in_env_timezone(make_gateway, admin_for):
+    clock = at("2026-11-26T12:00:00")
+    gw = await make_gateway({}, clock=clock)
+    admin = await admin_for(gw)
+    await admin.put("/admin/v1/envs/sale", json=api_env(plan="standard"), headers=AUTH)
+    resp = await admin.post("/admin/v1/envs/sale/promos", json={"pack": "fn-500g", "days": 2},
+                            headers=AUTH)
+    assert resp.status == 201 and (await resp.json())["promo"]["start"] == "2026-11-26"
+    bad = await admin.post("/admin/v1/envs/sale/promos",
+                           json={"pack": "fn-500g", "start": "2026-11-01"}, headers=AUTH)
+    assert bad.status == 422
+    h = {"X-CloudBase-Env": "sale"}
+    limit = await gw.get("/functions/f", headers=h)
+    assert limit.headers["RateLimit-Policy"].startswith('"qps";q=10000;')
+    clock.set(local("2026-11-27T23:59:59"))
+    assert (await gw.get("/functions/f", headers=h)).headers["RateLimit-Policy"].startswith(
+        '"qps";q=10000;')
+    clock.set(local("2026-11-28T00:00:00"))  # two whole days are over at 00:00
+    assert (await gw.get("/functions/f", headers=h)).headers["RateLimit-Policy"].startswith(
+        '"qps";q=500;')
+
+
+def seed_plans(tmp_path: Path) -> Path:
+    plans = yaml.safe_load(PLANS.read_text())
+    base = {"qps": 500, "calls": 1000, "realtime": 10, "gbs": 100, "capacity_gb": 1,
+            "outbound_gb": 1, "storage_traffic_gb": 1, "cdn_origin_gb": 1, "custom_domains": 1}
+    plans["plans"]["p100"] = {**base, "price": "100"}
+    plans["plans"]["p1000"] = {**base, "price": "1000", "calls": 100_000}
+    path = tmp_path / "seed-plans.yaml"
+    path.write_text(yaml.safe_dump(plans))
+    return path
+
+
+async def test_plan_change_prices_reproduce_the_seed(make_gateway, admin_for, tmp_path, store):
+    clock = at("2022-12-15T10:00:00")
+    gw = await make_gateway({}, clock=clock, plans_file=str(seed_plans(tmp_path)))
+    admin = await admin_for(gw)
+    period = {"anchor": "2022-11-01", "expires": "2023-02-01"}
+    await admin.put("/admin/v1/envs/up", json={"plan": "p100", **period}, headers=AUTH)
+    await admin.put("/admin/v1/envs/down", json={"plan": "p1000", **period}, headers=AUTH)
+    up = await (await admin.post("/admin/v1/envs/up/plan/quote", json={"plan": "p1000"},
+                                 headers=AUTH)).json()
+    assert up["change"] == "upgrade" and up["amount"] == "1420.27" and up["days_left"] == 48
+    down = await (await admin.post("/admin/v1/envs/down/plan/quote", json={"plan": "p100"},
+                                   headers=AUTH)).json()
+    assert down["change"] == "downgrade" and down["amount"] == "1390.59"
+    assert down["parts"]["unused_value"] == "1548.39" and down["parts"]["new_plan_cost"] == \
+        "157.80"
+    assert down["allowed"] is True
+    # Upgrade at once: anchor and expiry stay.
+    changed = await admin.post("/admin/v1/envs/up/plan", json={"plan": "p1000"}, headers=AUTH)
+    assert changed.status == 200 and (await changed.json())["amount"] == "1420.27"
+    record = await (await admin.get("/admin/v1/envs/up", headers=AUTH)).json()
+    assert record["definition"]["plan"] == "p1000"
+    assert record["definition"]["anchor"] == "2022-11-01"
+    assert record["definition"]["paid"] == "1720.27"  # 3 months at 100 + the fee
+    # Downgrade refused while this cycle's usage exceeds the target (calls 1,000).
+    cycle = day_number(dt.date(2022, 12, 1))
+    await store.hset(keys.usage("down"), f"{cycle}:calls", 1001)
+    refused = await admin.post("/admin/v1/envs/down/plan", json={"plan": "p100"}, headers=AUTH)
+    body = await refused.json()
+    assert refused.status == 409 and body["meters"] == ["calls"] and "calls" in body["error"]
+    await store.hset(keys.usage("down"), f"{cycle}:calls", 1000)
+    ok = await admin.post("/admin/v1/envs/down/plan", json={"plan": "p100"}, headers=AUTH)
+    assert ok.status == 200 and (await ok.json())["amount"] == "1390.59"
+    # Arrears block plan changes.
+    await admin.put("/admin/v1/envs/owing", json={"plan": "p100", "arrears": True, **period},
+                    headers=AUTH)
+    owing = await admin.post("/admin/v1/envs/owing/plan", json={"plan": "p1000"}, headers=AUTH)
+    assert owing.status == 409 and "arrears" in (await owing.json())["error"]
+
+
+async def test_bill_lines_reconcile_with_the_counted_usage(make_gateway, admin_for, store):
+    clock = at("2026-11-26T12:00:00")
+    gw = await make_gateway({"shop": env(overage=True, limits={
+        "calls": 3, "storage_traffic_gb": 0, "gbs": 0})}, clock=clock)
+    admin = await admin_for(gw)
+    h = {"X-CloudBase-Env": "shop"}
+    for _ in range(10):
+        assert (await gw.get("/functions/f", headers=h)).status == 200
+    resp = await gw.get("/storage/x/bytes?n=5000", headers=h)
+    assert len(await resp.read()) == 5000
+    await asyncio.sleep(0.1)
+    today = day_number(dt.date(2026, 11, 26))
+    payg = {k.decode(): int(v) for k, v in (await store.hgetall(keys.payg("shop"))).items()}
+    bill = await (await admin.get("/admin/v1/bills?date=2026-11-26", headers=AUTH)).json()
+    lines = {line["meter"]: line for line in bill["lines"]}
+    assert lines["calls"]["quantity"] == payg[f"{today}:calls"] == 8  # 10 - 3 + the storage 1
+    assert lines["calls"]["amount"] == "0.00"  # 8 x 0.5 / 10,000 = 0.0004 -> 0.00 (down)
+    assert lines["storage_traffic_bytes"]["quantity"] == 5000
+    assert lines["gbs"]["quantity"] == payg[f"{today}:gbs"] >= 10 * 256  # 10 runs, >= 1 ms
+    assert lines["gbs"]["unit"] == "MB·ms" and lines["gbs"]["per"] == "1024000"
+    assert Decimal(bill["total"]) == sum(Decimal(line["amount"]) for line in bill["lines"])
+    other_day = await (await admin.get("/admin/v1/bills?date=2026-11-25", headers=AUTH)).json()
+    assert other_day["lines"] == [] and other_day["total"] == "0.00"
+
+
+@pytest.mark.parametrize(("meter", "quantity", "amount"), [
+    ("calls", 12_345_678, "617.28"),  # 0.5 per 10,000
+    ("calls", 19_999, "0.99"),
+    ("gbs", 1_000_000 * 1_024_000, "111.08"),  # 0.00011108 per GBs; counted in MB·ms
+    ("gbs", 1_024_000 * 90_000 + 1, "9.99"),  # 9.9972000... down
+    ("storage_traffic_bytes", 5 * 1024**3, "1.05"),  # 0.21 per GiB
+    ("outbound_bytes", 3 * 1024**3 + 1, "2.40"),  # 0.8 per GiB
+    ("cdn_origin_bytes", 1024**3 - 1, "0.14"),  # 0.15 per GiB, just under one
+])
+def test_bill_line_prices_exact(meter, quantity, amount) -> None:
+    line = price_line(parse_yaml(PLANS, PlansFile), "e", dt.date(2026, 11, 26), meter,
+                      quantity)
+    assert line is not None and line.amount == amount and line.quantity == quantity

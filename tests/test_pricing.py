@@ -1,0 +1,70 @@
+"""SPEC §11 plan-change prices, exact to the fen: the seed's two examples and more."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import pytest
+
+from quotagate.billing.pricing import charge, downgrade_refund, refund, upgrade_fee
+
+D = dt.date
+
+
+def test_seed_upgrade_example() -> None:
+    # 100 -> 1,000 CNY/month on 2022-12-15, expiry 2023-02-01: 48 days -> 1,420.27
+    q = upgrade_fee(Decimal(100), Decimal(1000), D(2022, 12, 15), D(2023, 2, 1))
+    assert q.days_left == 48
+    assert q.amount == Decimal("1420.27")
+    assert str(q.amount) == "1420.27"
+
+
+def test_seed_downgrade_example() -> None:
+    # 3 months at 1,000 bought 2022-11-01 (expiry 2023-02-01), downgraded to 100 on 2022-12-15:
+    # used 45 of 93 days -> 1,548.39 back, 48 days of the new plan cost 157.80 -> 1,390.59
+    q = downgrade_refund(Decimal(3000), D(2022, 11, 1), D(2023, 2, 1), D(2022, 12, 15),
+                         Decimal(100))
+    assert q.parts["used_days"] == "45" and q.parts["total_days"] == "93"
+    assert q.parts["unused_value"] == "1548.39"
+    assert q.parts["new_plan_cost"] == "157.80"
+    assert q.amount == Decimal("1390.59")
+
+
+def test_rounding_favours_the_customer() -> None:
+    assert charge(Decimal("1.239999")) == Decimal("1.23")
+    assert refund(Decimal("1.230001")) == Decimal("1.24")
+    assert refund(Decimal("1.23")) == Decimal("1.23") == charge(Decimal("1.23"))
+
+
+@pytest.mark.parametrize(("old", "new", "today", "expires", "discount", "expected"), [
+    # 19.9 -> 199 over 30 days: 179.1 x 30 x 12 / 365 = 176.646... -> 176.64
+    ("19.9", "199", D(2024, 2, 1), D(2024, 3, 2), "1", "176.64"),
+    # leap February counted: 2024-02-01 -> 2024-03-01 is 29 days
+    ("199", "999", D(2024, 2, 1), D(2024, 3, 1), "1", "762.73"),
+    # with a discount of 0.8
+    ("199", "999", D(2024, 2, 1), D(2024, 3, 1), "0.8", "610.19"),
+    # on the expiry day: nothing left to pay
+    ("100", "1000", D(2023, 2, 1), D(2023, 2, 1), "1", "0.00"),
+])
+def test_upgrade_fees(old, new, today, expires, discount, expected) -> None:
+    q = upgrade_fee(Decimal(old), Decimal(new), today, expires, Decimal(discount))
+    assert q.amount == Decimal(expected)
+
+
+def test_downgrade_worth_nothing_refunds_nothing() -> None:
+    # Almost the whole period used, new plan dearer per remaining day than what is left.
+    q = downgrade_refund(Decimal(199), D(2024, 1, 1), D(2024, 2, 1), D(2024, 1, 31),
+                         Decimal(999))
+    assert q.amount == Decimal("0.00")
+
+
+def test_downgrade_on_the_first_day() -> None:
+    # 12 months of enterprise (11,988) bought 2024-01-01, downgraded the same day to standard.
+    q = downgrade_refund(Decimal(11988), D(2024, 1, 1), D(2025, 1, 1), D(2024, 1, 1),
+                         Decimal(199))
+    # used 1 of 367 days: 11988 x 366/367 = 11955.335... -> 11955.34 up;
+    # 366 days of standard: 366 x 199 x 12 / 365 = 2394.54... -> 2394.54 down
+    assert q.parts["unused_value"] == "11955.34"
+    assert q.parts["new_plan_cost"] == "2394.54"
+    assert q.amount == Decimal("9560.80")
