@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
         "environments.yaml; print file, key path and reason per error; exit 1 on any error.")
     check.add_argument("files", nargs="+", metavar="FILE")
     check.set_defaults(func=_config_check)
+
+    from quotagate.control.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

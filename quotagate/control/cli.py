@@ -1,0 +1,260 @@
+"""Operator commands over the admin API: ``quotagate env|pack|promo|plan|bill …``.
+
+Each command is one HTTP call to ``/admin/v1`` (``--admin`` URL, ``--token``; defaults from
+QUOTAGATE_ADMIN_URL and QUOTAGATE_ADMIN_TOKEN). ``--json`` prints the API's JSON for scripts;
+otherwise a readable table. Exit status: 0 done, 1 refused by the API (its reason on stderr),
+2 the API could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_URL = "http://127.0.0.1:9090"
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    url = args.admin.rstrip("/") + "/admin/v1" + path
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {args.token}")
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as resp:
+            return json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            message = json.loads(raw).get("error", raw.decode(errors="replace"))
+        except (ValueError, AttributeError):
+            message = raw.decode(errors="replace")[:500]
+        raise ApiError(exc.code, message) from None
+
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def env_list(args: argparse.Namespace) -> None:
+    data = call(args, "GET", "/envs")
+    _out(args, data, table(data["environments"], ["env", "owner", "plan", "expires", "overage"]))
+
+
+def env_show(args: argparse.Namespace) -> None:
+    data = call(args, "GET", f"/envs/{args.env}")
+    _out(args, data, f"{data['env']} (owned by {data['owner']})\n"
+         + yaml.safe_dump(data["definition"], sort_keys=False).rstrip())
+
+
+def env_put(args: argparse.Namespace) -> None:
+    definition = yaml.safe_load(Path(args.file).read_text())
+    data = call(args, "PUT", f"/envs/{args.env}", definition)
+    _out(args, data, f"{data['env']}: written (owned by {data['owner']})")
+
+
+def env_usage(args: argparse.Namespace) -> None:
+    data = call(args, "GET", f"/envs/{args.env}/usage")
+    rows = []
+    for meter, m in data["meters"].items():
+        rows.append({"meter": meter, "unit": m["unit"], "quota": m["quota"], "used": m["used"],
+                     "packs left": sum(p["remaining"] for p in m["packs"] if p["valid"]),
+                     "payg": m["payg"], "remaining": m["remaining"]})
+    head = (f"{data['env']}  plan {data['plan']}  overage {'on' if data['overage'] else 'off'}"
+            f"  cycle {data['cycle']['start']} .. {data['cycle']['end']}  "
+            f"QPS {data['qps_limit']}  watches {data['realtime']['open']}/"
+            f"{data['realtime']['cap']}")
+    _out(args, data, head + "\n" + table(rows, ["meter", "unit", "quota", "used",
+                                                "packs left", "payg", "remaining"]))
+
+
+def env_overage(args: argparse.Namespace) -> None:
+    data = call(args, "PUT", f"/envs/{args.env}/overage", {"overage": args.state == "on"})
+    _out(args, data, f"{data['env']}: overage {'on' if data['overage'] else 'off'}")
+
+
+def pack_list(args: argparse.Namespace) -> None:
+    data = call(args, "GET", f"/envs/{args.env}/packs")
+    _out(args, data, table(data["packs"], ["id", "meter", "amount", "used", "remaining",
+                                           "purchased", "expires"]))
+
+
+def pack_buy(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"pack": args.pack} if args.pack else {
+        "meter": args.meter, "amount": args.amount}
+    if args.id:
+        body["id"] = args.id
+    data = call(args, "POST", f"/envs/{args.env}/packs", body)
+    pack = data["pack"]
+    _out(args, data, f"{data['env']}: pack {pack['id']} bought {pack['purchased']}")
+
+
+def pack_refund(args: argparse.Namespace) -> None:
+    data = call(args, "DELETE", f"/envs/{args.env}/packs/{args.id}")
+    _out(args, data, f"{data['env']}: pack {data['refunded']['id']} refunded")
+
+
+def promo_list(args: argparse.Namespace) -> None:
+    data = call(args, "GET", f"/envs/{args.env}/promos")
+    _out(args, data, table(data["promos"], ["id", "pack", "start", "days"]))
+
+
+def promo_buy(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"pack": args.pack, "days": args.days}
+    if args.start:
+        body["start"] = args.start
+    data = call(args, "POST", f"/envs/{args.env}/promos", body)
+    promo = data["promo"]
+    _out(args, data, f"{data['env']}: promo {promo['pack']} from {promo['start']} for "
+         f"{promo['days']} day(s) ({promo['id']})")
+
+
+def _quote_text(data: dict[str, Any]) -> str:
+    verb = "to pay" if data["change"] == "upgrade" else "refunded"
+    text = (f"{data['env']}: {data['change']} to {data['plan']}: {data['amount']} CNY {verb} "
+            f"({data['days_left']} days left)\n"
+            + "\n".join(f"  {k}: {v}" for k, v in data["parts"].items()))
+    if data.get("over_target"):
+        text += "\n  refused: usage over the target plan for " + ", ".join(data["over_target"])
+    return text
+
+
+def plan_quote(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/envs/{args.env}/plan/quote", {"plan": args.plan})
+    _out(args, data, _quote_text(data))
+
+
+def plan_change(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/envs/{args.env}/plan", {"plan": args.plan})
+    _out(args, data, _quote_text(data))
+
+
+BILL_COLUMNS = ["env", "day", "meter", "quantity", "unit", "unit_price", "per", "amount"]
+
+
+def bill(args: argparse.Namespace) -> None:
+    query = f"/bills?date={args.date}" + (f"&env={args.env}" if args.env else "")
+    data = call(args, "GET", query)
+    if args.json or args.format == "json":
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    elif args.format == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=BILL_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(data["lines"])
+        print(buf.getvalue(), end="")
+    else:
+        print(table(data["lines"], BILL_COLUMNS))
+        print(f"total {data['total']} {data['currency']}")
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--admin", default=os.environ.get("QUOTAGATE_ADMIN_URL", DEFAULT_URL),
+                   help="admin listener URL (QUOTAGATE_ADMIN_URL, default %(default)s)")
+    p.add_argument("--token", default=os.environ.get("QUOTAGATE_ADMIN_TOKEN", ""),
+                   help="bearer token (QUOTAGATE_ADMIN_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (%(default)s)")
+
+
+def _cmd(sub: Any, name: str, help_: str, func: Any, *args: tuple[str, dict[str, Any]]
+         ) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_)
+    for flag, kw in args:
+        p.add_argument(flag, **kw)
+    _common(p)
+    p.set_defaults(func=lambda a: _run(func, a))
+    return p
+
+
+def _run(func: Any, args: argparse.Namespace) -> int:
+    try:
+        func(args)
+    except ApiError as exc:
+        print(f"refused ({exc.status}): {exc}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin API at {args.admin}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+ENV = ("env", {"help": "environment id"})
+
+
+def add_commands(sub: Any) -> None:
+    env = sub.add_parser("env", help="environments: list, show, put, usage, overage")
+    es = env.add_subparsers(dest="env_command", required=True)
+    _cmd(es, "list", "list environments and who owns them", env_list)
+    _cmd(es, "show", "an environment's definition", env_show, ENV)
+    _cmd(es, "put", "create or replace an API-owned environment from a YAML/JSON file",
+         env_put, ENV, ("file", {"help": "the definition (keys of environments.yaml)"}))
+    _cmd(es, "usage", "usage per meter: quota, used, packs, pay-as-you-go, cycle, QPS",
+         env_usage, ENV)
+    _cmd(es, "overage", "switch overage (pay-as-you-go past the quota) on or off",
+         env_overage, ENV, ("state", {"choices": ["on", "off"]}))
+
+    pack = sub.add_parser("pack", help="resource packs: list, buy, refund")
+    ps = pack.add_subparsers(dest="pack_command", required=True)
+    _cmd(ps, "list", "packs of an environment, with what is left", pack_list, ENV)
+    buy = _cmd(ps, "buy", "buy a resource pack (valid 30 days from today)", pack_buy, ENV,
+               ("pack", {"nargs": "?", "default": "", "help": "catalog name, e.g. calls-10m"}))
+    buy.add_argument("--meter", choices=["calls", "capacity_bytes", "sms"])
+    buy.add_argument("--amount", type=int)
+    buy.add_argument("--id", help="pack id (default: generated)")
+    _cmd(ps, "refund", "refund an unused pack within 7 days of purchase", pack_refund, ENV,
+         ("id", {"help": "pack id"}))
+
+    promo = sub.add_parser("promo", help="promo packs bought per day: list, buy")
+    rs = promo.add_subparsers(dest="promo_command", required=True)
+    _cmd(rs, "list", "promo packs of an environment", promo_list, ENV)
+    pb = _cmd(rs, "buy", "buy a promo pack for N days (from today)", promo_buy, ENV,
+              ("pack", {"help": "e.g. db-3k, fn-500g"}))
+    pb.add_argument("--days", type=int, default=1)
+    pb.add_argument("--start", help="YYYY-MM-DD (default today, environment time zone)")
+
+    plan = sub.add_parser("plan", help="plan changes: quote, change")
+    pls = plan.add_subparsers(dest="plan_command", required=True)
+    _cmd(pls, "quote", "price of an upgrade or a downgrade (SPEC §11)", plan_quote, ENV,
+         ("plan", {"help": "target plan"}))
+    _cmd(pls, "change", "upgrade at once, or downgrade if usage allows", plan_change, ENV,
+         ("plan", {"help": "target plan"}))
+
+    b = _cmd(sub, "bill", "pay-as-you-go lines of one day at list price", bill)
+    b.add_argument("--date", required=True, help="YYYY-MM-DD (each environment's local day)")
+    b.add_argument("--env", help="one environment only")
+    b.add_argument("--format", choices=["table", "json", "csv"], default="table")

@@ -1,0 +1,111 @@
+"""The operator CLI against a real `quotagate serve` (real clock, real Valkey): every command
+once, as a person (tables) and as a script (--json, csv)."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import os
+import signal
+import subprocess
+import zoneinfo
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from quotagate.limiter.embedded import free_port
+from tests.helpers import PLANS, QUOTAGATE, wait_ready
+
+TOKEN = "cli-token"
+
+
+def cli(admin: int, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*QUOTAGATE, *args, "--admin", f"http://127.0.0.1:{admin}",
+                           "--token", token], capture_output=True, text=True, timeout=30)
+
+
+async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
+    port, admin = free_port(), free_port()
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"url": valkey_url}, "plans_file": str(PLANS),
+        "routes": [{"prefix": "/functions/", "kind": "function",
+                    "upstream": f"http://127.0.0.1:{upstream.port}"}]}))
+    today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        "filed": {"plan": "standard", "anchor": today.replace(day=1).isoformat(),
+                  "expires": (today + dt.timedelta(days=300)).isoformat()}}}))
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
+    try:
+        await wait_ready(admin, proc)
+        anchor = today.replace(day=1)
+        definition = tmp_path / "shop.yaml"
+        definition.write_text(yaml.safe_dump({
+            "plan": "personal", "anchor": anchor.isoformat(),
+            "expires": (anchor + dt.timedelta(days=400)).isoformat(),
+            "limits": {"calls": 2}}))
+        out = cli(admin, "env", "put", "shop", str(definition))
+        assert out.returncode == 0 and "shop: written (owned by api)" in out.stdout, out.stderr
+        out = cli(admin, "env", "list")
+        assert out.returncode == 0
+        lines = out.stdout.splitlines()
+        assert lines[0].split() == ["env", "owner", "plan", "expires", "overage"]
+        assert any(line.split()[:3] == ["filed", "file", "standard"] for line in lines)
+        assert any(line.split()[:3] == ["shop", "api", "personal"] for line in lines)
+
+        refused = cli(admin, "env", "overage", "filed", "on")
+        assert refused.returncode == 1 and "owned by environments.yaml" in refused.stderr
+        assert cli(admin, "env", "list", token="wrong").returncode == 1
+        unreachable = subprocess.run([*QUOTAGATE, "env", "list", "--admin",
+                                      f"http://127.0.0.1:{free_port()}", "--token", TOKEN],
+                                     capture_output=True, text=True, timeout=30)
+        assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+
+        async with aiohttp.ClientSession() as s:
+            statuses = []
+            for _ in range(3):
+                async with s.get(f"http://127.0.0.1:{port}/functions/f",
+                                 headers={"X-CloudBase-Env": "shop"}) as r:
+                    statuses.append(r.status)
+        assert statuses == [200, 200, 429]
+        assert "shop: overage on" in cli(admin, "env", "overage", "shop", "on").stdout
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # past the quota: pay-as-you-go now
+                async with s.get(f"http://127.0.0.1:{port}/functions/f",
+                                 headers={"X-CloudBase-Env": "shop"}) as r:
+                    assert r.status == 200
+        out = cli(admin, "pack", "buy", "shop", "calls-10m", "--id", "p1")
+        assert out.returncode == 0 and "pack p1 bought" in out.stdout
+        packs = json.loads(cli(admin, "pack", "list", "shop", "--json").stdout)["packs"]
+        assert [(p["id"], p["remaining"]) for p in packs] == [("p1", 10_000_000)]
+        out = cli(admin, "promo", "buy", "shop", "db-3k", "--days", "2")
+        assert out.returncode == 0 and "promo db-3k from" in out.stdout
+        usage = cli(admin, "env", "usage", "shop")
+        assert "QPS 10000" in usage.stdout and "calls" in usage.stdout
+        quote = json.loads(cli(admin, "plan", "quote", "shop", "standard", "--json").stdout)
+        assert quote["change"] == "upgrade" and quote["plan"] == "standard"
+        out = cli(admin, "plan", "change", "shop", "standard")
+        assert out.returncode == 0 and "upgrade to standard" in out.stdout
+        out = cli(admin, "pack", "refund", "shop", "p1")
+        assert out.returncode == 0 and "pack p1 refunded" in out.stdout
+
+        day = today.isoformat()
+        table = cli(admin, "bill", "--date", day)
+        assert table.returncode == 0 and "total " in table.stdout
+        rows = list(csv.DictReader(io.StringIO(cli(admin, "bill", "--date", day, "--format",
+                                                   "csv").stdout)))
+        as_json = json.loads(cli(admin, "bill", "--date", day, "--json").stdout)
+        assert rows == [{k: str(v) for k, v in line.items()} for line in as_json["lines"]]
+        calls = [r for r in rows if r["env"] == "shop" and r["meter"] == "calls"]
+        assert [c["quantity"] for c in calls] == ["2"] and calls[0]["amount"] == "0.00"
+        for args in (["env"], ["env", "usage"], ["pack", "buy"], ["bill"]):
+            assert subprocess.run([*QUOTAGATE, *args], capture_output=True,
+                                  timeout=30).returncode == 2  # usage errors
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
