@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -46,7 +47,7 @@ from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
-from quotagate.settings import Config
+from quotagate.settings import Config, ConfigError, load_config
 
 log = logging.getLogger("quotagate.gateway")
 
@@ -73,6 +74,58 @@ class GatewayState:
     resync_at: float = 0.0
     #: Open realtime sockets per environment (closed when the environment is isolated).
     sockets: dict[str, set[realtime.RealtimeSocket]] = field(default_factory=dict)
+
+    #: Config files' modification times at the last (attempted) load.
+    mtimes: dict[str, float] = field(default_factory=dict)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reload(self, why: str = "requested") -> bool:
+        """Load the config files again; apply them if valid, else keep the last good config.
+
+        Routes, environments, plans, modes and the failure policy apply at once; listeners,
+        the store and worker count need a restart (logged). Returns whether it was applied.
+        """
+        async with self.reload_lock:
+            path = self.config.files[0] if self.config.files else None
+            if path is None:
+                return False
+            self.mtimes = _mtimes(self.config.files)
+            try:
+                config = load_config(path)
+            except ConfigError as exc:
+                metrics.RELOADS.labels("failure").inc()
+                for issue in exc.issues:
+                    log.error("config reload (%s) refused, the last good config stays: %s",
+                              why, issue)
+                return False
+            old = self.config.gateway
+            new = config.gateway
+            for key in ("listen", "admin_listen", "store", "upstream", "leases"):
+                if getattr(old, key) != getattr(new, key):
+                    log.warning("config reload: %s changed; it takes effect at the next "
+                                "restart", key)
+            self.config = config
+            self.router = Router(new.routes)
+            self.env_modes = {env_id: env.mode
+                              for env_id, env in config.environments.environments.items()
+                              if env.mode is not None}
+            self.limiter.on_failure = new.on_store_failure
+            self.limiter.mode = "shadow" if new.enforcement == "shadow" else "enforce"
+            self.mtimes = _mtimes(config.files)
+            self.synced = False
+            try:
+                await sync_environments(self.redis, config)
+                self.synced = True
+            except (aredis.RedisError, OSError, StoreError) as exc:
+                log.warning("config reload: environments not written yet (%s); retrying", exc)
+                self.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(self))
+            metrics.RELOADS.labels("success").inc()
+            log.info("config reloaded (%s): %d routes, %d environments", why, len(new.routes),
+                     len(config.environments.environments))
+            return True
+
+    def files_changed(self) -> bool:
+        return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
 
     def memory_mb(self, env: str, function: str, route: CompiledRoute) -> int:
         """A function's memory for GBs: the environment's setting, else the route's."""
@@ -114,6 +167,24 @@ class GatewayState:
 
 
 STATE = web.AppKey("state", GatewayState)
+
+
+def _mtimes(files: tuple[Path, ...]) -> dict[str, float]:
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = f.stat().st_mtime
+        except OSError:
+            out[str(f)] = -1.0
+    return out
+
+
+async def _watch_files(state: GatewayState) -> None:
+    """Reload when a config file changes (polled every ``reload_poll_ms``)."""
+    while True:
+        await asyncio.sleep(state.config.gateway.reload_poll_ms / 1000)
+        if state.config.gateway.reload_poll_ms and state.files_changed():
+            await state.reload("a config file changed")
 
 
 def build_state(config: Config, store_url: str, clock: Clock | None = None) -> GatewayState:
@@ -164,11 +235,18 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.pool.start()
     state.limiter.start_renewing()
+    state.mtimes = _mtimes(state.config.files)
+    watcher = (asyncio.get_running_loop().create_task(_watch_files(state))
+               if state.config.gateway.reload_poll_ms else None)
     state.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(state))
     with contextlib.suppress(TimeoutError):
         # Usually done at once; a store that is down must not block the start.
         await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
     yield
+    if watcher is not None:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     if state.sync_task is not None:
         state.sync_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -56,3 +56,9 @@ REALTIME_REFUSED = Counter(
     "Client frames answered by the gateway with an ERROR frame, by code.",
     ["code"],
 )
+RELOADS = Counter(
+    "quotagate_config_reloads_total",
+    "Config reloads (SIGHUP or a changed file), by result (success, failure: the last good "
+    "config stays).",
+    ["result"],
+)

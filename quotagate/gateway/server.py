@@ -65,6 +65,14 @@ async def run_gateway(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def _reload() -> None:
+        task = loop.create_task(app[STATE].reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, _reload)
     try:
         await stop.wait()
     finally:
@@ -134,8 +142,15 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p.pid, signal.SIGTERM)
 
+        def _hup(signum: int, _frame: object) -> None:
+            for p in procs:  # each worker reloads (and validates) for itself
+                if p.is_alive() and p.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGHUP)
+
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGHUP, _hup)
         # A worker that dies takes the whole server down: a supervisor restarts it cleanly.
         while not stopping and all(p.is_alive() for p in procs):
             for p in procs:

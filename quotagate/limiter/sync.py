@@ -66,6 +66,8 @@ async def sync_environments(redis: Any, config: Config) -> tuple[int, int]:
             pipe.set(keys.entitlements(env_id), blob)
         if wanted:
             pipe.sadd(keys.FILE_OWNED_ENVS, *wanted)
+            # Declared in the file: owned by the file from now on, whoever created it.
+            pipe.srem(keys.API_OWNED_ENVS, *wanted)
         for env_id in removed:
             # The snapshot goes (requests get 404); usage stays for billing.
             pipe.delete(keys.entitlements(env_id))

@@ -135,6 +135,8 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     environments_file: str = "environments.yaml"
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
+    #: Reload when a config file changes, checked this often; 0: only on SIGHUP.
+    reload_poll_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
     routes: tuple[Route, ...] = ()
 
 

@@ -1,0 +1,110 @@
+"""Hot reload: SIGHUP and changed files re-validate and apply; a bad file is refused (logged
+with file, key path and reason, counted) and the last good config stays."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from quotagate.gateway.app import STATE
+from quotagate.gateway.metrics import RELOADS
+from quotagate.limiter.embedded import free_port
+from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
+
+H = {"X-CloudBase-Env": "shop"}
+
+
+def environments(directory: Path, envs: dict) -> None:
+    (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+
+
+async def test_reload_applies_good_files_and_keeps_the_last_good(make_gateway, tmp_path,
+                                                                  caplog):
+    gw = await make_gateway({"shop": env(limits={"calls": 1})}, reload_poll_ms=0)
+    state = gw.app[STATE]
+    directory = state.config.base_dir
+    assert (await gw.get("/functions/f", headers=H)).status == 200
+    assert (await gw.get("/functions/f", headers=H)).status == 429
+    failures = RELOADS.labels("failure")._value.get()
+
+    # A broken file: refused with file, key path and reason; nothing changes.
+    environments(directory, {"shop": env(limits={"calls": "many"})})
+    with caplog.at_level(logging.ERROR, "quotagate.gateway"):
+        assert await state.reload("test") is False
+    assert RELOADS.labels("failure")._value.get() == failures + 1
+    text = caplog.text
+    assert "environments.yaml" in text and "$.environments.shop.limits.calls" in text
+    assert (await gw.get("/functions/f", headers=H)).status == 429
+    assert state.config.environments.environments["shop"].limits.calls == 1
+
+    # A good one: applied (usage kept, the new quota in force), a new env and a new route.
+    envs = {"shop": env(limits={"calls": 3}), "new": env()}
+    environments(directory, envs)
+    gateway = yaml.safe_load((directory / "gateway.yaml").read_text())
+    gateway["routes"].append({"prefix": "/extra/", "kind": "database",
+                              "upstream": gateway["routes"][0]["upstream"]})
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+    assert await state.reload("test") is True
+    assert [(await gw.get("/functions/f", headers=H)).status for _ in range(3)] == \
+        [200, 200, 429]
+    assert (await gw.get("/extra/x", headers={"X-CloudBase-Env": "new"})).status == 200
+
+    # Removed from the file: forgotten (404).
+    environments(directory, {"shop": env(limits={"calls": 3})})
+    assert await state.reload("test") is True
+    assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "new"})).status == 404
+
+
+async def test_changed_file_is_picked_up_by_polling(make_gateway):
+    gw = await make_gateway({"shop": env(limits={"calls": 0})}, reload_poll_ms=100)
+    assert (await gw.get("/functions/f", headers=H)).status == 429
+    state = gw.app[STATE]
+    await asyncio.sleep(0.05)
+    environments(state.config.base_dir, {"shop": env(limits={"calls": 5})})
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if (await gw.get("/functions/f", headers=H)).status == 200:
+            break
+    else:
+        raise AssertionError("the changed file was not applied")
+
+
+async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, upstream):
+    port, admin = free_port(), free_port()
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 0})},
+                          listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}",
+                          store={"url": valkey_url}, plans_file=str(PLANS), reload_poll_ms=0,
+                          routes=[{"prefix": "/functions/", "kind": "function",
+                                   "upstream": f"http://127.0.0.1:{upstream.port}"}])
+    del config
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_ready(admin, proc)
+        url = f"http://127.0.0.1:{port}/functions/f"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers=H) as r:
+                assert r.status == 429
+            environments(tmp_path, {"shop": env(limits={"calls": "x"})})  # broken
+            os.kill(proc.pid, signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            async with s.get(url, headers=H) as r:
+                assert r.status == 429  # still the last good config
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                assert 'quotagate_config_reloads_total{result="failure"} 1.0' in await r.text()
+            environments(tmp_path, {"shop": env(limits={"calls": 10})})
+            os.kill(proc.pid, signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            async with s.get(url, headers=H) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert "$.environments.shop.limits.calls" in err and "last good config stays" in err
