@@ -273,3 +273,58 @@ def test_bill_line_prices_exact(meter, quantity, amount) -> None:
     line = price_line(parse_yaml(PLANS, PlansFile), "e", dt.date(2026, 11, 26), meter,
                       quantity)
     assert line is not None and line.amount == amount and line.quantity == quantity
+
+
+async def test_ingestion_counts_each_record_once_and_enforces(make_gateway, admin_for, store):
+    gw = await make_gateway({"shop": env(limits={"ai_tokens": 1000}),
+                             "big": env(overage=True, limits={"outbound_gb": 1})})
+    admin = await admin_for(gw)
+    batch = {"records": [
+        {"id": "r1", "env": "shop", "meter": "ai_tokens", "amount": 600},
+        {"id": "r2", "env": "big", "meter": "outbound_bytes", "amount": 1024**3 + 10,
+         "at": "2026-11-26T09:00:00+08:00"},
+    ]}
+    first = await admin.post("/admin/v1/usage", json=batch, headers=AUTH)
+    assert first.status == 200
+    assert (await first.json())["counted"] == 2
+    again = await (await admin.post("/admin/v1/usage", json=batch, headers=AUTH)).json()
+    assert again["counted"] == 0 and again["duplicates"] == 2  # a retried batch
+    cycle = day_number(dt.date(2026, 11, 1))
+    assert int(await store.hget(keys.usage("shop"), f"{cycle}:ai_tokens")) == 600
+    today = day_number(dt.date(2026, 11, 26))
+    assert int(await store.hget(keys.payg("big"), f"{today}:outbound_bytes")) == 10
+    h = {"X-CloudBase-Env": "shop"}
+    assert (await gw.get("/ai/chat", headers=h)).status == 200
+    more = {"records": [{"id": "r3", "env": "shop", "meter": "ai_tokens", "amount": 500}]}
+    assert (await (await admin.post("/admin/v1/usage", json=more, headers=AUTH)).json()
+            )["counted"] == 1
+    refused = await gw.get("/ai/chat", headers=h)  # 1,100 of 1,000 tokens, hard stop
+    body = await refused.json(content_type=None)
+    assert refused.status == 429 and body["meter"] == "ai_tokens"
+    assert (await gw.get("/database/q", headers=h)).status == 200  # not an AI route
+    bill = await (await admin.get("/admin/v1/bills?date=2026-11-26&env=big",
+                                  headers=AUTH)).json()
+    assert [(line["meter"], line["quantity"]) for line in bill["lines"]] == [
+        ("outbound_bytes", 10)]
+
+
+async def test_ingestion_bad_batches_count_nothing(make_gateway, admin_for, store):
+    gw = await make_gateway({"shop": env()})
+    admin = await admin_for(gw)
+    good = {"id": "ok", "env": "shop", "meter": "ai_tokens", "amount": 5}
+    for bad, status in (
+        ({"records": []}, 422),
+        ({"records": "x"}, 422),
+        ({"records": [good, {**good, "id": "n", "amount": -1}]}, 422),
+        ({"records": [good, {**good, "id": "u", "env": "nobody"}]}, 422),
+        ({"records": [good, {**good, "id": "m", "meter": "calls"}]}, 422),
+        ({"records": [good, {**good, "id": "bad id!"}]}, 422),
+        ({"records": [good, good]}, 422),
+        ({"records": [good, {**good, "id": "t", "at": "2026-11-26T09:00:00"}]}, 422),
+        ({"records": [good, {**good, "id": "f", "at": "2099-01-01T00:00:00+00:00"}]}, 422),
+    ):
+        resp = await admin.post("/admin/v1/usage", json=bad, headers=AUTH)
+        assert resp.status == status, bad
+        assert "error" in await resp.json()
+    assert await store.hgetall(keys.usage("shop")) == {}
+    assert not await store.keys("qg:{shop}:seen:*")

@@ -8,6 +8,7 @@ import datetime as dt
 import hmac
 import json
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,13 +18,21 @@ from aiohttp import web
 from quotagate.billing.bills import bill, total
 from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
+from quotagate.limiter.errors import StoreError
 from quotagate.limiter.keys import ENV_ID
+from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import PACK_METERS, Environment
 
 PREFIX = "/admin/v1"
 TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
 ENVS = web.AppKey("control_envs", Environments)
 TOKEN = web.AppKey("admin_token", str)
+LIMITER = web.AppKey("control_limiter", Limiter)
+
+#: Meters reported by the platform (the gateway cannot see them), SPEC §3.
+INGESTED_METERS = ("outbound_bytes", "cdn_origin_bytes", "ai_tokens")
+MAX_BATCH = 10_000
+_RECORD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -221,7 +230,81 @@ async def get_bill(request: web.Request) -> web.Response:
                               "total": str(total(lines))})
 
 
+async def ingest_usage(request: web.Request) -> web.Response:
+    """A batch of usage records the gateway cannot see. Every record is checked first (one bad
+    record refuses the batch, nothing counted); each is then counted once per ``id``, so a
+    retried batch never counts twice."""
+    envs = request.app[ENVS]
+    body = await _body(request)
+    records = body.get("records")
+    if not isinstance(records, list) or not records:
+        raise Invalid("records must be a non-empty list")
+    if len(records) > MAX_BATCH:
+        raise Invalid(f"at most {MAX_BATCH} records per batch")
+    known = await envs.ids()
+    now_ms = envs.clock.now_ms()
+    problems: list[dict[str, Any]] = []
+    checked: list[tuple[str, str, str, int, int]] = []
+    seen_ids: set[str] = set()
+    for i, rec in enumerate(records):
+        def bad(reason: str, i: int = i) -> None:
+            problems.append({"path": f"$.records[{i}]", "reason": reason})
+        if not isinstance(rec, dict):
+            bad("a record is an object")
+            continue
+        rid, env_id, meter, amount = (rec.get("id"), rec.get("env"), rec.get("meter"),
+                                      rec.get("amount"))
+        if not isinstance(rid, str) or not _RECORD_ID.fullmatch(rid):
+            bad("id: 1-128 characters of [A-Za-z0-9._:-] (the idempotency key)")
+            continue
+        if rid in seen_ids:
+            bad(f"id {rid} twice in the batch")
+            continue
+        seen_ids.add(rid)
+        if not isinstance(env_id, str) or env_id not in known:
+            bad(f"env: no environment {str(env_id)[:80]!r}")
+            continue
+        if meter not in INGESTED_METERS:
+            bad(f"meter: one of {', '.join(INGESTED_METERS)}")
+            continue
+        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount < 2**53:
+            bad("amount: a positive integer (bytes, tokens)")
+            continue
+        at_ms = now_ms
+        if rec.get("at") is not None:
+            try:
+                at = dt.datetime.fromisoformat(str(rec["at"]))
+            except ValueError:
+                bad("at: an ISO 8601 time with its UTC offset")
+                continue
+            if at.tzinfo is None:
+                bad("at: give the UTC offset")
+                continue
+            at_ms = int(at.timestamp() * 1000)
+            if at_ms > now_ms + 300_000:
+                bad("at: in the future")
+                continue
+        checked.append((rid, env_id, meter, amount, at_ms))
+    if problems:
+        raise Invalid(f"{len(problems)} invalid record(s); nothing counted", issues=problems)
+    limiter = request.app[LIMITER]
+    results = []
+    try:
+        for rid, env_id, meter, amount, at_ms in checked:
+            status = await limiter.ingest(env_id, rid, meter, amount, at_ms)
+            results.append({"id": rid, "status": {0: "counted", 8: "duplicate"}.get(
+                status, "unknown-environment")})
+    except StoreError as exc:
+        return _error(503, f"the store cannot be reached ({exc}); retry the batch: records "
+                      "already counted will not count twice", done=results)
+    counted = sum(r["status"] == "counted" for r in results)
+    return web.json_response({"counted": counted,
+                              "duplicates": sum(r["status"] == "duplicate" for r in results),
+                              "results": results})
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/usage", ingest_usage),
     ("GET", "/envs", list_envs),
     ("GET", "/envs/{env}", get_env),
     ("PUT", "/envs/{env}", put_env),
@@ -238,9 +321,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
 ]
 
 
-def install(app: web.Application, envs: Environments, token: str | None = None) -> None:
+def install(app: web.Application, envs: Environments, limiter: Limiter,
+            token: str | None = None) -> None:
     """Mount the admin API on the admin application."""
     app[ENVS] = envs
+    app[LIMITER] = limiter
     app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
     app.middlewares.append(guard)
     for method, path, handler in ROUTES:

@@ -341,7 +341,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return invalid_function(request.path, env).response()
             slot = "fn:" + name
         function = name or ""
-    decision = await decide(state.limiter, env, route.kind, route.cost, slot, route.meter)
+    decision = await decide(state.limiter, env, route.kind, route.cost, slot, route.needs)
     if isinstance(decision, Problem):
         return decision.response()
     if not decision.admitted:
@@ -427,8 +427,9 @@ def init_admin_app(
     bearer ``token``, default from QUOTAGATE_ADMIN_TOKEN). Never on the public port."""
     app = web.Application()
     app[ADMIN_STATE] = state
-    control_api.install(app, Environments(state.redis, lambda: state.config,  # type: ignore[arg-type]
-                                          state.limiter.clock), token)
+    envs = Environments(state.redis, lambda: state.config,  # type: ignore[arg-type]
+                        state.limiter.clock)
+    control_api.install(app, envs, state.limiter, token)
     if registry is not None:
         app[METRICS_REGISTRY] = registry
     app.router.add_get("/healthz", healthz)

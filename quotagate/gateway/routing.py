@@ -11,6 +11,10 @@ from quotagate.settings.schema import FUNCTION_NAME, Route
 #: What a route meters after the response, by kind, unless it says (``meter``).
 DEFAULT_METERS = {"function": "gbs", "storage": "storage_traffic_bytes",
                   "static": "storage_traffic_bytes"}
+#: Meters the platform reports through ingestion, by the kind of route that uses them: once
+#: used up (hard stop) those routes are refused too.
+INGESTED_NEEDS = {"function": ("outbound_bytes",), "static": ("cdn_origin_bytes",),
+                  "ai": ("ai_tokens",)}
 _FUNCTION_NAME = re.compile(FUNCTION_NAME)
 
 
@@ -22,6 +26,8 @@ class CompiledRoute:
     base_path: str
     #: The meter charged after the response ("" none).
     meter: str = ""
+    #: Meters the request needs left (comma-separated, for decide.lua).
+    needs: str = ""
 
     @property
     def kind(self) -> str:
@@ -43,8 +49,10 @@ class CompiledRoute:
 def compile_route(route: Route) -> CompiledRoute:
     parts = urlsplit(route.upstream)
     meter = route.meter if route.meter is not None else DEFAULT_METERS.get(route.kind, "")
+    meter = "" if meter == "none" else meter
+    needs = ([meter] if meter else []) + list(INGESTED_NEEDS.get(route.kind, ()))
     return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"),
-                         "" if meter == "none" else meter)
+                         meter, ",".join(needs))
 
 
 class Router:

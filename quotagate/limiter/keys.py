@@ -66,6 +66,11 @@ def settle_keys(env: str) -> list[str]:
             tag + "lease"]
 
 
+def seen(env: str, record_id: str) -> str:
+    """String: an ingested usage record's idempotency key (``record_id`` validated)."""
+    return f"{PREFIX}:{{{env}}}:seen:{record_id}"
+
+
 def renew_keys(env: str) -> list[str]:
     """One environment's KEYS of renew.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"

@@ -569,6 +569,21 @@ class Limiter:
                          written)
             return written
 
+    async def ingest(self, env: str, record_id: str, meter: str, amount: int, at_ms: int
+                     ) -> int:
+        """Count one ingested usage record once, whatever the retries: 0 counted, 4 no such
+        environment, 8 seen before. Raises StoreError when the store cannot be reached (the
+        caller retries the batch; ids make that safe)."""
+        names = [*keys.settle_keys(env), keys.seen(env, record_id)]
+        args: list[str | int] = [at_ms, self.instance, self.mode, 0, meter, amount]
+        key_slot = self._keys_packed(env)[1]
+        try:
+            reply = await self.store.submit(
+                pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
+        except NoScript:
+            reply = await self._reload(SETTLE, names, key_slot, args)
+        return int(reply[0])
+
     async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
         """Write back metered usage through settle.lua; False if the store has no snapshot."""
         names = keys.settle_keys(env)

@@ -24,7 +24,8 @@ ARGV[5] burst_ms  GCRA burst tolerance
 ARGV[6] slot      "" none | "rt:" a realtime watch | "fn:<name>" an invocation of a function
 ARGV[7] instance  the gateway instance taking the slot
 ARGV[8] lease_ms  how long the instance's slots are held without a renewal
-ARGV[9] needs     a metered meter the route uses ("" none): refused once used up (hard stop)
+ARGV[9] needs     metered or ingested meters the route uses, comma-separated ("" none): refused
+                  once one is used up (hard stop)
 
 Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
         reset_ms, retry_after_ms, window_s, meter, cap, in_use}
@@ -121,9 +122,11 @@ elseif mode ~= 'record' and ent.overage ~= 1 then
   if over > 0 then
     code, meter, retry = 2, (kind == 'sms') and 'sms' or 'calls', reset_ms
   elseif needs ~= '' then
-    -- A metered meter (charged after the response) used up: the next request needing it stops.
-    local _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, needs, 0)
-    if meter_held <= 0 then code, meter, retry = 2, needs, reset_ms end
+    -- A meter charged after the response (or ingested) used up: requests needing it stop.
+    for need in string.gmatch(needs, '[^,]+') do
+      local _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, need, 0)
+      if meter_held <= 0 then code, meter, retry = 2, need, reset_ms break end
+    end
   end
 end
 

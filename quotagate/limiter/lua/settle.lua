@@ -3,6 +3,8 @@ slots given back and metered usage (bytes served, GBs run) charged after the res
 
 KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
         (as in decide.lua)
+KEYS[7] (ingestion only) seen: string, set once per ingested record id; a record seen before
+        is not counted again (reply status 8)
 ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's clock
 ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
@@ -13,7 +15,7 @@ pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; t
 request that needs the meter is then refused by decide.lua.
 
 Reply: {status, flags}; status 4 = no snapshot (usage not written: the caller keeps it),
-flags 2 = pay-as-you-go used.
+8 = an ingested record seen before (nothing written); flags 2 = pay-as-you-go used.
 ]]
 
 local store_ms = store_clock_ms()
@@ -31,6 +33,10 @@ if i > #ARGV then return {0, 0} end
 
 local ent = snapshot(KEYS[1])
 if not ent then return {4, 0} end
+if KEYS[7] then
+  if redis.call('EXISTS', KEYS[7]) == 1 then return {8, 0} end
+  redis.call('SET', KEYS[7], '1', 'PX', 40 * 86400000)  -- longer than any retry
+end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 0} end
 calendar_at(ent, now_ms)
