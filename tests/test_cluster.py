@@ -99,7 +99,7 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
 
         async def decide(env_id: str) -> Decision:
             async with gate:
-                reply = await rc.evalsha(DECIDE.sha, 7, *keys.decision_keys(env_id),
+                reply = await rc.evalsha(DECIDE.sha, 9, *keys.decision_keys(env_id),
                                          now, "function", 1, "enforce", 100, "fn:f", "i1",
                                          15000, "gbs")
             return Decision.from_reply(reply)
@@ -112,8 +112,10 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
         for env_id in ids:
             node = rc.get_node_from_key(keys.usage(env_id))
             direct = aredis.Redis(host=node.host, port=node.port)
-            # ent, qps, usage, slots, lease (40 invocations still held)
-            assert await direct.exists(*keys.decision_keys(env_id)) == 5
+            # ent, qps, usage, slots, lease (40 invocations still held), alerts and events
+            # (80, 90 and 100 % of the 40 calls)
+            assert await direct.exists(*keys.decision_keys(env_id)) == 7
+            assert await direct.xlen(keys.env_events(env_id)) == 3
             assert await direct.hget(keys.slots(env_id), "=fn:f") == b"40"
             await direct.aclose()
     finally:

@@ -23,6 +23,7 @@ from redis.exceptions import WatchError
 
 from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
 from quotagate.clock import Clock
+from quotagate.control.events import emit
 from quotagate.limiter import calendar as cal
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import build_snapshot, effective_limits, encode
@@ -201,6 +202,9 @@ class Environments:
 
         await self.change(env_id, edit)
         assert grant is not None
+        await emit(self.redis, env_id, "pack-purchased", pack_id=grant.id,
+                   pack=grant.pack or f"{grant.meter}:{grant.amount}",
+                   purchased=grant.purchased.isoformat())
         return grant
 
     async def refund_pack(self, env_id: str, pack_id: str) -> PackGrant:
@@ -226,6 +230,7 @@ class Environments:
 
         await self.change(env_id, edit, watch_usage=True)
         assert refunded is not None
+        await emit(self.redis, env_id, "pack-refunded", pack_id=pack_id)
         return refunded
 
     async def buy_promo(self, env_id: str, pack: str, days: int,
@@ -251,6 +256,8 @@ class Environments:
 
         await self.change(env_id, edit)
         assert grant is not None
+        await emit(self.redis, env_id, "promo-purchased", promo_id=grant.id, pack=pack,
+                   start=grant.start.isoformat(), days=days)
         return grant
 
     # ------------------------------------------------------------------- plan changes
@@ -322,4 +329,7 @@ class Environments:
             paid = paid + quote.amount if quote.change == "upgrade" else paid - quote.amount
             return msgspec.structs.replace(env, plan=target, paid=f"{paid:.2f}")
 
-        return await self.change(env_id, edit), quote
+        changed = await self.change(env_id, edit)
+        await emit(self.redis, env_id, f"plan-{quote.change}", plan=target,
+                   amount=str(quote.amount))
+        return changed, quote

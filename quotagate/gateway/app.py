@@ -27,6 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from quotagate.clock import Clock
 from quotagate.control import api as control_api
+from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
 from quotagate.gateway import metrics, realtime
 from quotagate.gateway.decisions import decide
@@ -236,17 +237,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.pool.start()
     state.limiter.start_renewing()
     state.mtimes = _mtimes(state.config.files)
-    watcher = (asyncio.get_running_loop().create_task(_watch_files(state))
+    loop = asyncio.get_running_loop()
+    watcher = (loop.create_task(_watch_files(state))
                if state.config.gateway.reload_poll_ms else None)
+    background = [loop.create_task(control_events.sweep_forever(state.redis, state.limiter))]
+    if state.config.gateway.events.webhook_url:
+        delivery = control_events.WebhookDelivery(
+            state.redis, state.config.gateway.events, state.limiter.instance)  # type: ignore[arg-type]
+        background.append(loop.create_task(delivery.run()))
     state.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(state))
     with contextlib.suppress(TimeoutError):
         # Usually done at once; a store that is down must not block the start.
         await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
     yield
-    if watcher is not None:
-        watcher.cancel()
+    for task in [*background, *([watcher] if watcher is not None else [])]:
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+            await task
     if state.sync_task is not None:
         state.sync_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -26,3 +26,5 @@ class Flag(enum.IntFlag):
     DATABASE_FREE = 4
     #: Enforcement is off for this environment (nothing counted).
     MODE_OFF = 8
+    #: The script wrote events (alerts) to the environment's stream.
+    EVENTS = 16

@@ -52,18 +52,38 @@ def lease(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:lease"
 
 
+def alerts(env: str) -> str:
+    """Hash: ``<cycle_day>:<meter>:<level>`` -> when that quota alert fired (once a cycle)."""
+    return f"{PREFIX}:{{{env}}}:alerts"
+
+
+def env_events(env: str) -> str:
+    """Stream: events written by the scripts for this environment, until the gateway moves
+    them to ``EVENTS`` (a script can only write its own environment's slot)."""
+    return f"{PREFIX}:{{{env}}}:events"
+
+
+def forward_lock(env: str) -> str:
+    """String: the instance moving this environment's events to ``EVENTS`` right now."""
+    return f"{PREFIX}:{{{env}}}:fwd"
+
+
+#: Stream: every event (alerts, lifecycle, purchases); consumers read it with a group.
+EVENTS = f"{PREFIX}:events"
+
+
 def decision_keys(env: str) -> list[str]:
     """KEYS of decide.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg",
-            tag + "slots", tag + "lease"]
+            tag + "slots", tag + "lease", tag + "alerts", tag + "events"]
 
 
 def settle_keys(env: str) -> list[str]:
     """KEYS of settle.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "usage", tag + "packs", tag + "payg", tag + "slots",
-            tag + "lease"]
+            tag + "lease", tag + "alerts", tag + "events"]
 
 
 def seen(env: str, record_id: str) -> str:

@@ -72,7 +72,7 @@ class Decision(NamedTuple):
 
 
 _OUTCOMES = tuple(Outcome)
-_FLAGS = tuple(Flag(i) for i in range(16))
+_FLAGS = tuple(Flag(i) for i in range(32))
 
 BYPASSED = Decision(Outcome.ADMITTED, store_bypassed=True)
 BYPASSED_HOLDING = Decision(Outcome.ADMITTED, store_bypassed=True, slot_held=True)
@@ -175,7 +175,7 @@ class Limiter:
         self.on_missing = on_missing
         self.backlog = Backlog()
         self._evalsha_head = (
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n7\r\n" % (3 + 7 + 9, DECIDE.sha.encode())
+            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (3 + 9 + 9, DECIDE.sha.encode())
         )
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
@@ -202,6 +202,8 @@ class Limiter:
         self.on_ended: Callable[[str, str], None] | None = None
         self.renewals = 0
         self.renew_commands = 0
+        self._forwarding: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def _keys_packed(self, env: str) -> tuple[bytes, int]:
         """The KEYS part of the command and their cluster slot, cached per env (bounded)."""
@@ -243,6 +245,8 @@ class Limiter:
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND and self.on_missing is not None:
             self.on_missing(env)
+        if decision.flags & Flag.EVENTS:
+            self._forward_soon(env)
         return decision
 
     async def _reply(self, fut: asyncio.Future,
@@ -409,6 +413,8 @@ class Limiter:
             return
         if exc is None:
             reply = fut.result()
+            if reply[1] & Flag.EVENTS:
+                self._forward_soon(env)
             if reply[0] == 4 and meters:  # no snapshot (yet): keep the usage for later
                 exc = StoreError(f"no snapshot of {env}")
             else:
@@ -427,6 +433,58 @@ class Limiter:
                         self.backlog.remove(key, amount)
             self.store.when_late(fut, late)
         self._start_drainer()
+
+    # ------------------------------------------------------------------------- events
+
+    def _forward_soon(self, env: str) -> None:
+        if env in self._forwarding:
+            return
+        self._forwarding.add(env)
+        task = asyncio.get_running_loop().create_task(self._forward_task(env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_task(self, env: str) -> None:
+        try:
+            await self.forward_events(env)
+        except StoreError as exc:
+            log.warning("events of %s stay in its stream for now (%s)", env, exc)
+        finally:
+            self._forwarding.discard(env)
+
+    async def forward_events(self, env: str) -> int:
+        """Move the events the scripts wrote to the environment's stream onto the global
+        stream (a script can write only its environment's hash slot). One instance at a time
+        per environment (a short lock), so each event is moved once; only a crash between
+        the two writes can move one twice — consumers can tell by ``event_id``
+        (``<env>/<stream id>``)."""
+        source, lock = keys.env_events(env), keys.forward_lock(env)
+        key_slot, events_slot = self._keys_packed(env)[1], slot_of(keys.EVENTS)
+        for _ in range(10):
+            got = await self.store.submit(
+                pack_command("SET", lock, self.instance, "NX", "PX", 10_000), key_slot)
+            if got is not None:
+                break
+            await asyncio.sleep(0.2)  # another instance is moving them; look again after
+        else:
+            return 0
+        moved = 0
+        try:
+            while True:
+                entries = await self.store.submit(
+                    pack_command("XRANGE", source, "-", "+", "COUNT", 100), key_slot)
+                if not entries:
+                    return moved
+                for entry_id, fields in entries:
+                    await self.store.submit(pack_command(
+                        "XADD", keys.EVENTS, "MAXLEN", "~", 1_000_000, "*",
+                        "event_id", f"{env}/{entry_id.decode()}", "env", env, *fields),
+                        events_slot)
+                await self.store.submit(pack_command("XDEL", source, *(e[0] for e in entries)),
+                                        key_slot)
+                moved += len(entries)
+        finally:
+            await self.store.submit(pack_command("DEL", lock), key_slot)
 
     def slots_held(self, env: str, slot: str) -> int:
         return self.held.get(env, {}).get(slot, 0)
@@ -582,6 +640,8 @@ class Limiter:
                 pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
         except NoScript:
             reply = await self._reload(SETTLE, names, key_slot, args)
+        if reply[1] & Flag.EVENTS:
+            self._forward_soon(env)
         return int(reply[0])
 
     async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
@@ -611,4 +671,6 @@ class Limiter:
             except StoreError as exc:
                 log.warning("could not give slots back (%s): they expire with the lease", exc)
         await asyncio.sleep(0)
+        if self._tasks:  # events being moved to the global stream
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.store.close()

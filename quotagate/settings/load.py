@@ -210,6 +210,11 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         issues.append(ConfigIssue(file, "$.leases.renew_interval_ms",
                                   f"must be at most half of ttl_ms ({gw.leases.ttl_ms}), so one "
                                   "missed renewal does not lose the slots"))
+    if gw.events.webhook_url:
+        hook = urlsplit(gw.events.webhook_url)
+        if hook.scheme not in ("http", "https") or not hook.hostname:
+            issues.append(ConfigIssue(file, "$.events.webhook_url",
+                                      f"not an http(s) URL: {gw.events.webhook_url!r}"))
     seen: set[tuple[str, tuple[str, ...], str]] = set()
     for i, route in enumerate(gw.routes):
         where = f"$.routes[{i}]"

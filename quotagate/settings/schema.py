@@ -120,6 +120,16 @@ class LeaseSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     renew_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=300_000)] = 5_000
 
 
+class EventSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    #: POST every event of the qg:events stream here as JSON ("" : no webhook).
+    webhook_url: str = ""
+    webhook_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5_000
+    #: Attempts per event before it is left pending (claimed again a minute later).
+    webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
+    #: First retry delay, doubled each attempt (at most 30 s).
+    webhook_retry_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 500
+
+
 class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     listen: HostPort = "127.0.0.1:8080"
     admin_listen: HostPort = "127.0.0.1:9090"
@@ -135,6 +145,7 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     environments_file: str = "environments.yaml"
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
     #: Reload when a config file changes, checked this often; 0: only on SIGHUP.
     reload_poll_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
     routes: tuple[Route, ...] = ()

@@ -168,3 +168,42 @@ local function hold_lease(slots_key, lease_key, inst, now, lease_ms, always)
     if redis.call('PTTL', k) < keep then redis.call('PEXPIRE', k, keep) end
   end
 end
+
+-- Alerts (SPEC §12): 80 %, 90 % of a meter's plan quota, and 100 % (the plan quota used up),
+-- each at most once per environment, meter, level and cycle: HSETNX in the environment's
+-- alerts hash decides, whichever instance sees it first, and the event goes to the
+-- environment's stream (moved to the global stream by the gateway).
+local ALERT_METERS = {calls = true, gbs = true, outbound_bytes = true,
+                      storage_traffic_bytes = true, cdn_origin_bytes = true}
+local ALERT_LEVELS = {80, 90, 100}
+
+-- `takes` as allocate() builds them: returns how many events were written.
+local function alert_on(takes, usage_key, alerts_key, events_key, cycle_day, now_ms)
+  local written = 0
+  for _, tk in ipairs(takes) do
+    if tk[1] == usage_key then
+      local cycle, meter = string.match(tk[2], '^(%d+):(.+)$')
+      local quota = ENT.quota[meter] or 0
+      if ALERT_METERS[meter] and quota > 0 then
+        local after = tonumber(redis.call('HGET', usage_key, tk[2])) or 0
+        local before = after - tk[3]
+        for _, level in ipairs(ALERT_LEVELS) do
+          local mark = quota * level / 100
+          if before < mark and after >= mark then
+            local field = cycle .. ':' .. meter .. ':' .. level
+            if redis.call('HSETNX', alerts_key, field, now_ms) == 1 then
+              redis.call('XADD', events_key, 'MAXLEN', '~', 10000, '*',
+                         'type', 'quota-alert', 'meter', meter, 'level', level,
+                         'cycle_day', cycle, 'used', after, 'quota', quota, 'at_ms', now_ms)
+              written = written + 1
+            end
+          end
+        end
+      end
+    end
+  end
+  if written > 0 then
+    redis.call('PEXPIRE', alerts_key, 400 * 86400000)  -- outlives any cycle
+  end
+  return written
+end

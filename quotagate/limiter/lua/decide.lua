@@ -13,6 +13,8 @@ KEYS[5] payg   hash "<local_day>:<meter>" -> pay-as-you-go amount (billed next d
                "<local_day>:<meter>:shadow" | ":unbilled" -> beyond quota, recorded, not billed
 KEYS[6] slots  hash, leased concurrency slots (common.lua)
 KEYS[7] lease  zset, instance -> lease end (common.lua)
+KEYS[8] alerts hash "<cycle>:<meter>:<level>" -> when that alert fired (once per cycle)
+KEYS[9] events stream of this environment's events (the gateway moves them to qg:events)
 
 ARGV[1] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
 ARGV[2] kind      route kind: function database storage static ai sms realtime auth
@@ -32,7 +34,7 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
   code   0 admitted, 1 qps, 2 quota, 3 isolated, 4 unknown/released, 5 plan not started,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
-         4 database free, 8 mode off (nothing counted)
+         4 database free, 8 mode off (nothing counted), 16 events written
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
   reset_ms           until the billing cycle resets; window_s the cycle's length
   meter              the meter that refused ("" when admitted)
@@ -150,6 +152,7 @@ if code ~= 0 then
 end
 
 for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+if alert_on(takes, KEYS[3], KEYS[8], KEYS[9], cycle_day, now_ms) > 0 then flags = flags + 16 end
 if over > 0 then
   local field, billed = over_field('calls', mode)
   if billed then flags = flags + 2 end

@@ -3,7 +3,8 @@ slots given back and metered usage (bytes served, GBs run) charged after the res
 
 KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
         (as in decide.lua)
-KEYS[7] (ingestion only) seen: string, set once per ingested record id; a record seen before
+KEYS[7] alerts, KEYS[8] events (as in decide.lua)
+KEYS[9] (ingestion only) seen: string, set once per ingested record id; a record seen before
         is not counted again (reply status 8)
 ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's clock
 ARGV[2] instance  the gateway instance giving slots back
@@ -15,7 +16,8 @@ pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; t
 request that needs the meter is then refused by decide.lua.
 
 Reply: {status, flags}; status 4 = no snapshot (usage not written: the caller keeps it),
-8 = an ingested record seen before (nothing written); flags 2 = pay-as-you-go used.
+8 = an ingested record seen before (nothing written); flags 2 = pay-as-you-go used, 16 events
+written.
 ]]
 
 local store_ms = store_clock_ms()
@@ -33,9 +35,9 @@ if i > #ARGV then return {0, 0} end
 
 local ent = snapshot(KEYS[1])
 if not ent then return {4, 0} end
-if KEYS[7] then
-  if redis.call('EXISTS', KEYS[7]) == 1 then return {8, 0} end
-  redis.call('SET', KEYS[7], '1', 'PX', 40 * 86400000)  -- longer than any retry
+if KEYS[9] then
+  if redis.call('EXISTS', KEYS[9]) == 1 then return {8, 0} end
+  redis.call('SET', KEYS[9], '1', 'PX', 40 * 86400000)  -- longer than any retry
 end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 0} end
@@ -48,9 +50,12 @@ while i < #ARGV do
   local takes = {}
   local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount)
   for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+  if alert_on(takes, KEYS[2], KEYS[7], KEYS[8], cycle_day, now_ms) > 0 then
+    flags = flags + 16
+  end
   if over > 0 then
     local field, billed = over_field(meter, mode)
-    if billed then flags = 2 end
+    if billed and flags % 4 < 2 then flags = flags + 2 end
     redis.call('HINCRBY', KEYS[4], field, over)
   end
   i = i + 2

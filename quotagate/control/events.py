@@ -1,0 +1,129 @@
+"""Events out of the gateway: the durable stream ``qg:events`` (alerts, lifecycle, purchases)
+and its webhook delivery.
+
+Consumers read the stream with a consumer group (``XREADGROUP``); the gateway's own webhook
+delivery is one: group ``webhook``, one consumer per instance, so each event is POSTed by one
+instance. A POST that fails is retried with exponential backoff; an event still undelivered
+after ``webhook_max_attempts`` stays pending and is claimed again (by any instance) a minute
+later, so a receiver that is down for hours gets everything when it is back. Delivery runs
+beside the request path and never blocks a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aredis
+
+from quotagate.limiter import keys
+from quotagate.limiter.limiter import Limiter
+from quotagate.settings.schema import EventSettings
+
+log = logging.getLogger("quotagate.events")
+
+GROUP = "webhook"
+#: Pending events idle this long are claimed again (their consumer died or gave up).
+RECLAIM_MS = 60_000
+
+
+async def emit(redis: aredis.Redis, env: str, kind: str, **fields: Any) -> None:
+    """Write one event (not decided by a script: purchases, lifecycle) to the global stream."""
+    await redis.xadd(keys.EVENTS, {"type": kind, "env": env,
+                                   **{k: str(v) for k, v in fields.items()}},
+                     maxlen=1_000_000, approximate=True)
+
+
+def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in fields.items()}
+
+
+class WebhookDelivery:
+    def __init__(self, redis: aredis.Redis, settings: EventSettings, consumer: str):
+        self.redis = redis
+        self.settings = settings
+        self.consumer = consumer
+        self.delivered = 0
+        self.failures = 0
+
+    async def ensure_group(self) -> None:
+        with contextlib.suppress(aredis.ResponseError):  # BUSYGROUP: it exists
+            await self.redis.xgroup_create(keys.EVENTS, GROUP, id="0", mkstream=True)
+
+    async def run(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_ms / 1000)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    await self.ensure_group()
+                    await self.deliver_batch(session)
+                except (aredis.RedisError, OSError) as exc:
+                    log.warning("event delivery paused: the store is unreachable (%s)", exc)
+                    await asyncio.sleep(1.0)
+
+    async def deliver_batch(self, session: aiohttp.ClientSession) -> int:
+        claimed: Any = await self.redis.xautoclaim(keys.EVENTS, GROUP, self.consumer,
+                                                   RECLAIM_MS, "0-0", count=20)
+        entries: list[Any] = list(claimed[1]) if claimed else []
+        if not entries:
+            read: Any = await self.redis.xreadgroup(GROUP, self.consumer, {keys.EVENTS: ">"},
+                                                    count=20, block=1000)
+            entries = [e for _, batch in read for e in batch] if read else []
+        done = 0
+        for entry_id, fields in entries:
+            if fields is None:  # trimmed away while pending
+                await self.redis.xack(keys.EVENTS, GROUP, entry_id)
+                continue
+            event = _decode(fields)
+            event.setdefault("event_id", entry_id.decode())
+            if await self.post(session, event):
+                await self.redis.xack(keys.EVENTS, GROUP, entry_id)
+                done += 1
+        return done
+
+    async def post(self, session: aiohttp.ClientSession, event: dict[str, str]) -> bool:
+        delay = self.settings.webhook_retry_ms / 1000
+        body = json.dumps(event).encode()
+        for attempt in range(1, self.settings.webhook_max_attempts + 1):
+            try:
+                async with session.post(
+                        self.settings.webhook_url, data=body,
+                        headers={"Content-Type": "application/json",
+                                 "X-Quotagate-Event-Id": event["event_id"]}) as resp:
+                    if 200 <= resp.status < 300:
+                        self.delivered += 1
+                        return True
+                    reason = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                reason = type(exc).__name__
+            self.failures += 1
+            log.warning("webhook delivery of %s failed (%s), attempt %d of %d",
+                        event["event_id"], reason, attempt, self.settings.webhook_max_attempts)
+            if attempt < self.settings.webhook_max_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        return False  # stays pending: claimed again after RECLAIM_MS
+
+
+async def sweep_env_streams(redis: Any, limiter: Limiter) -> int:
+    """Move events left in environments' streams (their instance died before moving them)."""
+    moved = 0
+    async for key in redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:events", count=500):
+        name = key.decode() if isinstance(key, bytes) else key
+        env = name[len(keys.PREFIX) + 2:name.index("}")]
+        if await redis.xlen(name):
+            moved += await limiter.forward_events(env)
+    return moved
+
+
+async def sweep_forever(redis: Any, limiter: Limiter, every_s: float = 30.0) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await sweep_env_streams(redis, limiter)
+        except Exception as exc:  # keep sweeping whatever one round hit
+            log.warning("event sweep failed: %s", exc)

@@ -1,0 +1,139 @@
+"""Quota alerts decided inside the store: once per environment, meter, level and cycle across
+instances; moved to the durable global stream; delivered to a webhook with retries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+
+from quotagate.limiter import keys
+from quotagate.limiter.entitlements import MBMS_PER_GBS
+from quotagate.limiter.limiter import Limiter
+from tests.helpers import at, env, local, synced_limiter, write_config
+
+NOON = "2026-11-26T12:00:00"
+
+
+@pytest.fixture
+async def make_limiter(store_url):
+    made: list[Limiter] = []
+
+    async def factory(config, clock=None, **kw):
+        lim = await synced_limiter(store_url, config, clock or at(NOON), **kw)
+        made.append(lim)
+        return lim
+
+    yield factory
+    for lim in made:
+        await lim.close(give_back=False)
+
+
+async def events(client: aredis.Redis) -> list[dict[str, str]]:
+    return [{k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in await client.xrange(keys.EVENTS)]
+
+
+async def test_alerts_once_per_level_across_instances(tmp_path: Path, make_limiter,
+                                                      redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10})})
+    clock = at(NOON)
+    lims = [await make_limiter(config, clock) for _ in range(3)]
+    await asyncio.gather(*(lims[i % 3].decide("shop", "function", 1) for i in range(25)))
+    await asyncio.sleep(0.2)  # moved to the global stream
+    got = await events(redis_client)
+    assert sorted((e["meter"], e["level"]) for e in got) == [
+        ("calls", "100"), ("calls", "80"), ("calls", "90")]
+    assert {e["env"] for e in got} == {"shop"} and {e["type"] for e in got} == {"quota-alert"}
+    assert len({e["event_id"] for e in got}) == 3
+    assert await redis_client.xlen(keys.env_events("shop")) == 0  # all moved
+    # Nothing more this cycle, however many more requests; the next cycle alerts again.
+    await asyncio.gather(*(lims[0].decide("shop", "function", 1) for _ in range(5)))
+    clock.set(local("2026-12-01T00:00:00"))
+    await asyncio.gather(*(lims[1].decide("shop", "function", 1) for _ in range(8)))
+    await asyncio.sleep(0.2)
+    levels = Counter((e["cycle_day"], e["level"]) for e in await events(redis_client))
+    assert len(levels) == 4 and all(n == 1 for n in levels.values())  # + 80 % of December
+
+
+async def test_metered_and_big_steps_alert_every_level_crossed(tmp_path: Path, make_limiter,
+                                                               redis_client):
+    config = write_config(tmp_path, {"shop": env(overage=True, limits={"gbs": 10})})
+    lim = await make_limiter(config)
+    lim.meter("shop", "gbs", 7 * MBMS_PER_GBS)
+    await asyncio.sleep(0.1)
+    assert await events(redis_client) == []
+    lim.meter("shop", "gbs", 50 * MBMS_PER_GBS)  # 70 % -> 570 %: 80, 90 and 100 at once
+    await asyncio.sleep(0.2)
+    got = await events(redis_client)
+    assert sorted(int(e["level"]) for e in got) == [80, 90, 100]
+    assert {e["meter"] for e in got} == {"gbs"}
+    assert got[0]["quota"] == str(10 * MBMS_PER_GBS)
+
+
+async def test_no_alerts_for_meters_without_alerts_or_zero_quota(tmp_path: Path, make_limiter,
+                                                                 redis_client):
+    config = write_config(tmp_path, {"shop": env(overage=True, limits={"calls": 0,
+                                                                       "ai_tokens": 10})})
+    lim = await make_limiter(config)
+    await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(5)))
+    await lim.ingest("shop", "r1", "ai_tokens", 50, lim.clock.now_ms())
+    await asyncio.sleep(0.1)
+    assert await events(redis_client) == []
+
+
+async def test_webhook_receiver_down_and_back(make_gateway, valkey_url):
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from quotagate.limiter.embedded import free_port
+
+    port = free_port()
+    gw = await make_gateway(
+        {"shop": env(limits={"calls": 10})},
+        events={"webhook_url": f"http://127.0.0.1:{port}/hook", "webhook_retry_ms": 20,
+                "webhook_max_attempts": 30})
+    h = {"X-CloudBase-Env": "shop"}
+    for _ in range(10):
+        assert (await gw.get("/functions/f", headers=h)).status == 200
+    await asyncio.sleep(0.5)  # the receiver is down: attempts fail meanwhile
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        assert request.headers["X-Quotagate-Event-Id"] == received[-1]["event_id"]
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = TestServer(app, port=port)
+    await receiver.start_server()
+    try:
+        for _ in range(100):
+            if len(received) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(int(e["level"]) for e in received) == [80, 90, 100]
+        assert {e["env"] for e in received} == {"shop"}
+        client = aredis.Redis.from_url(valkey_url)
+        pending = await client.xpending(keys.EVENTS, "webhook")
+        assert pending["pending"] == 0  # every one acknowledged
+        await client.aclose()
+    finally:
+        await receiver.close()
+
+
+async def test_sweep_moves_events_an_instance_left_behind(tmp_path: Path, make_limiter,
+                                                          redis_client):
+    from quotagate.control.events import sweep_env_streams
+
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await make_limiter(config)
+    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
+    assert await sweep_env_streams(redis_client, lim) == 1
+    got = await events(redis_client)
+    assert len(got) == 1 and got[0]["env"] == "shop" and got[0]["event_id"].startswith("shop/")
+    assert await sweep_env_streams(redis_client, lim) == 0
