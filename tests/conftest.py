@@ -146,3 +146,22 @@ async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
     yield factory
     for client in made:
         await client.close()
+
+
+@pytest.fixture
+async def noon_limiter(store_url: str):
+    """Limiters synced with a config, on a clock at 2026-11-26 12:00 (+08:00) unless given;
+    closed without giving their slots back (as if they died)."""
+    from quotagate.limiter.limiter import Limiter
+    from tests.helpers import synced_limiter
+
+    made: list[Limiter] = []
+
+    async def factory(config, clock=None, **kw):
+        lim = await synced_limiter(store_url, config, clock or at("2026-11-26T12:00:00"), **kw)
+        made.append(lim)
+        return lim
+
+    yield factory
+    for lim in made:
+        await lim.close(give_back=False)

@@ -7,29 +7,13 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import redis.asyncio as aredis
 
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import MBMS_PER_GBS
-from quotagate.limiter.limiter import Limiter
-from tests.helpers import at, env, local, synced_limiter, write_config
+from tests.helpers import at, env, local, write_config
 
 NOON = "2026-11-26T12:00:00"
-
-
-@pytest.fixture
-async def make_limiter(store_url):
-    made: list[Limiter] = []
-
-    async def factory(config, clock=None, **kw):
-        lim = await synced_limiter(store_url, config, clock or at(NOON), **kw)
-        made.append(lim)
-        return lim
-
-    yield factory
-    for lim in made:
-        await lim.close(give_back=False)
 
 
 async def events(client: aredis.Redis) -> list[dict[str, str]]:
@@ -37,11 +21,11 @@ async def events(client: aredis.Redis) -> list[dict[str, str]]:
             for _, fields in await client.xrange(keys.EVENTS)]
 
 
-async def test_alerts_once_per_level_across_instances(tmp_path: Path, make_limiter,
+async def test_alerts_once_per_level_across_instances(tmp_path: Path, noon_limiter,
                                                       redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"calls": 10})})
     clock = at(NOON)
-    lims = [await make_limiter(config, clock) for _ in range(3)]
+    lims = [await noon_limiter(config, clock) for _ in range(3)]
     await asyncio.gather(*(lims[i % 3].decide("shop", "function", 1) for i in range(25)))
     await asyncio.sleep(0.2)  # moved to the global stream
     got = await events(redis_client)
@@ -59,10 +43,10 @@ async def test_alerts_once_per_level_across_instances(tmp_path: Path, make_limit
     assert len(levels) == 4 and all(n == 1 for n in levels.values())  # + 80 % of December
 
 
-async def test_metered_and_big_steps_alert_every_level_crossed(tmp_path: Path, make_limiter,
+async def test_metered_and_big_steps_alert_every_level_crossed(tmp_path: Path, noon_limiter,
                                                                redis_client):
     config = write_config(tmp_path, {"shop": env(overage=True, limits={"gbs": 10})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     lim.meter("shop", "gbs", 7 * MBMS_PER_GBS)
     await asyncio.sleep(0.1)
     assert await events(redis_client) == []
@@ -74,11 +58,11 @@ async def test_metered_and_big_steps_alert_every_level_crossed(tmp_path: Path, m
     assert got[0]["quota"] == str(10 * MBMS_PER_GBS)
 
 
-async def test_no_alerts_for_meters_without_alerts_or_zero_quota(tmp_path: Path, make_limiter,
+async def test_no_alerts_for_meters_without_alerts_or_zero_quota(tmp_path: Path, noon_limiter,
                                                                  redis_client):
     config = write_config(tmp_path, {"shop": env(overage=True, limits={"calls": 0,
                                                                        "ai_tokens": 10})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(5)))
     await lim.ingest("shop", "r1", "ai_tokens", 50, lim.clock.now_ms())
     await asyncio.sleep(0.1)
@@ -126,12 +110,12 @@ async def test_webhook_receiver_down_and_back(make_gateway, valkey_url):
         await receiver.close()
 
 
-async def test_sweep_moves_events_an_instance_left_behind(tmp_path: Path, make_limiter,
+async def test_sweep_moves_events_an_instance_left_behind(tmp_path: Path, noon_limiter,
                                                           redis_client):
     from quotagate.control.events import sweep_env_streams
 
     config = write_config(tmp_path, {"shop": env()})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
     assert await sweep_env_streams(redis_client, lim) == 1
     got = await events(redis_client)

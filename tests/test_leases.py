@@ -27,23 +27,9 @@ from tests.helpers import at, env, live_slots, local, per_instance, synced_limit
 NOON = "2026-11-26T12:00:00"
 
 
-@pytest.fixture
-async def make_limiter(store_url):
-    made: list[Limiter] = []
-
-    async def factory(config, clock=None, **kw):
-        lim = await synced_limiter(store_url, config, clock or at(NOON), **kw)
-        made.append(lim)
-        return lim
-
-    yield factory
-    for lim in made:
-        await lim.close(give_back=False)
-
-
-async def test_function_cap_exact_across_instances(tmp_path: Path, make_limiter, redis_client):
+async def test_function_cap_exact_across_instances(tmp_path: Path, noon_limiter, redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"function_concurrency": 7})})
-    lims = [await make_limiter(config) for _ in range(3)]
+    lims = [await noon_limiter(config) for _ in range(3)]
     results = await asyncio.gather(*(
         lims[i % 3].decide("shop", "function", 1, "fn:hello") for i in range(30)))
     counts = Counter(r.outcome for r in results)
@@ -66,11 +52,11 @@ async def test_function_cap_exact_across_instances(tmp_path: Path, make_limiter,
     assert (await live_slots(redis_client, "shop"))["fn:hello"] == 7
 
 
-async def test_realtime_cap_raised_by_database_promo(tmp_path: Path, make_limiter):
+async def test_realtime_cap_raised_by_database_promo(tmp_path: Path, noon_limiter):
     promos = [{"id": "d", "pack": "db-3k", "start": "2026-11-27"}]
     config = write_config(tmp_path, {"shop": env(plan="personal", promos=promos)})
     clock = at("2026-11-26T23:59:00")
-    lim = await make_limiter(config, clock)
+    lim = await noon_limiter(config, clock)
     got = [await lim.decide("shop", "realtime", 1, "rt:") for _ in range(12)]
     assert [d.outcome for d in got].count(Outcome.ADMITTED) == 10  # personal: 10
     assert got[-1].meter == "realtime" and got[-1].cap == 10
@@ -90,13 +76,13 @@ async def test_realtime_cap_raised_by_database_promo(tmp_path: Path, make_limite
     assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
 
 
-async def test_lowered_cap_keeps_open_slots(tmp_path: Path, make_limiter, store_url,
+async def test_lowered_cap_keeps_open_slots(tmp_path: Path, noon_limiter, store_url,
                                             redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"realtime": 5})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     assert all([(await lim.decide("shop", "realtime", 1, "rt:")).admitted for _ in range(5)])
     lowered = write_config(tmp_path / "b", {"shop": env(limits={"realtime": 2})})
-    other = await make_limiter(lowered)  # re-syncs the snapshot with the lower cap
+    other = await noon_limiter(lowered)  # re-syncs the snapshot with the lower cap
     assert (await lim.renew())["shop"] == 0
     assert await live_slots(redis_client, "shop") == {"rt:": 5}  # nothing closed
     refused = await other.decide("shop", "realtime", 1, "rt:")
@@ -111,14 +97,14 @@ async def test_lowered_cap_keeps_open_slots(tmp_path: Path, make_limiter, store_
     assert (await other.decide("shop", "realtime", 1, "rt:")).admitted
 
 
-async def test_dead_instance_slots_come_back_within_the_lease(tmp_path: Path, make_limiter,
+async def test_dead_instance_slots_come_back_within_the_lease(tmp_path: Path, noon_limiter,
                                                               redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"function_concurrency": 4})})
-    dying = await make_limiter(config, lease_ms=600)
+    dying = await noon_limiter(config, lease_ms=600)
     for _ in range(4):
         assert (await dying.decide("shop", "function", 1, "fn:f")).admitted
     await dying.close(give_back=False)  # as if killed: no renewal, nothing given back
-    survivor = await make_limiter(config, lease_ms=600)
+    survivor = await noon_limiter(config, lease_ms=600)
     assert (await survivor.decide("shop", "function", 1, "fn:f")).outcome is \
         Outcome.CONCURRENCY_EXCEEDED
     started = time.monotonic()
@@ -130,12 +116,12 @@ async def test_dead_instance_slots_come_back_within_the_lease(tmp_path: Path, ma
     assert await live_slots(redis_client, "shop") == {"fn:f": 1}
 
 
-async def test_renewal_keeps_slots_past_the_ttl(tmp_path: Path, make_limiter, redis_client):
+async def test_renewal_keeps_slots_past_the_ttl(tmp_path: Path, noon_limiter, redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"realtime": 3})})
-    holder = await make_limiter(config, lease_ms=500)
+    holder = await noon_limiter(config, lease_ms=500)
     for _ in range(3):
         assert (await holder.decide("shop", "realtime", 1, "rt:")).admitted
-    other = await make_limiter(config, lease_ms=500)
+    other = await noon_limiter(config, lease_ms=500)
     for _ in range(8):  # 1.2 s, more than two leases
         await asyncio.sleep(0.15)
         await holder.renew()
@@ -147,9 +133,9 @@ async def test_renewal_keeps_slots_past_the_ttl(tmp_path: Path, make_limiter, re
     assert await live_slots(redis_client, "shop") == {"rt:": 1}
 
 
-async def test_renewal_restores_what_the_store_lost(tmp_path: Path, make_limiter, redis_client):
+async def test_renewal_restores_what_the_store_lost(tmp_path: Path, noon_limiter, redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"realtime": 3})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     for _ in range(3):
         assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
     await redis_client.delete(keys.slots("shop"), keys.lease("shop"))  # e.g. a failover
@@ -159,11 +145,11 @@ async def test_renewal_restores_what_the_store_lost(tmp_path: Path, make_limiter
         Outcome.CONCURRENCY_EXCEEDED
 
 
-async def test_renewal_is_one_call_per_batch_not_per_slot(tmp_path: Path, make_limiter,
+async def test_renewal_is_one_call_per_batch_not_per_slot(tmp_path: Path, noon_limiter,
                                                            redis_client):
     ids = [f"e{i}" for i in range(300)]
     config = write_config(tmp_path, {i: env() for i in ids})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     await asyncio.gather(*(lim.decide(i, "realtime", 1, "rt:") for i in ids for _ in range(5)))
     assert sum(lim.slots_held(i, "rt:") for i in ids) == 1500
     before = await redis_client.info("commandstats")
@@ -179,10 +165,10 @@ async def test_renewal_is_one_call_per_batch_not_per_slot(tmp_path: Path, make_l
     assert set(statuses.values()) == {0} and len(statuses) == 300
 
 
-async def test_refusal_after_a_renewal_counted_it_is_given_back(tmp_path: Path, make_limiter,
+async def test_refusal_after_a_renewal_counted_it_is_given_back(tmp_path: Path, noon_limiter,
                                                                  redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"realtime": 2})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     for _ in range(2):
         assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
     # An acquisition in flight when a renewal is sent: the renewal counts it (3), the store
@@ -197,23 +183,23 @@ async def test_refusal_after_a_renewal_counted_it_is_given_back(tmp_path: Path, 
     assert await live_slots(redis_client, "shop") == {"rt:": 2}
 
 
-async def test_release_after_being_reaped_never_goes_negative(tmp_path: Path, make_limiter,
+async def test_release_after_being_reaped_never_goes_negative(tmp_path: Path, noon_limiter,
                                                               redis_client):
     config = write_config(tmp_path, {"shop": env()})
-    lim = await make_limiter(config, lease_ms=300)
+    lim = await noon_limiter(config, lease_ms=300)
     assert (await lim.decide("shop", "function", 1, "fn:f")).admitted
     await asyncio.sleep(0.4)
-    other = await make_limiter(config)
+    other = await noon_limiter(config)
     assert (await other.decide("shop", "function", 1, "fn:f")).in_use == 1  # reaped lim's
     lim.release("shop", "fn:f")
     await asyncio.sleep(0.05)
     assert await live_slots(redis_client, "shop") == {"fn:f": 1}
 
 
-async def test_metered_gbs_hard_stop_refuses_next_request(tmp_path: Path, make_limiter,
+async def test_metered_gbs_hard_stop_refuses_next_request(tmp_path: Path, noon_limiter,
                                                           redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"gbs": 10})})  # 10 GBs
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     assert (await lim.decide("shop", "function", 1, "fn:f", needs="gbs")).admitted
     lim.release("shop", "fn:f")
     lim.meter("shop", "gbs", 6 * MBMS_PER_GBS)
@@ -235,11 +221,11 @@ async def test_metered_gbs_hard_stop_refuses_next_request(tmp_path: Path, make_l
     assert await live_slots(redis_client, "shop") == {}
 
 
-async def test_metered_bytes_overage_is_pay_as_you_go(tmp_path: Path, make_limiter,
+async def test_metered_bytes_overage_is_pay_as_you_go(tmp_path: Path, noon_limiter,
                                                       redis_client):
     config = write_config(tmp_path, {"shop": env(overage=True,
                                                  limits={"storage_traffic_gb": 1})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     gib = 1024**3
     for _ in range(3):
         lim.meter("shop", "storage_traffic_bytes", gib // 2)
@@ -252,10 +238,10 @@ async def test_metered_bytes_overage_is_pay_as_you_go(tmp_path: Path, make_limit
         == gib // 2
 
 
-async def test_settle_coalesces_one_call_per_environment_per_tick(tmp_path: Path, make_limiter,
+async def test_settle_coalesces_one_call_per_environment_per_tick(tmp_path: Path, noon_limiter,
                                                                   redis_client):
     config = write_config(tmp_path, {"shop": env()})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     await asyncio.gather(*(lim.decide("shop", "function", 1, "fn:f") for _ in range(50)))
     before = await redis_client.info("commandstats")
     for _ in range(50):
@@ -269,10 +255,10 @@ async def test_settle_coalesces_one_call_per_environment_per_tick(tmp_path: Path
     assert int(await redis_client.hget(keys.usage("shop"), f"{cycle}:gbs")) == 5000
 
 
-async def test_renewal_reports_isolated_environments(tmp_path: Path, make_limiter):
+async def test_renewal_reports_isolated_environments(tmp_path: Path, noon_limiter):
     config = write_config(tmp_path, {"shop": env(expires="2026-12-01"), "other": env()})
     clock = at(NOON)
-    lim = await make_limiter(config, clock)
+    lim = await noon_limiter(config, clock)
     ended: list[tuple[str, str]] = []
     lim.on_ended = lambda e, status: ended.append((e, status))
     for e in ("shop", "other"):
@@ -316,7 +302,7 @@ async def test_slots_held_through_a_store_outage_are_written_back(tmp_path: Path
             server.stop()
 
 
-async def test_clean_shutdown_gives_every_slot_back(tmp_path: Path, make_limiter, store_url,
+async def test_clean_shutdown_gives_every_slot_back(tmp_path: Path, noon_limiter, store_url,
                                                     redis_client):
     config = write_config(tmp_path, {"shop": env(), "other": env()})
     lim = await synced_limiter(store_url, config, at(NOON))
@@ -331,12 +317,12 @@ async def test_clean_shutdown_gives_every_slot_back(tmp_path: Path, make_limiter
 
 
 @pytest.mark.parametrize("at_cap", [False, True])
-async def test_cancelled_decision_leaks_no_slot(tmp_path: Path, make_limiter, redis_client,
+async def test_cancelled_decision_leaks_no_slot(tmp_path: Path, noon_limiter, redis_client,
                                                 at_cap):
     """The caller goes away (client disconnect, socket closed) while the store decides: the
     outcome is handled when it arrives, admitted or refused, with a renewal in between."""
     config = write_config(tmp_path, {"shop": env(limits={"realtime": 2})})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     if at_cap:
         for _ in range(2):
             assert (await lim.decide("shop", "realtime", 1, "rt:")).admitted
@@ -354,10 +340,10 @@ async def test_cancelled_decision_leaks_no_slot(tmp_path: Path, make_limiter, re
     assert await live_slots(redis_client, "shop") == expected
 
 
-async def test_old_snapshot_layout_is_treated_as_missing(tmp_path: Path, make_limiter,
+async def test_old_snapshot_layout_is_treated_as_missing(tmp_path: Path, noon_limiter,
                                                          redis_client):
     config = write_config(tmp_path, {"shop": env()})
-    lim = await make_limiter(config)
+    lim = await noon_limiter(config)
     missing: list[str] = []
     ended: list[tuple[str, str]] = []
     lim.on_missing = missing.append
@@ -386,9 +372,9 @@ async def test_giving_back_reaps_fields_the_instance_forgot(tmp_path: Path, stor
     assert await redis_client.zcard(keys.lease("shop")) == 0
 
 
-async def test_slot_keys_always_expire(tmp_path: Path, make_limiter, redis_client):
+async def test_slot_keys_always_expire(tmp_path: Path, noon_limiter, redis_client):
     config = write_config(tmp_path, {"shop": env()})
-    lim = await make_limiter(config, lease_ms=5000)
+    lim = await noon_limiter(config, lease_ms=5000)
     assert (await lim.decide("shop", "function", 1, "fn:f")).admitted
     lim.release("shop", "fn:f")
     await asyncio.sleep(0.05)
