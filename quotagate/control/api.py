@@ -28,6 +28,8 @@ TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
 ENVS = web.AppKey("control_envs", Environments)
 TOKEN = web.AppKey("admin_token", str)
 LIMITER = web.AppKey("control_limiter", Limiter)
+RenewedHook = Callable[[str], None]
+RENEWED: web.AppKey[RenewedHook] = web.AppKey("control_renewed")
 
 #: Meters reported by the platform (the gateway cannot see them), SPEC §3.
 INGESTED_METERS = ("outbound_bytes", "cdn_origin_bytes", "ai_tokens")
@@ -303,7 +305,17 @@ async def ingest_usage(request: web.Request) -> web.Response:
                               "results": results})
 
 
+async def renew(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    months = _field(await _body(request), "months", int)
+    env = await request.app[ENVS].renew(env_id, months)
+    request.app[RENEWED](env_id)  # queued invocations are replayed now
+    return web.json_response({"env": env_id, "expires": env.expires.isoformat(),
+                              "paid": env.paid})
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/envs/{env}/renew", renew),
     ("POST", "/usage", ingest_usage),
     ("GET", "/envs", list_envs),
     ("GET", "/envs/{env}", get_env),
@@ -322,10 +334,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
 
 
 def install(app: web.Application, envs: Environments, limiter: Limiter,
-            token: str | None = None) -> None:
+            token: str | None = None, on_renewed: Callable[[str], None] | None = None) -> None:
     """Mount the admin API on the admin application."""
     app[ENVS] = envs
     app[LIMITER] = limiter
+    app[RENEWED] = on_renewed or (lambda env: None)
     app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
     app.middlewares.append(guard)
     for method, path, handler in ROUTES:

@@ -26,7 +26,12 @@ from quotagate.clock import Clock
 from quotagate.control.events import emit
 from quotagate.limiter import calendar as cal
 from quotagate.limiter import keys
-from quotagate.limiter.entitlements import build_snapshot, effective_limits, encode
+from quotagate.limiter.entitlements import (
+    ISOLATION_DAYS,
+    build_snapshot,
+    effective_limits,
+    encode,
+)
 from quotagate.settings import Config
 from quotagate.settings.load import check_environments
 from quotagate.settings.schema import (
@@ -75,6 +80,15 @@ class Record:
 
 def _tz(config: Config, env: Environment) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(env.timezone or config.gateway.timezone)
+
+
+def renewed_expiry(anchor: dt.date, expires: dt.date, months: int) -> dt.date:
+    """``months`` after the original expiry, on the anchor's day when the expiry is a cycle
+    boundary (anchor 31: Nov 30 + 1 month = Dec 31, not Dec 30)."""
+    held = (expires.year - anchor.year) * 12 + expires.month - anchor.month
+    if cal.add_months_clamped(anchor, held) == expires:
+        return cal.add_months_clamped(anchor, held + months)
+    return cal.add_months_clamped(expires, months)
 
 
 class Environments:
@@ -259,6 +273,31 @@ class Environments:
         await emit(self.redis, env_id, "promo-purchased", promo_id=grant.id, pack=pack,
                    start=grant.start.isoformat(), days=days)
         return grant
+
+    async def renew(self, env_id: str, months: int) -> Environment:
+        """Renew for ``months``: from the original expiry, also while isolated (within the 15
+        days); refused in arrears and once released."""
+        if not 1 <= months <= 120:
+            raise Invalid("months must be 1 to 120")
+
+        def edit(env: Environment, _: dict[str, int]) -> Environment:
+            if env.arrears:
+                raise Conflict(f"environment {env_id} is in arrears: it cannot renew until "
+                               "paid up")
+            today = self.today(env)
+            if today >= env.expires + dt.timedelta(days=ISOLATION_DAYS):
+                raise Conflict(f"environment {env_id} was released; it cannot be renewed")
+            price = self.config.plans.plans[env.plan].price
+            if price is None:
+                raise Invalid(f"plan {env.plan} is priced per contract: renew by contract")
+            new_expiry = renewed_expiry(env.anchor, env.expires, months)
+            return msgspec.structs.replace(env, expires=new_expiry, period_start=env.expires,
+                                           paid=f"{Decimal(price) * months:.2f}")
+
+        changed = await self.change(env_id, edit)
+        await emit(self.redis, env_id, "plan-renewed", months=months,
+                   expires=changed.expires.isoformat())
+        return changed
 
     # ------------------------------------------------------------------- plan changes
 

@@ -29,6 +29,7 @@ from quotagate.clock import Clock
 from quotagate.control import api as control_api
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
+from quotagate.control.lifecycle import QUEUE_MAX_BODY, Scheduler, enqueue
 from quotagate.gateway import metrics, realtime
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_of, missing_environment
@@ -39,6 +40,7 @@ from quotagate.gateway.problems import (
     invalid_path,
     refusal,
     route_not_found,
+    store_unavailable,
 )
 from quotagate.gateway.proxy import Tally, UpstreamPool
 from quotagate.gateway.routing import CompiledRoute, Router
@@ -73,12 +75,15 @@ class GatewayState:
     sync_task: asyncio.Task[None] | None = None
     #: monotonic time of the last re-sync asked for by a missing snapshot (debounce).
     resync_at: float = 0.0
+    #: The lifecycle scheduler (set when the app starts).
+    scheduler: Scheduler | None = None
     #: Open realtime sockets per environment (closed when the environment is isolated).
     sockets: dict[str, set[realtime.RealtimeSocket]] = field(default_factory=dict)
 
     #: Config files' modification times at the last (attempted) load.
     mtimes: dict[str, float] = field(default_factory=dict)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def reload(self, why: str = "requested") -> bool:
         """Load the config files again; apply them if valid, else keep the last good config.
@@ -127,6 +132,18 @@ class GatewayState:
 
     def files_changed(self) -> bool:
         return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
+
+    def upstream_base(self, path_qs: str) -> str | None:
+        """Where a queued invocation of this path goes (its route's upstream)."""
+        route = self.router.match(path_qs.split("?", 1)[0], "POST", "")
+        return None if route is None else route.origin + route.base_path
+
+    def renewed(self, env: str) -> None:
+        """An environment was renewed: replay its queued invocations now."""
+        if self.scheduler is not None:
+            task = asyncio.get_running_loop().create_task(self.scheduler.replay(env))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def memory_mb(self, env: str, function: str, route: CompiledRoute) -> int:
         """A function's memory for GBs: the environment's setting, else the route's."""
@@ -241,6 +258,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     watcher = (loop.create_task(_watch_files(state))
                if state.config.gateway.reload_poll_ms else None)
     background = [loop.create_task(control_events.sweep_forever(state.redis, state.limiter))]
+    state.scheduler = Scheduler(
+        Environments(state.redis, lambda: state.config, state.limiter.clock),  # type: ignore[arg-type]
+        state.limiter.clock, state.upstream_base, state.pool.session)
+    if state.config.gateway.lifecycle_interval_ms:
+        background.append(loop.create_task(
+            state.scheduler.run(state.config.gateway.lifecycle_interval_ms / 1000)))
     if state.config.gateway.events.webhook_url:
         delivery = control_events.WebhookDelivery(
             state.redis, state.config.gateway.events, state.limiter.instance)  # type: ignore[arg-type]
@@ -352,6 +375,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if isinstance(decision, Problem):
         return decision.response()
     if not decision.admitted:
+        if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
+                and request.headers.get("X-Invocation-Type", "").lower() == "event"):
+            return await _queue_invocation(state, request, env, path_qs)
         return refusal(decision, env).response(ratelimit_headers(decision))
     if decision.store_bypassed:
         extra["X-Quotagate-Bypass"] = "store-unavailable"
@@ -375,6 +401,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
             else:
                 amount = tally.body_bytes
             state.limiter.meter(env, route.meter, amount)
+
+
+async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
+                            path_qs: str) -> web.Response:
+    """An asynchronous invocation while isolated: queued durably, replayed on renewal."""
+    if (request.content_length or 0) > QUEUE_MAX_BODY:
+        return web.json_response({"error": "body too large to queue"}, status=413)
+    body = await request.content.read(QUEUE_MAX_BODY + 1)
+    if len(body) > QUEUE_MAX_BODY:
+        return web.json_response({"error": "body too large to queue"}, status=413)
+    drop = {"host", "content-length", "transfer-encoding", "connection", "x-cloudbase-env"}
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+    try:
+        length = await enqueue(state.redis, env, request.method, path_qs, headers, body,
+                               state.limiter.clock.now_ms())
+    except (aredis.RedisError, OSError) as exc:
+        log.error("could not queue an invocation of %s: %s", env, exc)
+        return store_unavailable(env).response()
+    metrics.DECISIONS.labels("queued", "environment-isolated").inc()
+    return web.json_response({"queued": True, "env": env, "queue_length": length,
+                              "detail": "the environment is isolated: the invocation runs "
+                                        "when it is renewed (within 7 days)"}, status=202)
 
 
 def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.Application:
@@ -436,7 +484,7 @@ def init_admin_app(
     app[ADMIN_STATE] = state
     envs = Environments(state.redis, lambda: state.config,  # type: ignore[arg-type]
                         state.limiter.clock)
-    control_api.install(app, envs, state.limiter, token)
+    control_api.install(app, envs, state.limiter, token, on_renewed=state.renewed)
     if registry is not None:
         app[METRICS_REGISTRY] = registry
     app.router.add_get("/healthz", healthz)

@@ -63,6 +63,17 @@ def env_events(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:events"
 
 
+def queue(env: str) -> str:
+    """List: asynchronous invocations that arrived while the environment was isolated (JSON),
+    replayed when it is renewed."""
+    return f"{PREFIX}:{{{env}}}:queue"
+
+
+def lifecycle_claim(env: str, what: str) -> str:
+    """String: a lifecycle transition or reminder done (by whichever instance claimed it)."""
+    return f"{PREFIX}:{{{env}}}:lc:{what}"
+
+
 def forward_lock(env: str) -> str:
     """String: the instance moving this environment's events to ``EVENTS`` right now."""
     return f"{PREFIX}:{{{env}}}:fwd"
@@ -98,7 +109,7 @@ def renew_keys(env: str) -> list[str]:
 
 
 def env_keys(env: str) -> list[str]:
-    """Every key of an environment (release deletes them)."""
+    """The keys of an environment's state (release deletes them, but its pay-as-you-go)."""
     return decision_keys(env)
 
 

@@ -203,6 +203,7 @@ class Limiter:
         self.renewals = 0
         self.renew_commands = 0
         self._forwarding: set[str] = set()
+        self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _keys_packed(self, env: str) -> tuple[bytes, int]:
@@ -437,7 +438,8 @@ class Limiter:
     # ------------------------------------------------------------------------- events
 
     def _forward_soon(self, env: str) -> None:
-        if env in self._forwarding:
+        if env in self._forwarding:  # running: it makes one more pass for these
+            self._forward_again.add(env)
             return
         self._forwarding.add(env)
         task = asyncio.get_running_loop().create_task(self._forward_task(env))
@@ -446,11 +448,16 @@ class Limiter:
 
     async def _forward_task(self, env: str) -> None:
         try:
-            await self.forward_events(env)
+            while True:
+                self._forward_again.discard(env)
+                await self.forward_events(env)
+                if env not in self._forward_again:
+                    return
         except StoreError as exc:
             log.warning("events of %s stay in its stream for now (%s)", env, exc)
         finally:
             self._forwarding.discard(env)
+            self._forward_again.discard(env)
 
     async def forward_events(self, env: str) -> int:
         """Move the events the scripts wrote to the environment's stream onto the global

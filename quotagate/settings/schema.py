@@ -146,6 +146,9 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
     events: EventSettings = msgspec.field(default_factory=EventSettings)
+    #: The lifecycle scheduler's round (reminders, isolation and release events, replay of
+    #: queued invocations); 0: off on this instance.
+    lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
     #: Reload when a config file changes, checked this often; 0: only on SIGHUP.
     reload_poll_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
     routes: tuple[Route, ...] = ()
