@@ -328,3 +328,44 @@ async def test_ingestion_bad_batches_count_nothing(make_gateway, admin_for, stor
         assert "error" in await resp.json()
     assert await store.hgetall(keys.usage("shop")) == {}
     assert not await store.keys("qg:{shop}:seen:*")
+
+
+async def test_capacity_gauge_refuses_writes_only_and_bills_per_day(make_gateway, admin_for,
+                                                                    store):
+    gib = 1024**3
+    gw = await make_gateway({"shop": env(limits={"capacity_gb": 3}),
+                             "over": env(overage=True, limits={"capacity_gb": 3})})
+    admin = await admin_for(gw)
+
+    async def report(rid: str, env_id: str, size: int) -> None:
+        body = {"records": [{"id": rid, "env": env_id, "meter": "capacity_bytes",
+                             "amount": size}]}
+        resp = await admin.post("/admin/v1/usage", json=body, headers=AUTH)
+        assert resp.status == 200, await resp.text()
+
+    h = {"X-CloudBase-Env": "shop"}
+    await report("c1", "shop", 2 * gib)
+    assert (await gw.post("/database/write", headers=h, data="x")).status == 200
+    await report("c2", "shop", 3 * gib)  # full
+    refused = await gw.post("/database/write", headers=h, data="x")
+    assert refused.status == 429
+    assert (await refused.json(content_type=None))["meter"] == "capacity_bytes"
+    assert (await gw.put("/storage/file", headers=h, data="x")).status == 429
+    assert (await gw.get("/database/read", headers=h)).status == 200  # reads still pass
+    assert (await gw.get("/functions/f", headers=h)).status == 200
+    usage = await (await admin.get("/admin/v1/envs/shop/usage", headers=AUTH)).json()
+    assert usage["meters"]["capacity_bytes"]["current"] == 3 * gib
+    assert usage["meters"]["capacity_bytes"]["remaining"] == 0
+    await report("c3", "shop", 1 * gib)  # data deleted: writes pass again
+    assert (await gw.post("/database/write", headers=h, data="x")).status == 200
+
+    # Overage: the day's largest excess is billed per GB-day.
+    for rid, size in (("o1", 4 * gib), ("o2", 5 * gib), ("o3", 4 * gib)):
+        await report(rid, "over", size)
+    bill = await (await admin.get("/admin/v1/bills?date=2026-11-26&env=over",
+                                  headers=AUTH)).json()
+    [line] = bill["lines"]
+    assert line["meter"] == "capacity_bytes" and line["quantity"] == 2 * gib
+    assert line["amount"] == "0.20"  # 2 GB x 0.1 CNY for the day
+    assert (await gw.post("/database/write", headers={"X-CloudBase-Env": "over"},
+                          data="x")).status == 200

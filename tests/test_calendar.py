@@ -419,6 +419,7 @@ def test_snapshot_shipped_environment(plans: PlansFile) -> None:
     assert snap["quota"] == {
         "calls": 8_000_000, "gbs": 600_000 * 1_024_000, "storage_traffic_bytes": 300 * GIB,
         "outbound_bytes": 20 * GIB, "cdn_origin_bytes": 120 * GIB, "ai_tokens": 100_000,
+        "capacity_bytes": 100 * GIB,
     }
     assert snap["caps"] == {"rt": 500, "fc": 1000}
     assert snap["timezone"] == "Asia/Shanghai"

@@ -20,7 +20,7 @@ from tests.helpers import PLANS, QUOTAGATE, wait_ready
 def test_help_for_every_command():
     for args in ([], ["serve"], ["demo"], ["config", "check"], ["env"], ["env", "usage"],
                  ["env", "overage"], ["pack", "buy"], ["pack", "refund"], ["promo", "buy"],
-                 ["plan", "quote"], ["plan", "change"], ["bill"]):
+                 ["plan", "quote"], ["plan", "change"], ["plan", "renew"], ["bill"]):
         out = subprocess.run([*QUOTAGATE, *args, "--help"], capture_output=True, text=True,
                              timeout=30)
         assert out.returncode == 0, out.stderr

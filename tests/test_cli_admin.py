@@ -91,6 +91,8 @@ async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
         assert quote["change"] == "upgrade" and quote["plan"] == "standard"
         out = cli(admin, "plan", "change", "shop", "standard")
         assert out.returncode == 0 and "upgrade to standard" in out.stdout
+        out = cli(admin, "plan", "renew", "shop", "--months", "2")
+        assert out.returncode == 0 and "shop: renewed, expires" in out.stdout
         out = cli(admin, "pack", "refund", "shop", "p1")
         assert out.returncode == 0 and "pack p1 refunded" in out.stdout
 

@@ -32,7 +32,9 @@ RenewedHook = Callable[[str], None]
 RENEWED: web.AppKey[RenewedHook] = web.AppKey("control_renewed")
 
 #: Meters reported by the platform (the gateway cannot see them), SPEC §3.
-INGESTED_METERS = ("outbound_bytes", "cdn_origin_bytes", "ai_tokens")
+INGESTED_METERS = ("outbound_bytes", "cdn_origin_bytes", "ai_tokens", "capacity_bytes")
+#: Gauges: ``amount`` is the current size (0 allowed), not an increment.
+GAUGES = ("capacity_bytes",)
 MAX_BATCH = 10_000
 _RECORD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -269,8 +271,10 @@ async def ingest_usage(request: web.Request) -> web.Response:
         if meter not in INGESTED_METERS:
             bad(f"meter: one of {', '.join(INGESTED_METERS)}")
             continue
-        if not isinstance(amount, int) or isinstance(amount, bool) or not 0 < amount < 2**53:
-            bad("amount: a positive integer (bytes, tokens)")
+        low = 0 if meter in GAUGES else 1
+        if not isinstance(amount, int) or isinstance(amount, bool) or not low <= amount < 2**53:
+            bad("amount: a positive integer (bytes, tokens; for capacity_bytes the current "
+                "size, 0 or more)")
             continue
         at_ms = now_ms
         if rec.get("at") is not None:

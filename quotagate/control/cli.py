@@ -160,6 +160,11 @@ def plan_change(args: argparse.Namespace) -> None:
     _out(args, data, _quote_text(data))
 
 
+def plan_renew(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/envs/{args.env}/renew", {"months": args.months})
+    _out(args, data, f"{data['env']}: renewed, expires {data['expires']} (paid {data['paid']})")
+
+
 BILL_COLUMNS = ["env", "day", "meter", "quantity", "unit", "unit_price", "per", "amount"]
 
 
@@ -253,6 +258,9 @@ def add_commands(sub: Any) -> None:
          ("plan", {"help": "target plan"}))
     _cmd(pls, "change", "upgrade at once, or downgrade if usage allows", plan_change, ENV,
          ("plan", {"help": "target plan"}))
+    renew = _cmd(pls, "renew", "renew for N months from the original expiry (also while "
+                 "isolated)", plan_renew, ENV)
+    renew.add_argument("--months", type=int, default=1)
 
     b = _cmd(sub, "bill", "pay-as-you-go lines of one day at list price", bill)
     b.add_argument("--date", required=True, help="YYYY-MM-DD (each environment's local day)")

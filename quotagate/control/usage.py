@@ -15,7 +15,7 @@ from quotagate.limiter.entitlements import CHARGED_METERS, MBMS_PER_GBS, effecti
 #: Units of each meter in reports (gbs is counted in MB·ms and shown in GBs too).
 UNITS = {"calls": "calls", "gbs": "MB·ms", "outbound_bytes": "bytes",
          "storage_traffic_bytes": "bytes", "cdn_origin_bytes": "bytes", "ai_tokens": "tokens",
-         "sms": "messages"}
+         "sms": "messages", "capacity_bytes": "bytes"}
 
 
 async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
@@ -37,7 +37,7 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
         return int(mapping.get(field.encode(), 0))
 
     meters: dict[str, Any] = {}
-    for meter in (*CHARGED_METERS, "sms"):
+    for meter in (*CHARGED_METERS, "sms", "capacity_bytes"):
         packs: list[dict[str, Any]] = []
         for grant in env.packs:
             p_meter: str | None
@@ -70,6 +70,15 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
         if meter == "gbs":
             entry["used_gbs"] = str(used_plan / MBMS_PER_GBS)
         meters[meter] = entry
+
+    # Capacity is a gauge: "used" is the size last reported; packs add room, none is spent.
+    capacity = meters["capacity_bytes"]
+    room = limits["capacity_bytes"] + sum(p["amount"] for p in capacity["packs"] if p["valid"])
+    current = num(usage, "gauge:capacity_bytes")
+    for p in capacity["packs"]:
+        p["used"], p["remaining"] = 0, p["amount"] if p["valid"] else 0
+    capacity.update(used=current, current=current, plan_remaining=max(0, capacity["quota"]
+                    - current), with_packs=room, remaining=max(0, room - current))
 
     qps = limits["qps"]
     rt_cap, fc_cap = limits["realtime"], limits["function_concurrency"]

@@ -43,7 +43,7 @@ from quotagate.gateway.problems import (
     store_unavailable,
 )
 from quotagate.gateway.proxy import Tally, UpstreamPool
-from quotagate.gateway.routing import CompiledRoute, Router
+from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute, Router
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import StoreError
@@ -371,7 +371,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return invalid_function(request.path, env).response()
             slot = "fn:" + name
         function = name or ""
-    decision = await decide(state.limiter, env, route.kind, route.cost, slot, route.needs)
+    needs = route.needs_write if request.method in WRITE_METHODS else route.needs
+    decision = await decide(state.limiter, env, route.kind, route.cost, slot, needs)
     if isinstance(decision, Problem):
         return decision.response()
     if not decision.admitted:

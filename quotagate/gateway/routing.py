@@ -15,6 +15,9 @@ DEFAULT_METERS = {"function": "gbs", "storage": "storage_traffic_bytes",
 #: used up (hard stop) those routes are refused too.
 INGESTED_NEEDS = {"function": ("outbound_bytes",), "static": ("cdn_origin_bytes",),
                   "ai": ("ai_tokens",)}
+#: Kinds whose writes (WRITE_METHODS) are refused while capacity is full.
+WRITES_DATA = frozenset({"database", "storage"})
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FUNCTION_NAME = re.compile(FUNCTION_NAME)
 
 
@@ -28,6 +31,8 @@ class CompiledRoute:
     meter: str = ""
     #: Meters the request needs left (comma-separated, for decide.lua).
     needs: str = ""
+    #: The same for requests that write data (capacity full refuses them, SPEC §6).
+    needs_write: str = ""
 
     @property
     def kind(self) -> str:
@@ -51,8 +56,9 @@ def compile_route(route: Route) -> CompiledRoute:
     meter = route.meter if route.meter is not None else DEFAULT_METERS.get(route.kind, "")
     meter = "" if meter == "none" else meter
     needs = ([meter] if meter else []) + list(INGESTED_NEEDS.get(route.kind, ()))
+    writes = needs + (["capacity_bytes"] if route.kind in WRITES_DATA else [])
     return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"),
-                         meter, ",".join(needs))
+                         meter, ",".join(needs), ",".join(writes))
 
 
 class Router:

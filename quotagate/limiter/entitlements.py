@@ -95,8 +95,8 @@ def build_snapshot(
         "mode": env.mode or "",
         "overage": 1 if env.overage else 0,
         "qps": limits["qps"],
-        # The cumulative meters the scripts charge (capacity is a gauge: ingestion, later).
-        "quota": {m: limits[m] for m in CHARGED_METERS},
+        # The meters the scripts charge, and the capacity gauge's limit.
+        "quota": {m: limits[m] for m in (*CHARGED_METERS, "capacity_bytes")},
         "caps": {"rt": limits["realtime"], "fc": limits["function_concurrency"]},
         "timezone": tz.key,
         "tz": cal.offset_transitions(tz, env.anchor, release),

@@ -98,6 +98,17 @@ local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount)
   return left, quota, held
 end
 
+-- A gauge meter (capacity_bytes): what plan quota + valid packs leave above the last reported
+-- value (negative: over). The value is kept in the usage hash as "gauge:<meter>".
+local function gauge_left(usage_key, meter)
+  local value = tonumber(redis.call('HGET', usage_key, 'gauge:' .. meter)) or 0
+  local room = ENT.quota[meter] or 0
+  for _, p in ipairs(ENT.packs) do
+    if p.meter == meter and p.from <= TODAY and TODAY < p.to then room = room + p.amount end
+  end
+  return room - value, value
+end
+
 -- Where usage beyond plan + packs goes: pay-as-you-go (overage on), else recorded unbilled.
 local function over_field(meter, mode)
   local field = TODAY .. ':' .. meter

@@ -126,7 +126,13 @@ elseif mode ~= 'record' and ent.overage ~= 1 then
   elseif needs ~= '' then
     -- A meter charged after the response (or ingested) used up: requests needing it stop.
     for need in string.gmatch(needs, '[^,]+') do
-      local _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, need, 0)
+      local meter_held
+      if need == 'capacity_bytes' then  -- a gauge: full is full (writes refused)
+        meter_held = gauge_left(KEYS[3], need)
+      else
+        local _
+        _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, need, 0)
+      end
       if meter_held <= 0 then code, meter, retry = 2, need, reset_ms break end
     end
   end

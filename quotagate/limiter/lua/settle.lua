@@ -45,8 +45,22 @@ calendar_at(ent, now_ms)
 local cycle_day = cycle_now()
 
 local flags = 0
-while i < #ARGV do
-  local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
+
+-- A gauge: the reported size replaces the last one; the day's pay-as-you-go is the largest
+-- excess over plan + packs seen that day (billed per GB and day).
+local function gauge(meter, value)
+  redis.call('HSET', KEYS[2], 'gauge:' .. meter, value)
+  local left = gauge_left(KEYS[2], meter)
+  if left < 0 then
+    local field, billed = over_field(meter, mode)
+    if billed and flags % 4 < 2 then flags = flags + 2 end
+    if (tonumber(redis.call('HGET', KEYS[4], field)) or 0) < -left then
+      redis.call('HSET', KEYS[4], field, -left)
+    end
+  end
+end
+
+local function cumulative(meter, amount)
   local takes = {}
   local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount)
   for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
@@ -58,6 +72,11 @@ while i < #ARGV do
     if billed and flags % 4 < 2 then flags = flags + 2 end
     redis.call('HINCRBY', KEYS[4], field, over)
   end
+end
+
+while i < #ARGV do
+  local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
+  if meter == 'capacity_bytes' then gauge(meter, amount) else cumulative(meter, amount) end
   i = i + 2
 end
 return {0, flags}
