@@ -369,3 +369,41 @@ async def test_capacity_gauge_refuses_writes_only_and_bills_per_day(make_gateway
     assert line["amount"] == "0.20"  # 2 GB x 0.1 CNY for the day
     assert (await gw.post("/database/write", headers={"X-CloudBase-Env": "over"},
                           data="x")).status == 200
+
+
+async def test_ids_days_and_old_records_are_checked(make_gateway, admin_for, store):
+    gw = await make_gateway({})
+    admin = await admin_for(gw)
+    await admin.put("/admin/v1/envs/shop", json=api_env(), headers=AUTH)
+    for body in ({"meter": "calls", "amount": 1, "id": "a b"}, {"pack": "sms-1k", "id": "x/y"},
+                 {"pack": "sms-1k", "id": "z" * 65}):
+        resp = await admin.post("/admin/v1/envs/shop/packs", json=body, headers=AUTH)
+        assert resp.status == 422, body
+    for days in (0, -1, 10**9):
+        resp = await admin.post("/admin/v1/envs/shop/promos", json={"pack": "db-3k",
+                                                                    "days": days},
+                                headers=AUTH)
+        assert resp.status == 422, days
+    assert (await admin.get("/admin/v1/envs/shop/usage", headers=AUTH)).status == 200
+    old = {"records": [{"id": "old", "env": "shop", "meter": "ai_tokens", "amount": 1,
+                        "at": "2026-10-20T00:00:00+08:00"}]}  # 37 days before the clock
+    assert (await admin.post("/admin/v1/usage", json=old, headers=AUTH)).status == 422
+
+
+async def test_renewing_early_extends_the_paid_period(make_gateway, admin_for):
+    gw = await make_gateway({}, clock=at("2026-01-02T12:00:00"))
+    admin = await admin_for(gw)
+    await admin.put("/admin/v1/envs/e", headers=AUTH, json={
+        "plan": "enterprise", "anchor": "2026-01-01", "expires": "2026-04-01"})  # 3 x 999
+    body = await (await admin.post("/admin/v1/envs/e/renew", json={"months": 1},
+                                   headers=AUTH)).json()
+    assert body["expires"] == "2026-05-01" and body["paid"] == "3996.00"
+    record = await (await admin.get("/admin/v1/envs/e", headers=AUTH)).json()
+    assert record["definition"]["period_start"] is None  # still the anchor
+    quote = await (await admin.post("/admin/v1/envs/e/plan/quote", json={"plan": "standard"},
+                                    headers=AUTH)).json()
+    # 3996 - 2/121 x 3996 = 3929.9504.. -> 3929.96 (up); 119 days of standard
+    # 119 x 199 x 12 / 365 = 778.553.. -> 778.55 (down); 3929.96 - 778.55 = 3151.41
+    assert quote["parts"]["unused_value"] == "3929.96"
+    assert quote["parts"]["new_plan_cost"] == "778.55"
+    assert quote["amount"] == "3151.41"

@@ -412,7 +412,7 @@ def test_snapshot_shipped_environment(plans: PlansFile) -> None:
         promos=(PromoGrant(id="d1", pack="db-3k", start=D(2026, 11, 26), days=2),),
     )
     snap = build_snapshot(env, plans, "Asia/Shanghai")
-    assert snap["v"] == 2
+    assert snap["v"] == 3
     assert snap["plan"] == "standard"
     assert snap["mode"] == "" and snap["overage"] == 0
     assert snap["qps"] == 800

@@ -44,6 +44,9 @@ def test_rounding_favours_the_customer() -> None:
     ("199", "999", D(2024, 2, 1), D(2024, 3, 1), "1", "762.73"),
     # with a discount of 0.8
     ("199", "999", D(2024, 2, 1), D(2024, 3, 1), "0.8", "610.19"),
+    # multiples of 73 days are whole numbers of (365/12)-day months: exact, not 1 fen short
+    ("0", "100", D(2023, 1, 1), D(2024, 1, 1), "1", "1200.00"),
+    ("0", "100", D(2023, 1, 1), D(2023, 3, 15), "1", "240.00"),
     # on the expiry day: nothing left to pay
     ("100", "1000", D(2023, 2, 1), D(2023, 2, 1), "1", "0.00"),
 ])
@@ -68,3 +71,10 @@ def test_downgrade_on_the_first_day() -> None:
     assert q.parts["unused_value"] == "11955.34"
     assert q.parts["new_plan_cost"] == "2394.54"
     assert q.amount == Decimal("9560.80")
+
+
+def test_downgrade_new_plan_cost_exact_on_73_days() -> None:
+    # 73 days of a 100 CNY plan cost exactly 240.00 (not 239.99).
+    q = downgrade_refund(Decimal(1200), D(2023, 1, 1), D(2024, 1, 1), D(2023, 10, 20),
+                         Decimal(100))
+    assert q.parts["remaining_days"] == "73" and q.parts["new_plan_cost"] == "240.00"

@@ -16,9 +16,14 @@ from dataclasses import dataclass
 from decimal import ROUND_DOWN, ROUND_UP, Decimal
 
 FEN = Decimal("0.01")
-#: Days of an average month: 365 / 12.
-MONTH_DAYS = Decimal(365) / Decimal(12)
 _CONTEXT = decimal.Context(prec=40)
+
+
+def per_month_days(amount: Decimal, days: int) -> Decimal:
+    """amount x days / (365/12), computed as amount x days x 12 / 365: one division, last,
+    so no rounded 365/12 ever enters a price (100 CNY over 73 days is exactly 240)."""
+    with decimal.localcontext(_CONTEXT):
+        return amount * days * 12 / 365
 
 
 def charge(amount: Decimal) -> Decimal:
@@ -46,7 +51,7 @@ def upgrade_fee(old_price: Decimal, new_price: Decimal, today: dt.date, expires:
                 discount: Decimal = Decimal(1)) -> Quote:
     days = max(0, (expires - today).days)
     with decimal.localcontext(_CONTEXT):
-        fee = (new_price - old_price) * days / MONTH_DAYS * discount
+        fee = per_month_days(new_price - old_price, days) * discount
     amount = charge(max(fee, Decimal(0)))
     return Quote("upgrade", amount, days, {
         "monthly_difference": str(new_price - old_price), "days_until_expiry": str(days),
@@ -60,7 +65,7 @@ def downgrade_refund(paid: Decimal, period_start: dt.date, expires: dt.date, tod
     remaining = max(0, (expires - today).days)
     with decimal.localcontext(_CONTEXT):
         back = refund(paid - Decimal(used_days) / Decimal(total_days) * paid)
-        new_cost = charge(Decimal(remaining) / MONTH_DAYS * new_price)
+        new_cost = charge(per_month_days(new_price, remaining))
     amount = back - new_cost
     if amount <= 0:
         amount = Decimal("0.00")

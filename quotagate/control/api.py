@@ -36,6 +36,9 @@ INGESTED_METERS = ("outbound_bytes", "cdn_origin_bytes", "ai_tokens", "capacity_
 #: Gauges: ``amount`` is the current size (0 allowed), not an increment.
 GAUGES = ("capacity_bytes",)
 MAX_BATCH = 10_000
+#: Oldest usage accepted: well inside the 40 days an id is remembered, so no retry of an old
+#: record can count twice.
+MAX_AGE_MS = 30 * 86_400_000
 _RECORD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -193,7 +196,8 @@ async def list_promos(request: web.Request) -> web.Response:
 async def buy_promo(request: web.Request) -> web.Response:
     env_id = _env_id(request)
     body = await _body(request)
-    days = _field(body, "days", int, required=False) or 1
+    days = _field(body, "days", int, required=False)
+    days = 1 if days is None else days
     start = _date(_field(body, "start", str, required=False), "start")
     grant = await request.app[ENVS].buy_promo(env_id, _field(body, "pack", str), days, start)
     return web.json_response({"env": env_id, "promo": _plain(grant)}, status=201)
@@ -290,6 +294,9 @@ async def ingest_usage(request: web.Request) -> web.Response:
             if at_ms > now_ms + 300_000:
                 bad("at: in the future")
                 continue
+            if at_ms < now_ms - MAX_AGE_MS:
+                bad("at: older than 30 days (ids are remembered 40 days)")
+                continue
         checked.append((rid, env_id, meter, amount, at_ms))
     if problems:
         raise Invalid(f"{len(problems)} invalid record(s); nothing counted", issues=problems)
@@ -298,8 +305,9 @@ async def ingest_usage(request: web.Request) -> web.Response:
     try:
         for rid, env_id, meter, amount, at_ms in checked:
             status = await limiter.ingest(env_id, rid, meter, amount, at_ms)
-            results.append({"id": rid, "status": {0: "counted", 8: "duplicate"}.get(
-                status, "unknown-environment")})
+            if status == 4:  # listed but no snapshot (being written): retry, never drop
+                raise StoreError(f"environment {env_id} has no snapshot in the store yet")
+            results.append({"id": rid, "status": "counted" if status == 0 else "duplicate"})
     except StoreError as exc:
         return _error(503, f"the store cannot be reached ({exc}); retry the batch: records "
                       "already counted will not count twice", done=results)

@@ -44,6 +44,8 @@ from quotagate.settings.schema import (
 
 #: Days from purchase in which an unused pack can be refunded (the purchase day and 6 more).
 REFUND_DAYS = 7
+#: Longest promo bought at once.
+MAX_PROMO_DAYS = 366
 #: Meters compared with the target plan before a downgrade (SPEC §11).
 DOWNGRADE_METERS = ("calls", "gbs", "outbound_bytes", "storage_traffic_bytes",
                     "cdn_origin_bytes", "ai_tokens")
@@ -122,13 +124,17 @@ class Environments:
         if declared is not None:
             return Record(env_id, "file", declared)
         raw = await self.redis.get(keys.definition(env_id))
-        if raw is None:
+        if raw is None or not await self.redis.sismember(keys.API_OWNED_ENVS, env_id):
             raise NotFound(f"no environment {env_id}")
         return Record(env_id, "api", msgspec.json.decode(raw, type=Environment))
 
     # --------------------------------------------------------------------------- writing
 
     def validate(self, env_id: str, env: Environment) -> None:
+        try:  # every field's own constraints (ids, patterns), as a file would be checked
+            msgspec.convert(msgspec.to_builtins(env), Environment)
+        except msgspec.ValidationError as exc:
+            raise Invalid(f"invalid environment: {exc}") from None
         issues = check_environments(EnvironmentsFile(environments={env_id: env}),
                                     self.config.plans, "admin API")
         if issues:
@@ -139,10 +145,10 @@ class Environments:
         """Create or replace an API-owned environment (usage and pack consumption stay)."""
         self._refuse_file_owned(env_id)
         self.validate(env_id, env)
-        async with self.redis.pipeline(transaction=True) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:  # one hash slot: {env}
             self._write(pipe, env_id, env)
-            pipe.sadd(keys.API_OWNED_ENVS, env_id)
             await pipe.execute()
+        await self.redis.sadd(keys.API_OWNED_ENVS, env_id)  # another slot on a cluster
         return Record(env_id, "api", env)
 
     def _refuse_file_owned(self, env_id: str) -> None:
@@ -162,6 +168,8 @@ class Environments:
         ``watch_usage``, its usage and pack consumption, passed to ``edit``) is watched, so a
         concurrent change or a request using a pack makes it start over."""
         self._refuse_file_owned(env_id)
+        if not await self.redis.sismember(keys.API_OWNED_ENVS, env_id):
+            raise NotFound(f"no environment {env_id}")
         watched = [keys.definition(env_id)]
         if watch_usage:
             watched += [keys.usage(env_id), keys.pack_usage(env_id)]
@@ -252,8 +260,8 @@ class Environments:
         plans = self.config.plans
         if pack not in plans.promo_packs:
             raise Invalid(f"unknown promo pack {pack!r} (promos: {', '.join(plans.promo_packs)})")
-        if days < 1:
-            raise Invalid("days must be at least 1")
+        if not 1 <= days <= MAX_PROMO_DAYS:
+            raise Invalid(f"days must be 1 to {MAX_PROMO_DAYS}")
         grant: PromoGrant | None = None
 
         def edit(env: Environment, _: dict[str, int]) -> Environment:
@@ -291,8 +299,12 @@ class Environments:
             if price is None:
                 raise Invalid(f"plan {env.plan} is priced per contract: renew by contract")
             new_expiry = renewed_expiry(env.anchor, env.expires, months)
+            bought = Decimal(price) * months
+            if today < env.expires:  # still active: the paid period grows
+                return msgspec.structs.replace(env, expires=new_expiry,
+                                               paid=f"{self._paid(env) + bought:.2f}")
             return msgspec.structs.replace(env, expires=new_expiry, period_start=env.expires,
-                                           paid=f"{Decimal(price) * months:.2f}")
+                                           paid=f"{bought:.2f}")
 
         changed = await self.change(env_id, edit)
         await emit(self.redis, env_id, "plan-renewed", months=months,

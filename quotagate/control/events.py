@@ -4,9 +4,9 @@ and its webhook delivery.
 Consumers read the stream with a consumer group (``XREADGROUP``); the gateway's own webhook
 delivery is one: group ``webhook``, one consumer per instance, so each event is POSTed by one
 instance. A POST that fails is retried with exponential backoff; an event still undelivered
-after ``webhook_max_attempts`` stays pending and is claimed again (by any instance) a minute
-later, so a receiver that is down for hours gets everything when it is back. Delivery runs
-beside the request path and never blocks a request.
+after ``webhook_max_attempts`` stays pending and is claimed again (by any instance) ten
+minutes later, so a receiver that is down for hours gets everything when it is back. Delivery
+runs beside the request path and never blocks a request.
 """
 
 from __future__ import annotations
@@ -27,15 +27,21 @@ from quotagate.settings.schema import EventSettings
 log = logging.getLogger("quotagate.events")
 
 GROUP = "webhook"
-#: Pending events idle this long are claimed again (their consumer died or gave up).
-RECLAIM_MS = 60_000
+#: Pending events idle this long are claimed again (their consumer died or gave up): longer
+#: than one event's whole retry schedule, so an event being retried is not taken over.
+RECLAIM_MS = 10 * 60_000
 
 
 async def emit(redis: aredis.Redis, env: str, kind: str, **fields: Any) -> None:
-    """Write one event (not decided by a script: purchases, lifecycle) to the global stream."""
-    await redis.xadd(keys.EVENTS, {"type": kind, "env": env,
-                                   **{k: str(v) for k, v in fields.items()}},
-                     maxlen=1_000_000, approximate=True)
+    """Write one event of a change already made (purchases, plan changes) to the global
+    stream; a failure is logged, never turned into a failed change (which a client would
+    retry, buying twice)."""
+    try:
+        await redis.xadd(keys.EVENTS, {"type": kind, "env": env,
+                                       **{k: str(v) for k, v in fields.items()}},
+                         maxlen=1_000_000, approximate=True)
+    except (aredis.RedisError, OSError) as exc:
+        log.error("event %s of %s not written (the change was made): %s", kind, env, exc)
 
 
 def _decode(fields: dict[bytes, bytes]) -> dict[str, str]:

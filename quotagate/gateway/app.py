@@ -106,7 +106,8 @@ class GatewayState:
                 return False
             old = self.config.gateway
             new = config.gateway
-            for key in ("listen", "admin_listen", "store", "upstream", "leases"):
+            for key in ("listen", "admin_listen", "store", "upstream", "leases", "events",
+                        "lifecycle_interval_ms", "reload_poll_ms"):
                 if getattr(old, key) != getattr(new, key):
                     log.warning("config reload: %s changed; it takes effect at the next "
                                 "restart", key)
@@ -116,6 +117,7 @@ class GatewayState:
                               for env_id, env in config.environments.environments.items()
                               if env.mode is not None}
             self.limiter.on_failure = new.on_store_failure
+            self.limiter.set_burst_ms(new.qps_burst_ms)
             self.limiter.mode = "shadow" if new.enforcement == "shadow" else "enforce"
             self.mtimes = _mtimes(config.files)
             self.synced = False
@@ -481,7 +483,7 @@ def init_admin_app(
 ) -> web.Application:
     """The admin listener: health, readiness, metrics and the admin API (``/admin/v1``,
     bearer ``token``, default from QUOTAGATE_ADMIN_TOKEN). Never on the public port."""
-    app = web.Application()
+    app = web.Application(client_max_size=16 * 1024 * 1024)  # ingestion batches
     app[ADMIN_STATE] = state
     envs = Environments(state.redis, lambda: state.config,  # type: ignore[arg-type]
                         state.limiter.clock)

@@ -20,7 +20,7 @@ GIB = 1024**3
 #: Days an isolated environment is kept before it is released (SPEC §11).
 ISOLATION_DAYS = 15
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 
 #: Meters with a per-cycle quota in the snapshot.
 CHARGED_METERS = ("calls", "gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes",

@@ -206,6 +206,10 @@ class Limiter:
         self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def set_burst_ms(self, burst_ms: int) -> None:
+        self.burst_ms = burst_ms
+        self._burst = str(burst_ms).encode()
+
     def _keys_packed(self, env: str) -> tuple[bytes, int]:
         """The KEYS part of the command and their cluster slot, cached per env (bounded)."""
         cached = self._key_cache.get(env)

@@ -12,7 +12,7 @@ next script that touches the environment's slots: its fields go, the totals drop
 local EPOCH_2020_MS = 1577836800000
 -- The snapshot layout these scripts read (entitlements.SNAPSHOT_VERSION); another one is
 -- treated as missing, so the gateway writes it again.
-local SNAPSHOT_V = 2
+local SNAPSHOT_V = 3
 
 local function store_clock_ms()
   local t = redis.call('TIME')
