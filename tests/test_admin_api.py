@@ -407,3 +407,46 @@ async def test_renewing_early_extends_the_paid_period(make_gateway, admin_for):
     assert quote["parts"]["unused_value"] == "3929.96"
     assert quote["parts"]["new_plan_cost"] == "778.55"
     assert quote["amount"] == "3151.41"
+
+
+async def test_capacity_late_reports_ignored_and_carried_to_later_days(make_gateway, admin_for,
+                                                                       store):
+    gib = 1024**3
+    clock = at("2026-11-26T12:00:00")
+    gw = await make_gateway({"over": env(overage=True, limits={"capacity_gb": 3})},
+                            clock=clock)
+    admin = await admin_for(gw)
+
+    async def report(rid: str, size: int, when: str) -> None:
+        body = {"records": [{"id": rid, "env": "over", "meter": "capacity_bytes",
+                             "amount": size, "at": when}]}
+        assert (await admin.post("/admin/v1/usage", json=body, headers=AUTH)).status == 200
+
+    await report("a", 5 * gib, "2026-11-26T11:00:00+08:00")
+    await report("b", 50 * gib, "2026-11-26T10:00:00+08:00")  # older: ignored
+    usage = await (await admin.get("/admin/v1/envs/over/usage", headers=AUTH)).json()
+    assert usage["meters"]["capacity_bytes"]["current"] == 5 * gib
+    clock.set(local("2026-11-27T09:00:00"))  # no report today: the scheduler carries it
+    await gw.app[STATE].scheduler.run_once()
+    await asyncio.sleep(0.1)
+    for day in ("2026-11-26", "2026-11-27"):
+        bill = await (await admin.get(f"/admin/v1/bills?date={day}&env=over",
+                                      headers=AUTH)).json()
+        assert [(line["meter"], line["quantity"]) for line in bill["lines"]] == [
+            ("capacity_bytes", 2 * gib)], day
+
+
+async def test_capacity_guards_pack_refunds_and_downgrades(make_gateway, admin_for):
+    gib = 1024**3
+    gw = await make_gateway({})
+    admin = await admin_for(gw)
+    await admin.put("/admin/v1/envs/big", json=api_env(plan="standard"), headers=AUTH)
+    await admin.post("/admin/v1/envs/big/packs", json={"pack": "capacity-100g", "id": "c1"},
+                     headers=AUTH)
+    body = {"records": [{"id": "g1", "env": "big", "meter": "capacity_bytes",
+                         "amount": 150 * gib}]}
+    assert (await admin.post("/admin/v1/usage", json=body, headers=AUTH)).status == 200
+    refund = await admin.delete("/admin/v1/envs/big/packs/c1", headers=AUTH)
+    assert refund.status == 409 and "in use" in (await refund.json())["error"]
+    down = await admin.post("/admin/v1/envs/big/plan", json={"plan": "personal"}, headers=AUTH)
+    assert down.status == 409 and (await down.json())["meters"] == ["capacity_bytes"]

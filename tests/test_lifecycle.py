@@ -5,7 +5,9 @@ isolated, replayed on renewal, dropped after 7 x 24 h."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
+import aiohttp
 import pytest
 import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,6 +16,7 @@ from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import Scheduler
 from quotagate.gateway.app import STATE, init_admin_app
 from quotagate.limiter import keys
+from quotagate.limiter.calendar import day_number
 from tests.helpers import at, local
 
 TOKEN = "t"
@@ -55,7 +58,9 @@ async def setup(make_gateway, store):
 def schedulers(gw, clock, n: int) -> list[Scheduler]:
     state = gw.app[STATE]
     return [Scheduler(Environments(state.redis, lambda: state.config, clock), clock,
-                      state.upstream_base, state.pool.session) for _ in range(n)]
+                      state.upstream_base, state.pool.session,
+                      forward=state.limiter.forward_events, admit=state.admit_replay)
+            for _ in range(n)]
 
 
 async def test_transitions_once_each_across_schedulers(setup, store):
@@ -115,9 +120,9 @@ async def test_renewal_counts_from_the_original_expiry_and_replays(setup, store,
         "plan": "personal", "anchor": "2026-01-31", "expires": "2026-11-30"})
     h = {"X-CloudBase-Env": "shop", "X-Invocation-Type": "Event"}
     for i in range(3):
-        resp = await gw.post(f"/functions/job/echo?n={i}", headers=h, data=f"payload-{i}")
+        resp = await gw.post(f"/functions/job/record?n={i}", headers=h, data=f"payload-{i}")
         assert resp.status == 202 and (await resp.json())["queue_length"] == i + 1
-    sync = await gw.post("/functions/job/echo", headers={"X-CloudBase-Env": "shop"})
+    sync = await gw.post("/functions/job/record", headers={"X-CloudBase-Env": "shop"})
     assert sync.status == 403  # a synchronous invocation is refused
     assert await store.llen(keys.queue("shop")) == 3
     renewed = await admin.post("/admin/v1/envs/shop/renew", json={"months": 1}, headers=AUTH)
@@ -129,6 +134,14 @@ async def test_renewal_counts_from_the_original_expiry_and_replays(setup, store,
             break
         await asyncio.sleep(0.05)
     assert await store.llen(keys.queue("shop")) == 0
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{upstream.port}/_recorded") as r:
+        got = await r.json()
+    assert [(e["path"], e["body"], e["replayed"]) for e in got] == [
+        (f"/functions/job/record?n={i}", f"payload-{i}", "1") for i in range(3)]
+    # Replayed invocations are counted like requests (3 calls, in the December cycle).
+    cycle = day_number(dt.date(2026, 11, 30))
+    assert int(await store.hget(keys.usage("shop"), f"{cycle}:calls")) == 3
     assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status == 200
     assert "plan-renewed" in await types(store, "shop")
 

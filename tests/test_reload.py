@@ -108,3 +108,38 @@ async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, u
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "$.environments.shop.limits.calls" in err and "last good config stays" in err
+
+
+async def test_reload_rewrites_api_owned_snapshots_and_guards_them(make_gateway, tmp_path):
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from quotagate.gateway.app import init_admin_app
+    from tests.helpers import PLANS
+
+    plans = yaml.safe_load(PLANS.read_text())
+    plans["plans"]["tiny"] = {**plans["plans"]["personal"], "calls": 1}
+    plans_file = tmp_path / "my-plans.yaml"
+    plans_file.write_text(yaml.safe_dump(plans))
+    gw = await make_gateway({}, plans_file=str(plans_file), reload_poll_ms=0)
+    state = gw.app[STATE]
+    admin = TestClient(TestServer(init_admin_app(state, token="t")))
+    await admin.start_server()
+    try:
+        auth = {"Authorization": "Bearer t"}
+        resp = await admin.put("/admin/v1/envs/api-env", headers=auth, json={
+            "plan": "tiny", "anchor": "2026-11-01", "expires": "2027-11-01"})
+        assert resp.status == 200
+        h = {"X-CloudBase-Env": "api-env"}
+        assert [(await gw.get("/functions/f", headers=h)).status for _ in range(2)] == \
+            [200, 429]
+        plans["plans"]["tiny"]["calls"] = 3  # the plan grows: the API env's snapshot too
+        plans_file.write_text(yaml.safe_dump(plans))
+        assert await state.reload("test") is True
+        assert (await gw.get("/functions/f", headers=h)).status == 200
+        del plans["plans"]["tiny"]  # an API env still uses it: the reload is refused
+        plans_file.write_text(yaml.safe_dump(plans))
+        assert await state.reload("test") is False
+        assert "tiny" in state.config.plans.plans
+        assert (await gw.get("/functions/f", headers=h)).status == 200
+    finally:
+        await admin.close()

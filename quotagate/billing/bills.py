@@ -72,5 +72,15 @@ async def bill(redis: Any, plans: PlansFile, env_ids: list[str], day: dt.date
     return lines
 
 
+async def billable_envs(redis: Any) -> list[str]:
+    """Every environment with pay-as-you-go usage in the store, declared or not any more (a
+    released environment's usage is kept for its bills)."""
+    found = set()
+    async for key in redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:payg", count=1000):
+        name = key.decode() if isinstance(key, bytes) else key
+        found.add(name[len(keys.PREFIX) + 2:name.index("}")])
+    return sorted(found)
+
+
 def total(lines: list[BillLine]) -> Decimal:
     return sum((Decimal(line.amount) for line in lines), Decimal("0.00"))

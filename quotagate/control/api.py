@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from quotagate.billing.bills import bill, total
+from quotagate.billing.bills import bill, billable_envs, total
 from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
 from quotagate.limiter.errors import StoreError
@@ -228,10 +228,13 @@ async def get_bill(request: web.Request) -> web.Response:
     day = _date(request.query.get("date"), "date")
     if day is None:
         raise Invalid("date is required (?date=YYYY-MM-DD)")
-    ids = list(await envs.ids())
     wanted = request.query.get("env")
     if wanted:
-        ids = [e for e in ids if e == wanted]
+        if not ENV_ID.fullmatch(wanted):
+            raise ControlError(f"{wanted[:80]!r} is not an environment id")
+        ids = [wanted]  # also one released or removed: its usage is kept for the bill
+    else:
+        ids = await billable_envs(envs.redis)
     lines = await bill(envs.redis, envs.config.plans, ids, day)
     return web.json_response({"date": day.isoformat(), "currency": "CNY",
                               "lines": [line.as_dict() for line in lines],

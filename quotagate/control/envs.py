@@ -163,7 +163,7 @@ class Environments:
 
     async def change(self, env_id: str,
                      edit: Callable[[Environment, dict[str, int]], Environment],
-                     watch_usage: bool = False) -> Environment:
+                     watch_usage: bool = False, watch_packs: bool = False) -> Environment:
         """Apply ``edit`` to an API-owned environment atomically: the record (and, with
         ``watch_usage``, its usage and pack consumption, passed to ``edit``) is watched, so a
         concurrent change or a request using a pack makes it start over."""
@@ -173,6 +173,8 @@ class Environments:
         watched = [keys.definition(env_id)]
         if watch_usage:
             watched += [keys.usage(env_id), keys.pack_usage(env_id)]
+        elif watch_packs:
+            watched += [keys.pack_usage(env_id)]
         for _ in range(20):
             async with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -182,7 +184,7 @@ class Environments:
                         raise NotFound(f"no environment {env_id}")
                     current = msgspec.json.decode(raw, type=Environment)
                     used: dict[str, int] = {}
-                    if watch_usage:
+                    if len(watched) > 1:
                         for key in watched[1:]:
                             for f, v in (await pipe.hgetall(key)).items():
                                 name = f.decode() if isinstance(f, bytes) else f
@@ -229,6 +231,11 @@ class Environments:
                    purchased=grant.purchased.isoformat())
         return grant
 
+    def _pack_meter(self, grant: PackGrant) -> str | None:
+        if grant.pack:
+            return self.config.plans.resource_packs[grant.pack].meter
+        return grant.meter
+
     async def refund_pack(self, env_id: str, pack_id: str) -> PackGrant:
         refunded: PackGrant | None = None
 
@@ -246,11 +253,17 @@ class Environments:
             if spent:
                 raise Conflict(f"pack {pack_id} has been used ({spent}): only unused packs are "
                                "refunded")
+            if self._pack_meter(grant) == "capacity_bytes" and capacity_now > effective_limits(
+                    self.config.plans.plans[env.plan], env.limits)["capacity_bytes"]:
+                raise Conflict(f"capacity pack {pack_id} is in use: the stored data exceeds "
+                               "the plan's capacity")
             refunded = grant
             return msgspec.structs.replace(
                 env, packs=tuple(p for p in env.packs if p.id != pack_id))
 
-        await self.change(env_id, edit, watch_usage=True)
+        capacity_now = int(await self.redis.hget(keys.usage(env_id), "gauge:capacity_bytes")
+                           or 0)
+        await self.change(env_id, edit, watch_packs=True)
         assert refunded is not None
         await emit(self.redis, env_id, "pack-refunded", pack_id=pack_id)
         return refunded
@@ -324,13 +337,18 @@ class Environments:
         return Decimal(price) * months
 
     async def quote(self, env_id: str, target: str) -> tuple[Quote, list[str]]:
-        """The price of moving to ``target`` and, for a downgrade, the meters whose usage of
-        this cycle exceeds the target plan (empty: allowed)."""
+        """The price of moving to ``target`` and, for a downgrade, the meters whose usage
+        exceeds the target plan (empty: allowed)."""
         record = await self.get(env_id)
-        return await self._quote(env_id, record.env, target)
+        return self._quote(env_id, record.env, target, await self._usage_now(env_id))
 
-    async def _quote(self, env_id: str, env: Environment, target: str
-                     ) -> tuple[Quote, list[str]]:
+    async def _usage_now(self, env_id: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(keys.usage(env_id))
+        return {f"{keys.usage(env_id)}|{k.decode() if isinstance(k, bytes) else k}": int(v)
+                for k, v in raw.items()}
+
+    def _quote(self, env_id: str, env: Environment, target: str, used: dict[str, int]
+               ) -> tuple[Quote, list[str]]:
         plans = self.config.plans.plans
         if target not in plans:
             raise Invalid(f"unknown plan {target!r} (plans: {', '.join(plans)})")
@@ -347,40 +365,42 @@ class Environments:
                                Decimal(env.discount)), []
         quote = downgrade_refund(self._paid(env), env.period_start or env.anchor, env.expires,
                                  today, Decimal(new.price))
-        return quote, await self._over_target(env_id, env, target)
+        return quote, self._over_target(env_id, env, target, used)
 
-    async def _over_target(self, env_id: str, env: Environment, target: str) -> list[str]:
+    def _over_target(self, env_id: str, env: Environment, target: str,
+                     used: dict[str, int]) -> list[str]:
+        """Meters whose usage this cycle (capacity: its size now) exceeds the target plan."""
         limits = effective_limits(self.config.plans.plans[target], env.limits)
         start, _ = cal.cycle_of(env.anchor, self.today(env))
-        used = await self.redis.hgetall(keys.usage(env_id))
+        prefix = f"{keys.usage(env_id)}|"
         cycle = cal.day_number(start)
-        over = []
-        for meter in DOWNGRADE_METERS:
-            value = int(used.get(f"{cycle}:{meter}".encode(), 0))
-            if value > limits[meter]:
-                over.append(meter)
+        over = [m for m in DOWNGRADE_METERS
+                if used.get(f"{prefix}{cycle}:{m}", 0) > limits[m]]
+        if used.get(f"{prefix}gauge:capacity_bytes", 0) > limits["capacity_bytes"]:
+            over.append("capacity_bytes")
         return over
 
     async def change_plan(self, env_id: str, target: str) -> tuple[Environment, Quote]:
-        record = await self.get(env_id)
-        if record.owner == "file":
-            self._refuse_file_owned(env_id)
-        if record.env.arrears:
-            raise Conflict(f"environment {env_id} is in arrears: it cannot change plan until "
-                           "paid up")
-        quote, over = await self._quote(env_id, record.env, target)
-        if over:
-            raise Conflict(f"downgrade to {target} refused: this cycle's usage exceeds it for "
-                           + ", ".join(over), meters=over)
+        """Priced and checked inside the transaction: a renewal or usage arriving meanwhile
+        makes it start over with the new figures."""
+        self._refuse_file_owned(env_id)
+        quote: Quote | None = None
 
-        def edit(env: Environment, _: dict[str, int]) -> Environment:
-            if env.plan != record.env.plan:
-                raise Conflict("the plan changed meanwhile; quote again")
+        def edit(env: Environment, used: dict[str, int]) -> Environment:
+            nonlocal quote
+            if env.arrears:
+                raise Conflict(f"environment {env_id} is in arrears: it cannot change plan "
+                               "until paid up")
+            quote, over = self._quote(env_id, env, target, used)
+            if over:
+                raise Conflict(f"downgrade to {target} refused: usage exceeds it for "
+                               + ", ".join(over), meters=over)
             paid = self._paid(env)
             paid = paid + quote.amount if quote.change == "upgrade" else paid - quote.amount
             return msgspec.structs.replace(env, plan=target, paid=f"{paid:.2f}")
 
-        changed = await self.change(env_id, edit)
+        changed = await self.change(env_id, edit, watch_usage=True)
+        assert quote is not None
         await emit(self.redis, env_id, f"plan-{quote.change}", plan=target,
                    amount=str(quote.amount))
         return changed, quote

@@ -22,13 +22,13 @@ import base64
 import datetime as dt
 import json
 import logging
+import secrets
 from typing import Any
 
 import aiohttp
 
 from quotagate.clock import Clock
 from quotagate.control.envs import ControlError, Environments, Record
-from quotagate.control.events import emit
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import ISOLATION_DAYS
 
@@ -37,43 +37,95 @@ log = logging.getLogger("quotagate.lifecycle")
 REMIND_DAYS = 7
 #: Queued asynchronous invocations older than this are dropped (SPEC §11).
 QUEUE_MAX_AGE_MS = 7 * 24 * 3600 * 1000
-#: At most this many invocations queued per environment (the oldest is dropped beyond).
-QUEUE_MAX = 10_000
+#: At most this many invocations queued per environment; more are refused (429).
+QUEUE_MAX = 1_000
 #: Largest queued request body.
-QUEUE_MAX_BODY = 1024 * 1024
+QUEUE_MAX_BODY = 256 * 1024
+#: At most this many bytes queued per environment (bodies as stored); more are refused.
+QUEUE_MAX_BYTES = 32 * 1024 * 1024
 _CLAIM_TTL_S = 400 * 86400
 
 
-async def _claim(redis: Any, env: str, what: str) -> bool:
-    return bool(await redis.set(keys.lifecycle_claim(env, what), "1", nx=True,
-                                ex=_CLAIM_TTL_S))
+#: Claim a transition and write its event to the environment's stream, atomically (one
+#: hash slot): the event exists if and only if the claim does.
+_CLAIM_EMIT = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', 10000, '*', unpack(ARGV, 2))
+  return 1
+end
+return 0
+"""
+#: Pop the queue's head only if it is still the entry just handled.
+_POP_IF_HEAD = """
+if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
+  redis.call('DECRBY', KEYS[2], #ARGV[1])
+  return redis.call('LPOP', KEYS[1])
+end
+return false
+"""
+#: Extend / release a lock only while it is still ours.
+_EXTEND = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+#: Append one entry unless the environment's queue is full (entries or bytes): -1 if full.
+_ENQUEUE = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[2]) then return -1 end
+if (tonumber(redis.call('GET', KEYS[2])) or 0) + #ARGV[1] > tonumber(ARGV[3]) then
+  return -1
+end
+redis.call('INCRBY', KEYS[2], #ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return redis.call('RPUSH', KEYS[1], ARGV[1])
+"""
 
 
 async def enqueue(redis: Any, env: str, method: str, path_qs: str, headers: dict[str, str],
                   body: bytes, now_ms: int) -> int:
-    """Queue one asynchronous invocation; returns the queue's length."""
+    """Queue one asynchronous invocation; returns the queue's length, -1 if it is full."""
     entry = json.dumps({"at_ms": now_ms, "method": method, "path": path_qs,
                         "headers": headers, "body": base64.b64encode(body).decode()})
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.rpush(keys.queue(env), entry)
-        pipe.ltrim(keys.queue(env), -QUEUE_MAX, -1)
-        pipe.llen(keys.queue(env))
-        _, _, length = await pipe.execute()
-    return int(length)
+    return int(await redis.eval(_ENQUEUE, 2, keys.queue(env), keys.queue(env) + ":bytes",
+                                entry, QUEUE_MAX, QUEUE_MAX_BYTES, QUEUE_MAX_AGE_MS + 86_400_000))
 
 
 class Scheduler:
     def __init__(self, envs: Environments, clock: Clock, upstream_for: Any = None,
-                 session: aiohttp.ClientSession | None = None):
+                 session: aiohttp.ClientSession | None = None, forward: Any = None,
+                 admit: Any = None, carry: Any = None):
         self.envs = envs
         self.redis = envs.redis
         self.clock = clock
         #: path -> upstream base URL for replaying queued invocations (the router's).
         self.upstream_for = upstream_for
         self.session = session
+        #: Moves an environment's stream to the global one (Limiter.forward_events).
+        self.forward = forward
+        #: Counts a replayed invocation like a request (Limiter.decide); False: not now.
+        self.admit = admit
+        #: Carries the capacity gauge into today's bill (a size kept for days is billed for
+        #: each of them, not only on the days it was reported).
+        self.carry = carry
         self.events = 0
         self.replayed = 0
         self.dropped = 0
+
+    async def _claim_emit(self, env: str, what: str, kind: str, **fields: Any) -> bool:
+        args: list[str | int] = [_CLAIM_TTL_S, "type", kind]
+        for k, v in fields.items():
+            args += [k, str(v)]
+        done = await self.redis.eval(_CLAIM_EMIT, 2, keys.lifecycle_claim(env, what),
+                                     keys.env_events(env), *args)
+        if done and self.forward is not None:
+            await self.forward(env)
+        return bool(done)
 
     async def run(self, every_s: float) -> None:
         while True:
@@ -89,9 +141,11 @@ class Scheduler:
         for env_id in list(await self.envs.ids()):
             try:
                 record = await self.envs.get(env_id)
+                written += await self._environment(record)
             except ControlError:
                 continue
-            written += await self._environment(record)
+            except Exception as exc:  # one broken environment must not stop the others
+                log.warning("lifecycle of %s failed this round: %s", env_id, exc)
         self.events += written
         return written
 
@@ -102,26 +156,30 @@ class Scheduler:
         release = expires + dt.timedelta(days=ISOLATION_DAYS)
         written = 0
         if today >= release:
-            if await _claim(self.redis, env_id, f"released:{expires}"):
-                await self._release(record)
-                await emit(self.redis, env_id, "environment-released",
-                           expired=expires.isoformat(), released=release.isoformat())
+            # Deleting again is harmless: delete first, then claim the event, so a failure in
+            # between is retried by the next round rather than lost.
+            if (await self._release(record)
+                    and await self._claim_emit(env_id, f"released:{expires}",
+                                               "environment-released",
+                                               expired=expires.isoformat(),
+                                               released=release.isoformat())):
                 written += 1
             return written
         if today >= expires:
-            self.dropped += await drop_old(self.redis, env_id, self.clock.now_ms())
-            if await _claim(self.redis, env_id, f"isolated:{expires}"):
-                await emit(self.redis, env_id, "environment-isolated",
-                           expired=expires.isoformat(), release=release.isoformat())
+            await self._queue_work(env_id, active=False)
+            if await self._claim_emit(env_id, f"isolated:{expires}", "environment-isolated",
+                                      expired=expires.isoformat(), release=release.isoformat()):
                 written += 1
         elif (today >= expires - dt.timedelta(days=REMIND_DAYS)
-              and await _claim(self.redis, env_id, f"plan-expiring:{expires}")):
-            await emit(self.redis, env_id, "plan-expiring", expires=expires.isoformat(),
-                       days_left=(expires - today).days)
+              and await self._claim_emit(env_id, f"plan-expiring:{expires}", "plan-expiring",
+                                         expires=expires.isoformat(),
+                                         days_left=(expires - today).days)):
             written += 1
         written += await self._packs(record, today)
         if today < expires:
-            await self._replay(env_id)
+            await self._queue_work(env_id, active=True)
+            if self.carry is not None:
+                await self.carry(env_id)
         return written
 
     async def _packs(self, record: Record, today: dt.date) -> int:
@@ -139,58 +197,73 @@ class Scheduler:
             if not grant.purchased <= today < ends:
                 continue
             if int(used.get(grant.id.encode(), 0)) >= amount:
-                if await _claim(self.redis, env_id, f"pack-used-up:{grant.id}"):
-                    await emit(self.redis, env_id, "pack-used-up", pack_id=grant.id)
+                if await self._claim_emit(env_id, f"pack-used-up:{grant.id}", "pack-used-up",
+                                          pack_id=grant.id):
                     written += 1
             elif (today >= ends - dt.timedelta(days=REMIND_DAYS)
-                  and await _claim(self.redis, env_id, f"pack-expiring:{grant.id}")):
-                await emit(self.redis, env_id, "pack-expiring", pack_id=grant.id,
-                           expires=ends.isoformat())
+                  and await self._claim_emit(env_id, f"pack-expiring:{grant.id}",
+                                             "pack-expiring", pack_id=grant.id,
+                                             expires=ends.isoformat())):
                 written += 1
         return written
 
-    async def _release(self, record: Record) -> None:
-        """Delete the environment's state; pay-as-you-go usage stays for the bills."""
+    async def _release(self, record: Record) -> bool:
+        """Delete the environment's state; pay-as-you-go usage stays for the bills. Checked
+        again first: a renewal committed since the record was read keeps it."""
         env_id = record.env_id
+        try:
+            now = await self.envs.get(env_id)
+        except ControlError:
+            now = record
+        if self.envs.today(now.env) < now.env.expires + dt.timedelta(days=ISOLATION_DAYS):
+            return False
         state = [k for k in (*keys.env_keys(env_id), keys.queue(env_id),
-                             keys.definition(env_id)) if k != keys.payg(env_id)]
+                             keys.queue(env_id) + ":bytes", keys.definition(env_id))
+                 if k != keys.payg(env_id)]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*state)
             pipe.srem(keys.API_OWNED_ENVS, env_id)
             await pipe.execute()
         log.info("environment %s released: its state is deleted", env_id)
+        return True
 
     async def replay(self, env_id: str) -> None:
         """Replay now (after a renewal) rather than at the next round."""
         try:
-            await self._replay(env_id)
+            await self._queue_work(env_id, active=True)
         except Exception as exc:  # the next round tries again
             log.warning("replay of %s's queued invocations stopped: %s", env_id, exc)
 
-    async def _replay(self, env_id: str) -> None:
-        """Replay queued invocations in order (one instance at a time), dropping old ones."""
+    async def _queue_work(self, env_id: str, active: bool) -> None:
+        """Drop queued invocations older than 7 x 24 h and, if the environment is active,
+        replay the rest in order — one instance at a time (a lock with a token, extended per
+        entry); an entry leaves the queue only if it is still the head (compare and pop)."""
         queue = keys.queue(env_id)
-        if not await self.redis.llen(queue) or self.upstream_for is None:
+        if not await self.redis.llen(queue):
             return
-        lock = keys.lifecycle_claim(env_id, "replaying")
-        if not await self.redis.set(lock, "1", nx=True, px=60_000):
+        lock, token = keys.lifecycle_claim(env_id, "queue"), secrets.token_hex(8)
+        if not await self.redis.set(lock, token, nx=True, px=60_000):
             return
         try:
-            while True:
+            while await self.redis.eval(_EXTEND, 1, lock, token, 60_000):
                 raw = await self.redis.lindex(queue, 0)
                 if raw is None:
                     return
                 entry = json.loads(raw)
                 if self.clock.now_ms() - entry["at_ms"] > QUEUE_MAX_AGE_MS:
-                    await self.redis.lpop(queue)
-                    self.dropped += 1
+                    self.dropped += int(bool(await self.redis.eval(
+                        _POP_IF_HEAD, 2, queue, queue + ":bytes", raw)))
                     continue
+                if not active:
+                    return
+                if self.admit is not None and not await self.admit(env_id, entry):
+                    return  # refused now (QPS, quota): the next round tries again
                 if not await self._send(env_id, entry):
                     return  # the upstream failed: try again next round
-                await self.redis.lpop(queue)
+                await self.redis.eval(_POP_IF_HEAD, 2, queue, queue + ":bytes", raw)
                 self.replayed += 1
         finally:
-            await self.redis.delete(lock)
+            await self.redis.eval(_RELEASE, 1, lock, token)
 
     async def _send(self, env_id: str, entry: dict[str, Any]) -> bool:
         base = self.upstream_for(entry["path"])
@@ -207,14 +280,3 @@ class Scheduler:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("replay of a queued invocation of %s failed: %s", env_id, exc)
             return False
-
-
-async def drop_old(redis: Any, env_id: str, now_ms: int) -> int:
-    """Drop queued invocations older than 7 x 24 h (also while still isolated)."""
-    dropped = 0
-    while True:
-        raw = await redis.lindex(keys.queue(env_id), 0)
-        if raw is None or now_ms - json.loads(raw)["at_ms"] <= QUEUE_MAX_AGE_MS:
-            return dropped
-        await redis.lpop(keys.queue(env_id))
-        dropped += 1

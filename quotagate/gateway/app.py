@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
+import msgspec
 import redis.asyncio as aredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -44,13 +45,17 @@ from quotagate.gateway.problems import (
 )
 from quotagate.gateway.proxy import Tally, UpstreamPool
 from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute, Router
+from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
+from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.settings import Config, ConfigError, load_config
+from quotagate.settings.load import check_environments
+from quotagate.settings.schema import Environment, EnvironmentsFile
 
 log = logging.getLogger("quotagate.gateway")
 
@@ -104,6 +109,18 @@ class GatewayState:
                     log.error("config reload (%s) refused, the last good config stays: %s",
                               why, issue)
                 return False
+            api_owned = await self._api_records()
+            broken = [f"{env_id}: {issue.path}: {issue.reason}"
+                      for env_id, env in api_owned.items()
+                      for issue in check_environments(
+                          EnvironmentsFile(environments={env_id: env}), config.plans,
+                          "store (API-owned)")]
+            if broken:
+                metrics.RELOADS.labels("failure").inc()
+                for line in broken:
+                    log.error("config reload (%s) refused, the last good config stays: an "
+                              "API-owned environment would be invalid: %s", why, line)
+                return False
             old = self.config.gateway
             new = config.gateway
             for key in ("listen", "admin_listen", "store", "upstream", "leases", "events",
@@ -123,6 +140,7 @@ class GatewayState:
             self.synced = False
             try:
                 await sync_environments(self.redis, config)
+                await self._rewrite_api_snapshots(api_owned, config)
                 self.synced = True
             except (aredis.RedisError, OSError, StoreError) as exc:
                 log.warning("config reload: environments not written yet (%s); retrying", exc)
@@ -132,6 +150,28 @@ class GatewayState:
                      len(config.environments.environments))
             return True
 
+    async def _api_records(self) -> dict[str, Environment]:
+        """API-owned environments' records (their snapshots depend on plans.yaml too)."""
+        out: dict[str, Environment] = {}
+        try:
+            ids = [m.decode() if isinstance(m, bytes) else m
+                   for m in await self.redis.smembers(keys.API_OWNED_ENVS)]
+            for env_id in ids:
+                raw = await self.redis.get(keys.definition(env_id))
+                if raw is not None:
+                    out[env_id] = msgspec.json.decode(raw, type=Environment)
+        except (aredis.RedisError, OSError) as exc:
+            log.warning("config reload: API-owned environments not read (%s)", exc)
+        return out
+
+    async def _rewrite_api_snapshots(self, records: dict[str, Environment],
+                                     config: Config) -> None:
+        for env_id, env in records.items():
+            if env_id in config.environments.environments:
+                continue  # the file owns it now
+            await self.redis.set(keys.entitlements(env_id), encode(
+                build_snapshot(env, config.plans, config.gateway.timezone)))
+
     def files_changed(self) -> bool:
         return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
 
@@ -139,6 +179,20 @@ class GatewayState:
         """Where a queued invocation of this path goes (its route's upstream)."""
         route = self.router.match(path_qs.split("?", 1)[0], "POST", "")
         return None if route is None else route.origin + route.base_path
+
+    async def admit_replay(self, env: str, entry: dict) -> bool:
+        """A queued invocation is replayed like a request: decided and counted (calls, QPS)."""
+        route = self.router.match(entry["path"].split("?", 1)[0], entry["method"], "")
+        if route is None:
+            return True  # no route any more: sent and dropped by the upstream
+        decision = await decide(self.limiter, env, route.kind, route.cost)
+        return not isinstance(decision, Problem) and decision.admitted
+
+    async def carry_capacity(self, env: str) -> None:
+        """Report the last capacity size again for today (its excess is billed per day)."""
+        size = await self.redis.hget(keys.usage(env), "gauge:capacity_bytes")
+        if size is not None and int(size) > 0:
+            self.limiter.meter(env, "capacity_bytes", int(size))
 
     def renewed(self, env: str) -> None:
         """An environment was renewed: replay its queued invocations now."""
@@ -262,7 +316,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     background = [loop.create_task(control_events.sweep_forever(state.redis, state.limiter))]
     state.scheduler = Scheduler(
         Environments(state.redis, lambda: state.config, state.limiter.clock),  # type: ignore[arg-type]
-        state.limiter.clock, state.upstream_base, state.pool.session)
+        state.limiter.clock, state.upstream_base, state.pool.session,
+        forward=state.limiter.forward_events, admit=state.admit_replay,
+        carry=state.carry_capacity)
     if state.config.gateway.lifecycle_interval_ms:
         background.append(loop.create_task(
             state.scheduler.run(state.config.gateway.lifecycle_interval_ms / 1000)))
@@ -422,6 +478,9 @@ async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
     except (aredis.RedisError, OSError) as exc:
         log.error("could not queue an invocation of %s: %s", env, exc)
         return store_unavailable(env).response()
+    if length < 0:
+        return web.json_response({"error": f"the queue of {env} is full: renew the "
+                                  "environment to run what is queued"}, status=429)
     metrics.DECISIONS.labels("queued", "environment-isolated").inc()
     return web.json_response({"queued": True, "env": env, "queue_length": length,
                               "detail": "the environment is isolated: the invocation runs "

@@ -81,6 +81,8 @@ class RealtimeStats:
 
 
 REALTIME = web.AppKey("realtime", RealtimeStats)
+#: Bodies POSTed to any path ending in /record, in arrival order (GET /_recorded).
+RECORDED = web.AppKey("recorded", list)
 
 
 async def _realtime(request: web.Request) -> web.WebSocketResponse:
@@ -170,6 +172,13 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return await _realtime(request)
     if path == "/_realtime":
         return await _realtime_stats(request)
+    if path == "/_recorded":
+        return web.json_response(request.app[RECORDED])
+    if path.endswith("/record"):
+        request.app[RECORDED].append({"path": request.raw_path,
+                                      "body": (await request.read()).decode(errors="replace"),
+                                      "replayed": request.headers.get("X-Quotagate-Replayed")})
+        return await _ok(request)
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await _sse(request)
     if path.endswith("/echo"):
@@ -186,5 +195,6 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
 def make_upstream_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app[REALTIME] = RealtimeStats()
+    app[RECORDED] = []
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app

@@ -49,7 +49,10 @@ local flags = 0
 -- A gauge: the reported size replaces the last one; the day's pay-as-you-go is the largest
 -- excess over plan + packs seen that day (billed per GB and day).
 local function gauge(meter, value)
-  redis.call('HSET', KEYS[2], 'gauge:' .. meter, value)
+  -- A report older than the one kept (a late retry) changes nothing.
+  local kept_at = tonumber(redis.call('HGET', KEYS[2], 'gauge_at:' .. meter)) or 0
+  if now_ms < kept_at then return end
+  redis.call('HSET', KEYS[2], 'gauge:' .. meter, value, 'gauge_at:' .. meter, now_ms)
   local left = gauge_left(KEYS[2], meter)
   if left < 0 then
     local field, billed = over_field(meter, mode)
