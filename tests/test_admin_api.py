@@ -91,12 +91,15 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
         ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": true}', 409),
         ("GET", "/admin/v1/bills?date=yesterday", None, 422),
     ]
-    before = sorted(await store.keys("*"))
+    async def everything() -> dict[bytes, bytes]:
+        return {k: await store.dump(k) for k in sorted(await store.keys("*"))}
+
+    before = await everything()
     for method, path, body, status in cases:
         resp = await admin.request(method, path, data=body, headers=AUTH)
         assert resp.status == status, (path, body, await resp.text())
         assert "error" in await resp.json()
-    assert sorted(await store.keys("*")) == before
+    assert await everything() == before  # keys and values
 
 
 async def test_api_owned_env_overage_switch_on_every_instance(make_gateway, admin_for):

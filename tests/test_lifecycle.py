@@ -190,3 +190,19 @@ def test_renewed_expiry(anchor, expires, months, expected) -> None:
 
     d = dt.date.fromisoformat
     assert renewed_expiry(d(anchor), d(expires), months) == d(expected)
+
+
+async def test_the_queue_is_bounded(setup, store, monkeypatch):
+    from quotagate.control import lifecycle
+
+    monkeypatch.setattr(lifecycle, "QUEUE_MAX", 3)
+    clock = at("2026-12-02T12:00:00")
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2026-12-01"})
+    h = {"X-CloudBase-Env": "shop", "X-Invocation-Type": "Event"}
+    statuses = [(await gw.post("/functions/j", headers=h, data="x")).status for _ in range(5)]
+    assert statuses == [202, 202, 202, 429, 429]
+    big = await gw.post("/functions/j", headers=h, data=b"x" * (lifecycle.QUEUE_MAX_BODY + 1))
+    assert big.status == 413
+    assert await store.llen(keys.queue("shop")) == 3

@@ -141,6 +141,10 @@ class Backlog:
         return len(self.pending)
 
 
+_DEL_IF_MINE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+                "end return 0")
+
+
 class _RenewCall(NamedTuple):
     envs: list[str]
     fut: asyncio.Future
@@ -471,9 +475,10 @@ class Limiter:
         (``<env>/<stream id>``)."""
         source, lock = keys.env_events(env), keys.forward_lock(env)
         key_slot, events_slot = self._keys_packed(env)[1], slot_of(keys.EVENTS)
+        token = f"{self.instance}:{secrets.token_hex(4)}"
         for _ in range(10):
             got = await self.store.submit(
-                pack_command("SET", lock, self.instance, "NX", "PX", 10_000), key_slot)
+                pack_command("SET", lock, token, "NX", "PX", 30_000), key_slot)
             if got is not None:
                 break
             await asyncio.sleep(0.2)  # another instance is moving them; look again after
@@ -494,8 +499,9 @@ class Limiter:
                 await self.store.submit(pack_command("XDEL", source, *(e[0] for e in entries)),
                                         key_slot)
                 moved += len(entries)
-        finally:
-            await self.store.submit(pack_command("DEL", lock), key_slot)
+        finally:  # only our own lock (one that expired may be another instance's now)
+            await self.store.submit(pack_command("EVAL", _DEL_IF_MINE, 1, lock, token),
+                                    key_slot)
 
     def slots_held(self, env: str, slot: str) -> int:
         return self.held.get(env, {}).get(slot, 0)
