@@ -13,6 +13,7 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 # Config is mounted here (gateway.yaml, plans.yaml, environments.yaml); the embedded Valkey, used
 # when store.url is empty, keeps its append-only files in /var/lib/quotagate/data.
 COPY config /etc/quotagate
+COPY config /usr/share/quotagate/config
 VOLUME ["/etc/quotagate", "/var/lib/quotagate"]
 USER quotagate
 WORKDIR /var/lib/quotagate

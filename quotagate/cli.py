@@ -6,18 +6,21 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 
 from quotagate.settings import check_files
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from quotagate.gateway.server import LOG_FORMAT, serve
+    from quotagate.gateway.server import serve
+    from quotagate.logs import configure
     from quotagate.settings import ConfigError
 
-    logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
+    configure(args.log_level, args.log_format)
     try:
-        return serve(args.config, workers=args.workers, log_level=args.log_level)
+        return serve(args.config, workers=args.workers, log_level=args.log_level,
+                     log_format=args.log_format)
     except ConfigError as exc:
         for issue in exc.issues:
             print(f"config error: {issue}", file=sys.stderr)
@@ -59,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="gateway.yaml (default: %(default)s)")
     serve.add_argument("--workers", type=int, default=1,
                        help="event-loop processes sharing the port with SO_REUSEPORT")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-level", default=os.environ.get("QUOTAGATE_LOG_LEVEL", "INFO"),
+                       choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                       help="INFO logs every refusal, DEBUG every decision (QUOTAGATE_LOG_LEVEL)")
+    serve.add_argument("--log-format", default=os.environ.get("QUOTAGATE_LOG_FORMAT", "text"),
+                       choices=["text", "json"],
+                       help="json: one JSON object per line (QUOTAGATE_LOG_FORMAT)")
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="embedded Valkey + demo upstream + gateway, walked through",

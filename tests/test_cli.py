@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -121,3 +125,43 @@ def test_no_stray_valkey_left(tmp_path: Path):
             and str(tmp_path.parent) in " ".join(p.info["cmdline"])
             and p.pid != os.getpid()]
     assert mine == []
+
+
+async def test_serve_logs_json_lines(tmp_path: Path, upstream):
+    config, port, admin = write_serve_config(tmp_path, upstream.port)
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(config), "--log-format",
+                             "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(6):  # the 6th is over the 5 calls
+                async with s.get(f"http://127.0.0.1:{port}/functions/x",
+                                 headers={"X-CloudBase-Env": "shop"}) as r:
+                    await r.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
+    refused = [line for line in lines if line["logger"] == "quotagate.decisions"]
+    assert len(refused) == 1 and refused[0]["reason"] == "quota-exceeded"
+    assert refused[0]["env"] == "shop" and refused[0]["level"] == "info"
+
+
+def test_demo_upstream_runs_as_a_module(tmp_path: Path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate.gateway.demo_upstream", "--port",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=1) as r:
+                    assert json.loads(r.read()) == {"ok": True}
+                    break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -14,8 +14,8 @@ import aiohttp
 import yaml
 
 from quotagate.gateway.app import STATE
-from quotagate.gateway.metrics import RELOADS
 from quotagate.limiter.embedded import free_port
+from quotagate.metrics import RELOADS
 from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
 
 H = {"X-CloudBase-Env": "shop"}

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from quotagate import metrics
 from quotagate.billing.bills import bill, billable_envs, total
 from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
@@ -302,6 +303,7 @@ async def ingest_usage(request: web.Request) -> web.Response:
                 continue
         checked.append((rid, env_id, meter, amount, at_ms))
     if problems:
+        metrics.INGESTED_RECORDS.labels("invalid").inc(len(records))
         raise Invalid(f"{len(problems)} invalid record(s); nothing counted", issues=problems)
     limiter = request.app[LIMITER]
     results = []
@@ -315,6 +317,8 @@ async def ingest_usage(request: web.Request) -> web.Response:
         return _error(503, f"the store cannot be reached ({exc}); retry the batch: records "
                       "already counted will not count twice", done=results)
     counted = sum(r["status"] == "counted" for r in results)
+    metrics.INGESTED_RECORDS.labels("counted").inc(counted)
+    metrics.INGESTED_RECORDS.labels("duplicate").inc(len(results) - counted)
     return web.json_response({"counted": counted,
                               "duplicates": sum(r["status"] == "duplicate" for r in results),
                               "results": results})

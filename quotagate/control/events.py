@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aredis
 
+from quotagate import metrics
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import EventSettings
@@ -40,6 +41,7 @@ async def emit(redis: aredis.Redis, env: str, kind: str, **fields: Any) -> None:
         await redis.xadd(keys.EVENTS, {"type": kind, "env": env,
                                        **{k: str(v) for k, v in fields.items()}},
                          maxlen=1_000_000, approximate=True)
+        metrics.EVENTS_EMITTED.labels(kind).inc()
     except (aredis.RedisError, OSError) as exc:
         log.error("event %s of %s not written (the change was made): %s", kind, env, exc)
 
@@ -102,11 +104,13 @@ class WebhookDelivery:
                                  "X-Quotagate-Event-Id": event["event_id"]}) as resp:
                     if 200 <= resp.status < 300:
                         self.delivered += 1
+                        metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()
                         return True
                     reason = f"HTTP {resp.status}"
             except (aiohttp.ClientError, TimeoutError) as exc:
                 reason = type(exc).__name__
             self.failures += 1
+            metrics.WEBHOOK_DELIVERIES.labels("failed").inc()
             log.warning("webhook delivery of %s failed (%s), attempt %d of %d",
                         event["event_id"], reason, attempt, self.settings.webhook_max_attempts)
             if attempt < self.settings.webhook_max_attempts:

@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from quotagate import metrics
 from quotagate.clock import Clock
 from quotagate.control.envs import ControlError, Environments, Record
 from quotagate.limiter import keys
@@ -123,6 +124,8 @@ class Scheduler:
             args += [k, str(v)]
         done = await self.redis.eval(_CLAIM_EMIT, 2, keys.lifecycle_claim(env, what),
                                      keys.env_events(env), *args)
+        if done:
+            metrics.EVENTS_EMITTED.labels(kind).inc()
         if done and self.forward is not None:
             await self.forward(env)
         return bool(done)
@@ -251,8 +254,9 @@ class Scheduler:
                     return
                 entry = json.loads(raw)
                 if self.clock.now_ms() - entry["at_ms"] > QUEUE_MAX_AGE_MS:
-                    self.dropped += int(bool(await self.redis.eval(
-                        _POP_IF_HEAD, 2, queue, queue + ":bytes", raw)))
+                    if await self.redis.eval(_POP_IF_HEAD, 2, queue, queue + ":bytes", raw):
+                        self.dropped += 1
+                        metrics.QUEUED_INVOCATIONS.labels("dropped").inc()
                     continue
                 if not active:
                     return
@@ -262,6 +266,7 @@ class Scheduler:
                     return  # the upstream failed: try again next round
                 await self.redis.eval(_POP_IF_HEAD, 2, queue, queue + ":bytes", raw)
                 self.replayed += 1
+                metrics.QUEUED_INVOCATIONS.labels("replayed").inc()
         finally:
             await self.redis.eval(_RELEASE, 1, lock, token)
 

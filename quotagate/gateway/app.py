@@ -26,12 +26,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from redis.asyncio.cluster import RedisCluster
 
+from quotagate import metrics
 from quotagate.clock import Clock
 from quotagate.control import api as control_api
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, Scheduler, enqueue
-from quotagate.gateway import metrics, realtime
+from quotagate.gateway import realtime
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
@@ -53,6 +54,7 @@ from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
+from quotagate.logs import decisions as decisions_log
 from quotagate.settings import Config, ConfigError, load_config
 from quotagate.settings.load import check_environments
 from quotagate.settings.schema import Environment, EnvironmentsFile
@@ -429,15 +431,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 return invalid_function(request.path, env).response()
             slot = "fn:" + name
         function = name or ""
+    request_id = _request_id(request)
     needs = route.needs_write if request.method in WRITE_METHODS else route.needs
     decision = await decide(state.limiter, env, route.kind, route.cost, slot, needs)
     if isinstance(decision, Problem):
         return decision.response()
     if not decision.admitted:
+        refused = refusal(decision, env)
+        decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
+                           refused.type_suffix, extra={
+                               "env": env, "route": route.route.name or route.route.prefix,
+                               "meter": refused.meter, "reason": refused.type_suffix,
+                               "status": refused.status, "request_id": request_id})
         if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
                 and request.headers.get("X-Invocation-Type", "").lower() == "event"):
             return await _queue_invocation(state, request, env, path_qs)
-        return refusal(decision, env).response(ratelimit_headers(decision))
+        return refused.response(ratelimit_headers(decision))
+    if decisions_log.isEnabledFor(logging.DEBUG):
+        decisions_log.debug("admitted %s %s", env, route.route.name or route.route.prefix,
+                            extra={"env": env, "route": route.route.name or route.route.prefix,
+                                   "reason": "bypassed" if decision.store_bypassed else
+                                   "shadow" if decision.flags & Flag.SHADOW_REFUSAL else
+                                   "admitted", "request_id": request_id})
     if decision.store_bypassed:
         extra["X-Quotagate-Bypass"] = "store-unavailable"
     elif decision.flags & Flag.SHADOW_REFUSAL:
@@ -445,15 +460,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     extra.update(ratelimit_headers(decision))
     holds = decision.slot_held
     if not holds and not route.meter:
-        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
+        return await state.pool.forward(request, route, env, path_qs, request_id, extra)
     tally = Tally()
+    if holds:
+        metrics.FUNCTION_SLOTS.inc()
     try:
-        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra,
+        return await state.pool.forward(request, route, env, path_qs, request_id, extra,
                                         tally)
     finally:
         # Also when the client went away or the upstream failed: never a leaked slot.
         if holds:
             state.limiter.release(env, slot)
+            metrics.FUNCTION_SLOTS.dec()
         if route.meter and not decision.flags & Flag.MODE_OFF:
             if route.meter == "gbs":
                 amount = state.memory_mb(env, function, route) * tally.run_ms
@@ -479,9 +497,11 @@ async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
         log.error("could not queue an invocation of %s: %s", env, exc)
         return store_unavailable(env).response()
     if length < 0:
+        metrics.QUEUED_INVOCATIONS.labels("refused").inc()
         return web.json_response({"error": f"the queue of {env} is full: renew the "
                                   "environment to run what is queued"}, status=429)
     metrics.DECISIONS.labels("queued", "environment-isolated").inc()
+    metrics.QUEUED_INVOCATIONS.labels("queued").inc()
     return web.json_response({"queued": True, "env": env, "queue_length": length,
                               "detail": "the environment is isolated: the invocation runs "
                                         "when it is renewed (within 7 days)"}, status=202)

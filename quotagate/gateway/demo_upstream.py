@@ -198,3 +198,19 @@ def make_upstream_app() -> web.Application:
     app[RECORDED] = []
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m quotagate.gateway.demo_upstream --port 9001`` (the compose file's upstream)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="quotagate's demo upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    args = parser.parse_args(argv)
+    web.run_app(make_upstream_app(), host=args.host, port=args.port, access_log=None,
+                print=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping, istr
 from yarl import URL
 
-from quotagate.gateway import metrics
+from quotagate import metrics
 from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
 from quotagate.gateway.routing import CompiledRoute
 from quotagate.settings.schema import UpstreamSettings

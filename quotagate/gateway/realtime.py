@@ -30,7 +30,7 @@ from aiohttp import WSMsgType, web
 from multidict import istr
 from yarl import URL
 
-from quotagate.gateway import metrics
+from quotagate import metrics
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import missing_environment
 from quotagate.gateway.problems import (

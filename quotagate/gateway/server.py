@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from quotagate.gateway.app import STATE, init_admin_app, init_app
 from quotagate.limiter.embedded import EmbeddedValkey
+from quotagate.logs import TEXT_FORMAT, configure
 from quotagate.settings import Config, load_config
 
 log = logging.getLogger("quotagate.server")
@@ -82,8 +83,9 @@ async def run_gateway(
         await runner.cleanup()
 
 
-def _worker(config_path: str, store_url: str, index: int, log_level: str) -> None:
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+def _worker(config_path: str, store_url: str, index: int, log_level: str,
+            log_format: str = "text") -> None:
+    configure(log_level, log_format)
     install_uvloop()
     config = load_config(config_path)
     registry = None
@@ -96,10 +98,11 @@ def _worker(config_path: str, store_url: str, index: int, log_level: str) -> Non
                             registry=registry))
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_FORMAT = TEXT_FORMAT
 
 
-def serve(config_path: str, workers: int = 1, log_level: str = "INFO") -> int:
+def serve(config_path: str, workers: int = 1, log_level: str = "INFO",
+          log_format: str = "text") -> int:
     config = load_config(config_path)
     embedded: EmbeddedValkey | None = None
     store_url = config.gateway.store.url
@@ -113,19 +116,20 @@ def serve(config_path: str, workers: int = 1, log_level: str = "INFO") -> int:
             install_uvloop()
             asyncio.run(run_gateway(config, store_url))
             return 0
-        return _serve_workers(config_path, store_url, workers, log_level)
+        return _serve_workers(config_path, store_url, workers, log_level, log_format)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def _serve_workers(config_path: str, store_url: str, workers: int, log_level: str) -> int:
+def _serve_workers(config_path: str, store_url: str, workers: int, log_level: str,
+                   log_format: str) -> int:
     with tempfile.TemporaryDirectory(prefix="quotagate-metrics-") as metrics_dir:
         # Set before the workers import prometheus_client: they aggregate through files here.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         ctx = multiprocessing.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker, args=(config_path, store_url, i, log_level),
+            ctx.Process(target=_worker, args=(config_path, store_url, i, log_level, log_format),
                         name=f"quotagate-worker-{i}")
             for i in range(workers)
         ]

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
+from quotagate import metrics
 from quotagate.clock import Clock, StoreClock
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
@@ -499,6 +500,7 @@ class Limiter:
                 await self.store.submit(pack_command("XDEL", source, *(e[0] for e in entries)),
                                         key_slot)
                 moved += len(entries)
+                metrics.EVENTS_FORWARDED.inc(len(entries))
         finally:  # only our own lock (one that expired may be another instance's now)
             await self.store.submit(pack_command("EVAL", _DEL_IF_MINE, 1, lock, token),
                                     key_slot)
@@ -539,6 +541,7 @@ class Limiter:
                     pack_command("EVALSHA", RENEW.sha, len(names), *names, *args), key_slot)
                 calls.append(_RenewCall(batch, fut, names, args, key_slot))
                 self.renew_commands += 1
+                metrics.LEASE_RENEW_CALLS.inc()
         self.renewals += 1
         statuses: dict[str, int] = {}
         errors: list[StoreError] = []
@@ -559,6 +562,7 @@ class Limiter:
                         del kept[slot]
                     if not kept:
                         del self.held[env]
+        metrics.LEASE_RENEWALS.labels("failed" if errors else "ok").inc()
         if errors:
             raise errors[0]
         if self.on_ended is not None:

@@ -1,7 +1,9 @@
-"""Prometheus metrics of the gateway (served on the admin listener).
+"""Prometheus metrics of quotagate (served on the admin listener at /metrics).
 
-No per-environment labels here: their cardinality is unbounded. With several worker processes
-prometheus_client's multiprocess mode aggregates them (PROMETHEUS_MULTIPROC_DIR).
+Named by Prometheus conventions (``_total`` counters, base units, ``quotagate_`` prefix). No
+per-environment labels: their cardinality is unbounded (per-environment figures are in the
+admin API's usage report). With several worker processes prometheus_client's multiprocess mode
+aggregates them (PROMETHEUS_MULTIPROC_DIR). docs/grafana-dashboard.json is built on these.
 """
 
 from __future__ import annotations
@@ -60,5 +62,44 @@ RELOADS = Counter(
     "quotagate_config_reloads_total",
     "Config reloads (SIGHUP or a changed file), by result (success, failure: the last good "
     "config stays).",
+    ["result"],
+)
+FUNCTION_SLOTS = Gauge(
+    "quotagate_function_slots",
+    "Function invocations holding a concurrency slot through this instance.",
+    multiprocess_mode="livesum",
+)
+LEASE_RENEWALS = Counter(
+    "quotagate_lease_renewals_total",
+    "Lease renewal rounds of this instance's slots, by result (ok, failed).",
+    ["result"],
+)
+LEASE_RENEW_CALLS = Counter(
+    "quotagate_lease_renew_calls_total",
+    "Store calls spent on lease renewal (one per 256 environments per round).",
+)
+EVENTS_FORWARDED = Counter(
+    "quotagate_events_forwarded_total",
+    "Events moved from environments' streams to the global stream qg:events.",
+)
+EVENTS_EMITTED = Counter(
+    "quotagate_events_emitted_total",
+    "Events written by the control plane (purchases, plan changes, lifecycle), by type.",
+    ["type"],
+)
+WEBHOOK_DELIVERIES = Counter(
+    "quotagate_webhook_deliveries_total",
+    "Webhook POSTs of events, by result (delivered, failed: retried later).",
+    ["result"],
+)
+INGESTED_RECORDS = Counter(
+    "quotagate_ingested_records_total",
+    "Usage records received by the ingestion API, by result (counted, duplicate, invalid).",
+    ["result"],
+)
+QUEUED_INVOCATIONS = Counter(
+    "quotagate_queued_invocations_total",
+    "Asynchronous invocations of isolated environments, by what happened (queued, refused, "
+    "replayed, dropped).",
     ["result"],
 )

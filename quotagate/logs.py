@@ -1,0 +1,45 @@
+"""Logging: text for people, JSON lines for log pipelines (``--log-format json``).
+
+Decisions are logged by the ``quotagate.decisions`` logger: every refusal at INFO, every
+admitted request at DEBUG (only built when DEBUG is on), with ``env``, ``route``, ``meter``,
+``reason`` and ``request_id`` (the id sent upstream as X-Request-Id) as fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Fields a record may carry (``extra=``) that JSON lines include.
+FIELDS = ("env", "route", "meter", "reason", "status", "request_id", "code", "watch_id")
+
+decisions = logging.getLogger("quotagate.decisions")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+def configure(level: str | int = "INFO", fmt: str = "text") -> None:
+    """Set up the root logger once for the process (each worker calls it too)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
