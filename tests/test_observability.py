@@ -63,3 +63,19 @@ async def test_dashboard_uses_only_exported_metrics(make_gateway):
                  "quotagate_function_slots", "quotagate_config_reloads",
                  "quotagate_webhook_deliveries", "quotagate_events_forwarded"):
         assert name in {base(e) for e in exported}, name
+
+
+def test_troubleshooting_covers_every_problem_and_error_code() -> None:
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    problems = set(re.findall(r'Problem\(\d+, "([a-z-]+)"',
+                              (ROOT / "quotagate/gateway/problems.py").read_text()))
+    assert len(problems) >= 14
+    for suffix in problems:
+        assert f"### `{suffix}`" in page, suffix
+    realtime = (ROOT / "quotagate/gateway/realtime.py").read_text()
+    codes = set(re.findall(r'"([A-Z][A-Z_]{5,})"', realtime)) - {
+        "INIT_WATCH", "REBUILD_WATCH", "CLOSE_WATCH", "CHECK_LAST", "INIT_EVENT", "NEXT_EVENT",
+        "CHECK_EVENT", "LOGIN", "ERROR", "WATCH", "REFUSED"}
+    assert "REALTIME_CONNECTION_LIMIT_EXCEEDED" in codes and len(codes) >= 9
+    for code in codes:
+        assert f"`{code}`" in page, code
