@@ -103,3 +103,16 @@ QUEUED_INVOCATIONS = Counter(
     "replayed, dropped).",
     ["result"],
 )
+ENV_DECISIONS = Counter(
+    "quotagate_env_decisions_total",
+    "Decisions of the environments listed in gateway.yaml's metrics_envs (opt-in, at most 100: "
+    "bounded cardinality), by environment and result.",
+    ["env", "result"],
+)
+#: The environments ENV_DECISIONS is kept for (set from the config, also on reload).
+labelled_envs: frozenset[str] = frozenset()
+
+
+def label_envs(envs: tuple[str, ...] | list[str]) -> None:
+    global labelled_envs
+    labelled_envs = frozenset(envs)

@@ -79,3 +79,17 @@ def test_troubleshooting_covers_every_problem_and_error_code() -> None:
     assert "REALTIME_CONNECTION_LIMIT_EXCEEDED" in codes and len(codes) >= 9
     for code in codes:
         assert f"`{code}`" in page, code
+
+
+async def test_per_environment_metrics_only_for_listed_envs(make_gateway):
+    gw = await make_gateway({"shop": env(), "other": env()}, metrics_envs=["shop"])
+    for e in ("shop", "other"):
+        await gw.get("/functions/f", headers={"X-CloudBase-Env": e})
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token="t")))
+    await admin.start_server()
+    try:
+        text = await (await admin.get("/metrics")).text()
+    finally:
+        await admin.close()
+    assert re.search(r'quotagate_env_decisions_total\{env="shop",result="admitted"\} [1-9]', text)
+    assert 'env="other"' not in text

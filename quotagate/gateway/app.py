@@ -136,6 +136,7 @@ class GatewayState:
                               for env_id, env in config.environments.environments.items()
                               if env.mode is not None}
             self.limiter.on_failure = new.on_store_failure
+            metrics.label_envs(new.metrics_envs)
             self.limiter.set_burst_ms(new.qps_burst_ms)
             self.limiter.mode = "shadow" if new.enforcement == "shadow" else "enforce"
             self.mtimes = _mtimes(config.files)
@@ -288,6 +289,7 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
     state = GatewayState(config, store_url, Router(gw.routes), limiter,
                          UpstreamPool(gw.upstream), client, env_modes)
     limiter.on_missing = state.resync_if_declared
+    metrics.label_envs(gw.metrics_envs)
     limiter.on_ended = state.environment_ended
     return state
 

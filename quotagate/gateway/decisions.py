@@ -41,12 +41,18 @@ async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "
         return store_unavailable(env)
     metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
     if decision.store_bypassed:
+        result = "bypassed"
         metrics.DECISIONS.labels("bypassed", "store-unavailable").inc()
         metrics.BACKLOG.set(len(limiter.backlog))
     elif not decision.admitted:
+        result = "refused"
         metrics.DECISIONS.labels("refused", _REASONS[decision.outcome]).inc()
     elif decision.flags & Flag.SHADOW_REFUSAL:
+        result = "shadow_refused"
         metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
     else:
+        result = "admitted"
         _ADMITTED.inc()
+    if env in metrics.labelled_envs:
+        metrics.ENV_DECISIONS.labels(env, result).inc()
     return decision

@@ -210,6 +210,10 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         issues.append(ConfigIssue(file, "$.leases.renew_interval_ms",
                                   f"must be at most half of ttl_ms ({gw.leases.ttl_ms}), so one "
                                   "missed renewal does not lose the slots"))
+    for i, env_id in enumerate(gw.metrics_envs):
+        if not ENV_ID.fullmatch(env_id):
+            issues.append(ConfigIssue(file, f"$.metrics_envs[{i}]",
+                                      f"{env_id!r} is not an environment id"))
     if gw.events.webhook_url:
         hook = urlsplit(gw.events.webhook_url)
         if hook.scheme not in ("http", "https") or not hook.hostname:

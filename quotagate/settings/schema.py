@@ -146,6 +146,9 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
     events: EventSettings = msgspec.field(default_factory=EventSettings)
+    #: Environments whose decisions are counted per environment in /metrics (opt-in: the
+    #: label's cardinality stays bounded).
+    metrics_envs: Annotated[tuple[str, ...], msgspec.Meta(max_length=100)] = ()
     #: The lifecycle scheduler's round (reminders, isolation and release events, replay of
     #: queued invocations); 0: off on this instance.
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
