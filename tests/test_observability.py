@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 H = {"X-CloudBase-Env": "shop"}
 
 
+async def metrics_text(gw) -> str:
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token="t")))
+    await admin.start_server()
+    try:
+        return await (await admin.get("/metrics")).text()
+    finally:
+        await admin.close()
+
+
 async def test_refusals_are_logged_with_their_fields(make_gateway, caplog):
     gw = await make_gateway({"shop": env(limits={"calls": 1})})
     with caplog.at_level(logging.DEBUG, "quotagate.decisions"):
@@ -42,12 +51,7 @@ async def test_dashboard_uses_only_exported_metrics(make_gateway):
     for _ in range(3):
         await gw.get("/functions/f", headers=H)
     await gw.app[STATE].limiter.renew()
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token="t")))
-    await admin.start_server()
-    try:
-        text = await (await admin.get("/metrics")).text()
-    finally:
-        await admin.close()
+    text = await metrics_text(gw)
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -85,11 +89,6 @@ async def test_per_environment_metrics_only_for_listed_envs(make_gateway):
     gw = await make_gateway({"shop": env(), "other": env()}, metrics_envs=["shop"])
     for e in ("shop", "other"):
         await gw.get("/functions/f", headers={"X-CloudBase-Env": e})
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token="t")))
-    await admin.start_server()
-    try:
-        text = await (await admin.get("/metrics")).text()
-    finally:
-        await admin.close()
+    text = await metrics_text(gw)
     assert re.search(r'quotagate_env_decisions_total\{env="shop",result="admitted"\} [1-9]', text)
     assert 'env="other"' not in text
