@@ -439,15 +439,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if isinstance(decision, Problem):
         return decision.response()
     if not decision.admitted:
+        if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
+                and request.headers.get("X-Invocation-Type", "").lower() == "event"):
+            return await _queue_invocation(state, request, env, path_qs)
         refused = refusal(decision, env)
         decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
                            refused.type_suffix, extra={
                                "env": env, "route": route.route.name or route.route.prefix,
                                "meter": refused.meter, "reason": refused.type_suffix,
                                "status": refused.status, "request_id": request_id})
-        if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
-                and request.headers.get("X-Invocation-Type", "").lower() == "event"):
-            return await _queue_invocation(state, request, env, path_qs)
         return refused.response(ratelimit_headers(decision))
     if decisions_log.isEnabledFor(logging.DEBUG):
         decisions_log.debug("admitted %s %s", env, route.route.name or route.route.prefix,
