@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
@@ -17,6 +18,7 @@ from quotagate.limiter.embedded import free_port, valkey_binary
 from quotagate.limiter.limiter import Decision
 from quotagate.limiter.scripts import DECIDE
 from quotagate.limiter.sync import sync_environments
+from quotagate.settings.schema import Environment
 from tests.helpers import at, env, write_config
 
 
@@ -182,3 +184,30 @@ async def test_gateway_with_store_cluster(cluster, tmp_path: Path):
         await admin.close()
         await gw.close()
         await upstream.close()
+
+
+async def test_admin_changes_on_a_cluster(cluster, tmp_path: Path):
+    """API-owned environments on a cluster: the record and snapshot share the env's slot, so
+    the optimistic transaction runs there; ownership lives in another slot."""
+    from quotagate.control.envs import Environments
+
+    config = write_config(tmp_path, {"filed": env()})
+    rc = RedisCluster(host="127.0.0.1", port=cluster[0])
+    try:
+        await rc.initialize()
+        await sync_environments(rc, config)
+        envs = Environments(rc, lambda: config, at("2026-11-26T12:00:00"))  # type: ignore[arg-type]
+        for i in range(6):  # several slots / nodes
+            e = f"api-{i}"
+            await envs.put(e, msgspec.convert(
+                {"plan": "personal", "anchor": "2026-11-01", "expires": "2027-11-01"},
+                Environment))
+            await envs.set_overage(e, True)
+            grant = await envs.buy_pack(e, "calls-10m")
+            assert (await envs.get(e)).env.overage is True
+            await envs.refund_pack(e, grant.id)
+            assert (await envs.get(e)).env.packs == ()
+        owners = await envs.ids()
+        assert owners["filed"] == "file" and sum(o == "api" for o in owners.values()) == 6
+    finally:
+        await rc.aclose()
