@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from quotagate.gateway.app import init_app
+from quotagate.gateway.app import STATE, init_admin_app, init_app
 from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
-from tests.helpers import at, routes_to, write_config
+from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
 
 
 class RedisServer:
@@ -138,10 +139,27 @@ async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
         gateway.setdefault("routes", routes_to(origin))
         config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
         app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
-        client = TestClient(TestServer(app))
-        await client.start_server()
-        made.append(client)
-        return client
+        return await _started(made, app)
+
+    yield factory
+    for client in made:
+        await client.close()
+
+
+async def _started(made: list[TestClient], app: web.Application) -> TestClient:
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    made.append(client)
+    return client
+
+
+@pytest.fixture
+async def admin_for():
+    """The admin listener of a gateway made by make_gateway (token ADMIN_TOKEN unless given)."""
+    made: list[TestClient] = []
+
+    async def factory(gw: TestClient, token: str | None = ADMIN_TOKEN) -> TestClient:
+        return await _started(made, init_admin_app(gw.app[STATE], token=token))
 
     yield factory
     for client in made:

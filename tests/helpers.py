@@ -22,6 +22,8 @@ from quotagate.limiter.sync import sync_environments
 from quotagate.settings import Config, load_config
 
 QUOTAGATE = [sys.executable, "-m", "quotagate"]
+#: The admin token of the test gateways' admin listeners (fixture admin_for).
+ADMIN_TOKEN = "s3cret-token"
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = ROOT / "config" / "plans.yaml"
 SHANGHAI = dt.timezone(dt.timedelta(hours=8))
@@ -117,3 +119,14 @@ async def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30) ->
                 pass
             await asyncio.sleep(0.1)
     raise AssertionError("gateway never became ready")
+
+
+async def statuses(url: str, env_id: str, n: int) -> list[int]:
+    """The statuses of n GETs of url, one after another, as environment env_id."""
+    out = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.get(url, headers={"X-CloudBase-Env": env_id}) as r:
+                await r.read()
+                out.append(r.status)
+    return out

@@ -11,32 +11,16 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 import yaml
-from aiohttp.test_utils import TestClient, TestServer
 
 from quotagate.billing.bills import price_line
-from quotagate.gateway.app import STATE, init_admin_app
+from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
 from quotagate.limiter.calendar import day_number
 from quotagate.settings.load import PlansFile, parse_yaml
-from tests.helpers import PLANS, at, env, local
+from tests.helpers import ADMIN_TOKEN, PLANS, at, env, local
 
-TOKEN = "s3cret-token"
+TOKEN = ADMIN_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def admin_for(tmp_path: Path):
-    made: list[TestClient] = []
-
-    async def factory(gw: TestClient, token: str | None = TOKEN) -> TestClient:
-        client = TestClient(TestServer(init_admin_app(gw.app[STATE], token=token)))
-        await client.start_server()
-        made.append(client)
-        return client
-
-    yield factory
-    for client in made:
-        await client.close()
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ import subprocess
 import zoneinfo
 from pathlib import Path
 
-import aiohttp
 import yaml
 
 from quotagate.limiter.embedded import free_port
-from tests.helpers import PLANS, QUOTAGATE, wait_ready
+from tests.helpers import PLANS, QUOTAGATE, statuses, wait_ready
 
 TOKEN = "cli-token"
 
@@ -66,19 +65,10 @@ async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
                                      capture_output=True, text=True, timeout=30)
         assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
 
-        async with aiohttp.ClientSession() as s:
-            statuses = []
-            for _ in range(3):
-                async with s.get(f"http://127.0.0.1:{port}/functions/f",
-                                 headers={"X-CloudBase-Env": "shop"}) as r:
-                    statuses.append(r.status)
-        assert statuses == [200, 200, 429]
+        url = f"http://127.0.0.1:{port}/functions/f"
+        assert await statuses(url, "shop", 3) == [200, 200, 429]
         assert "shop: overage on" in cli(admin, "env", "overage", "shop", "on").stdout
-        async with aiohttp.ClientSession() as s:
-            for _ in range(2):  # past the quota: pay-as-you-go now
-                async with s.get(f"http://127.0.0.1:{port}/functions/f",
-                                 headers={"X-CloudBase-Env": "shop"}) as r:
-                    assert r.status == 200
+        assert await statuses(url, "shop", 2) == [200, 200]  # past the quota: pay-as-you-go
         out = cli(admin, "pack", "buy", "shop", "calls-10m", "--id", "p1")
         assert out.returncode == 0 and "pack p1 bought" in out.stdout
         packs = json.loads(cli(admin, "pack", "list", "shop", "--json").stdout)["packs"]

@@ -10,11 +10,10 @@ import datetime as dt
 import aiohttp
 import pytest
 import redis.asyncio as aredis
-from aiohttp.test_utils import TestClient, TestServer
 
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import Scheduler
-from quotagate.gateway.app import STATE, init_admin_app
+from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
 from quotagate.limiter.calendar import day_number
 from tests.helpers import at, local
@@ -40,19 +39,12 @@ async def types(store: aredis.Redis, env: str) -> list[str]:
 
 
 @pytest.fixture
-async def setup(make_gateway, store):
-    made: list[TestClient] = []
-
+async def setup(make_gateway, admin_for, store):
     async def factory(clock):
         gw = await make_gateway({}, clock=clock, lifecycle_interval_ms=0)
-        admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token=TOKEN)))
-        await admin.start_server()
-        made.append(admin)
-        return gw, admin
+        return gw, await admin_for(gw, TOKEN)
 
-    yield factory
-    for admin in made:
-        await admin.close()
+    return factory
 
 
 def schedulers(gw, clock, n: int) -> list[Scheduler]:

@@ -8,23 +8,12 @@ import logging
 import re
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient, TestServer
-
-from quotagate.gateway.app import STATE, init_admin_app
+from quotagate.gateway.app import STATE
 from quotagate.logs import JsonFormatter
 from tests.helpers import env
 
 ROOT = Path(__file__).resolve().parents[1]
 H = {"X-CloudBase-Env": "shop"}
-
-
-async def metrics_text(gw) -> str:
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE], token="t")))
-    await admin.start_server()
-    try:
-        return await (await admin.get("/metrics")).text()
-    finally:
-        await admin.close()
 
 
 async def test_refusals_are_logged_with_their_fields(make_gateway, caplog):
@@ -46,12 +35,12 @@ async def test_refusals_are_logged_with_their_fields(make_gateway, caplog):
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
 
 
-async def test_dashboard_uses_only_exported_metrics(make_gateway):
+async def test_dashboard_uses_only_exported_metrics(make_gateway, admin_for):
     gw = await make_gateway({"shop": env()})
     for _ in range(3):
         await gw.get("/functions/f", headers=H)
     await gw.app[STATE].limiter.renew()
-    text = await metrics_text(gw)
+    text = await (await (await admin_for(gw)).get("/metrics")).text()
     exported = set(re.findall(r"^# TYPE (\w+) ", text, re.M))
     dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
@@ -85,10 +74,10 @@ def test_troubleshooting_covers_every_problem_and_error_code() -> None:
         assert f"`{code}`" in page, code
 
 
-async def test_per_environment_metrics_only_for_listed_envs(make_gateway):
+async def test_per_environment_metrics_only_for_listed_envs(make_gateway, admin_for):
     gw = await make_gateway({"shop": env(), "other": env()}, metrics_envs=["shop"])
     for e in ("shop", "other"):
         await gw.get("/functions/f", headers={"X-CloudBase-Env": e})
-    text = await metrics_text(gw)
+    text = await (await (await admin_for(gw)).get("/metrics")).text()
     assert re.search(r'quotagate_env_decisions_total\{env="shop",result="admitted"\} [1-9]', text)
     assert 'env="other"' not in text

@@ -306,31 +306,14 @@ class Limiter:
         Raises ``StoreUnavailable`` only when the policy is ``closed``.
         """
         key: BacklogKey | None = None
-        renewals = 0
+        finish: Callable[[Decision], bool] | None = None
+        abandoned: Callable[[Decision | None], None] | None = None
         if slot:
             if env in self._settle:  # slots given back first: they may make room
                 self._flush_env(env)
             # Held from now on: a renewal sent while this is in flight counts it.
             self._hold(env, slot, 1)
-            renewals = self._renewals.get(env, 0)
-
-        def finish(decision: Decision) -> bool:
-            """Whether the store took the slot; if not, undo the local hold."""
-            if (decision.admitted and not decision.flags & Flag.MODE_OFF
-                    and decision.in_use > 0):
-                return True
-            self._hold(env, slot, -1)
-            if self._renewals.get(env, 0) != renewals:
-                # A renewal sent while this was in flight counted it: take it back out.
-                self._queue(env, slot, None, 1)
-            return False
-
-        def abandoned(decision: Decision | None) -> None:
-            # The caller was cancelled (client gone, socket closed) before the reply.
-            if decision is None:
-                self._hold(env, slot, -1)  # never answered: the next renewal is the truth
-            elif finish(decision):
-                self.release(env, slot)
+            finish, abandoned = self._slot_outcome(env, slot, self._renewals.get(env, 0))
 
         def late(decision: Decision | None) -> None:
             # The timed-out call ran after all: if it counted the cost, the backlog must not.
@@ -343,7 +326,7 @@ class Limiter:
 
         try:
             decision = await self._run(env, kind, cost, self.mode, self.clock.now_ms(), late,
-                                       slot, needs, abandoned if slot else None)
+                                       slot, needs, abandoned)
         except StoreUnavailable:
             if self.on_failure == "closed":
                 if slot:
@@ -359,9 +342,33 @@ class Limiter:
             if slot:
                 self._hold(env, slot, -1)
             raise
-        if slot and finish(decision):
+        if finish is not None and finish(decision):
             return decision._replace(slot_held=True)
         return decision
+
+    def _slot_outcome(self, env: str, slot: str, renewals: int
+                      ) -> tuple[Callable[[Decision], bool], Callable[[Decision | None], None]]:
+        """How a slot decision ends: ``finish`` (the reply came) and ``abandoned`` (the
+        caller was cancelled first; told the reply when it comes)."""
+
+        def finish(decision: Decision) -> bool:
+            """Whether the store took the slot; if not, undo the local hold."""
+            if (decision.admitted and not decision.flags & Flag.MODE_OFF
+                    and decision.in_use > 0):
+                return True
+            self._hold(env, slot, -1)
+            if self._renewals.get(env, 0) != renewals:
+                # A renewal sent while this was in flight counted it: take it back out.
+                self._queue(env, slot, None, 1)
+            return False
+
+        def abandoned(decision: Decision | None) -> None:
+            if decision is None:
+                self._hold(env, slot, -1)  # never answered: the next renewal is the truth
+            elif finish(decision):
+                self.release(env, slot)
+
+        return finish, abandoned
 
     # ------------------------------------------------------------------ slots and settling
 
@@ -399,10 +406,9 @@ class Limiter:
         for env in list(self._settle):
             self._flush_env(env)
 
-    def _flush_env(self, env: str, mode: str | None = None, now_ms: int | None = None) -> None:
+    def _flush_env(self, env: str) -> None:
         releases, meters = self._settle.pop(env)
-        now = self.clock.now_ms() if now_ms is None else now_ms
-        args: list[str | int] = [now, self.instance, mode or self.mode, len(releases)]
+        args: list[str | int] = [self.clock.now_ms(), self.instance, self.mode, len(releases)]
         for slot, n in releases.items():
             args += (slot, n)
         for meter, amount in meters.items():
@@ -653,28 +659,25 @@ class Limiter:
         """Count one ingested usage record once, whatever the retries: 0 counted, 4 no such
         environment, 8 seen before. Raises StoreError when the store cannot be reached (the
         caller retries the batch; ids make that safe)."""
-        names = [*keys.settle_keys(env), keys.seen(env, record_id)]
-        args: list[str | int] = [at_ms, self.instance, self.mode, 0, meter, amount]
-        key_slot = self._keys_packed(env)[1]
-        try:
-            reply = await self.store.submit(
-                pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
-        except NoScript:
-            reply = await self._reload(SETTLE, names, key_slot, args)
+        reply = await self._settle_now(env, [*keys.settle_keys(env), keys.seen(env, record_id)],
+                                       [at_ms, self.instance, self.mode, 0, meter, amount])
         if reply[1] & Flag.EVENTS:
             self._forward_soon(env)
         return int(reply[0])
 
-    async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
-        """Write back metered usage through settle.lua; False if the store has no snapshot."""
-        names = keys.settle_keys(env)
-        args: list[str | int] = [at_ms, self.instance, "record", 0, meter, amount]
+    async def _settle_now(self, env: str, names: list[str], args: list[str | int]) -> list:
+        """One settle.lua call, awaited (EVAL again if the store lost the script)."""
         key_slot = self._keys_packed(env)[1]
         try:
-            reply = await self.store.submit(
+            return await self.store.submit(
                 pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
         except NoScript:
-            reply = await self._reload(SETTLE, names, key_slot, args)
+            return await self._reload(SETTLE, names, key_slot, args)
+
+    async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
+        """Write back metered usage through settle.lua; False if the store has no snapshot."""
+        reply = await self._settle_now(env, keys.settle_keys(env),
+                                       [at_ms, self.instance, "record", 0, meter, amount])
         return bool(reply[0] != 4)
 
     async def close(self, give_back: bool = True) -> None:
