@@ -218,9 +218,11 @@ def core_times() -> dict[str, tuple[int, int]]:
 
 
 class StoreStats:
-    def __init__(self, url: str):
+    def __init__(self, url: str, pid: int | None = None):
         self.client = redis.Redis.from_url(url)
         self.client.ping()
+        #: The store's process, whose CPU per request the report gives.
+        self.pid = pid
 
     def snapshot(self) -> dict[str, int]:
         stats = self.client.info("commandstats")
@@ -311,6 +313,7 @@ class Sample:
     cpu_sched_s: float | None  # proxy CPU seconds from schedstat
     cmds_per_req: float
     scripts_per_req: float
+    store_us_per_req: float | None  # the store process's CPU (schedstat or ticks) per request
     commands: dict[str, int]
     core_util: dict[str, float]
     run: int = 0  # pass index
@@ -433,9 +436,12 @@ def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Chi
     pids = tree_pids(arm.pid) if arm.pid else []
     clk = os.sysconf("SC_CLK_TCK")
     cmd = wrk_command(args, arm.port, args.slice, arm.wrk_args, arm.path)
+    store = [stats.pid] if stats.pid else []
     s0, c0 = stats.snapshot(), core_times()
     t0, n0 = cpu_ticks(pids), cpu_ns(pids)
+    st0 = cpu_ns(store) if HAVE_SCHEDSTAT else cpu_ticks(store)
     out = run_wrk(cmd, args.slice)
+    st1 = cpu_ns(store) if HAVE_SCHEDSTAT else cpu_ticks(store)
     t1, n1 = cpu_ticks(pids), cpu_ns(pids)
     c1, s1 = core_times(), stats.snapshot()
     children.check_alive()
@@ -457,6 +463,8 @@ def measure(args: argparse.Namespace, arm: Arm, stats: StoreStats, children: Chi
         cpu_sched_s=sched_s,
         cmds_per_req=sum(commands.values()) / n,
         scripts_per_req=sum(v for k, v in commands.items() if k in SCRIPT_COMMANDS) / n,
+        store_us_per_req=((st1 - st0) / 1e3 if HAVE_SCHEDSTAT else (st1 - st0) / clk * 1e6) / n
+        if store else None,
         commands=commands,
         core_util=util,
     )
@@ -504,6 +512,7 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
                     for c in s.core_util})
     head = (f"{'arm':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>9} "
             f"{'sockerr':>7} {'CPU µs/req':>10} {'cmds/req':>8} {'scripts/req':>11} "
+            f"{'store µs/req':>12} "
             + " ".join(f"{c + '%':>6}" for c in cores) + "   req/s IQR over slices")
     say(head)
     say("-" * len(head))
@@ -514,6 +523,8 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
             continue
         q1, _, q3 = quartiles([s.wrk.rps for s in samples])
         cpu_values = [s.cpu_us_per_req for s in samples if s.cpu_us_per_req is not None]
+        store_values = [s.store_us_per_req for s in samples
+                        if s.store_us_per_req is not None and s.scripts_per_req > 0]
         say(f"{arm.name:<10} {med([s.wrk.rps for s in samples]):>9.0f} "
             f"{med([s.wrk.p50_ms for s in samples]):>8.2f} "
             f"{med([s.wrk.p99_ms for s in samples]):>8.2f} "
@@ -522,6 +533,7 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
             f"{fmt(med(cpu_values) if cpu_values else None, '.1f'):>10} "
             f"{med([s.cmds_per_req for s in samples]):>8.2f} "
             f"{med([s.scripts_per_req for s in samples]):>11.2f} "
+            f"{fmt(med(store_values) if store_values else None, '.1f'):>12} "
             + " ".join(f"{med([s.core_util.get(c, 0) for s in samples]):>6.0f}" for c in cores)
             + f"   {q1:.0f}..{q3:.0f}")
     say("")
@@ -743,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         children.valkey = valkey.start()
         assert valkey.process is not None
         os.sched_setaffinity(valkey.process.pid, {int(c) for c in args.aux_cpus.split(",")})
-        stats = StoreStats(valkey.url)
+        stats = StoreStats(valkey.url, valkey.process.pid)
         configs = write_configs(tmp, up_port, valkey.url)
         lua = tmp / "alternate.lua"
         lua.write_text(ALTERNATE_LUA)
@@ -847,6 +859,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "cpu_ticks_s": s.cpu_ticks_s, "cpu_sched_s": s.cpu_sched_s,
                                     "cmds_per_req": s.cmds_per_req,
                                     "scripts_per_req": s.scripts_per_req,
+                                    "store_us_per_req": s.store_us_per_req,
                                     "commands": s.commands, "core_util": s.core_util}
                                    for s in samples]
                             for name, samples in results.samples.items()},

@@ -130,9 +130,10 @@ class Client:
         return frame
 
 
-def evalsha_calls(r: redis.Redis) -> int:
+def script_calls(r: redis.Redis) -> int:
     stats = r.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+               for c in ("fcall", "fcall_ro", "evalsha", "eval"))
 
 
 def live_slots(r: redis.Redis) -> int:
@@ -160,9 +161,9 @@ async def close_watches(sockets: list, per_socket: int, n: int, tag: str) -> Non
 
 
 async def renewal_window(r: redis.Redis, seconds: float) -> int:
-    before = evalsha_calls(r)
+    before = script_calls(r)
     await asyncio.sleep(seconds)
-    return evalsha_calls(r) - before
+    return script_calls(r) - before
 
 
 def pct(values: list[float], q: float) -> float:

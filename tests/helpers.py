@@ -130,3 +130,12 @@ async def statuses(url: str, env_id: str, n: int) -> list[int]:
                 await r.read()
                 out.append(r.status)
     return out
+
+
+#: Every way quotagate runs its Lua in the store (functions; scripts where they are refused).
+SCRIPT_COMMANDS = ("fcall", "fcall_ro", "evalsha", "eval")
+
+
+def script_calls(stats: dict) -> int:
+    """Script and function calls in an ``INFO commandstats`` reply."""
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in SCRIPT_COMMANDS)

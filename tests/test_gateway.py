@@ -14,16 +14,15 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from quotagate.gateway.app import STATE, init_admin_app
 from quotagate.limiter.embedded import free_port
-from tests.helpers import env
+from tests.helpers import env, script_calls
 
 
-async def evalsha_calls(url: str) -> int:
+async def script_calls_of(url: str) -> int:
     client = aredis.Redis.from_url(url)
     try:
-        stats = await client.info("commandstats")
+        return script_calls(await client.info("commandstats"))
     finally:
         await client.aclose()
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
 
 
 H = {"X-CloudBase-Env": "shop"}
@@ -138,7 +137,7 @@ HOSTILE = ["", "UPPER", "-lead", "a" * 64, "a b", "a.b", "../etc", "a_b", "shop}
 async def test_hostile_environment_ids_never_reach_the_store(make_gateway, valkey_url):
     gw = await make_gateway({"shop": env()})
     await gw.get("/functions/a", headers=H)  # scripts loaded, sync done
-    before = await evalsha_calls(valkey_url)
+    before = await script_calls_of(valkey_url)
     for value in HOSTILE:
         resp = await gw.get("/functions/a", headers={"X-CloudBase-Env": value})
         assert resp.status == 400, value
@@ -147,7 +146,7 @@ async def test_hostile_environment_ids_never_reach_the_store(make_gateway, valke
                                                 ("X-CloudBase-Env", "other")])
     assert resp.status == 400
     assert (await gw.get("/functions/a")).status == 400  # no id at all
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
 
 
 @pytest.mark.parametrize("raw", [b"shop\x00", b"sh\xffop", b"shop\x1b[31m", b"a" * 9000])
@@ -155,7 +154,7 @@ async def test_raw_hostile_header_bytes(make_gateway, valkey_url, raw):
     """Bytes a normal client would not send: refused with a 4xx, nothing reaches the store."""
     gw = await make_gateway({"shop": env()})
     await gw.get("/functions/a", headers=H)
-    before = await evalsha_calls(valkey_url)
+    before = await script_calls_of(valkey_url)
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"GET /functions/a HTTP/1.1\r\nHost: x\r\nX-CloudBase-Env: " + raw +
                  b"\r\nConnection: close\r\n\r\n")
@@ -163,7 +162,7 @@ async def test_raw_hostile_header_bytes(make_gateway, valkey_url, raw):
     status_line = await reader.readline()
     writer.close()
     assert status_line.split()[1].startswith(b"4"), status_line
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
 
 
 async def test_environment_from_host(make_gateway):
@@ -178,12 +177,12 @@ async def test_environment_from_host(make_gateway):
 async def test_route_not_found_and_method_filter(make_gateway, valkey_url):
     gw = await make_gateway({"shop": env()})
     await gw.get("/functions/a", headers=H)
-    before = await evalsha_calls(valkey_url)
+    before = await script_calls_of(valkey_url)
     resp = await gw.get("/nowhere", headers=H)
     assert resp.status == 404
     assert json.loads(await resp.text())["type"].endswith("/route-not-found")
     assert (await gw.get("/admin-only/x", headers=H)).status == 404
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
     assert (await gw.post("/admin-only/x", headers=H)).status == 200
 
 
@@ -234,13 +233,13 @@ async def test_fail_closed_and_fail_open(make_gateway):
 
 async def test_enforcement_off_makes_no_store_call(make_gateway, valkey_url):
     gw = await make_gateway({"shop": env(limits={"calls": 0})}, enforcement="off")
-    before = await evalsha_calls(valkey_url)
+    before = await script_calls_of(valkey_url)
     for _ in range(5):
         assert (await gw.get("/functions/a", headers=H)).status == 200
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
     per_env = await make_gateway({"shop": env(limits={"calls": 0}, mode="off")})
     assert (await per_env.get("/functions/a", headers=H)).status == 200
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
 
 
 async def test_shadow_mode_passes_and_marks(make_gateway):
@@ -303,10 +302,10 @@ async def raw_request(port: int, target: bytes, env_id: bytes = b"shop") -> tupl
 async def test_dot_segments_are_refused_before_any_store_call(make_gateway, valkey_url, target):
     gw = await make_gateway({"shop": env()})
     await gw.get("/functions/a", headers=H)
-    before = await evalsha_calls(valkey_url)
+    before = await script_calls_of(valkey_url)
     status, body = await raw_request(gw.port, target)
     assert status == 400 and b"invalid-path" in body
-    assert await evalsha_calls(valkey_url) == before
+    assert await script_calls_of(valkey_url) == before
 
 
 async def test_dot_like_names_are_fine(make_gateway):

@@ -14,6 +14,7 @@ from quotagate.limiter import keys
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.errors import StoreTimeout, StoreUnavailable
+from quotagate.limiter.scripts import LIBRARY_NAME
 from tests.helpers import at, env, synced_limiter, write_config
 
 TIMEOUT_MS = 150
@@ -227,17 +228,68 @@ async def test_killed_store_then_restart_recovers_and_reloads_script(setup, tmp_
     assert await used_calls(server.url) == 3 + 1 + 1
 
 
-async def test_script_flush_is_not_fatal(setup):
+async def test_script_and_function_flush_is_not_fatal(setup):
     server, make = setup
     lim = await make("closed")
     await lim.decide("shop", "function", 1)
     client = aredis.Redis.from_url(server.url)
+    await client.function_flush()
     await client.script_flush()
-    await client.aclose()
     results = await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(10)))
     assert all(r.outcome is Outcome.ADMITTED for r in results)
     assert lim.script_reloads >= 1
     assert await used_calls(server.url) == 11
+    # The library is back for the next calls: no reload more.
+    assert await client.function_list(LIBRARY_NAME)
+    reloads = lim.script_reloads
+    await lim.decide("shop", "function", 1)
+    assert lim.script_reloads == reloads and lim.functions
+    await client.aclose()
+
+
+async def test_function_flush_alone_reloads_the_library(setup):
+    server, make = setup
+    lim = await make("closed")
+    await lim.decide("shop", "function", 1)
+    client = aredis.Redis.from_url(server.url)
+    await client.function_flush()
+    decision = await lim.decide("shop", "function", 1)
+    assert decision.outcome is Outcome.ADMITTED and lim.script_reloads == 1
+    assert await client.function_list(LIBRARY_NAME)
+    await client.aclose()
+    assert await used_calls(server.url) == 2
+
+
+async def test_store_refusing_functions_falls_back_to_scripts(tmp_path: Path, own_valkey):
+    """An ACL without FUNCTION and FCALL (as some managed services set): the connection still
+    opens, the first call learns it, every later call is a script, and counts stay exact."""
+    admin = aredis.Redis.from_url(own_valkey.url)
+    await admin.function_flush()
+    await admin.acl_setuser("scripts-only", enabled=True, passwords=["+pw"], keys=["*"],
+                            channels=["*"], commands=["+@all", "-function", "-fcall",
+                                                      "-fcall_ro"])
+    await admin.aclose()
+    url = own_valkey.url.replace("redis://", "redis://scripts-only:pw@")
+    lim = await synced_limiter(url, write_config_for_shop(), at("2026-11-26T12:00:00"))
+    try:
+        results = await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(5)))
+        assert all(r.outcome is Outcome.ADMITTED for r in results)
+        assert not lim.functions
+        reloads = lim.script_reloads
+        for _ in range(3):
+            await lim.decide("shop", "function", 1)
+        assert lim.script_reloads == reloads  # scripts from now on, nothing re-sent
+        assert await lim.scripts_loaded()
+        lim.meter("shop", "gbs", 5)
+        lim.release("shop", "fn:x")
+        assert await lim.renew() == {"shop": 0}  # settle and renew as scripts too
+    finally:
+        await lim.close()
+    client = aredis.Redis.from_url(own_valkey.url)
+    usage = {k.decode().split(":", 1)[1]: int(v)
+             for k, v in (await client.hgetall(keys.usage("shop"))).items()}
+    await client.aclose()
+    assert usage == {"calls": 8, "gbs": 5}
 
 
 async def test_unreachable_store_at_start_fails_fast(tmp_path: Path):

@@ -21,6 +21,10 @@ class NoScript(StoreError):
     """The store does not have the script (restarted, or SCRIPT FLUSH): send its body."""
 
 
+class NoFunctions(NoScript):
+    """The store refuses FCALL (an older server, or an ACL without it): use scripts."""
+
+
 class Redirected(StoreError):
     """A cluster node answered MOVED or ASK: the slot lives on another node."""
 

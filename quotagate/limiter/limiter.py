@@ -26,9 +26,15 @@ from quotagate.clock import Clock, StoreClock
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.codes import Flag, Outcome
-from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
-from quotagate.limiter.scripts import ALL, DECIDE, RENEW, SETTLE, Script
-from quotagate.limiter.store import PipelinedStore, pack_command
+from quotagate.limiter.errors import (
+    NoFunctions,
+    NoScript,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+)
+from quotagate.limiter.scripts import ALL, DECIDE, LIBRARY, LIBRARY_NAME, RENEW, SETTLE, Script
+from quotagate.limiter.store import OptionalSetup, PipelinedStore, pack_command
 
 log = logging.getLogger("quotagate.limiter")
 
@@ -154,6 +160,15 @@ class _RenewCall(NamedTuple):
     key_slot: int
 
 
+_LOAD_LIBRARY = pack_command("FUNCTION", "LOAD", "REPLACE", LIBRARY)
+
+
+def _retrieved(fut: asyncio.Future) -> None:
+    """Done callback of a call whose outcome nobody needs (its error is not an error)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class Limiter:
     def __init__(
         self,
@@ -169,8 +184,10 @@ class Limiter:
         renew_interval_ms: int = 5_000,
     ):
         self.store = store
-        # Every new connection loads the scripts first: a restarted store has them at once.
-        store.setup = tuple(pack_command("SCRIPT", "LOAD", s.body) for s in ALL)
+        # Every new connection loads the code first: a restarted store has it at once. The
+        # function library is what the limiter calls (FCALL); the scripts are the fallback.
+        store.setup = (*(pack_command("SCRIPT", "LOAD", s.body) for s in ALL),
+                       OptionalSetup(_LOAD_LIBRARY))
         self.clock = clock or StoreClock()
         self.mode = mode
         self.burst_ms = burst_ms
@@ -179,9 +196,10 @@ class Limiter:
         #: Called with an env id whose snapshot the store does not have (e.g. it lost its data).
         self.on_missing = on_missing
         self.backlog = Backlog()
-        self._evalsha_head = (
-            b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (3 + 9 + 9, DECIDE.sha.encode())
-        )
+        #: Call the function library (FCALL); False once the store refused it: scripts.
+        self.functions = True
+        self._decide_head = b""
+        self._set_heads()
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
@@ -211,6 +229,21 @@ class Limiter:
         self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def _set_heads(self) -> None:
+        if self.functions:
+            name = DECIDE.function.encode()
+            self._decide_head = b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$1\r\n9\r\n" % (
+                3 + 9 + 9, len(name), name)
+        else:
+            self._decide_head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (
+                3 + 9 + 9, DECIDE.sha.encode())
+
+    def _call(self, script: Script, names: list[str], args: Iterable[str | int]) -> bytes:
+        """One call of ``script``: its function, or the script where functions are refused."""
+        if self.functions:
+            return pack_command("FCALL", script.function, len(names), *names, *args)
+        return pack_command("EVALSHA", script.sha, len(names), *names, *args)
+
     def set_burst_ms(self, burst_ms: int) -> None:
         self.burst_ms = burst_ms
         self._burst = str(burst_ms).encode()
@@ -228,7 +261,7 @@ class Limiter:
 
     def _packed(self, env: str, kind: str, cost: int, mode: str, now_ms: int, slot: str,
                 needs: str) -> bytes:
-        parts = [self._evalsha_head, self._keys_packed(env)[0]]
+        parts = [self._decide_head, self._keys_packed(env)[0]]
         for arg in (str(now_ms).encode(), kind.encode(), str(cost).encode(), mode.encode(),
                     self._burst, slot.encode()):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
@@ -247,10 +280,10 @@ class Limiter:
                                 key_slot)
         try:
             reply = await self._reply(fut, late, abandoned)
-        except NoScript:
+        except NoScript as exc:
             fut = self._reload(DECIDE, keys.decision_keys(env), key_slot, (
                 now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
-                needs))
+                needs), exc)
             reply = await self._reply(fut, late, abandoned)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND and self.on_missing is not None:
@@ -278,11 +311,22 @@ class Limiter:
             raise
 
     def _reload(self, script: Script, names: list[str], key_slot: int | None,
-                args: Iterable[str | int]) -> asyncio.Future:
-        """The store flushed its scripts (SCRIPT FLUSH, or a restart without our reconnect):
-        EVAL the body once, which caches it again."""
+                args: Iterable[str | int], exc: NoScript) -> asyncio.Future:
+        """The store lost the code (FUNCTION/SCRIPT FLUSH, a restart without our reconnect)
+        or refuses functions: EVAL the body once (which caches the script again); load the
+        library again for the next calls, or call scripts from now on."""
         self.script_reloads += 1
-        log.info("script %s missing in store, reloading", script.name)
+        if isinstance(exc, NoFunctions):
+            if self.functions:
+                self.functions = False
+                self._set_heads()
+                log.warning("the store refuses functions (%s): calling scripts (EVALSHA) "
+                            "instead, which cost the store about 1.7x as much per decision",
+                            exc)
+        else:
+            log.info("%s missing in store (%s), reloading", script.name, exc)
+            if self.functions:
+                self.store.submit(_LOAD_LIBRARY, key_slot).add_done_callback(_retrieved)
         return self.store.submit(
             pack_command("EVAL", script.body, len(names), *names, *args), key_slot)
 
@@ -415,15 +459,14 @@ class Limiter:
             args += (meter, amount)
         names = keys.settle_keys(env)
         key_slot = self._keys_packed(env)[1]
-        fut = self.store.submit(
-            pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
+        fut = self.store.submit(self._call(SETTLE, names, args), key_slot)
         fut.add_done_callback(lambda f: self._settled(env, meters, names, key_slot, args, f))
 
     def _settled(self, env: str, meters: dict[str, int], names: list[str], key_slot: int,
                  args: list[str | int], fut: asyncio.Future, retried: bool = False) -> None:
         exc = fut.exception() if not fut.cancelled() else StoreUnavailable("cancelled")
         if isinstance(exc, NoScript) and not retried:
-            again = self._reload(SETTLE, names, key_slot, args)
+            again = self._reload(SETTLE, names, key_slot, args, exc)
             again.add_done_callback(
                 lambda f: self._settled(env, meters, names, key_slot, args, f, True))
             return
@@ -543,8 +586,7 @@ class Limiter:
                     if pending is not None:
                         pending[0].clear()
                     self._renewals[env] = self._renewals.get(env, 0) + 1
-                fut = self.store.submit(
-                    pack_command("EVALSHA", RENEW.sha, len(names), *names, *args), key_slot)
+                fut = self.store.submit(self._call(RENEW, names, args), key_slot)
                 calls.append(_RenewCall(batch, fut, names, args, key_slot))
                 self.renew_commands += 1
                 metrics.LEASE_RENEW_CALLS.inc()
@@ -555,8 +597,9 @@ class Limiter:
             try:
                 try:
                     reply = await call.fut
-                except NoScript:
-                    reply = await self._reload(RENEW, call.names, call.key_slot, call.args)
+                except NoScript as exc:
+                    reply = await self._reload(RENEW, call.names, call.key_slot, call.args,
+                                               exc)
             except StoreError as exc:
                 errors.append(exc)
                 continue
@@ -593,13 +636,26 @@ class Limiter:
                             "renewed when the store answers", exc, len(self.held))
 
     async def load_scripts(self) -> None:
-        """Cache the scripts in the store (``/readyz`` needs them)."""
+        """Load the function library and cache the scripts in the store (``/readyz``)."""
         for script in ALL:
             await self.store.execute_all("SCRIPT", "LOAD", script.body)
+        if self.functions:
+            with contextlib.suppress(NoFunctions):
+                await self.store.execute_all("FUNCTION", "LOAD", "REPLACE", LIBRARY)
 
     async def scripts_loaded(self) -> bool:
+        """The scripts, and the library unless functions are refused, on every primary."""
         replies = await self.store.execute_all("SCRIPT", "EXISTS", *(s.sha for s in ALL))
-        return all(reply and all(r == 1 for r in reply) for reply in replies)
+        if not all(reply and all(r == 1 for r in reply) for reply in replies):
+            return False
+        if not self.functions:
+            return True
+        try:
+            listed = await self.store.execute_all("FUNCTION", "LIST", "LIBRARYNAME",
+                                                  LIBRARY_NAME)
+        except NoFunctions:
+            return True
+        return all(bool(reply) for reply in listed)
 
     # ------------------------------------------------------------- fail-open write-back
 
@@ -669,10 +725,9 @@ class Limiter:
         """One settle.lua call, awaited (EVAL again if the store lost the script)."""
         key_slot = self._keys_packed(env)[1]
         try:
-            return await self.store.submit(
-                pack_command("EVALSHA", SETTLE.sha, len(names), *names, *args), key_slot)
-        except NoScript:
-            return await self._reload(SETTLE, names, key_slot, args)
+            return await self.store.submit(self._call(SETTLE, names, args), key_slot)
+        except NoScript as exc:
+            return await self._reload(SETTLE, names, key_slot, args, exc)
 
     async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
         """Write back metered usage through settle.lua; False if the store has no snapshot."""

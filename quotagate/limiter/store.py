@@ -20,8 +20,10 @@ Failure handling:
 - error replies are translated here, once: ``NOSCRIPT`` -> ``NoScript``; a store that cannot
   serve now (LOADING, BUSY, OOM, READONLY, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, MISCONF) ->
   ``StoreUnavailable``, so the failure policy applies; anything else -> ``StoreError``;
-- ``setup`` commands (the limiter's ``SCRIPT LOAD``) run on every new connection, so a
-  restarted store has the scripts before the first request needs them.
+- ``setup`` commands (the limiter's ``SCRIPT LOAD`` and ``FUNCTION LOAD``) run on every new
+  connection, so a restarted store has the scripts before the first request needs them; an
+  ``OptionalSetup`` one may fail (``FUNCTION LOAD`` where functions are refused) without
+  failing the connection.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import hiredis
 
 from quotagate.limiter.errors import (
+    NoFunctions,
     NoScript,
     Redirected,
     StoreError,
@@ -57,10 +60,17 @@ _UNAVAILABLE = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", 
 LateCallback = Callable[[Any], None]
 
 
+class OptionalSetup(bytes):
+    """A setup command whose failure does not fail the connection."""
+
+
 def translate(error: hiredis.ReplyError) -> StoreError:
     text = str(error)
-    if text.startswith("NOSCRIPT"):
+    if text.startswith("NOSCRIPT") or text.startswith("ERR Function not found"):
         return NoScript(text)
+    if (text.startswith("ERR unknown command") or text.startswith("NOPERM")) and (
+            "fcall" in text.lower() or "function" in text.lower()):
+        return NoFunctions(text)
     if text.startswith(("MOVED ", "ASK ")):
         return Redirected(text)
     if text.startswith(_UNAVAILABLE):
@@ -223,6 +233,8 @@ class PipelinedStore:
         self._early: dict[asyncio.Future[Any], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.connects = 0
+        #: Optional setup commands the store refused.
+        self.optional_failures = 0
 
     @property
     def last_error(self) -> str:
@@ -343,8 +355,14 @@ class PipelinedStore:
                     fut: asyncio.Future[Any] = loop.create_future()
                     proto.send(cmd, fut, time.monotonic() + self.connect_timeout)
                     futs.append(fut)
-                for fut in futs:
-                    await fut
+                for cmd, fut in zip(setup, futs, strict=True):
+                    try:
+                        await fut
+                    except StoreError as exc:
+                        if not isinstance(cmd, OptionalSetup) or isinstance(
+                                exc, StoreUnavailable):
+                            raise
+                        self.optional_failures += 1
         except TimeoutError:
             raise StoreTimeout("store connection timed out") from None
         except OSError as exc:

@@ -141,12 +141,36 @@ local function reap(slots_key, lease_key, now)
   redis.call('ZREM', lease_key, unpack(dead))
 end
 
--- The decoded snapshot, or nil when there is none of this layout.
+-- Decoded snapshots kept between calls. Only the function library (scripts.py) keeps them:
+-- its top level runs once per load; a script (EVAL) starts with empty tables every call. An
+-- entry is used only while the stored string is the very one it was decoded from (Lua
+-- strings are interned: the comparison is one pointer), so a changed snapshot is decoded
+-- again at once. Two generations bound them: when the new one holds SNAP_MAX, it becomes the
+-- old one and the one before is dropped; an entry found in the old one moves to the new one.
+-- About 2 KB of Lua memory per entry (INFO memory: used_memory_vm_functions).
+local SNAP_MAX = 2000
+local snap_new, snap_old, snap_n = {}, {}, 0
+
+-- The decoded snapshot, or nil when there is none of this layout. Never modify it: it is
+-- shared with later calls.
 local function snapshot(key)
   local raw = redis.call('GET', key)
   if not raw then return nil end
-  local ent = cjson.decode(raw)
-  if ent.v ~= SNAPSHOT_V then return nil end
+  local hit = snap_new[key]
+  if hit and hit[1] == raw then return hit[2] end
+  hit = snap_old[key]
+  local ent
+  if hit and hit[1] == raw then
+    ent = hit[2]
+  else
+    ent = cjson.decode(raw)
+    if ent.v ~= SNAPSHOT_V then return nil end
+  end
+  if snap_new[key] == nil then
+    if snap_n >= SNAP_MAX then snap_old, snap_new, snap_n = snap_new, {}, 0 end
+    snap_n = snap_n + 1
+  end
+  snap_new[key] = {raw, ent}
   return ent
 end
 
