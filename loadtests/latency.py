@@ -4,11 +4,15 @@ saturation rate (BENCH.md: no coordinated omission — latency counts from the s
     .venv/bin/python loadtests/latency.py [--runs 5] [--seconds 5] [--rate R]
 
 Processes as in bench.py: the demo upstream and Valkey on core 0 with this client, each gateway
-(B: enforcement off, C: enforced function route) pinned to core 1. B's saturation rate is
-measured first with wrk (unless --rate is given); then each run sends R/2 requests per second
-for --seconds to A (upstream direct), B and C in turn (order rotating), every request at its
-scheduled instant whatever the previous ones do, on a pool of keep-alive connections.
-Reported: medians over runs of each arm's p50, p99 and p99.9, and the latency C and B add to A.
+(B: enforcement off; C: enforced, on the plain route, and Cfn: on the function route with a
+concurrency slot and GBs metering) pinned to core 1. B's saturation rate is measured first with
+wrk (unless --rate is given); then each run sends R/2 requests per second for --seconds to A
+(upstream direct), B, C and Cfn in turn (order rotating), every request at its scheduled
+instant whatever the previous ones do, on a pool of keep-alive connections. The client speaks
+HTTP/1.1 on raw asyncio protocols: an HTTP library would cost the shared core several times
+as much per request and its queueing would show up as latency.
+Reported: medians over runs of each arm's p50, p99 and p99.9 (from the actual send, and from the
+scheduled instant), and the latency each arm adds to the one below it, from the same run.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import aiohttp
 import uvloop
 import yaml
 
@@ -37,35 +41,138 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def open_loop(url: str, rate: float, seconds: float, conns: int) -> tuple[list[float], int]:
-    """Latencies (ms, from each request's scheduled instant) and the count of failures."""
-    latencies: list[float] = []
-    failures = 0
-    connector = aiohttp.TCPConnector(limit=conns)
-    headers = {"X-CloudBase-Env": bench.ENV_OK}
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async def one(due: float) -> None:
-            nonlocal failures
-            try:
-                async with session.get(url, headers=headers) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        failures += 1
-            except aiohttp.ClientError:
-                failures += 1
-            latencies.append((time.perf_counter() - due) * 1000)
+class _Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection with at most one request in flight. Responses are
+    read with the least parsing that is still exact (status line, Content-Length or chunked),
+    so the client costs the shared core far less than an HTTP library would."""
 
-        total = int(rate * seconds)
-        start = time.perf_counter() + 0.05
-        tasks = []
-        for i in range(total):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one(due)))
-        await asyncio.gather(*tasks)
-    return latencies, failures
+    def __init__(self, pool: _Pool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.due = self.sent = 0.0
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, request: bytes, due: float) -> None:
+        self.busy, self.due = True, due
+        assert self.transport is not None
+        self.sent = time.perf_counter()
+        self.transport.write(request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while self.busy:
+            head_end = self.buf.find(b"\r\n\r\n")
+            if head_end < 0:
+                return
+            head = bytes(self.buf[:head_end]).lower()
+            status = int(head[9:12])
+            at = head.find(b"\r\ncontent-length:")
+            if at >= 0:
+                length = int(head[at + 17:head.find(b"\r\n", at + 2) if
+                                  head.find(b"\r\n", at + 2) > 0 else None])
+                total = head_end + 4 + length
+                if len(self.buf) < total:
+                    return
+            else:  # chunked: the body ends with the last chunk
+                tail = self.buf.find(b"\r\n0\r\n\r\n", head_end)
+                if tail < 0:
+                    return
+                total = tail + 7
+            del self.buf[:total]
+            self.busy = False
+            self.pool.done(self, status)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.lost(self)
+
+
+class _Pool:
+    def __init__(self, host: str, port: int, request: bytes):
+        self.host, self.port, self.request = host, port, request
+        self.idle: list[_Conn] = []
+        self.latencies: list[float] = []  # from the scheduled instant
+        self.service: list[float] = []  # from the actual send
+        self.failures = 0
+        self.pending = 0
+        self.finished: asyncio.Future[None] | None = None
+
+    async def open(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(n):
+            _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+            self.idle.append(conn)
+
+    async def send(self, due: float) -> None:
+        self.pending += 1
+        if self.idle:
+            conn = self.idle.pop()
+        else:  # all busy: one more connection (its set-up counts in the latency)
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+        conn.send(self.request, due)
+
+    def done(self, conn: _Conn, status: int) -> None:
+        now = time.perf_counter()
+        self.latencies.append((now - conn.due) * 1000)
+        self.service.append((now - conn.sent) * 1000)
+        if status != 200:
+            self.failures += 1
+        self.idle.append(conn)
+        self._finish_one()
+
+    def lost(self, conn: _Conn) -> None:
+        if conn.busy:
+            self.failures += 1
+            now = time.perf_counter()
+            self.latencies.append((now - conn.due) * 1000)
+            self.service.append((now - conn.sent) * 1000)
+            self._finish_one()
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def _finish_one(self) -> None:
+        self.pending -= 1
+        if self.pending == 0 and self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
+
+
+async def open_loop(url: str, rate: float, seconds: float, conns: int
+                    ) -> tuple[list[float], list[float], int]:
+    """Latencies (ms) from each request's scheduled instant and from its actual send, and
+    the count of failures.
+
+    Requests leave at their scheduled instants whatever the earlier ones do. Timers fire with
+    about 1 ms resolution, so every request due by then leaves together: counted from the
+    schedule, each latency carries up to 1 ms of that wait, the same in every arm; counted
+    from the send, it does not (and no response is waited for before a send either way)."""
+    parts = urlsplit(url)
+    request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               f"X-CloudBase-Env: {bench.ENV_OK}\r\n\r\n").encode()
+    pool = _Pool(parts.hostname or "127.0.0.1", parts.port or 80, request)
+    await pool.open(conns)
+    total = int(rate * seconds)
+    start = time.perf_counter() + 0.05
+    i = 0
+    while i < total:
+        now = time.perf_counter()
+        while i < total and start + i / rate <= now:
+            await pool.send(start + i / rate)
+            i += 1
+        if i < total:
+            # Never less than a timer tick: a shorter sleep returns at once, and the client
+            # would spin on the core it shares with the upstream and the store.
+            await asyncio.sleep(max(0.001, start + i / rate - time.perf_counter()))
+    if pool.pending:
+        pool.finished = asyncio.get_running_loop().create_future()
+        await asyncio.wait_for(pool.finished, 30)
+    for conn in pool.idle:
+        if conn.transport is not None:
+            conn.transport.close()
+    return pool.latencies, pool.service, pool.failures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,33 +213,47 @@ def main(argv: list[str] | None = None) -> int:
             rate = saturation / 2
             print(f"B saturates at {saturation:.0f} req/s (wrk -c64, 3 s): open loop at "
                   f"{rate:.0f} req/s")
-        results: dict[str, list[dict[str, float]]] = {"A": [], "B": [], "C": []}
-        order = ["A", "B", "C"]
+        # arm -> (port, path): C is BENCH.md's C (enforced, one script call per request);
+        # Cfn adds a function concurrency slot and GBs metering.
+        targets = {"A": (ports["A"], bench.PATH), "B": (ports["B"], bench.PATH),
+                   "C": (ports["C"], bench.PLAIN_PATH), "Cfn": (ports["C"], bench.PATH)}
+        arms = list(targets)
+        results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
         for run in range(args.runs):
-            for arm in order[run % 3:] + order[:run % 3]:
-                url = f"http://127.0.0.1:{ports[arm]}{bench.PATH}"
-                lat, failed = uvloop.run(open_loop(url, rate, args.seconds, args.connections))
-                results[arm].append({"p50": pct(lat, 0.5), "p99": pct(lat, 0.99),
-                                     "p999": pct(lat, 0.999), "failed": failed})
-                print(f"run {run + 1} {arm}: p50 {pct(lat, 0.5):.3f} ms, p99 "
-                      f"{pct(lat, 0.99):.3f} ms, p99.9 {pct(lat, 0.999):.3f} ms, "
-                      f"{failed} failed", flush=True)
+            k = run % len(arms)
+            for arm in arms[k:] + arms[:k]:
+                port, path = targets[arm]
+                url = f"http://127.0.0.1:{port}{path}"
+                lat, service, failed = uvloop.run(
+                    open_loop(url, rate, args.seconds, args.connections))
+                row = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "p999": pct(lat, 0.999),
+                       "s50": pct(service, 0.5), "s99": pct(service, 0.99),
+                       "s999": pct(service, 0.999), "failed": failed}
+                results[arm].append(row)
+                print(f"run {run + 1} {arm:<3}: from send p50 {row['s50']:.3f} p99 "
+                      f"{row['s99']:.3f} p99.9 {row['s999']:.3f} ms | from schedule p50 "
+                      f"{row['p50']:.3f} p99 {row['p99']:.3f} ms | {failed} failed", flush=True)
 
         def m(arm: str, key: str) -> float:
             return statistics.median(r[key] for r in results[arm])
 
         print(f"\nopen loop at {rate:.0f} req/s, {args.seconds:g} s per arm per run, "
-              f"{args.runs} runs, medians:")
-        for arm in ("A", "B", "C"):
-            print(f"  {arm}: p50 {m(arm, 'p50'):.3f} ms  p99 {m(arm, 'p99'):.3f} ms  "
-                  f"p99.9 {m(arm, 'p999'):.3f} ms  failed {m(arm, 'failed'):.0f}")
-        for arm in ("B", "C"):
-            added = [c["p99"] - a["p99"] for c, a in zip(results[arm], results["A"],
-                                                          strict=True)]
-            added50 = [c["p50"] - a["p50"] for c, a in zip(results[arm], results["A"],
-                                                            strict=True)]
-            print(f"  added by {arm} (vs A, same run): p50 {statistics.median(added50):.3f} ms, "
-                  f"p99 {statistics.median(added):.3f} ms")
+              f"{args.runs} runs, medians (ms):")
+        print(f"  {'arm':<4} {'p50':>7} {'p99':>7} {'p99.9':>7}   from schedule: "
+              f"{'p50':>7} {'p99':>7} {'p99.9':>7}  failed")
+        for arm in arms:
+            print(f"  {arm:<4} {m(arm, 's50'):7.3f} {m(arm, 's99'):7.3f} {m(arm, 's999'):7.3f}"
+                  f"                  {m(arm, 'p50'):7.3f} {m(arm, 'p99'):7.3f} "
+                  f"{m(arm, 'p999'):7.3f}  {m(arm, 'failed'):.0f}")
+        print("added latency (each from the two arms of the same run; median over runs, ms):")
+        def added(arm: str, base: str, key: str) -> float:
+            return statistics.median(
+                c[key] - b[key] for c, b in zip(results[arm], results[base], strict=True))
+
+        for arm, base in (("B", "A"), ("C", "B"), ("Cfn", "B"), ("C", "A")):
+            print(f"  {arm:>3} - {base}: from send p50 {added(arm, base, 's50'):+.3f} p99 "
+                  f"{added(arm, base, 's99'):+.3f} | from schedule p50 "
+                  f"{added(arm, base, 'p50'):+.3f} p99 {added(arm, base, 'p99'):+.3f}")
         return 0
     finally:
         children.stop_all()
