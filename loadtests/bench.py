@@ -2,14 +2,17 @@
 /work/shared/BENCH.md and loadtests/README.md).
 
     .venv/bin/python loadtests/bench.py [--runs 10] [--slice 2] [--slice-warmup 0.5]
-                                        [--connections 64] [--arms A,B,C,Creject,D,N]
+                                        [--connections 64] [--arms A,B,C,Cfn,Creject,D,N]
 
 Arms (same upstream, same client, same concurrency):
   A        wrk -> demo upstream directly
   B        wrk -> quotagate (enforcement: off) -> upstream
-  C        wrk -> quotagate (enforcement: enforce, never refuses) -> upstream; Valkey store
-  Cplain   as C on a function route without concurrency slots or GBs metering
-           (``concurrency: false, meter: none``): C/Cplain is what they cost
+  C        wrk -> quotagate (enforcement: enforce, never refuses) -> upstream; Valkey store.
+           BENCH.md's C: one script call per request (QPS and the calls quota), on a function
+           route without concurrency slots or GBs metering (``concurrency: false, meter: none``)
+  Cfn      as C on a function route with a concurrency slot per invocation and GBs metering
+           (the defaults): the slot is given back and the GBs charged after the response, in
+           a second script call coalesced per environment per loop tick. Cfn/C is their cost
   Creject  as C, every other request from an environment whose calls quota is 0 (refused)
   D        wrk -> aiohttp passthrough deciding with the `limits` library -> upstream; sub-arms
            D-fixed, D-moving, D-sliding (async Redis strategies against the same Valkey)
@@ -63,12 +66,12 @@ PATH = "/functions/bench"
 ENV_OK = "bench-ok"
 ENV_EMPTY = "bench-empty"
 D_STRATEGIES = ("fixed", "moving", "sliding")
-ALL_ARMS = ("A", "B", "C", "Cplain", "Creject", "D", "N")
+ALL_ARMS = ("A", "B", "C", "Cfn", "Creject", "D", "N")
 PLAIN_PATH = "/plain/bench"
 # Measurement order within a pass (reversed every other pass): the pairs the ratios compare sit
 # next to each other (A|N, N|B, B|C, C|D-fixed), so their slices are seconds apart.
-MEASURE_ORDER = ("A", "N", "B", "C", "Cplain", "D-fixed", "D-moving", "D-sliding", "Creject")
-DISPLAY_ORDER = ("A", "B", "C", "Cplain", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
+MEASURE_ORDER = ("A", "N", "B", "C", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
+DISPLAY_ORDER = ("A", "B", "C", "Cfn", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -596,9 +599,11 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
                  for a, b in zip(results.samples["C"], results.samples["B"], strict=False)
                  if a.cpu_us_per_req and b.cpu_us_per_req]
         spread_line("limiter cost C-B, CPU µs/request", diffs, ".1f")
-    if "Cplain" in names and "C" in names:
-        ratio_line("C/Cplain req/s (slots + GBs)", "C", "Cplain", rps)
-        ratio_line("C/Cplain CPU µs per request", "C", "Cplain", cpu)
+    if {"B", "Cfn"} <= names:
+        ratio_line("Cfn/B req/s", "Cfn", "B", rps)
+    if "Cfn" in names and "C" in names:
+        ratio_line("Cfn/C req/s (slots + GBs)", "Cfn", "C", rps)
+        ratio_line("Cfn/C CPU µs per request", "Cfn", "C", cpu)
     if "Creject" in names and "C" in names:
         ratio_line("C-reject/C req/s", "Creject", "C", rps)
         ratio_line("C-reject/C CPU µs per request", "Creject", "C", cpu)
@@ -773,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_http(port, ENV_OK, 30, "gateway (off)", children)
             arms.append(Arm("B", port, proc.pid, header,
                             "quotagate, enforcement: off (no store calls) -> upstream"))
-        if "C" in wanted or "Creject" in wanted or "Cplain" in wanted:
+        if "C" in wanted or "Creject" in wanted or "Cfn" in wanted:
             cfg = yaml.safe_load(configs["enforce"].read_text())
             port = int(cfg["listen"].rsplit(":", 1)[1])
             proc = children.start("gateway-enforce", [PY, str(HERE / "gateway_proc.py"),
@@ -783,15 +788,17 @@ def main(argv: list[str] | None = None) -> int:
             if "C" in wanted:
                 arms.append(Arm("C", port, proc.pid, header,
                                 f"quotagate, enforcement: enforce, env {ENV_OK} (enterprise, "
-                                "qps 1e7, calls 1e12: never refused), Valkey on TCP"))
-            if "Cplain" in wanted:
-                arms.append(Arm("Cplain", port, proc.pid, header,
-                                f"as C on {PLAIN_PATH}: a function route without concurrency "
-                                "slots or GBs metering", PLAIN_PATH))
+                                "qps 1e7, calls 1e12: never refused), Valkey on TCP, on "
+                                f"{PLAIN_PATH}: no concurrency slot, no GBs metering",
+                                PLAIN_PATH))
+            if "Cfn" in wanted:
+                arms.append(Arm("Cfn", port, proc.pid, header,
+                                f"as C on {PATH}: a function route with a concurrency slot "
+                                "and GBs metering"))
             if "Creject" in wanted:
                 arms.append(Arm("Creject", port, proc.pid, ["-s", str(lua)],
                                 f"as C, alternating {ENV_OK} / {ENV_EMPTY} (calls 0, no overage:"
-                                " refused) via a wrk Lua script"))
+                                " refused) via a wrk Lua script", PLAIN_PATH))
         for strategy in D_STRATEGIES:
             name = f"D-{strategy}"
             if name not in wanted:

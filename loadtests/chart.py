@@ -11,7 +11,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ORDER = ("A", "N", "B", "C", "Cplain", "Creject", "D-fixed", "D-moving", "D-sliding")
+ORDER = ("A", "N", "B", "C", "Cfn", "Creject", "D-fixed", "D-moving", "D-sliding")
 
 
 def main(argv: list[str]) -> int:

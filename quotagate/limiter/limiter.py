@@ -45,7 +45,7 @@ class Decision(NamedTuple):
     """One decision, in decide.lua's reply order (a tuple: built once per request)."""
 
     outcome: Outcome
-    flags: Flag = Flag.NONE
+    flags: int = Flag.NONE
     qps_limit: int = 0
     qps_remaining: int = 0
     qps_reset_ms: int = 0
@@ -74,12 +74,11 @@ class Decision(NamedTuple):
 
     @classmethod
     def from_reply(cls, r: list) -> Decision:
-        return cls(_OUTCOMES[r[0]], _FLAGS[r[1]], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
+        return cls(_OUTCOMES[r[0]], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
                    r[9], r[10].decode(), r[11], r[12], False, False)
 
 
 _OUTCOMES = tuple(Outcome)
-_FLAGS = tuple(Flag(i) for i in range(32))
 
 BYPASSED = Decision(Outcome.ADMITTED, store_bypassed=True)
 BYPASSED_HOLDING = Decision(Outcome.ADMITTED, store_bypassed=True, slot_held=True)
@@ -387,7 +386,7 @@ class Limiter:
                 self._hold(env, slot, -1)
             raise
         if finish is not None and finish(decision):
-            return decision._replace(slot_held=True)
+            return Decision._make((*decision[:-1], True))  # (_replace is slow)
         return decision
 
     def _slot_outcome(self, env: str, slot: str, renewals: int
