@@ -278,7 +278,14 @@ class Limiter:
         fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms, slot, needs),
                                 key_slot)
         try:
-            reply = await self._reply(fut, late, abandoned)
+            if abandoned is None:  # the plain path: one coroutine frame less than _reply
+                try:
+                    reply = await fut
+                except StoreTimeout:
+                    self._watch_late(fut, late)
+                    raise
+            else:
+                reply = await self._reply(fut, late, abandoned)
         except NoScript as exc:
             fut = self._reload(DECIDE, keys.decision_keys(env), key_slot, (
                 now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
