@@ -5,11 +5,12 @@ saturation rate (BENCH.md: no coordinated omission — latency counts from the s
 
 Processes as in bench.py: the demo upstream and Valkey on core 0 with this client, each gateway
 (B: enforcement off; C: enforced, on the plain route, and Cfn: on the function route with a
-concurrency slot and GBs metering) pinned to core 1. B's saturation rate is measured first with
-wrk (unless --rate is given); then each run sends R/2 requests per second for --seconds to A
-(upstream direct), B, C and Cfn in turn (order rotating), every request at its scheduled
-instant whatever the previous ones do, on a pool of keep-alive connections. The client speaks
-HTTP/1.1 on raw asyncio protocols: an HTTP library would cost the shared core several times
+concurrency slot and GBs metering) pinned to core 1. Each run first measures B's saturation
+rate with wrk (2 s; unless --rate is given: the machine drifts by tens of percent within a
+minute, so it is measured again every run), then sends half of it, requests per second, for
+--seconds to A (upstream direct), B, C and Cfn in turn (order rotating), every request at its
+scheduled instant whatever the previous ones do, on a pool of keep-alive connections. The client
+speaks HTTP/1.1 on raw asyncio protocols: an HTTP library would cost the shared core several times
 as much per request and its queueing would show up as latency.
 Reported: medians over runs of each arm's p50, p99 and p99.9 (from the actual send, and from the
 scheduled instant), and the latency each arm adds to the one below it, from the same run.
@@ -204,22 +205,34 @@ def main(argv: list[str] | None = None) -> int:
             children.start(f"gateway-{mode}", [bench.PY, str(bench.HERE / "gateway_proc.py"),
                                                str(configs[mode]), valkey.url], "1")
             bench.wait_http(ports[arm], bench.ENV_OK, 30, f"gateway {mode}", children)
+
+        def saturation(samples: int) -> float:
+            """B's saturation rate: the median of ``samples`` 2 s wrk runs."""
+            rates = []
+            for _ in range(samples):
+                out = bench.run_wrk(["taskset", "-c", "0", "wrk", "-t1", "-c64", "-d2s",
+                                     "--latency", "-H", f"X-CloudBase-Env: {bench.ENV_OK}",
+                                     f"http://127.0.0.1:{ports['B']}{bench.PATH}"], 2)
+                rates.append(bench.parse_wrk(out).rps)
+            return statistics.median(rates)
+
+        # The machine's speed drifts by tens of percent within a minute: without --rate, B's
+        # saturation is measured again before every run, and that run's rate is half of it.
         rate = args.rate
-        if not rate:
-            out = bench.run_wrk(["taskset", "-c", "0", "wrk", "-t1", "-c64", "-d3s", "--latency",
-                                 "-H", f"X-CloudBase-Env: {bench.ENV_OK}",
-                                 f"http://127.0.0.1:{ports['B']}{bench.PATH}"], 3)
-            saturation = bench.parse_wrk(out).rps
-            rate = saturation / 2
-            print(f"B saturates at {saturation:.0f} req/s (wrk -c64, 3 s): open loop at "
-                  f"{rate:.0f} req/s")
         # arm -> (port, path): C is BENCH.md's C (enforced, one script call per request);
         # Cfn adds a function concurrency slot and GBs metering.
         targets = {"A": (ports["A"], bench.PATH), "B": (ports["B"], bench.PATH),
                    "C": (ports["C"], bench.PLAIN_PATH), "Cfn": (ports["C"], bench.PATH)}
         arms = list(targets)
         results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+        rates: list[float] = []
         for run in range(args.runs):
+            if not args.rate:
+                sat = saturation(1)
+                rate = sat / 2
+                print(f"run {run + 1}: B saturates at {sat:.0f} req/s (wrk -c64 -d2s): open "
+                      f"loop at {rate:.0f} req/s", flush=True)
+            rates.append(rate)
             k = run % len(arms)
             for arm in arms[k:] + arms[:k]:
                 port, path = targets[arm]
@@ -237,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         def m(arm: str, key: str) -> float:
             return statistics.median(r[key] for r in results[arm])
 
-        print(f"\nopen loop at {rate:.0f} req/s, {args.seconds:g} s per arm per run, "
+        print(f"\nopen loop at {min(rates):.0f}..{max(rates):.0f} req/s (median "
+              f"{statistics.median(rates):.0f}), {args.seconds:g} s per arm per run, "
               f"{args.runs} runs, medians (ms):")
         print(f"  {'arm':<4} {'p50':>7} {'p99':>7} {'p99.9':>7}   from schedule: "
               f"{'p50':>7} {'p99':>7} {'p99.9':>7}  failed")

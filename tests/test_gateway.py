@@ -348,3 +348,17 @@ async def test_lost_store_data_is_resynced_from_the_file(make_gateway, valkey_ur
         if gw.app[STATE].synced:
             break
     assert (await gw.get("/functions/a", headers=H)).status == 200
+
+
+def test_serving_process_tunes_the_cyclic_collector() -> None:
+    """run_gateway calls tune_gc once set up: startup objects frozen, collections rarer (in a
+    fresh interpreter: this one's collector is the test runner's)."""
+    import subprocess
+    import sys
+
+    code = ("import gc; from quotagate.gateway.server import GC_THRESHOLDS, tune_gc; "
+            "before = gc.get_freeze_count(); tune_gc(); "
+            "print(gc.get_threshold() == GC_THRESHOLDS, gc.get_freeze_count() > before + 1000)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True"]
