@@ -30,6 +30,7 @@ from limits.aio.strategies import (
 
 from quotagate.gateway.proxy import UpstreamPool
 from quotagate.gateway.routing import compile_route
+from quotagate.gateway.server import tune_gc
 from quotagate.settings.schema import Route, UpstreamSettings
 
 STRATEGIES = {
@@ -76,6 +77,7 @@ async def serve(args: argparse.Namespace) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", args.port, backlog=2048).start()
+    tune_gc()  # the same process set-up as quotagate's: the arms differ only in the limiter
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

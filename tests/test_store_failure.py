@@ -228,13 +228,16 @@ async def test_killed_store_then_restart_recovers_and_reloads_script(setup, tmp_
     assert await used_calls(server.url) == 3 + 1 + 1
 
 
-async def test_script_and_function_flush_is_not_fatal(setup):
+@pytest.mark.parametrize("flushed", [("function",), ("function", "script")])
+async def test_function_and_script_flush_is_not_fatal(setup, flushed):
     server, make = setup
     lim = await make("closed")
     await lim.decide("shop", "function", 1)
     client = aredis.Redis.from_url(server.url)
-    await client.function_flush()
-    await client.script_flush()
+    if "function" in flushed:
+        await client.function_flush()
+    if "script" in flushed:
+        await client.script_flush()
     results = await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(10)))
     assert all(r.outcome is Outcome.ADMITTED for r in results)
     assert lim.script_reloads >= 1
@@ -245,19 +248,6 @@ async def test_script_and_function_flush_is_not_fatal(setup):
     await lim.decide("shop", "function", 1)
     assert lim.script_reloads == reloads and lim.functions
     await client.aclose()
-
-
-async def test_function_flush_alone_reloads_the_library(setup):
-    server, make = setup
-    lim = await make("closed")
-    await lim.decide("shop", "function", 1)
-    client = aredis.Redis.from_url(server.url)
-    await client.function_flush()
-    decision = await lim.decide("shop", "function", 1)
-    assert decision.outcome is Outcome.ADMITTED and lim.script_reloads == 1
-    assert await client.function_list(LIBRARY_NAME)
-    await client.aclose()
-    assert await used_calls(server.url) == 2
 
 
 async def test_store_refusing_functions_falls_back_to_scripts(tmp_path: Path, own_valkey):
