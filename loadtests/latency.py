@@ -100,6 +100,8 @@ class _Pool:
         self.failures = 0
         self.pending = 0
         self.finished: asyncio.Future[None] | None = None
+        #: Requests due before this instant are sent but not recorded (the warm-up).
+        self.record_from = 0.0
 
     async def open(self, n: int) -> None:
         loop = asyncio.get_running_loop()
@@ -117,11 +119,12 @@ class _Pool:
         conn.send(self.request, due)
 
     def done(self, conn: _Conn, status: int) -> None:
-        now = time.perf_counter()
-        self.latencies.append((now - conn.due) * 1000)
-        self.service.append((now - conn.sent) * 1000)
-        if status != 200:
-            self.failures += 1
+        if conn.due >= self.record_from:
+            now = time.perf_counter()
+            self.latencies.append((now - conn.due) * 1000)
+            self.service.append((now - conn.sent) * 1000)
+            if status != 200:
+                self.failures += 1
         self.idle.append(conn)
         self._finish_one()
 
@@ -141,7 +144,7 @@ class _Pool:
             self.finished.set_result(None)
 
 
-async def open_loop(url: str, rate: float, seconds: float, conns: int
+async def open_loop(url: str, rate: float, seconds: float, conns: int, warmup: float = 0.0
                     ) -> tuple[list[float], list[float], int]:
     """Latencies (ms) from each request's scheduled instant and from its actual send, and
     the count of failures.
@@ -149,14 +152,17 @@ async def open_loop(url: str, rate: float, seconds: float, conns: int
     Requests leave at their scheduled instants whatever the earlier ones do. Timers fire with
     about 1 ms resolution, so every request due by then leaves together: counted from the
     schedule, each latency carries up to 1 ms of that wait, the same in every arm; counted
-    from the send, it does not (and no response is waited for before a send either way)."""
+    from the send, it does not (and no response is waited for before a send either way).
+    The first ``warmup`` seconds are sent at the same rate and not recorded (the gateway has
+    just accepted the connections)."""
     parts = urlsplit(url)
     request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                f"X-CloudBase-Env: {bench.ENV_OK}\r\n\r\n").encode()
     pool = _Pool(parts.hostname or "127.0.0.1", parts.port or 80, request)
     await pool.open(conns)
-    total = int(rate * seconds)
+    total = int(rate * (seconds + warmup))
     start = time.perf_counter() + 0.05
+    pool.record_from = start + warmup
     i = 0
     while i < total:
         now = time.perf_counter()
@@ -182,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=0.0, help="requests/s (default: B's / 2)")
-    p.add_argument("--connections", type=int, default=256)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--warmup", type=float, default=0.25,
+                   help="seconds sent at the rate before each arm's measured seconds")
     args = p.parse_args(argv)
     import os
 
@@ -225,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    "C": (ports["C"], bench.PLAIN_PATH), "Cfn": (ports["C"], bench.PATH)}
         arms = list(targets)
         results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
+        #: every latency of every run, per arm: (from schedule, from send)
+        pooled: dict[str, tuple[list[float], list[float]]] = {arm: ([], []) for arm in arms}
         rates: list[float] = []
         for run in range(args.runs):
             if not args.rate:
@@ -238,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 port, path = targets[arm]
                 url = f"http://127.0.0.1:{port}{path}"
                 lat, service, failed = uvloop.run(
-                    open_loop(url, rate, args.seconds, args.connections))
+                    open_loop(url, rate, args.seconds, args.connections, args.warmup))
+                pooled[arm][0].extend(lat)
+                pooled[arm][1].extend(service)
                 row = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "p999": pct(lat, 0.999),
                        "s50": pct(service, 0.5), "s99": pct(service, 0.99),
                        "s999": pct(service, 0.999), "failed": failed}
@@ -268,6 +280,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {arm:>3} - {base}: from send p50 {added(arm, base, 's50'):+.3f} p99 "
                   f"{added(arm, base, 's99'):+.3f} | from schedule p50 "
                   f"{added(arm, base, 'p50'):+.3f} p99 {added(arm, base, 'p99'):+.3f}")
+        print("all runs pooled (every request of an arm, whatever its run: with many short "
+              "runs the arms saw the same mix of the machine's states), ms:")
+        for arm in arms:
+            sched, sent = pooled[arm]
+            print(f"  {arm:<4} n {len(sent):>7,}  from send p50 {pct(sent, 0.5):.3f} p99 "
+                  f"{pct(sent, 0.99):.3f} p99.9 {pct(sent, 0.999):.3f} | from schedule p50 "
+                  f"{pct(sched, 0.5):.3f} p99 {pct(sched, 0.99):.3f}")
+        for arm, base in (("B", "A"), ("C", "B"), ("Cfn", "B")):
+            (a_sched, a_sent), (b_sched, b_sent) = pooled[arm], pooled[base]
+            print(f"  {arm:>3} - {base}: from send p50 "
+                  f"{pct(a_sent, 0.5) - pct(b_sent, 0.5):+.3f} p99 "
+                  f"{pct(a_sent, 0.99) - pct(b_sent, 0.99):+.3f} | from schedule p50 "
+                  f"{pct(a_sched, 0.5) - pct(b_sched, 0.5):+.3f} p99 "
+                  f"{pct(a_sched, 0.99) - pct(b_sched, 0.99):+.3f}")
         return 0
     finally:
         children.stop_all()

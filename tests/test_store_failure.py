@@ -4,6 +4,7 @@ script reload after SCRIPT FLUSH and restart, and write-back of fail-open usage.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from quotagate.limiter import keys
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.errors import StoreTimeout, StoreUnavailable
+from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.scripts import LIBRARY_NAME
+from quotagate.limiter.store import PipelinedStore, StoreAddress
 from tests.helpers import at, env, synced_limiter, write_config
 
 TIMEOUT_MS = 150
@@ -250,14 +253,17 @@ async def test_function_and_script_flush_is_not_fatal(setup, flushed):
     await client.aclose()
 
 
-async def test_store_refusing_functions_falls_back_to_scripts(tmp_path: Path, own_valkey):
-    """An ACL without FUNCTION and FCALL (as some managed services set): the connection still
-    opens, the first call learns it, every later call is a script, and counts stay exact."""
+@pytest.mark.parametrize("denied", [["-function", "-fcall", "-fcall_ro"], ["-function"]],
+                         ids=["no-fcall", "fcall-but-no-load"])
+async def test_store_refusing_functions_falls_back_to_scripts(tmp_path: Path, own_valkey,
+                                                              denied):
+    """An ACL without FUNCTION and FCALL (as some managed services set), or with FCALL but no
+    way to load the library: the connection still opens, the first calls learn it, every
+    later call is a script (no reload per request), and counts stay exact."""
     admin = aredis.Redis.from_url(own_valkey.url)
     await admin.function_flush()
     await admin.acl_setuser("scripts-only", enabled=True, passwords=["+pw"], keys=["*"],
-                            channels=["*"], commands=["+@all", "-function", "-fcall",
-                                                      "-fcall_ro"])
+                            channels=["*"], commands=["+@all", *denied])
     await admin.aclose()
     url = own_valkey.url.replace("redis://", "redis://scripts-only:pw@")
     lim = await synced_limiter(url, write_config_for_shop(), at("2026-11-26T12:00:00"))
@@ -292,3 +298,37 @@ async def test_unreachable_store_at_start_fails_fast(tmp_path: Path):
     exc, elapsed = await timed(lim.decide("shop", "function", 1))
     assert isinstance(exc, StoreUnavailable) and elapsed < BOUND_S
     await lim.close()
+
+
+async def test_store_at_maxmemory_still_refuses(own_valkey):
+    """At maxmemory (noeviction) a function that may write is refused before it runs; the
+    decision goes again as a script, which runs until it writes: a refusal is still decided,
+    an admission meets the failure policy, and a new connection still opens."""
+    config = write_config(Path(tempfile.mkdtemp()), {
+        "shop": env(limits={"calls": 1000}), "empty": env(limits={"calls": 0})})
+    lim = await synced_limiter(own_valkey.url, config, at("2026-11-26T12:00:00"),
+                               on_failure="closed")
+    admin = aredis.Redis.from_url(own_valkey.url)
+    try:
+        assert (await lim.decide("shop", "function", 1)).outcome is Outcome.ADMITTED
+        await admin.set("ballast", b"x" * (1024 * 1024))
+        used = int((await admin.info("memory"))["used_memory"])
+        await admin.config_set("maxmemory-policy", "noeviction")
+        await admin.config_set("maxmemory", used // 2)  # over: writes are refused
+        fresh = Limiter(PipelinedStore(StoreAddress.from_url(own_valkey.url)),
+                        clock=at("2026-11-26T12:00:00"), on_failure="closed")
+        for limiter in (lim, fresh):  # (a new connection's set-up meets the OOM too)
+            refused = await limiter.decide("empty", "function", 1)
+            assert refused.outcome is Outcome.QUOTA_EXCEEDED
+            with pytest.raises(StoreUnavailable):
+                await limiter.decide("shop", "function", 1)
+            if limiter is not lim:
+                await limiter.close()
+        await admin.config_set("maxmemory", 0)
+        assert (await lim.decide("shop", "function", 1)).outcome is Outcome.ADMITTED
+        assert lim.functions
+    finally:
+        await admin.config_set("maxmemory", 0)
+        await admin.aclose()
+        await lim.close()
+    assert await used_calls(own_valkey.url) == 2

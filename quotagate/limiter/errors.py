@@ -17,6 +17,10 @@ class StoreTimeout(StoreUnavailable):
     """The store did not answer within the configured timeout."""
 
 
+class OutOfMemory(StoreUnavailable):
+    """The store is at maxmemory and refused a command that may write (OOM)."""
+
+
 class NoScript(StoreError):
     """The store does not have the script (restarted, or SCRIPT FLUSH): send its body."""
 

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
@@ -29,6 +30,7 @@ from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import (
     NoFunctions,
     NoScript,
+    OutOfMemory,
     StoreError,
     StoreTimeout,
     StoreUnavailable,
@@ -159,13 +161,15 @@ class _RenewCall(NamedTuple):
     key_slot: int
 
 
-_LOAD_LIBRARY = pack_command("FUNCTION", "LOAD", "REPLACE", LIBRARY)
+#: Without REPLACE: a library of this name has this very code (the name carries its digest),
+#: so one already there is kept — with its cache — and the store writes nothing.
+_LOAD_LIBRARY = pack_command("FUNCTION", "LOAD", LIBRARY)
+#: How often "missing in store, reloading" may be logged.
+RELOAD_LOG_INTERVAL_S = 60.0
 
 
-def _retrieved(fut: asyncio.Future) -> None:
-    """Done callback of a call whose outcome nobody needs (its error is not an error)."""
-    if not fut.cancelled():
-        fut.exception()
+def _already_loaded(exc: BaseException | None) -> bool:
+    return exc is None or "already exists" in str(exc)
 
 
 class Limiter:
@@ -199,6 +203,8 @@ class Limiter:
         self.functions = True
         self._decide_head = b""
         self._set_heads()
+        self._library_loading = False
+        self._reload_logged_at = -RELOAD_LOG_INTERVAL_S
         self._burst = str(burst_ms).encode()
         self._drainer: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
@@ -287,16 +293,42 @@ class Limiter:
             else:
                 reply = await self._reply(fut, late, abandoned)
         except NoScript as exc:
-            fut = self._reload(DECIDE, keys.decision_keys(env), key_slot, (
+            reply = await self._decide_again(env, key_slot, (
                 now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
-                needs), exc)
-            reply = await self._reply(fut, late, abandoned)
+                needs), late, abandoned, exc)
+        except OutOfMemory as exc:
+            if not self.functions:
+                raise
+            # At maxmemory a function (which may write) is refused before it runs; a script
+            # runs until it writes. So as a script a refusal, which writes nothing, is still
+            # decided, as it was before functions; an admission fails its write as before.
+            reply = await self._decide_again(env, key_slot, (
+                now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
+                needs), late, abandoned, exc)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND and self.on_missing is not None:
             self.on_missing(env)
         if decision.flags & Flag.EVENTS:
             self._forward_soon(env)
         return decision
+
+    async def _decide_again(self, env: str, key_slot: int, args: tuple,
+                            late: Callable[[Decision | None], None] | None,
+                            abandoned: Callable[[Decision | None], None] | None,
+                            exc: StoreError) -> list:
+        """decide.lua as a script, after the function call failed with ``exc``: the store
+        lost the code (NoScript), or is at maxmemory (OutOfMemory)."""
+        names = keys.decision_keys(env)
+        if isinstance(exc, NoScript):
+            return await self._reply(self._reload(DECIDE, names, key_slot, args, exc), late,
+                                     abandoned)
+        fut = self.store.submit(pack_command("EVALSHA", DECIDE.sha, 9, *names, *args),
+                                key_slot)
+        try:
+            return await self._reply(fut, late, abandoned)
+        except NoScript as missing:
+            return await self._reply(self._reload(DECIDE, names, key_slot, args, missing),
+                                     late, abandoned)
 
     async def _reply(self, fut: asyncio.Future,
                      late: Callable[[Decision | None], None] | None,
@@ -323,18 +355,37 @@ class Limiter:
         library again for the next calls, or call scripts from now on."""
         self.script_reloads += 1
         if isinstance(exc, NoFunctions):
-            if self.functions:
-                self.functions = False
-                self._set_heads()
-                log.warning("the store refuses functions (%s): calling scripts (EVALSHA) "
-                            "instead, which cost the store about 1.7x as much per decision",
-                            exc)
+            self._no_functions(exc)
         else:
-            log.info("%s missing in store (%s), reloading", script.name, exc)
-            if self.functions:
-                self.store.submit(_LOAD_LIBRARY, key_slot).add_done_callback(_retrieved)
+            now = time.monotonic()
+            if now - self._reload_logged_at >= RELOAD_LOG_INTERVAL_S:
+                self._reload_logged_at = now
+                log.info("%s missing in store (%s), reloading", script.name, exc)
+            if self.functions and not self._library_loading:  # one load at a time
+                self._library_loading = True
+                self.store.submit(_LOAD_LIBRARY, key_slot).add_done_callback(
+                    self._library_loaded)
         return self.store.submit(
             pack_command("EVAL", script.body, len(names), *names, *args), key_slot)
+
+    def _no_functions(self, exc: BaseException) -> None:
+        """Call scripts from now on (this process): the store refuses or cannot load the
+        library."""
+        if self.functions:
+            self.functions = False
+            self._set_heads()
+            log.warning("the store refuses functions (%s): calling scripts (EVALSHA) instead, "
+                        "which cost the store about 1.5x as much per decision", exc)
+
+    def _library_loaded(self, fut: asyncio.Future) -> None:
+        self._library_loading = False
+        exc = StoreUnavailable("cancelled") if fut.cancelled() else fut.exception()
+        if _already_loaded(exc) or isinstance(exc, StoreUnavailable):
+            return  # loaded, or the store cannot serve now (OOM, down): try again later
+        # Refused for good (ACL, a renamed command, a server that cannot compile it): without
+        # this every call would miss, load and EVAL.
+        assert exc is not None
+        self._no_functions(exc)
 
     def _watch_late(self, fut: asyncio.Future, late: Callable[[Decision | None], None] | None
                     ) -> None:
@@ -646,8 +697,13 @@ class Limiter:
         for script in ALL:
             await self.store.execute_all("SCRIPT", "LOAD", script.body)
         if self.functions:
-            with contextlib.suppress(NoFunctions):
-                await self.store.execute_all("FUNCTION", "LOAD", "REPLACE", LIBRARY)
+            try:
+                await self.store.execute_all("FUNCTION", "LOAD", LIBRARY)
+            except StoreUnavailable:
+                raise
+            except StoreError as exc:
+                if not _already_loaded(exc):
+                    self._no_functions(exc)
 
     async def scripts_loaded(self) -> bool:
         """The scripts, and the library unless functions are refused, on every primary."""
@@ -659,7 +715,8 @@ class Limiter:
         try:
             listed = await self.store.execute_all("FUNCTION", "LIST", "LIBRARYNAME",
                                                   LIBRARY_NAME)
-        except NoFunctions:
+        except NoFunctions as exc:  # cannot even look: scripts it is
+            self._no_functions(exc)
             return True
         return all(bool(reply) for reply in listed)
 

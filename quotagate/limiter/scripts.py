@@ -22,9 +22,13 @@ from importlib import resources
 _LUA = resources.files("quotagate.limiter").joinpath("lua")
 _COMMON = _LUA.joinpath("common.lua").read_text()
 _NAMES = ("decide", "settle", "renew")
-#: Digest of all the code: names the library and its functions.
+#: How each operation becomes a function of the library (``_library``).
+_WRAPPER = ("\nlocal function op_{name}(KEYS, ARGV)\n{code}\nend\n"
+            "redis.register_function('{function}', op_{name})\n")
+#: Digest of all the code, the wrapper included: names the library and its functions.
 VERSION = hashlib.sha1(
-    "".join([_COMMON, *(_LUA.joinpath(f"{n}.lua").read_text() for n in _NAMES)]).encode()
+    "".join([_WRAPPER, _COMMON, *(_LUA.joinpath(f"{n}.lua").read_text() for n in _NAMES)]
+            ).encode()
 ).hexdigest()[:12]
 LIBRARY_NAME = f"quotagate_{VERSION}"
 
@@ -55,8 +59,7 @@ def _library() -> bytes:
     parts = [f"#!lua name={LIBRARY_NAME}\n", _COMMON]
     for script in ALL:
         code = _LUA.joinpath(f"{script.name}.lua").read_text()
-        parts.append(f"\nlocal function op_{script.name}(KEYS, ARGV)\n{code}\nend\n"
-                     f"redis.register_function('{script.function}', op_{script.name})\n")
+        parts.append(_WRAPPER.format(name=script.name, code=code, function=script.function))
     return "".join(parts).encode()
 
 

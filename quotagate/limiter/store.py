@@ -42,6 +42,7 @@ import hiredis
 from quotagate.limiter.errors import (
     NoFunctions,
     NoScript,
+    OutOfMemory,
     Redirected,
     StoreError,
     StoreTimeout,
@@ -73,6 +74,8 @@ def translate(error: hiredis.ReplyError) -> StoreError:
         return NoFunctions(text)
     if text.startswith(("MOVED ", "ASK ")):
         return Redirected(text)
+    if text.startswith("OOM"):
+        return OutOfMemory(f"store cannot serve: {text}")
     if text.startswith(_UNAVAILABLE):
         return StoreUnavailable(f"store cannot serve: {text}")
     return StoreError(f"store error: {text}")
@@ -358,9 +361,10 @@ class PipelinedStore:
                 for cmd, fut in zip(setup, futs, strict=True):
                     try:
                         await fut
-                    except StoreError as exc:
-                        if not isinstance(cmd, OptionalSetup) or isinstance(
-                                exc, StoreUnavailable):
+                    except StoreError:
+                        # An optional one may fail for any reason (refused, OOM, already
+                        # there); a store that cannot serve fails the required ones too.
+                        if not isinstance(cmd, OptionalSetup):
                             raise
                         self.optional_failures += 1
         except TimeoutError:
