@@ -33,7 +33,8 @@ from quotagate.gateway.routing import compile_route
 from quotagate.gateway.server import tune_gc
 from quotagate.settings.schema import Route, UpstreamSettings
 
-STRATEGIES = {
+STRATEGIES: dict[str, type[FixedWindowRateLimiter | MovingWindowRateLimiter
+                            | SlidingWindowCounterRateLimiter]] = {
     "fixed": FixedWindowRateLimiter,
     "moving": MovingWindowRateLimiter,
     "sliding": SlidingWindowCounterRateLimiter,

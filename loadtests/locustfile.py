@@ -19,6 +19,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import cast
 
 import websocket
 from locust import HttpUser, User, between, constant_pacing, events, task
@@ -44,7 +45,8 @@ def _write(**_: object) -> None:
 
 
 def _get(user: HttpUser, tenant: str, path: str, **kw: object) -> int:
-    with user.client.get(path, headers={"X-CloudBase-Env": tenant, **kw.pop("headers", {})},
+    extra = cast(dict[str, str], kw.pop("headers", {}))
+    with user.client.get(path, headers={"X-CloudBase-Env": tenant, **extra},
                          name=f"{tenant} {path.split('?')[0]}", catch_response=True,
                          **kw) as resp:
         if resp.status_code in (200, 429):
@@ -115,7 +117,7 @@ class WatchStorm(User):
     wait_time = between(0.1, 0.3)
 
     def on_start(self) -> None:
-        host = self.host.replace("http://", "ws://")
+        host = (self.host or "").replace("http://", "ws://")
         self.tenant = SCENARIO.get("live", "live")
         self.ws = websocket.create_connection(f"{host}/realtime?event_ms=1000", timeout=10,
                                               header=[f"X-CloudBase-Env: {self.tenant}"])

@@ -32,6 +32,7 @@ import time
 import zoneinfo
 from collections import defaultdict
 from pathlib import Path
+from typing import TypedDict
 
 import redis
 import yaml
@@ -45,7 +46,13 @@ ROOT = HERE.parent
 PY = sys.executable
 BURST_MS = 100
 QPS_TENANTS = {"t-free": 5, "t-personal": 10, "t-standard": 20, "t-enterprise": 40}
-BURNER = {"env": "burner", "calls": 300, "pack": 200}
+class Burner(TypedDict):
+    env: str
+    calls: int
+    pack: int
+
+
+BURNER: Burner = {"env": "burner", "calls": 300, "pack": 200}
 LIVE_CAP = 10
 
 
@@ -55,7 +62,7 @@ def write_config(tmp: Path, up_port: int, store_url: str) -> tuple[Path, int]:
     period = {"anchor": anchor.isoformat(),
               "expires": anchor.replace(year=anchor.year + 1).isoformat()}
     plans = ("free", "personal", "standard", "enterprise")
-    envs = {env: {"plan": plan, **period, "limits": {"qps": qps}}
+    envs: dict[str, dict[str, object]] = {env: {"plan": plan, **period, "limits": {"qps": qps}}
             for (env, qps), plan in zip(QPS_TENANTS.items(), plans, strict=True)}
     envs[BURNER["env"]] = {"plan": "personal", **period, "overage": True,
                            "limits": {"calls": BURNER["calls"], "qps": 100_000},
@@ -125,16 +132,16 @@ def check(outcomes: list[dict], r: redis.Redis, watch_peak: int, users: int) -> 
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
     cycle, day = day_number(today.replace(day=1)), day_number(today)
     env = BURNER["env"]
-    admitted = sum(per[(env, "admitted")].values())
+    burned = sum(per[(env, "admitted")].values())
     plan_used = int(r.hget(keys.usage(env), f"{cycle}:calls") or 0)
     pack_used = int(r.hget(keys.pack_usage(env), "b1") or 0)
     payg = int(r.hget(keys.payg(env), f"{day}:calls") or 0)
     # Requests in flight when Locust stops are counted by the store but never seen by the
     # client: at most one per burner user.
-    beyond = admitted - BURNER["calls"] - BURNER["pack"]
+    beyond = burned - BURNER["calls"] - BURNER["pack"]
     add("burner waterfall", plan_used == BURNER["calls"] and pack_used == BURNER["pack"]
         and beyond <= payg <= beyond + users,
-        f"admitted {admitted}: plan {plan_used}/{BURNER['calls']}, pack {pack_used}/"
+        f"admitted {burned}: plan {plan_used}/{BURNER['calls']}, pack {pack_used}/"
         f"{BURNER['pack']}, pay-as-you-go {payg} (client saw {beyond}; in flight at the "
         f"stop: {payg - beyond})")
     chats = sum(per[("chat", "admitted")].values())
@@ -163,7 +170,7 @@ def draw(outcomes: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(tenants), 1, figsize=(10, 2.2 * len(tenants)), sharex=True)
     for ax, tenant in zip(axes if len(tenants) > 1 else [axes], tenants, strict=True):
         for outcome, color in (("admitted", "tab:green"), ("refused", "tab:red")):
-            series = defaultdict(int)
+            series: defaultdict[int, int] = defaultdict(int)
             for row in outcomes:
                 if row["tenant"] == tenant and row["outcome"] == outcome:
                     series[row["second"]] += row["count"]

@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
         asyncio.run(sync())
         r = redis.Redis.from_url(valkey.url)
-        r.function_load(LIBRARY, replace=True)
-        for script in (DECIDE, SETTLE):
-            r.script_load(script.body)
+        r.function_load(LIBRARY.decode(), replace=True)
+        for loaded in (DECIDE, SETTLE):
+            r.script_load(loaded.body)
         results: dict[tuple[str, str], list[float]] = {}
         for run in range(args.runs):
             for name, (script, names, call_args) in cases(bench.ENV_OK).items():
