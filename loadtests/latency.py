@@ -118,23 +118,22 @@ class _Pool:
             _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
         conn.send(self.request, due)
 
-    def done(self, conn: _Conn, status: int) -> None:
+    def _record(self, conn: _Conn, ok: bool) -> None:
         if conn.due >= self.record_from:
             now = time.perf_counter()
             self.latencies.append((now - conn.due) * 1000)
             self.service.append((now - conn.sent) * 1000)
-            if status != 200:
+            if not ok:
                 self.failures += 1
-        self.idle.append(conn)
         self._finish_one()
+
+    def done(self, conn: _Conn, status: int) -> None:
+        self.idle.append(conn)
+        self._record(conn, status == 200)
 
     def lost(self, conn: _Conn) -> None:
         if conn.busy:
-            self.failures += 1
-            now = time.perf_counter()
-            self.latencies.append((now - conn.due) * 1000)
-            self.service.append((now - conn.sent) * 1000)
-            self._finish_one()
+            self._record(conn, False)
         if conn in self.idle:
             self.idle.remove(conn)
 

@@ -111,6 +111,14 @@ def own_valkey(tmp_path: Path) -> Iterator[EmbeddedValkey]:
 
 
 @pytest.fixture
+async def store(valkey_url: str) -> AsyncIterator[aredis.Redis]:
+    """A client of the shared Valkey (emptied), for gateway-level tests."""
+    client = aredis.Redis.from_url(valkey_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
 async def redis_client(store_url: str) -> AsyncIterator[aredis.Redis]:
     client = aredis.Redis.from_url(store_url)
     yield client

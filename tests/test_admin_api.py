@@ -9,7 +9,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aredis
 import yaml
 
 from quotagate.billing.bills import price_line
@@ -21,13 +20,6 @@ from tests.helpers import ADMIN_TOKEN, PLANS, at, env, local
 
 TOKEN = ADMIN_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-async def store(valkey_url: str):
-    client = aredis.Redis.from_url(valkey_url)
-    yield client
-    await client.aclose()
 
 
 def api_env(**extra) -> dict:

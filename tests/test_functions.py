@@ -19,13 +19,6 @@ CYCLE = day_number(local("2026-11-01T00:00:00").date())
 TODAY = day_number(local("2026-11-26T12:00:00").date())
 
 
-@pytest.fixture
-async def store(valkey_url: str):
-    client = aredis.Redis.from_url(valkey_url)
-    yield client
-    await client.aclose()
-
-
 async def usage(store: aredis.Redis, meter: str) -> int:
     return int(await store.hget(keys.usage("shop"), f"{CYCLE}:{meter}") or 0)
 

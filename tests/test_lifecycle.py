@@ -22,13 +22,6 @@ TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-async def store(valkey_url: str):
-    client = aredis.Redis.from_url(valkey_url)
-    yield client
-    await client.aclose()
-
-
 async def stream(store: aredis.Redis) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in f.items()}
             for _, f in await store.xrange(keys.EVENTS)]

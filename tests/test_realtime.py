@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis.asyncio as aredis
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -126,13 +125,6 @@ async def stub_stats(upstream: TestServer) -> dict[str, int]:
     async with aiohttp.ClientSession() as s, s.get(
             f"http://127.0.0.1:{upstream.port}/_realtime") as r:
         return await r.json()
-
-
-@pytest.fixture
-async def store(valkey_url: str):
-    client = aredis.Redis.from_url(valkey_url)
-    yield client
-    await client.aclose()
 
 
 async def settle() -> None:

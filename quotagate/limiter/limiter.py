@@ -292,16 +292,13 @@ class Limiter:
                     raise
             else:
                 reply = await self._reply(fut, late, abandoned)
-        except NoScript as exc:
-            reply = await self._decide_again(env, key_slot, (
-                now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
-                needs), late, abandoned, exc)
-        except OutOfMemory as exc:
-            if not self.functions:
+        except (NoScript, OutOfMemory) as exc:
+            # OutOfMemory: at maxmemory a function (which may write) is refused before it
+            # runs; a script runs until it writes. So as a script a refusal, which writes
+            # nothing, is still decided, as it was before functions; an admission fails its
+            # write as before.
+            if isinstance(exc, OutOfMemory) and not self.functions:
                 raise
-            # At maxmemory a function (which may write) is refused before it runs; a script
-            # runs until it writes. So as a script a refusal, which writes nothing, is still
-            # decided, as it was before functions; an admission fails its write as before.
             reply = await self._decide_again(env, key_slot, (
                 now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
                 needs), late, abandoned, exc)
