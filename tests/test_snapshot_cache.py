@@ -11,9 +11,12 @@ import redis.asyncio as aredis
 from quotagate.limiter import keys
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.scripts import DECIDE, LIBRARY
-from tests.helpers import env, write_config
+from tests.helpers import at, env, write_config
 
-ARGS = ("0", "function", "1", "enforce", "100", "", "inst", "15000", "")
+#: Decided at the limiters' noon (the snapshots are written for that day), never at the store's
+#: own clock: the test must not depend on the day it runs.
+NOON_MS = at("2026-11-26T12:00:00").now_ms()
+ARGS = (str(NOON_MS), "function", "1", "enforce", "100", "", "inst", "15000", "")
 
 
 async def decide(client: aredis.Redis, env_id: str) -> list:
