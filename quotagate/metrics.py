@@ -30,6 +30,12 @@ BACKLOG = Gauge(
     "Usage entries admitted while the store was down and not yet written back.",
     multiprocess_mode="sum",
 )
+CLOCK_SKEW = Gauge(
+    "quotagate_clock_skew_seconds",
+    "This host's wall clock minus the store's TIME at the last sample (dates follow the "
+    "store's clock; a large value means the host's NTP is off).",
+    multiprocess_mode="max",
+)
 UPSTREAM_ERRORS = Counter(
     "quotagate_upstream_errors_total",
     "Proxied requests that failed at the upstream, by kind (unavailable, timeout, aborted).",

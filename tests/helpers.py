@@ -19,6 +19,7 @@ from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import sync_environments
+from quotagate.problem import CONTENT_TYPE, TYPE_BASE
 from quotagate.settings import Config, load_config
 
 QUOTAGATE = [sys.executable, "-m", "quotagate"]
@@ -139,3 +140,13 @@ SCRIPT_COMMANDS = ("fcall", "fcall_ro", "evalsha", "eval")
 def script_calls(stats: dict) -> int:
     """Script and function calls in an ``INFO commandstats`` reply."""
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in SCRIPT_COMMANDS)
+
+
+async def assert_problem(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """``resp`` is an RFC 9457 problem of ``status``; returns its body."""
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == CONTENT_TYPE, resp.content_type
+    body = await resp.json(content_type=None)
+    assert body["status"] == status and body["type"].startswith(TYPE_BASE)
+    assert body["title"] and body["detail"], body
+    return body

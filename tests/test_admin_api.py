@@ -16,7 +16,7 @@ from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
 from quotagate.limiter.calendar import day_number
 from quotagate.settings.load import PlansFile, parse_yaml
-from tests.helpers import ADMIN_TOKEN, PLANS, at, env, local
+from tests.helpers import ADMIN_TOKEN, PLANS, assert_problem, at, env, local
 
 TOKEN = ADMIN_TOKEN
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -42,7 +42,7 @@ async def test_authentication(make_gateway, admin_for):
     assert (await admin.get("/healthz")).status == 200  # health stays open
     off = await admin_for(gw, token="")
     resp = await off.get("/admin/v1/envs", headers=AUTH)
-    assert resp.status == 401 and "QUOTAGATE_ADMIN_TOKEN" in (await resp.json())["error"]
+    assert resp.status == 401 and "QUOTAGATE_ADMIN_TOKEN" in (await resp.json())["detail"]
     # Never on the public port: there it is just a path without a route.
     public = await gw.get("/admin/v1/envs", headers={**AUTH, "X-CloudBase-Env": "shop"})
     assert public.status == 404
@@ -66,6 +66,8 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
         ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": "yes"}', 422),
         ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": true}', 409),
         ("GET", "/admin/v1/bills?date=yesterday", None, 422),
+        ("DELETE", "/admin/v1/envs/shop", None, 405),  # aiohttp's own refusals too
+        ("GET", "/admin/v1/no-such-route", None, 404),
     ]
     async def everything() -> dict[bytes, bytes]:
         return {k: await store.dump(k) for k in sorted(await store.keys("*"))}
@@ -74,7 +76,7 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
     for method, path, body, status in cases:
         resp = await admin.request(method, path, data=body, headers=AUTH)
         assert resp.status == status, (path, body, await resp.text())
-        assert "error" in await resp.json()
+        await assert_problem(resp, status)
     assert await everything() == before  # keys and values
 
 
@@ -109,7 +111,7 @@ async def test_packs_buy_list_refund(make_gateway, admin_for, store):
     await admin.put("/admin/v1/envs/free-1", json=api_env(plan="free"), headers=AUTH)
     resp = await admin.post("/admin/v1/envs/free-1/packs", json={"pack": "calls-10m"},
                             headers=AUTH)
-    assert resp.status == 409 and "free cannot buy" in (await resp.json())["error"]
+    assert resp.status == 409 and "free cannot buy" in (await resp.json())["detail"]
     await admin.put("/admin/v1/envs/p-1", json=api_env(limits={"calls": 1}), headers=AUTH)
     for body, status in (({"pack": "calls-1g"}, 422), ({"meter": "calls", "amount": -5}, 422),
                          ({"meter": "qps", "amount": 5}, 422), ({}, 422)):
@@ -130,7 +132,7 @@ async def test_packs_buy_list_refund(make_gateway, admin_for, store):
     assert packs["b-big"]["remaining"] == 10_000_000 and packs["a-small"]["remaining"] == 1
     assert packs["a-small"]["expires"] == "2026-12-26"
     used = await admin.delete("/admin/v1/envs/p-1/packs/a-small", headers=AUTH)
-    assert used.status == 409 and "has been used" in (await used.json())["error"]
+    assert used.status == 409 and "has been used" in (await used.json())["detail"]
     clock.set(local("2026-12-02T23:59:59"))  # day 7 after purchase: still refundable
     ok = await admin.delete("/admin/v1/envs/p-1/packs/b-big", headers=AUTH)
     assert ok.status == 200 and (await ok.json())["refunded"]["id"] == "b-big"
@@ -139,7 +141,7 @@ async def test_packs_buy_list_refund(make_gateway, admin_for, store):
                      headers=AUTH)
     clock.set(local("2026-12-10T00:00:00"))  # 8 days later
     late = await admin.delete("/admin/v1/envs/p-1/packs/late", headers=AUTH)
-    assert late.status == 409 and "within 7 days" in (await late.json())["error"]
+    assert late.status == 409 and "within 7 days" in (await late.json())["detail"]
 
 
 async def test_promo_for_days_in_env_timezone(make_gateway, admin_for):
@@ -203,7 +205,7 @@ async def test_plan_change_prices_reproduce_the_seed(make_gateway, admin_for, tm
     await store.hset(keys.usage("down"), f"{cycle}:calls", 1001)
     refused = await admin.post("/admin/v1/envs/down/plan", json={"plan": "p100"}, headers=AUTH)
     body = await refused.json()
-    assert refused.status == 409 and body["meters"] == ["calls"] and "calls" in body["error"]
+    assert refused.status == 409 and body["meters"] == ["calls"] and "calls" in body["detail"]
     await store.hset(keys.usage("down"), f"{cycle}:calls", 1000)
     ok = await admin.post("/admin/v1/envs/down/plan", json={"plan": "p100"}, headers=AUTH)
     assert ok.status == 200 and (await ok.json())["amount"] == "1390.59"
@@ -211,7 +213,7 @@ async def test_plan_change_prices_reproduce_the_seed(make_gateway, admin_for, tm
     await admin.put("/admin/v1/envs/owing", json={"plan": "p100", "arrears": True, **period},
                     headers=AUTH)
     owing = await admin.post("/admin/v1/envs/owing/plan", json={"plan": "p1000"}, headers=AUTH)
-    assert owing.status == 409 and "arrears" in (await owing.json())["error"]
+    assert owing.status == 409 and "arrears" in (await owing.json())["detail"]
 
 
 async def test_bill_lines_reconcile_with_the_counted_usage(make_gateway, admin_for, store):
@@ -304,7 +306,7 @@ async def test_ingestion_bad_batches_count_nothing(make_gateway, admin_for, stor
     ):
         resp = await admin.post("/admin/v1/usage", json=bad, headers=AUTH)
         assert resp.status == status, bad
-        assert "error" in await resp.json()
+        await assert_problem(resp, status)
     assert await store.hgetall(keys.usage("shop")) == {}
     assert not await store.keys("qg:{shop}:seen:*")
 
@@ -426,6 +428,29 @@ async def test_capacity_guards_pack_refunds_and_downgrades(make_gateway, admin_f
                          "amount": 150 * gib}]}
     assert (await admin.post("/admin/v1/usage", json=body, headers=AUTH)).status == 200
     refund = await admin.delete("/admin/v1/envs/big/packs/c1", headers=AUTH)
-    assert refund.status == 409 and "in use" in (await refund.json())["error"]
+    assert refund.status == 409 and "in use" in (await refund.json())["detail"]
     down = await admin.post("/admin/v1/envs/big/plan", json={"plan": "personal"}, headers=AUTH)
     assert down.status == 409 and (await down.json())["meters"] == ["capacity_bytes"]
+
+
+async def test_a_store_outage_is_a_503_problem_and_changes_nothing(make_gateway, admin_for,
+                                                                   own_valkey):
+    gw = await make_gateway({"shop": env()}, store_url=own_valkey.url)
+    admin = await admin_for(gw)
+    body = {"plan": "personal", "anchor": "2026-11-01", "expires": "2027-11-01"}
+    assert (await admin.put("/admin/v1/envs/fresh", json=body, headers=AUTH)).status == 200
+    own_valkey.kill()
+    for method, path, data in (("GET", "/admin/v1/envs/fresh", None),
+                               ("GET", "/admin/v1/envs/shop/usage", None),
+                               ("PUT", "/admin/v1/envs/fresh", {**body, "overage": True}),
+                               ("POST", "/admin/v1/envs/fresh/packs", {"pack": "calls-10m"}),
+                               ("GET", "/admin/v1/bills?date=2026-11-26", None)):
+        resp = await admin.request(method, path, json=data, headers=AUTH)
+        problem = await assert_problem(resp, 503)
+        assert problem["type"].endswith("/admin/store-unavailable")
+        assert resp.headers["Retry-After"] == "1" and "Traceback" not in problem["detail"]
+    own_valkey.start()
+    resp = await admin.get("/admin/v1/envs/fresh", headers=AUTH)
+    assert resp.status == 200
+    definition = (await resp.json())["definition"]
+    assert definition["overage"] is False and definition["packs"] == []  # nothing changed

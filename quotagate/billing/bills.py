@@ -42,10 +42,10 @@ class BillLine:
 
 
 def price_line(plans: PlansFile, env: str, day: dt.date, meter: str, quantity: int
-               ) -> BillLine | None:
+               ) -> BillLine:
     price = plans.payg_prices.get(meter)
-    if price is None:
-        return None
+    if price is None:  # plans.yaml is refused without one (check_plans): never billed at 0
+        raise ValueError(f"no pay-as-you-go price for {meter} in plans.yaml")
     per = Decimal(price.per) * _SCALE.get(meter, 1)
     amount = charge(Decimal(quantity) * Decimal(price.price) / per)
     return BillLine(env, day.isoformat(), meter, quantity, UNITS.get(meter, "units"),
@@ -66,9 +66,7 @@ async def bill(redis: Any, plans: PlansFile, env_ids: list[str], day: dt.date
             parts = field.decode().split(":")
             if len(parts) != 2 or parts[0] != str(number):  # :shadow / :unbilled are not billed
                 continue
-            line = price_line(plans, env, day, parts[1], int(value))
-            if line is not None:
-                lines.append(line)
+            lines.append(price_line(plans, env, day, parts[1], int(value)))
     return lines
 
 

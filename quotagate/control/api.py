@@ -7,12 +7,14 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import json
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
+import redis.asyncio as aredis
 from aiohttp import web
 
 from quotagate import metrics
@@ -22,7 +24,10 @@ from quotagate.control.usage import usage_report
 from quotagate.limiter.errors import StoreError
 from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Limiter
+from quotagate.problem import problem_response
 from quotagate.settings.schema import PACK_METERS, Environment
+
+log = logging.getLogger("quotagate.admin")
 
 PREFIX = "/admin/v1"
 TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
@@ -45,13 +50,38 @@ _RECORD_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: Problem types of the admin API, by status (RFC 9457; the gateway's are in problems.py).
+_ADMIN_PROBLEMS = {
+    400: ("bad-request", "Malformed request"),
+    401: ("unauthorized", "Missing or wrong bearer token"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    409: ("conflict", "Refused"),
+    413: ("body-too-large", "Request body too large"),
+    422: ("invalid", "Invalid values"),
+    500: ("internal-error", "Internal error"),
+    503: ("store-unavailable", "Store unavailable"),
+}
+
+
 def _error(status: int, message: str, **detail: Any) -> web.Response:
-    return web.json_response({"error": message, **detail}, status=status)
+    """An admin refusal as application/problem+json; ``detail`` adds extension members
+    (``meters``, ``issues``, ``done``)."""
+    slug, title = _ADMIN_PROBLEMS.get(status, ("error", "Error"))
+    return problem_response(status, f"admin/{slug}", title, message, **detail)
+
+
+def _store_down(exc: BaseException) -> web.Response:
+    response = _error(503, f"the store cannot be reached ({exc}); nothing was changed: retry")
+    response.headers["Retry-After"] = "1"
+    return response
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token on every /admin/v1 route; ControlError -> its status, JSON."""
+    """Bearer token on every /admin/v1 route; every refusal as problem+json: ControlError ->
+    its status, an unreachable store -> 503, aiohttp's own (404, 405, 413) kept, anything
+    else -> 500 without a traceback (logged)."""
     if not request.path.startswith(PREFIX):
         return await handler(request)
     expected = request.app[TOKEN]
@@ -68,6 +98,16 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ControlError as exc:
         return _error(exc.status, str(exc), **exc.detail)
+    except (aredis.RedisError, StoreError, OSError) as exc:
+        log.warning("admin %s %s: store unavailable: %s", request.method, request.path, exc)
+        return _store_down(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.text or exc.reason)
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return _error(500, "internal error (logged by the gateway); nothing is reported here")
 
 
 async def _body(request: web.Request) -> dict[str, Any]:

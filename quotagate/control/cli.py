@@ -19,7 +19,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
+
+from quotagate.settings.load import ConfigError, parse_yaml
+from quotagate.settings.schema import Environment
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 
@@ -43,7 +47,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
-            message = json.loads(raw).get("error", raw.decode(errors="replace"))
+            problem = json.loads(raw)
+            message = str(problem.get("detail", raw.decode(errors="replace")))
+            for issue in problem.get("issues") or ():  # one line per bad value
+                message += f"\n  {issue.get('path', '')}: {issue.get('reason', '')}"
         except (ValueError, AttributeError):
             message = raw.decode(errors="replace")[:500]
         raise ApiError(exc.code, message) from None
@@ -79,8 +86,10 @@ def env_show(args: argparse.Namespace) -> None:
 
 
 def env_put(args: argparse.Namespace) -> None:
-    definition = yaml.safe_load(Path(args.file).read_text())
-    data = call(args, "PUT", f"/envs/{args.env}", definition)
+    # Read as environments.yaml is (unquoted dates, `mode: off` a string), checked here first
+    # so a typo names the file and key before anything is sent.
+    definition = parse_yaml(Path(args.file), Environment)
+    data = call(args, "PUT", f"/envs/{args.env}", msgspec.to_builtins(definition))
     _out(args, data, f"{data['env']}: written (owned by {data['owner']})")
 
 
@@ -211,6 +220,9 @@ def _run(func: Any, args: argparse.Namespace) -> int:
         func(args)
     except ApiError as exc:
         print(f"refused ({exc.status}): {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
         print(f"cannot reach the admin API at {args.admin}: {exc}", file=sys.stderr)

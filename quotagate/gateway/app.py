@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate import metrics
-from quotagate.clock import Clock
+from quotagate.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import api as control_api
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
@@ -299,6 +300,7 @@ async def _sync_until_done(state: GatewayState) -> None:
     while True:
         try:
             await check_store_version(state.redis)
+            await sync_store_clock(state)
             await sync_environments(state.redis, state.config)
             await state.limiter.load_scripts()
             state.synced = True
@@ -309,6 +311,38 @@ async def _sync_until_done(state: GatewayState) -> None:
             delay = min(delay * 2, 5.0)
 
 
+async def sync_store_clock(state: GatewayState) -> None:
+    """Sample the store's TIME (production clock only; a test's manual clock stays)."""
+    clock = state.limiter.clock
+    if not isinstance(clock, StoreClock):
+        return
+
+    async def store_time() -> tuple[int, int]:
+        seconds, micros = await state.limiter.store.execute("TIME")
+        return int(seconds), int(micros)
+
+    await clock.sync(store_time)
+    metrics.CLOCK_SKEW.set(clock.skew_ms / 1000)
+
+
+async def _follow_store_clock(state: GatewayState) -> None:
+    """Sample the store's clock again every SYNC_INTERVAL_S (a stepped clock, a failover)."""
+    while True:
+        await asyncio.sleep(SYNC_INTERVAL_S)
+        try:
+            await sync_store_clock(state)
+        except StoreError as exc:
+            log.warning("could not sample the store's clock (%s); dates run on the last "
+                        "sample", exc)
+
+
+async def _once_synced(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:
+    """Run ``work()`` once the store is synced (environments written, clock sampled)."""
+    assert state.sync_task is not None
+    await asyncio.shield(state.sync_task)
+    await work()
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.pool.start()
@@ -317,20 +351,23 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     watcher = (loop.create_task(_watch_files(state))
                if state.config.gateway.reload_poll_ms else None)
-    background = [loop.create_task(control_events.sweep_forever(state.redis, state.limiter))]
+    state.sync_task = loop.create_task(_sync_until_done(state))
+    background = [loop.create_task(control_events.sweep_forever(state.redis, state.limiter)),
+                  loop.create_task(_follow_store_clock(state))]
     state.scheduler = Scheduler(
         Environments(state.redis, lambda: state.config, state.limiter.clock),  # type: ignore[arg-type]
         state.limiter.clock, state.upstream_base, state.pool.session,
         forward=state.limiter.forward_events, admit=state.admit_replay,
         carry=state.carry_capacity)
     if state.config.gateway.lifecycle_interval_ms:
-        background.append(loop.create_task(
-            state.scheduler.run(state.config.gateway.lifecycle_interval_ms / 1000)))
+        # Not before the clock is sampled: its dates are the store's.
+        interval_s = state.config.gateway.lifecycle_interval_ms / 1000
+        background.append(loop.create_task(_once_synced(
+            state, functools.partial(state.scheduler.run, interval_s))))
     if state.config.gateway.events.webhook_url:
         delivery = control_events.WebhookDelivery(
             state.redis, state.config.gateway.events, state.limiter.instance)  # type: ignore[arg-type]
         background.append(loop.create_task(delivery.run()))
-    state.sync_task = asyncio.get_running_loop().create_task(_sync_until_done(state))
     with contextlib.suppress(TimeoutError):
         # Usually done at once; a store that is down must not block the start.
         await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
@@ -541,6 +578,9 @@ async def readyz(request: web.Request) -> web.Response:
     except StoreError as exc:
         checks["store"] = f"unreachable: {exc}"
     checks["environments"] = "ok" if state.synced else "not yet written to the store"
+    clock = state.limiter.clock
+    checks["clock"] = ("ok" if not isinstance(clock, StoreClock) or clock.synced
+                       else "the store's clock not sampled yet")
     ready = all(v == "ok" for v in checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not ready", "checks": checks},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -10,8 +9,7 @@ from aiohttp import web
 
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.limiter import Decision
-
-TYPE_BASE = "https://quotagate.dev/problems/"
+from quotagate.problem import problem_response
 
 
 @dataclass(frozen=True)
@@ -25,24 +23,12 @@ class Problem(Exception):
     retry_after_s: int | None = None
 
     def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
-        body = {
-            "type": TYPE_BASE + self.type_suffix,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "env": self.env,
-            "meter": self.meter,
-            "violated-policies": [self.meter] if self.meter else [],
-        }
         headers = dict(extra_headers or {})
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(self.retry_after_s)
-        return web.Response(
-            status=self.status,
-            body=json.dumps(body).encode(),
-            content_type="application/problem+json",
-            headers=headers,
-        )
+        return problem_response(self.status, self.type_suffix, self.title, self.detail,
+                                headers, env=self.env, meter=self.meter,
+                                **{"violated-policies": [self.meter] if self.meter else []})
 
 
 def seconds_up(ms: int) -> int:

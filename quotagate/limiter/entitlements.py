@@ -13,7 +13,7 @@ import zoneinfo
 from typing import Any
 
 from quotagate.limiter import calendar as cal
-from quotagate.settings.schema import Environment, Limits, Plan, PlansFile
+from quotagate.settings.schema import PAYG_METERS, Environment, Limits, Plan, PlansFile
 
 GIB = 1024**3
 
@@ -23,8 +23,7 @@ ISOLATION_DAYS = 15
 SNAPSHOT_VERSION = 3
 
 #: Meters with a per-cycle quota in the snapshot.
-CHARGED_METERS = ("calls", "gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes",
-                  "ai_tokens")
+CHARGED_METERS = tuple(m for m in PAYG_METERS if m != "capacity_bytes")
 
 #: gbs is counted in MB·ms (exact integers): 1 GBs = 1024 MB x 1000 ms.
 MBMS_PER_GBS = 1024 * 1000

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 from quotagate import metrics
-from quotagate.clock import Clock, StoreClock
+from quotagate.clock import Clock, ScriptTime, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.codes import Flag, Outcome
@@ -264,24 +264,24 @@ class Limiter:
             cached = self._key_cache[env] = (packed, slot_of(names[0]))
         return cached
 
-    def _packed(self, env: str, kind: str, cost: int, mode: str, now_ms: int, slot: str,
+    def _packed(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime, slot: str,
                 needs: str) -> bytes:
         parts = [self._decide_head, self._keys_packed(env)[0]]
-        for arg in (str(now_ms).encode(), kind.encode(), str(cost).encode(), mode.encode(),
+        for arg in (script_arg(at).encode(), kind.encode(), str(cost).encode(), mode.encode(),
                     self._burst, slot.encode()):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
         parts.append(self._tail)
         parts.append(b"$%d\r\n%s\r\n" % (len(needs), needs.encode()))
         return b"".join(parts)
 
-    async def _run(self, env: str, kind: str, cost: int, mode: str, now_ms: int,
+    async def _run(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime,
                    late: Callable[[Decision | None], None] | None = None, slot: str = "",
                    needs: str = "",
                    abandoned: Callable[[Decision | None], None] | None = None) -> Decision:
         """One decision. ``late``: told the outcome of a command that timed out, if it ran.
         ``abandoned``: told the outcome of a call whose caller was cancelled meanwhile."""
         key_slot = self._keys_packed(env)[1]
-        fut = self.store.submit(self._packed(env, kind, cost, mode, now_ms, slot, needs),
+        fut = self.store.submit(self._packed(env, kind, cost, mode, at, slot, needs),
                                 key_slot)
         try:
             if abandoned is None:  # the plain path: one coroutine frame less than _reply
@@ -300,7 +300,7 @@ class Limiter:
             if isinstance(exc, OutOfMemory) and not self.functions:
                 raise
             reply = await self._decide_again(env, key_slot, (
-                now_ms, kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
+                script_arg(at), kind, cost, mode, self.burst_ms, slot, self.instance, self.lease_ms,
                 needs), late, abandoned, exc)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND and self.on_missing is not None:
@@ -423,7 +423,7 @@ class Limiter:
                 self._queue(env, slot, None, 1)
 
         try:
-            decision = await self._run(env, kind, cost, self.mode, self.clock.now_ms(), late,
+            decision = await self._run(env, kind, cost, self.mode, self.clock.script_time(), late,
                                        slot, needs, abandoned)
         except StoreUnavailable:
             if self.on_failure == "closed":
@@ -431,8 +431,8 @@ class Limiter:
                     self._hold(env, slot, -1)
                 raise
             # Fail-open: a slot stays held here; the next renewal writes it to the store.
-            wall = self.clock.wall_ms()
-            key = (env, kind, wall - wall % SLOT_MS)
+            passed = self.clock.now_ms()
+            key = (env, kind, passed - passed % SLOT_MS)
             self.backlog.add(key, cost)
             self._start_drainer()
             return BYPASSED_HOLDING if slot else BYPASSED
@@ -506,7 +506,8 @@ class Limiter:
 
     def _flush_env(self, env: str) -> None:
         releases, meters = self._settle.pop(env)
-        args: list[str | int] = [self.clock.now_ms(), self.instance, self.mode, len(releases)]
+        args: list[str | int] = [script_arg(self.clock.script_time()), self.instance, self.mode,
+                                 len(releases)]
         for slot, n in releases.items():
             args += (slot, n)
         for meter, amount in meters.items():
@@ -534,8 +535,10 @@ class Limiter:
                 return
         if not meters:
             return  # slots only: the next renewal writes the true counts
-        wall = self.clock.wall_ms()
-        entries = [((env, METER_PREFIX + m, wall - wall % SLOT_MS), a) for m, a in meters.items()]
+        # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).
+        passed = self.clock.now_ms()
+        entries = [((env, METER_PREFIX + m, passed - passed % SLOT_MS), a)
+                   for m, a in meters.items()]
         for key, amount in entries:
             self.backlog.add(key, amount)
         log.warning("metered usage of %s kept for write-back: %s", env, exc)
@@ -623,7 +626,7 @@ class Limiter:
         for env in self.held:
             groups.setdefault(self._keys_packed(env)[1] if clustered else 0, []).append(env)
         calls: list[_RenewCall] = []
-        now = self.clock.now_ms()
+        now = script_arg(self.clock.script_time())
         for key_slot, envs in groups.items():
             for i in range(0, len(envs), RENEW_BATCH):
                 batch = envs[i:i + RENEW_BATCH]

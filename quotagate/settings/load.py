@@ -19,6 +19,7 @@ from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.store import StoreAddress
 from quotagate.settings.schema import (
     FUNCTION_NAME,
+    PAYG_METERS,
     EnvironmentsFile,
     GatewaySettings,
     PlansFile,
@@ -263,6 +264,16 @@ def check_plans(plans: PlansFile, file: str) -> list[ConfigIssue]:
     for name in plans.plans:
         if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
             issues.append(ConfigIssue(file, f"$.plans.{name}", "plan ids are [a-z0-9_]{1,32}"))
+    for meter in PAYG_METERS:  # overage bills them: no price would bill 0.00, silently
+        if meter not in plans.payg_prices:
+            issues.append(ConfigIssue(
+                file, f"$.payg_prices.{meter}",
+                "missing: usage beyond plan and packs goes to pay-as-you-go and needs a list "
+                "price"))
+    for meter in plans.payg_prices:
+        if meter not in PAYG_METERS:
+            issues.append(ConfigIssue(file, f"$.payg_prices.{meter}",
+                                      f"not a pay-as-you-go meter ({', '.join(PAYG_METERS)})"))
     return issues
 
 

@@ -27,6 +27,17 @@ CUMULATIVE_METERS = (
     "ai_tokens",
     "sms",
 )
+#: Meters whose use beyond plan + packs goes to pay-as-you-go (overage on): each needs a list
+#: price in plans.yaml (SMS beyond its packs is charged as calls, SPEC §5).
+PAYG_METERS = (
+    "calls",
+    "gbs",
+    "storage_traffic_bytes",
+    "outbound_bytes",
+    "cdn_origin_bytes",
+    "ai_tokens",
+    "capacity_bytes",
+)
 #: Meters a resource pack may top up (SPEC §5).
 PACK_METERS = ("calls", "capacity_bytes", "sms")
 PackMeter = Literal["calls", "capacity_bytes", "sms"]
