@@ -1,0 +1,192 @@
+"""The as-deployed tier's harness: ``quotagate serve`` as a subprocess with the shipped config
+(only ports, upstream and scheduler pace changed), the embedded store, the real clock, and no
+injected anything; driven only through HTTP, the CLI and the admin API.
+
+Dates are computed from the real today in the environments' zone, never written down: no test
+may depend on the day it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zoneinfo
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from quotagate.limiter.embedded import free_port
+from tests.helpers import QUOTAGATE, ROOT, wait_ready
+
+SHIPPED = ROOT / "config"
+ZONE = zoneinfo.ZoneInfo("Asia/Shanghai")  # the shipped gateway.yaml's timezone
+TOKEN = "deployed-token"
+
+
+def today() -> dt.date:
+    """Today in the environments' zone. Within a minute of its midnight this waits for the new
+    day, so a test never compares dates from both sides of it."""
+    now = dt.datetime.now(ZONE)
+    midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), ZONE)
+    if (left := (midnight - now).total_seconds()) < 60:
+        time.sleep(left + 0.5)
+    return dt.datetime.now(ZONE).date()
+
+
+def days(n: int) -> str:
+    """Today plus ``n`` days, as ISO."""
+    return (today() + dt.timedelta(days=n)).isoformat()
+
+
+@dataclass
+class Webhook:
+    """Receives the gateway's events (the public surface consumers use besides the stream)."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def start(self) -> Webhook:
+        async def receive(request: web.Request) -> web.Response:
+            self.events.append(await request.json())
+            return web.Response(status=204)
+
+        app = web.Application()
+        app.router.add_post("/events", receive)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def wait_for(self, env: str, kind: str, timeout: float = 15) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.events:
+                if event.get("env") == env and event.get("type") == kind:
+                    return event
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no {kind} event for {env}; got {self.events}")
+
+
+@dataclass
+class Deployed:
+    """A running ``quotagate serve`` as shipped."""
+
+    directory: Path
+    port: int
+    admin: int
+    proc: subprocess.Popen[str]
+    config: dict[str, Any]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def route(self, kind: str) -> str:
+        """The URL prefix of the shipped config's first route of ``kind``."""
+        prefix = next(r["prefix"] for r in self.config["routes"] if r["kind"] == kind)
+        return self.base + prefix
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*QUOTAGATE, *args, "--admin", f"http://127.0.0.1:{self.admin}",
+                               "--token", TOKEN], capture_output=True, text=True, timeout=60)
+
+    def ok(self, *args: str) -> str:
+        out = self.cli(*args)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        return out.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok(*args, "--json"))
+
+    def put_env(self, env_id: str, yaml_text: str) -> None:
+        """``quotagate env put`` of a file written as an operator writes it."""
+        path = self.directory / f"{env_id}.yaml"
+        path.write_text(yaml_text)
+        assert "written" in self.ok("env", "put", env_id, str(path))
+
+    async def admin_api(self, method: str, path: str, body: Any = None
+                        ) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.request(
+                method, f"http://127.0.0.1:{self.admin}/admin/v1{path}", json=body,
+                headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def get(self, url: str, env: str, n: int = 1, concurrent: bool = False
+                  ) -> list[int]:
+        """Statuses of ``n`` GETs of ``url`` as ``env`` (at once, or one after another)."""
+        async with aiohttp.ClientSession() as s:
+            async def one() -> int:
+                async with s.get(url, headers={"X-CloudBase-Env": env}) as r:
+                    await r.read()
+                    return r.status
+            if concurrent:
+                return list(await asyncio.gather(*(one() for _ in range(n))))
+            return [await one() for _ in range(n)]
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, Any]:
+    """config/ copied to ``directory``; gateway.yaml as shipped but for free ports, the
+    upstream's address and ``changes``. Returns the gateway settings written."""
+    shutil.copytree(SHIPPED, directory, dirs_exist_ok=True)
+    gateway = yaml.safe_load((SHIPPED / "gateway.yaml").read_text())
+    gateway["listen"] = f"127.0.0.1:{free_port()}"
+    gateway["admin_listen"] = f"127.0.0.1:{free_port()}"
+    for route in gateway["routes"]:
+        route["upstream"] = upstream
+    gateway.update(changes)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+    return gateway
+
+
+async def serve(directory: Path, gateway: dict[str, Any], *args: str) -> Deployed:
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(directory / "gateway.yaml"),
+                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
+    port = int(gateway["listen"].rsplit(":", 1)[1])
+    admin = int(gateway["admin_listen"].rsplit(":", 1)[1])
+    try:
+        await wait_ready(admin, proc, timeout=60)
+    except BaseException:
+        proc.kill()
+        raise
+    return Deployed(directory, port, admin, proc, gateway)
+
+
+def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
+    """The demo upstream as its own process (as compose runs it)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate.gateway.demo_upstream",
+                             "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the demo upstream did not start")
