@@ -13,7 +13,7 @@ from quotagate.settings import check_files
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from quotagate.gateway.server import serve
+    from quotagate.gateway.server import StartError, serve
     from quotagate.logs import configure
     from quotagate.settings import ConfigError
 
@@ -25,16 +25,23 @@ def _serve(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(f"config error: {issue}", file=sys.stderr)
         return 2
+    except StartError as exc:
+        print(f"quotagate serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _demo(args: argparse.Namespace) -> int:
     from quotagate.gateway.demo import run_demo
-    from quotagate.gateway.server import LOG_FORMAT, install_uvloop
+    from quotagate.gateway.server import LOG_FORMAT, StartError, install_uvloop
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     install_uvloop()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_demo(args.port, args.admin_port, args.upstream_port, args.once))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_demo(args.port, args.admin_port, args.upstream_port, args.once))
+    except StartError as exc:
+        print(f"quotagate demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

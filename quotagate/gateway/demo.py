@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import socket
 import tempfile
 import zoneinfo
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 from aiohttp import web
 
 from quotagate.gateway.demo_upstream import make_upstream_app
-from quotagate.gateway.server import run_gateway
+from quotagate.gateway.server import StartError, run_gateway
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.settings import load_config
 
@@ -190,7 +191,23 @@ async def _realtime_steps(s: aiohttp.ClientSession, base: str) -> dict[str, int]
     return seen
 
 
+def check_ports_free(ports: dict[str, int]) -> None:
+    """Each port can be listened on (as aiohttp will: SO_REUSEADDR), else one StartError
+    naming the option, before anything is started."""
+    for option, port in ports.items():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError as exc:
+                raise StartError(f"port {port} ({option}) cannot be used: "
+                                 f"{exc.strerror or exc}; choose another with {option}"
+                                 ) from None
+
+
 async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -> dict[str, int]:
+    check_ports_free({"--port": port, "--admin-port": admin_port,
+                      "--upstream-port": upstream_port})
     tz = zoneinfo.ZoneInfo("Asia/Shanghai")
     with tempfile.TemporaryDirectory(prefix="quotagate-demo-") as tmp:
         directory = Path(tmp)
@@ -199,14 +216,21 @@ async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -
         config = load_config(config_path)
         valkey = EmbeddedValkey(directory / "valkey").start()
         upstream = web.AppRunner(make_upstream_app(), access_log=None)
-        await upstream.setup()
-        await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
         stop = asyncio.Event()
-        gateway = asyncio.create_task(run_gateway(config, valkey.url, stop=stop))
+        gateway: asyncio.Task[None] | None = None
         base = f"http://127.0.0.1:{port}"
         try:
+            await upstream.setup()
+            try:
+                await web.TCPSite(upstream, "127.0.0.1", upstream_port).start()
+            except OSError as exc:  # taken since the check
+                raise StartError(f"port {upstream_port} (--upstream-port) cannot be used: "
+                                 f"{exc.strerror or exc}") from None
+            gateway = asyncio.create_task(run_gateway(config, valkey.url, stop=stop))
             async with aiohttp.ClientSession() as s:
                 for _ in range(100):
+                    if gateway.done():  # it could not start: its StartError, raised here
+                        await gateway
                     try:
                         async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
                             if r.status == 200:
@@ -226,7 +250,7 @@ async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -
             return seen
         finally:
             stop.set()
-            if not gateway.done():
+            if gateway is not None and not gateway.done():
                 await gateway
             await upstream.cleanup()
             valkey.stop()

@@ -10,17 +10,33 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from quotagate.gateway.app import STATE, init_admin_app, init_app
-from quotagate.limiter.embedded import EmbeddedValkey
+from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.logs import TEXT_FORMAT, configure
 from quotagate.settings import Config, load_config
 
 log = logging.getLogger("quotagate.server")
+
+
+class StartError(RuntimeError):
+    """The server cannot start (a port in use, the data directory owned by another): one
+    line for the operator, nothing left running."""
+
+
+async def _listen(runner: web.AppRunner, hostport: str, what: str, **kw: Any) -> None:
+    host, port = _split(hostport)
+    try:
+        await web.TCPSite(runner, host, port, **kw).start()
+    except OSError as exc:
+        raise StartError(f"cannot listen on {hostport} ({what}): {exc.strerror or exc}"
+                         ) from None
 
 
 def _split(hostport: str) -> tuple[str, int]:
@@ -67,16 +83,20 @@ async def run_gateway(
     app = init_app(config, store_url)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = _split(gw.listen)
-    await web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048).start()
     admin_runner = None
-    if admin:
-        admin_runner = web.AppRunner(
-            init_admin_app(app[STATE], registry), access_log=None, handle_signals=False
-        )
-        await admin_runner.setup()
-        ahost, aport = _split(gw.admin_listen)
-        await web.TCPSite(admin_runner, ahost, aport).start()
+    try:
+        await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)
+        if admin:
+            admin_runner = web.AppRunner(
+                init_admin_app(app[STATE], registry), access_log=None, handle_signals=False
+            )
+            await admin_runner.setup()
+            await _listen(admin_runner, gw.admin_listen, "admin_listen")
+    except StartError:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()
+        raise
     tune_gc()
     log.info("gateway listening on http://%s (admin %s) pid %d", gw.listen,
              gw.admin_listen if admin else "in worker 0", os.getpid())
@@ -102,7 +122,9 @@ async def run_gateway(
 
 
 def _worker(config_path: str, store_url: str, index: int, log_level: str,
-            log_format: str = "text") -> None:
+            log_format: str = "text", parent: int = 0) -> None:
+    # A worker ends with the serve process, however that ends (a kill -9 included).
+    die_with_parent(parent or os.getppid())
     configure(log_level, log_format)
     install_uvloop()
     config = load_config(config_path)
@@ -112,8 +134,12 @@ def _worker(config_path: str, store_url: str, index: int, log_level: str,
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-    asyncio.run(run_gateway(config, store_url, admin=index == 0, reuse_port=True,
-                            registry=registry))
+    try:
+        asyncio.run(run_gateway(config, store_url, admin=index == 0, reuse_port=True,
+                                registry=registry))
+    except StartError as exc:
+        log.error("%s", exc)
+        sys.exit(1)
 
 
 LOG_FORMAT = TEXT_FORMAT
@@ -127,7 +153,10 @@ def serve(config_path: str, workers: int = 1, log_level: str = "INFO",
     if not store_url:
         data_dir = config.resolve(config.gateway.store.data_dir)
         log.info("no store.url configured: starting the embedded Valkey in %s", data_dir)
-        embedded = EmbeddedValkey(data_dir).start()
+        try:
+            embedded = EmbeddedValkey(data_dir).start()
+        except RuntimeError as exc:  # the directory owned by another (DataDirInUse), or no start
+            raise StartError(str(exc)) from None
         store_url = embedded.url
     try:
         if workers <= 1:
@@ -147,7 +176,8 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         ctx = multiprocessing.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker, args=(config_path, store_url, i, log_level, log_format),
+            ctx.Process(target=_worker,
+                        args=(config_path, store_url, i, log_level, log_format, os.getpid()),
                         name=f"quotagate-worker-{i}")
             for i in range(workers)
         ]
