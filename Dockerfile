@@ -7,12 +7,17 @@ COPY quotagate ./quotagate
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11.11-slim-bookworm
-RUN useradd --system --uid 10001 --home-dir /var/lib/quotagate --create-home quotagate
+# The home is the data volume: the embedded Valkey (used while store.url is empty) keeps its
+# append-only files in /var/lib/quotagate/data, written by this user.
+RUN useradd --system --uid 10001 --home-dir /var/lib/quotagate --create-home quotagate \
+ && install -d -o quotagate -g quotagate -m 0750 /var/lib/quotagate/data
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-# Config is mounted here (gateway.yaml, plans.yaml, environments.yaml); the embedded Valkey, used
-# when store.url is empty, keeps its append-only files in /var/lib/quotagate/data.
-COPY config /etc/quotagate
+# The image's own config (listens on every interface in the container), plans and example
+# environments; mount your own /etc/quotagate to change them. /usr/share/quotagate/config is
+# the shipped config/ for configs that name its plans.yaml (deploy/compose does).
+COPY config/plans.yaml config/environments.yaml /etc/quotagate/
+COPY deploy/image/gateway.yaml /etc/quotagate/gateway.yaml
 COPY config /usr/share/quotagate/config
 VOLUME ["/etc/quotagate", "/var/lib/quotagate"]
 USER quotagate
