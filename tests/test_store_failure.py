@@ -105,8 +105,7 @@ async def test_hung_store_killed_then_restarted_writes_back_exactly(setup):
     results = await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(15)))
     assert all(r.store_bypassed for r in results)
     server.kill()
-    restarted = EmbeddedValkey(server.data_dir, port=server.port, appendonly=True).start()
-    server.process = restarted.process
+    server.start()  # same port, same data directory (still this test's: it holds the lock)
     await drained(lim)
     assert await used_calls(server.url) == 1 + 15
 
@@ -146,8 +145,7 @@ async def test_write_back_survives_a_store_that_lost_its_data(setup):
     snapshot_dir = server.data_dir
     for f in snapshot_dir.glob("appendonlydir/*"):  # the restart comes back empty
         f.unlink()
-    restarted = EmbeddedValkey(snapshot_dir, port=server.port, appendonly=True).start()
-    server.process = restarted.process
+    server.start()  # same port, same data directory (still this test's: it holds the lock)
     await asyncio.sleep(0.5)
     await lim.flush_backlog()
     assert lim.backlog.total("shop") == 1  # kept: the store has no snapshot to record against
@@ -191,8 +189,7 @@ async def test_concurrent_flushes_write_each_entry_once(setup):
     server.kill()
     for _ in range(7):
         await lim.decide("shop", "function", 1)
-    restarted = EmbeddedValkey(server.data_dir, port=server.port, appendonly=True).start()
-    server.process = restarted.process
+    server.start()  # same port, same data directory (still this test's: it holds the lock)
     await asyncio.sleep(0.3)
     await asyncio.gather(lim.flush_backlog(), lim.flush_backlog(), lim.flush_backlog())
     assert await used_calls(server.url) == 1 + 7
@@ -220,8 +217,7 @@ async def test_killed_store_then_restart_recovers_and_reloads_script(setup, tmp_
     decision, elapsed = await timed(lim.decide("shop", "function", 1))
     assert decision.store_bypassed and elapsed < BOUND_S
     # Same port, same data dir: the append-only file brings the state back, not the scripts.
-    restarted = EmbeddedValkey(server.data_dir, port=server.port, appendonly=True).start()
-    server.process = restarted.process
+    server.start()  # same port, same data directory (still this test's: it holds the lock)
     reloads = lim.script_reloads
     await asyncio.sleep(0.15)  # past the retry interval
     decision = await lim.decide("shop", "function", 1)
