@@ -4,6 +4,7 @@ events and renewal. Run this tier alone with ``scripts/test -m deployed``."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -187,7 +188,7 @@ async def test_lifecycle_events_and_refusals_on_the_real_clock(deployed: Deploye
 
 
 async def test_renewal_counts_from_the_original_expiry_and_not_once_released(
-        deployed: Deployed):
+        deployed: Deployed, webhook: Webhook):
     deployed.put_env("renew", env_yaml(plan="standard", anchor=-40, expires=-3))
     url = deployed.route("function") + "f"
     assert await deployed.get(url, "renew") == [403]  # isolated since 3 days ago
@@ -199,8 +200,14 @@ async def test_renewal_counts_from_the_original_expiry_and_not_once_released(
     assert await deployed.get(url, "renew") == [200]
 
     deployed.put_env("late", env_yaml(plan="standard", anchor=-90, expires=-16))
+    # Released at 00:00 today (day 16): refused however far the scheduler has got — before
+    # its round as released (409), after it as gone (404: the state is deleted).
     refused = deployed.cli("plan", "renew", "late", "--months", "1")
-    assert refused.returncode == 1 and "released" in refused.stderr
+    assert refused.returncode == 1, refused
+    assert "was released" in refused.stderr or "no environment late" in refused.stderr
+    await webhook.wait_for("late", "environment-released")
+    refused = deployed.cli("plan", "renew", "late", "--months", "1")
+    assert refused.returncode == 1 and "(404)" in refused.stderr, refused.stderr
     assert await deployed.get(url, "late") == [404]
 
 
@@ -222,3 +229,40 @@ async def test_rate_limit_headers_count_to_the_real_reset(deployed: Deployed):
     expected = (reset - dt.datetime.now(dt.UTC)).total_seconds()
     assert abs(reset_s - expected) < 5, (header, expected)
 
+
+
+async def test_alerts_and_pack_reminders_on_the_real_clock(deployed: Deployed,
+                                                           webhook: Webhook):
+    deployed.put_env("alerts", env_yaml(anchor=-3, limits="{calls: 10}"))
+    url = deployed.route("function") + "f"
+    assert await deployed.get(url, "alerts", 8) == [200] * 8
+    alert = await webhook.wait_for("alerts", "quota-alert")
+    cycle_start = today() - dt.timedelta(days=3)  # anchored 3 days ago: this cycle's start
+    assert (alert["meter"], alert["level"], alert["used"]) == ("calls", "80", "8")
+    assert int(alert["cycle_day"]) == (cycle_start - dt.date(1970, 1, 1)).days
+
+    deployed.put_env("packdue", env_yaml(
+        anchor=-40, limits="{calls: 1}",
+        packs=f"[{{id: due, pack: calls-10m, purchased: {days(-25)}}}, "
+              f"{{id: tiny, meter: calls, amount: 2, purchased: {days(0)}}}]"))
+    expiring = await webhook.wait_for("packdue", "pack-expiring")
+    assert expiring["pack_id"] == "due"
+    # The plan's one call, then the pack that expires first ("due", in 5 days), not "tiny".
+    assert await deployed.get(url, "packdue", 3) == [200] * 3
+    packs = {p["id"]: p["used"] for p in
+             deployed.json("env", "usage", "packdue")["meters"]["calls"]["packs"]}
+    assert packs == {"due": 2, "tiny": 0}
+
+
+async def test_an_invocation_queued_while_isolated_runs_once_renewed(deployed: Deployed):
+    deployed.put_env("asleep", env_yaml(plan="standard", anchor=-40, expires=-2))
+    async with aiohttp.ClientSession() as s, s.post(
+            deployed.route("function") + "job", data=b'{"n": 1}',
+            headers={"X-CloudBase-Env": "asleep", "X-Invocation-Type": "Event"}) as r:
+        assert r.status == 202 and (await r.json())["queued"] is True
+    assert deployed.json("env", "usage", "asleep")["meters"]["calls"]["used"] == 0
+    deployed.ok("plan", "renew", "asleep", "--months", "1")
+    deadline = asyncio.get_running_loop().time() + 15
+    while deployed.json("env", "usage", "asleep")["meters"]["calls"]["used"] != 1:
+        assert asyncio.get_running_loop().time() < deadline, "the queued invocation never ran"
+        await asyncio.sleep(0.2)

@@ -31,6 +31,7 @@ def test_help_for_every_command():
         assert "usage: quotagate" in out.stdout
 
 
+@pytest.mark.deployed
 def test_demo_walkthrough():
     ports = [free_port() for _ in range(3)]
     out = subprocess.run(
@@ -76,6 +77,7 @@ def valkey_children(pid: int) -> list[psutil.Process]:
             if "valkey-server" in " ".join(c.cmdline())]
 
 
+@pytest.mark.deployed
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_serve_with_embedded_valkey(tmp_path: Path, upstream, workers):
     config, port, admin = write_serve_config(tmp_path, upstream.port)
@@ -110,6 +112,7 @@ async def test_serve_with_embedded_valkey(tmp_path: Path, upstream, workers):
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.deployed
 async def test_serve_refuses_bad_config(tmp_path: Path):
     (tmp_path / "gateway.yaml").write_text("listen: 127.0.0.1:8080\nenforcment: off\n")
     out = subprocess.run([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
@@ -127,6 +130,7 @@ def test_no_stray_valkey_left(tmp_path: Path):
     assert mine == []
 
 
+@pytest.mark.deployed
 async def test_serve_logs_json_lines(tmp_path: Path, upstream):
     config, port, admin = write_serve_config(tmp_path, upstream.port)
     proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(config), "--log-format",

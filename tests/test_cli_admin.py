@@ -13,6 +13,7 @@ import subprocess
 import zoneinfo
 from pathlib import Path
 
+import pytest
 import yaml
 
 from quotagate.limiter.embedded import free_port
@@ -26,6 +27,7 @@ def cli(admin: int, *args: str, token: str = TOKEN) -> subprocess.CompletedProce
                            "--token", token], capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.deployed
 async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
     port, admin = free_port(), free_port()
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from quotagate.limiter.embedded import valkey_binary
@@ -221,6 +222,7 @@ CHECK = textwrap.dedent("""
     """)
 
 
+@pytest.mark.deployed
 def test_the_image_entrypoint_serves_with_its_own_defaults(tmp_path: Path) -> None:
     from tests.deployed import days
 

@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import pytest
 import yaml
 
 from quotagate.gateway.app import STATE
@@ -76,6 +77,7 @@ async def test_changed_file_is_picked_up_by_polling(make_gateway):
         raise AssertionError("the changed file was not applied")
 
 
+@pytest.mark.deployed
 async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, upstream):
     port, admin = free_port(), free_port()
     config = write_config(tmp_path, {"shop": env(limits={"calls": 0})},
