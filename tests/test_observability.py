@@ -63,8 +63,11 @@ def test_troubleshooting_covers_every_problem_and_error_code() -> None:
     problems = set(re.findall(r'Problem\(\d+, "([a-z-]+)"',
                               (ROOT / "quotagate/gateway/problems.py").read_text()))
     assert len(problems) >= 14
+    from quotagate.gateway.problems import CODES
+
+    assert problems == set(CODES), "every problem type has its code"
     for suffix in problems:
-        assert f"### `{suffix}`" in page, suffix
+        assert f"### `{suffix}` (" in page and f"— `{CODES[suffix]}`" in page, suffix
     realtime = (ROOT / "quotagate/gateway/realtime.py").read_text()
     codes = set(re.findall(r'"([A-Z][A-Z_]{5,})"', realtime)) - {
         "INIT_WATCH", "REBUILD_WATCH", "CLOSE_WATCH", "CHECK_LAST", "INIT_EVENT", "NEXT_EVENT",

@@ -34,8 +34,9 @@ from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, Scheduler, enqueue
 from quotagate.gateway import realtime
+from quotagate.gateway.actions import read_action
 from quotagate.gateway.decisions import decide
-from quotagate.gateway.envid import environment_of, missing_environment
+from quotagate.gateway.envid import all_domains, environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
 from quotagate.gateway.problems import (
     Problem,
@@ -44,6 +45,7 @@ from quotagate.gateway.problems import (
     refusal,
     route_not_found,
     store_unavailable,
+    websocket_required,
 )
 from quotagate.gateway.proxy import Tally, UpstreamPool
 from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute, Router
@@ -79,6 +81,8 @@ class GatewayState:
     redis: aredis.Redis | RedisCluster
     #: Environments whose mode (from the file) differs from the gateway's: "off" skips the store.
     env_modes: dict[str, str] = field(default_factory=dict)
+    #: ".<domain>" of each host domain that names environments (envid.all_domains).
+    env_suffixes: tuple[str, ...] = ()
     synced: bool = False
     sync_task: asyncio.Task[None] | None = None
     #: monotonic time of the last re-sync asked for by a missing snapshot (debounce).
@@ -133,6 +137,7 @@ class GatewayState:
                                 "restart", key)
             self.config = config
             self.router = Router(new.routes)
+            self.env_suffixes = all_domains(new.domains, new.domain)
             self.env_modes = {env_id: env.mode
                               for env_id, env in config.environments.environments.items()
                               if env.mode is not None}
@@ -189,6 +194,8 @@ class GatewayState:
         route = self.router.match(entry["path"].split("?", 1)[0], entry["method"], "")
         if route is None:
             return True  # no route any more: sent and dropped by the upstream
+        if route.actions is not None:  # only invocations are queued
+            route = route.actions["function"]
         decision = await decide(self.limiter, env, route.kind, route.cost)
         return not isinstance(decision, Problem) and decision.admitted
 
@@ -288,7 +295,8 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
         if env.mode is not None
     }
     state = GatewayState(config, store_url, Router(gw.routes), limiter,
-                         UpstreamPool(gw.upstream), client, env_modes)
+                         UpstreamPool(gw.upstream), client, env_modes,
+                         env_suffixes=all_domains(gw.domains, gw.domain))
     limiter.on_missing = state.resync_if_declared
     metrics.label_envs(gw.metrics_envs)
     limiter.on_ended = state.environment_ended
@@ -429,63 +437,76 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
+def _refused_early(problem: Problem, request_id: str) -> web.Response:
+    """A refusal before any store call (bad input): counted, never charged."""
+    metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
+    return problem.response(request_id=request_id)
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     gw = state.config.gateway
+    request_id = _request_id(request)
     try:
-        env = environment_of(request, gw.domain)
+        env = environment_of(request, state.env_suffixes)
     except Problem as problem:
-        metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
-        return problem.response()
+        return _refused_early(problem, request_id)
     path_qs: str | None = request.raw_path
     if not request.raw_path.startswith("/") or "/." in request.path:
         path_qs = _origin_form(request)
     if path_qs is None:
-        metrics.INVALID_REQUESTS.labels("invalid-path").inc()
-        return invalid_path(request.raw_path[:200], env or "").response()
+        return _refused_early(invalid_path(request.raw_path[:200], env or ""), request_id)
     route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
-    if route is not None and route.kind == "realtime" and (
-            request.headers.get("Upgrade", "").lower() == "websocket"):
-        return await realtime.handle_upgrade(request, state, route, env, path_qs,
-                                             _request_id(request))
+    if route is not None and route.kind == "realtime":
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await realtime.handle_upgrade(request, state, route, env, path_qs,
+                                                 request_id)
+        # Never proxied (nor counted) as realtime: RFC 9110 §15.5.22 names the upgrade.
+        metrics.INVALID_REQUESTS.labels("websocket-required").inc()
+        return websocket_required(env).response(
+            {"Upgrade": "websocket", "Connection": "Upgrade"}, request_id)
+    body: bytes | None = None
+    function = ""
+    if route is not None and route.actions is not None:
+        try:  # the operation is in the body: read, classify, and check its env
+            action = await read_action(request, route, env)
+        except Problem as problem:
+            return _refused_early(problem, request_id)
+        route, body, env, function = action.route, action.body, action.env, action.function
+    elif route is not None and route.kind == "function":
+        function = route.function_name(request.path) or ""
     if env is None:
-        metrics.INVALID_REQUESTS.labels("invalid-environment").inc()
-        return missing_environment(gw.domain).response()
+        return _refused_early(missing_environment(gw.domains or (gw.domain,)), request_id)
     if route is None:
-        metrics.INVALID_REQUESTS.labels("route-not-found").inc()
-        return route_not_found(request.path, env).response()
+        return _refused_early(route_not_found(request.path, env), request_id)
 
     extra: dict[str, str] = {}
     mode = state.env_modes.get(env, gw.enforcement)
     if mode == "off":
         _OFF.inc()
-        return await state.pool.forward(request, route, env, path_qs, _request_id(request), extra)
+        return await state.pool.forward(request, route, env, path_qs, request_id, extra,
+                                        body=body)
 
-    slot = function = ""
-    if route.kind == "function":
-        name = route.function_name(request.path)
-        if route.route.concurrency:
-            if name is None:
-                metrics.INVALID_REQUESTS.labels("invalid-function").inc()
-                return invalid_function(request.path, env).response()
-            slot = "fn:" + name
-        function = name or ""
-    request_id = _request_id(request)
+    slot = ""
+    if route.kind == "function" and route.route.concurrency:
+        if not function:
+            return _refused_early(invalid_function(request.path, env), request_id)
+        slot = "fn:" + function
     needs = route.needs_write if request.method in WRITE_METHODS else route.needs
     decision = await decide(state.limiter, env, route.kind, route.cost, slot, needs)
     if isinstance(decision, Problem):
-        return decision.response()
+        return decision.response(request_id=request_id)
     if not decision.admitted:
         if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
                 and request.headers.get("X-Invocation-Type", "").lower() == "event"):
-            return await _queue_invocation(state, request, env, path_qs)
+            return await _queue_invocation(state, request, env, path_qs, body)
         refused = refusal(decision, env)
         decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
                            refused.type_suffix, extra={
                                "env": env, "route": route.route.name or route.route.prefix,
                                "meter": refused.meter, "reason": refused.type_suffix,
                                "status": refused.status, "request_id": request_id})
-        return refused.response(ratelimit_headers(decision))
+        return refused.response(ratelimit_headers(decision), request_id)
     if decisions_log.isEnabledFor(logging.DEBUG):
         decisions_log.debug("admitted %s %s", env, route.route.name or route.route.prefix,
                             extra={"env": env, "route": route.route.name or route.route.prefix,
@@ -499,13 +520,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
     extra.update(ratelimit_headers(decision))
     holds = decision.slot_held
     if not holds and not route.meter:
-        return await state.pool.forward(request, route, env, path_qs, request_id, extra)
+        return await state.pool.forward(request, route, env, path_qs, request_id, extra,
+                                        body=body)
     tally = Tally()
     if holds:
         metrics.FUNCTION_SLOTS.inc()
     try:
         return await state.pool.forward(request, route, env, path_qs, request_id, extra,
-                                        tally)
+                                        tally, body)
     finally:
         # Also when the client went away or the upstream failed: never a leaked slot.
         if holds:
@@ -520,11 +542,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
-                            path_qs: str) -> web.Response:
-    """An asynchronous invocation while isolated: queued durably, replayed on renewal."""
+                            path_qs: str, body: bytes | None) -> web.Response:
+    """An asynchronous invocation while isolated: queued durably, replayed on renewal.
+    ``body``: already read (action routes), else read here."""
     if (request.content_length or 0) > QUEUE_MAX_BODY:
         return web.json_response({"error": "body too large to queue"}, status=413)
-    body = await request.content.read(QUEUE_MAX_BODY + 1)
+    if body is None:
+        body = await request.content.read(QUEUE_MAX_BODY + 1)
     if len(body) > QUEUE_MAX_BODY:
         return web.json_response({"error": "body too large to queue"}, status=413)
     drop = {"host", "content-length", "transfer-encoding", "connection", "x-cloudbase-env"}

@@ -181,6 +181,11 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
         return await _ok(request)
     if "text/event-stream" in request.headers.get("Accept", ""):
         return await _sse(request)
+    demo = request.query.get("demo")  # for fixed paths (the SDKs' /web, /admin)
+    if demo == "echo":
+        return await _echo(request)
+    if demo == "slow":
+        return await _slow(request)
     if path.endswith("/echo"):
         return await _echo(request)
     if path.endswith("/slow"):

@@ -11,6 +11,28 @@ from quotagate.limiter.codes import Outcome
 from quotagate.limiter.limiter import Decision
 from quotagate.problem import problem_response
 
+#: The upper-case ``code`` of each problem type: what the platform's SDKs read from an error
+#: body (docs/troubleshooting.md lists them). The realtime ERROR frame uses the same for
+#: connections.
+CODES = {
+    "qps-exceeded": "QPS_LIMIT_EXCEEDED",
+    "quota-exceeded": "QUOTA_EXCEEDED",
+    "concurrency-exceeded": "CONCURRENCY_LIMIT_EXCEEDED",
+    "connections-exceeded": "REALTIME_CONNECTION_LIMIT_EXCEEDED",
+    "environment-isolated": "ENVIRONMENT_ISOLATED",
+    "environment-not-found": "ENVIRONMENT_NOT_FOUND",
+    "store-unavailable": "STORE_UNAVAILABLE",
+    "invalid-environment": "INVALID_ENVIRONMENT",
+    "invalid-path": "INVALID_PATH",
+    "invalid-function": "INVALID_FUNCTION",
+    "invalid-action": "INVALID_ACTION",
+    "body-too-large": "BODY_TOO_LARGE",
+    "websocket-required": "WEBSOCKET_REQUIRED",
+    "route-not-found": "ROUTE_NOT_FOUND",
+    "upstream-unavailable": "UPSTREAM_UNAVAILABLE",
+    "upstream-timeout": "UPSTREAM_TIMEOUT",
+}
+
 
 @dataclass(frozen=True)
 class Problem(Exception):
@@ -22,13 +44,20 @@ class Problem(Exception):
     meter: str | None = None
     retry_after_s: int | None = None
 
-    def response(self, extra_headers: dict[str, str] | None = None) -> web.Response:
+    def response(self, extra_headers: dict[str, str] | None = None,
+                 request_id: str | None = None) -> web.Response:
+        """RFC 9457 members, then the ones the platform's SDKs read (``code``, ``message``,
+        ``requestId``); ``request_id`` is echoed in X-Request-Id too."""
         headers = dict(extra_headers or {})
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(self.retry_after_s)
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
         return problem_response(self.status, self.type_suffix, self.title, self.detail,
                                 headers, env=self.env, meter=self.meter,
-                                **{"violated-policies": [self.meter] if self.meter else []})
+                                **{"violated-policies": [self.meter] if self.meter else [],
+                                   "code": CODES[self.type_suffix], "message": self.detail,
+                                   "requestId": request_id})
 
 
 def seconds_up(ms: int) -> int:
@@ -88,8 +117,19 @@ def invalid_function(path: str, env: str) -> Problem:
 
 
 def websocket_required(env: str | None) -> Problem:
-    return Problem(400, "websocket-required", "WebSocket required",
+    """426 (RFC 9110 §15.5.22): send it with ``Upgrade: websocket``."""
+    return Problem(426, "websocket-required", "WebSocket required",
                    "this realtime route takes WebSocket upgrades only", env)
+
+
+def invalid_action(detail: str, env: str | None) -> Problem:
+    return Problem(400, "invalid-action", "Invalid action request", detail, env)
+
+
+def body_too_large(limit: int, env: str | None) -> Problem:
+    return Problem(413, "body-too-large", "Request body too large",
+                   f"an action request's body is read to find its action: at most {limit} "
+                   "bytes", env)
 
 
 def route_not_found(path: str, env: str) -> Problem:

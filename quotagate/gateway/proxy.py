@@ -4,6 +4,7 @@ RFC 9110 §7.6.1 asks, bodies streamed both ways (never buffered), SSE flushed p
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -127,10 +128,14 @@ class UpstreamPool:
         request_id: str,
         extra_headers: dict[str, str],
         tally: Tally | None = None,
+        body: bytes | None = None,
     ) -> web.StreamResponse:
+        """``body``: the request's body when it was read already (action routes), else it
+        is streamed from the client."""
         assert self.session is not None
         headers = forward_request_headers(request, env, request_id)
-        body = request.content if request.body_exists else None
+        data: Any = body if body is not None else (
+            request.content if request.body_exists else None)
         if tally is not None:
             tally.sent_at = time.perf_counter()
         try:
@@ -139,7 +144,7 @@ class UpstreamPool:
                 # encoded=True: the client's path and query go on byte for byte.
                 URL(route.upstream_url(path_qs), encoded=True),
                 headers=headers,
-                data=body,
+                data=data,
                 allow_redirects=False,
                 compress=False,
             )

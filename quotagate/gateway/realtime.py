@@ -410,7 +410,7 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
     per_socket = route.route.realtime_unit == "socket"
     if env is None and per_socket:
         metrics.INVALID_REQUESTS.labels("invalid-environment").inc()
-        return missing_environment(gw.domain).response()
+        return missing_environment(gw.domains or (gw.domain,)).response(request_id=request_id)
     holds = False
     if env is not None and state.env_modes.get(env, gw.enforcement) != "off":
         if per_socket:

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from quotagate.settings.schema import FUNCTION_NAME, Route
+import msgspec
+
+from quotagate.settings.schema import ACTION_KINDS, FUNCTION_NAME, Route
 
 #: What a route meters after the response, by kind, unless it says (``meter``).
 DEFAULT_METERS = {"function": "gbs", "storage": "storage_traffic_bytes",
@@ -33,6 +35,8 @@ class CompiledRoute:
     needs: str = ""
     #: The same for requests that write data (capacity full refuses them, SPEC §6).
     needs_write: str = ""
+    #: Action routes: the route as each kind of action is counted (ACTION_KINDS).
+    actions: dict[str, CompiledRoute] | None = None
 
     @property
     def kind(self) -> str:
@@ -52,6 +56,11 @@ class CompiledRoute:
 
 
 def compile_route(route: Route) -> CompiledRoute:
+    if route.kind == "action":  # counted as the kind its body names, metered as that kind
+        variants = {kind: compile_route(msgspec.structs.replace(route, kind=kind))
+                    for kind in sorted(set(ACTION_KINDS.values()))}
+        any_kind = variants["database"]
+        return CompiledRoute(route, any_kind.origin, any_kind.base_path, actions=variants)
     parts = urlsplit(route.upstream)
     meter = route.meter if route.meter is not None else DEFAULT_METERS.get(route.kind, "")
     meter = "" if meter == "none" else meter
@@ -64,16 +73,16 @@ def compile_route(route: Route) -> CompiledRoute:
 class Router:
     def __init__(self, routes: tuple[Route, ...] | list[Route]):
         compiled = [compile_route(r) for r in routes]
-        # Longest prefix first; among equal prefixes, the more specific filters first.
-        compiled.sort(
-            key=lambda c: (-len(c.route.prefix), not c.route.accept, not c.route.methods)
-        )
+        # Longest prefix first; among equal prefixes, exact ones and the more specific
+        # filters first.
+        compiled.sort(key=lambda c: (-len(c.route.prefix), not c.route.exact,
+                                     not c.route.accept, not c.route.methods))
         self.routes = compiled
 
     def match(self, path: str, method: str, accept: str) -> CompiledRoute | None:
         for c in self.routes:
             r = c.route
-            if not path.startswith(r.prefix):
+            if not path.startswith(r.prefix) or (r.exact and len(path) != len(r.prefix)):
                 continue
             if r.methods and method not in r.methods:
                 continue

@@ -220,6 +220,12 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         if hook.scheme not in ("http", "https") or not hook.hostname:
             issues.append(ConfigIssue(file, "$.events.webhook_url",
                                       f"not an http(s) URL: {gw.events.webhook_url!r}"))
+    for i, domain in enumerate((*gw.domains, *([gw.domain] if gw.domain else []))):
+        key = f"$.domains[{i}]" if i < len(gw.domains) else "$.domain"
+        if not re.fullmatch(r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}",
+                            domain):
+            issues.append(ConfigIssue(file, key, f"{domain!r} is not a lower-case DNS domain "
+                                      "(the part after {env}. in the host)"))
     seen: set[tuple[str, tuple[str, ...], str]] = set()
     for i, route in enumerate(gw.routes):
         where = f"$.routes[{i}]"
@@ -235,6 +241,9 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         elif up.query or up.fragment:
             issues.append(ConfigIssue(file, f"{where}.upstream",
                                       "an upstream URL takes no query or fragment"))
+        if route.kind != "action" and route.max_body_bytes != 6 * 1024 * 1024:
+            issues.append(ConfigIssue(file, f"{where}.max_body_bytes",
+                                      "only action routes take this key"))
         realtime_only = [k for k, default in (("strict", False), ("realtime_unit", "watch"))
                          if getattr(route, k) != default]
         if route.kind != "realtime" and realtime_only:

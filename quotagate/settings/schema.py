@@ -15,7 +15,12 @@ import msgspec
 
 EnforcementMode = Literal["enforce", "shadow", "off"]
 StorePolicy = Literal["open", "closed"]
-RouteKind = Literal["function", "database", "storage", "static", "ai", "sms", "realtime", "auth"]
+RouteKind = Literal["function", "database", "storage", "static", "ai", "sms", "realtime", "auth",
+                    "action"]
+#: What an action endpoint's request is counted as, by its body's ``action`` (the part before
+#: the first dot): the platform SDKs' ``/web`` and ``/admin`` endpoints (docs/config.md).
+ACTION_KINDS = {"functions": "function", "database": "database", "storage": "storage",
+                "auth": "auth", "ai": "ai"}
 
 #: Cumulative meters, counted per billing cycle (SPEC §3).
 CUMULATIVE_METERS = (
@@ -122,6 +127,11 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     strict: bool = False
     #: Realtime routes: largest WebSocket message accepted from either side.
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: The path must be the prefix itself (``/web``, realtime at ``/``), not merely start with it.
+    exact: bool = False
+    #: Action routes: the largest body read to find its ``action`` (a larger one is refused
+    #: with 413 rather than guessed).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
 
 
 class LeaseSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -144,7 +154,11 @@ class EventSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
 class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     listen: HostPort = "127.0.0.1:8080"
     admin_listen: HostPort = "127.0.0.1:9090"
-    #: Environment id from the host ``{env}.<domain>``; empty: only the X-CloudBase-Env header.
+    #: Environment id from the host ``{env}.<domain>`` or ``{env}.{region}.<domain>``, for each
+    #: of these domains (as the platform SDKs address it); also from the ``env`` query
+    #: parameter, the X-CloudBase-Env header and, on action routes, the body's env/envName.
+    domains: tuple[str, ...] = ()
+    #: One more domain (the single-domain form of earlier versions).
     domain: str = ""
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     on_store_failure: StorePolicy = "open"
