@@ -238,12 +238,12 @@ async def test_environment_from_login_and_refusals(make_gateway, connect, upstre
     assert (await iso.wait_for(lambda f: f.get("requestId") == "l"))["msgData"]["code"] == \
         "ENVIRONMENT_ISOLATED"
     await iso._reader
-    assert iso.ws.close_code == 1008
+    assert iso.ws.close_code == 3050
     unknown = await connect(gw)
     await unknown.send("INIT_WATCH", "u", "ru", envId="nobody", collName="c")
     assert (await unknown.wait_for(answered("u")))["msgData"]["code"] == "ENVIRONMENT_NOT_FOUND"
     await unknown._reader
-    assert unknown.ws.close_code == 1008
+    assert unknown.ws.close_code == 3050
 
     # Named at the upgrade: refused with the problem before any socket.
     async with aiohttp.ClientSession() as s:
@@ -335,7 +335,7 @@ async def test_isolation_closes_held_watches(make_gateway, connect, upstream, st
     ended = [f for f in w.frames if f.get("msgType") == "ERROR"]
     assert {f["watchId"] for f in ended} == {"a", "b"}
     assert {f["msgData"]["code"] for f in ended} == {"ENVIRONMENT_ISOLATED"}
-    assert w.ws.close_code == 1008
+    assert w.ws.close_code == 3050
     await settle()
     assert await live_slots(store, "shop") == {}
     assert (await stub_stats(upstream))["open_watches"] == 0
@@ -442,7 +442,7 @@ async def test_isolation_closes_socket_unit_sockets_too(make_gateway, upstream, 
         assert await gw.app[STATE].limiter.renew() == {"shop": 3}
         msg = await ws.receive(timeout=3)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        assert ws.close_code == 1008
+        assert ws.close_code == 3050
     await settle()
     assert await live_slots(store, "shop") == {}
 
@@ -506,19 +506,51 @@ async def test_frames_only_lenient_parsers_read_are_still_counted(make_gateway, 
     assert await live_slots(store, "shop") == {"rt:": 1}
 
 
-async def test_only_the_answer_to_init_frees_a_watch(make_gateway, connect, upstream, store):
+async def test_any_upstream_error_for_a_watch_frees_it(make_gateway, connect, upstream, store):
+    """The SDK drops a watch on a server ERROR for its watchId without sending CLOSE_WATCH:
+    the gateway frees its slot then, or the app is refused under its cap."""
     routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
     gw = await make_gateway({"shop": env(limits={"realtime": 2})}, routes=routes)
     w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
     await w.send("INIT_WATCH", "a", "a", collName="c")
     assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
-    # A later ERROR naming the open watch (the stub refuses a rebuild into "fail") does not
-    # free it: the watch is counted until CLOSE_WATCH or the socket's close.
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 1}
+    # A later ERROR naming the open watch (the stub refuses a rebuild into "fail").
     await w.send("REBUILD_WATCH", "a", "ra", collName="fail")
     assert (await w.wait_for(lambda f: f.get("requestId") == "ra"))["msgType"] == "ERROR"
     await settle()
-    assert await live_slots(store, "shop") == {"rt:": 1}
+    assert await live_slots(store, "shop") == {}
+    await w.send("CLOSE_WATCH", "a", "ca")  # a client that closes it anyway: not twice
     await w.send("INIT_WATCH", "f", "rf", collName="fail")  # refused by the upstream at once
     assert (await w.wait_for(lambda f: f.get("requestId") == "rf"))["msgType"] == "ERROR"
     await settle()
-    assert await live_slots(store, "shop") == {"rt:": 1}
+    assert await live_slots(store, "shop") == {}
+    for wid in ("b", "c"):  # the whole cap is there again
+        await w.send("INIT_WATCH", wid, wid, collName="c")
+        assert (await w.wait_for(answered(wid)))["msgType"] == "INIT_EVENT"
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 2}
+
+async def test_close_codes_as_the_sdk_reads_them(make_gateway, connect, upstream, store):
+    """The client's code is echoed to it and sent on (the SDK closes with 3001 and reconnects
+    on 1000); an upstream lost without a close frame is 1011, never 1006 on the wire."""
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env()}, routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await w.send("INIT_WATCH", "a", "a", collName="c")
+    assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
+    await w.ws.close(code=3001, message=b"no more watches")
+    assert w.ws.close_code == 3001
+    await settle()
+    assert (await stub_stats(upstream))["close_codes"][-1] == 3001
+    assert await live_slots(store, "shop") == {}
+
+    cut = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    await cut.send("INIT_WATCH", "b", "b", collName="c")
+    assert (await cut.wait_for(answered("b")))["msgType"] == "INIT_EVENT"
+    await cut.ws.send_json({"msgType": "PING", "requestId": "x", "msgData": {"cut": True}})
+    await cut._reader
+    assert cut.ws.close_code == 1011
+    await settle()
+    assert await live_slots(store, "shop") == {}

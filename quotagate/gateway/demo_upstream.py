@@ -78,6 +78,8 @@ class RealtimeStats:
     frames: int = 0
     inits: int = 0
     by_env: dict[str, int] = field(default_factory=dict)
+    #: The close code each socket ended with, as this server saw it.
+    close_codes: list[int | None] = field(default_factory=list)
 
 
 REALTIME = web.AppKey("realtime", RealtimeStats)
@@ -90,7 +92,9 @@ async def _realtime(request: web.Request) -> web.WebSocketResponse:
 
     LOGIN -> LOGIN_RES; INIT_WATCH / REBUILD_WATCH -> INIT_EVENT, then a NEXT_EVENT every
     ``event_ms`` (query, default 1000) until CLOSE_WATCH; a watch of collection ``fail`` gets an
-    ERROR instead; CHECK_LAST -> CHECK_EVENT; PING -> PONG; anything else is echoed back.
+    ERROR instead; CHECK_LAST -> CHECK_EVENT; PING -> PONG (a PING with ``msgData.cut``
+    drops the connection without a close frame, as a crashed server would); anything else is
+    echoed back.
     """
     stats = request.app[REALTIME]
     period = float(request.query.get("event_ms", "1000")) / 1000
@@ -149,6 +153,10 @@ async def _realtime(request: web.Request) -> web.WebSocketResponse:
                 stop(wid)
             elif kind == "CHECK_LAST":
                 await send(wid, rid, "CHECK_EVENT", {})
+            elif kind == "PING" and isinstance(data, dict) and data.get("cut"):
+                if request.transport is not None:
+                    request.transport.abort()
+                break
             elif kind == "PING":
                 await send(None, rid, "PONG", {})
             else:
@@ -157,13 +165,15 @@ async def _realtime(request: web.Request) -> web.WebSocketResponse:
         for wid in list(watches):
             stop(wid)
         stats.sockets -= 1
+        stats.close_codes.append(ws.close_code)
     return ws
 
 
 async def _realtime_stats(request: web.Request) -> web.Response:
     stats = request.app[REALTIME]
     return web.json_response({"sockets": stats.sockets, "open_watches": stats.open_watches,
-                              "frames": stats.frames, "inits": stats.inits})
+                              "frames": stats.frames, "inits": stats.inits,
+                              "close_codes": stats.close_codes})
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:

@@ -9,11 +9,18 @@ msgType, msgData}``. The gateway relays frames both ways and reads only the clie
   realtime slot in the same script call that checks lifecycle, QPS and calls; refused, it is
   answered here with an ``ERROR`` frame for that ``watchId``/``requestId`` and not forwarded —
   the socket and its other watches stay up;
-- ``CLOSE_WATCH``, the socket's close, or an upstream ``ERROR`` for a held watch frees it;
+- ``CLOSE_WATCH``, the socket's close, or any upstream ``ERROR`` for a held watch frees it (the
+  SDK drops a watch on a server ERROR without sending CLOSE_WATCH);
 - anything else is passed through untouched (``strict: true`` refuses what is not the protocol).
 
 With ``realtime_unit: socket`` each WebSocket holds one slot instead, taken at the upgrade (429
 ``connections-exceeded`` at the cap), and frames are not read at all.
+
+Close codes as the SDK reads them: the client's own close code is echoed back to it and sent
+to the upstream (the SDK closes with 3001 after its last watch); a socket ended because its
+environment is isolated or gone closes with 3050 (the SDK stops rather than reconnecting); an
+upstream lost without a close frame closes the client with 1011. 1005, 1006 and 1015 are
+never sent (RFC 6455 §7.4.1).
 """
 
 from __future__ import annotations
@@ -54,8 +61,20 @@ CLIENT_TYPES = frozenset(
     {"LOGIN", "INIT_WATCH", "REBUILD_WATCH", "CHECK_LAST", "CLOSE_WATCH", "PING"})
 MAX_WATCH_ID = 256
 SLOT = "rt:"
-#: Close code when the gateway ends a socket by policy (environment isolated or gone).
-POLICY_CLOSE = 1008
+#: Close code when the gateway ends a socket because its environment is isolated or gone: the
+#: platform SDK's "stop, do not reconnect" code.
+ENV_ENDED_CLOSE = 3050
+
+
+def wire_close_code(code: int | None, *, lost: int) -> int:
+    """A close code that may be sent (RFC 6455 §7.4.1 keeps 1005, 1006 and 1015 off the
+    wire): ``lost`` for a peer that went away without a close frame (1006, 1015, none), 1000
+    for a close frame without a code (1005)."""
+    if code is None or code in (1006, 1015):
+        return lost
+    if code == 1005:
+        return 1000
+    return code
 
 #: ERROR frame codes for refused decisions.
 ERROR_CODES = {
@@ -174,12 +193,20 @@ class RealtimeSocket:
             metrics.REALTIME_SOCKETS.dec()
 
     async def _close_both(self) -> None:
-        code_from_client = self.client.close_code
-        code_from_upstream = self.upstream.close_code
+        """Whoever closed first: its code goes to the other side and (the client's) back to
+        it; a side lost without a close frame is 1001 to the upstream, 1011 to the client."""
+        from_client = self.client.close_code
+        from_upstream = self.upstream.close_code
+        if from_client is not None:  # the client closed (or went away) first
+            to_upstream = wire_close_code(from_client, lost=1001)
+            to_client = to_upstream
+        else:
+            to_client = wire_close_code(from_upstream, lost=1011)
+            to_upstream = 1000 if from_upstream is None else to_client
         with contextlib.suppress(Exception):
-            await self.upstream.close(code=code_from_client or 1000)
+            await self.upstream.close(code=to_upstream)
         with contextlib.suppress(Exception):
-            await self.client.close(code=code_from_upstream or 1000)
+            await self.client.close(code=to_client)
 
     def _release_all(self) -> None:
         if self.held and self.env is not None:
@@ -198,7 +225,7 @@ class RealtimeSocket:
         with contextlib.suppress(Exception):
             for wid in sorted(self.held):
                 await self._send_error(wid, None, code, f"environment {self.env} is {code}")
-            await self.client.close(code=POLICY_CLOSE, message=code.encode()[:120])
+            await self.client.close(code=ENV_ENDED_CLOSE, message=code.encode()[:120])
         with contextlib.suppress(Exception):
             await self.upstream.close(code=1001)
 
@@ -357,7 +384,7 @@ class RealtimeSocket:
         async for msg in self.upstream:
             if msg.type is WSMsgType.TEXT:
                 data = msg.data
-                if self.unanswered:
+                if self.held and ("ERROR" in data or self.unanswered):
                     self._upstream_answer(data)
                 await self.client.send_str(data)
             elif msg.type is WSMsgType.BINARY:
@@ -367,24 +394,24 @@ class RealtimeSocket:
                 return
 
     def _upstream_answer(self, data: str) -> None:
-        """The upstream's first answer to a held watch's INIT_WATCH: an ERROR answering it means
-        the watch never opened, and its slot comes back. Later ERRORs change nothing (the watch
-        is counted until CLOSE_WATCH or the socket's close)."""
+        """An upstream ERROR for a held watch: the SDK drops that watch (it sends no
+        CLOSE_WATCH), so its slot comes back now. The first event of a held watch marks it
+        opened."""
         frame = _decode(data)
         if not isinstance(frame, dict):
             return
         wid = frame.get("watchId")
-        if not isinstance(wid, str) or wid not in self.unanswered:
+        if not isinstance(wid, str) or wid not in self.held:
             return
         kind = frame.get("msgType")
-        if kind == "ERROR" and frame.get("requestId") == self.unanswered[wid]:
-            del self.unanswered[wid]
+        if kind == "ERROR":
+            self.unanswered.pop(wid, None)
             self.held.discard(wid)
             metrics.REALTIME_WATCHES.dec()
             if self.env is not None:
                 self.state.limiter.release(self.env, SLOT)
         elif kind in ("INIT_EVENT", "NEXT_EVENT", "CHECK_EVENT"):
-            del self.unanswered[wid]  # it opened
+            self.unanswered.pop(wid, None)  # it opened
 
     # ------------------------------------------------------------------------------ errors
 
@@ -418,9 +445,9 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
         else:  # lifecycle and QPS; watches are counted one by one
             decision = await decide(state.limiter, env, "realtime", 0)
         if isinstance(decision, Problem):
-            return decision.response()
+            return decision.response(request_id=request_id)
         if not decision.admitted:
-            return refusal(decision, env).response()
+            return refusal(decision, env).response(request_id=request_id)
         holds = decision.slot_held
     try:
         return await _relay(request, state, route, env, path_qs, request_id)
@@ -457,9 +484,11 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
         metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
         return upstream_unavailable(
             env, f"upstream {route.origin} failed: {type(exc).__name__}").response()
+    # autoclose off: the client's close is answered with its own code (_close_both), not
+    # aiohttp's 1000, on which the SDK would reconnect.
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=limit,
-        autoping=True, heartbeat=HEARTBEAT_S)
+        autoping=True, autoclose=False, heartbeat=HEARTBEAT_S)
     client.headers["X-Request-Id"] = request_id
     try:
         await client.prepare(request)
