@@ -22,7 +22,9 @@ COPY config /usr/share/quotagate/config
 VOLUME ["/etc/quotagate", "/var/lib/quotagate"]
 USER quotagate
 WORKDIR /var/lib/quotagate
-EXPOSE 8080 9090
+# The public port only: the admin listener (9090) is the container's own unless a mounted
+# config opens it (docker-compose.yml publishes it on the host's loopback).
+EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=2s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2).status != 200)"
 ENTRYPOINT ["quotagate", "serve", "--config", "/etc/quotagate/gateway.yaml"]

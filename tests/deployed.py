@@ -19,7 +19,7 @@ import time
 import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
 import yaml
@@ -33,13 +33,22 @@ ZONE = zoneinfo.ZoneInfo("Asia/Shanghai")  # the shipped gateway.yaml's timezone
 TOKEN = "deployed-token"
 
 
-def today() -> dt.date:
-    """Today in the environments' zone. Within a minute of its midnight this waits for the new
-    day, so a test never compares dates from both sides of it."""
+#: The longest a test module of this tier runs (they take seconds): no module starts closer to
+#: the environments' midnight than this, so none sees two dates.
+MODULE_SECONDS = 300
+
+
+def hold_the_day(seconds: float = MODULE_SECONDS) -> None:
+    """Wait for the next day when today (in the environments' zone) has less than ``seconds``
+    left, so what starts now ends on the same date. Call it before laying out dates."""
     now = dt.datetime.now(ZONE)
     midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(), ZONE)
-    if (left := (midnight - now).total_seconds()) < 60:
-        time.sleep(left + 0.5)
+    if (left := (midnight - now).total_seconds()) < seconds:
+        time.sleep(left + 1)
+
+
+def today() -> dt.date:
+    """Today in the environments' zone (steady within a module: see hold_the_day)."""
     return dt.datetime.now(ZONE).date()
 
 
@@ -88,6 +97,8 @@ class Deployed:
     admin: int
     proc: subprocess.Popen[str]
     config: dict[str, Any]
+    #: The file its stderr (the log) goes to.
+    log: IO[str]
 
     @property
     def base(self) -> str:
@@ -136,13 +147,17 @@ class Deployed:
             return [await one() for _ in range(n)]
 
     def stop(self) -> str:
+        """Stop it (SIGTERM); returns its log."""
         self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
+            self.proc.wait()
+        self.log.seek(0)
+        text = self.log.read()
+        self.log.close()
+        return text
 
 
 def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, Any]:
@@ -160,8 +175,10 @@ def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, 
 
 
 async def serve(directory: Path, gateway: dict[str, Any], *args: str) -> Deployed:
+    # Its log goes to a file: a pipe nobody reads until the end would fill and block it.
+    log = open(directory / f"serve-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
     proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(directory / "gateway.yaml"),
-                             *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             *args], stdout=subprocess.DEVNULL, stderr=log,
                             text=True, env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
     port = int(gateway["listen"].rsplit(":", 1)[1])
     admin = int(gateway["admin_listen"].rsplit(":", 1)[1])
@@ -170,7 +187,7 @@ async def serve(directory: Path, gateway: dict[str, Any], *args: str) -> Deploye
     except BaseException:
         proc.kill()
         raise
-    return Deployed(directory, port, admin, proc, gateway)
+    return Deployed(directory, port, admin, proc, gateway, log)
 
 
 def start_upstream() -> tuple[subprocess.Popen[bytes], str]:

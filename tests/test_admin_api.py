@@ -454,3 +454,23 @@ async def test_a_store_outage_is_a_503_problem_and_changes_nothing(make_gateway,
     assert resp.status == 200
     definition = (await resp.json())["definition"]
     assert definition["overage"] is False and definition["packs"] == []  # nothing changed
+
+
+async def test_aiohttp_refusals_keep_their_headers(make_gateway, admin_for):
+    admin = await admin_for(await make_gateway({"shop": env()}))
+    resp = await admin.delete("/admin/v1/envs/shop", headers=AUTH)
+    await assert_problem(resp, 405)
+    assert set(resp.headers["Allow"].split(",")) >= {"GET", "PUT"}
+
+
+async def test_no_dates_before_the_store_clock_is_sampled(make_gateway, admin_for):
+    from quotagate.clock import StoreClock
+    from quotagate.limiter.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: never sampled
+    gw = await make_gateway({"shop": env()}, store_url=dead, clock=StoreClock())
+    admin = await admin_for(gw)
+    resp = await admin.post("/admin/v1/envs/shop/packs", json={"pack": "calls-10m"},
+                            headers=AUTH)
+    problem = await assert_problem(resp, 503)
+    assert "clock" in problem["detail"] and resp.headers["Retry-After"] == "1"

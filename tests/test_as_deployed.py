@@ -13,7 +13,16 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.deployed import Deployed, Webhook, days, serve, shipped_config, start_upstream, today
+from tests.deployed import (
+    Deployed,
+    Webhook,
+    days,
+    hold_the_day,
+    serve,
+    shipped_config,
+    start_upstream,
+    today,
+)
 
 pytestmark = pytest.mark.deployed
 
@@ -32,6 +41,7 @@ async def webhook() -> AsyncIterator[Webhook]:
 @pytest.fixture(scope="module")
 async def deployed(tmp_path_factory: pytest.TempPathFactory, webhook: Webhook
                    ) -> AsyncIterator[Deployed]:
+    hold_the_day()  # every date of this module is laid out from one today
     upstream, origin = start_upstream()
     directory = tmp_path_factory.mktemp("deployed")
     gateway = shipped_config(directory, origin, lifecycle_interval_ms=300,

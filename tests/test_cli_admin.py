@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from quotagate.limiter.embedded import free_port
+from tests.deployed import hold_the_day
 from tests.helpers import PLANS, QUOTAGATE, statuses, wait_ready
 
 TOKEN = "cli-token"
@@ -35,6 +36,7 @@ async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
         "store": {"url": valkey_url}, "plans_file": str(PLANS),
         "routes": [{"prefix": "/functions/", "kind": "function",
                     "upstream": f"http://127.0.0.1:{upstream.port}"}]}))
+    hold_the_day()  # anchored on the 1st: the whole test on one date
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
     (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
         "filed": {"plan": "standard", "anchor": today.replace(day=1).isoformat(),

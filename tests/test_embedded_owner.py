@@ -143,8 +143,16 @@ def test_serve_on_a_busy_port_says_so_and_leaves_nothing(tmp_path: Path, origin)
     assert not valkeys_in(tmp_path / "data")
 
 
+def demo_valkeys() -> set[int]:
+    """Running valkey-servers of demos (their data is in a quotagate-demo- directory)."""
+    return {p.pid for p in psutil.process_iter(["cmdline", "status"])
+            if p.info["cmdline"] and "valkey-server" in p.info["cmdline"][0]
+            and "quotagate-demo-" in " ".join(p.info["cmdline"])
+            and p.info["status"] != psutil.STATUS_ZOMBIE}
+
+
 def test_demo_on_a_busy_port_fails_with_one_line_and_leaves_nothing():
-    before = {p.pid for p in psutil.process_iter() if "valkey" in p.name()}
+    before = demo_valkeys()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -156,8 +164,7 @@ def test_demo_on_a_busy_port_fails_with_one_line_and_leaves_nothing():
     assert out.returncode == 1
     [line] = out.stderr.strip().splitlines()
     assert line.startswith(f"quotagate demo: port {taken} (--port)"), line
-    after = {p.pid for p in psutil.process_iter() if "valkey" in p.name()}
-    assert after <= before
+    assert demo_valkeys() <= before
 
 
 def test_a_store_child_dies_with_its_parent(tmp_path: Path):

@@ -17,6 +17,7 @@ import yaml
 from quotagate.gateway.app import STATE
 from quotagate.limiter.embedded import free_port
 from quotagate.metrics import RELOADS
+from tests.deployed import days
 from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
 
 H = {"X-CloudBase-Env": "shop"}
@@ -80,7 +81,9 @@ async def test_changed_file_is_picked_up_by_polling(make_gateway):
 @pytest.mark.deployed
 async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, upstream):
     port, admin = free_port(), free_port()
-    config = write_config(tmp_path, {"shop": env(limits={"calls": 0})},
+    # serve runs on the real clock: a plan period around today, whatever today is.
+    period = {"anchor": days(-40), "expires": days(400)}
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 0}, **period)},
                           listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}",
                           store={"url": valkey_url}, plans_file=str(PLANS), reload_poll_ms=0,
                           routes=[{"prefix": "/functions/", "kind": "function",
@@ -94,14 +97,14 @@ async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, u
         async with aiohttp.ClientSession() as s:
             async with s.get(url, headers=H) as r:
                 assert r.status == 429
-            environments(tmp_path, {"shop": env(limits={"calls": "x"})})  # broken
+            environments(tmp_path, {"shop": env(limits={"calls": "x"}, **period)})  # broken
             os.kill(proc.pid, signal.SIGHUP)
             await asyncio.sleep(0.5)
             async with s.get(url, headers=H) as r:
                 assert r.status == 429  # still the last good config
             async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
                 assert 'quotagate_config_reloads_total{result="failure"} 1.0' in await r.text()
-            environments(tmp_path, {"shop": env(limits={"calls": 10})})
+            environments(tmp_path, {"shop": env(limits={"calls": 10}, **period)})
             os.kill(proc.pid, signal.SIGHUP)
             await asyncio.sleep(0.5)
             async with s.get(url, headers=H) as r:

@@ -14,14 +14,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aredis
 from aiohttp import web
+from redis import exceptions as redis_errors
 
 from quotagate import metrics
 from quotagate.billing.bills import bill, billable_envs, total
+from quotagate.clock import StoreClock
 from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
-from quotagate.limiter.errors import StoreError
+from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Limiter
 from quotagate.problem import problem_response
@@ -71,8 +72,22 @@ def _error(status: int, message: str, **detail: Any) -> web.Response:
     return problem_response(status, f"admin/{slug}", title, message, **detail)
 
 
+#: The store is away (down, restarting, failing over), not wrong: the client should retry.
+STORE_AWAY = (StoreUnavailable, redis_errors.ConnectionError, redis_errors.TimeoutError,
+              redis_errors.ReadOnlyError, redis_errors.ClusterDownError,
+              redis_errors.TryAgainError, redis_errors.MasterDownError)
+
+
 def _store_down(exc: BaseException) -> web.Response:
-    response = _error(503, f"the store cannot be reached ({exc}); nothing was changed: retry")
+    response = _error(503, f"the store cannot be reached ({exc}); retry the request (each "
+                      "admin change is safe to repeat)")
+    response.headers["Retry-After"] = "1"
+    return response
+
+
+def _not_synced() -> web.Response:
+    response = _error(503, "the gateway has not sampled the store's clock yet (the store was "
+                      "unreachable at start): dates would be wrong; retry")
     response.headers["Retry-After"] = "1"
     return response
 
@@ -94,17 +109,24 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error(401, "missing or wrong bearer token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="quotagate-admin"'
         return response
+    clock = request.app[ENVS].clock
+    if isinstance(clock, StoreClock) and not clock.synced:
+        return _not_synced()
     try:
         return await handler(request)
     except ControlError as exc:
         return _error(exc.status, str(exc), **exc.detail)
-    except (aredis.RedisError, StoreError, OSError) as exc:
+    except STORE_AWAY as exc:
         log.warning("admin %s %s: store unavailable: %s", request.method, request.path, exc)
         return _store_down(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.text or exc.reason)
+        response = _error(exc.status, exc.text or exc.reason)
+        for name, value in exc.headers.items():  # e.g. 405's Allow
+            if name.lower() not in ("content-type", "content-length"):
+                response.headers.add(name, value)
+        return response
     except Exception:
         log.exception("admin %s %s failed", request.method, request.path)
         return _error(500, "internal error (logged by the gateway); nothing is reported here")

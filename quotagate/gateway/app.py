@@ -339,8 +339,8 @@ async def _follow_store_clock(state: GatewayState) -> None:
         await asyncio.sleep(SYNC_INTERVAL_S)
         try:
             await sync_store_clock(state)
-        except StoreError as exc:
-            log.warning("could not sample the store's clock (%s); dates run on the last "
+        except Exception as exc:  # never the end of following it
+            log.warning("could not sample the store's clock (%r); dates run on the last "
                         "sample", exc)
 
 
@@ -380,14 +380,14 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Usually done at once; a store that is down must not block the start.
         await asyncio.wait_for(asyncio.shield(state.sync_task), 2.0)
     yield
-    for task in [*background, *([watcher] if watcher is not None else [])]:
+    tasks = [*background, *([watcher] if watcher is not None else []), state.sync_task]
+    for task in tasks:
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    if state.sync_task is not None:
-        state.sync_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.sync_task
+    # A task that failed earlier must not skip the rest of the cleanup (slots given back).
+    for task, outcome in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True),
+                             strict=True):
+        if isinstance(outcome, Exception):
+            log.error("background task %s had failed: %r", task.get_coro(), outcome)
     if state.limiter.backlog.pending:  # flush_backlog holds a lock: never twice at once
         with contextlib.suppress(StoreError):
             await state.limiter.flush_backlog()

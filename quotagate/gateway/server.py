@@ -155,8 +155,8 @@ def serve(config_path: str, workers: int = 1, log_level: str = "INFO",
         log.info("no store.url configured: starting the embedded Valkey in %s", data_dir)
         try:
             embedded = EmbeddedValkey(data_dir).start()
-        except RuntimeError as exc:  # the directory owned by another (DataDirInUse), or no start
-            raise StartError(str(exc)) from None
+        except (RuntimeError, OSError) as exc:  # owned by another (DataDirInUse), not
+            raise StartError(str(exc)) from None   # writable, or the store did not start
         store_url = embedded.url
     try:
         if workers <= 1:

@@ -77,13 +77,18 @@ def die_with_parent(parent: int) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class DataDirLock:
@@ -179,7 +184,10 @@ class EmbeddedValkey:
         return f"unix://{self.socket_path}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedValkey:
-        """Lock the data directory (``DataDirInUse`` if another owns it), then start."""
+        """Lock the data directory (``DataDirInUse`` if another owns it), then start.
+
+        Call it from the main thread: the parent-death signal follows the thread that forks
+        (a worker thread that ends would take the store with it)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.lock is None:
             self.lock = DataDirLock(self.data_dir).acquire()
