@@ -88,6 +88,9 @@ ERROR_CODES = {
 _ENDS_SOCKET = {Outcome.ISOLATED, Outcome.NOT_STARTED, Outcome.NOT_FOUND}
 _ENDED_CODES = {"isolated": "ENVIRONMENT_ISOLATED", "not-started": "ENVIRONMENT_ISOLATED",
                 "not-found": "ENVIRONMENT_NOT_FOUND"}
+_ENDED_WHY = {"ENVIRONMENT_ISOLATED": "is isolated (its plan expired or has not started): "
+                                      "renew it to watch again",
+              "ENVIRONMENT_NOT_FOUND": "is unknown or released"}
 
 #: Handshake fields aiohttp sets itself for the upstream hop.
 _HANDSHAKE = frozenset(istr(h) for h in (
@@ -223,8 +226,9 @@ class RealtimeSocket:
     async def _end(self, code: str) -> None:
         self.closing = True
         with contextlib.suppress(Exception):
+            why = _ENDED_WHY.get(code, code)
             for wid in sorted(self.held):
-                await self._send_error(wid, None, code, f"environment {self.env} is {code}")
+                await self._send_error(wid, None, code, f"environment {self.env} {why}")
             await self.client.close(code=ENV_ENDED_CLOSE, message=code.encode()[:120])
         with contextlib.suppress(Exception):
             await self.upstream.close(code=1001)
