@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from quotagate.limiter.embedded import free_port
+from tests.deployed import hold_the_day
 from tests.helpers import PLANS, QUOTAGATE, wait_ready
 
 
@@ -33,6 +34,7 @@ def test_help_for_every_command():
 
 @pytest.mark.deployed
 def test_demo_walkthrough():
+    hold_the_day(120)  # its plans are anchored on the 1st
     ports = [free_port() for _ in range(3)]
     out = subprocess.run(
         [*QUOTAGATE, "demo", "--once", "--port", str(ports[0]), "--admin-port", str(ports[1]),
@@ -42,7 +44,9 @@ def test_demo_walkthrough():
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "1. A function call passes" in text and "→ 200 OK" in text
-    assert "12 more calls → 9 passed, 3 refused" in text
+    assert "(Host: demo-shop.api.tcloudbasegateway.com)" in text
+    assert '1b. node-sdk' in text and '"action": "functions.invokeFunction"' in text
+    assert "12 more calls → 8 passed, 4 refused" in text  # 60 - 1 - 1 - 50 = 8 left
     assert "quota-exceeded" in text and "→ 429 Too Many Requests" in text
     assert "refused with qps-exceeded" in text
     assert "6 calls → 6 passed" in text

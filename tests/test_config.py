@@ -91,7 +91,13 @@ def test_shipped_config_loads(shipped) -> None:
     assert gw.listen != gw.admin_listen
     assert gw.enforcement == "enforce" and gw.on_store_failure == "open"
     assert gw.timezone == "Asia/Shanghai"
-    assert len(gw.routes) == 8
+    # The platform SDKs' endpoints (docs/config.md, "The SDKs' endpoints").
+    routes = {(r.prefix, r.exact): r.kind for r in gw.routes}
+    assert {("/v1/functions/", False): "function", ("/v1/database/", False): "database",
+            ("/v1/storages/", False): "storage", ("/auth/", False): "auth",
+            ("/web", True): "action", ("/admin", True): "action",
+            ("/", True): "realtime"}.items() <= routes.items()
+    assert set(gw.domains) == {"api.tcloudbasegateway.com", "tcb-api.tencentcloudapi.com"}
     assert [r.kind for r in gw.routes].count("realtime") == 1
     assert gw.leases.ttl_ms == 15_000 and gw.leases.renew_interval_ms == 5_000
     assert "shop-1a2b" in shipped.environments.environments

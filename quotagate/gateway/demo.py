@@ -40,7 +40,11 @@ def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port
         "timezone": "Asia/Shanghai",
         "plans_file": str(find_plans_file()),
         "environments_file": "environments.yaml",
+        # As the platform's SDKs address it (config/gateway.yaml ships the same).
+        "domains": ["api.tcloudbasegateway.com", "tcb-api.tencentcloudapi.com"],
         "routes": [
+            {"prefix": "/v1/functions/", "upstream": up, "kind": "function"},
+            {"prefix": "/admin", "exact": True, "upstream": up, "kind": "action"},
             {"prefix": "/functions/", "upstream": up, "kind": "function"},
             {"prefix": "/database/", "upstream": up, "kind": "database"},
             {"prefix": "/realtime", "upstream": up, "kind": "realtime"},
@@ -83,7 +87,11 @@ async def _show(session: aiohttp.ClientSession, title: str, method: str, url: st
     if env is not None:
         headers["X-CloudBase-Env"] = env
     _say(f"\n── {title}")
-    _say(f"   {method} {url}" + (f"   (X-CloudBase-Env: {env})" if env else ""))
+    host = headers.get("Host")
+    _say(f"   {method} {url}" + (f"   (X-CloudBase-Env: {env})" if env else "")
+         + (f"   (Host: {host})" if host else ""))
+    if "json" in kw:
+        _say(f"   {json.dumps(kw['json'])}")
     async with session.request(method, url, headers=headers, **kw) as resp:  # type: ignore[arg-type]
         body = await resp.text()
         _say(f"   → {resp.status} {resp.reason}")
@@ -105,9 +113,18 @@ async def walkthrough(base: str) -> dict[str, int]:
     """Send the demo's requests; returns the status of each step (the test checks them)."""
     seen: dict[str, int] = {}
     async with aiohttp.ClientSession() as s:
-        r = await _show(s, "1. A function call passes and costs 1 call", "GET",
-                        f"{base}/functions/hello", "demo-shop")
+        r = await _show(s, "1. A function call passes and costs 1 call (js-sdk callFunction: "
+                        "the environment is the host's first label)", "POST",
+                        f"{base}/v1/functions/hello", None,
+                        headers={"Host": "demo-shop.api.tcloudbasegateway.com"},
+                        json={"a": 1})
         seen["pass"] = r.status
+        r = await _show(s, "1b. node-sdk's callFunction: the operation is in the body, counted "
+                        "as an invocation of its function", "POST",
+                        f"{base}/admin?env=demo-shop", None,
+                        json={"action": "functions.invokeFunction", "function_name": "hello",
+                              "request_data": "{}", "envName": "demo-shop"})
+        seen["action"] = r.status
         r = await _show(s, "2. An AI chat over SSE streams through and costs 50 calls", "POST",
                         f"{base}/ai/chat", "demo-shop", headers={"Accept": "text/event-stream"})
         seen["sse"] = r.status
