@@ -21,6 +21,7 @@ import aiohttp
 import redis.asyncio as aredis
 
 from quotagate import metrics
+from quotagate.aio import stop_if_cancelling
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import EventSettings
@@ -70,6 +71,7 @@ class WebhookDelivery:
                     await self.ensure_group()
                     await self.deliver_batch(session)
                 except (aredis.RedisError, OSError) as exc:
+                    stop_if_cancelling(exc)
                     log.warning("event delivery paused: the store is unreachable (%s)", exc)
                     await asyncio.sleep(1.0)
 
@@ -136,4 +138,5 @@ async def sweep_forever(redis: Any, limiter: Limiter, every_s: float = 30.0) -> 
         try:
             await sweep_env_streams(redis, limiter)
         except Exception as exc:  # keep sweeping whatever one round hit
+            stop_if_cancelling(exc)
             log.warning("event sweep failed: %s", exc)

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from quotagate import metrics
+from quotagate.aio import stop_if_cancelling
 from quotagate.clock import Clock
 from quotagate.control.envs import ControlError, Environments, Record
 from quotagate.limiter import keys
@@ -135,6 +136,7 @@ class Scheduler:
             try:
                 await self.run_once()
             except Exception as exc:  # one bad round must not stop the scheduler
+                stop_if_cancelling(exc)
                 log.warning("lifecycle round failed: %s", exc)
             await asyncio.sleep(every_s)
 
@@ -148,6 +150,7 @@ class Scheduler:
             except ControlError:
                 continue
             except Exception as exc:  # one broken environment must not stop the others
+                stop_if_cancelling(exc)
                 log.warning("lifecycle of %s failed this round: %s", env_id, exc)
         self.events += written
         return written
@@ -235,6 +238,7 @@ class Scheduler:
         try:
             await self._queue_work(env_id, active=True)
         except Exception as exc:  # the next round tries again
+            stop_if_cancelling(exc)
             log.warning("replay of %s's queued invocations stopped: %s", env_id, exc)
 
     async def _queue_work(self, env_id: str, active: bool) -> None:

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate import metrics
+from quotagate.aio import stop_if_cancelling
 from quotagate.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import api as control_api
 from quotagate.control import events as control_events
@@ -314,6 +315,7 @@ async def _sync_until_done(state: GatewayState) -> None:
             state.synced = True
             return
         except (aredis.RedisError, OSError, StoreError) as exc:
+            stop_if_cancelling(exc)
             log.warning("store not ready for the environment sync (%s); retrying", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -340,8 +342,13 @@ async def _follow_store_clock(state: GatewayState) -> None:
         try:
             await sync_store_clock(state)
         except Exception as exc:  # never the end of following it
+            stop_if_cancelling(exc)
             log.warning("could not sample the store's clock (%r); dates run on the last "
                         "sample", exc)
+
+
+#: How long a stopping gateway waits for its background tasks.
+STOP_WAIT_S = 10.0
 
 
 async def _once_synced(state: GatewayState, work: Callable[[], Awaitable[None]]) -> None:
@@ -383,11 +390,15 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [*background, *([watcher] if watcher is not None else []), state.sync_task]
     for task in tasks:
         task.cancel()
-    # A task that failed earlier must not skip the rest of the cleanup (slots given back).
-    for task, outcome in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True),
-                             strict=True):
-        if isinstance(outcome, Exception):
-            log.error("background task %s had failed: %r", task.get_coro(), outcome)
+    # Bounded, and whatever they ended with: the rest of the cleanup (slots given back, the
+    # backlog written) must run.
+    done, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+    for task in pending:
+        log.error("background task %s did not stop within %.0f s", task.get_coro(),
+                  STOP_WAIT_S)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s had failed: %r", task.get_coro(), task.exception())
     if state.limiter.backlog.pending:  # flush_backlog holds a lock: never twice at once
         with contextlib.suppress(StoreError):
             await state.limiter.flush_backlog()

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal, NamedTuple
 
 from quotagate import metrics
+from quotagate.aio import stop_if_cancelling
 from quotagate.clock import Clock, ScriptTime, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
@@ -689,6 +690,7 @@ class Limiter:
             try:
                 await self.renew()
             except StoreError as exc:
+                stop_if_cancelling(exc)
                 log.warning("lease renewal failed (%s); slots of %d environments held here, "
                             "renewed when the store answers", exc, len(self.held))
 
@@ -733,6 +735,7 @@ class Limiter:
             try:
                 await self.flush_backlog()
             except StoreError as exc:
+                stop_if_cancelling(exc)
                 log.warning(
                     "store still unavailable (%s); %d usage entries held for write-back",
                     exc, len(self.backlog),
