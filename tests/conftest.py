@@ -16,7 +16,7 @@ import redis.asyncio as aredis
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from quotagate.gateway.app import STATE, init_admin_app, init_app
+from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
 from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
@@ -147,15 +147,19 @@ async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
         gateway.setdefault("routes", routes_to(origin))
         config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
         app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
-        return await _started(made, app)
+        return await _started(made, app, **SERVER_KWARGS)
 
     yield factory
     for client in made:
         await client.close()
 
 
-async def _started(made: list[TestClient], app: web.Application) -> TestClient:
-    client = TestClient(TestServer(app))
+async def _started(made: list[TestClient], app: web.Application, **server: object) -> TestClient:
+    """A client of ``app`` on a real socket; ``server``: the listener's settings (TestServer
+    takes them at start_server, not in its constructor)."""
+    test_server = TestServer(app)
+    await test_server.start_server(**server)
+    client = TestClient(test_server)
     await client.start_server()
     made.append(client)
     return client

@@ -147,3 +147,67 @@ async def test_refusals_carry_the_members_the_sdks_read(make_gateway):
     resp = await gw.get("/functions/f")  # no environment: refused before the store
     problem = await assert_problem(resp, 400)
     assert problem["requestId"] == resp.headers["X-Request-Id"] and problem["requestId"]
+
+
+async def test_action_bodies_are_read_whole_however_they_arrive(make_gateway, upstream):
+    origin = f"http://127.0.0.1:{upstream.port}"
+    gw = await make_gateway({"shop": env()}, routes=action_routes(origin))
+    big = json.dumps({"action": "database.addDocument", "env": "shop",
+                      "data": "x" * 300_000}).encode()
+    resp = await gw.post("/web?demo=echo", data=big)  # arrives in many reads
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["body_bytes"] == len(big)
+
+    async def in_pieces():  # chunked, with a pause between the pieces
+        yield big[:1000]
+        await asyncio.sleep(0.2)
+        yield big[1000:]
+
+    resp = await gw.post("/web?demo=echo", data=in_pieces())
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["body_bytes"] == len(big)
+
+
+async def test_ambiguous_action_bodies_are_refused(make_gateway, upstream, store):
+    """Parsers disagree on which of two equal keys wins, and some match keys without case:
+    the upstream could run another action, or as another environment, than was counted."""
+    origin = f"http://127.0.0.1:{upstream.port}"
+    gw = await make_gateway({"shop": env(), "other": env()}, routes=action_routes(origin))
+    before = await store_calls(store)
+    for body in (
+        b'{"action": "database.queryDocument", "action": "functions.invokeFunction", '
+        b'"function_name": "f"}',
+        b'{"action": "database.queryDocument", "Action": "functions.invokeFunction", '
+        b'"function_name": "f"}',
+        b'{"action": "database.x", "env": "shop", "env": "other"}',
+        b'{"action": "database.x", "envName": "shop", "ENVNAME": "other"}',
+        b'{"action": "functions.invokeFunction", "function_name": "a", "function_name": "b"}',
+        b'{"\\u0061ction": "database.x", "action": "functions.invokeFunction"}',
+    ):
+        resp = await gw.post("/web?env=shop", data=body)
+        problem = await assert_problem(resp, 400)
+        assert problem["code"] == "INVALID_ACTION" and "ambiguous" in problem["detail"], body
+    for query in ("?ENV=other", "?env=shop&envName=other", "?Env=shop"):
+        resp = await gw.get(f"/functions/f{query}", headers={"X-CloudBase-Env": "shop"})
+        assert (await assert_problem(resp, 400))["code"] == "INVALID_ENVIRONMENT", query
+    assert await store_calls(store) == before
+
+
+async def test_compressed_bodies_go_as_sent_or_are_refused(make_gateway, upstream):
+    import gzip
+
+    origin = f"http://127.0.0.1:{upstream.port}"
+    gw = await make_gateway({"shop": env()}, routes=action_routes(origin))
+    plain = json.dumps({"action": "database.x", "env": "shop", "pad": "y" * 2000}).encode()
+    packed = gzip.compress(plain)
+    resp = await gw.post("/web", data=packed, headers={"Content-Encoding": "gzip"})
+    problem = await assert_problem(resp, 400)  # cannot be read to be counted
+    assert problem["code"] == "INVALID_ACTION" and "Content-Encoding" in problem["detail"]
+    # A path route streams it on as it came: the upstream gets the client's bytes and headers.
+    resp = await gw.post("/functions/f/echo", data=packed,
+                         headers={"Content-Encoding": "gzip", "X-CloudBase-Env": "shop"})
+    assert resp.status == 200, await resp.text()
+    echoed = await resp.json()
+    assert echoed["headers"]["Content-Encoding"] == "gzip"
+    assert echoed["body_bytes"] == len(plain)  # the upstream's aiohttp decompressed it
+    assert int(echoed["headers"]["Content-Length"]) == len(packed)

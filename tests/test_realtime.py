@@ -245,20 +245,18 @@ async def test_environment_from_login_and_refusals(make_gateway, connect, upstre
     await unknown._reader
     assert unknown.ws.close_code == 3050
 
-    # Named at the upgrade: refused with the problem before any socket.
+    # Named at the upgrade: the socket is accepted, told why and closed with 3050 (the SDK
+    # stops on it; it retries an HTTP refusal of the upgrade), never reaching the upstream.
+    inits = (await stub_stats(upstream))["sockets"]
     async with aiohttp.ClientSession() as s:
-        for env_id, status, suffix in (("old", 403, "environment-isolated"),
-                                       ("nobody", 404, "environment-not-found")):
-            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
-                await s.ws_connect(gw.make_url("/realtime"), headers={"X-CloudBase-Env": env_id})
-            assert err.value.status == status
-            async with s.get(gw.make_url("/realtime"),
-                             headers={"X-CloudBase-Env": env_id, "Upgrade": "websocket",
-                                      "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as r:
-                assert r.status == status
-                assert (await r.json(content_type=None))["type"].endswith(suffix)
-
+        for env_id, code in (("old", "ENVIRONMENT_ISOLATED"), ("nobody", "ENVIRONMENT_NOT_FOUND")):
+            ws = await s.ws_connect(gw.make_url("/realtime"), headers={"X-CloudBase-Env": env_id})
+            frame = await ws.receive_json(timeout=3)
+            assert frame["msgType"] == "ERROR" and frame["msgData"]["code"] == code, frame
+            closing = await ws.receive(timeout=3)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 3050
+            await ws.close()
+    assert (await stub_stats(upstream))["sockets"] == inits
 
 HOSTILE = [
     "not json at all",
@@ -521,6 +519,9 @@ async def test_any_upstream_error_for_a_watch_frees_it(make_gateway, connect, up
     assert (await w.wait_for(lambda f: f.get("requestId") == "ra"))["msgType"] == "ERROR"
     await settle()
     assert await live_slots(store, "shop") == {}
+    # ...and ended upstream too: no watch goes on there uncounted (a client could otherwise
+    # free its slots with failing rebuilds and keep every watch open).
+    assert (await stub_stats(upstream))["open_watches"] == 0
     await w.send("CLOSE_WATCH", "a", "ca")  # a client that closes it anyway: not twice
     await w.send("INIT_WATCH", "f", "rf", collName="fail")  # refused by the upstream at once
     assert (await w.wait_for(lambda f: f.get("requestId") == "rf"))["msgType"] == "ERROR"
@@ -531,6 +532,25 @@ async def test_any_upstream_error_for_a_watch_frees_it(make_gateway, connect, up
         assert (await w.wait_for(answered(wid)))["msgType"] == "INIT_EVENT"
     await settle()
     assert await live_slots(store, "shop") == {"rt:": 2}
+    for i in range(5):  # the trick, repeated: never more open upstream than counted
+        await w.send("REBUILD_WATCH", "b", f"rb{i}", collName="fail")
+        await w.wait_for(lambda f, i=i: f.get("requestId") == f"rb{i}")
+        await w.send("INIT_WATCH", "b", f"ib{i}", collName="c")
+        await w.wait_for(lambda f, i=i: f.get("requestId") == f"ib{i}")
+    await settle()
+    assert (await stub_stats(upstream))["open_watches"] <= 2
+    assert await live_slots(store, "shop") == {"rt:": 2}
+
+
+def test_close_codes_never_put_on_the_wire():
+    from quotagate.gateway.realtime import wire_close_code
+
+    assert wire_close_code(3001, lost=1011) == 3001
+    assert wire_close_code(0, lost=1011) == 1000  # a close frame without a code (aiohttp: 0)
+    assert wire_close_code(1005, lost=1011) == 1000
+    for gone in (None, 1006, 1015):
+        assert wire_close_code(gone, lost=1011) == 1011
+        assert wire_close_code(gone, lost=1001) == 1001
 
 async def test_close_codes_as_the_sdk_reads_them(make_gateway, connect, upstream, store):
     """The client's code is echoed to it and sent on (the SDK closes with 3001 and reconnects

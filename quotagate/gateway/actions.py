@@ -11,10 +11,10 @@ unchanged. Only requests on action routes pay for this.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
-import msgspec
 from aiohttp import web
 
 from quotagate.gateway.envid import with_body_env
@@ -42,24 +42,71 @@ class ActionRequest:
     function: str
 
 
+async def read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit`` (it may arrive in pieces:
+    ``read(n)`` returns what has come so far)."""
+    if (request.content_length or 0) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None
+
+
+#: The members that decide how a request is counted: each must appear once, spelled so.
+_DECIDING = {"action": "action", "env": "env", "envname": "envName",
+             "function_name": "function_name"}
+
+
+def _members(body: bytes, env: str | None) -> dict[str, object]:
+    """The top-level members of a JSON object body. Refused (400) when not JSON, not an
+    object, or when a deciding member appears twice or in another case: parsers disagree on
+    which of two wins (and some match keys without case), so the upstream could read another
+    action or environment than the one counted."""
+    request_is_encoded = body[:2] == b"\x1f\x8b"  # gzip's magic
+    top: list[list[tuple[str, object]]] = []
+
+    def pairs(items: list[tuple[str, object]]) -> dict[str, object]:
+        top[:] = [items]  # the outermost object closes last
+        return dict(items)
+
+    try:
+        decoded = json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError) as exc:
+        hint = " (compressed? send it uncompressed)" if request_is_encoded else ""
+        raise invalid_action(f"the body is not JSON{hint} ({str(exc)[:120]}); an action "
+                             'endpoint takes {"action": "<group>.<name>", ...}', env) from None
+    if not isinstance(decoded, dict) or not top:
+        raise invalid_action('an action endpoint takes a JSON object {"action": '
+                             '"<group>.<name>", ...}', env)
+    seen: set[str] = set()
+    for key, _ in top[0]:
+        folded = key.casefold()  # some parsers match keys without case
+        if folded in _DECIDING:
+            if key != _DECIDING[folded] or folded in seen:
+                raise invalid_action(f"the body names {_DECIDING[folded]!r} more than once "
+                                     "or in another case: ambiguous", env)
+            seen.add(folded)
+    return decoded
+
+
 async def read_action(request: web.Request, route: CompiledRoute,
                       env: str | None) -> ActionRequest:
     """Read and classify an action request; raises a Problem (400, 413) when it cannot be."""
     assert route.actions is not None
     limit = route.route.max_body_bytes
-    if (request.content_length or 0) > limit:
+    body = await read_body(request, limit)
+    if body is None:
         raise body_too_large(limit, env)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise body_too_large(limit, env)
-    try:
-        decoded = msgspec.json.decode(body) if body else None
-    except msgspec.DecodeError as exc:
-        raise invalid_action(f"the body is not JSON ({exc}); an action endpoint takes "
-                             '{"action": "<group>.<name>", ...}', env) from None
-    if not isinstance(decoded, dict):
-        raise invalid_action('an action endpoint takes a JSON object {"action": '
-                             '"<group>.<name>", ...}', env)
+    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise invalid_action("an action request's body is read to count it: send it "
+                             "without Content-Encoding", env)
+    decoded = _members(body, env)
     action = decoded.get("action")
     if not isinstance(action, str) or "." not in action:
         raise invalid_action(f"no action ('<group>.<name>'; groups: {_GROUPS})", env)

@@ -18,7 +18,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -35,14 +35,16 @@ from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, Scheduler, enqueue
 from quotagate.gateway import realtime
-from quotagate.gateway.actions import read_action
+from quotagate.gateway.actions import read_action, read_body
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import all_domains, environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
 from quotagate.gateway.problems import (
     Problem,
+    body_too_large,
     invalid_function,
     invalid_path,
+    queue_full,
     refusal,
     route_not_found,
     store_unavailable,
@@ -556,12 +558,12 @@ async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
                             path_qs: str, body: bytes | None) -> web.Response:
     """An asynchronous invocation while isolated: queued durably, replayed on renewal.
     ``body``: already read (action routes), else read here."""
-    if (request.content_length or 0) > QUEUE_MAX_BODY:
-        return web.json_response({"error": "body too large to queue"}, status=413)
+    too_large = body_too_large(QUEUE_MAX_BODY, env, "an invocation queued while the "
+                               "environment is isolated")
     if body is None:
-        body = await request.content.read(QUEUE_MAX_BODY + 1)
-    if len(body) > QUEUE_MAX_BODY:
-        return web.json_response({"error": "body too large to queue"}, status=413)
+        body = await read_body(request, QUEUE_MAX_BODY)
+    if body is None or len(body) > QUEUE_MAX_BODY:
+        return too_large.response()
     drop = {"host", "content-length", "transfer-encoding", "connection", "x-cloudbase-env"}
     headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
     try:
@@ -572,13 +574,18 @@ async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
         return store_unavailable(env).response()
     if length < 0:
         metrics.QUEUED_INVOCATIONS.labels("refused").inc()
-        return web.json_response({"error": f"the queue of {env} is full: renew the "
-                                  "environment to run what is queued"}, status=429)
+        return queue_full(env).response()
     metrics.DECISIONS.labels("queued", "environment-isolated").inc()
     metrics.QUEUED_INVOCATIONS.labels("queued").inc()
     return web.json_response({"queued": True, "env": env, "queue_length": length,
                               "detail": "the environment is isolated: the invocation runs "
                                         "when it is renewed (within 7 days)"}, status=202)
+
+
+#: How the public listener's server is made: request bodies are not decompressed, so what
+#: is forwarded is what the client sent, with its own Content-Encoding and Content-Length (a
+#: decoded body under the client's gzip headers reached upstreams broken).
+SERVER_KWARGS: dict[str, Any] = {"auto_decompress": False}
 
 
 def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.Application:

@@ -52,6 +52,8 @@ def _from_host(request: web.Request, suffixes: tuple[str, ...]) -> str | None:
     if host.startswith("["):  # an IPv6 literal is no environment's host
         return None
     host = host.rsplit(":", 1)[0].lower()
+    if host.endswith("."):  # the fully qualified form names the same host
+        host = host[:-1]
     for suffix in suffixes:
         if host.endswith(suffix):
             labels = host[: -len(suffix)].split(".")
@@ -72,7 +74,12 @@ def environment_of(request: web.Request, suffixes: tuple[str, ...]) -> str | Non
     """
     found = _from_host(request, suffixes)
     where = "the host"
-    if "env=" in request.query_string:
+    query = request.query_string
+    if query and "env" in query.lower():
+        keys = [k for k in request.query if k.casefold() in ("env", "envname")]
+        if any(k != "env" for k in keys):  # another spelling the upstream may read
+            raise invalid_environment("the environment is the env query parameter, spelled "
+                                      "so: another spelling (ENV, envName) is ambiguous")
         values = request.query.getall("env", [])
         if len(values) > 1:
             raise invalid_environment("more than one env query parameter")

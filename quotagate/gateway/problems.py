@@ -27,6 +27,7 @@ CODES = {
     "invalid-function": "INVALID_FUNCTION",
     "invalid-action": "INVALID_ACTION",
     "body-too-large": "BODY_TOO_LARGE",
+    "queue-full": "QUEUE_FULL",
     "websocket-required": "WEBSOCKET_REQUIRED",
     "route-not-found": "ROUTE_NOT_FOUND",
     "upstream-unavailable": "UPSTREAM_UNAVAILABLE",
@@ -126,10 +127,16 @@ def invalid_action(detail: str, env: str | None) -> Problem:
     return Problem(400, "invalid-action", "Invalid action request", detail, env)
 
 
-def body_too_large(limit: int, env: str | None) -> Problem:
+def body_too_large(limit: int, env: str | None, what: str = "an action request's body is "
+                   "read to find its action") -> Problem:
     return Problem(413, "body-too-large", "Request body too large",
-                   f"an action request's body is read to find its action: at most {limit} "
-                   "bytes", env)
+                   f"{what}: at most {limit} bytes", env)
+
+
+def queue_full(env: str) -> Problem:
+    return Problem(429, "queue-full", "Invocation queue full",
+                   f"the queue of isolated environment {env} is full: renew the environment "
+                   "to run what is queued", env)
 
 
 def route_not_found(path: str, env: str) -> Problem:

@@ -153,14 +153,14 @@ class UpstreamPool:
             if tally is not None:
                 tally.done_at = time.perf_counter()
             problem = upstream_timeout(env, f"upstream {route.origin} did not answer in time")
-            return problem.response(extra_headers)
+            return problem.response(extra_headers, request_id)
         except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
             if tally is not None:  # never reached the function: nothing ran
                 tally.done_at = tally.sent_at = 0.0
             return upstream_unavailable(
                 env, f"upstream {route.origin} failed: {type(exc).__name__}"
-            ).response(extra_headers)
+            ).response(extra_headers, request_id)
 
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)

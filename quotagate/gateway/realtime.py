@@ -72,7 +72,7 @@ def wire_close_code(code: int | None, *, lost: int) -> int:
     for a close frame without a code (1005)."""
     if code is None or code in (1006, 1015):
         return lost
-    if code == 1005:
+    if code in (0, 1005):  # aiohttp reports a close frame without a code as 0
         return 1000
     return code
 
@@ -414,8 +414,18 @@ class RealtimeSocket:
             metrics.REALTIME_WATCHES.dec()
             if self.env is not None:
                 self.state.limiter.release(self.env, SLOT)
+            # Uncounted from now on, so ended upstream too: a watch the ERROR did not end
+            # there (a failed rebuild of an open one) must not go on uncounted. A client that
+            # still wants it opens it again, counted.
+            self._close_upstream_watch(wid)
         elif kind in ("INIT_EVENT", "NEXT_EVENT", "CHECK_EVENT"):
             self.unanswered.pop(wid, None)  # it opened
+
+    def _close_upstream_watch(self, wid: str) -> None:
+        frame = msgspec.json.encode({"watchId": wid, "requestId": f"quotagate-close-{wid}",
+                                     "msgType": "CLOSE_WATCH", "msgData": None}).decode()
+        task = asyncio.ensure_future(self.upstream.send_str(frame))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # ------------------------------------------------------------------------------ errors
 
@@ -451,7 +461,9 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
         if isinstance(decision, Problem):
             return decision.response(request_id=request_id)
         if not decision.admitted:
-            return refusal(decision, env).response(request_id=request_id)
+            if decision.outcome in _ENDS_SOCKET:  # the SDK stops on 3050 (an HTTP refusal of
+                return await _end_at_once(request, decision, env, request_id)  # the upgrade
+            return refusal(decision, env).response(request_id=request_id)  # it retries)
         holds = decision.slot_held
     try:
         return await _relay(request, state, route, env, path_qs, request_id)
@@ -459,6 +471,23 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
         if holds:
             assert env is not None
             state.limiter.release(env, SLOT)
+
+
+async def _end_at_once(request: web.Request, decision: Decision, env: str,
+                       request_id: str) -> web.WebSocketResponse:
+    """An isolated or unknown environment's socket: accepted, told why, closed with 3050 —
+    what the SDK takes for "stop" (an HTTP 403/404 to the upgrade, it retries)."""
+    code = ERROR_CODES.get(decision.outcome, "REFUSED")
+    metrics.REALTIME_REFUSED.labels(code).inc()
+    ws = web.WebSocketResponse()
+    ws.headers["X-Request-Id"] = request_id
+    await ws.prepare(request)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_str(msgspec.json.encode({
+            "watchId": None, "requestId": None, "msgType": "ERROR",
+            "msgData": {"code": code, "message": refusal(decision, env).detail}}).decode())
+    await ws.close(code=ENV_ENDED_CLOSE, message=code.encode()[:120])
+    return ws
 
 
 async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute,
@@ -480,14 +509,16 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
         metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
         return upstream_unavailable(
             env, f"upstream {route.origin} refused the WebSocket upgrade: {exc.status}"
-        ).response()
+        ).response(request_id=request_id)
     except TimeoutError:
         metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-        return upstream_timeout(env, f"upstream {route.origin} did not answer in time").response()
+        return upstream_timeout(env, f"upstream {route.origin} did not answer in time"
+                                ).response(request_id=request_id)
     except aiohttp.ClientError as exc:
         metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
         return upstream_unavailable(
-            env, f"upstream {route.origin} failed: {type(exc).__name__}").response()
+            env, f"upstream {route.origin} failed: {type(exc).__name__}"
+        ).response(request_id=request_id)
     # autoclose off: the client's close is answered with its own code (_close_both), not
     # aiohttp's 1000, on which the SDK would reconnect.
     client = web.WebSocketResponse(

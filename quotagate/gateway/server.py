@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from quotagate.gateway.app import STATE, init_admin_app, init_app
+from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.logs import TEXT_FORMAT, configure
 from quotagate.settings import Config, load_config
@@ -81,7 +81,7 @@ async def run_gateway(
     """Serve the public (and optionally the admin) listener until ``stop`` is set or a signal."""
     gw = config.gateway
     app = init_app(config, store_url)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **SERVER_KWARGS)
     await runner.setup()
     admin_runner = None
     try:

@@ -20,7 +20,7 @@ RouteKind = Literal["function", "database", "storage", "static", "ai", "sms", "r
 #: What an action endpoint's request is counted as, by its body's ``action`` (the part before
 #: the first dot): the platform SDKs' ``/web`` and ``/admin`` endpoints (docs/config.md).
 ACTION_KINDS = {"functions": "function", "database": "database", "storage": "storage",
-                "auth": "auth", "ai": "ai"}
+                "auth": "auth"}
 
 #: Cumulative meters, counted per billing cycle (SPEC §3).
 CUMULATIVE_METERS = (
