@@ -240,8 +240,11 @@ async def test_environment_from_login_and_refusals(make_gateway, connect, upstre
     await iso._reader
     assert iso.ws.close_code == 3050
     unknown = await connect(gw)
-    await unknown.send("INIT_WATCH", "u", "ru", envId="nobody", collName="c")
-    assert (await unknown.wait_for(answered("u")))["msgData"]["code"] == "ENVIRONMENT_NOT_FOUND"
+    await unknown.send("INIT_WATCH", "u", "ru", envId="nobody", collName="c")  # before LOGIN
+    assert (await unknown.wait_for(answered("u")))["msgData"]["code"] == "ENVIRONMENT_REQUIRED"
+    await unknown.send("LOGIN", request_id="n", envId="nobody")
+    assert (await unknown.wait_for(lambda f: f.get("requestId") == "n"))["msgData"]["code"] == \
+        "ENVIRONMENT_NOT_FOUND"
     await unknown._reader
     assert unknown.ws.close_code == 3050
 
@@ -301,10 +304,13 @@ async def test_malformed_and_hostile_frames(make_gateway, connect, upstream, sto
     echoed = [r for r in w.raw if r in HOSTILE or r == b"\x00\xffbinary"]
     invalid = [f for f in w.frames if f.get("msgType") == "ERROR"
                and f["msgData"]["code"] == "INVALID_FRAME" and f.get("requestId") != "bad"]
+    unreadable = ["not json at all", "{" * 10_000, b"\x00\xffbinary"]
     if strict:  # refused here with an ERROR each, none reached the upstream
         assert echoed == [] and len(invalid) == len(HOSTILE) + 1
-    else:  # passed through untouched (the stub echoes what it does not understand)
-        assert len(echoed) == len(HOSTILE) + 1 and invalid == []
+    else:  # what reads as JSON but not the protocol passes untouched (the stub echoes it);
+        # what cannot be read (it could be a watch to the upstream's parser) never does
+        assert sorted(map(str, echoed)) == sorted(t for t in HOSTILE if t not in unreadable)
+        assert len(invalid) == len(unreadable)
     assert await live_slots(store, "shop") == {"rt:": 1}
     # An oversized frame closes the socket (1009) and its slots come back.
     await w.ws.send_str("x" * 70_000)
@@ -574,3 +580,68 @@ async def test_close_codes_as_the_sdk_reads_them(make_gateway, connect, upstream
     assert cut.ws.close_code == 1011
     await settle()
     assert await live_slots(store, "shop") == {}
+
+
+async def test_every_frame_that_could_open_a_watch_is_counted_or_refused(
+        make_gateway, connect, upstream, store):
+    """Binary frames are read like text (a Node upstream JSON.parses both), msgType is compared
+    after JSON decoding (escapes), and a frame that cannot be fully read never goes on."""
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
+    gw = await make_gateway({"shop": env(limits={"realtime": 2}), "other": env()},
+                            routes=routes)
+    w = await connect(gw, headers={"X-CloudBase-Env": "shop"})
+    # Escaped msgType: counted like any INIT_WATCH.
+    await w.ws.send_str('{"watchId": "e", "requestId": "re", "msgType": "INIT_\\u0057ATCH", '
+                        '"msgData": {"collName": "c"}}')
+    assert (await w.wait_for(answered("e")))["msgType"] == "INIT_EVENT"
+    # Binary INIT_WATCH frames: counted, and refused at the cap like text ones.
+    for wid in ("b1", "b2"):
+        await w.ws.send_bytes(json.dumps({"watchId": wid, "requestId": wid,
+                                          "msgType": "INIT_WATCH",
+                                          "msgData": {"collName": "c"}}).encode())
+    refused = await w.wait_for(lambda f: f.get("watchId") in ("b1", "b2")
+                               and f.get("msgType") == "ERROR")
+    assert refused["msgData"]["code"] == "REALTIME_CONNECTION_LIMIT_EXCEEDED"
+    await settle()
+    assert await live_slots(store, "shop") == {"rt:": 2}
+    # Too deep to read: never forwarded, whatever it says.
+    inits = (await stub_stats(upstream))["inits"]
+    deep = ('{"watchId": "d", "msgType": "INIT_\\u0057ATCH", "msgData": ' + "[" * 3000
+            + "]" * 3000 + "}")
+    for send in (w.ws.send_str, lambda t: w.ws.send_bytes(t.encode())):
+        await send(deep)
+    await w.send("PING", request_id="p")
+    await w.wait_for(lambda f: f.get("requestId") == "p")
+    assert sum(f["msgData"]["code"] == "INVALID_FRAME" for f in w.frames
+               if f.get("msgType") == "ERROR") == 2
+    assert (await stub_stats(upstream))["inits"] == inits
+    # A held watch re-sent as another environment's: refused, not waved through as a rebuild.
+    await w.send("REBUILD_WATCH", "e", "x", envId="other", collName="c")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "x"))["msgData"]["code"] == \
+        "ENVIRONMENT_MISMATCH"
+
+
+async def test_nothing_goes_upstream_before_login(make_gateway, connect, upstream, store):
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", login_timeout_ms=500)
+    gw = await make_gateway({"shop": env()}, routes=routes)
+    sockets = (await stub_stats(upstream))["sockets"]
+    idle = [await connect(gw) for _ in range(20)]  # never name an environment
+    quiet = await connect(gw)
+    await quiet.send("PING", request_id="p")  # answered by the gateway
+    assert (await quiet.wait_for(lambda f: f.get("requestId") == "p"))["msgType"] == "PONG"
+    await quiet.send("CHECK_LAST", "w", "c")
+    assert (await quiet.wait_for(lambda f: f.get("requestId") == "c"))["msgData"]["code"] == \
+        "ENVIRONMENT_REQUIRED"
+    await quiet.ws.send_str('{"something": "else"}')
+    assert (await stub_stats(upstream))["sockets"] == sockets  # no upstream socket at all
+    for w in [*idle, quiet]:  # closed at the deadline
+        await asyncio.wait_for(w._reader, 5)
+        assert w.ws.close_code == 1008
+    assert (await stub_stats(upstream))["sockets"] == sockets
+    # A LOGIN in time opens the upstream socket, then the watch protocol as usual.
+    w = await connect(gw)
+    assert (await login(w))["msgType"] == "LOGIN_RES"
+    await w.send("INIT_WATCH", "a", "ra", collName="c")
+    assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
+    await asyncio.sleep(0.7)  # past the deadline: a socket that logged in stays
+    assert not w.ws.closed

@@ -92,13 +92,8 @@ def _not_synced() -> web.Response:
     return response
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token on every /admin/v1 route; every refusal as problem+json: ControlError ->
-    its status, an unreachable store -> 503, aiohttp's own (404, 405, 413) kept, anything
-    else -> 500 without a traceback (logged)."""
-    if not request.path.startswith(PREFIX):
-        return await handler(request)
+def refuse_without_token(request: web.Request) -> web.Response | None:
+    """The 401 problem for a request without the admin bearer token (None: it has it)."""
     expected = request.app[TOKEN]
     given = request.headers.get("Authorization", "")
     if not expected:
@@ -109,6 +104,19 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error(401, "missing or wrong bearer token")
         response.headers["WWW-Authenticate"] = 'Bearer realm="quotagate-admin"'
         return response
+    return None
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token on every /admin/v1 route; every refusal as problem+json: ControlError ->
+    its status, an unreachable store -> 503, aiohttp's own (404, 405, 413) kept, anything
+    else -> 500 without a traceback (logged)."""
+    if not request.path.startswith(PREFIX):
+        return await handler(request)
+    refused = refuse_without_token(request)
+    if refused is not None:
+        return refused
     clock = request.app[ENVS].clock
     if isinstance(clock, StoreClock) and not clock.synced:
         return _not_synced()
@@ -137,6 +145,8 @@ async def _body(request: web.Request) -> dict[str, Any]:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ControlError(f"the body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ControlError("the body is nested too deep to read") from None
     if not isinstance(body, dict):
         raise ControlError("the body must be a JSON object")
     return body

@@ -554,6 +554,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.limiter.meter(env, route.meter, amount)
 
 
+#: The request headers a queued invocation keeps (it waits in the store up to 7 days):
+#: what the function needs to read its body and trace it, never credentials (Authorization,
+#: cookies, signatures), which would sit there at rest.
+QUEUED_HEADERS = frozenset({"content-type", "content-encoding", "x-invocation-type",
+                            "x-request-id", "user-agent", "accept"})
+
+
 async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
                             path_qs: str, body: bytes | None) -> web.Response:
     """An asynchronous invocation while isolated: queued durably, replayed on renewal.
@@ -564,8 +571,7 @@ async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
         body = await read_body(request, QUEUE_MAX_BODY)
     if body is None or len(body) > QUEUE_MAX_BODY:
         return too_large.response()
-    drop = {"host", "content-length", "transfer-encoding", "connection", "x-cloudbase-env"}
-    headers = {k: v for k, v in request.headers.items() if k.lower() not in drop}
+    headers = {k: v for k, v in request.headers.items() if k.lower() in QUEUED_HEADERS}
     try:
         length = await enqueue(state.redis, env, request.method, path_qs, headers, body,
                                state.limiter.clock.now_ms())
@@ -632,6 +638,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     state = request.app[ADMIN_STATE]
+    if state.config.gateway.metrics_auth:
+        refused = control_api.refuse_without_token(request)
+        if refused is not None:
+            return refused
     metrics.BACKLOG.set(len(state.limiter.backlog))
     registry = request.app.get(METRICS_REGISTRY) or REGISTRY
     return web.Response(body=generate_latest(registry),

@@ -39,10 +39,17 @@ def _connection_listed(headers: MultiMapping[str]) -> set[istr]:
     return listed
 
 
+def _looks_like_env(name: str) -> bool:
+    """X_CloudBase_Env and the like: a CGI/WSGI upstream folds ``_`` into ``-`` and would
+    read it as the environment header, beside (or instead of) the one the gateway sets."""
+    return name.replace("_", "-").lower() == "x-cloudbase-env"
+
+
 def forward_request_headers(request: web.Request, env: str, request_id: str) -> CIMultiDict[str]:
     drop = _REQUEST_DROP | _connection_listed(request.headers)
     out: CIMultiDict[str] = CIMultiDict(
-        (k, v) for k, v in request.headers.items() if k not in drop
+        (k, v) for k, v in request.headers.items()
+        if k not in drop and not ("_" in k and _looks_like_env(k))
     )
     peer = request.remote or ""
     prior = request.headers.get("X-Forwarded-For")

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -144,11 +145,20 @@ class RealtimeSocket:
     """One client WebSocket and its upstream twin: relays frames, holds its watches' slots."""
 
     def __init__(self, state: GatewayState, route: CompiledRoute, env: str | None,
-                 client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse):
+                 client: web.WebSocketResponse,
+                 upstream: aiohttp.ClientWebSocketResponse | None,
+                 connect: Callable[[str], Awaitable[aiohttp.ClientWebSocketResponse]]
+                 | None = None):
         self.state = state
         self.route = route
         self.client = client
+        #: None until an environment is named and admitted (LOGIN): nothing reaches the
+        #: upstream before, and a socket that never names one never opens one there.
         self.upstream = upstream
+        self._connect = connect
+        self.connected = asyncio.Event()
+        if upstream is not None:
+            self.connected.set()
         self.env: str | None = None
         self.counting = True
         #: Watches of this socket holding a slot.
@@ -176,10 +186,14 @@ class RealtimeSocket:
         metrics.REALTIME_SOCKETS.inc()
         relays = [asyncio.ensure_future(self._from_client()),
                   asyncio.ensure_future(self._from_upstream())]
+        deadline = (asyncio.ensure_future(self._login_deadline()) if self.upstream is None
+                    else None)
         try:
             await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.closing = True
+            if deadline is not None:
+                deadline.cancel()
             for task in relays:
                 task.cancel()
             for task in relays:
@@ -195,10 +209,51 @@ class RealtimeSocket:
                         del self.state.sockets[self.env]
             metrics.REALTIME_SOCKETS.dec()
 
+    async def _login_deadline(self) -> None:
+        """A socket that names no environment within the route's ``login_timeout_ms`` is
+        closed (it holds a descriptor here, and nothing upstream)."""
+        seconds = self.route.route.login_timeout_ms / 1000
+        try:
+            await asyncio.wait_for(self.connected.wait(), seconds)
+            return
+        except TimeoutError:
+            pass
+        metrics.REALTIME_REFUSED.labels("ENVIRONMENT_REQUIRED").inc()
+        await self._send_error(None, None, "ENVIRONMENT_REQUIRED",
+                               f"no LOGIN naming an environment within {seconds:g} s")
+        with contextlib.suppress(Exception):
+            await self.client.close(code=1008, message=b"LOGIN required")
+
+    async def _open_upstream(self, env: str, frame: dict[str, Any]) -> bool:
+        """Connect upstream for ``env`` (admitted); False (the client told) if it fails."""
+        assert self._connect is not None
+        try:
+            self.upstream = await self._connect(env)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            await self._refuse(frame, "UPSTREAM_UNAVAILABLE",
+                               f"the realtime upstream failed: {type(exc).__name__}")
+            with contextlib.suppress(Exception):
+                await self.client.close(code=1011, message=b"upstream unavailable")
+            return False
+        self.connected.set()
+        return True
+
+    async def _up(self, data: str | bytes) -> None:
+        assert self.upstream is not None
+        if isinstance(data, bytes):
+            await self.upstream.send_bytes(data)
+        else:
+            await self.upstream.send_str(data)
+
     async def _close_both(self) -> None:
         """Whoever closed first: its code goes to the other side and (the client's) back to
         it; a side lost without a close frame is 1001 to the upstream, 1011 to the client."""
         from_client = self.client.close_code
+        if self.upstream is None:  # never connected
+            with contextlib.suppress(Exception):
+                await self.client.close(code=wire_close_code(from_client, lost=1011))
+            return
         from_upstream = self.upstream.close_code
         if from_client is not None:  # the client closed (or went away) first
             to_upstream = wire_close_code(from_client, lost=1001)
@@ -230,16 +285,18 @@ class RealtimeSocket:
             for wid in sorted(self.held):
                 await self._send_error(wid, None, code, f"environment {self.env} {why}")
             await self.client.close(code=ENV_ENDED_CLOSE, message=code.encode()[:120])
-        with contextlib.suppress(Exception):
-            await self.upstream.close(code=1001)
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                await self.upstream.close(code=1001)
 
     async def shutdown(self) -> None:
         """The gateway is stopping: going away (1001), the client reconnects elsewhere."""
         self.closing = True
         with contextlib.suppress(Exception):
             await self.client.close(code=1001, message=b"gateway shutting down")
-        with contextlib.suppress(Exception):
-            await self.upstream.close(code=1001)
+        if self.upstream is not None:
+            with contextlib.suppress(Exception):
+                await self.upstream.close(code=1001)
 
     # ------------------------------------------------------------------- client -> upstream
 
@@ -248,35 +305,56 @@ class RealtimeSocket:
             if msg.type is WSMsgType.TEXT:
                 await self._client_text(msg.data)
             elif msg.type is WSMsgType.BINARY:
-                if self.route.route.strict and not self.opaque:
+                if self.opaque:
+                    await self._up(msg.data)
+                elif self.route.route.strict:
                     await self._send_error(None, None, "INVALID_FRAME",
                                            "binary frames are not the watch protocol")
-                else:
-                    await self.upstream.send_bytes(msg.data)
+                else:  # read as the upstream's JSON.parse(buffer) would, passed on as it came
+                    await self._client_text(msg.data.decode("utf-8", errors="replace"),
+                                            msg.data)
             elif msg.type is WSMsgType.ERROR:
                 log.info("realtime client error on %s: %s", self.env, self.client.exception())
                 return
 
-    async def _client_text(self, data: str) -> None:
+    async def _client_text(self, data: str, raw: bytes | None = None) -> None:
+        """One client frame (``raw``: it came binary, and goes on so)."""
+        out: str | bytes = data if raw is None else raw
         if self.opaque:
-            await self.upstream.send_str(data)
+            await self._up(out)
             return
         frame = _frame(data)
-        if frame is _UNREADABLE and "WATCH" in data:
-            # Could be a watch the upstream reads but this gateway cannot: never forwarded.
+        if frame is _UNREADABLE:
+            # Could be a watch the upstream reads but this gateway cannot (too deep, escapes
+            # it gave up on): never forwarded, whatever it seems to say.
             metrics.REALTIME_REFUSED.labels("INVALID_FRAME").inc()
             await self._send_error(None, None, "INVALID_FRAME",
-                                   "a watch frame that is not readable JSON")
+                                   "a frame that is not readable JSON")
             return
         if not isinstance(frame, dict):
-            if self.route.route.strict:
+            if self.route.route.strict or self.upstream is None:
                 metrics.REALTIME_REFUSED.labels("INVALID_FRAME").inc()
                 await self._send_error(None, None, "INVALID_FRAME",
-                                       "not a frame of the watch protocol")
+                                       "not a frame of the watch protocol" if self.upstream
+                                       else "send LOGIN with msgData.envId first")
                 return
-            await self.upstream.send_str(data)
+            await self._up(out)
             return
         kind = frame["msgType"]
+        if self.upstream is None and kind != "LOGIN":
+            if kind == "PING":  # answered here: nothing goes upstream before a LOGIN
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.client.send_str(msgspec.json.encode({
+                        "requestId": frame.get("requestId"), "msgType": "PONG",
+                        "msgData": None}).decode())
+                return
+            await self._refuse(frame, "ENVIRONMENT_REQUIRED",
+                               "send LOGIN with msgData.envId first")
+            return
+        await self._protocol(frame, kind, out)
+
+    async def _protocol(self, frame: dict[str, Any], kind: str, data: str | bytes) -> None:
+        """A client frame of the watch protocol; ``data``: what goes upstream, as it came."""
         if kind == "INIT_WATCH" or kind == "REBUILD_WATCH":
             await self._open_watch(frame, data)
         elif kind == "CLOSE_WATCH":
@@ -287,16 +365,20 @@ class RealtimeSocket:
                 metrics.REALTIME_WATCHES.dec()
                 if self.env is not None:
                     self.state.limiter.release(self.env, SLOT)
-            await self.upstream.send_str(data)
+            await self._up(data)
         elif kind == "LOGIN":
             await self._login(frame, data)
         else:
-            await self.upstream.send_str(data)
+            await self._up(data)
 
-    async def _login(self, frame: dict[str, Any], data: str) -> None:
+    async def _login(self, frame: dict[str, Any], data: str | bytes) -> None:
         named = _msg_env(frame)
         if named is None or named == self.env:
-            await self.upstream.send_str(data)
+            if self.upstream is None:  # (self.env is None here: it would be connected)
+                await self._refuse(frame, "ENVIRONMENT_REQUIRED",
+                                   "LOGIN needs msgData.envId")
+                return
+            await self._up(data)
             return
         if self.env is not None:
             await self._refuse(frame, "ENVIRONMENT_MISMATCH",
@@ -312,19 +394,25 @@ class RealtimeSocket:
             if decision is None or not await self._admitted(decision, frame):
                 return
         self._set_env(named)
-        await self.upstream.send_str(data)
+        if self.upstream is None and not await self._open_upstream(named, frame):
+            return
+        await self._up(data)
 
-    async def _open_watch(self, frame: dict[str, Any], data: str) -> None:
+    async def _open_watch(self, frame: dict[str, Any], data: str | bytes) -> None:
         wid = _watch_id(frame)
         if wid is None:  # an uncountable watch is never forwarded
             await self._refuse(frame, "INVALID_FRAME",
                                f"{frame['msgType']} needs a watchId string of 1 to "
                                f"{MAX_WATCH_ID} characters")
             return
-        if wid in self.held:  # a rebuild (or a repeat) of a held watch takes nothing more
-            await self.upstream.send_str(data)
-            return
         named = _msg_env(frame)
+        if wid in self.held:  # a rebuild (or a repeat) of a held watch takes nothing more,
+            if named is not None and named != self.env:  # but it is the same environment's
+                await self._refuse(frame, "ENVIRONMENT_MISMATCH",
+                                   f"this socket belongs to environment {self.env}")
+                return
+            await self._up(data)
+            return
         if self.env is None:
             if named is None:
                 await self._refuse(frame, "ENVIRONMENT_REQUIRED",
@@ -341,7 +429,7 @@ class RealtimeSocket:
             return
         assert self.env is not None
         if not self.counting:
-            await self.upstream.send_str(data)
+            await self._up(data)
             return
         decision = await self._decide(self.env, self.route.cost, SLOT, frame)
         if decision is None:
@@ -358,7 +446,7 @@ class RealtimeSocket:
             self.held.add(wid)
             self.unanswered[wid] = frame.get("requestId")
             metrics.REALTIME_WATCHES.inc()
-        await self.upstream.send_str(data)
+        await self._up(data)
 
     async def _decide(self, env: str, cost: int, slot: str,
                       frame: dict[str, Any]) -> Decision | None:
@@ -385,6 +473,8 @@ class RealtimeSocket:
     # ------------------------------------------------------------------- upstream -> client
 
     async def _from_upstream(self) -> None:
+        await self.connected.wait()
+        assert self.upstream is not None
         async for msg in self.upstream:
             if msg.type is WSMsgType.TEXT:
                 data = msg.data
@@ -424,7 +514,7 @@ class RealtimeSocket:
     def _close_upstream_watch(self, wid: str) -> None:
         frame = msgspec.json.encode({"watchId": wid, "requestId": f"quotagate-close-{wid}",
                                      "msgType": "CLOSE_WATCH", "msgData": None}).decode()
-        task = asyncio.ensure_future(self.upstream.send_str(frame))
+        task = asyncio.ensure_future(self._up(frame))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     # ------------------------------------------------------------------------------ errors
@@ -492,43 +582,55 @@ async def _end_at_once(request: web.Request, decision: Decision, env: str,
 
 async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute,
                  env: str | None, path_qs: str, request_id: str) -> web.StreamResponse:
-    assert state.pool.ws_session is not None
+    """The client's socket and its upstream twin: connected now when the upgrade names the
+    environment, else once LOGIN names one that is admitted (nothing goes upstream before)."""
+    session = state.pool.ws_session
+    assert session is not None
     headers = forward_request_headers(request, env or "", request_id)
     for name in _HANDSHAKE:
         headers.popall(name, None)
-    if env is None:
-        headers.popall("X-CloudBase-Env", None)
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")
                if p.strip()]
     limit = route.route.max_frame_bytes
-    try:
-        upstream = await state.pool.ws_session.ws_connect(
-            URL(route.upstream_url(path_qs), encoded=True), headers=headers,
-            protocols=offered, max_msg_size=limit, autoping=True, heartbeat=HEARTBEAT_S)
-    except aiohttp.WSServerHandshakeError as exc:
-        metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
-        return upstream_unavailable(
-            env, f"upstream {route.origin} refused the WebSocket upgrade: {exc.status}"
-        ).response(request_id=request_id)
-    except TimeoutError:
-        metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-        return upstream_timeout(env, f"upstream {route.origin} did not answer in time"
-                                ).response(request_id=request_id)
-    except aiohttp.ClientError as exc:
-        metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
-        return upstream_unavailable(
-            env, f"upstream {route.origin} failed: {type(exc).__name__}"
-        ).response(request_id=request_id)
+    url = URL(route.upstream_url(path_qs), encoded=True)
+
+    async def connect(env_id: str) -> aiohttp.ClientWebSocketResponse:
+        headers["X-CloudBase-Env"] = env_id
+        return await session.ws_connect(url, headers=headers, protocols=offered,
+                                        max_msg_size=limit, autoping=True,
+                                        heartbeat=HEARTBEAT_S)
+
+    upstream = None
+    if env is not None:
+        try:
+            upstream = await connect(env)
+        except aiohttp.WSServerHandshakeError as exc:
+            metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            return upstream_unavailable(
+                env, f"upstream {route.origin} refused the WebSocket upgrade: {exc.status}"
+            ).response(request_id=request_id)
+        except TimeoutError:
+            metrics.UPSTREAM_ERRORS.labels("timeout").inc()
+            return upstream_timeout(env, f"upstream {route.origin} did not answer in time"
+                                    ).response(request_id=request_id)
+        except aiohttp.ClientError as exc:
+            metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            return upstream_unavailable(
+                env, f"upstream {route.origin} failed: {type(exc).__name__}"
+            ).response(request_id=request_id)
+    # The subprotocol: the upstream's choice; before it is connected, the client's first.
+    chosen = upstream.protocol if upstream is not None else (offered[0] if offered else None)
     # autoclose off: the client's close is answered with its own code (_close_both), not
     # aiohttp's 1000, on which the SDK would reconnect.
     client = web.WebSocketResponse(
-        protocols=(upstream.protocol,) if upstream.protocol else (), max_msg_size=limit,
+        protocols=(chosen,) if chosen else (), max_msg_size=limit,
         autoping=True, autoclose=False, heartbeat=HEARTBEAT_S)
     client.headers["X-Request-Id"] = request_id
     try:
         await client.prepare(request)
     except Exception:
-        await upstream.close()
+        if upstream is not None:
+            await upstream.close()
         raise
-    await RealtimeSocket(state, route, env, client, upstream).run()
+    await RealtimeSocket(state, route, env, client, upstream, connect).run()
     return client

@@ -57,8 +57,10 @@ Meter = Literal[
     "capacity_bytes",
 ]
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-PosInt = Annotated[int, msgspec.Meta(gt=0)]
+#: Every amount and limit: the store's Lua counts in doubles, exact up to 2^53 - 1.
+MAX_EXACT = 2**53 - 1
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXACT)]
+PosInt = Annotated[int, msgspec.Meta(gt=0, le=MAX_EXACT)]
 Money = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?$")]
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
@@ -125,6 +127,9 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     realtime_unit: Literal["watch", "socket"] = "watch"
     #: Realtime routes: refuse client frames that are not the watch protocol (else passed on).
     strict: bool = False
+    #: Realtime routes: a socket whose upgrade named no environment must send LOGIN within
+    #: this long; until then nothing goes upstream (no upstream socket is even opened).
+    login_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=300_000)] = 10_000
     #: Realtime routes: largest WebSocket message accepted from either side.
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     #: The path must be the prefix itself (``/web``, realtime at ``/``), not merely start with it.
@@ -174,6 +179,8 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     #: Environments whose decisions are counted per environment in /metrics (opt-in: the
     #: label's cardinality stays bounded).
     metrics_envs: Annotated[tuple[str, ...], msgspec.Meta(max_length=100)] = ()
+    #: /metrics asks for the admin API's bearer token too (scrapers send it).
+    metrics_auth: bool = False
     #: The lifecycle scheduler's round (reminders, isolation and release events, replay of
     #: queued invocations); 0: off on this instance.
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
