@@ -645,3 +645,25 @@ async def test_nothing_goes_upstream_before_login(make_gateway, connect, upstrea
     assert (await w.wait_for(answered("a")))["msgType"] == "INIT_EVENT"
     await asyncio.sleep(0.7)  # past the deadline: a socket that logged in stays
     assert not w.ws.closed
+
+
+async def test_unnamed_sockets_on_shutdown_and_a_login_whose_upstream_fails(
+        make_gateway, connect, upstream):
+    from quotagate.limiter.embedded import free_port
+
+    routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", login_timeout_ms=20_000)
+    gw = await make_gateway({"shop": env()}, routes=routes)
+    idle = await connect(gw)  # never logs in
+    started = time.monotonic()
+    await gw.close()  # a stopping gateway tells it to go away, without waiting the deadline
+    await asyncio.wait_for(idle._reader, 5)
+    assert idle.ws.close_code == 1001 and time.monotonic() - started < 5
+
+    dead = realtime_routes(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    gw = await make_gateway({"shop": env()}, routes=dead)
+    w = await connect(gw)
+    await w.send("LOGIN", request_id="l", envId="shop")
+    assert (await w.wait_for(lambda f: f.get("requestId") == "l"))["msgData"]["code"] == \
+        "UPSTREAM_UNAVAILABLE"
+    await asyncio.wait_for(w._reader, 5)
+    assert w.ws.close_code == 1011

@@ -94,6 +94,8 @@ class GatewayState:
     scheduler: Scheduler | None = None
     #: Open realtime sockets per environment (closed when the environment is isolated).
     sockets: dict[str, set[realtime.RealtimeSocket]] = field(default_factory=dict)
+    #: Open realtime sockets that have not named their environment yet (LOGIN pending).
+    unnamed_sockets: set[realtime.RealtimeSocket] = field(default_factory=set)
 
     #: Config files' modification times at the last (attempted) load.
     mtimes: dict[str, float] = field(default_factory=dict)
@@ -170,8 +172,13 @@ class GatewayState:
                    for m in await self.redis.smembers(keys.API_OWNED_ENVS)]
             for env_id in ids:
                 raw = await self.redis.get(keys.definition(env_id))
-                if raw is not None:
+                if raw is None:
+                    continue
+                try:
                     out[env_id] = msgspec.json.decode(raw, type=Environment)
+                except msgspec.ValidationError as exc:  # e.g. stored before a bound existed
+                    log.error("config reload: the stored record of %s is no longer valid "
+                              "(%s); its snapshot is left as it is: put it again", env_id, exc)
         except (aredis.RedisError, OSError) as exc:
             log.warning("config reload: API-owned environments not read (%s)", exc)
         return out
@@ -411,7 +418,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _close_sockets(app: web.Application) -> None:
     """On shutdown, realtime sockets are told to go away (their slots go back at cleanup)."""
-    sockets = [s for peers in app[STATE].sockets.values() for s in peers]
+    state = app[STATE]
+    sockets = [*(s for peers in state.sockets.values() for s in peers), *state.unnamed_sockets]
     await asyncio.gather(*(s.shutdown() for s in sockets), return_exceptions=True)
 
 
@@ -558,7 +566,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
 #: what the function needs to read its body and trace it, never credentials (Authorization,
 #: cookies, signatures), which would sit there at rest.
 QUEUED_HEADERS = frozenset({"content-type", "content-encoding", "x-invocation-type",
-                            "x-request-id", "user-agent", "accept"})
+                            "x-request-id", "user-agent", "accept", "traceparent",
+                            "tracestate"})
 
 
 async def _queue_invocation(state: GatewayState, request: web.Request, env: str,

@@ -159,6 +159,10 @@ class RealtimeSocket:
         self.connected = asyncio.Event()
         if upstream is not None:
             self.connected.set()
+        #: A LOGIN is being decided or connected (the login deadline leaves it be).
+        self._login_pending = False
+        #: The login deadline is closing the socket (its handshake is left to finish).
+        self._deadline_closing = False
         self.env: str | None = None
         self.counting = True
         #: Watches of this socket holding a slot.
@@ -177,6 +181,7 @@ class RealtimeSocket:
     # ------------------------------------------------------------------------- lifecycle
 
     def _set_env(self, env: str) -> None:
+        self.state.unnamed_sockets.discard(self)
         self.env = env
         self.counting = self.state.env_modes.get(
             env, self.state.config.gateway.enforcement) != "off"
@@ -186,13 +191,19 @@ class RealtimeSocket:
         metrics.REALTIME_SOCKETS.inc()
         relays = [asyncio.ensure_future(self._from_client()),
                   asyncio.ensure_future(self._from_upstream())]
-        deadline = (asyncio.ensure_future(self._login_deadline()) if self.upstream is None
-                    else None)
+        deadline = None
+        if self.upstream is None:
+            deadline = asyncio.ensure_future(self._login_deadline())
+            if self.env is None:  # told to go away on shutdown too
+                self.state.unnamed_sockets.add(self)
         try:
             await asyncio.wait(relays, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.closing = True
+            self.state.unnamed_sockets.discard(self)
             if deadline is not None:
+                if self._deadline_closing:  # its close handshake: let it finish (bounded)
+                    await asyncio.wait([deadline], timeout=2)
                 deadline.cancel()
             for task in relays:
                 task.cancel()
@@ -217,7 +228,9 @@ class RealtimeSocket:
             await asyncio.wait_for(self.connected.wait(), seconds)
             return
         except TimeoutError:
-            pass
+            if self._login_pending:  # a LOGIN is being decided or connected: it decides
+                return
+        self._deadline_closing = True
         metrics.REALTIME_REFUSED.labels("ENVIRONMENT_REQUIRED").inc()
         await self._send_error(None, None, "ENVIRONMENT_REQUIRED",
                                f"no LOGIN naming an environment within {seconds:g} s")
@@ -228,14 +241,23 @@ class RealtimeSocket:
         """Connect upstream for ``env`` (admitted); False (the client told) if it fails."""
         assert self._connect is not None
         try:
-            self.upstream = await self._connect(env)
+            # Bounded: the SDK waits 5 s for LOGIN_RES, and the socket's deadline waits on it.
+            async with asyncio.timeout(self.state.config.gateway.upstream.connect_timeout_ms
+                                       / 1000 * 2):
+                upstream = await self._connect(env)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
+            metrics.UPSTREAM_ERRORS.labels(
+                "timeout" if isinstance(exc, TimeoutError) else "unavailable").inc()
             await self._refuse(frame, "UPSTREAM_UNAVAILABLE",
                                f"the realtime upstream failed: {type(exc).__name__}")
             with contextlib.suppress(Exception):
                 await self.client.close(code=1011, message=b"upstream unavailable")
             return False
+        if self.closing or self.client.closed:  # the client left meanwhile
+            with contextlib.suppress(Exception):
+                await upstream.close(code=1001)
+            return False
+        self.upstream = upstream
         self.connected.set()
         return True
 
@@ -388,14 +410,21 @@ class RealtimeSocket:
             await self._refuse(frame, "INVALID_ENV_ID",
                                "envId is not an environment id ([a-z0-9][a-z0-9-]{0,62})")
             return
-        if self.state.env_modes.get(named, self.state.config.gateway.enforcement) != "off":
-            # Lifecycle and QPS of the environment, no call counted.
-            decision = await self._decide(named, 0, "", frame)
-            if decision is None or not await self._admitted(decision, frame):
+        self._login_pending = True
+        try:
+            if self.state.env_modes.get(named,
+                                        self.state.config.gateway.enforcement) != "off":
+                # Lifecycle and QPS of the environment, no call counted.
+                decision = await self._decide(named, 0, "", frame)
+                if decision is None or not await self._admitted(decision, frame):
+                    return
+            if self.closing:
                 return
-        self._set_env(named)
-        if self.upstream is None and not await self._open_upstream(named, frame):
-            return
+            self._set_env(named)
+            if self.upstream is None and not await self._open_upstream(named, frame):
+                return
+        finally:
+            self._login_pending = False
         await self._up(data)
 
     async def _open_watch(self, frame: dict[str, Any], data: str | bytes) -> None:
@@ -594,11 +623,19 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
     limit = route.route.max_frame_bytes
     url = URL(route.upstream_url(path_qs), encoded=True)
 
+    # Connected later (after LOGIN), the upstream is offered only what the client was told.
+    protocols = offered
+
     async def connect(env_id: str) -> aiohttp.ClientWebSocketResponse:
         headers["X-CloudBase-Env"] = env_id
-        return await session.ws_connect(url, headers=headers, protocols=offered,
-                                        max_msg_size=limit, autoping=True,
-                                        heartbeat=HEARTBEAT_S)
+        upstream = await session.ws_connect(url, headers=headers, protocols=protocols,
+                                            max_msg_size=limit, autoping=True,
+                                            heartbeat=HEARTBEAT_S)
+        if protocols is not offered and upstream.protocol != (protocols[0] if protocols
+                                                              else None):
+            await upstream.close()
+            raise aiohttp.ClientError(f"the upstream chose subprotocol {upstream.protocol!r}")
+        return upstream
 
     upstream = None
     if env is not None:
@@ -620,6 +657,8 @@ async def _relay(request: web.Request, state: GatewayState, route: CompiledRoute
             ).response(request_id=request_id)
     # The subprotocol: the upstream's choice; before it is connected, the client's first.
     chosen = upstream.protocol if upstream is not None else (offered[0] if offered else None)
+    if upstream is None:
+        protocols = [chosen] if chosen else []
     # autoclose off: the client's close is answered with its own code (_close_both), not
     # aiohttp's 1000, on which the SDK would reconnect.
     client = web.WebSocketResponse(
