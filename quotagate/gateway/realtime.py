@@ -224,12 +224,15 @@ class RealtimeSocket:
         """A socket that names no environment within the route's ``login_timeout_ms`` is
         closed (it holds a descriptor here, and nothing upstream)."""
         seconds = self.route.route.login_timeout_ms / 1000
-        try:
-            await asyncio.wait_for(self.connected.wait(), seconds)
-            return
-        except TimeoutError:
-            if self._login_pending:  # a LOGIN is being decided or connected: it decides
+        wait = seconds
+        while True:
+            try:
+                await asyncio.wait_for(self.connected.wait(), wait)
                 return
+            except TimeoutError:
+                if not self._login_pending:
+                    break
+                wait = 0.5  # a LOGIN is being decided or connected: see how it ends
         self._deadline_closing = True
         metrics.REALTIME_REFUSED.labels("ENVIRONMENT_REQUIRED").inc()
         await self._send_error(None, None, "ENVIRONMENT_REQUIRED",
