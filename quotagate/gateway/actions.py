@@ -4,7 +4,7 @@
 
 The body is read whole, up to the route's ``max_body_bytes`` (a larger one is refused rather
 than guessed), decoded once, and counted as the kind its ``action`` names (ACTION_KINDS:
-functions, database, storage, auth, ai) exactly as a path route of that kind would be —
+functions, database, storage, auth) exactly as a path route of that kind would be —
 an invocation with its function's concurrency slot and GBs. The bytes go to the upstream
 unchanged. Only requests on action routes pay for this.
 """

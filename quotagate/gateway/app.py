@@ -497,7 +497,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     elif route is not None and route.kind == "function":
         function = route.function_name(request.path) or ""
     if env is None:
-        return _refused_early(missing_environment(gw.domains or (gw.domain,)), request_id)
+        return _refused_early(missing_environment(state.env_suffixes), request_id)
     if route is None:
         return _refused_early(route_not_found(request.path, env), request_id)
 

@@ -31,8 +31,9 @@ def _checked(value: str, where: str) -> str:
     return value
 
 
-def missing_environment(domains: tuple[str, ...]) -> Problem:
-    hosts = ", ".join(f"{{env}}.{d}" for d in domains)
+def missing_environment(suffixes: tuple[str, ...]) -> Problem:
+    """``suffixes``: ``all_domains(...)``."""
+    hosts = ", ".join(f"{{env}}{s}" for s in suffixes)
     return invalid_environment(
         f"no environment: send the {ENV_HEADER} header or the env query parameter"
         + (f", or use {hosts}" if hosts else ""))

@@ -437,29 +437,17 @@ class RealtimeSocket:
                                f"{frame['msgType']} needs a watchId string of 1 to "
                                f"{MAX_WATCH_ID} characters")
             return
+        # Frames of the protocol reach here only once the environment is named (the upgrade,
+        # or a LOGIN before the upstream was connected).
+        assert self.env is not None
         named = _msg_env(frame)
-        if wid in self.held:  # a rebuild (or a repeat) of a held watch takes nothing more,
-            if named is not None and named != self.env:  # but it is the same environment's
-                await self._refuse(frame, "ENVIRONMENT_MISMATCH",
-                                   f"this socket belongs to environment {self.env}")
-                return
-            await self._up(data)
-            return
-        if self.env is None:
-            if named is None:
-                await self._refuse(frame, "ENVIRONMENT_REQUIRED",
-                                   "send LOGIN with msgData.envId (or envId here) first")
-                return
-            if not isinstance(named, str) or not ENV_ID.fullmatch(named):
-                await self._refuse(frame, "INVALID_ENV_ID",
-                                   "envId is not an environment id ([a-z0-9][a-z0-9-]{0,62})")
-                return
-            self._set_env(named)
-        elif named is not None and named != self.env:
+        if named is not None and named != self.env:
             await self._refuse(frame, "ENVIRONMENT_MISMATCH",
                                f"this socket belongs to environment {self.env}")
             return
-        assert self.env is not None
+        if wid in self.held:  # a rebuild (or a repeat) of a held watch takes nothing more
+            await self._up(data)
+            return
         if not self.counting:
             await self._up(data)
             return
@@ -573,7 +561,7 @@ async def handle_upgrade(request: web.Request, state: GatewayState, route: Compi
     per_socket = route.route.realtime_unit == "socket"
     if env is None and per_socket:
         metrics.INVALID_REQUESTS.labels("invalid-environment").inc()
-        return missing_environment(gw.domains or (gw.domain,)).response(request_id=request_id)
+        return missing_environment(state.env_suffixes).response(request_id=request_id)
     holds = False
     if env is not None and state.env_modes.get(env, gw.enforcement) != "off":
         if per_socket:
