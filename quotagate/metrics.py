@@ -12,7 +12,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter(
     "quotagate_decisions_total",
-    "Requests decided, by result (admitted, refused, shadow_refused, bypassed, off) and reason.",
+    "Requests decided, by result (admitted, refused, shadow_refused, bypassed, off, preflight: "
+    "a CORS preflight passed on uncounted) and reason.",
     ["result", "reason"],
 )
 DECISION_SECONDS = Histogram(
@@ -40,6 +41,21 @@ UPSTREAM_ERRORS = Counter(
     "quotagate_upstream_errors_total",
     "Proxied requests that failed at the upstream, by kind (unavailable, timeout, aborted).",
     ["kind"],
+)
+REFUNDS = Counter(
+    "quotagate_refunds_total",
+    "Calls given back because the upstream never answered them (the gateway's 502 or 504).",
+)
+STREAMS_CHARGED_AFTER = Counter(
+    "quotagate_streams_charged_after_total",
+    "Responses that were streams although the request did not ask for one: the stream's "
+    "extra cost was charged after them.",
+)
+CLIENT_CONNECTIONS = Gauge(
+    "quotagate_client_connections", "Open client connections on the public listener.")
+CONNECTIONS_REFUSED = Counter(
+    "quotagate_connections_refused_total",
+    "Client connections answered 503 and closed at clients.max_connections.",
 )
 INVALID_REQUESTS = Counter(
     "quotagate_invalid_requests_total",

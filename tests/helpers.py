@@ -82,9 +82,7 @@ def routes_to(origin: str) -> list[dict]:
         {"prefix": "/functions/", "upstream": origin, "kind": "function"},
         {"prefix": "/database/", "upstream": origin, "kind": "database"},
         {"prefix": "/storage/", "upstream": origin, "kind": "storage"},
-        {"prefix": "/ai/", "upstream": origin, "kind": "ai", "accept": "text/event-stream",
-         "cost": 50},
-        {"prefix": "/ai/", "upstream": origin, "kind": "ai"},
+        {"prefix": "/ai/", "upstream": origin, "kind": "ai"},  # 1 call, 50 as a stream
         {"prefix": "/admin-only/", "upstream": origin, "kind": "function", "methods": ["POST"]},
     ]
 

@@ -43,3 +43,27 @@ async def test_metrics_can_ask_for_the_admin_token(make_gateway, admin_for):
     resp = await admin.get("/metrics", headers=AUTH)
     assert resp.status == 200 and "quotagate_decisions_total" in await resp.text()
     assert (await admin.get("/healthz")).status == 200  # probes stay open
+
+
+async def test_amounts_beyond_exact_counting_are_refused_by_the_api(make_gateway, admin_for,
+                                                                    store):
+    """The store's Lua counts in doubles: every amount and limit is at most 2^53 - 1, and
+    limits in GB or GBs at most what stays exact once counted in bytes or MB·ms."""
+    admin = await admin_for(await make_gateway({"shop": env()}))
+    for limits, path in (({"calls": 2**53}, "$.limits.calls"),
+                         ({"capacity_gb": 2**53 // 2**30}, "$.limits.capacity_gb"),
+                         ({"gbs": 2**53 // 1_024_000 + 1}, "$.limits.gbs")):
+        resp = await admin.put("/admin/v1/envs/fresh", headers=AUTH, json={
+            "plan": "standard", "anchor": "2026-11-01", "expires": "2027-11-01",
+            "limits": limits})
+        assert path in (await assert_problem(resp, 422))["detail"], limits
+    assert not await store.exists(keys.definition("fresh"))
+    resp = await admin.post("/admin/v1/envs/shop/packs", headers=AUTH,
+                            json={"meter": "calls", "amount": 2**53})
+    assert "2^53-1" in (await assert_problem(resp, 422))["detail"]
+    resp = await admin.post("/admin/v1/usage", headers=AUTH, json={"records": [
+        {"id": "big", "env": "shop", "meter": "ai_tokens", "amount": 2**53}]})
+    await assert_problem(resp, 422)
+    assert await store.hgetall(keys.usage("shop")) == {}
+    resp = await admin.get("/admin/v1/envs/shop/packs", headers=AUTH)
+    assert (await resp.json())["packs"] == []

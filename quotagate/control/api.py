@@ -26,7 +26,7 @@ from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Limiter
 from quotagate.problem import problem_response
-from quotagate.settings.schema import PACK_METERS, Environment
+from quotagate.settings.schema import MAX_EXACT, PACK_METERS, Environment
 
 log = logging.getLogger("quotagate.admin")
 
@@ -246,8 +246,9 @@ async def buy_pack(request: web.Request) -> web.Response:
     amount = _field(body, "amount", int, required=False)
     if not pack and (meter is None or amount is None):
         raise Invalid("give pack (a catalog name) or meter and amount")
-    if amount is not None and amount <= 0:
-        raise Invalid("amount must be positive")
+    if amount is not None and not 0 < amount <= MAX_EXACT:
+        raise Invalid(f"amount must be positive and at most {MAX_EXACT} (2^53-1: counted "
+                      "exactly)")
     if meter is not None and meter not in PACK_METERS:
         raise Invalid(f"meter must be one of {', '.join(PACK_METERS)}")
     grant = await request.app[ENVS].buy_pack(env_id, pack, meter, amount,

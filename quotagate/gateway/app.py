@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from quotagate.control import api as control_api
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, Scheduler, enqueue
-from quotagate.gateway import realtime
+from quotagate.gateway import realtime, streams
 from quotagate.gateway.actions import read_action, read_body
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import all_domains, environment_of, missing_environment
@@ -46,6 +46,7 @@ from quotagate.gateway.problems import (
     invalid_path,
     queue_full,
     refusal,
+    request_timeout,
     route_not_found,
     store_unavailable,
     websocket_required,
@@ -57,7 +58,7 @@ from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
-from quotagate.limiter.limiter import Limiter
+from quotagate.limiter.limiter import Decision, Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.logs import decisions as decisions_log
@@ -486,11 +487,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
         metrics.INVALID_REQUESTS.labels("websocket-required").inc()
         return websocket_required(env).response(
             {"Upgrade": "websocket", "Connection": "Upgrade"}, request_id)
-    body: bytes | None = None
+    body: bytes | AsyncIterable[bytes] | None = None
     function = ""
+    if route is not None and request.method == "OPTIONS" and _is_preflight(request) and (
+            route.route.preflight == "free"):
+        # A CORS preflight runs nothing billable: passed on uncounted (no body, nothing
+        # metered), unless the route charges them. An action endpoint's names its environment
+        # in the body it has not sent yet: none is needed.
+        metrics.DECISIONS.labels("preflight", "").inc()
+        return await state.pool.forward(request, route, env or "", path_qs, request_id, {})
     if route is not None and route.actions is not None:
         try:  # the operation is in the body: read, classify, and check its env
-            action = await read_action(request, route, env)
+            action = await _read_in_time(read_action(request, route, env), gw, env)
         except Problem as problem:
             return _refused_early(problem, request_id)
         route, body, env, function = action.route, action.body, action.env, action.function
@@ -514,13 +522,35 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return _refused_early(invalid_function(request.path, env), request_id)
         slot = "fn:" + function
     needs = route.needs_write if request.method in WRITE_METHODS else route.needs
-    decision = await decide(state.limiter, env, route.kind, route.cost, slot, needs)
+    cost = route.cost
+    stream_extra = route.stream_extra  # charged after a streamed response unless asked for
+    if stream_extra:
+        asked = streams.asks_by_headers(request)
+        if not asked and request.body_exists and body is None:
+            try:
+                prefix, whole = await _read_in_time(
+                    streams.read_prefix(request, route.route.stream_probe_bytes), gw, env)
+            except Problem as problem:
+                return _refused_early(problem, request_id)
+            if whole:
+                asked = streams.asks_by_body(prefix)
+                body = prefix
+            else:
+                body = streams.rest_of_body(prefix, request)
+        if asked:
+            cost, stream_extra = cost + stream_extra, 0
+    decision = await decide(state.limiter, env, route.kind, cost, slot, needs)
     if isinstance(decision, Problem):
         return decision.response(request_id=request_id)
     if not decision.admitted:
         if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
                 and request.headers.get("X-Invocation-Type", "").lower() == "event"):
-            return await _queue_invocation(state, request, env, path_qs, body)
+            try:
+                queued: bytes | None = await _read_in_time(
+                    _whole(request, body, QUEUE_MAX_BODY), gw, env)
+            except Problem as problem:
+                return _refused_early(problem, request_id)
+            return await _queue_invocation(state, request, env, path_qs, queued)
         refused = refusal(decision, env)
         decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
                            refused.type_suffix, extra={
@@ -540,9 +570,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         extra["X-Quotagate-Shadow"] = "would-refuse"
     extra.update(ratelimit_headers(decision))
     holds = decision.slot_held
-    if not holds and not route.meter:
-        return await state.pool.forward(request, route, env, path_qs, request_id, extra,
-                                        body=body)
     tally = Tally()
     if holds:
         metrics.FUNCTION_SLOTS.inc()
@@ -554,12 +581,49 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if holds:
             state.limiter.release(env, slot)
             metrics.FUNCTION_SLOTS.dec()
-        if route.meter and not decision.flags & Flag.MODE_OFF:
-            if route.meter == "gbs":
-                amount = state.memory_mb(env, function, route) * tally.run_ms
-            else:
-                amount = tally.body_bytes
-            state.limiter.meter(env, route.meter, amount)
+        if not decision.flags & (Flag.MODE_OFF | Flag.DATABASE_FREE):
+            _charge_after(state, env, route, function, cost, stream_extra, decision, tally)
+
+
+def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function: str,
+                  cost: int, stream_extra: int, decision: Decision, tally: Tally) -> None:
+    """What the response decides: a call the upstream never answered (the gateway's 502 or
+    504) is given back; otherwise the route's meter, and a stream nobody asked for costs
+    the difference."""
+    if not tally.answered:
+        # Not SMS (its cost went to SMS packs first), not a bypassed decision (its call is
+        # in the write-back backlog, not the store).
+        if route.kind != "sms" and not decision.store_bypassed:
+            state.limiter.refund(env, "calls", cost)
+            metrics.REFUNDS.inc()
+        return
+    if route.meter:
+        if route.meter == "gbs":
+            amount = state.memory_mb(env, function, route) * tally.run_ms
+        else:
+            amount = tally.body_bytes
+        state.limiter.meter(env, route.meter, amount)
+    if stream_extra and tally.streamed:
+        state.limiter.meter(env, "calls", stream_extra)
+        metrics.STREAMS_CHARGED_AFTER.inc()
+
+
+def _is_preflight(request: web.Request) -> bool:
+    """A CORS preflight (Fetch standard): OPTIONS naming an Origin and the method it asks
+    for, without a body."""
+    headers = request.headers
+    return ("Origin" in headers and "Access-Control-Request-Method" in headers
+            and not request.body_exists)
+
+
+async def _read_in_time(read: Awaitable[Any], gw: Any, env: str | None) -> Any:
+    """A body the gateway reads before deciding must come within ``clients.body_timeout_ms``
+    (a client that trickles it would hold the handler for ever): else 408."""
+    try:
+        async with asyncio.timeout(gw.clients.body_timeout_ms / 1000):
+            return await read
+    except TimeoutError:
+        raise request_timeout(gw.clients.body_timeout_ms, env) from None
 
 
 #: The request headers a queued invocation keeps (it waits in the store up to 7 days):
@@ -570,16 +634,30 @@ QUEUED_HEADERS = frozenset({"content-type", "content-encoding", "x-invocation-ty
                             "tracestate"})
 
 
+async def _whole(request: web.Request, body: bytes | AsyncIterable[bytes] | None,
+                 limit: int) -> bytes | None:
+    """The whole body (what was read of it already, and the rest), None if over ``limit``."""
+    if body is None:
+        return await read_body(request, limit)
+    if isinstance(body, bytes):
+        return body if len(body) <= limit else None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
+
+
 async def _queue_invocation(state: GatewayState, request: web.Request, env: str,
                             path_qs: str, body: bytes | None) -> web.Response:
     """An asynchronous invocation while isolated: queued durably, replayed on renewal.
-    ``body``: already read (action routes), else read here."""
-    too_large = body_too_large(QUEUE_MAX_BODY, env, "an invocation queued while the "
-                               "environment is isolated")
+    ``body``: the whole body, None when it is over QUEUE_MAX_BODY."""
     if body is None:
-        body = await read_body(request, QUEUE_MAX_BODY)
-    if body is None or len(body) > QUEUE_MAX_BODY:
-        return too_large.response()
+        return body_too_large(QUEUE_MAX_BODY, env, "an invocation queued while the "
+                              "environment is isolated").response()
     headers = {k: v for k, v in request.headers.items() if k.lower() in QUEUED_HEADERS}
     try:
         length = await enqueue(state.redis, env, request.method, path_qs, headers, body,

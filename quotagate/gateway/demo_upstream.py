@@ -189,8 +189,15 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
                                       "body": (await request.read()).decode(errors="replace"),
                                       "replayed": request.headers.get("X-Quotagate-Replayed")})
         return await _ok(request)
-    if "text/event-stream" in request.headers.get("Accept", ""):
+    if "text/event-stream" in request.headers.get("Accept", "") or path.endswith("/sse"):
         return await _sse(request)
+    if path.startswith("/ai/") and request.can_read_body:  # OpenAI-style {"stream": true}
+        try:
+            asked = json.loads(await request.read()).get("stream") is True
+        except (ValueError, AttributeError):
+            asked = False
+        if asked:
+            return await _sse(request)
     demo = request.query.get("demo")  # for fixed paths (the SDKs' /web, /admin)
     if demo == "echo":
         return await _echo(request)

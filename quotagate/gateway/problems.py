@@ -28,6 +28,8 @@ CODES = {
     "invalid-action": "INVALID_ACTION",
     "body-too-large": "BODY_TOO_LARGE",
     "queue-full": "QUEUE_FULL",
+    "request-timeout": "REQUEST_TIMEOUT",
+    "too-many-connections": "TOO_MANY_CONNECTIONS",
     "websocket-required": "WEBSOCKET_REQUIRED",
     "route-not-found": "ROUTE_NOT_FOUND",
     "upstream-unavailable": "UPSTREAM_UNAVAILABLE",
@@ -131,6 +133,18 @@ def body_too_large(limit: int, env: str | None, what: str = "an action request's
                    "read to find its action") -> Problem:
     return Problem(413, "body-too-large", "Request body too large",
                    f"{what}: at most {limit} bytes", env)
+
+
+def request_timeout(limit_ms: int, env: str | None) -> Problem:
+    return Problem(408, "request-timeout", "Request body too slow",
+                   f"the body must arrive within {limit_ms} ms (clients.body_timeout_ms): "
+                   "the gateway reads it to count the request", env)
+
+
+def too_many_connections(limit: int) -> Problem:
+    return Problem(503, "too-many-connections", "Too many connections",
+                   f"this gateway instance holds its limit of {limit} client connections "
+                   "(clients.max_connections): retry shortly", None, None, 1)
 
 
 def queue_full(env: str) -> Problem:

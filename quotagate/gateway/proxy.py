@@ -4,6 +4,7 @@ RFC 9110 §7.6.1 asks, bodies streamed both ways (never buffered), SSE flushed p
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterable
 from typing import Any
 
 import aiohttp
@@ -14,6 +15,7 @@ from yarl import URL
 from quotagate import metrics
 from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
 from quotagate.gateway.routing import CompiledRoute
+from quotagate.gateway.streams import is_stream_type
 from quotagate.settings.schema import UpstreamSettings
 
 #: Connection-specific fields never forwarded (RFC 9110 §7.6.1), plus any the Connection
@@ -57,7 +59,8 @@ def forward_request_headers(request: web.Request, env: str, request_id: str) -> 
     out["X-Forwarded-Proto"] = request.scheme
     if request.host:
         out["X-Forwarded-Host"] = request.host
-    out["X-CloudBase-Env"] = env
+    if env:  # "": a CORS preflight that named none
+        out["X-CloudBase-Env"] = env
     out["X-Request-Id"] = request_id
     out.add("Via", VIA)  # RFC 9110 §7.6.3: a proxy adds itself
     return out
@@ -66,13 +69,18 @@ def forward_request_headers(request: web.Request, env: str, request_id: str) -> 
 class Tally:
     """What one proxied exchange used, for the meters charged after it."""
 
-    __slots__ = ("body_bytes", "done_at", "sent_at")
+    __slots__ = ("answered", "body_bytes", "done_at", "sent_at", "streamed")
 
     def __init__(self) -> None:
         self.sent_at = 0.0
         self.done_at = 0.0
         #: Response body bytes written to the client.
         self.body_bytes = 0
+        #: The upstream answered (a status line came back). A call it never answered (the
+        #: gateway's 502/504) is given back.
+        self.answered = False
+        #: The response is a stream (SSE, NDJSON: streams.STREAM_TYPES).
+        self.streamed = False
 
     @property
     def run_ms(self) -> int:
@@ -135,10 +143,11 @@ class UpstreamPool:
         request_id: str,
         extra_headers: dict[str, str],
         tally: Tally | None = None,
-        body: bytes | None = None,
+        body: bytes | AsyncIterable[bytes] | None = None,
     ) -> web.StreamResponse:
-        """``body``: the request's body when it was read already (action routes), else it
-        is streamed from the client."""
+        """``body``: the request's body when it was read already (action routes), or what
+        was read of it and then the rest (stream probes), else it is streamed from the
+        client."""
         assert self.session is not None
         headers = forward_request_headers(request, env, request_id)
         data: Any = body if body is not None else (
@@ -157,8 +166,8 @@ class UpstreamPool:
             )
         except TimeoutError:
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-            if tally is not None:
-                tally.done_at = time.perf_counter()
+            if tally is not None:  # never answered: neither the call nor its run time
+                tally.done_at = tally.sent_at = 0.0
             problem = upstream_timeout(env, f"upstream {route.origin} did not answer in time")
             return problem.response(extra_headers, request_id)
         except aiohttp.ClientError as exc:
@@ -169,6 +178,9 @@ class UpstreamPool:
                 env, f"upstream {route.origin} failed: {type(exc).__name__}"
             ).response(extra_headers, request_id)
 
+        if tally is not None:
+            tally.answered = True
+            tally.streamed = is_stream_type(upstream.headers.get("Content-Type", ""))
         try:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             drop = _RESPONSE_DROP | _connection_listed(upstream.headers)

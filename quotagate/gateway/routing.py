@@ -21,6 +21,8 @@ INGESTED_NEEDS = {"function": ("outbound_bytes",), "static": ("cdn_origin_bytes"
 WRITES_DATA = frozenset({"database", "storage"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FUNCTION_NAME = re.compile(FUNCTION_NAME)
+#: What an AI chat over SSE costs unless its route says (SPEC §3).
+AI_STREAM_COST = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,8 @@ class CompiledRoute:
     needs_write: str = ""
     #: Action routes: the route as each kind of action is counted (ACTION_KINDS).
     actions: dict[str, CompiledRoute] | None = None
+    #: What a stream costs beyond ``cost`` (0: no stream pricing; gateway/streams.py).
+    stream_extra: int = 0
 
     @property
     def kind(self) -> str:
@@ -66,8 +70,12 @@ def compile_route(route: Route) -> CompiledRoute:
     meter = "" if meter == "none" else meter
     needs = ([meter] if meter else []) + list(INGESTED_NEEDS.get(route.kind, ()))
     writes = needs + (["capacity_bytes"] if route.kind in WRITES_DATA else [])
+    stream_cost = route.stream_cost
+    if stream_cost is None:
+        stream_cost = max(route.cost, AI_STREAM_COST) if route.kind == "ai" else route.cost
     return CompiledRoute(route, f"{parts.scheme}://{parts.netloc}", parts.path.rstrip("/"),
-                         meter, ",".join(needs), ",".join(writes))
+                         meter, ",".join(needs), ",".join(writes),
+                         stream_extra=max(0, stream_cost - route.cost))
 
 
 class Router:

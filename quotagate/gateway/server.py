@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
+from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.logs import TEXT_FORMAT, configure
 from quotagate.settings import Config, load_config
@@ -80,9 +81,16 @@ async def run_gateway(
 ) -> None:
     """Serve the public (and optionally the admin) listener until ``stop`` is set or a signal."""
     gw = config.gateway
+    nofile = raise_nofile()
     app = init_app(config, store_url)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **SERVER_KWARGS)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           **SERVER_KWARGS, **server_kwargs(gw.clients))
     await runner.setup()
+    assert runner.server is not None
+    cap = ConnectionCap(runner.server, connection_cap(gw.clients, nofile))
+    log.info("client limits: request head within %d ms, bodies read within %d ms, at most %d "
+             "connections (descriptor limit %d)", gw.clients.header_timeout_ms,
+             gw.clients.body_timeout_ms, cap.limit, nofile)
     admin_runner = None
     try:
         await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)

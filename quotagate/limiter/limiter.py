@@ -97,6 +97,8 @@ MAX_MISSING_ATTEMPTS = 20
 #: slot start (epoch ms)
 BacklogKey = tuple[str, str, int]
 METER_PREFIX = "meter:"
+#: settle.lua reads a meter named "-<meter>" as a refund of it.
+REFUND_PREFIX = "-"
 
 #: Environments per renewal call: bounds how long one renewal holds the store.
 RENEW_BATCH = 256
@@ -487,6 +489,13 @@ class Limiter:
         if amount > 0:
             self._queue(env, None, meter, amount)
 
+    def refund(self, env: str, meter: str, amount: int) -> None:
+        """Give back ``amount`` of ``meter`` charged by ``decide`` for a request the upstream
+        never answered (settle.lua: the last taken first). Lost, not kept, if the store
+        cannot take it: a refund is never written back later."""
+        if amount > 0:
+            self._queue(env, None, REFUND_PREFIX + meter, amount)
+
     def _queue(self, env: str, slot: str | None, meter: str | None, n: int) -> None:
         pending = self._settle.get(env)
         if pending is None:
@@ -534,6 +543,10 @@ class Limiter:
                 exc = StoreError(f"no snapshot of {env}")
             else:
                 return
+        refunds = [m for m in meters if m.startswith(REFUND_PREFIX)]
+        if refunds:
+            log.warning("refunds to %s not written (%s): %s", env, exc,
+                        {m[1:]: meters.pop(m) for m in refunds})
         if not meters:
             return  # slots only: the next renewal writes the true counts
         # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).

@@ -250,6 +250,22 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         if route.kind != "realtime" and realtime_only:
             issues.append(ConfigIssue(file, f"{where}.{realtime_only[0]}",
                                       "only realtime routes take this key"))
+        if route.stream_cost is not None:
+            if route.kind in ("realtime", "action", "sms"):
+                issues.append(ConfigIssue(file, f"{where}.stream_cost",
+                                          f"{route.kind} routes have no stream pricing"))
+            elif route.stream_cost < route.cost:
+                issues.append(ConfigIssue(file, f"{where}.stream_cost",
+                                          f"{route.stream_cost} is below the route's cost "
+                                          f"({route.cost}): a stream never costs less"))
+        if route.kind == "realtime" and route.preflight != "free":
+            issues.append(ConfigIssue(file, f"{where}.preflight",
+                                      "realtime routes take no preflight key"))
+        if route.stream_probe_bytes != 1024 * 1024 and (
+                route.stream_cost is None and route.kind != "ai"):
+            issues.append(ConfigIssue(file, f"{where}.stream_probe_bytes",
+                                      "only routes with stream pricing (ai, or stream_cost) "
+                                      "take this key"))
         if route.kind != "function" and not route.concurrency:
             issues.append(ConfigIssue(file, f"{where}.concurrency",
                                       "only function routes take this key"))

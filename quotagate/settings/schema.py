@@ -61,6 +61,11 @@ Meter = Literal[
 MAX_EXACT = 2**53 - 1
 NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXACT)]
 PosInt = Annotated[int, msgspec.Meta(gt=0, le=MAX_EXACT)]
+#: Quotas given in GB or GBs are counted in bytes and MB·ms: bounded so that stays exact too.
+GbInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXACT // 1024**3)]
+GbsInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXACT // (1024 * 1000))]
+#: A function's memory (MB, at most 1 TiB): memory x run ms is counted exactly for years.
+MemoryMb = Annotated[int, msgspec.Meta(gt=0, le=1024 * 1024)]
 Money = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?$")]
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
@@ -95,6 +100,22 @@ class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields
     pool_size: PosInt = 256
 
 
+class ClientSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """What the public listener allows each client connection (slow and idle clients)."""
+
+    #: A connection must send a complete request head within this long of opening or of the
+    #: end of its previous response, else it is closed: this bounds idle keep-alive sockets and
+    #: slow (slowloris) header senders alike.
+    header_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 15_000
+    #: A body the gateway reads before deciding (action endpoints, stream probes, queued
+    #: invocations) must arrive within this long, else 408.
+    body_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 30_000
+    #: Open client connections per instance (each worker); one more is answered 503 and
+    #: closed. 0: derived from the descriptor limit (half of it, less 64 in reserve: each
+    #: client may need an upstream socket too).
+    max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+
+
 #: Meters the gateway counts itself after a response (SPEC §3): a route's ``meter``.
 RouteMeter = Literal["gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes", "none"]
 #: The function name from the path: the segment after the route's prefix.
@@ -119,7 +140,7 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     meter: RouteMeter | None = None
     #: Function routes: memory of a function in MB, for GBs (environments may set it per
     #: function).
-    memory_mb: PosInt = 256
+    memory_mb: MemoryMb = 256
     #: Function routes: hold one concurrency slot per invocation (SPEC §9).
     concurrency: bool = True
     #: Realtime routes: what takes a slot, each watch of the multiplexed protocol (SPEC §8) or
@@ -137,6 +158,18 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: Action routes: the largest body read to find its ``action`` (a larger one is refused
     #: with 413 rather than guessed).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
+    #: What a request costs when it is a stream (SSE): decided on the request's intent
+    #: (``Accept: text/event-stream``, ``"stream": true`` in its JSON body, ``?stream=true``),
+    #: and if the response is a stream anyway the difference is charged after it. Default:
+    #: 50 on ``ai`` routes (SPEC §3), else ``cost`` (no stream pricing).
+    stream_cost: NonNegInt | None = None
+    #: Routes with stream pricing: how much of the body is read to find ``"stream": true``
+    #: (a longer body is forwarded as it comes and costs ``cost``, plus the difference after
+    #: a streamed response). 0: the body is not read.
+    stream_probe_bytes: Annotated[int, msgspec.Meta(ge=0, le=64 * 1024 * 1024)] = 1024 * 1024
+    #: CORS preflights (OPTIONS with Origin and Access-Control-Request-Method, no body):
+    #: ``free`` passes them on uncounted, ``charged`` counts them as requests of the route.
+    preflight: Literal["free", "charged"] = "free"
 
 
 class LeaseSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -174,6 +207,7 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     plans_file: str = "plans.yaml"
     environments_file: str = "environments.yaml"
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
+    clients: ClientSettings = msgspec.field(default_factory=ClientSettings)
     leases: LeaseSettings = msgspec.field(default_factory=LeaseSettings)
     events: EventSettings = msgspec.field(default_factory=EventSettings)
     #: Environments whose decisions are counted per environment in /metrics (opt-in: the
@@ -197,11 +231,11 @@ class Plan(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     qps: PosInt | None = None  # None: per contract, each env must set limits.qps
     calls: NonNegInt
     realtime: NonNegInt
-    gbs: NonNegInt
-    capacity_gb: NonNegInt
-    outbound_gb: NonNegInt
-    storage_traffic_gb: NonNegInt
-    cdn_origin_gb: NonNegInt
+    gbs: GbsInt
+    capacity_gb: GbInt
+    outbound_gb: GbInt
+    storage_traffic_gb: GbInt
+    cdn_origin_gb: GbInt
     custom_domains: NonNegInt
     ai_tokens: NonNegInt = 100_000
     function_concurrency: PosInt = 1_000
@@ -247,11 +281,11 @@ class Limits(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     qps: PosInt | None = None
     calls: NonNegInt | None = None
     realtime: NonNegInt | None = None
-    gbs: NonNegInt | None = None
-    capacity_gb: NonNegInt | None = None
-    outbound_gb: NonNegInt | None = None
-    storage_traffic_gb: NonNegInt | None = None
-    cdn_origin_gb: NonNegInt | None = None
+    gbs: GbsInt | None = None
+    capacity_gb: GbInt | None = None
+    outbound_gb: GbInt | None = None
+    storage_traffic_gb: GbInt | None = None
+    cdn_origin_gb: GbInt | None = None
     ai_tokens: NonNegInt | None = None
     function_concurrency: PosInt | None = None
 
@@ -274,7 +308,7 @@ class PromoGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True)
 
 class FunctionSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: Memory configured for the function, in MB: GBs = memory_mb / 1024 x run seconds.
-    memory_mb: PosInt
+    memory_mb: MemoryMb
 
 
 class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

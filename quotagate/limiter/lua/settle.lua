@@ -9,7 +9,8 @@ KEYS[9] (ingestion only) seen: string, set once per ingested record id; a record
 ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's clock
 ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
-ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs
+ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs;
+                  a meter named "-<meter>" gives that amount back (a refund)
 
 Metered usage never refuses (the request has been served): it goes plan -> packs ->
 pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; the next
@@ -77,9 +78,34 @@ local function cumulative(meter, amount)
   end
 end
 
+-- A charge given back (a call the upstream never answered), the last taken first: today's
+-- excess (pay-as-you-go, or unbilled), then packs (latest expiry first, the reverse of
+-- allocate's order), then the plan's cycle usage. Never below zero; what finds nothing to
+-- give back (a new day, a new cycle) is dropped.
+local function refund(meter, amount)
+  local function give(key, field)
+    local used = tonumber(redis.call('HGET', key, field)) or 0
+    local n = math.min(amount, used)
+    if n > 0 then redis.call('HINCRBY', key, field, -n); amount = amount - n end
+  end
+  give(KEYS[4], (over_field(meter, mode)))
+  for j = #ENT.packs, 1, -1 do
+    local p = ENT.packs[j]
+    if amount <= 0 then return end
+    if p.meter == meter and p.from <= TODAY and TODAY < p.to then give(KEYS[3], p.id) end
+  end
+  if amount > 0 then give(KEYS[2], cycle_day .. ':' .. meter) end
+end
+
 while i < #ARGV do
   local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
-  if meter == 'capacity_bytes' then gauge(meter, amount) else cumulative(meter, amount) end
+  if meter == 'capacity_bytes' then
+    gauge(meter, amount)
+  elseif string.sub(meter, 1, 1) == '-' then
+    if mode ~= 'record' then refund(string.sub(meter, 2), amount) end
+  else
+    cumulative(meter, amount)
+  end
   i = i + 2
 end
 return {0, flags}

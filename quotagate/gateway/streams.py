@@ -1,0 +1,84 @@
+"""Requests that may be answered with a stream (an AI chat over SSE costs 50 calls, SPEC §3).
+
+The cost is decided on the request's intent, whatever else its headers say: ``Accept`` naming
+``text/event-stream``, ``stream=true`` in the query, or a top-level ``"stream"`` member that is
+not false in its JSON body (read up to the route's ``stream_probe_bytes``, as OpenAI-style
+APIs take it). A request that asks for a stream is decided at ``stream_cost``, so a quota that
+cannot cover it refuses before the upstream. If a request decided at ``cost`` is answered with
+a stream anyway (a body too long to read, a flag spelled elsewhere), the difference is charged
+after the response: never free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+#: Response media types that are streams.
+STREAM_TYPES = frozenset({"text/event-stream", "application/x-ndjson", "application/jsonl",
+                          "application/stream+json"})
+#: Values of a ``stream`` member or parameter that do not ask for a stream.
+_NOT_STREAM = frozenset({"", "0", "false", "no", "off", "null"})
+
+
+def is_stream_type(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() in STREAM_TYPES
+
+
+def asks_by_headers(request: web.Request) -> bool:
+    """``Accept: text/event-stream`` (any case, any parameters) or ``?stream=true``."""
+    if "text/event-stream" in request.headers.get("Accept", "").lower():
+        return True
+    return any(value.strip().lower() not in _NOT_STREAM
+               for value in request.query.getall("stream", ()))
+
+
+def _asks(value: object) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() not in _NOT_STREAM
+    return value is not None and value is not False and value != 0
+
+
+def asks_by_body(body: bytes) -> bool:
+    """A top-level ``stream`` member (any case: some parsers match keys without it; any
+    occurrence: parsers disagree on which of two wins) that is not false. A body that is not
+    a JSON object asks nothing here (its response decides)."""
+    if b"tream" not in body.lower() and b"\\u" not in body and b"\x00" not in body[:4]:
+        return False  # the common case: no member could spell it (UTF-16/32 aside)
+    try:  # objects become ("pairs", [...]): every member seen, duplicates included
+        decoded = json.loads(body, object_pairs_hook=lambda items: ("pairs", items))
+    except (ValueError, RecursionError):
+        return False
+    if not (isinstance(decoded, tuple) and decoded[0] == "pairs"):
+        return False
+    return any(key.casefold() == "stream" and _asks(value) for key, value in decoded[1])
+
+
+async def read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of the body, and whether that is all of it."""
+    if not request.body_exists:
+        return b"", True
+    if limit == 0:
+        return b"", False
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    prefix = b"".join(chunks)
+    if request.content.at_eof():
+        return prefix, True
+    return prefix, False
+
+
+async def rest_of_body(prefix: bytes, request: web.Request) -> AsyncIterator[bytes]:
+    """The body as the client sends it: the prefix read already, then the rest as it comes."""
+    if prefix:
+        yield prefix
+    async for chunk in request.content.iter_any():
+        yield chunk
