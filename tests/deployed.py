@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -174,11 +175,20 @@ def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, 
     return gateway
 
 
-async def serve(directory: Path, gateway: dict[str, Any], *args: str) -> Deployed:
+async def serve(directory: Path, gateway: dict[str, Any], *args: str,
+                nofile: int | None = None) -> Deployed:
+    """``nofile``: start it with this soft descriptor limit (the hard one stays), as a
+    distribution's default of 1,024 would."""
     # Its log goes to a file: a pipe nobody reads until the end would fill and block it.
     log = open(directory / f"serve-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(directory / "gateway.yaml"),
-                             *args], stdout=subprocess.DEVNULL, stderr=log,
+                             *args], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=limit,
                             text=True, env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
     port = int(gateway["listen"].rsplit(":", 1)[1])
     admin = int(gateway["admin_listen"].rsplit(":", 1)[1])
