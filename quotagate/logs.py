@@ -36,10 +36,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (bad request line, bare LF, a header too
+    long) as an ERROR with a traceback: anyone on the internet could fill the log with them.
+    They were answered 400 already; each becomes one INFO line without the traceback, and is
+    counted (``quotagate_invalid_requests_total{reason="malformed-http"}``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            from quotagate import metrics
+
+            metrics.INVALID_REQUESTS.labels("malformed-http").inc()
+            first = str(exc.message).strip().splitlines()[0] if exc.message else ""
+            record.msg, record.args = "malformed request refused (%s): %s", (exc.code, first)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger().isEnabledFor(logging.INFO)
+        return True
+
+
 def configure(level: str | int = "INFO", fmt: str = "text") -> None:
     """Set up the root logger once for the process (each worker calls it too)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(MalformedRequests())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
+from hypothesis import HealthCheck, settings
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -20,6 +21,16 @@ from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
 from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
+
+
+# The fuzz suite (tests/test_fuzz.py): brief in every run, longer with
+# ``scripts/test -m fuzz --hypothesis-profile=long``. No deadline: examples go through real
+# sockets to real processes.
+_FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture,
+                                                     HealthCheck.too_slow]}
+settings.register_profile("default", max_examples=100, **_FUZZ)
+settings.register_profile("long", max_examples=3000, **_FUZZ)
+settings.load_profile("default")
 
 
 class RedisServer:

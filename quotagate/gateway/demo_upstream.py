@@ -85,6 +85,9 @@ class RealtimeStats:
 REALTIME = web.AppKey("realtime", RealtimeStats)
 #: Bodies POSTed to any path ending in /record, in arrival order (GET /_recorded).
 RECORDED = web.AppKey("recorded", list)
+#: Requests served, by the X-CloudBase-Env the gateway set (GET /_served): what reached the
+#: upstream, to hold against what the gateway counted.
+SERVED = web.AppKey("served", dict)
 
 
 async def _realtime(request: web.Request) -> web.WebSocketResponse:
@@ -178,6 +181,11 @@ async def _realtime_stats(request: web.Request) -> web.Response:
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
     path = request.path
+    if path == "/_served":
+        return web.json_response(request.app[SERVED])
+    served = request.app[SERVED]
+    env = request.headers.get("X-CloudBase-Env", "")
+    served[env] = served.get(env, 0) + 1
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await _realtime(request)
     if path == "/_realtime":
@@ -189,6 +197,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
                                       "body": (await request.read()).decode(errors="replace"),
                                       "replayed": request.headers.get("X-Quotagate-Replayed")})
         return await _ok(request)
+    if request.method == "HEAD":  # headers only (a streamed body would break the exchange)
+        return web.Response(content_type="application/json")
     if "text/event-stream" in request.headers.get("Accept", "") or path.endswith("/sse"):
         return await _sse(request)
     if path.startswith("/ai/") and request.can_read_body:  # OpenAI-style {"stream": true}
@@ -218,6 +228,7 @@ def make_upstream_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app[REALTIME] = RealtimeStats()
     app[RECORDED] = []
+    app[SERVED] = {}
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     return app
 
