@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aredis
-from hypothesis import HealthCheck, settings
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, settings
 
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
 from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
-
 
 # The fuzz suite (tests/test_fuzz.py): brief in every run, longer with
 # ``scripts/test -m fuzz --hypothesis-profile=long``. No deadline: examples go through real

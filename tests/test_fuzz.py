@@ -112,7 +112,7 @@ def test_the_router_matches_the_longest_prefix_that_fits(path, method, accept):
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
                          st.floats(allow_nan=False))
-MSG_TYPES = st.sampled_from(sorted(realtime.CLIENT_TYPES) + ["init_watch", "", "NEXT_EVENT"])
+MSG_TYPES = st.sampled_from([*sorted(realtime.CLIENT_TYPES), "init_watch", "", "NEXT_EVENT"])
 
 
 def _spelled(text: str, escapes: list[bool]) -> str:
@@ -152,13 +152,14 @@ def test_no_frame_the_upstream_reads_as_a_watch_passes_as_something_else(frame):
     except (ValueError, RecursionError):
         upstream_sees = None
     seen = realtime._frame(as_read)
-    if isinstance(upstream_sees, dict) and upstream_sees.get("msgType") in realtime.CLIENT_TYPES:
-        # The gateway either reads the same message or refuses the frame unread.
-        if seen is not realtime._UNREADABLE:
-            assert isinstance(seen, dict)
-            assert seen["msgType"] == upstream_sees["msgType"]
-            assert seen.get("watchId") == upstream_sees.get("watchId")
-            assert seen.get("msgData") == upstream_sees.get("msgData")
+    a_message = (isinstance(upstream_sees, dict)
+                 and upstream_sees.get("msgType") in realtime.CLIENT_TYPES)
+    # The gateway either reads the same message or refuses the frame unread.
+    if a_message and seen is not realtime._UNREADABLE:
+        assert isinstance(seen, dict)
+        assert seen["msgType"] == upstream_sees["msgType"]
+        assert seen.get("watchId") == upstream_sees.get("watchId")
+        assert seen.get("msgData") == upstream_sees.get("msgData")
 
 
 # ---------------------------------------------------- end to end: quotagate serve, raw bytes
@@ -261,7 +262,7 @@ def test_no_request_is_a_500_or_reaches_the_upstream_uncounted(served, method, p
         payload = body
         headers.append(("Content-Length", str(len(body))))
     target = path + (f"?{query}" if query else "")
-    raw = (f"{method} {target} HTTP/1.1\r\n".encode("utf-8")
+    raw = (f"{method} {target} HTTP/1.1\r\n".encode()
            + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers) + b"\r\n" + payload)
     status = _exchange(deployed.port, raw)
     event(f"status {status}")
