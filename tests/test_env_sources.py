@@ -36,6 +36,9 @@ async def test_the_environment_from_host_parameter_header_and_their_agreement(
     ok = [({"Host": "shop.api.example.com"}, ""),
           ({"Host": "shop.ap-shanghai.tcb-api.example.net"}, ""),  # a region label
           ({"Host": "shop.tcb-api.example.net:8443"}, ""),
+          ({"Host": "SHOP.Api.Example.COM"}, ""),  # host names have no case
+          ({"Host": "shop.api.example.com.:80"}, ""),  # the fully qualified form, a port
+          ({"Host": "shop.api.example.com.", "X-CloudBase-Env": "shop"}, ""),
           ({}, "?env=shop"),
           ({"X-CloudBase-Env": "shop"}, "?env=shop"),  # two sources that agree
           ({"Host": "shop.api.example.com", "X-CloudBase-Env": "shop"}, "")]

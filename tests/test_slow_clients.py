@@ -78,8 +78,8 @@ async def test_slowloris_and_idle_sockets_do_not_starve_real_clients(tmp_path, u
     # it (every later accept failing) unless the gateway raises it.
     deployed = await gateway(tmp_path, upstream, nofile=1024)
     try:
-        baseline, _ = await legit_requests(deployed, 20)
-        assert baseline == [200] * 20
+        baseline, usual = await legit_requests(deployed, 50)
+        assert baseline == [200] * 50
         idle = [await asyncio.open_connection("127.0.0.1", deployed.port)
                 for _ in range(1500)]
         slow = [await asyncio.open_connection("127.0.0.1", deployed.port)
@@ -110,7 +110,9 @@ async def test_slowloris_and_idle_sockets_do_not_starve_real_clients(tmp_path, u
     finally:
         log = deployed.stop()
     assert "descriptor limit raised from 1024" in log, log
-    print(f"legit request p50 {sorted(took)[25] * 1000:.1f} ms with 3,000 hostile sockets open")
+    # A figure for the operator guide, not an assertion (timing is the benchmark's job).
+    print(f"\nordinary requests p50: {sorted(usual)[25] * 1000:.1f} ms alone, "
+          f"{sorted(took)[25] * 1000:.1f} ms with 3,000 hostile sockets open")
 
 
 async def test_connections_beyond_the_cap_are_refused_at_once(tmp_path, upstream):

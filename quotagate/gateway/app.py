@@ -581,7 +581,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if holds:
             state.limiter.release(env, slot)
             metrics.FUNCTION_SLOTS.dec()
-        if not decision.flags & (Flag.MODE_OFF | Flag.DATABASE_FREE):
+        # (The common case, an answered call with nothing metered, makes no call here.)
+        if (route.meter or stream_extra or not tally.answered) and not decision.flags & (
+                Flag.MODE_OFF | Flag.DATABASE_FREE):
             _charge_after(state, env, route, function, cost, stream_extra, decision, tally)
 
 
