@@ -46,7 +46,10 @@ class MalformedRequests(logging.Filter):
         from aiohttp.http_exceptions import HttpProcessingError
 
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        # Only the server's own report of a request it could not parse (a handler's error
+        # stays an error, whatever it raised).
+        if (isinstance(exc, HttpProcessingError) and record.name == "aiohttp.server"
+                and str(record.msg).startswith("Error handling request")):
             from quotagate import metrics
 
             metrics.INVALID_REQUESTS.labels("malformed-http").inc()

@@ -188,12 +188,12 @@ def _get_json(url: str, token: bool = False) -> Any:
         return json.loads(r.read())
 
 
-_DECIDED = re.compile(r'^quotagate_decisions_total\{reason="[^"]*",result="(admitted|preflight)"'
+_DECIDED = re.compile(r'^quotagate_decisions_total\{reason="[^"]*",result="(admitted)"'
                       r'\} ([0-9.e+]+)$', re.M)
 
 
 def _passed_on(deployed: Deployed) -> float:
-    """Requests the gateway admitted (counted) or passed on as free preflights."""
+    """Requests the gateway admitted (decided and counted; free preflights too)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{deployed.admin}/metrics", timeout=10) as r:
         text = r.read().decode()
     return sum(float(n) for _, n in _DECIDED.findall(text))
@@ -306,13 +306,13 @@ def _admin(deployed: Deployed, method: str, path: str, body: bytes | None) -> tu
 def test_no_admin_body_is_a_500_and_a_refused_one_changes_nothing(served, env_id, body, what):
     deployed, _ = served
     method, _, tail = what.partition(" ")
-    before = _admin(deployed, "GET", "/envs/fz", None)
     target = "fz" if tail else env_id
+    before = [_admin(deployed, "GET", f"/envs/{e}", None) for e in ("fz", target)]
     status, answer = _admin(deployed, method, f"/envs/{target}{tail}", body)
     assert status < 500, (status, answer)
     if status >= 400:
         assert answer["status"] == status and answer["detail"]  # a problem that says why
-        assert _admin(deployed, "GET", "/envs/fz", None) == before
+        assert [_admin(deployed, "GET", f"/envs/{e}", None) for e in ("fz", target)] == before
     elif not tail:  # a new environment that validated: remove nothing, it is harmless
         assert _admin(deployed, "GET", f"/envs/{target}", None)[0] == 200
 

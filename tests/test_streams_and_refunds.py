@@ -5,11 +5,14 @@ free unless its route charges it, and a body the gateway must read comes in time
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from typing import Any
 
 import aiohttp
 
+from quotagate.limiter import keys
+from quotagate.limiter.calendar import day_number
 from quotagate.limiter.embedded import free_port
 from tests.helpers import ADMIN_TOKEN, assert_problem, env
 
@@ -129,14 +132,76 @@ async def test_calls_the_upstream_never_answered_are_given_back(make_gateway, ad
         calls = await usage(admin)
     assert (calls["used"], calls["payg"]) == (2, 2)
     assert [(p["id"], p["used"]) for p in calls["packs"]] == [("p1", 3)]
-    # A function that did not answer within read_timeout_ms: neither the call nor its GBs.
+    # A function that did not answer within read_timeout_ms: the call is given back, the
+    # 300 ms it had the request are GBs (it may have run); one never reached costs none.
     slow = {"X-CloudBase-Env": "slow"}
     assert (await gw.get("/functions/f/slow?ms=2000", headers=slow)).status == 504
-    assert (await gw.get("/functions/f", headers=slow)).status == 200  # settles after it
-    assert await calls_become(admin, 1, "slow") == 1
-    meters = (await (await admin.get("/admin/v1/envs/slow/usage", headers=AUTH)).json())[
+    assert (await gw.get("/dead/f", headers=slow)).status == 502
+    assert await calls_become(admin, 0, "slow") == 0
+    for _ in range(50):
+        meters = (await (await admin.get("/admin/v1/envs/slow/usage", headers=AUTH)).json())[
+            "meters"]
+        if meters["gbs"]["used"]:
+            break
+        await asyncio.sleep(0.02)
+    assert 256 * 300 <= meters["gbs"]["used"] < 256 * 2000
+    assert meters["calls"]["used"] == 0
+
+
+async def test_only_what_was_charged_is_given_back(make_gateway, admin_for, upstream,
+                                                     store):
+    """Shadow mode admits an isolated environment without charging it: its unanswered call
+    gives nothing back. A database promo's free call neither (and the route's meter still
+    runs)."""
+    origin = f"http://127.0.0.1:{upstream.port}"
+    dead = f"http://127.0.0.1:{free_port()}"
+    routes = [{"prefix": "/dead/", "upstream": dead, "kind": "database"},
+              {"prefix": "/database/", "upstream": origin, "kind": "database",
+               "meter": "outbound_bytes"},
+              {"prefix": "/functions/", "upstream": origin, "kind": "function"}]
+    gw = await make_gateway({"asleep": env(anchor="2025-01-01", expires="2026-11-20",
+                                           mode="shadow"),
+                             "sale": env(promos=[{"id": "d1", "pack": "db-3k",
+                                                  "start": "2026-11-26", "days": 2}])},
+                            routes=routes)
+    admin = await admin_for(gw)
+    asleep, sale = {"X-CloudBase-Env": "asleep"}, {"X-CloudBase-Env": "sale"}
+    # What it used while it was active, in its (last) cycle.
+    await store.hset(keys.usage("asleep"), f"{day_number(dt.date(2026, 11, 1))}:calls", 5)
+    assert (await usage(admin, "asleep"))["used"] == 5
+    for _ in range(3):
+        assert (await gw.get("/dead/x", headers=asleep)).status == 502
+    assert (await gw.get("/functions/f", headers=asleep)).status == 200  # settles after
+    assert (await usage(admin, "asleep"))["used"] == 5
+    for _ in range(2):
+        assert (await gw.get("/functions/f", headers=sale)).status == 200
+    assert (await gw.get("/dead/x", headers=sale)).status == 502  # free: nothing back
+    assert (await gw.get("/database/x/bytes?n=1000", headers=sale)).status == 200
+    assert await calls_become(admin, 2, "sale") == 2
+    meters = (await (await admin.get("/admin/v1/envs/sale/usage", headers=AUTH)).json())[
         "meters"]
-    assert meters["gbs"]["used"] < 256 * 300  # the fast call's few ms, not the 300 ms
+    assert meters["outbound_bytes"]["used"] >= 1000  # metered under the promo
+
+
+async def test_a_refund_after_midnight_stays_with_its_day(make_gateway, admin_for, upstream):
+    """A call charged at 23:59:59 of the cycle's last day whose 504 comes after midnight is
+    not given back from the new cycle (nor from the new day's pay-as-you-go)."""
+    from tests.helpers import at
+
+    origin = f"http://127.0.0.1:{upstream.port}"
+    clock = at("2026-11-30T23:59:59")
+    gw = await make_gateway({"shop": env()}, clock=clock, upstream={"read_timeout_ms": 600},
+                            routes=[{"prefix": "/functions/", "upstream": origin,
+                                     "kind": "function", "concurrency": False,
+                                     "meter": "none"}])
+    admin = await admin_for(gw)
+    slow = asyncio.ensure_future(gw.get("/functions/f/slow?ms=2000", headers=H))
+    await asyncio.sleep(0.2)  # decided on Nov 30
+    clock.advance(seconds=2)  # Dec 1: a new cycle (anchor Nov 1)
+    assert (await gw.get("/functions/f", headers=H)).status == 200  # the new cycle's first
+    assert (await slow).status == 504
+    await asyncio.sleep(0.3)
+    assert (await usage(admin))["used"] == 1  # not given back out of the new cycle
 
 
 async def test_cors_preflights_are_free_unless_the_route_charges_them(make_gateway,
@@ -150,12 +215,42 @@ async def test_cors_preflights_are_free_unless_the_route_charges_them(make_gatew
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     resp = await gw.options("/functions/f/echo", headers={**H, **preflight})
     assert resp.status == 200 and (await resp.json())["method"] == "OPTIONS"
-    # An action endpoint's preflight has no body to name its action or environment.
-    assert (await gw.options("/web", headers=preflight)).status == 200
+    # An action endpoint's preflight has no body to name its action: counted as nothing.
+    assert (await gw.options("/web", headers={**H, **preflight})).status == 200
     assert (await usage(admin))["used"] == 0
     assert (await gw.options("/paid/x", headers={**H, **preflight})).status == 200
     assert (await gw.options("/functions/f", headers=H)).status == 200  # not a preflight
     assert await calls_become(admin, 2) == 2
+    # Free of calls, not of the rest: an unknown environment is refused, and so is a
+    # preflight over the QPS limit.
+    await assert_problem(await gw.options("/functions/f", headers={
+        "X-CloudBase-Env": "nobody", **preflight}), 404)
+
+
+async def test_a_stream_intent_that_cannot_be_read_costs_a_streams_price_first(
+        make_gateway, admin_for, upstream):
+    """A body longer than the probe, compressed, or not JSON to the gateway: decided at 50
+    (a quota under 50 refuses it before the upstream), 49 back after an answer that is no
+    stream."""
+    origin = f"http://127.0.0.1:{upstream.port}"
+    routes = [{"prefix": "/ai/", "upstream": origin, "kind": "ai", "stream_probe_bytes": 1024}]
+    gw = await make_gateway({"shop": env(), "poor": env(limits={"calls": 30})}, routes=routes)
+    admin = await admin_for(gw)
+    hidden = [json.dumps({"pad": "x" * 5000, "stream": True}).encode(),   # past the probe
+              b'{"stream": true} trailing',                                # not JSON here
+              b'{"stream": true, "s": "\xff"}']                           # nor this
+    poor = {"X-CloudBase-Env": "poor"}
+    for body in hidden:
+        await assert_problem(await gw.post("/ai/chat", data=body, headers=poor), 429)
+    gz = await gw.post("/ai/chat", data=b"\x1f\x8b...", headers={
+        **poor, "Content-Encoding": "gzip"})
+    await assert_problem(gz, 429)
+    assert (await usage(admin, "poor"))["used"] == 0  # refused: nothing charged
+    # With quota left, each costs 50, and 49 come back when the answer is no stream.
+    for n, body in enumerate([b"not json at all", json.dumps({"pad": "y" * 5000}).encode()]):
+        resp = await gw.post("/ai/echo", data=body, headers=H)
+        assert resp.status == 200 and (await resp.json())["body_bytes"] == len(body)
+        assert await calls_become(admin, n + 1) == n + 1
 
 
 async def test_a_body_the_gateway_reads_must_come_in_time(make_gateway, admin_for, upstream):

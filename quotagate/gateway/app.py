@@ -141,6 +141,10 @@ class GatewayState:
                 if getattr(old, key) != getattr(new, key):
                     log.warning("config reload: %s changed; it takes effect at the next "
                                 "restart", key)
+            for key in ("header_timeout_ms", "max_connections"):  # the listener's
+                if getattr(old.clients, key) != getattr(new.clients, key):
+                    log.warning("config reload: clients.%s changed; it takes effect at the "
+                                "next restart", key)
             self.config = config
             self.router = Router(new.routes)
             self.env_suffixes = all_domains(new.domains, new.domain)
@@ -489,13 +493,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             {"Upgrade": "websocket", "Connection": "Upgrade"}, request_id)
     body: bytes | AsyncIterable[bytes] | None = None
     function = ""
-    if route is not None and request.method == "OPTIONS" and _is_preflight(request) and (
-            route.route.preflight == "free"):
-        # A CORS preflight runs nothing billable: passed on uncounted (no body, nothing
-        # metered), unless the route charges them. An action endpoint's names its environment
-        # in the body it has not sent yet: none is needed.
-        metrics.DECISIONS.labels("preflight", "").inc()
-        return await state.pool.forward(request, route, env or "", path_qs, request_id, {})
+    # A CORS preflight costs no call unless its route says so; it is still decided (QPS, the
+    # environment's lifecycle), and what it runs is metered (a function's slot and GBs).
+    preflight = (route is not None and request.method == "OPTIONS"
+                 and route.route.preflight == "free" and _is_preflight(request))
+    if preflight and route is not None and route.actions is not None:
+        route = route.actions["auth"]  # no body to name an action yet: counted as nothing
     if route is not None and route.actions is not None:
         try:  # the operation is in the body: read, classify, and check its env
             action = await _read_in_time(read_action(request, route, env), gw, env)
@@ -522,23 +525,33 @@ async def handle(request: web.Request) -> web.StreamResponse:
             return _refused_early(invalid_function(request.path, env), request_id)
         slot = "fn:" + function
     needs = route.needs_write if request.method in WRITE_METHODS else route.needs
-    cost = route.cost
-    stream_extra = route.stream_extra  # charged after a streamed response unless asked for
-    if stream_extra:
-        asked = streams.asks_by_headers(request)
-        if not asked and request.body_exists and body is None:
+    cost = 0 if preflight else route.cost
+    #: A stream's extra cost: charged after a stream nobody asked for (``after``), or
+    #: charged up front when the intent could not be read and given back after a response
+    #: that is no stream (``back``).
+    after = back = 0
+    if route.stream_extra and not preflight:
+        intent: bool | None = streams.asks_by_headers(request) or None
+        if intent is None and request.body_exists and body is None:
             try:
                 prefix, whole = await _read_in_time(
                     streams.read_prefix(request, route.route.stream_probe_bytes), gw, env)
             except Problem as problem:
                 return _refused_early(problem, request_id)
-            if whole:
-                asked = streams.asks_by_body(prefix)
+            if whole and streams.readable(request):
+                intent = streams.asks_by_body(prefix)
                 body = prefix
             else:
-                body = streams.rest_of_body(prefix, request)
-        if asked:
-            cost, stream_extra = cost + stream_extra, 0
+                body = prefix if whole else streams.rest_of_body(prefix, request)
+        elif intent is None:
+            intent = False  # no body: its headers said all
+        if intent is None:  # unreadable intent: a stream's price, the rest back after
+            cost, back = cost + route.stream_extra, route.stream_extra
+        elif intent:
+            cost += route.stream_extra
+        else:
+            after = route.stream_extra
+    decided_at = state.limiter.clock.now_ms()
     decision = await decide(state.limiter, env, route.kind, cost, slot, needs)
     if isinstance(decision, Problem):
         return decision.response(request_id=request_id)
@@ -582,32 +595,44 @@ async def handle(request: web.Request) -> web.StreamResponse:
             state.limiter.release(env, slot)
             metrics.FUNCTION_SLOTS.dec()
         # (The common case, an answered call with nothing metered, makes no call here.)
-        if (route.meter or stream_extra or not tally.answered) and not decision.flags & (
-                Flag.MODE_OFF | Flag.DATABASE_FREE):
-            _charge_after(state, env, route, function, cost, stream_extra, decision, tally)
+        if (route.meter or after or back or not tally.answered) and not (
+                decision.flags & Flag.MODE_OFF):
+            _charge_after(state, env, route, function, cost, after, back, decided_at,
+                          decision, tally)
+
+
+#: Outcomes decide.lua returns before charging anything (shadow mode admits them).
+_UNCHARGED = frozenset({Outcome.ISOLATED, Outcome.NOT_FOUND, Outcome.NOT_STARTED})
 
 
 def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function: str,
-                  cost: int, stream_extra: int, decision: Decision, tally: Tally) -> None:
-    """What the response decides: a call the upstream never answered (the gateway's 502 or
-    504) is given back; otherwise the route's meter, and a stream nobody asked for costs
-    the difference."""
-    if not tally.answered:
-        # Not SMS (its cost went to SMS packs first), not a bypassed decision (its call is
-        # in the write-back backlog, not the store).
-        if route.kind != "sms" and not decision.store_bypassed:
-            state.limiter.refund(env, "calls", cost)
-            metrics.REFUNDS.inc()
-        return
+                  cost: int, after: int, back: int, decided_at: int, decision: Decision,
+                  tally: Tally) -> None:
+    """What the response decides: the route's meter (GBs for the time the request was with
+    the upstream); a call the upstream never answered (the gateway's own 502 or 504) given
+    back; a stream's extra cost charged after a stream nobody asked for, or given back after
+    a response that is none."""
     if route.meter:
         if route.meter == "gbs":
             amount = state.memory_mb(env, function, route) * tally.run_ms
         else:
             amount = tally.body_bytes
         state.limiter.meter(env, route.meter, amount)
-    if stream_extra and tally.streamed:
-        state.limiter.meter(env, "calls", stream_extra)
+    # Only what decide.lua charged goes back: not a bypassed decision's call (it is in the
+    # write-back backlog), not a free one (a database promo), not a shadow-admitted early
+    # outcome, not SMS (its cost went to SMS packs first).
+    charged = not (decision.store_bypassed or decision.flags & Flag.DATABASE_FREE
+                   or decision.outcome in _UNCHARGED or route.kind == "sms")
+    if not tally.answered:
+        if charged and cost:
+            state.limiter.refund(env, "calls", cost, decided_at)
+            metrics.REFUNDS.inc()
+        return
+    if after and tally.streamed:
+        state.limiter.meter(env, "calls", after)
         metrics.STREAMS_CHARGED_AFTER.inc()
+    elif back and not tally.streamed and charged:
+        state.limiter.refund(env, "calls", back, decided_at)
 
 
 def _is_preflight(request: web.Request) -> bool:

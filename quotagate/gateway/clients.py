@@ -31,6 +31,8 @@ log = logging.getLogger("quotagate.server")
 
 #: Descriptors kept aside from the derived connection cap (store, upstream pool, logs).
 RESERVED_FDS = 64
+#: How long a refused connection stays open after its refusal (for the client to read it).
+REFUSED_LINGER_S = 1.0
 
 
 def raise_nofile() -> int:
@@ -81,9 +83,14 @@ class ConnectionCap:
             made(handler, transport)
             if len(self.open) >= self.limit:
                 metrics.CONNECTIONS_REFUSED.inc()
+                # Nothing of it is read; the refusal goes out with a FIN, and the socket is
+                # closed a moment later (closing at once with the client's request unread
+                # would reset the connection, and could lose the refusal).
+                transport.pause_reading()
                 transport.write(self._refusal)
-                handler.force_close()
-                transport.close()
+                if transport.can_write_eof():
+                    transport.write_eof()
+                asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
                 return
             self.open.add(handler)
             metrics.CLIENT_CONNECTIONS.set(len(self.open))

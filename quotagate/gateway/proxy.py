@@ -91,6 +91,16 @@ class Tally:
         return max(0, int(-(-(end - self.sent_at) * 1000 // 1)))
 
 
+def _unanswered(tally: Tally, reached: bool) -> None:
+    """The upstream never answered: the call is given back (``answered`` stays False). A
+    request that reached it (sent, then silence or a dropped connection) may have run: its
+    run time so far is metered (GBs); one that never connected ran nothing."""
+    if reached:
+        tally.done_at = time.perf_counter()
+    else:
+        tally.done_at = tally.sent_at = 0.0
+
+
 class UpstreamPool:
     """One pooled aiohttp client session for every upstream."""
 
@@ -164,16 +174,16 @@ class UpstreamPool:
                 allow_redirects=False,
                 compress=False,
             )
-        except TimeoutError:
+        except TimeoutError as exc:
             metrics.UPSTREAM_ERRORS.labels("timeout").inc()
-            if tally is not None:  # never answered: neither the call nor its run time
-                tally.done_at = tally.sent_at = 0.0
+            if tally is not None:  # the call is given back; run time only if it was sent
+                _unanswered(tally, reached=not isinstance(exc, aiohttp.ConnectionTimeoutError))
             problem = upstream_timeout(env, f"upstream {route.origin} did not answer in time")
             return problem.response(extra_headers, request_id)
         except aiohttp.ClientError as exc:
             metrics.UPSTREAM_ERRORS.labels("unavailable").inc()
-            if tally is not None:  # never reached the function: nothing ran
-                tally.done_at = tally.sent_at = 0.0
+            if tally is not None:
+                _unanswered(tally, reached=not isinstance(exc, aiohttp.ClientConnectorError))
             return upstream_unavailable(
                 env, f"upstream {route.origin} failed: {type(exc).__name__}"
             ).response(extra_headers, request_id)

@@ -4,9 +4,11 @@ The cost is decided on the request's intent, whatever else its headers say: ``Ac
 ``text/event-stream``, ``stream=true`` in the query, or a top-level ``"stream"`` member that is
 not false in its JSON body (read up to the route's ``stream_probe_bytes``, as OpenAI-style
 APIs take it). A request that asks for a stream is decided at ``stream_cost``, so a quota that
-cannot cover it refuses before the upstream. If a request decided at ``cost`` is answered with
-a stream anyway (a body too long to read, a flag spelled elsewhere), the difference is charged
-after the response: never free.
+cannot cover it refuses before the upstream. So is one whose intent cannot be read (a body
+longer than the probe, compressed, or not JSON to this parser): the difference is given back
+after a response that is no stream. A request decided at ``cost`` that is answered with a
+stream anyway (a flag spelled where nobody looks) is charged the difference after it: never
+free.
 """
 
 from __future__ import annotations
@@ -41,39 +43,42 @@ def _asks(value: object) -> bool:
     return value is not None and value is not False and value != 0
 
 
-def asks_by_body(body: bytes) -> bool:
+def asks_by_body(body: bytes) -> bool | None:
     """A top-level ``stream`` member (any case: some parsers match keys without it; any
-    occurrence: parsers disagree on which of two wins) that is not false. A body that is not
-    a JSON object asks nothing here (its response decides)."""
+    occurrence: parsers disagree on which of two wins) that is not false: True; none: False;
+    None when the body cannot be read as JSON (another parser might read it, and find one)."""
     if b"tream" not in body.lower() and b"\\u" not in body and b"\x00" not in body[:4]:
-        return False  # the common case: no member could spell it (UTF-16/32 aside)
+        return False  # no parser could find the member (UTF-16/32 aside): the common case
     try:  # objects become ("pairs", [...]): every member seen, duplicates included
         decoded = json.loads(body, object_pairs_hook=lambda items: ("pairs", items))
     except (ValueError, RecursionError):
-        return False
+        return None
     if not (isinstance(decoded, tuple) and decoded[0] == "pairs"):
-        return False
+        return False  # JSON, not an object: no member at all
     return any(key.casefold() == "stream" and _asks(value) for key, value in decoded[1])
 
 
+def readable(request: web.Request) -> bool:
+    """Whether the body can be read as it is (not compressed or otherwise encoded)."""
+    return request.headers.get("Content-Encoding", "identity").strip().lower() == "identity"
+
+
 async def read_prefix(request: web.Request, limit: int) -> tuple[bytes, bool]:
-    """Up to ``limit`` bytes of the body, and whether that is all of it."""
+    """The body if it is at most ``limit`` bytes (and True), else the first bytes read of it
+    (and False: one more than ``limit`` tells it is longer)."""
     if not request.body_exists:
         return b"", True
     if limit == 0:
         return b"", False
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
-        chunk = await request.content.read(limit - size)
+    while size <= limit:
+        chunk = await request.content.read(limit + 1 - size)
         if not chunk:
             return b"".join(chunks), True
         chunks.append(chunk)
         size += len(chunk)
-    prefix = b"".join(chunks)
-    if request.content.at_eof():
-        return prefix, True
-    return prefix, False
+    return b"".join(chunks), False
 
 
 async def rest_of_body(prefix: bytes, request: web.Request) -> AsyncIterator[bytes]:

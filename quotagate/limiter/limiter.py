@@ -489,12 +489,12 @@ class Limiter:
         if amount > 0:
             self._queue(env, None, meter, amount)
 
-    def refund(self, env: str, meter: str, amount: int) -> None:
-        """Give back ``amount`` of ``meter`` charged by ``decide`` for a request the upstream
-        never answered (settle.lua: the last taken first). Lost, not kept, if the store
-        cannot take it: a refund is never written back later."""
+    def refund(self, env: str, meter: str, amount: int, charged_at_ms: int) -> None:
+        """Give back ``amount`` of ``meter`` that ``decide`` charged at ``charged_at_ms``
+        (settle.lua: the last taken first; nothing if the environment's day has changed
+        since). Lost, not kept, if the store cannot take it: never written back later."""
         if amount > 0:
-            self._queue(env, None, REFUND_PREFIX + meter, amount)
+            self._queue(env, None, f"{REFUND_PREFIX}{meter}@{charged_at_ms}", amount)
 
     def _queue(self, env: str, slot: str | None, meter: str | None, n: int) -> None:
         pending = self._settle.get(env)
@@ -546,7 +546,7 @@ class Limiter:
         refunds = [m for m in meters if m.startswith(REFUND_PREFIX)]
         if refunds:
             log.warning("refunds to %s not written (%s): %s", env, exc,
-                        {m[1:]: meters.pop(m) for m in refunds})
+                        {m[1:].split("@", 1)[0]: meters.pop(m) for m in refunds})
         if not meters:
             return  # slots only: the next renewal writes the true counts
         # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).

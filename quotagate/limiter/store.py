@@ -333,6 +333,7 @@ class PipelinedStore:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         addr = self.address
+        proto: _Protocol | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if addr.unix_path:
@@ -367,12 +368,19 @@ class PipelinedStore:
                         if not isinstance(cmd, OptionalSetup):
                             raise
                         self.optional_failures += 1
-        except TimeoutError:
-            raise StoreTimeout("store connection timed out") from None
-        except OSError as exc:
-            raise StoreUnavailable(f"cannot connect to store: {exc.strerror or exc}") from None
-        except StoreError as exc:
-            raise StoreUnavailable(f"store refused the connection setup: {exc}") from None
+        except BaseException as exc:
+            # A connection that was made but not set up (a hung store accepts TCP and never
+            # answers) is closed here, or every attempt during a hang would keep its socket.
+            if proto is not None and proto.transport is not None:
+                proto.transport.abort()
+            if isinstance(exc, TimeoutError):
+                raise StoreTimeout("store connection timed out") from None
+            if isinstance(exc, OSError):
+                raise StoreUnavailable(
+                    f"cannot connect to store: {exc.strerror or exc}") from None
+            if isinstance(exc, StoreError):
+                raise StoreUnavailable(f"store refused the connection setup: {exc}") from None
+            raise
         return proto
 
     def _arm_watchdog(self) -> None:

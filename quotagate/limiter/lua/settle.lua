@@ -10,7 +10,7 @@ ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's
 ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
 ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs;
-                  a meter named "-<meter>" gives that amount back (a refund)
+                  a meter named "-<meter>@<ms>" gives back that amount charged at <ms>
 
 Metered usage never refuses (the request has been served): it goes plan -> packs ->
 pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; the next
@@ -80,9 +80,10 @@ end
 
 -- A charge given back (a call the upstream never answered), the last taken first: today's
 -- excess (pay-as-you-go, or unbilled), then packs (latest expiry first, the reverse of
--- allocate's order), then the plan's cycle usage. Never below zero; what finds nothing to
--- give back (a new day, a new cycle) is dropped.
-local function refund(meter, amount)
+-- allocate's order), then the plan's cycle usage. Never below zero. Only on the day it was
+-- charged (`at`, ms): a day later its excess may be billed and its cycle over, so it stays.
+local function refund(meter, amount, at)
+  if not at or local_day(at) ~= TODAY then return end
   local function give(key, field)
     local used = tonumber(redis.call('HGET', key, field)) or 0
     local n = math.min(amount, used)
@@ -101,8 +102,9 @@ while i < #ARGV do
   local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
   if meter == 'capacity_bytes' then
     gauge(meter, amount)
-  elseif string.sub(meter, 1, 1) == '-' then
-    if mode ~= 'record' then refund(string.sub(meter, 2), amount) end
+  elseif string.sub(meter, 1, 1) == '-' then  -- "-<meter>@<charged at ms>"
+    local name, at = string.match(meter, '^%-([%w_]+)@(%d+)$')
+    if name and mode ~= 'record' then refund(name, amount, tonumber(at)) end
   else
     cumulative(meter, amount)
   end
