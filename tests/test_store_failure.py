@@ -208,6 +208,31 @@ async def test_hung_store_fail_closed_raises_within_bound(setup):
     assert not lim.backlog.pending
 
 
+async def test_a_503_is_never_charged_even_when_its_call_runs_late(setup):
+    """Fail-closed: calls stuck in a frozen store time out (the client gets 503) and run when
+    it resumes; each is given back once, so what the store counts is what was admitted."""
+    server, make = setup
+    lim = await make("closed")
+    assert (await lim.decide("shop", "function", 1)).admitted
+    server.pause()
+    results = await asyncio.gather(*(timed(lim.decide("shop", "function", 1))
+                                     for _ in range(20)), timed(lim.decide(
+                                         "shop", "function", 1, "fn:f")))
+    assert all(isinstance(exc, StoreTimeout) for exc, _ in results)
+    server.resume()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and await used_calls(server.url) != 1:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)  # nothing given back twice either
+    assert await used_calls(server.url) == 1
+    await lim.renew()  # (every renew_interval_ms in a gateway) the slot went back too
+    client = aredis.Redis.from_url(server.url)
+    try:
+        assert int(await client.hget(keys.slots("shop"), "=fn:f") or 0) == 0
+    finally:
+        await client.aclose()
+
+
 async def test_killed_store_then_restart_recovers_and_reloads_script(setup, tmp_path: Path):
     server, make = setup
     lim = await make("open")

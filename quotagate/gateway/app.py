@@ -58,7 +58,7 @@ from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
-from quotagate.limiter.limiter import Decision, Limiter
+from quotagate.limiter.limiter import UNCHARGED, Decision, Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.logs import decisions as decisions_log
@@ -601,10 +601,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
                           decision, tally)
 
 
-#: Outcomes decide.lua returns before charging anything (shadow mode admits them).
-_UNCHARGED = frozenset({Outcome.ISOLATED, Outcome.NOT_FOUND, Outcome.NOT_STARTED})
-
-
 def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function: str,
                   cost: int, after: int, back: int, decided_at: int, decision: Decision,
                   tally: Tally) -> None:
@@ -622,7 +618,7 @@ def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function:
     # write-back backlog), not a free one (a database promo), not a shadow-admitted early
     # outcome, not SMS (its cost went to SMS packs first).
     charged = not (decision.store_bypassed or decision.flags & Flag.DATABASE_FREE
-                   or decision.outcome in _UNCHARGED or route.kind == "sms")
+                   or decision.outcome in UNCHARGED or route.kind == "sms")
     if not tally.answered:
         if charged and cost:
             state.limiter.refund(env, "calls", cost, decided_at)

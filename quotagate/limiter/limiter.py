@@ -97,8 +97,13 @@ MAX_MISSING_ATTEMPTS = 20
 #: slot start (epoch ms)
 BacklogKey = tuple[str, str, int]
 METER_PREFIX = "meter:"
-#: settle.lua reads a meter named "-<meter>" as a refund of it.
+#: settle.lua reads a meter named "-<meter>@<ms>" as a refund of it.
 REFUND_PREFIX = "-"
+#: A refund the store did not take is sent again this often, at most this many times.
+REFUND_RETRY_S = 1.0
+REFUND_ATTEMPTS = 120
+#: Outcomes decide.lua returns before charging anything (shadow mode admits them).
+UNCHARGED = frozenset({Outcome.ISOLATED, Outcome.NOT_FOUND, Outcome.NOT_STARTED})
 
 #: Environments per renewal call: bounds how long one renewal holds the store.
 RENEW_BATCH = 256
@@ -228,6 +233,8 @@ class Limiter:
         #: env -> (slot -> count to give back, meter -> amount to charge), flushed next tick.
         self._settle: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
         self._settle_scheduled = False
+        #: Environments whose refunds failed: the attempt the next retry is.
+        self._refund_attempts: dict[str, int] = {}
         self._renewer: asyncio.Task[None] | None = None
         #: Told (env, status) when a renewal finds an environment isolated, released or unknown.
         self.on_ended: Callable[[str, str], None] | None = None
@@ -416,14 +423,22 @@ class Limiter:
             self._hold(env, slot, 1)
             finish, abandoned = self._slot_outcome(env, slot, self._renewals.get(env, 0))
 
+        charged_at = self.clock.now_ms()
+
         def late(decision: Decision | None) -> None:
             # The timed-out call ran after all: if it counted the cost, the backlog must not.
             if decision is None or not decision.admitted or decision.flags & Flag.MODE_OFF:
                 return
             if key is not None:
                 self.backlog.remove(key, cost)
-            elif slot and decision.in_use > 0:  # failed closed, not held here: give it back
+                return
+            # Failed closed: the client was answered 503, so nothing it counted may stay — the
+            # slot given back, the calls too (once: this runs once per timed-out call).
+            if slot and decision.in_use > 0:
                 self._queue(env, slot, None, 1)
+            if (kind != "sms" and not decision.flags & Flag.DATABASE_FREE
+                    and decision.outcome not in UNCHARGED):
+                self.refund(env, "calls", cost, charged_at)
 
         try:
             decision = await self._run(env, kind, cost, self.mode, self.clock.script_time(), late,
@@ -537,32 +552,53 @@ class Limiter:
             return
         if exc is None:
             reply = fut.result()
+            self._refund_attempts.pop(env, None)
             if reply[1] & Flag.EVENTS:
                 self._forward_soon(env)
             if reply[0] == 4 and meters:  # no snapshot (yet): keep the usage for later
                 exc = StoreError(f"no snapshot of {env}")
             else:
                 return
-        refunds = [m for m in meters if m.startswith(REFUND_PREFIX)]
-        if refunds:
-            log.warning("refunds to %s not written (%s): %s", env, exc,
-                        {m[1:].split("@", 1)[0]: meters.pop(m) for m in refunds})
-        if not meters:
-            return  # slots only: the next renewal writes the true counts
+        refunds = {m: meters.pop(m) for m in [m for m in meters if m.startswith(REFUND_PREFIX)]}
+        if refunds and isinstance(exc, StoreError) and str(exc).startswith("no snapshot"):
+            refunds = {}  # nothing to give back from
         # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).
         passed = self.clock.now_ms()
         entries = [((env, METER_PREFIX + m, passed - passed % SLOT_MS), a)
                    for m, a in meters.items()]
         for key, amount in entries:
             self.backlog.add(key, amount)
-        log.warning("metered usage of %s kept for write-back: %s", env, exc)
+        if entries:
+            log.warning("metered usage of %s kept for write-back: %s", env, exc)
         if isinstance(exc, StoreTimeout):
+            # It may still run: its late reply decides (never both the call and a retry).
             def late(reply: object) -> None:
                 if isinstance(reply, list) and reply[0] == 0:  # it ran: not twice
                     for key, amount in entries:
                         self.backlog.remove(key, amount)
+                elif refunds:
+                    self._retry_refunds(env, refunds, self._refund_attempts.get(env, 1))
             self.store.when_late(fut, late)
-        self._start_drainer()
+        elif refunds:
+            self._retry_refunds(env, refunds, self._refund_attempts.get(env, 1))
+        if entries:
+            self._start_drainer()
+
+    def _retry_refunds(self, env: str, refunds: dict[str, int], attempt: int = 1) -> None:
+        """Refunds the store did not take (it was away): sent again a little later, until
+        it takes them or ``REFUND_ATTEMPTS`` have failed (then logged and dropped). Each is
+        retried only once it is known the last try did not run."""
+        if attempt > REFUND_ATTEMPTS:
+            log.error("refunds to %s dropped after %d attempts: %s", env, REFUND_ATTEMPTS,
+                      refunds)
+            return
+
+        def again() -> None:
+            for meter, amount in refunds.items():
+                self._queue(env, None, meter, amount)
+            self._refund_attempts[env] = attempt + 1
+
+        asyncio.get_running_loop().call_later(REFUND_RETRY_S, again)
 
     # ------------------------------------------------------------------------- events
 
