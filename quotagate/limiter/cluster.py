@@ -2,8 +2,12 @@
 decision sent to the primary that serves its environment's slot, redirections followed.
 
 Every key of an environment carries the ``{env}`` hash tag, so one decision is one slot on one
-node; the slot map comes from ``CLUSTER SLOTS`` and is refreshed when a node answers ``MOVED``
-(resharding, failover). ``ASK`` (a slot being migrated) is followed for that one command.
+node; the slot map comes from ``CLUSTER SLOTS`` (asked of any node that answers) and is
+refreshed when a node answers ``MOVED`` (resharding), when a node fails or times out or
+answers ``CLUSTERDOWN`` / ``TRYAGAIN`` (a failover: a dead primary never sends ``MOVED``, its
+promoted replica is found only by asking the others), and every ``REFRESH_EVERY_S`` while
+there is traffic; failure-driven refreshes at most every ``REFRESH_MIN_S``. ``ASK`` (a slot
+being migrated) is followed for that one command.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from redis.crc import key_slot
@@ -22,6 +27,10 @@ log = logging.getLogger("quotagate.cluster")
 
 SLOTS = 16384
 MAX_REDIRECTS = 3
+#: Failure-driven slot-map refreshes at most this often (a dead node fails every request).
+REFRESH_MIN_S = 0.5
+#: And one at least this often while commands flow (a failover nobody's request noticed).
+REFRESH_EVERY_S = 5.0
 HostPort = tuple[str, int]
 
 
@@ -43,6 +52,9 @@ class ClusterStore:
         self.nodes: dict[HostPort, PipelinedStore] = {}
         self.slots: list[HostPort | None] = [None] * SLOTS
         self._refresh: asyncio.Task[None] | None = None
+        #: monotonic time of the last slot-map refresh started.
+        self._refreshed_at = 0.0
+        self.refreshes = 0
         self._tasks: set[asyncio.Task[None]] = set()
         #: Outer futures that timed out -> the node future that did.
         self._timed_out: dict[asyncio.Future[Any], tuple[PipelinedStore, asyncio.Future[Any]]] = {}
@@ -70,10 +82,13 @@ class ClusterStore:
     async def refresh(self) -> None:
         """Load the slot map from any node that answers (one refresh at a time)."""
         if self._refresh is None or self._refresh.done():
+            self._refreshed_at = time.monotonic()
             self._refresh = asyncio.get_running_loop().create_task(self._load_slots())
         await asyncio.shield(self._refresh)
 
     async def _load_slots(self) -> None:
+        self.refreshes += 1
+        # Nodes that served a slot last time first, the seed last; each fails fast if down.
         candidates = [*self.nodes, (self.seed.host, self.seed.port)]
         errors = []
         for where in dict.fromkeys(candidates):
@@ -96,6 +111,8 @@ class ClusterStore:
 
     def submit(self, packed: bytes, slot: int | None = None) -> asyncio.Future[Any]:
         outer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if time.monotonic() - self._refreshed_at > REFRESH_EVERY_S:
+            self._background_refresh()
         self._dispatch(packed, slot, outer, 0, None)
         return outer
 
@@ -154,10 +171,15 @@ class ClusterStore:
             if len(self._timed_out) > 100_000:
                 self._timed_out.clear()
             self._timed_out[outer] = (store, inner)
+        # Down, hung, CLUSTERDOWN: a failover? (A dead primary never answers MOVED.)
+        if (isinstance(exc, StoreUnavailable)
+                and time.monotonic() - self._refreshed_at >= REFRESH_MIN_S):
+            self._background_refresh()
         outer.set_exception(exc)
 
     def _background_refresh(self) -> None:
         if self._refresh is None or self._refresh.done():
+            self._refreshed_at = time.monotonic()
             self._refresh = asyncio.get_running_loop().create_task(self._load_slots())
             self._refresh.add_done_callback(
                 lambda t: t.cancelled() or t.exception())  # a failed refresh is retried later
