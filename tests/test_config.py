@@ -261,7 +261,7 @@ def test_config_reference_documents_every_key() -> None:
 
     doc = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     structs = [schema.GatewaySettings, schema.StoreSettings, schema.UpstreamSettings,
-               schema.ClientSettings,
+               schema.ClientSettings, schema.StoreTls,
                schema.Route, schema.Plan, schema.ResourcePack, schema.PromoPack,
                schema.PaygPrice, schema.PlansFile, schema.Limits, schema.PackGrant,
                schema.PromoGrant, schema.Environment]

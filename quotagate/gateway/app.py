@@ -289,7 +289,9 @@ async def _watch_files(state: GatewayState) -> None:
 
 def build_state(config: Config, store_url: str, clock: Clock | None = None) -> GatewayState:
     gw = config.gateway
-    address = StoreAddress.from_url(store_url)
+    tls = [str(config.resolve(f)) if f else ""
+           for f in (gw.store.tls.ca_file, gw.store.tls.cert_file, gw.store.tls.key_file)]
+    address = StoreAddress.from_url(store_url).with_tls(*tls)
     store_class = ClusterStore if gw.store.cluster else PipelinedStore
     store = store_class(address, timeout_ms=gw.store.timeout_ms,
                         connect_timeout_ms=gw.store.connect_timeout_ms,
@@ -301,9 +303,12 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
     )
     timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
     client_class = RedisCluster if gw.store.cluster else aredis.Redis
+    # The control plane's client: the same TLS (the server verified by the URL's host).
+    tls_kwargs: dict[str, Any] = {"ssl_ca_certs": tls[0] or None, "ssl_certfile": tls[1] or None,
+                                  "ssl_keyfile": tls[2] or None} if address.tls else {}
     client = client_class.from_url(
-        store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5
-    )
+        store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5,
+        **tls_kwargs)
     env_modes: dict[str, str] = {
         env_id: env.mode
         for env_id, env in config.environments.environments.items()

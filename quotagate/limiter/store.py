@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ssl
 import time
 from collections.abc import Callable
@@ -90,6 +91,22 @@ class StoreAddress:
     username: str = ""
     password: str = ""
     db: int = 0
+    #: TLS: CA file (else the system's), client certificate and key files.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a ``rediss://`` store: the server verified, by its host name."""
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.tls_ca or None)
+        if self.tls_cert:
+            ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
+        return ctx
+
+    def with_tls(self, ca: str, cert: str, key: str) -> StoreAddress:
+        return dataclasses.replace(self, tls_ca=ca, tls_cert=cert, tls_key=key)
 
     @classmethod
     def from_url(cls, url: str) -> StoreAddress:
@@ -341,7 +358,7 @@ class PipelinedStore:
                         lambda: _Protocol(self), addr.unix_path
                     )
                 else:
-                    ctx = ssl.create_default_context() if addr.tls else None
+                    ctx = addr.ssl_context()
                     _, proto = await loop.create_connection(
                         lambda: _Protocol(self), addr.host, addr.port, ssl=ctx
                     )

@@ -207,6 +207,19 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
                 StoreAddress.from_url(gw.store.url)
             except ValueError as exc:
                 issues.append(ConfigIssue(file, "$.store.url", f"not a store URL: {exc}"))
+    tls = gw.store.tls
+    given = [(k, v) for k, v in (("ca_file", tls.ca_file), ("cert_file", tls.cert_file),
+                                 ("key_file", tls.key_file)) if v]
+    if given and not gw.store.url.startswith("rediss://"):
+        issues.append(ConfigIssue(file, f"$.store.tls.{given[0][0]}",
+                                  "TLS files need a rediss:// store.url"))
+    if tls.key_file and not tls.cert_file:
+        issues.append(ConfigIssue(file, "$.store.tls.key_file", "a key needs its cert_file"))
+    base = Path(file).parent
+    for key, value in given:
+        path = Path(value) if Path(value).is_absolute() else base / value
+        if not path.is_file():
+            issues.append(ConfigIssue(file, f"$.store.tls.{key}", f"no such file: {path}"))
     if gw.leases.renew_interval_ms * 2 > gw.leases.ttl_ms:
         issues.append(ConfigIssue(file, "$.leases.renew_interval_ms",
                                   f"must be at most half of ttl_ms ({gw.leases.ttl_ms}), so one "

@@ -77,6 +77,17 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
 # ---------------------------------------------------------------------------- gateway.yaml
 
 
+class StoreTls(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """TLS to the store (``rediss://``): the server is always verified, against ``ca_file``
+    (else the system's CAs), and its certificate must name the URL's host."""
+
+    #: PEM file of the CA(s) that signed the store's certificate (relative to gateway.yaml).
+    ca_file: str = ""
+    #: PEM client certificate and its key, for stores that ask for one (tls-auth-clients).
+    cert_file: str = ""
+    key_file: str = ""
+
+
 class StoreSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: redis://, rediss:// or unix:// URL of Redis >= 6.2 / Valkey. Empty: embedded Valkey.
     url: str = ""
@@ -90,6 +101,8 @@ class StoreSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     cluster: bool = False
     #: Embedded Valkey only: where its append-only files live (relative to gateway.yaml).
     data_dir: str = "data"
+    #: ``rediss://`` only: the CA and client certificate files.
+    tls: StoreTls = msgspec.field(default_factory=StoreTls)
 
 
 class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

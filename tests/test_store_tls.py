@@ -1,0 +1,96 @@
+"""TLS to the store (issue 13): ``rediss://`` with a CA file and a client certificate, against
+a real TLS-enabled Redis 7 (Debian's redis-server, ``tls-port``, clients must present a
+certificate) with a CA this test makes. Through ``quotagate serve``: the hot path and the
+control plane (``env put``, usage) both speak TLS; a store whose certificate the CA did not
+sign is refused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from quotagate.limiter.embedded import free_port
+from quotagate.limiter.errors import StoreUnavailable
+from quotagate.limiter.store import PipelinedStore, StoreAddress
+from tests.deployed import days, serve, shipped_config, start_upstream
+
+pytestmark = pytest.mark.deployed
+
+
+@pytest.fixture
+def tls_store(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    server = shutil.which("redis-server")
+    assert server, "redis-server (Debian's, built with TLS) is needed"
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    client = ca.issue_cert("quotagate")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(tmp_path / "server.pem"),
+         "--tls-key-file", str(tmp_path / "server.key"),
+         "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "yes",
+         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    import socket
+
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port, tmp_path
+    proc.kill()
+    proc.wait()
+
+
+async def test_the_gateway_and_its_control_plane_speak_tls_to_the_store(tls_store, tmp_path):
+    port, certs = tls_store
+    upstream, origin = start_upstream()
+    directory = tmp_path / "gw"
+    config = shipped_config(directory, origin, store={
+        "url": f"rediss://127.0.0.1:{port}", "tls": {
+            "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "client.pem"),
+            "key_file": str(certs / "client.key")}})
+    deployed = await serve(directory, config)
+    try:
+        deployed.put_env("secure", f"plan: standard\nanchor: {days(-1)}\nexpires: {days(300)}\n")
+        url = deployed.route("function") + "f"
+        assert await deployed.get(url, "secure", 3) == [200] * 3
+        usage = deployed.json("env", "usage", "secure")
+        assert usage["meters"]["calls"]["used"] == 3
+    finally:
+        log = deployed.stop()
+        upstream.kill()
+        upstream.wait()
+    assert "bypass" not in log.lower(), log  # every decision was made in the store
+
+
+async def test_a_store_the_ca_did_not_sign_is_refused(tls_store):
+    port, certs = tls_store
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(certs / "other-ca.pem"))
+    address = StoreAddress.from_url(f"rediss://127.0.0.1:{port}").with_tls(
+        str(certs / "other-ca.pem"), str(certs / "client.pem"), str(certs / "client.key"))
+    store = PipelinedStore(address, timeout_ms=1000, connect_timeout_ms=1000)
+    with pytest.raises(StoreUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+        await store.execute("PING")
+    await store.close()
+    good = PipelinedStore(address.with_tls(str(certs / "ca.pem"), str(certs / "client.pem"),
+                                           str(certs / "client.key")), timeout_ms=1000,
+                          connect_timeout_ms=1000)
+    assert await good.execute("PING") == b"PONG"
+    await good.close()
