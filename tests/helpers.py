@@ -74,7 +74,9 @@ async def synced_limiter(store_url: str, config: Config, clock: Clock | None = N
                            connect_timeout_ms=kw.pop("connect_timeout_ms", 200),
                            retry_interval_ms=kw.pop("retry_interval_ms", 100))
     kw.setdefault("burst_ms", config.gateway.qps_burst_ms)
-    return Limiter(store, clock=clock, **kw)
+    limiter = Limiter(store, clock=clock, **kw)
+    limiter.known.update(config.environments.environments)  # as the gateway does at start
+    return limiter
 
 
 def routes_to(origin: str) -> list[dict]:

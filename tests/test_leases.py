@@ -282,6 +282,7 @@ async def test_slots_held_through_a_store_outage_are_written_back(tmp_path: Path
     store = PipelinedStore(StoreAddress.from_url(f"redis://127.0.0.1:{port}/0"),
                            timeout_ms=100, connect_timeout_ms=100, retry_interval_ms=50)
     lim = Limiter(store, clock=at(NOON), on_failure="open")
+    lim.known.add("shop")  # declared (the gateway adds its config's environments)
     server = None
     try:
         d = await lim.decide("shop", "realtime", 1, "rt:")

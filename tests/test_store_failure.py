@@ -353,3 +353,31 @@ async def test_store_at_maxmemory_still_refuses(own_valkey):
         await admin.aclose()
         await lim.close()
     assert await used_calls(own_valkey.url) == 2
+
+
+async def test_fail_open_admits_only_environments_known_to_exist(tmp_path: Path,
+                                                                 make_gateway):
+    """With the store away, a made-up (valid-looking) environment id is refused 503, never
+    proxied uncounted, and takes no room in the backlog; a declared one passes and is kept
+    for write-back. A full backlog refuses rather than admits uncounted."""
+    from quotagate.gateway.app import STATE
+    from quotagate.limiter.embedded import free_port
+    from tests.helpers import assert_problem
+
+    gw = await make_gateway({"shop": env()}, store_url=f"redis://127.0.0.1:{free_port()}/0",
+                            store={"timeout_ms": 100}, on_store_failure="open")
+    for stranger in ("made-up-1", "made-up-2"):
+        body = await assert_problem(await gw.get("/functions/f", headers={
+            "X-CloudBase-Env": stranger}), 503)
+        assert body["code"] == "STORE_UNAVAILABLE"
+    resp = await gw.get("/database/x", headers={"X-CloudBase-Env": "shop"})
+    assert resp.status == 200 and resp.headers["X-Quotagate-Bypass"] == "store-unavailable"
+    limiter = gw.app[STATE].limiter
+    assert {key[0] for key in limiter.backlog.pending} == {"shop"}
+
+    limiter.backlog.max_entries = len(limiter.backlog.pending)  # full
+    for path in ("/functions/f", "/storage/x"):  # new keys (other kinds): no room
+        await assert_problem(await gw.get(path, headers={"X-CloudBase-Env": "shop"}), 503)
+    assert (await gw.get("/database/x", headers={"X-CloudBase-Env": "shop"})).status == 200
+    assert limiter.backlog.dropped == 0  # nothing admitted was lost
+    assert sum(limiter.backlog.pending.values()) == 2

@@ -146,6 +146,7 @@ class GatewayState:
                     log.warning("config reload: clients.%s changed; it takes effect at the "
                                 "next restart", key)
             self.config = config
+            self.limiter.known.update(config.environments.environments)
             self.router = Router(new.routes)
             self.env_suffixes = all_domains(new.domains, new.domain)
             self.env_modes = {env_id: env.mode
@@ -168,6 +169,11 @@ class GatewayState:
             log.info("config reloaded (%s): %d routes, %d environments", why, len(new.routes),
                      len(config.environments.environments))
             return True
+
+    async def learn_api_owned(self) -> None:
+        """The API-owned environments exist: admitted fail-open like the declared ones."""
+        ids = await self.redis.smembers(keys.API_OWNED_ENVS)
+        self.limiter.known.update(m.decode() if isinstance(m, bytes) else m for m in ids)
 
     async def _api_records(self) -> dict[str, Environment]:
         """API-owned environments' records (their snapshots depend on plans.yaml too)."""
@@ -325,12 +331,14 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
 
 async def _sync_until_done(state: GatewayState) -> None:
     delay = 0.2
+    state.limiter.known.update(state.config.environments.environments)
     while True:
         try:
             await check_store_version(state.redis)
             await sync_store_clock(state)
             await sync_environments(state.redis, state.config)
             await state.limiter.load_scripts()
+            await state.learn_api_owned()
             state.synced = True
             return
         except (aredis.RedisError, OSError, StoreError) as exc:

@@ -99,6 +99,8 @@ BacklogKey = tuple[str, str, int]
 METER_PREFIX = "meter:"
 #: settle.lua reads a meter named "-<meter>@<ms>" as a refund of it.
 REFUND_PREFIX = "-"
+#: Environments remembered as known to exist (beyond it, only declared ones are added).
+MAX_KNOWN = 1_000_000
 #: A refund the store did not take is sent again this often, at most this many times.
 REFUND_RETRY_S = 1.0
 REFUND_ATTEMPTS = 120
@@ -133,14 +135,23 @@ class Backlog:
         self.written = 0
 
     def add(self, key: BacklogKey, cost: int) -> None:
-        if key in self.pending:
-            self.pending[key] += cost
-        elif len(self.pending) < self.max_entries:
-            self.pending[key] = cost
-        else:
+        """Keep usage that has passed already (metered after a response): dropped, and
+        logged, only when full."""
+        if not self.admit(key, cost):
             self.dropped += cost
             log.error("fail-open backlog full (%d entries): usage of %s dropped",
                       self.max_entries, key[0])
+
+    def admit(self, key: BacklogKey, cost: int) -> bool:
+        """Keep a request's cost if there is room; False (nothing kept) when full: the
+        request is then refused rather than admitted uncounted."""
+        if key in self.pending:
+            self.pending[key] += cost
+            return True
+        if len(self.pending) < self.max_entries:
+            self.pending[key] = cost
+            return True
+        return False
 
     def remove(self, key: BacklogKey, cost: int) -> None:
         left = self.pending.get(key, 0) - cost
@@ -233,6 +244,9 @@ class Limiter:
         #: env -> (slot -> count to give back, meter -> amount to charge), flushed next tick.
         self._settle: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
         self._settle_scheduled = False
+        #: Environments known to exist (declared, or a snapshot seen): only they are
+        #: admitted fail-open while the store is away.
+        self.known: set[str] = set()
         #: Environments whose refunds failed: the attempt the next retry is.
         self._refund_attempts: dict[str, int] = {}
         self._renewer: asyncio.Task[None] | None = None
@@ -448,16 +462,27 @@ class Limiter:
                 if slot:
                     self._hold(env, slot, -1)
                 raise
-            # Fail-open: a slot stays held here; the next renewal writes it to the store.
+            # Fail-open, only for environments known to exist (the config, the store's
+            # snapshots seen, the API's list), and while the backlog has room: anything else
+            # is refused (503), not admitted uncounted. A slot stays held here; the next
+            # renewal writes it to the store.
             passed = self.clock.now_ms()
             key = (env, kind, passed - passed % SLOT_MS)
-            self.backlog.add(key, cost)
+            if env not in self.known or not self.backlog.admit(key, cost):
+                if slot:
+                    self._hold(env, slot, -1)
+                raise StoreUnavailable(
+                    "store unreachable" + ("" if env in self.known else
+                                           f"; {env} is not known to exist here")) from None
             self._start_drainer()
             return BYPASSED_HOLDING if slot else BYPASSED
         except StoreError:
             if slot:
                 self._hold(env, slot, -1)
             raise
+        if env not in self.known and decision.outcome is not Outcome.NOT_FOUND \
+                and len(self.known) < MAX_KNOWN:
+            self.known.add(env)  # its snapshot is in the store: it exists
         if finish is not None and finish(decision):
             return Decision._make((*decision[:-1], True))  # (_replace is slow)
         return decision
