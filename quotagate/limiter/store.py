@@ -174,6 +174,7 @@ class _Protocol(asyncio.Protocol):
             data = b"".join(self._out)
             self._out.clear()
             self.transport.write(data)
+            self._owner.writes += 1
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -253,6 +254,8 @@ class PipelinedStore:
         self._early: dict[asyncio.Future[Any], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.connects = 0
+        #: Socket writes: every command queued in one loop iteration goes out in one.
+        self.writes = 0
         #: Optional setup commands the store refused.
         self.optional_failures = 0
 
