@@ -170,6 +170,12 @@ class GatewayState:
                      len(config.environments.environments))
             return True
 
+    def journal_dir(self) -> Path | None:
+        store = self.config.gateway.store
+        if not store.journal:
+            return None
+        return self.config.resolve(store.journal_dir or str(Path(store.data_dir) / "journal"))
+
     async def learn_api_owned(self) -> None:
         """The API-owned environments exist: admitted fail-open like the declared ones."""
         ids = await self.redis.smembers(keys.API_OWNED_ENVS)
@@ -339,6 +345,9 @@ async def _sync_until_done(state: GatewayState) -> None:
             await sync_environments(state.redis, state.config)
             await state.limiter.load_scripts()
             await state.learn_api_owned()
+            journal = state.journal_dir()
+            if journal is not None:  # what gateways that died in an outage left
+                await state.limiter.recover_journals(journal)
             state.synced = True
             return
         except (aredis.RedisError, OSError, StoreError) as exc:
@@ -387,6 +396,13 @@ async def _once_synced(state: GatewayState, work: Callable[[], Awaitable[None]])
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    journal = state.journal_dir()
+    if journal is not None:
+        try:
+            state.limiter.open_journal(journal)
+        except (OSError, RuntimeError) as exc:
+            log.error("no journal for the fail-open backlog (%s): usage admitted while the "
+                      "store is away is lost if this process dies before writing it back", exc)
     await state.pool.start()
     state.limiter.start_renewing()
     state.mtimes = _mtimes(state.config.files)

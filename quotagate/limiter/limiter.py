@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from quotagate import metrics
@@ -36,6 +38,8 @@ from quotagate.limiter.errors import (
     StoreTimeout,
     StoreUnavailable,
 )
+from quotagate.limiter.journal import COMPACT_BYTES, Journal
+from quotagate.limiter.journal import recover as recover_journals
 from quotagate.limiter.scripts import ALL, DECIDE, LIBRARY, LIBRARY_NAME, RENEW, SETTLE, Script
 from quotagate.limiter.store import OptionalSetup, PipelinedStore, pack_command
 
@@ -133,6 +137,19 @@ class Backlog:
         self.missing_attempts: dict[BacklogKey, int] = {}
         self.dropped = 0
         self.written = 0
+        #: Every change is also written here (journal.py), when the gateway keeps one.
+        self.journal: Journal | None = None
+
+    def _journal(self, key: BacklogKey) -> None:
+        journal = self.journal
+        if journal is None:
+            return
+        if not self.pending:
+            journal.reset({})  # all written back: nothing to keep
+        elif journal.size > COMPACT_BYTES:
+            journal.reset(self.pending)
+        else:
+            journal.value(key, self.pending.get(key, 0))
 
     def add(self, key: BacklogKey, cost: int) -> None:
         """Keep usage that has passed already (metered after a response): dropped, and
@@ -147,11 +164,12 @@ class Backlog:
         request is then refused rather than admitted uncounted."""
         if key in self.pending:
             self.pending[key] += cost
-            return True
-        if len(self.pending) < self.max_entries:
+        elif len(self.pending) < self.max_entries:
             self.pending[key] = cost
-            return True
-        return False
+        else:
+            return False
+        self._journal(key)
+        return True
 
     def remove(self, key: BacklogKey, cost: int) -> None:
         left = self.pending.get(key, 0) - cost
@@ -160,6 +178,7 @@ class Backlog:
         else:
             self.pending.pop(key, None)
             self.missing_attempts.pop(key, None)
+        self._journal(key)
 
     def total(self, env: str) -> int:
         return sum(c for (e, _, _), c in self.pending.items() if e == env)
@@ -249,6 +268,7 @@ class Limiter:
         self.known: set[str] = set()
         #: Environments whose refunds failed: the attempt the next retry is.
         self._refund_attempts: dict[str, int] = {}
+        self._write_ids = itertools.count(1)
         self._renewer: asyncio.Task[None] | None = None
         #: Told (env, status) when a renewal finds an environment isolated, released or unknown.
         self.on_ended: Callable[[str, str], None] | None = None
@@ -826,12 +846,12 @@ class Limiter:
             written = 0
             for key, cost in list(self.backlog.pending.items()):
                 env, what, slot_ms = key
-                if what.startswith(METER_PREFIX):
-                    found = await self._record_meter(env, what[len(METER_PREFIX):], cost,
-                                                     slot_ms)
-                else:
-                    decision = await self._run(env, what, cost, "record", slot_ms)
-                    found = decision.outcome is not Outcome.NOT_FOUND
+                # Under an id the store remembers: if this process dies after the store took
+                # it and before the journal says so, the replay is not counted twice.
+                record_id = f"{self.instance}.{next(self._write_ids)}"
+                if self.backlog.journal is not None:
+                    self.backlog.journal.intent(key, cost, record_id)
+                found = await self.write_back(env, what, cost, slot_ms, record_id)
                 if not found:
                     attempts = self.backlog.missing_attempts.get(key, 0) + 1
                     self.backlog.missing_attempts[key] = attempts
@@ -869,11 +889,37 @@ class Limiter:
         except NoScript as exc:
             return await self._reload(SETTLE, names, key_slot, args, exc)
 
-    async def _record_meter(self, env: str, meter: str, amount: int, at_ms: int) -> bool:
-        """Write back metered usage through settle.lua; False if the store has no snapshot."""
-        reply = await self._settle_now(env, keys.settle_keys(env),
-                                       [at_ms, self.instance, "record", 0, meter, amount])
-        return bool(reply[0] != 4)
+    async def write_back(self, env: str, what: str, amount: int, at_ms: int,
+                         record_id: str) -> bool:
+        """Record usage that passed at ``at_ms`` while the store was away (``what``: a route
+        kind, through decide.lua; ``meter:<name>``, through settle.lua), once per
+        ``record_id`` whatever the retries. False if the store has no such environment."""
+        seen = keys.seen(env, "j:" + record_id)
+        if what.startswith(METER_PREFIX):
+            reply = await self._settle_now(env, [*keys.settle_keys(env), seen], [
+                at_ms, self.instance, "record", 0, what[len(METER_PREFIX):], amount])
+        else:
+            names = [*keys.decision_keys(env), seen]
+            args = (at_ms, what, amount, "record", self.burst_ms, "", self.instance,
+                    self.lease_ms, "")
+            key_slot = self._keys_packed(env)[1]
+            try:
+                reply = await self.store.submit(self._call(DECIDE, names, args), key_slot)
+            except NoScript as exc:
+                reply = await self._reload(DECIDE, names, key_slot, args, exc)
+        if reply[0] == 4:  # no snapshot: the store lost its data? (the gateway re-syncs)
+            if self.on_missing is not None:
+                self.on_missing(env)
+            return False
+        return True
+
+    def open_journal(self, directory: Path) -> None:
+        """Keep the fail-open backlog in a journal in ``directory`` too (journal.py)."""
+        self.backlog.journal = Journal(directory, self.instance).open()
+
+    async def recover_journals(self, directory: Path) -> int:
+        """Write back what gateways that stopped during an outage left in their journals."""
+        return await recover_journals(directory, self.instance, self.write_back)
 
     async def close(self, give_back: bool = True) -> None:
         """Stop; with ``give_back`` hand every held slot back first (a clean shutdown)."""
@@ -892,4 +938,11 @@ class Limiter:
         await asyncio.sleep(0)
         if self._tasks:  # events being moved to the global stream
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.backlog.journal is not None:
+            # What is still pending stays in the file: the next start writes it back.
+            self.backlog.journal.close()
+            if not self.backlog.pending:
+                with contextlib.suppress(OSError):
+                    self.backlog.journal.path.unlink()
+            self.backlog.journal = None
         await self.store.close()

@@ -103,6 +103,10 @@ class StoreSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     data_dir: str = "data"
     #: ``rediss://`` only: the CA and client certificate files.
     tls: StoreTls = msgspec.field(default_factory=StoreTls)
+    #: Keep the fail-open backlog in a local journal too, so a gateway killed during an
+    #: outage writes it back at its next start (in ``journal_dir``; "": ``data_dir``/journal).
+    journal: bool = True
+    journal_dir: str = ""
 
 
 class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

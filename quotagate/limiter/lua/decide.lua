@@ -15,6 +15,8 @@ KEYS[6] slots  hash, leased concurrency slots (common.lua)
 KEYS[7] lease  zset, instance -> lease end (common.lua)
 KEYS[8] alerts hash "<cycle>:<meter>:<level>" -> when that alert fired (once per cycle)
 KEYS[9] events stream of this environment's events (the gateway moves them to qg:events)
+KEYS[10] (record mode, optional) seen: string set once per written-back entry id; an entry
+        seen before is not counted again (flags 32) — a journal replayed after a crash
 
 ARGV[1] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
 ARGV[2] kind      route kind: function database storage static ai sms realtime auth
@@ -34,7 +36,8 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
   code   0 admitted, 1 qps, 2 quota, 3 isolated, 4 unknown/released, 5 plan not started,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
-         4 database free, 8 mode off (nothing counted), 16 events written
+         4 database free, 8 mode off (nothing counted), 16 events written, 32 (record mode
+         with KEYS[10]) an entry written back before: nothing written now
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
   reset_ms           until the billing cycle resets; window_s the cycle's length
   meter              the meter that refused ("" when admitted)
@@ -55,6 +58,10 @@ end
 
 local ent = snapshot(KEYS[1])
 if not ent then return early(4) end
+if mode == 'record' and KEYS[10] then
+  if redis.call('EXISTS', KEYS[10]) == 1 then return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
+  redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
+end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
 
