@@ -214,6 +214,7 @@ async def put_env(request: web.Request) -> web.Response:
     except msgspec.ValidationError as exc:
         raise Invalid(f"invalid environment: {exc}") from None
     record = await request.app[ENVS].put(env_id, definition)
+    request.app[LIMITER].known.add(env_id)  # it exists: admitted fail-open from now on
     return web.json_response({"env": env_id, "owner": record.owner,
                               "definition": _plain(record.env)})
 

@@ -377,6 +377,7 @@ async def _follow_store_clock(state: GatewayState) -> None:
         await asyncio.sleep(SYNC_INTERVAL_S)
         try:
             await sync_store_clock(state)
+            await state.learn_api_owned()  # put by the admin API of any instance since
         except Exception as exc:  # never the end of following it
             stop_if_cancelling(exc)
             log.warning("could not sample the store's clock (%r); dates run on the last "

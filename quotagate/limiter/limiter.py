@@ -144,12 +144,19 @@ class Backlog:
         journal = self.journal
         if journal is None:
             return
-        if not self.pending:
-            journal.reset({})  # all written back: nothing to keep
-        elif journal.size > COMPACT_BYTES:
-            journal.reset(self.pending)
-        else:
-            journal.value(key, self.pending.get(key, 0))
+        try:
+            if not self.pending:
+                journal.reset({})  # all written back: nothing to keep
+            elif journal.size > COMPACT_BYTES:
+                journal.reset(self.pending)
+            else:
+                journal.value(key, self.pending.get(key, 0))
+        except OSError as exc:  # a full or failing disk must not fail the request
+            log.error("the fail-open journal %s failed (%s): it is no longer kept, the "
+                      "backlog stays in memory only", journal.path, exc)
+            with contextlib.suppress(OSError):
+                journal.close()
+            self.journal = None
 
     def add(self, key: BacklogKey, cost: int) -> None:
         """Keep usage that has passed already (metered after a response): dropped, and
@@ -850,7 +857,10 @@ class Limiter:
                 # it and before the journal says so, the replay is not counted twice.
                 record_id = f"{self.instance}.{next(self._write_ids)}"
                 if self.backlog.journal is not None:
-                    self.backlog.journal.intent(key, cost, record_id)
+                    try:
+                        self.backlog.journal.intent(key, cost, record_id)
+                    except OSError:
+                        self.backlog._journal(key)  # reports it and stops the journal
                 found = await self.write_back(env, what, cost, slot_ms, record_id)
                 if not found:
                     attempts = self.backlog.missing_attempts.get(key, 0) + 1
