@@ -100,3 +100,22 @@ async def test_a_replayed_entry_the_store_took_before_the_crash_is_not_counted_t
         assert not list(journal.glob("dead.*"))
     finally:
         await lim.close()
+
+
+def test_replay_keeps_an_open_intent_through_later_value_lines(tmp_path: Path):
+    """An add (or a late removal) while a write-back is in flight writes a value line: the
+    intent stays open until its own answer (``d``) closes it."""
+    import json
+
+    from quotagate.limiter.journal import replay
+
+    key = ["e", "function", 900_000]
+    path = tmp_path / "gone.journal"
+    path.write_text("".join(json.dumps(line) + "\n" for line in (
+        {"k": key, "v": 10}, {"k": key, "w": 10, "id": "A.1"}, {"k": key, "v": 13},
+        {"k": ["e", "database", 900_000], "v": 2}, {"k": ["e", "database", 900_000], "w": 2,
+                                                     "id": "A.2"},
+        {"k": ["e", "database", 900_000], "v": 0, "d": "A.2"})))
+    assert sorted(replay(path)) == sorted([
+        (("e", "function", 900_000), 10, "A.1"),          # again, under its id
+        (("e", "function", 900_000), 3, "gone.function.900000")])  # the rest

@@ -375,9 +375,56 @@ async def test_fail_open_admits_only_environments_known_to_exist(tmp_path: Path,
     limiter = gw.app[STATE].limiter
     assert {key[0] for key in limiter.backlog.pending} == {"shop"}
 
-    limiter.backlog.max_entries = len(limiter.backlog.pending)  # full
+    limiter.backlog.max_per_env = len(limiter.backlog.pending)  # this environment's room
     for path in ("/functions/f", "/storage/x"):  # new keys (other kinds): no room
         await assert_problem(await gw.get(path, headers={"X-CloudBase-Env": "shop"}), 503)
     assert (await gw.get("/database/x", headers={"X-CloudBase-Env": "shop"})).status == 200
     assert limiter.backlog.dropped == 0  # nothing admitted was lost
     assert sum(limiter.backlog.pending.values()) == 2
+
+
+async def test_a_refused_fail_open_call_that_runs_late_is_given_back(setup, tmp_path: Path):
+    """Fail-open, an environment this instance does not know: refused 503 while the store
+    hangs; its call runs when the store resumes, and is given back."""
+    server, make = setup
+    lim = await make("open")
+    other = write_config(tmp_path / "o", {"shop": env(limits={"calls": 1000}),
+                                           "other": env()})
+    client = aredis.Redis.from_url(server.url)
+    from quotagate.limiter.sync import sync_environments
+
+    await sync_environments(client, other)  # e.g. put by another instance's admin API
+    await client.aclose()
+    await lim.decide("shop", "function", 1)
+    server.pause()
+    exc, _ = await timed(lim.decide("other", "function", 1))
+    assert isinstance(exc, StoreUnavailable) and "not known" in str(exc)
+    server.resume()
+    await asyncio.sleep(1.0)
+    assert await used_calls(server.url, "other") == 0
+    assert await used_calls(server.url, "shop") == 1
+    assert not lim.backlog.pending
+
+
+async def test_a_write_back_that_times_out_and_runs_late_is_not_counted_twice(setup):
+    server, make = setup
+    lim = await make("open")
+    await lim.decide("shop", "function", 1)
+    server.pause()
+    decisions = await asyncio.gather(*(lim.decide("shop", "function", 1) for _ in range(3)))
+    assert all(d.store_bypassed for d in decisions)
+    server.resume()
+    await asyncio.sleep(0.5)  # the three ran late: out of the backlog again
+    server.kill()
+    server.start()
+    await asyncio.sleep(0.3)
+    assert (await lim.decide("shop", "function", 1)).admitted  # known, store back
+    server.pause()
+    lim.backlog.admit(("shop", "function", 1_795_000_000_000 - 1_795_000_000_000 % 900_000), 4)
+    with pytest.raises(StoreTimeout):
+        await lim.flush_backlog()  # sent: in doubt
+    server.resume()
+    await asyncio.sleep(0.3)  # it ran
+    await lim.flush_backlog()  # sent again under the same id: not counted again
+    assert not lim.backlog.pending and not lim.backlog.in_doubt
+    assert await used_calls(server.url) == 1 + 3 + 1 + 4

@@ -94,3 +94,78 @@ async def test_a_store_the_ca_did_not_sign_is_refused(tls_store):
                           connect_timeout_ms=1000)
     assert await good.execute("PING") == b"PONG"
     await good.close()
+
+
+async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
+    """Three Redis 7 cluster nodes speaking only TLS (``tls-cluster yes``, clients must
+    present a certificate): every node the gateway reaches verifies, decisions and the
+    control plane alike."""
+    from tests.test_cluster import _node_port
+
+    server = shutil.which("redis-server")
+    cli = shutil.which("redis-cli")
+    assert server and cli
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    client = ca.issue_cert("quotagate")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    tls_args = ["--tls-cert-file", str(tmp_path / "server.pem"),
+                "--tls-key-file", str(tmp_path / "server.key"),
+                "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "yes"]
+    cli_tls = [cli, "--tls", "--cacert", str(tmp_path / "ca.pem"),
+               "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key")]
+    ports = [_node_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        d = tmp_path / f"n{port}"
+        d.mkdir()
+        procs.append(subprocess.Popen(
+            [server, "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
+             "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
+             "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d), *tls_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    upstream, origin = start_upstream()
+    deployed = None
+    try:
+        for port in ports:
+            deadline = time.monotonic() + 10
+            while subprocess.run([*cli_tls, "-p", str(port), "PING"], capture_output=True,
+                                 text=True).stdout.strip() != "PONG":
+                assert time.monotonic() < deadline, "a TLS node did not start"
+                time.sleep(0.1)
+        subprocess.run([*cli_tls, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in ports:
+            deadline = time.monotonic() + 20
+            while "cluster_state:ok" not in subprocess.run(
+                    [*cli_tls, "-p", str(port), "CLUSTER", "INFO"], capture_output=True,
+                    text=True).stdout:
+                assert time.monotonic() < deadline, "the TLS cluster did not form"
+                time.sleep(0.1)
+        directory = tmp_path / "gw"
+        config = shipped_config(directory, origin, store={
+            "url": f"rediss://127.0.0.1:{ports[0]}", "cluster": True, "tls": {
+                "ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "client.pem"),
+                "key_file": str(tmp_path / "client.key")}})
+        deployed = await serve(directory, config)
+        envs = [f"tls-{i}" for i in range(6)]  # on more than one node
+        for env_id in envs:
+            deployed.put_env(env_id, f"plan: standard\nanchor: {days(-1)}\n"
+                                     f"expires: {days(300)}\n")
+            assert await deployed.get(deployed.route("function") + "f", env_id, 2) == [200] * 2
+        for env_id in envs:
+            assert deployed.json("env", "usage", env_id)["meters"]["calls"]["used"] == 2
+    finally:
+        if deployed is not None:
+            log = deployed.stop()
+            assert "bypass" not in log.lower(), log
+        upstream.kill()
+        upstream.wait()
+        for p in procs:
+            p.kill()
+            p.wait()

@@ -317,7 +317,8 @@ def build_state(config: Config, store_url: str, clock: Clock | None = None) -> G
     client_class = RedisCluster if gw.store.cluster else aredis.Redis
     # The control plane's client: the same TLS (the server verified by the URL's host).
     tls_kwargs: dict[str, Any] = {"ssl_ca_certs": tls[0] or None, "ssl_certfile": tls[1] or None,
-                                  "ssl_keyfile": tls[2] or None} if address.tls else {}
+                                  "ssl_keyfile": tls[2] or None,
+                                  "ssl_check_hostname": True} if address.tls else {}
     client = client_class.from_url(
         store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5,
         **tls_kwargs)
@@ -345,9 +346,6 @@ async def _sync_until_done(state: GatewayState) -> None:
             await sync_environments(state.redis, state.config)
             await state.limiter.load_scripts()
             await state.learn_api_owned()
-            journal = state.journal_dir()
-            if journal is not None:  # what gateways that died in an outage left
-                await state.limiter.recover_journals(journal)
             state.synced = True
             return
         except (aredis.RedisError, OSError, StoreError) as exc:
@@ -384,6 +382,25 @@ async def _follow_store_clock(state: GatewayState) -> None:
                         "sample", exc)
 
 
+async def _recover_journals(state: GatewayState) -> None:
+    """Write back what gateways that stopped during a store outage left in their journals
+    (journal.py); the store being away again only delays it."""
+    directory = state.journal_dir()
+    if directory is None:
+        return
+    delay = 0.5
+    while True:
+        try:
+            await state.limiter.recover_journals(directory)
+            return
+        except (StoreError, OSError) as exc:
+            stop_if_cancelling(exc)
+            log.warning("journals of stopped gateways not written back yet (%s); retrying",
+                        exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 #: How long a stopping gateway waits for its background tasks.
 STOP_WAIT_S = 10.0
 
@@ -418,6 +435,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.limiter.clock, state.upstream_base, state.pool.session,
         forward=state.limiter.forward_events, admit=state.admit_replay,
         carry=state.carry_capacity)
+    background.append(loop.create_task(_once_synced(
+        state, functools.partial(_recover_journals, state))))
     if state.config.gateway.lifecycle_interval_ms:
         # Not before the clock is sampled: its dates are the store's.
         interval_s = state.config.gateway.lifecycle_interval_ms / 1000

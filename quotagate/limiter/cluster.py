@@ -135,6 +135,9 @@ class ClusterStore:
     async def _dispatch_after_refresh(self, packed: bytes, slot: int | None,
                                       outer: asyncio.Future[Any], redirects: int) -> None:
         try:
+            if (self._refresh is not None and self._refresh.done()
+                    and time.monotonic() - self._refreshed_at < REFRESH_MIN_S):
+                raise StoreUnavailable(f"cluster slot {slot} is not served (a failover?)")
             await self.refresh()
         except StoreError as exc:
             if not outer.done():
@@ -194,6 +197,8 @@ class ClusterStore:
         found = self._timed_out.pop(fut, None)
         if found is not None:
             found[0].when_late(found[1], callback)
+        else:  # not a command a node timed out on: it never ran
+            callback(None)
 
     async def execute(self, *args: bytes | str | int) -> Any:
         return await self.submit(pack_command(*args))

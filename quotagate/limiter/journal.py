@@ -5,7 +5,11 @@ Each gateway process (each worker) owns one file, ``<instance>.journal``, locked
 ``<instance>.lock`` (``flock``) for as long as it lives. One JSON line per change:
 
 - ``{"k": [env, what, slot_ms], "v": n}`` — the entry now holds ``n`` (0: gone);
-- ``{"k": [...], "w": n, "id": "..."}`` — about to write ``n`` of it back under that id.
+- ``{"k": [...], "w": n, "id": "..."}`` — about to write ``n`` of it back under that id (at
+  most one such intent per entry is open: a write-back that timed out is sent again as it
+  was until it is answered);
+- ``{"k": [...], "v": n, "d": "..."}`` — that write-back answered, and the entry's value now
+  (one line: no crash can leave the one without the other).
 
 Lines are written at once (a killed process loses none: the OS has them) and ``fsync``-ed at
 most every ``SYNC_S`` (a power loss may lose the last second). When the backlog is empty the
@@ -71,8 +75,8 @@ class Journal:
         self.size = os.fstat(self._fd).st_size
         return self
 
-    def value(self, key: Key, n: int) -> None:
-        self._write({"k": key, "v": n})
+    def value(self, key: Key, n: int, done: str | None = None) -> None:
+        self._write({"k": key, "v": n} if done is None else {"k": key, "v": n, "d": done})
 
     def intent(self, key: Key, n: int, record_id: str) -> None:
         self._write({"k": key, "w": n, "id": record_id})
@@ -89,16 +93,23 @@ class Journal:
     def sync(self) -> None:
         self._sync = None
         if self._dirty and self._fd >= 0:
-            os.fsync(self._fd)
             self._dirty = False
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error("journal %s: fsync failed (%s)", self.path, exc)
 
-    def reset(self, pending: dict[Key, int]) -> None:
-        """The file is rewritten to hold only ``pending`` (empty: nothing)."""
-        if pending:
+    def reset(self, pending: dict[Key, int], in_doubt: dict[Key, tuple[str, int]]) -> None:
+        """The file is rewritten to hold only ``pending`` and the open intents (empty:
+        nothing)."""
+        if pending or in_doubt:
             tmp = self.path.with_suffix(".tmp")
             with open(tmp, "w") as f:
                 for key, n in pending.items():
                     f.write(json.dumps({"k": key, "v": n}, separators=(",", ":")) + "\n")
+                for key, (record_id, n) in in_doubt.items():
+                    f.write(json.dumps({"k": key, "w": n, "id": record_id},
+                                       separators=(",", ":")) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
@@ -106,20 +117,42 @@ class Journal:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         else:
             os.ftruncate(self._fd, 0)
-            os.fsync(self._fd)
         self.size = os.fstat(self._fd).st_size
-        self._dirty = False
 
-    def close(self) -> None:
+    def abandon(self) -> None:
+        """The journal failed (a full disk): its file goes — nobody may replay entries this
+        process still holds in memory — but the lock stays held until the process ends."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        if self._sync is not None:
+            self._sync.cancel()
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+        _abandoned.append(self._lock_fd)  # kept open: released when the process ends
+        self._lock_fd = None
+
+    def close(self, remove: bool = False) -> None:
+        """Sync and release; ``remove``: nothing is pending, the files go too (before the
+        lock is released, so no other process claims them meanwhile)."""
         if self._sync is not None:
             self._sync.cancel()
         self.sync()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if remove:
+            for path in (self.path, self._lock_path):
+                with contextlib.suppress(OSError):
+                    path.unlink()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+#: Lock descriptors of abandoned journals, held for the life of the process.
+_abandoned: list[int | None] = []
 
 
 def replay(path: Path) -> list[tuple[Key, int, str]]:
@@ -137,13 +170,14 @@ def replay(path: Path) -> list[tuple[Key, int, str]]:
                 continue  # a line cut by the crash
             if "v" in line:
                 values[key] = int(line["v"])
-                intents.pop(key, None)
+                if "d" in line and intents.get(key, (0, ""))[1] == line["d"]:
+                    intents.pop(key)  # answered
             elif "w" in line:
                 intents[key] = (int(line["w"]), str(line["id"]))
     out: list[tuple[Key, int, str]] = []
     for key, (n, record_id) in intents.items():
-        out.append((key, n, record_id))
-        values[key] = values.get(key, 0) - n
+        out.append((key, n, record_id))  # it may have run: the same id tells the store
+        values[key] = values.get(key, 0) - n  # the entry's value still includes it
     for key, n in values.items():
         if n > 0:
             out.append((key, n, f"{path.stem}.{key[1]}.{key[2]}"))
@@ -160,21 +194,30 @@ async def recover(directory: Path, own: str, write_back: WriteBack) -> int:
     if not directory.is_dir():
         return 0
     written = 0
-    for path in sorted(directory.glob("*.journal")):
-        if path.stem == own:
+    stems = {p.stem for p in directory.iterdir() if p.suffix in (".journal", ".lock", ".tmp")}
+    for stem in sorted(stems - {own}):
+        path = directory / f"{stem}.journal"
+        try:
+            lock = _lock(directory / f"{stem}.lock")
+        except OSError as exc:
+            log.error("journal %s cannot be claimed (%s): left as it is", path.name, exc)
             continue
-        lock = _lock(directory / f"{path.stem}.lock")
         if lock is None:
             continue  # its process lives, or another instance is claiming it
         try:
-            entries = replay(path) if path.exists() else []
+            (directory / f"{stem}.tmp").unlink(missing_ok=True)  # a compaction cut short
+            try:
+                entries = replay(path) if path.exists() else []
+            except OSError as exc:
+                log.error("journal %s cannot be read (%s): left as it is", path.name, exc)
+                continue
             for (env, what, slot_ms), n, record_id in entries:
                 if not await write_back(env, what, n, slot_ms, record_id):
                     log.error("journal %s: usage of %s (%d %s) lost: the store has no such "
                               "environment", path.name, env, n, what)
                 written += 1
             path.unlink(missing_ok=True)
-            (directory / f"{path.stem}.lock").unlink(missing_ok=True)
+            (directory / f"{stem}.lock").unlink(missing_ok=True)
             if entries:
                 log.warning("journal %s of a gateway that stopped during a store outage: "
                             "%d usage entries written back", path.name, len(entries))

@@ -131,32 +131,49 @@ class Backlog:
     never held without limit.
     """
 
-    def __init__(self, max_entries: int = 100_000):
+    def __init__(self, max_entries: int = 100_000, max_per_env: int = 10_000):
         self.max_entries = max_entries
+        #: Entries one environment may hold (kinds x 15-minute slots: about ten days of an
+        #: outage), so one environment cannot take the room of all others.
+        self.max_per_env = max_per_env
+        self.per_env: dict[str, int] = {}
         self.pending: dict[BacklogKey, int] = {}
         self.missing_attempts: dict[BacklogKey, int] = {}
         self.dropped = 0
         self.written = 0
         #: Every change is also written here (journal.py), when the gateway keeps one.
         self.journal: Journal | None = None
+        #: Write-backs sent and not answered yet (they may have run): (record id, amount),
+        #: sent again exactly so until answered.
+        self.in_doubt: dict[BacklogKey, tuple[str, int]] = {}
 
-    def _journal(self, key: BacklogKey) -> None:
+    def _journal(self, key: BacklogKey, write: Callable[[Journal], None] | None = None
+                 ) -> None:
+        """Write this change (the entry's new value, or ``write``) to the journal."""
         journal = self.journal
         if journal is None:
             return
         try:
-            if not self.pending:
-                journal.reset({})  # all written back: nothing to keep
+            if not self.pending and not self.in_doubt:
+                journal.reset({}, {})  # all written back: nothing to keep
             elif journal.size > COMPACT_BYTES:
-                journal.reset(self.pending)
+                journal.reset(self.pending, self.in_doubt)
+            elif write is not None:
+                write(journal)
             else:
                 journal.value(key, self.pending.get(key, 0))
         except OSError as exc:  # a full or failing disk must not fail the request
             log.error("the fail-open journal %s failed (%s): it is no longer kept, the "
                       "backlog stays in memory only", journal.path, exc)
-            with contextlib.suppress(OSError):
-                journal.close()
+            journal.abandon()  # nobody may replay what this process still holds
             self.journal = None
+
+    def note_intent(self, key: BacklogKey, record_id: str, cost: int) -> None:
+        self._journal(key, lambda j: j.intent(key, cost, record_id))
+
+    def note_done(self, key: BacklogKey, record_id: str) -> None:
+        """A write-back answered: its intent closed, with the entry's value now."""
+        self._journal(key, lambda j: j.value(key, self.pending.get(key, 0), record_id))
 
     def add(self, key: BacklogKey, cost: int) -> None:
         """Keep usage that has passed already (metered after a response): dropped, and
@@ -171,21 +188,33 @@ class Backlog:
         request is then refused rather than admitted uncounted."""
         if key in self.pending:
             self.pending[key] += cost
-        elif len(self.pending) < self.max_entries:
+        elif (len(self.pending) < self.max_entries
+              and self.per_env.get(key[0], 0) < self.max_per_env):
             self.pending[key] = cost
+            self.per_env[key[0]] = self.per_env.get(key[0], 0) + 1
         else:
             return False
         self._journal(key)
         return True
 
-    def remove(self, key: BacklogKey, cost: int) -> None:
-        left = self.pending.get(key, 0) - cost
-        if left > 0:
-            self.pending[key] = left
-        else:
-            self.pending.pop(key, None)
+    def remove(self, key: BacklogKey, cost: int, done: str | None = None) -> int:
+        """Take ``cost`` out (what is there of it); returns what was taken. ``done``: the
+        write-back (record id) that took it, closed in the journal on the same line."""
+        held = self.pending.get(key, 0)
+        if held > cost:
+            self.pending[key] = held - cost
+        elif self.pending.pop(key, None) is not None:
             self.missing_attempts.pop(key, None)
-        self._journal(key)
+            left = self.per_env.get(key[0], 1) - 1
+            if left > 0:
+                self.per_env[key[0]] = left
+            else:
+                self.per_env.pop(key[0], None)
+        if done is None:
+            self._journal(key)
+        else:
+            self.note_done(key, done)
+        return min(held, cost)
 
     def total(self, env: str) -> int:
         return sum(c for (e, _, _), c in self.pending.items() if e == env)
@@ -273,8 +302,8 @@ class Limiter:
         #: Environments known to exist (declared, or a snapshot seen): only they are
         #: admitted fail-open while the store is away.
         self.known: set[str] = set()
-        #: Environments whose refunds failed: the attempt the next retry is.
-        self._refund_attempts: dict[str, int] = {}
+        #: Refunds being sent again (cancelled at close).
+        self._refund_tasks: set[asyncio.Task[None]] = set()
         self._write_ids = itertools.count(1)
         self._renewer: asyncio.Task[None] | None = None
         #: Told (env, status) when a renewal finds an environment isolated, released or unknown.
@@ -464,22 +493,25 @@ class Limiter:
             self._hold(env, slot, 1)
             finish, abandoned = self._slot_outcome(env, slot, self._renewals.get(env, 0))
 
-        charged_at = self.clock.now_ms()
-
         def late(decision: Decision | None) -> None:
-            # The timed-out call ran after all: if it counted the cost, the backlog must not.
+            # The timed-out call ran after all (it was charged just now, by the store).
             if decision is None or not decision.admitted or decision.flags & Flag.MODE_OFF:
                 return
+            refundable = (kind != "sms" and not decision.flags & Flag.DATABASE_FREE
+                          and decision.outcome not in UNCHARGED)
             if key is not None:
-                self.backlog.remove(key, cost)
+                # Admitted fail-open: the backlog must not count it again. If the write-back
+                # got there first, the store has it twice: the difference goes back.
+                short = cost - self.backlog.remove(key, cost)
+                if short > 0 and refundable:
+                    self.refund(env, "calls", short, self.clock.now_ms())
                 return
-            # Failed closed: the client was answered 503, so nothing it counted may stay — the
-            # slot given back, the calls too (once: this runs once per timed-out call).
+            # Refused (503): nothing it counted may stay — the slot given back, the calls
+            # too (once: this runs once per timed-out call).
             if slot and decision.in_use > 0:
                 self._queue(env, slot, None, 1)
-            if (kind != "sms" and not decision.flags & Flag.DATABASE_FREE
-                    and decision.outcome not in UNCHARGED):
-                self.refund(env, "calls", cost, charged_at)
+            if refundable:
+                self.refund(env, "calls", cost, self.clock.now_ms())
 
         try:
             decision = await self._run(env, kind, cost, self.mode, self.clock.script_time(), late,
@@ -494,13 +526,14 @@ class Limiter:
             # is refused (503), not admitted uncounted. A slot stays held here; the next
             # renewal writes it to the store.
             passed = self.clock.now_ms()
-            key = (env, kind, passed - passed % SLOT_MS)
-            if env not in self.known or not self.backlog.admit(key, cost):
+            entry = (env, kind, passed - passed % SLOT_MS)
+            if env not in self.known or not self.backlog.admit(entry, cost):
                 if slot:
                     self._hold(env, slot, -1)
                 raise StoreUnavailable(
                     "store unreachable" + ("" if env in self.known else
                                            f"; {env} is not known to exist here")) from None
+            key = entry  # kept: a late reply takes it out again
             self._start_drainer()
             return BYPASSED_HOLDING if slot else BYPASSED
         except StoreError:
@@ -604,7 +637,6 @@ class Limiter:
             return
         if exc is None:
             reply = fut.result()
-            self._refund_attempts.pop(env, None)
             if reply[1] & Flag.EVENTS:
                 self._forward_soon(env)
             if reply[0] == 4 and meters:  # no snapshot (yet): keep the usage for later
@@ -629,28 +661,37 @@ class Limiter:
                     for key, amount in entries:
                         self.backlog.remove(key, amount)
                 elif refunds:
-                    self._retry_refunds(env, refunds, self._refund_attempts.get(env, 1))
+                    self._retry_refunds(env, refunds)
             self.store.when_late(fut, late)
         elif refunds:
-            self._retry_refunds(env, refunds, self._refund_attempts.get(env, 1))
+            self._retry_refunds(env, refunds)
         if entries:
             self._start_drainer()
 
-    def _retry_refunds(self, env: str, refunds: dict[str, int], attempt: int = 1) -> None:
-        """Refunds the store did not take (it was away): sent again a little later, until
-        it takes them or ``REFUND_ATTEMPTS`` have failed (then logged and dropped). Each is
-        retried only once it is known the last try did not run."""
-        if attempt > REFUND_ATTEMPTS:
+    def _retry_refunds(self, env: str, refunds: dict[str, int]) -> None:
+        """Refunds the store did not take (it was away, and their first try did not run):
+        sent again in a settle call of their own under one id the store remembers, so a
+        try that times out and runs late is not given back twice; every ``REFUND_RETRY_S``
+        until taken or ``REFUND_ATTEMPTS`` have failed (then logged and dropped)."""
+        seen = keys.seen(env, f"r:{self.instance}.{next(self._write_ids)}")
+        pairs = [x for meter_amount in refunds.items() for x in meter_amount]
+
+        async def again() -> None:
+            for _ in range(REFUND_ATTEMPTS):
+                await asyncio.sleep(REFUND_RETRY_S)
+                try:
+                    await self._settle_now(env, [*keys.settle_keys(env), seen], [
+                        script_arg(self.clock.script_time()), self.instance, self.mode, 0,
+                        *pairs])
+                    return
+                except StoreError as exc:
+                    stop_if_cancelling(exc)
             log.error("refunds to %s dropped after %d attempts: %s", env, REFUND_ATTEMPTS,
                       refunds)
-            return
 
-        def again() -> None:
-            for meter, amount in refunds.items():
-                self._queue(env, None, meter, amount)
-            self._refund_attempts[env] = attempt + 1
-
-        asyncio.get_running_loop().call_later(REFUND_RETRY_S, again)
+        task = asyncio.get_running_loop().create_task(again())
+        self._refund_tasks.add(task)
+        task.add_done_callback(self._refund_tasks.discard)
 
     # ------------------------------------------------------------------------- events
 
@@ -851,28 +892,40 @@ class Limiter:
         """
         async with self._flush_lock:
             written = 0
-            for key, cost in list(self.backlog.pending.items()):
+            backlog = self.backlog
+            for key in list(backlog.pending):
                 env, what, slot_ms = key
-                # Under an id the store remembers: if this process dies after the store took
-                # it and before the journal says so, the replay is not counted twice.
-                record_id = f"{self.instance}.{next(self._write_ids)}"
-                if self.backlog.journal is not None:
-                    try:
-                        self.backlog.journal.intent(key, cost, record_id)
-                    except OSError:
-                        self.backlog._journal(key)  # reports it and stops the journal
+                # Under an id the store remembers: a write-back that timed out (it may have
+                # run) is sent again as it was, same id, same amount, until it is answered;
+                # and one the journal replays after a crash is not counted twice.
+                doubt = backlog.in_doubt.get(key)
+                if doubt is None:
+                    cost = backlog.pending.get(key, 0)
+                    if cost <= 0:
+                        continue
+                    doubt = backlog.in_doubt[key] = (f"{self.instance}.{next(self._write_ids)}",
+                                                     cost)
+                    backlog.note_intent(key, *doubt)
+                record_id, cost = doubt
                 found = await self.write_back(env, what, cost, slot_ms, record_id)
+                del backlog.in_doubt[key]
                 if not found:
-                    attempts = self.backlog.missing_attempts.get(key, 0) + 1
-                    self.backlog.missing_attempts[key] = attempts
+                    attempts = backlog.missing_attempts.get(key, 0) + 1
+                    backlog.missing_attempts[key] = attempts
                     if attempts >= MAX_MISSING_ATTEMPTS:
                         log.error("usage of %s (%d %s) lost: the store has no such environment",
                                   env, cost, what)
-                        self.backlog.dropped += cost
-                        self.backlog.remove(key, self.backlog.pending.get(key, 0))
+                        backlog.dropped += cost
+                        backlog.remove(key, backlog.pending.get(key, 0), done=record_id)
+                    else:
+                        backlog.note_done(key, record_id)
                     continue
                 # Only what was written leaves the backlog; more may have been added meanwhile.
-                self.backlog.remove(key, cost)
+                # Less may be left: a late reply took some out while this was in flight (the
+                # store counted it twice): that much is given back.
+                taken = backlog.remove(key, cost, done=record_id)
+                if taken < cost and not what.startswith(METER_PREFIX) and what != "sms":
+                    self.refund(env, "calls", cost - taken, slot_ms)
                 written += 1
             self.backlog.written += written
             if written:
@@ -933,7 +986,7 @@ class Limiter:
 
     async def close(self, give_back: bool = True) -> None:
         """Stop; with ``give_back`` hand every held slot back first (a clean shutdown)."""
-        for task in (self._drainer, self._renewer):
+        for task in (self._drainer, self._renewer, *self._refund_tasks):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -950,9 +1003,7 @@ class Limiter:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.backlog.journal is not None:
             # What is still pending stays in the file: the next start writes it back.
-            self.backlog.journal.close()
-            if not self.backlog.pending:
-                with contextlib.suppress(OSError):
-                    self.backlog.journal.path.unlink()
+            self.backlog.journal.close(
+                remove=not self.backlog.pending and not self.backlog.in_doubt)
             self.backlog.journal = None
         await self.store.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import ssl
 import time
 from collections.abc import Callable
@@ -97,13 +98,11 @@ class StoreAddress:
     tls_key: str = ""
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context of a ``rediss://`` store: the server verified, by its host name."""
+        """The TLS context of a ``rediss://`` store: the server verified, by its host name
+        (built once per set of files: reconnecting must not re-read them)."""
         if not self.tls:
             return None
-        ctx = ssl.create_default_context(cafile=self.tls_ca or None)
-        if self.tls_cert:
-            ctx.load_cert_chain(self.tls_cert, self.tls_key or None)
-        return ctx
+        return _tls_context(self.tls_ca, self.tls_cert, self.tls_key)
 
     def with_tls(self, ca: str, cert: str, key: str) -> StoreAddress:
         return dataclasses.replace(self, tls_ca=ca, tls_cert=cert, tls_key=key)
@@ -127,6 +126,14 @@ class StoreAddress:
             tls=parts.scheme == "rediss",
             username=username, password=password, db=int(db_text),
         )
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(ca: str, cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca or None)
+    if cert:
+        ctx.load_cert_chain(cert, key or None)
+    return ctx
 
 
 def pack_command(*args: bytes | str | int) -> bytes:
@@ -304,6 +311,8 @@ class PipelinedStore:
             callback(self._early.pop(fut))
         elif fut in self._late:
             self._late[fut] = callback
+        else:  # never sent (no connection in time), or its connection is gone: never ran
+            callback(None)
 
     def _expect_late(self, fut: asyncio.Future[Any]) -> None:
         self._late[fut] = None

@@ -58,9 +58,8 @@ end
 
 local ent = snapshot(KEYS[1])
 if not ent then return early(4) end
-if mode == 'record' and KEYS[10] then
-  if redis.call('EXISTS', KEYS[10]) == 1 then return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
-  redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
+if mode == 'record' and KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then
+  return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0}  -- written back before: not again
 end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
@@ -180,6 +179,9 @@ if slot ~= '' then
   redis.call('HINCRBY', KEYS[6], inst .. '|' .. slot, 1)
   in_use = redis.call('HINCRBY', KEYS[6], '=' .. slot, 1)
   hold_lease(KEYS[6], KEYS[7], inst, store_ms, tonumber(ARGV[8]), false)
+end
+if mode == 'record' and KEYS[10] then  -- last: only a write-back that counted is marked
+  redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
 end
 return {code, flags, qps_limit, qps_remaining, qps_reset, quota, held - consumed, reset_ms,
         retry, window_s, meter, cap, in_use}
