@@ -4,8 +4,10 @@ one slot ({env} tag), so the sync and the decision script run there unchanged.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -22,32 +24,43 @@ from quotagate.settings.schema import Environment
 from tests.helpers import at, env, write_config
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def valkey_cluster(directory: Path, nodes: int, replicas: int, *extra: str
+                   ) -> Iterator[tuple[list[int], dict[int, subprocess.Popen[bytes]], str]]:
+    """A real Valkey Cluster of ``nodes`` (``replicas`` per primary) on free ports, formed and
+    ``cluster_state:ok``: (ports, process per port, valkey-cli). Killed at the end."""
     server = valkey_binary()
     cli = str(Path(server).with_name("valkey-cli"))
-    ports = [_node_port() for _ in range(3)]
-    procs = []
+    ports = [_node_port() for _ in range(nodes)]
+    procs = {}
     for port in ports:
-        d = tmp_path_factory.mktemp(f"node{port}")
-        procs.append(subprocess.Popen(
+        d = directory / f"node{port}"
+        d.mkdir(parents=True)
+        procs[port] = subprocess.Popen(
             [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
              "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+             "--save", "", "--appendonly", "no", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for port in ports:
             _wait(cli, port, "PING", "PONG")
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
+                        "--cluster-replicas", str(replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         for port in ports:
-            _wait(cli, port, "CLUSTER INFO", "cluster_state:ok")
-        yield ports
+            _wait(cli, port, "CLUSTER INFO", "cluster_state:ok", timeout=30)
+        yield ports, procs, cli
     finally:
-        for p in procs:
-            p.terminate()
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
             p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    with valkey_cluster(tmp_path_factory.mktemp("cluster"), 3, 0) as (ports, _, _):
+        yield ports
 
 
 def _node_port() -> int:

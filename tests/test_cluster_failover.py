@@ -7,7 +7,6 @@ the cluster counts, in both failure policies."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,13 +15,12 @@ from redis.asyncio.cluster import RedisCluster
 
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
-from quotagate.limiter.embedded import valkey_binary
 from quotagate.limiter.errors import StoreUnavailable
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import StoreAddress
 from quotagate.limiter.sync import sync_environments
 from tests.helpers import at, env, write_config
-from tests.test_cluster import _node_port, _wait
+from tests.test_cluster import _wait, valkey_cluster
 
 ENVS = [f"fo-{i}" for i in range(12)]
 
@@ -30,32 +28,8 @@ ENVS = [f"fo-{i}" for i in range(12)]
 @pytest.fixture
 def cluster(tmp_path: Path):
     """Six nodes, three primaries with a replica each; a node missing for 1 s is failed."""
-    server = valkey_binary()
-    cli = str(Path(server).with_name("valkey-cli"))
-    ports = [_node_port() for _ in range(6)]
-    procs = {}
-    for port in ports:
-        d = tmp_path / f"node{port}"
-        d.mkdir()
-        procs[port] = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "1000", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for port in ports:
-            _wait(cli, port, "PING", "PONG")
-        subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
-                        "--cluster-replicas", "1", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        for port in ports:
-            _wait(cli, port, "CLUSTER INFO", "cluster_state:ok", timeout=30)
-        yield ports, procs, cli
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-            p.wait(10)
+    with valkey_cluster(tmp_path / "cluster", 6, 1, "--cluster-node-timeout", "1000") as made:
+        yield made
 
 
 async def counted(port: int) -> dict[str, int]:

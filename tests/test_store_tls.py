@@ -23,25 +23,35 @@ from tests.deployed import days, serve, shipped_config, start_upstream
 pytestmark = pytest.mark.deployed
 
 
+def certificates(directory: Path) -> list[str]:
+    """A CA this test makes, a server certificate for 127.0.0.1 and a client one, as files;
+    returns the redis-server arguments that serve TLS only and ask clients for theirs."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(directory / "ca.pem"))
+    for name, holder in (("server", ca.issue_cert("127.0.0.1", "localhost")),
+                         ("client", ca.issue_cert("quotagate"))):
+        holder.cert_chain_pems[0].write_to_path(str(directory / f"{name}.pem"))
+        holder.private_key_pem.write_to_path(str(directory / f"{name}.key"))
+    return ["--port", "0", "--bind", "127.0.0.1",
+            "--tls-cert-file", str(directory / "server.pem"),
+            "--tls-key-file", str(directory / "server.key"),
+            "--tls-ca-cert-file", str(directory / "ca.pem"), "--tls-auth-clients", "yes",
+            "--save", "", "--appendonly", "no"]
+
+
+def store_tls(directory: Path) -> dict[str, str]:
+    """gateway.yaml's store.tls for those files."""
+    return {"ca_file": str(directory / "ca.pem"), "cert_file": str(directory / "client.pem"),
+            "key_file": str(directory / "client.key")}
+
+
 @pytest.fixture
 def tls_store(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     server = shutil.which("redis-server")
     assert server, "redis-server (Debian's, built with TLS) is needed"
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    client = ca.issue_cert("quotagate")
-    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
-    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
     port = free_port()
     proc = subprocess.Popen(
-        [server, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-         "--tls-cert-file", str(tmp_path / "server.pem"),
-         "--tls-key-file", str(tmp_path / "server.key"),
-         "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "yes",
-         "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        [server, *certificates(tmp_path), "--tls-port", str(port), "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     import socket
@@ -62,9 +72,7 @@ async def test_the_gateway_and_its_control_plane_speak_tls_to_the_store(tls_stor
     upstream, origin = start_upstream()
     directory = tmp_path / "gw"
     config = shipped_config(directory, origin, store={
-        "url": f"rediss://127.0.0.1:{port}", "tls": {
-            "ca_file": str(certs / "ca.pem"), "cert_file": str(certs / "client.pem"),
-            "key_file": str(certs / "client.key")}})
+        "url": f"rediss://127.0.0.1:{port}", "tls": store_tls(certs)})
     deployed = await serve(directory, config)
     try:
         deployed.put_env("secure", f"plan: standard\nanchor: {days(-1)}\nexpires: {days(300)}\n")
@@ -105,17 +113,7 @@ async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
     server = shutil.which("redis-server")
     cli = shutil.which("redis-cli")
     assert server and cli
-    ca = trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "server.pem"))
-    cert.private_key_pem.write_to_path(str(tmp_path / "server.key"))
-    client = ca.issue_cert("quotagate")
-    client.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
-    client.private_key_pem.write_to_path(str(tmp_path / "client.key"))
-    tls_args = ["--tls-cert-file", str(tmp_path / "server.pem"),
-                "--tls-key-file", str(tmp_path / "server.key"),
-                "--tls-ca-cert-file", str(tmp_path / "ca.pem"), "--tls-auth-clients", "yes"]
+    tls_args = certificates(tmp_path)
     cli_tls = [cli, "--tls", "--cacert", str(tmp_path / "ca.pem"),
                "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key")]
     ports = [_node_port() for _ in range(3)]
@@ -124,9 +122,9 @@ async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
         d = tmp_path / f"n{port}"
         d.mkdir()
         procs.append(subprocess.Popen(
-            [server, "--port", "0", "--tls-port", str(port), "--tls-cluster", "yes",
-             "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--cluster-config-file",
-             "nodes.conf", "--save", "", "--appendonly", "no", "--dir", str(d), *tls_args],
+            [server, *tls_args, "--tls-port", str(port), "--tls-cluster", "yes",
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--dir", str(d)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     upstream, origin = start_upstream()
     deployed = None
@@ -149,9 +147,8 @@ async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
                 time.sleep(0.1)
         directory = tmp_path / "gw"
         config = shipped_config(directory, origin, store={
-            "url": f"rediss://127.0.0.1:{ports[0]}", "cluster": True, "tls": {
-                "ca_file": str(tmp_path / "ca.pem"), "cert_file": str(tmp_path / "client.pem"),
-                "key_file": str(tmp_path / "client.key")}})
+            "url": f"rediss://127.0.0.1:{ports[0]}", "cluster": True,
+            "tls": store_tls(tmp_path)})
         deployed = await serve(directory, config)
         envs = [f"tls-{i}" for i in range(6)]  # on more than one node
         for env_id in envs:
