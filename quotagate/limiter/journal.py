@@ -83,7 +83,9 @@ class Journal:
 
     def _write(self, line: dict) -> None:
         data = (json.dumps(line, separators=(",", ":")) + "\n").encode()
-        os.write(self._fd, data)
+        view = memoryview(data)
+        while view:  # a short write (a full disk) must not leave half a line
+            view = view[os.write(self._fd, view):]
         self.size += len(data)
         if not self._dirty:
             self._dirty = True
@@ -166,14 +168,16 @@ def replay(path: Path) -> list[tuple[Key, int, str]]:
             try:
                 line = json.loads(raw)
                 key = (str(line["k"][0]), str(line["k"][1]), int(line["k"][2]))
+                if "v" in line:
+                    value = int(line["v"])
+                    values[key] = value
+                    if "d" in line and intents.get(key, (0, ""))[1] == line["d"]:
+                        intents.pop(key)  # answered
+                elif "w" in line:
+                    intents[key] = (int(line["w"]), str(line["id"]))
             except (ValueError, KeyError, IndexError, TypeError):
-                continue  # a line cut by the crash
-            if "v" in line:
-                values[key] = int(line["v"])
-                if "d" in line and intents.get(key, (0, ""))[1] == line["d"]:
-                    intents.pop(key)  # answered
-            elif "w" in line:
-                intents[key] = (int(line["w"]), str(line["id"]))
+                log.warning("journal %s: a line that cannot be read is skipped: %r",
+                            path.name, raw[:200])  # cut by the crash
     out: list[tuple[Key, int, str]] = []
     for key, (n, record_id) in intents.items():
         out.append((key, n, record_id))  # it may have run: the same id tells the store

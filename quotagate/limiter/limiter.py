@@ -305,6 +305,7 @@ class Limiter:
         #: Refunds being sent again (cancelled at close).
         self._refund_tasks: set[asyncio.Task[None]] = set()
         self._write_ids = itertools.count(1)
+        self._closing = False
         self._renewer: asyncio.Task[None] | None = None
         #: Told (env, status) when a renewal finds an environment isolated, released or unknown.
         self.on_ended: Callable[[str, str], None] | None = None
@@ -500,11 +501,14 @@ class Limiter:
             refundable = (kind != "sms" and not decision.flags & Flag.DATABASE_FREE
                           and decision.outcome not in UNCHARGED)
             if key is not None:
-                # Admitted fail-open: the backlog must not count it again. If the write-back
-                # got there first, the store has it twice: the difference goes back.
-                short = cost - self.backlog.remove(key, cost)
-                if short > 0 and refundable:
-                    self.refund(env, "calls", short, self.clock.now_ms())
+                # Admitted fail-open, and its cost is in the backlog (perhaps in a write-back
+                # in flight, or journaled): the backlog keeps it, and what the store just
+                # charged is given back — one rule whatever came first. SMS (no refund): taken
+                # out of the backlog instead.
+                if refundable:
+                    self.refund(env, "calls", cost, self.clock.now_ms())
+                elif kind == "sms":
+                    self.backlog.remove(key, cost)
                 return
             # Refused (503): nothing it counted may stay — the slot given back, the calls
             # too (once: this runs once per timed-out call).
@@ -673,6 +677,9 @@ class Limiter:
         sent again in a settle call of their own under one id the store remembers, so a
         try that times out and runs late is not given back twice; every ``REFUND_RETRY_S``
         until taken or ``REFUND_ATTEMPTS`` have failed (then logged and dropped)."""
+        if self._closing:
+            log.warning("refunds to %s not sent (stopping): %s", env, refunds)
+            return
         seen = keys.seen(env, f"r:{self.instance}.{next(self._write_ids)}")
         pairs = [x for meter_amount in refunds.items() for x in meter_amount]
 
@@ -867,12 +874,14 @@ class Limiter:
     # ------------------------------------------------------------- fail-open write-back
 
     def _start_drainer(self) -> None:
+        if self._closing:  # stopping: what is pending stays in the journal
+            return
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain_loop())
 
     async def _drain_loop(self) -> None:
         delay = self.store.retry_interval
-        while self.backlog.pending:
+        while self.backlog.pending or self.backlog.in_doubt:
             await asyncio.sleep(delay)
             try:
                 await self.flush_backlog()
@@ -882,7 +891,8 @@ class Limiter:
                     "store still unavailable (%s); %d usage entries held for write-back",
                     exc, len(self.backlog),
                 )
-            delay = min(delay * 2, 5.0) if self.backlog.pending else self.store.retry_interval
+            delay = (min(delay * 2, 5.0) if self.backlog.pending or self.backlog.in_doubt
+                     else self.store.retry_interval)
 
     async def flush_backlog(self) -> int:
         """Write back what passed while the store was down; returns the entries written.
@@ -893,7 +903,7 @@ class Limiter:
         async with self._flush_lock:
             written = 0
             backlog = self.backlog
-            for key in list(backlog.pending):
+            for key in list({**backlog.pending, **backlog.in_doubt}):
                 env, what, slot_ms = key
                 # Under an id the store remembers: a write-back that timed out (it may have
                 # run) is sent again as it was, same id, same amount, until it is answered;
@@ -921,11 +931,7 @@ class Limiter:
                         backlog.note_done(key, record_id)
                     continue
                 # Only what was written leaves the backlog; more may have been added meanwhile.
-                # Less may be left: a late reply took some out while this was in flight (the
-                # store counted it twice): that much is given back.
-                taken = backlog.remove(key, cost, done=record_id)
-                if taken < cost and not what.startswith(METER_PREFIX) and what != "sms":
-                    self.refund(env, "calls", cost - taken, slot_ms)
+                backlog.remove(key, cost, done=record_id)
                 written += 1
             self.backlog.written += written
             if written:
@@ -986,6 +992,7 @@ class Limiter:
 
     async def close(self, give_back: bool = True) -> None:
         """Stop; with ``give_back`` hand every held slot back first (a clean shutdown)."""
+        self._closing = True  # no new drainer or refund retries from here on
         for task in (self._drainer, self._renewer, *self._refund_tasks):
             if task is not None:
                 task.cancel()
@@ -1001,9 +1008,12 @@ class Limiter:
         await asyncio.sleep(0)
         if self._tasks:  # events being moved to the global stream
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.store.close()
+        await asyncio.sleep(0)  # the callbacks of what the close failed (kept, journaled)
+        for task in [*self._refund_tasks, *([self._drainer] if self._drainer else [])]:
+            task.cancel()
         if self.backlog.journal is not None:
             # What is still pending stays in the file: the next start writes it back.
             self.backlog.journal.close(
                 remove=not self.backlog.pending and not self.backlog.in_doubt)
             self.backlog.journal = None
-        await self.store.close()
