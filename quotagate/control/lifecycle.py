@@ -31,6 +31,7 @@ from quotagate import metrics
 from quotagate.aio import stop_if_cancelling
 from quotagate.clock import Clock
 from quotagate.control.envs import ControlError, Environments, Record
+from quotagate.control.events import emit as events_emit
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import ISOLATION_DAYS
 
@@ -119,7 +120,17 @@ class Scheduler:
         self.replayed = 0
         self.dropped = 0
 
-    async def _claim_emit(self, env: str, what: str, kind: str, **fields: Any) -> bool:
+    async def _claim_emit(self, env: str, what: str, kind: str, direct: bool = False,
+                          **fields: Any) -> bool:
+        """Claim a transition (once across instances) and write its event: through the
+        environment's stream, atomically with the claim; ``direct``: to the global stream
+        after the claim (the environment's keys are being deleted)."""
+        if direct:
+            claimed = await self.redis.set(keys.lifecycle_claim(env, what), "1", nx=True,
+                                           ex=_CLAIM_TTL_S)
+            if claimed:
+                await events_emit(self.redis, env, kind, **fields)
+            return bool(claimed)
         args: list[str | int] = [_CLAIM_TTL_S, "type", kind]
         for k, v in fields.items():
             args += [k, str(v)]
@@ -164,9 +175,11 @@ class Scheduler:
         if today >= release:
             # Deleting again is harmless: delete first, then claim the event, so a failure in
             # between is retried by the next round rather than lost.
+            # Its event goes straight to the global stream: the environment's own stream is
+            # part of the state another scheduler's release may be deleting right now.
             if (await self._release(record)
                     and await self._claim_emit(env_id, f"released:{expires}",
-                                               "environment-released",
+                                               "environment-released", direct=True,
                                                expired=expires.isoformat(),
                                                released=release.isoformat())):
                 written += 1
