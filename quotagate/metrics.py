@@ -12,8 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 DECISIONS = Counter(
     "quotagate_decisions_total",
-    "Requests decided, by result (admitted, refused, shadow_refused, bypassed, off, preflight: "
-    "a CORS preflight passed on uncounted) and reason.",
+    "Requests decided, by result (admitted, refused, shadow_refused, bypassed, off) and reason.",
     ["result", "reason"],
 )
 DECISION_SECONDS = Histogram(
