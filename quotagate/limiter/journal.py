@@ -158,9 +158,9 @@ _abandoned: list[int | None] = []
 
 
 def replay(path: Path) -> list[tuple[Key, int, str]]:
-    """What a journal still holds: (key, amount, record id) to write back. An intent not
-    followed by the entry's new value is sent again under its own id (it may have been
-    written already: the id tells the store); the rest under an id of the file and entry."""
+    """What a journal still holds: (key, amount, record id) to write back. An intent its
+    answer (``d``) never closed is sent again under its own id (it may have been written
+    already: the id tells the store); the rest under an id of the file and entry."""
     values: dict[Key, int] = {}
     intents: dict[Key, tuple[int, str]] = {}
     with open(path, "rb") as f:
