@@ -24,6 +24,7 @@ from quotagate.gateway.problems import (
     invalid_function,
 )
 from quotagate.gateway.routing import CompiledRoute
+from quotagate.gateway.streams import read_prefix
 from quotagate.settings.schema import ACTION_KINDS, FUNCTION_NAME
 
 _FUNCTION_NAME = re.compile(FUNCTION_NAME)
@@ -47,15 +48,8 @@ async def read_body(request: web.Request, limit: int) -> bytes | None:
     ``read(n)`` returns what has come so far)."""
     if (request.content_length or 0) > limit:
         return None
-    chunks: list[bytes] = []
-    size = 0
-    while size <= limit:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-    return None
+    body, whole = await read_prefix(request, limit)
+    return body if whole else None
 
 
 #: The members that decide how a request is counted: each must appear once, spelled so.

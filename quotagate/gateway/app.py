@@ -58,7 +58,7 @@ from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
-from quotagate.limiter.limiter import UNCHARGED, Decision, Limiter
+from quotagate.limiter.limiter import Decision, Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.logs import decisions as decisions_log
@@ -663,11 +663,7 @@ def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function:
         else:
             amount = tally.body_bytes
         state.limiter.meter(env, route.meter, amount)
-    # Only what decide.lua charged goes back: not a bypassed decision's call (it is in the
-    # write-back backlog), not a free one (a database promo), not a shadow-admitted early
-    # outcome, not SMS (its cost went to SMS packs first).
-    charged = not (decision.store_bypassed or decision.flags & Flag.DATABASE_FREE
-                   or decision.outcome in UNCHARGED or route.kind == "sms")
+    charged = decision.charged_calls(route.kind)  # only that may go back
     if not tally.answered:
         if charged and cost:
             state.limiter.refund(env, "calls", cost, decided_at)

@@ -81,9 +81,8 @@ class ClusterStore:
 
     async def refresh(self) -> None:
         """Load the slot map from any node that answers (one refresh at a time)."""
-        if self._refresh is None or self._refresh.done():
-            self._refreshed_at = time.monotonic()
-            self._refresh = asyncio.get_running_loop().create_task(self._load_slots())
+        self._background_refresh()
+        assert self._refresh is not None
         await asyncio.shield(self._refresh)
 
     async def _load_slots(self) -> None:

@@ -79,6 +79,14 @@ class Decision(NamedTuple):
         """Let through: admitted, or refused only in shadow mode."""
         return self.outcome is Outcome.ADMITTED or bool(self.flags & Flag.SHADOW_REFUSAL)
 
+    def charged_calls(self, kind: str) -> bool:
+        """Whether decide.lua charged this request's calls, so a refund may give them back:
+        not a bypassed one (its cost is in the write-back backlog), not one a database promo
+        made free, not an early outcome shadow mode let through, not SMS (their cost went
+        to SMS packs first)."""
+        return not (self.store_bypassed or self.flags & Flag.DATABASE_FREE
+                    or self.outcome in UNCHARGED or kind == "sms")
+
     @classmethod
     def from_reply(cls, r: list) -> Decision:
         return cls(_OUTCOMES[r[0]], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
@@ -498,8 +506,7 @@ class Limiter:
             # The timed-out call ran after all (it was charged just now, by the store).
             if decision is None or not decision.admitted or decision.flags & Flag.MODE_OFF:
                 return
-            refundable = (kind != "sms" and not decision.flags & Flag.DATABASE_FREE
-                          and decision.outcome not in UNCHARGED)
+            refundable = decision.charged_calls(kind)
             if key is not None:
                 # Admitted fail-open, and its cost is in the backlog (perhaps in a write-back
                 # in flight, or journaled): the backlog keeps it, and what the store just
@@ -639,16 +646,17 @@ class Limiter:
             again.add_done_callback(
                 lambda f: self._settled(env, meters, names, key_slot, args, f, True))
             return
+        no_snapshot = False
         if exc is None:
             reply = fut.result()
             if reply[1] & Flag.EVENTS:
                 self._forward_soon(env)
-            if reply[0] == 4 and meters:  # no snapshot (yet): keep the usage for later
-                exc = StoreError(f"no snapshot of {env}")
-            else:
+            if reply[0] != 4 or not meters:
                 return
+            no_snapshot = True  # (yet): keep the usage for later
+            exc = StoreError(f"no snapshot of {env}")
         refunds = {m: meters.pop(m) for m in [m for m in meters if m.startswith(REFUND_PREFIX)]}
-        if refunds and isinstance(exc, StoreError) and str(exc).startswith("no snapshot"):
+        if no_snapshot:
             refunds = {}  # nothing to give back from
         # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).
         passed = self.clock.now_ms()
