@@ -37,8 +37,8 @@ from typing import TypedDict
 import redis
 import yaml
 
+from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 HERE = Path(__file__).resolve().parent

@@ -13,8 +13,8 @@ from quotagate.settings import check_files
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from quotagate.common.logs import configure
     from quotagate.gateway.server import StartError, serve
-    from quotagate.logs import configure
     from quotagate.settings import ConfigError
 
     configure(args.log_level, args.log_format)

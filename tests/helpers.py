@@ -14,12 +14,13 @@ import aiohttp
 import redis.asyncio as aredis
 import yaml
 
-from quotagate.clock import Clock, ManualClock
+from quotagate.common.addresses import StoreAddress
+from quotagate.common.clock import Clock, ManualClock
+from quotagate.common.problem import CONTENT_TYPE, TYPE_BASE
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
-from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import sync_environments
-from quotagate.problem import CONTENT_TYPE, TYPE_BASE
 from quotagate.settings import Config, load_config
 
 QUOTAGATE = [sys.executable, "-m", "quotagate"]

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from quotagate.billing.bills import price_line
+from quotagate.common.calendar import day_number
 from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.settings.load import PlansFile, parse_yaml
 from tests.helpers import ADMIN_TOKEN, PLANS, assert_problem, at, env, local
 
@@ -464,7 +464,7 @@ async def test_aiohttp_refusals_keep_their_headers(make_gateway, admin_for):
 
 
 async def test_no_dates_before_the_store_clock_is_sampled(make_gateway, admin_for):
-    from quotagate.clock import StoreClock
+    from quotagate.common.clock import StoreClock
     from quotagate.limiter.embedded import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: never sampled

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from quotagate.clock import StoreClock
+from quotagate.common.clock import StoreClock
 from quotagate.control.lifecycle import Scheduler
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quotagate.limiter import calendar as cal
-from quotagate.limiter.calendar import (
+from quotagate.common import calendar as cal
+from quotagate.common.calendar import (
     add_months_clamped,
     cycle_of,
     cycle_starts,

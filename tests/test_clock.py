@@ -8,7 +8,7 @@ import datetime as dt
 import pytest
 import redis.asyncio as aredis
 
-from quotagate.clock import STORE_TIME, ManualClock, StoreClock, StoreTime, script_arg
+from quotagate.common.clock import STORE_TIME, ManualClock, StoreClock, StoreTime, script_arg
 
 
 def test_store_time_is_no_timestamp():

@@ -140,9 +140,9 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
 async def test_limiter_on_cluster_store_follows_moved(cluster, tmp_path: Path):
     """The gateway's own client: decisions routed by slot; a stale slot map is corrected by
     MOVED replies and exactness holds."""
+    from quotagate.common.addresses import StoreAddress
     from quotagate.limiter.cluster import ClusterStore
     from quotagate.limiter.limiter import Limiter
-    from quotagate.limiter.store import StoreAddress
 
     ids = [f"moved-{i}" for i in range(12)]  # the module shares one cluster
     config = write_config(tmp_path, {i: env(limits={"calls": 25, "qps": 1_000_000})
@@ -230,10 +230,10 @@ async def test_lease_renewal_is_one_write_per_node(cluster, tmp_path: Path, monk
     """10,000 environments holding a watch each: a renewal is one script call per hash slot
     (a script touches one slot), all sent in one socket write per primary and answered in
     one round trip; each renewal keeps every slot."""
+    from quotagate.common.addresses import StoreAddress
     from quotagate.limiter import cluster as cluster_module
     from quotagate.limiter.cluster import ClusterStore
     from quotagate.limiter.limiter import Limiter
-    from quotagate.limiter.store import StoreAddress
 
     # No periodic slot-map refresh in the middle of a measured renewal on a slow machine.
     monkeypatch.setattr(cluster_module, "REFRESH_EVERY_S", 3600.0)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
+from quotagate.common.addresses import StoreAddress
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.errors import StoreUnavailable
 from quotagate.limiter.limiter import Limiter
-from quotagate.limiter.store import StoreAddress
 from quotagate.limiter.sync import sync_environments
 from tests.helpers import at, env, write_config
 from tests.test_cluster import _wait, valkey_cluster

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aredis
 
+from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.limiter.entitlements import GIB
 from tests.helpers import env, live_slots, local
 

@@ -26,11 +26,11 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
+from quotagate.common.envids import ENV_ID
 from quotagate.gateway import realtime
 from quotagate.gateway.envid import all_domains, environment_of
 from quotagate.gateway.problems import Problem
 from quotagate.gateway.routing import Router
-from quotagate.limiter.keys import ENV_ID
 from quotagate.settings import load_config
 from tests.deployed import TOKEN, Deployed, days, serve, shipped_config, start_upstream
 

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
+from quotagate.common.addresses import StoreAddress
+from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from quotagate.limiter.entitlements import MBMS_PER_GBS
 from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
-from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import sync_environments
 from tests.helpers import (
     at,

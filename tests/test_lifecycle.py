@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aredis
 
+from quotagate.common.calendar import day_number
 from quotagate.control.envs import Environments
 from quotagate.control.lifecycle import Scheduler
 from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from tests.helpers import at, local
 
 TOKEN = "t"

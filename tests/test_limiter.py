@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
-from quotagate.clock import ManualClock
+from quotagate.common.calendar import day_number
+from quotagate.common.clock import ManualClock
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.limiter.codes import Flag, Outcome
 from tests.helpers import at, env, local, synced_limiter, write_config
 

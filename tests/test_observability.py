@@ -8,8 +8,8 @@ import logging
 import re
 from pathlib import Path
 
+from quotagate.common.logs import JsonFormatter
 from quotagate.gateway.app import STATE
-from quotagate.logs import JsonFormatter
 from tests.helpers import env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from quotagate.clock import StoreClock
+from quotagate.common.clock import StoreClock
 from quotagate.gateway.app import STATE
 from quotagate.limiter.embedded import free_port
 from tests.helpers import (

@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 import yaml
 
+from quotagate.common.metrics import RELOADS
 from quotagate.gateway.app import STATE
 from quotagate.limiter.embedded import free_port
-from quotagate.metrics import RELOADS
 from tests.deployed import days
 from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
 

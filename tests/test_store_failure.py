@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aredis
 
+from quotagate.common.addresses import StoreAddress
 from quotagate.limiter import keys
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.errors import StoreTimeout, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.scripts import LIBRARY_NAME
-from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.store import PipelinedStore
 from tests.helpers import at, env, synced_limiter, write_config
 
 TIMEOUT_MS = 150
@@ -170,7 +171,7 @@ async def test_write_back_survives_a_store_that_lost_its_data(setup):
 async def test_write_back_records_at_the_time_the_usage_passed(setup, tmp_path: Path):
     """An outage across local midnight and a cycle reset: each pass lands on its own day and
     cycle; an environment that expired meanwhile still gets its usage recorded."""
-    from quotagate.limiter.calendar import day_number
+    from quotagate.common.calendar import day_number
 
     server, _ = setup
     config = write_config(tmp_path / "x", {"shop": env(limits={"calls": 0}, overage=True,
@@ -321,9 +322,10 @@ async def test_store_refusing_functions_falls_back_to_scripts(tmp_path: Path, ow
 
 
 async def test_unreachable_store_at_start_fails_fast(tmp_path: Path):
+    from quotagate.common.addresses import StoreAddress
     from quotagate.limiter.embedded import free_port
     from quotagate.limiter.limiter import Limiter
-    from quotagate.limiter.store import PipelinedStore, StoreAddress
+    from quotagate.limiter.store import PipelinedStore
 
     store = PipelinedStore(StoreAddress(port=free_port()), timeout_ms=TIMEOUT_MS)
     lim = Limiter(store, on_failure="closed")

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from quotagate.common.addresses import StoreAddress
 from quotagate.limiter.embedded import free_port
 from quotagate.limiter.errors import StoreUnavailable
-from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.store import PipelinedStore
 from tests.deployed import days, serve, shipped_config, start_upstream
 
 pytestmark = pytest.mark.deployed

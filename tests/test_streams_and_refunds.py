@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 
+from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
-from quotagate.limiter.calendar import day_number
 from quotagate.limiter.embedded import free_port
 from tests.helpers import ADMIN_TOKEN, assert_problem, env
 

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from quotagate.billing.pricing import charge
-from quotagate.limiter import calendar as cal
+from quotagate.common import calendar as cal
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import MBMS_PER_GBS
 from quotagate.settings.schema import PlansFile

@@ -17,15 +17,15 @@ import msgspec
 from aiohttp import web
 from redis import exceptions as redis_errors
 
-from quotagate import metrics
 from quotagate.billing.bills import bill, billable_envs, total
-from quotagate.clock import StoreClock
+from quotagate.common import metrics
+from quotagate.common.clock import StoreClock
+from quotagate.common.envids import ENV_ID
+from quotagate.common.problem import problem_response
 from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
 from quotagate.limiter.errors import StoreError, StoreUnavailable
-from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Limiter
-from quotagate.problem import problem_response
 from quotagate.settings.schema import MAX_EXACT, PACK_METERS, Environment
 
 log = logging.getLogger("quotagate.admin")

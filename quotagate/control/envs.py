@@ -22,9 +22,9 @@ import redis.asyncio as aredis
 from redis.exceptions import WatchError
 
 from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
-from quotagate.clock import Clock
+from quotagate.common import calendar as cal
+from quotagate.common.clock import Clock
 from quotagate.control.events import emit
-from quotagate.limiter import calendar as cal
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import (
     ISOLATION_DAYS,

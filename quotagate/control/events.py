@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aredis
 
-from quotagate import metrics
-from quotagate.aio import stop_if_cancelling
+from quotagate.common import metrics
+from quotagate.common.aio import stop_if_cancelling
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import EventSettings

@@ -27,9 +27,9 @@ from typing import Any
 
 import aiohttp
 
-from quotagate import metrics
-from quotagate.aio import stop_if_cancelling
-from quotagate.clock import Clock
+from quotagate.common import metrics
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.clock import Clock
 from quotagate.control.envs import ControlError, Environments, Record
 from quotagate.control.events import emit as events_emit
 from quotagate.limiter import keys

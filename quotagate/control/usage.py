@@ -7,8 +7,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from quotagate.common import calendar as cal
 from quotagate.control.envs import Environments, Record
-from quotagate.limiter import calendar as cal
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import CHARGED_METERS, MBMS_PER_GBS, effective_limits
 

@@ -27,9 +27,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from redis.asyncio.cluster import RedisCluster
 
-from quotagate import metrics
-from quotagate.aio import stop_if_cancelling
-from quotagate.clock import SYNC_INTERVAL_S, Clock, StoreClock
+from quotagate.common import metrics
+from quotagate.common.addresses import StoreAddress
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
+from quotagate.common.logs import decisions as decisions_log
 from quotagate.control import api as control_api
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
@@ -59,9 +61,8 @@ from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Decision, Limiter
-from quotagate.limiter.store import PipelinedStore, StoreAddress
+from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import check_store_version, sync_environments
-from quotagate.logs import decisions as decisions_log
 from quotagate.settings import Config, ConfigError, load_config
 from quotagate.settings.load import check_environments
 from quotagate.settings.schema import Environment, EnvironmentsFile

@@ -22,9 +22,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from quotagate import metrics
+from quotagate.common import metrics
+from quotagate.common.problem import TYPE_BASE
 from quotagate.gateway.problems import CODES, too_many_connections
-from quotagate.problem import TYPE_BASE
 from quotagate.settings.schema import ClientSettings
 
 log = logging.getLogger("quotagate.server")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from quotagate import metrics
+from quotagate.common import metrics
 from quotagate.gateway.problems import Problem, store_unavailable
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable

@@ -13,8 +13,8 @@ import re
 
 from aiohttp import web
 
+from quotagate.common.envids import ENV_ID
 from quotagate.gateway.problems import Problem, invalid_environment
-from quotagate.limiter.keys import ENV_ID
 
 ENV_HEADER = "X-CloudBase-Env"
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from quotagate.common.problem import problem_response
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.limiter import Decision
-from quotagate.problem import problem_response
 
 #: The upper-case ``code`` of each problem type: what the platform's SDKs read from an error
 #: body (docs/troubleshooting.md lists them). The realtime ERROR frame uses the same for

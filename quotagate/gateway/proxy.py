@@ -12,7 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping, istr
 from yarl import URL
 
-from quotagate import metrics
+from quotagate.common import metrics
 from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
 from quotagate.gateway.routing import CompiledRoute
 from quotagate.gateway.streams import is_stream_type

@@ -38,7 +38,8 @@ from aiohttp import WSMsgType, web
 from multidict import istr
 from yarl import URL
 
-from quotagate import metrics
+from quotagate.common import metrics
+from quotagate.common.envids import ENV_ID
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import missing_environment
 from quotagate.gateway.problems import (
@@ -50,7 +51,6 @@ from quotagate.gateway.problems import (
 from quotagate.gateway.proxy import forward_request_headers
 from quotagate.gateway.routing import CompiledRoute
 from quotagate.limiter.codes import Outcome
-from quotagate.limiter.keys import ENV_ID
 from quotagate.limiter.limiter import Decision
 
 if TYPE_CHECKING:

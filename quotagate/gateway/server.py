@@ -17,10 +17,10 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from quotagate.common.logs import TEXT_FORMAT, configure
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
 from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
-from quotagate.logs import TEXT_FORMAT, configure
 from quotagate.settings import Config, load_config
 
 log = logging.getLogger("quotagate.server")

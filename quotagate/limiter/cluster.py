@@ -20,8 +20,9 @@ from typing import Any
 
 from redis.crc import key_slot
 
+from quotagate.common.addresses import StoreAddress
 from quotagate.limiter.errors import Redirected, StoreError, StoreTimeout, StoreUnavailable
-from quotagate.limiter.store import LateCallback, PipelinedStore, StoreAddress, pack_command
+from quotagate.limiter.store import LateCallback, PipelinedStore, pack_command
 
 log = logging.getLogger("quotagate.cluster")
 

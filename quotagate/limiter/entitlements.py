@@ -12,7 +12,7 @@ import json
 import zoneinfo
 from typing import Any
 
-from quotagate.limiter import calendar as cal
+from quotagate.common import calendar as cal
 from quotagate.settings.schema import PAYG_METERS, Environment, Limits, Plan, PlansFile
 
 GIB = 1024**3

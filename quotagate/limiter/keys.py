@@ -1,15 +1,11 @@
 """Every store key quotagate writes, built in this one module.
 
 All keys of one environment carry the hash tag ``{env}``, so one script touches one Redis Cluster
-slot. ``env`` must already be validated (``ENV_ID``) before it reaches any function here.
+slot. ``env`` must already be validated
+(``common.envids.ENV_ID``) before it reaches any function here.
 """
 
 from __future__ import annotations
-
-import re
-
-#: Environment ids (SPEC §13): validated before they touch a key.
-ENV_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 PREFIX = "qg"
 

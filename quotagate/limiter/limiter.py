@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from quotagate import metrics
-from quotagate.aio import stop_if_cancelling
-from quotagate.clock import Clock, ScriptTime, StoreClock, script_arg
+from quotagate.common import metrics
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.clock import Clock, ScriptTime, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.codes import Flag, Outcome

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from quotagate.limiter.calendar import add_months_clamped
-from quotagate.limiter.keys import ENV_ID
-from quotagate.limiter.store import StoreAddress
+from quotagate.common.addresses import StoreAddress
+from quotagate.common.calendar import add_months_clamped
+from quotagate.common.envids import ENV_ID
 from quotagate.settings.schema import (
     FUNCTION_NAME,
     PAYG_METERS,

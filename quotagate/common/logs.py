@@ -50,7 +50,7 @@ class MalformedRequests(logging.Filter):
         # stays an error, whatever it raised).
         if (isinstance(exc, HttpProcessingError) and record.name == "aiohttp.server"
                 and str(record.msg).startswith("Error handling request")):
-            from quotagate import metrics
+            from quotagate.common import metrics
 
             metrics.INVALID_REQUESTS.labels("malformed-http").inc()
             first = str(exc.message).strip().splitlines()[0] if exc.message else ""
