@@ -119,7 +119,7 @@ class WatchStorm(User):
     def on_start(self) -> None:
         host = (self.host or "").replace("http://", "ws://")
         self.tenant = SCENARIO.get("live", "live")
-        self.ws = websocket.create_connection(f"{host}/realtime?event_ms=1000", timeout=10,
+        self.ws = websocket.create_connection(f"{host}/?event_ms=1000", timeout=10,
                                               header=[f"X-CloudBase-Env: {self.tenant}"])
         self.open: list[str] = []
         self.n = 0

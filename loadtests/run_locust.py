@@ -38,6 +38,7 @@ import redis
 import yaml
 
 from quotagate.common.calendar import day_number
+from quotagate.demo.staging import shipped_routes, wait_ready_blocking
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
@@ -56,7 +57,7 @@ BURNER: Burner = {"env": "burner", "calls": 300, "pack": 200}
 LIVE_CAP = 10
 
 
-def write_config(tmp: Path, up_port: int, store_url: str) -> tuple[Path, int]:
+def write_config(tmp: Path, up_port: int, store_url: str) -> tuple[Path, int, int]:
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
     anchor = today.replace(day=1)
     period = {"anchor": anchor.isoformat(),
@@ -72,37 +73,18 @@ def write_config(tmp: Path, up_port: int, store_url: str) -> tuple[Path, int]:
     envs["live"] = {"plan": "standard", **period,
                     "limits": {"realtime": LIVE_CAP, "qps": 100_000}}
     (tmp / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
-    port = free_port()
+    port, admin = free_port(), free_port()
     up = f"http://127.0.0.1:{up_port}"
     gateway = {
-        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{free_port()}",
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
         "store": {"url": store_url}, "plans_file": str(ROOT / "config" / "plans.yaml"),
         "environments_file": str(tmp / "environments.yaml"), "qps_burst_ms": BURST_MS,
-        "routes": [
-            {"prefix": "/functions/", "upstream": up, "kind": "function"},
-            {"prefix": "/database/", "upstream": up, "kind": "database"},
-            {"prefix": "/realtime", "upstream": up, "kind": "realtime"},
-            {"prefix": "/ai/", "upstream": up, "kind": "ai", "accept": "text/event-stream",
-             "cost": 50},
-        ],
+        # As shipped (realtime at /, AI streams at stream_cost 50), to this upstream.
+        "routes": shipped_routes(up),
     }
     path = tmp / "gateway.yaml"
     path.write_text(yaml.safe_dump(gateway))
-    return path, port
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            time.sleep(1.0)
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
+    return path, port, admin
 
 
 def check(outcomes: list[dict], r: redis.Redis, watch_peak: int, users: int) -> list[dict]:
@@ -204,10 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         valkey.start()
         up_port = free_port()
         procs.append(subprocess.Popen([PY, str(HERE / "upstream_proc.py"), str(up_port)]))
-        config, port = write_config(tmp, up_port, valkey.url)
-        procs.append(subprocess.Popen([PY, str(HERE / "gateway_proc.py"), str(config),
-                                       valkey.url]))
-        wait_port(port)
+        config, port, admin = write_config(tmp, up_port, valkey.url)
+        gateway = subprocess.Popen([PY, str(HERE / "gateway_proc.py"), str(config), valkey.url,
+                                    "--admin"])
+        procs.append(gateway)
+
+        def alive() -> None:
+            if gateway.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {gateway.returncode}")
+
+        wait_ready_blocking(admin, alive=alive)
         r = redis.Redis.from_url(valkey.url)
         peak = [0]
         stop = threading.Event()

@@ -16,7 +16,7 @@ import signal
 import uvloop
 from aiohttp import web
 
-from quotagate.gateway.demo_upstream import make_upstream_app
+from quotagate.demo.upstream import make_upstream_app
 
 
 async def serve(port: int, reuse_port: bool) -> None:

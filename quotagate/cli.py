@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from quotagate.gateway.demo import run_demo
+    from quotagate.demo.walkthrough import run_demo
     from quotagate.gateway.server import LOG_FORMAT, StartError, install_uvloop
 
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)

@@ -17,8 +17,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, settings
 
+from quotagate.demo.upstream import make_upstream_app
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
-from quotagate.gateway.demo_upstream import make_upstream_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
 

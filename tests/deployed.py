@@ -26,6 +26,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
+from quotagate.demo.staging import shipped_routes
 from quotagate.limiter.embedded import free_port
 from tests.helpers import QUOTAGATE, ROOT, wait_ready
 
@@ -168,8 +169,7 @@ def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, 
     gateway = yaml.safe_load((SHIPPED / "gateway.yaml").read_text())
     gateway["listen"] = f"127.0.0.1:{free_port()}"
     gateway["admin_listen"] = f"127.0.0.1:{free_port()}"
-    for route in gateway["routes"]:
-        route["upstream"] = upstream
+    gateway["routes"] = shipped_routes(upstream)
     gateway.update(changes)
     (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
     return gateway
@@ -203,7 +203,7 @@ async def serve(directory: Path, gateway: dict[str, Any], *args: str,
 def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
     """The demo upstream as its own process (as compose runs it)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "quotagate.gateway.demo_upstream",
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate.demo.upstream",
                              "--port", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import yaml
 from quotagate.common.addresses import StoreAddress
 from quotagate.common.clock import Clock, ManualClock
 from quotagate.common.problem import CONTENT_TYPE, TYPE_BASE
+from quotagate.demo import staging
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore
@@ -109,18 +108,12 @@ async def per_instance(client: aredis.Redis, env_id: str) -> dict[str, int]:
 
 
 async def wait_ready(admin: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("gateway never became ready")
+    """Until ``quotagate serve``'s ``/readyz`` is 200; fails at once with its stderr if it
+    exited (the readiness loop the demo and the load tests use too)."""
+    def alive() -> None:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+
+    await staging.wait_ready(admin, alive=alive, timeout=timeout)
 
 
 async def statuses(url: str, env_id: str, n: int) -> list[int]:

@@ -158,7 +158,7 @@ async def test_serve_logs_json_lines(tmp_path: Path, upstream):
 
 def test_demo_upstream_runs_as_a_module(tmp_path: Path):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "quotagate.gateway.demo_upstream", "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "quotagate.demo.upstream", "--port",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 15

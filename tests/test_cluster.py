@@ -172,8 +172,8 @@ async def test_limiter_on_cluster_store_follows_moved(cluster, tmp_path: Path):
 async def test_gateway_with_store_cluster(cluster, tmp_path: Path):
     from aiohttp.test_utils import TestClient, TestServer
 
+    from quotagate.demo.upstream import make_upstream_app
     from quotagate.gateway.app import STATE, init_admin_app, init_app
-    from quotagate.gateway.demo_upstream import make_upstream_app
 
     upstream = TestServer(make_upstream_app())
     await upstream.start_server()

@@ -193,7 +193,7 @@ IN_NAMESPACE = textwrap.dedent(r"""
     as_user() { chroot --userspec="$UID_:$UID_" "$R" env -i HOME="$WORKDIR" \
                 PATH="$PROJECT/.venv/bin:/usr/local/bin:/usr/bin:/bin" \
                 QUOTAGATE_ADMIN_TOKEN=t sh -c "cd $WORKDIR && exec \"\$@\"" sh "$@"; }
-    as_user python -m quotagate.gateway.demo_upstream --port 9001 >/dev/null 2>&1 &
+    as_user python -m quotagate.demo.upstream --port 9001 >/dev/null 2>&1 &
     UPSTREAM=$!
     as_user "$@" >/dev/null 2>"$R/tmp/gateway.log" &
     GATEWAY=$!

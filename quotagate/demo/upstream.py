@@ -234,7 +234,7 @@ def make_upstream_app() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m quotagate.gateway.demo_upstream --port 9001`` (the compose file's upstream)."""
+    """``python -m quotagate.demo.upstream --port 9001`` (the compose file's upstream)."""
     import argparse
 
     parser = argparse.ArgumentParser(description="quotagate's demo upstream")

@@ -15,43 +15,27 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from quotagate.gateway.demo_upstream import make_upstream_app
+from quotagate.demo.staging import find_config_dir, shipped_gateway, shipped_routes, wait_ready
+from quotagate.demo.upstream import make_upstream_app
 from quotagate.gateway.server import StartError, run_gateway
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.settings import load_config
 
 
-def find_plans_file() -> Path:
-    for candidate in (Path.cwd() / "config" / "plans.yaml",
-                      Path(__file__).resolve().parents[2] / "config" / "plans.yaml"):
-        if candidate.exists():
-            return candidate
-    raise SystemExit("config/plans.yaml not found: run the demo from the project directory")
-
-
 def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port: int,
                       today: dt.date) -> Path:
-    up = f"http://127.0.0.1:{upstream_port}"
+    shipped = shipped_gateway()
     gateway = {
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
         "store": {"url": "", "data_dir": str(directory / "valkey")},
         "on_store_failure": "open",
         "timezone": "Asia/Shanghai",
-        "plans_file": str(find_plans_file()),
+        "plans_file": str(find_config_dir() / "plans.yaml"),
         "environments_file": "environments.yaml",
-        # As the platform's SDKs address it (config/gateway.yaml ships the same).
-        "domains": ["api.tcloudbasegateway.com", "tcb-api.tencentcloudapi.com"],
-        "routes": [
-            {"prefix": "/v1/functions/", "upstream": up, "kind": "function"},
-            {"prefix": "/admin", "exact": True, "upstream": up, "kind": "action"},
-            {"prefix": "/functions/", "upstream": up, "kind": "function"},
-            {"prefix": "/database/", "upstream": up, "kind": "database"},
-            {"prefix": "/realtime", "upstream": up, "kind": "realtime"},
-            {"prefix": "/ai/", "upstream": up, "kind": "ai", "accept": "text/event-stream",
-             "cost": 50},
-            {"prefix": "/ai/", "upstream": up, "kind": "ai"},
-        ],
+        # As shipped: the SDKs' domains and paths (the demo runs what config/ ships).
+        "domains": shipped["domains"],
+        "routes": shipped_routes(f"http://127.0.0.1:{upstream_port}"),
     }
     anchor = today.replace(day=1)
     environments = {"environments": {
@@ -167,7 +151,7 @@ async def walkthrough(base: str) -> dict[str, int]:
 async def _realtime_steps(s: aiohttp.ClientSession, base: str) -> dict[str, int]:
     seen: dict[str, int] = {}
     _say("\n── 9. demo-live (personal: 10 realtime watches) opens 12 watches on one WebSocket")
-    ws = await s.ws_connect(f"{base}/realtime?event_ms=200")
+    ws = await s.ws_connect(f"{base}/?event_ms=200")  # realtime at /, as the SDKs
     await ws.send_json({"requestId": "l", "msgType": "LOGIN",
                         "msgData": {"envId": "demo-live", "accessToken": "demo"}})
     for i in range(12):
@@ -244,17 +228,13 @@ async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -
                 raise StartError(f"port {upstream_port} (--upstream-port) cannot be used: "
                                  f"{exc.strerror or exc}") from None
             gateway = asyncio.create_task(run_gateway(config, valkey.url, stop=stop))
-            async with aiohttp.ClientSession() as s:
-                for _ in range(100):
-                    if gateway.done():  # it could not start: its StartError, raised here
-                        await gateway
-                    try:
-                        async with s.get(f"http://127.0.0.1:{admin_port}/readyz") as r:
-                            if r.status == 200:
-                                break
-                    except aiohttp.ClientError:
-                        pass
-                    await asyncio.sleep(0.05)
+
+            def alive() -> None:
+                if gateway is not None and gateway.done():  # it could not start: its
+                    gateway.result()                      # StartError, raised here
+                    raise StartError("the gateway stopped before it was ready")
+
+            await wait_ready(admin_port, alive=alive, timeout=30)
             _say(f"quotagate demo: embedded Valkey {valkey.url}, upstream :{upstream_port}, "
                  f"gateway {base}, admin http://127.0.0.1:{admin_port}")
             seen = await walkthrough(base)

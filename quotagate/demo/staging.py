@@ -1,0 +1,69 @@
+"""What the demo, the load tests and the test suite share to stage a gateway: the shipped
+routes (``config/gateway.yaml``) pointed at an upstream, and waiting until a gateway is ready.
+
+One route list and one readiness loop: a stage that drifts from what ships would test, load
+or show a gateway nobody runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+#: The project's config directory (a source checkout; the container copies it to /app/config).
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+
+def find_config_dir() -> Path:
+    """``config/`` of the current directory, else the project's."""
+    for candidate in (Path.cwd() / "config", CONFIG_DIR):
+        if (candidate / "plans.yaml").exists() and (candidate / "gateway.yaml").exists():
+            return candidate
+    raise SystemExit("config/plans.yaml not found: run from the project directory")
+
+
+def shipped_gateway() -> dict[str, Any]:
+    """``config/gateway.yaml`` as shipped."""
+    loaded = yaml.safe_load((find_config_dir() / "gateway.yaml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def shipped_routes(upstream: str) -> list[dict[str, Any]]:
+    """The shipped routes, every one pointed at ``upstream``."""
+    return [{**route, "upstream": upstream} for route in shipped_gateway()["routes"]]
+
+
+async def wait_ready(admin_port: int, *, alive: Callable[[], None] | None = None,
+                     timeout: float = 30, host: str = "127.0.0.1") -> None:
+    """Until the gateway's ``/readyz`` says ready (store reachable, scripts loaded,
+    environments written, the store's clock sampled). ``alive()`` raises if the gateway
+    has died meanwhile (so a failed start is reported at once, with its own error)."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if alive is not None:
+                alive()
+            try:
+                async with session.get(f"http://{host}:{admin_port}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"{resp.status}: {await resp.text()}"
+            except aiohttp.ClientError as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"the gateway (admin port {admin_port}) was not ready within "
+                       f"{timeout:.0f} s; last: {last}")
+
+
+def wait_ready_blocking(admin_port: int, *, alive: Callable[[], None] | None = None,
+                        timeout: float = 30) -> None:
+    """``wait_ready`` for code that is not async (the load-test runners)."""
+    asyncio.run(wait_ready(admin_port, alive=alive, timeout=timeout))
