@@ -17,8 +17,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, settings
 
+from quotagate.control.admin import init_admin_app
 from quotagate.demo.upstream import make_upstream_app
-from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
+from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import ADMIN_TOKEN, at, routes_to, write_config
 
@@ -181,7 +182,7 @@ async def admin_for():
     made: list[TestClient] = []
 
     async def factory(gw: TestClient, token: str | None = ADMIN_TOKEN) -> TestClient:
-        return await _started(made, init_admin_app(gw.app[STATE], token=token))
+        return await _started(made, init_admin_app(gw.app[STATE].runtime, token=token))
 
     yield factory
     for client in made:

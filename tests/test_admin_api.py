@@ -408,7 +408,7 @@ async def test_capacity_late_reports_ignored_and_carried_to_later_days(make_gate
     usage = await (await admin.get("/admin/v1/envs/over/usage", headers=AUTH)).json()
     assert usage["meters"]["capacity_bytes"]["current"] == 5 * gib
     clock.set(local("2026-11-27T09:00:00"))  # no report today: the scheduler carries it
-    await gw.app[STATE].scheduler.run_once()
+    await gw.app[STATE].runtime.scheduler.run_once()
     await asyncio.sleep(0.1)
     for day in ("2026-11-26", "2026-11-27"):
         bill = await (await admin.get(f"/admin/v1/bills?date={day}&env=over",

@@ -172,8 +172,9 @@ async def test_limiter_on_cluster_store_follows_moved(cluster, tmp_path: Path):
 async def test_gateway_with_store_cluster(cluster, tmp_path: Path):
     from aiohttp.test_utils import TestClient, TestServer
 
+    from quotagate.control.admin import init_admin_app
     from quotagate.demo.upstream import make_upstream_app
-    from quotagate.gateway.app import STATE, init_admin_app, init_app
+    from quotagate.gateway.app import STATE, init_app
 
     upstream = TestServer(make_upstream_app())
     await upstream.start_server()
@@ -185,7 +186,7 @@ async def test_gateway_with_store_cluster(cluster, tmp_path: Path):
     gw = TestClient(TestServer(init_app(config, config.gateway.store.url,
                                         at("2026-11-26T12:00:00"))))
     await gw.start_server()
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE])))
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE].runtime)))
     await admin.start_server()
     try:
         statuses = [(await gw.get("/functions/x", headers={"X-CloudBase-Env": "shop"})).status

@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aredis
 from aiohttp.test_utils import TestClient, TestServer
 
-from quotagate.gateway.app import STATE, init_admin_app
+from quotagate.control.admin import init_admin_app
+from quotagate.gateway.app import STATE
 from quotagate.limiter.embedded import free_port
 from tests.helpers import env, script_calls
 
@@ -251,7 +252,7 @@ async def test_shadow_mode_passes_and_marks(make_gateway):
 async def test_admin_health_ready_metrics(make_gateway, valkey_url):
     gw = await make_gateway({"shop": env()})
     await gw.get("/functions/a", headers=H)
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE])))
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE].runtime)))
     await admin.start_server()
     try:
         assert (await admin.get("/healthz")).status == 200
@@ -265,7 +266,7 @@ async def test_admin_health_ready_metrics(make_gateway, valkey_url):
         await admin.close()
     dead = await make_gateway({"shop": env()}, store_url=f"redis://127.0.0.1:{free_port()}/0",
                               store={"timeout_ms": 100})
-    admin = TestClient(TestServer(init_admin_app(dead.app[STATE])))
+    admin = TestClient(TestServer(init_admin_app(dead.app[STATE].runtime)))
     await admin.start_server()
     try:
         resp = await admin.get("/readyz")
@@ -327,7 +328,7 @@ async def test_readyz_reloads_flushed_scripts(make_gateway, valkey_url):
     client = aredis.Redis.from_url(valkey_url)
     await client.script_flush()
     await client.aclose()
-    admin = TestClient(TestServer(init_admin_app(gw.app[STATE])))
+    admin = TestClient(TestServer(init_admin_app(gw.app[STATE].runtime)))
     await admin.start_server()
     try:
         resp = await admin.get("/readyz")
@@ -345,7 +346,7 @@ async def test_lost_store_data_is_resynced_from_the_file(make_gateway, valkey_ur
     assert (await gw.get("/functions/a", headers=H)).status == 404
     for _ in range(50):  # the gateway writes the file's environments again
         await asyncio.sleep(0.05)
-        if gw.app[STATE].synced:
+        if gw.app[STATE].runtime.synced:
             break
     assert (await gw.get("/functions/a", headers=H)).status == 200
 

@@ -27,10 +27,11 @@ def test_openapi_matches_the_routes() -> None:
 
 
 async def test_the_admin_app_serves_what_the_routes_list(make_gateway) -> None:
-    from quotagate.gateway.app import STATE, init_admin_app
+    from quotagate.control.admin import init_admin_app
+    from quotagate.gateway.app import STATE
 
     gw = await make_gateway({})
-    app = init_admin_app(gw.app[STATE], token="t")
+    app = init_admin_app(gw.app[STATE].runtime, token="t")
     served = {(r.method, r.resource.canonical) for r in app.router.routes()
               if r.resource is not None and r.resource.canonical.startswith(PREFIX)
               and r.method != "HEAD"}

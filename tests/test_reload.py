@@ -39,7 +39,7 @@ async def test_reload_applies_good_files_and_keeps_the_last_good(make_gateway, t
     # A broken file: refused with file, key path and reason; nothing changes.
     environments(directory, {"shop": env(limits={"calls": "many"})})
     with caplog.at_level(logging.ERROR, "quotagate.gateway"):
-        assert await state.reload("test") is False
+        assert await state.runtime.reload("test") is False
     assert RELOADS.labels("failure")._value.get() == failures + 1
     text = caplog.text
     assert "environments.yaml" in text and "$.environments.shop.limits.calls" in text
@@ -53,14 +53,14 @@ async def test_reload_applies_good_files_and_keeps_the_last_good(make_gateway, t
     gateway["routes"].append({"prefix": "/extra/", "kind": "database",
                               "upstream": gateway["routes"][0]["upstream"]})
     (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway))
-    assert await state.reload("test") is True
+    assert await state.runtime.reload("test") is True
     assert [(await gw.get("/functions/f", headers=H)).status for _ in range(3)] == \
         [200, 200, 429]
     assert (await gw.get("/extra/x", headers={"X-CloudBase-Env": "new"})).status == 200
 
     # Removed from the file: forgotten (404).
     environments(directory, {"shop": env(limits={"calls": 3})})
-    assert await state.reload("test") is True
+    assert await state.runtime.reload("test") is True
     assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "new"})).status == 404
 
 
@@ -118,7 +118,7 @@ async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, u
 async def test_reload_rewrites_api_owned_snapshots_and_guards_them(make_gateway, tmp_path):
     from aiohttp.test_utils import TestClient, TestServer
 
-    from quotagate.gateway.app import init_admin_app
+    from quotagate.control.admin import init_admin_app
     from tests.helpers import PLANS
 
     plans = yaml.safe_load(PLANS.read_text())
@@ -127,7 +127,7 @@ async def test_reload_rewrites_api_owned_snapshots_and_guards_them(make_gateway,
     plans_file.write_text(yaml.safe_dump(plans))
     gw = await make_gateway({}, plans_file=str(plans_file), reload_poll_ms=0)
     state = gw.app[STATE]
-    admin = TestClient(TestServer(init_admin_app(state, token="t")))
+    admin = TestClient(TestServer(init_admin_app(state.runtime, token="t")))
     await admin.start_server()
     try:
         auth = {"Authorization": "Bearer t"}
@@ -139,11 +139,11 @@ async def test_reload_rewrites_api_owned_snapshots_and_guards_them(make_gateway,
             [200, 429]
         plans["plans"]["tiny"]["calls"] = 3  # the plan grows: the API env's snapshot too
         plans_file.write_text(yaml.safe_dump(plans))
-        assert await state.reload("test") is True
+        assert await state.runtime.reload("test") is True
         assert (await gw.get("/functions/f", headers=h)).status == 200
         del plans["plans"]["tiny"]  # an API env still uses it: the reload is refused
         plans_file.write_text(yaml.safe_dump(plans))
-        assert await state.reload("test") is False
+        assert await state.runtime.reload("test") is False
         assert "tiny" in state.config.plans.plans
         assert (await gw.get("/functions/f", headers=h)).status == 200
     finally:

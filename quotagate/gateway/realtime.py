@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -50,11 +50,9 @@ from quotagate.gateway.problems import (
 )
 from quotagate.gateway.proxy import forward_request_headers
 from quotagate.gateway.routing import CompiledRoute
+from quotagate.gateway.state import GatewayState
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.limiter import Decision
-
-if TYPE_CHECKING:
-    from quotagate.gateway.app import GatewayState
 
 log = logging.getLogger("quotagate.realtime")
 

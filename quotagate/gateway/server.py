@@ -18,7 +18,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from quotagate.common.logs import TEXT_FORMAT, configure
-from quotagate.gateway.app import SERVER_KWARGS, STATE, init_admin_app, init_app
+from quotagate.control.admin import init_admin_app
+from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
 from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.settings import Config, load_config
@@ -96,7 +97,7 @@ async def run_gateway(
         await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)
         if admin:
             admin_runner = web.AppRunner(
-                init_admin_app(app[STATE], registry), access_log=None, handle_signals=False
+                init_admin_app(app[STATE].runtime, registry), access_log=None, handle_signals=False
             )
             await admin_runner.setup()
             await _listen(admin_runner, gw.admin_listen, "admin_listen")
@@ -115,7 +116,7 @@ async def run_gateway(
     reloads: set[asyncio.Task[bool]] = set()
 
     def _reload() -> None:
-        task = loop.create_task(app[STATE].reload("SIGHUP"))
+        task = loop.create_task(app[STATE].runtime.reload("SIGHUP"))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

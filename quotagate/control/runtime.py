@@ -1,0 +1,399 @@
+"""What keeps one gateway process in step with its config files and its store, whatever front
+door the requests come through: the limiter and the control plane's store client built from
+the config, the config reloaded (SIGHUP, a file that changed, the admin API), the environments
+and API-owned records written to the store, the store's clock sampled, the journals of
+stopped gateways written back, the lifecycle scheduler and webhook delivery run.
+
+A front door (the HTTP proxy, the realtime relay, plugin mode) holds its own small state and
+is told of every config applied (``on_config``); it never reloads or syncs anything itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+
+from quotagate.common import metrics
+from quotagate.common.addresses import StoreAddress
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
+from quotagate.control import events as control_events
+from quotagate.control.envs import Environments
+from quotagate.control.lifecycle import Scheduler
+from quotagate.limiter import keys
+from quotagate.limiter.cluster import ClusterStore
+from quotagate.limiter.entitlements import build_snapshot, encode
+from quotagate.limiter.errors import StoreError
+from quotagate.limiter.limiter import Limiter
+from quotagate.limiter.store import PipelinedStore
+from quotagate.limiter.sync import check_store_version, sync_environments
+from quotagate.settings import Config, ConfigError, load_config
+from quotagate.settings.load import check_environments
+from quotagate.settings.schema import Environment, EnvironmentsFile
+
+log = logging.getLogger("quotagate.gateway")
+
+#: How long a stopping gateway waits for its background tasks.
+STOP_WAIT_S = 10.0
+#: Settings a reload cannot change in a running process (logged when they differ).
+RESTART_ONLY = ("listen", "admin_listen", "store", "upstream", "leases", "events",
+                "lifecycle_interval_ms", "reload_poll_ms")
+RESTART_ONLY_CLIENTS = ("header_timeout_ms", "max_connections")
+
+
+def _mtimes(files: tuple[Path, ...]) -> dict[str, float]:
+    out = {}
+    for f in files:
+        try:
+            out[str(f)] = f.stat().st_mtime
+        except OSError:
+            out[str(f)] = -1.0
+    return out
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store_url: str
+    limiter: Limiter
+    redis: aredis.Redis | RedisCluster
+    #: The environments are written to the store (``/readyz``).
+    synced: bool = False
+    sync_task: asyncio.Task[None] | None = None
+    #: monotonic time of the last re-sync asked for by a missing snapshot (debounce).
+    resync_at: float = 0.0
+    #: The lifecycle scheduler (set at ``start``).
+    scheduler: Scheduler | None = None
+    #: Told every config applied (at a reload; the first is the one built with).
+    on_config: list[Callable[[Config], None]] = field(default_factory=list)
+    #: Config files' modification times at the last (attempted) load.
+    mtimes: dict[str, float] = field(default_factory=dict)
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    # ------------------------------------------------------------------------- reload
+
+    async def reload(self, why: str = "requested") -> bool:
+        """Load the config files again; apply them if valid, else keep the last good config.
+
+        Routes, environments, plans, modes and the failure policy apply at once; listeners,
+        the store and worker count need a restart (logged). Returns whether it was applied.
+        """
+        async with self.reload_lock:
+            path = self.config.files[0] if self.config.files else None
+            if path is None:
+                return False
+            self.mtimes = _mtimes(self.config.files)
+            try:
+                config = load_config(path)
+            except ConfigError as exc:
+                metrics.RELOADS.labels("failure").inc()
+                for issue in exc.issues:
+                    log.error("config reload (%s) refused, the last good config stays: %s",
+                              why, issue)
+                return False
+            api_owned = await self._api_records()
+            broken = [f"{env_id}: {issue.path}: {issue.reason}"
+                      for env_id, env in api_owned.items()
+                      for issue in check_environments(
+                          EnvironmentsFile(environments={env_id: env}), config.plans,
+                          "store (API-owned)")]
+            if broken:
+                metrics.RELOADS.labels("failure").inc()
+                for line in broken:
+                    log.error("config reload (%s) refused, the last good config stays: an "
+                              "API-owned environment would be invalid: %s", why, line)
+                return False
+            old = self.config.gateway
+            new = config.gateway
+            for key in RESTART_ONLY:
+                if getattr(old, key) != getattr(new, key):
+                    log.warning("config reload: %s changed; it takes effect at the next "
+                                "restart", key)
+            for key in RESTART_ONLY_CLIENTS:  # the listener's
+                if getattr(old.clients, key) != getattr(new.clients, key):
+                    log.warning("config reload: clients.%s changed; it takes effect at the "
+                                "next restart", key)
+            self.config = config
+            self._apply_to_limiter(config)
+            for listener in self.on_config:
+                listener(config)
+            self.mtimes = _mtimes(config.files)
+            self.synced = False
+            try:
+                await sync_environments(self.redis, config)
+                await self._rewrite_api_snapshots(api_owned, config)
+                self.synced = True
+            except (aredis.RedisError, OSError, StoreError) as exc:
+                log.warning("config reload: environments not written yet (%s); retrying", exc)
+                self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
+            metrics.RELOADS.labels("success").inc()
+            log.info("config reloaded (%s): %d routes, %d environments", why, len(new.routes),
+                     len(config.environments.environments))
+            return True
+
+    def _apply_to_limiter(self, config: Config) -> None:
+        gw = config.gateway
+        self.limiter.known.update(config.environments.environments)
+        self.limiter.on_failure = gw.on_store_failure
+        metrics.label_envs(gw.metrics_envs)
+        self.limiter.set_burst_ms(gw.qps_burst_ms)
+        self.limiter.mode = "shadow" if gw.enforcement == "shadow" else "enforce"
+
+    def files_changed(self) -> bool:
+        return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
+
+    async def _watch_files(self) -> None:
+        """Reload when a config file changes (polled every ``reload_poll_ms``)."""
+        while True:
+            await asyncio.sleep(self.config.gateway.reload_poll_ms / 1000)
+            if self.config.gateway.reload_poll_ms and self.files_changed():
+                await self.reload("a config file changed")
+
+    # ------------------------------------------------------------ environments in the store
+
+    async def learn_api_owned(self) -> None:
+        """The API-owned environments exist: admitted fail-open like the declared ones."""
+        ids = await self.redis.smembers(keys.API_OWNED_ENVS)
+        self.limiter.known.update(m.decode() if isinstance(m, bytes) else m for m in ids)
+
+    async def _api_records(self) -> dict[str, Environment]:
+        """API-owned environments' records (their snapshots depend on plans.yaml too)."""
+        out: dict[str, Environment] = {}
+        try:
+            ids = [m.decode() if isinstance(m, bytes) else m
+                   for m in await self.redis.smembers(keys.API_OWNED_ENVS)]
+            for env_id in ids:
+                raw = await self.redis.get(keys.definition(env_id))
+                if raw is None:
+                    continue
+                try:
+                    out[env_id] = msgspec.json.decode(raw, type=Environment)
+                except msgspec.ValidationError as exc:  # e.g. stored before a bound existed
+                    log.error("config reload: the stored record of %s is no longer valid "
+                              "(%s); its snapshot is left as it is: put it again", env_id, exc)
+        except (aredis.RedisError, OSError) as exc:
+            log.warning("config reload: API-owned environments not read (%s)", exc)
+        return out
+
+    async def _rewrite_api_snapshots(self, records: dict[str, Environment],
+                                     config: Config) -> None:
+        for env_id, env in records.items():
+            if env_id in config.environments.environments:
+                continue  # the file owns it now
+            await self.redis.set(keys.entitlements(env_id), encode(
+                build_snapshot(env, config.plans, config.gateway.timezone)))
+
+    async def _sync_until_done(self) -> None:
+        delay = 0.2
+        self.limiter.known.update(self.config.environments.environments)
+        while True:
+            try:
+                await check_store_version(self.redis)
+                await self.sync_store_clock()
+                await sync_environments(self.redis, self.config)
+                await self.limiter.load_scripts()
+                await self.learn_api_owned()
+                self.synced = True
+                return
+            except (aredis.RedisError, OSError, StoreError) as exc:
+                stop_if_cancelling(exc)
+                log.warning("store not ready for the environment sync (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def resync_if_declared(self, env: str) -> None:
+        """The store has no snapshot of an environment the file declares: it lost its data
+        (restart without persistence, flush). Write the file again, at most every 5 s."""
+        if env not in self.config.environments.environments:
+            return
+        now = time.monotonic()
+        if now - self.resync_at < 5.0 or (self.sync_task and not self.sync_task.done()):
+            return
+        self.resync_at = now
+        log.warning("store has no snapshot of %s: writing the environments again", env)
+        self.synced = False
+        self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
+
+    async def carry_capacity(self, env: str) -> None:
+        """Report the last capacity size again for today (its excess is billed per day)."""
+        size = await self.redis.hget(keys.usage(env), "gauge:capacity_bytes")
+        if size is not None and int(size) > 0:
+            self.limiter.meter(env, "capacity_bytes", int(size))
+
+    def renewed(self, env: str) -> None:
+        """An environment was renewed: replay its queued invocations now."""
+        if self.scheduler is not None:
+            task = asyncio.get_running_loop().create_task(self.scheduler.replay(env))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ the store's clock
+
+    async def sync_store_clock(self) -> None:
+        """Sample the store's TIME (production clock only; a test's manual clock stays)."""
+        clock = self.limiter.clock
+        if not isinstance(clock, StoreClock):
+            return
+
+        async def store_time() -> tuple[int, int]:
+            seconds, micros = await self.limiter.store.execute("TIME")
+            return int(seconds), int(micros)
+
+        await clock.sync(store_time)
+        metrics.CLOCK_SKEW.set(clock.skew_ms / 1000)
+
+    async def _follow_store_clock(self) -> None:
+        """Sample the store's clock again every SYNC_INTERVAL_S (a stepped clock, a
+        failover)."""
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            try:
+                await self.sync_store_clock()
+                await self.learn_api_owned()  # put by the admin API of any instance since
+            except Exception as exc:  # never the end of following it
+                stop_if_cancelling(exc)
+                log.warning("could not sample the store's clock (%r); dates run on the last "
+                            "sample", exc)
+
+    # --------------------------------------------------------------------------- journals
+
+    def journal_dir(self) -> Path | None:
+        store = self.config.gateway.store
+        if not store.journal:
+            return None
+        return self.config.resolve(store.journal_dir or str(Path(store.data_dir) / "journal"))
+
+    async def _recover_journals(self) -> None:
+        """Write back what gateways that stopped during a store outage left in their journals
+        (journal.py); the store being away again only delays it."""
+        directory = self.journal_dir()
+        if directory is None:
+            return
+        delay = 0.5
+        while True:
+            try:
+                await self.limiter.recover_journals(directory)
+                return
+            except (StoreError, OSError) as exc:
+                stop_if_cancelling(exc)
+                log.warning("journals of stopped gateways not written back yet (%s); "
+                            "retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    # -------------------------------------------------------------------------- lifecycle
+
+    async def _once_synced(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run ``work()`` once the store is synced (environments written, clock sampled)."""
+        assert self.sync_task is not None
+        await asyncio.shield(self.sync_task)
+        await work()
+
+    async def start(self, *, upstream_base: Callable[[str], str | None],
+                    session: aiohttp.ClientSession | None,
+                    admit: Callable[[str, dict], Awaitable[bool]]) -> None:
+        """Start the background work. ``upstream_base``, ``session`` and ``admit`` are the
+        front door's: where a queued invocation is replayed, with which client, counted how."""
+        journal = self.journal_dir()
+        if journal is not None:
+            try:
+                self.limiter.open_journal(journal)
+            except (OSError, RuntimeError) as exc:
+                log.error("no journal for the fail-open backlog (%s): usage admitted while "
+                          "the store is away is lost if this process dies before writing it "
+                          "back", exc)
+        self.limiter.start_renewing()
+        self.mtimes = _mtimes(self.config.files)
+        loop = asyncio.get_running_loop()
+        gw = self.config.gateway
+        tasks = self._tasks
+        if gw.reload_poll_ms:
+            tasks.append(loop.create_task(self._watch_files()))
+        self.sync_task = loop.create_task(self._sync_until_done())
+        tasks.append(loop.create_task(control_events.sweep_forever(self.redis, self.limiter)))
+        tasks.append(loop.create_task(self._follow_store_clock()))
+        self.scheduler = Scheduler(
+            Environments(self.redis, lambda: self.config, self.limiter.clock),  # type: ignore[arg-type]
+            self.limiter.clock, upstream_base, session,
+            forward=self.limiter.forward_events, admit=admit, carry=self.carry_capacity)
+        tasks.append(loop.create_task(self._once_synced(self._recover_journals)))
+        if gw.lifecycle_interval_ms:
+            # Not before the clock is sampled: its dates are the store's.
+            tasks.append(loop.create_task(self._once_synced(functools.partial(
+                self.scheduler.run, gw.lifecycle_interval_ms / 1000))))
+        if gw.events.webhook_url:
+            delivery = control_events.WebhookDelivery(
+                self.redis, gw.events, self.limiter.instance)  # type: ignore[arg-type]
+            tasks.append(loop.create_task(delivery.run()))
+        with contextlib.suppress(TimeoutError):
+            # Usually done at once; a store that is down must not block the start.
+            await asyncio.wait_for(asyncio.shield(self.sync_task), 2.0)
+
+    async def stop(self) -> None:
+        """Stop the background work (bounded), write back what it can, give slots back,
+        close the store connections."""
+        tasks = [*self._tasks, *([self.sync_task] if self.sync_task is not None else [])]
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            # Bounded, and whatever they ended with: the rest of the cleanup (slots given
+            # back, the backlog written) must run.
+            done, pending = await asyncio.wait(tasks, timeout=STOP_WAIT_S)
+            for task in pending:
+                log.error("background task %s did not stop within %.0f s", task.get_coro(),
+                          STOP_WAIT_S)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("background task %s had failed: %r", task.get_coro(),
+                              task.exception())
+        if self.limiter.backlog.pending:  # flush_backlog holds a lock: never twice at once
+            with contextlib.suppress(StoreError):
+                await self.limiter.flush_backlog()
+        await self.limiter.close()
+        await self.redis.aclose()
+
+
+def build_runtime(config: Config, store_url: str, clock: Clock | None = None) -> Runtime:
+    """The limiter (on the hot-path store connection) and the control plane's client, as
+    ``config`` says."""
+    gw = config.gateway
+    tls = [str(config.resolve(f)) if f else ""
+           for f in (gw.store.tls.ca_file, gw.store.tls.cert_file, gw.store.tls.key_file)]
+    address = StoreAddress.from_url(store_url).with_tls(*tls)
+    store_class = ClusterStore if gw.store.cluster else PipelinedStore
+    store = store_class(address, timeout_ms=gw.store.timeout_ms,
+                        connect_timeout_ms=gw.store.connect_timeout_ms,
+                        retry_interval_ms=gw.store.retry_interval_ms)
+    mode: Literal["enforce", "shadow"] = "shadow" if gw.enforcement == "shadow" else "enforce"
+    limiter = Limiter(
+        store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure,
+        lease_ms=gw.leases.ttl_ms, renew_interval_ms=gw.leases.renew_interval_ms,
+    )
+    timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
+    client_class = RedisCluster if gw.store.cluster else aredis.Redis
+    # The control plane's client: the same TLS (the server verified by the URL's host).
+    tls_kwargs: dict[str, Any] = {"ssl_ca_certs": tls[0] or None, "ssl_certfile": tls[1] or None,
+                                  "ssl_keyfile": tls[2] or None,
+                                  "ssl_check_hostname": True} if address.tls else {}
+    client = client_class.from_url(
+        store_url, socket_timeout=timeout_s * 5, socket_connect_timeout=timeout_s * 5,
+        **tls_kwargs)
+    runtime = Runtime(config, store_url, limiter, client)
+    limiter.on_missing = runtime.resync_if_declared
+    metrics.label_envs(gw.metrics_envs)
+    return runtime

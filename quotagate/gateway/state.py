@@ -1,0 +1,108 @@
+"""The state the gateway's front doors share: the HTTP proxy (``app.py``) and the realtime
+relay (``realtime.py``) import it from here, and neither owns it.
+
+It is small on purpose: what a request needs to be routed, decided and forwarded. Reloading,
+syncing and the control plane's background work are the ``Runtime``'s (control/runtime.py),
+which tells this state of every config it applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
+
+from quotagate.control.runtime import Runtime
+from quotagate.gateway.decisions import decide
+from quotagate.gateway.envid import all_domains
+from quotagate.gateway.problems import Problem
+from quotagate.gateway.proxy import UpstreamPool
+from quotagate.gateway.routing import CompiledRoute, Router
+from quotagate.limiter.limiter import Limiter
+from quotagate.settings import Config
+
+
+class Socket(Protocol):
+    """An open realtime socket, as the state sees it."""
+
+    def end_environment(self, status: str) -> None: ...
+
+    def shutdown(self) -> Awaitable[None]: ...
+
+
+@dataclass
+class GatewayState:
+    runtime: Runtime
+    pool: UpstreamPool
+    config: Config = field(init=False)
+    router: Router = field(init=False)
+    limiter: Limiter = field(init=False)
+    redis: aredis.Redis | RedisCluster = field(init=False)
+    #: Environments whose mode (from the file) differs from the gateway's: "off" skips the store.
+    env_modes: dict[str, str] = field(init=False)
+    #: ".<domain>" of each host domain that names environments (envid.all_domains).
+    env_suffixes: tuple[str, ...] = field(init=False)
+    #: Open realtime sockets per environment (closed when the environment is isolated).
+    sockets: dict[str, set[Socket]] = field(default_factory=dict)
+    #: Open realtime sockets that have not named their environment yet (LOGIN pending).
+    unnamed_sockets: set[Socket] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.limiter = self.runtime.limiter
+        self.redis = self.runtime.redis
+        self.apply(self.runtime.config)
+        self.runtime.on_config.append(self.apply)
+        self.limiter.on_ended = self.environment_ended
+
+    def apply(self, config: Config) -> None:
+        """A config applied (at start, at a reload): routes, host domains, modes."""
+        gw = config.gateway
+        self.config = config
+        self.router = Router(gw.routes)
+        self.env_suffixes = all_domains(gw.domains, gw.domain)
+        self.env_modes = {env_id: env.mode
+                          for env_id, env in config.environments.environments.items()
+                          if env.mode is not None}
+
+    def upstream_base(self, path_qs: str) -> str | None:
+        """Where a queued invocation of this path goes (its route's upstream)."""
+        route = self.router.match(path_qs.split("?", 1)[0], "POST", "")
+        return None if route is None else route.origin + route.base_path
+
+    async def admit_replay(self, env: str, entry: dict) -> bool:
+        """A queued invocation is replayed like a request: decided and counted (calls, QPS)."""
+        route = self.router.match(entry["path"].split("?", 1)[0], entry["method"], "")
+        if route is None:
+            return True  # no route any more: sent and dropped by the upstream
+        if route.actions is not None:  # only invocations are queued
+            route = route.actions["function"]
+        decision = await decide(self.limiter, env, route.kind, route.cost)
+        return not isinstance(decision, Problem) and decision.admitted
+
+    def memory_mb(self, env: str, function: str, route: CompiledRoute) -> int:
+        """A function's memory for GBs: the environment's setting, else the route's."""
+        declared = self.config.environments.environments.get(env)
+        if declared is not None:
+            fn = declared.functions.get(function)
+            if fn is not None:
+                return fn.memory_mb
+        return route.route.memory_mb
+
+    def environment_ended(self, env: str, status: str) -> None:
+        """A lease renewal found the environment isolated or gone: close its watches.
+
+        Not in shadow or off mode (they never refuse). A missing snapshot of an environment
+        the file declares means the store lost its data: it is written again, sockets stay.
+        """
+        if self.env_modes.get(env, self.config.gateway.enforcement) != "enforce":
+            return
+        if status == "missing":
+            if env in self.config.environments.environments:
+                self.runtime.resync_if_declared(env)
+                return
+            status = "not-found"
+        for sock in list(self.sockets.get(env, ())):
+            sock.end_environment(status)
