@@ -1,0 +1,95 @@
+"""Events the scripts wrote (a quota used up, a pack spent...) moved from the environment's
+own stream to the global one: a script can write only its environment's hash slot, so the
+move is the limiter's, right after a reply says there are events (``Flag.EVENTS``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from quotagate.common import metrics
+from quotagate.limiter import keys
+from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.cluster import slot_of
+from quotagate.limiter.errors import StoreError
+from quotagate.limiter.store import pack_command
+
+log = logging.getLogger("quotagate.limiter")
+
+_DEL_IF_MINE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
+                "end return 0")
+
+
+class EventForwarder:
+    def __init__(self, calls: ScriptCalls, instance: str):
+        self.calls = calls
+        self.store = calls.store
+        self.instance = instance
+        self._forwarding: set[str] = set()
+        self._forward_again: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def soon(self, env: str) -> None:
+        """Forward ``env``'s events in the background (one pass at a time per env)."""
+        if env in self._forwarding:  # running: it makes one more pass for these
+            self._forward_again.add(env)
+            return
+        self._forwarding.add(env)
+        task = asyncio.get_running_loop().create_task(self._forward_task(env))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forward_task(self, env: str) -> None:
+        try:
+            while True:
+                self._forward_again.discard(env)
+                await self.forward(env)
+                if env not in self._forward_again:
+                    return
+        except StoreError as exc:
+            log.warning("events of %s stay in its stream for now (%s)", env, exc)
+        finally:
+            self._forwarding.discard(env)
+            self._forward_again.discard(env)
+
+    async def forward(self, env: str) -> int:
+        """Move the events the scripts wrote to the environment's stream onto the global
+        stream. One instance at a time per environment (a short lock), so each event is
+        moved once; only a crash between the two writes can move one twice — consumers can
+        tell by ``event_id`` (``<env>/<stream id>``)."""
+        source, lock = keys.env_events(env), keys.forward_lock(env)
+        key_slot, events_slot = self.calls.key_slot(env), slot_of(keys.EVENTS)
+        token = f"{self.instance}:{secrets.token_hex(4)}"
+        for _ in range(10):
+            got = await self.store.submit(
+                pack_command("SET", lock, token, "NX", "PX", 30_000), key_slot)
+            if got is not None:
+                break
+            await asyncio.sleep(0.2)  # another instance is moving them; look again after
+        else:
+            return 0
+        moved = 0
+        try:
+            while True:
+                entries = await self.store.submit(
+                    pack_command("XRANGE", source, "-", "+", "COUNT", 100), key_slot)
+                if not entries:
+                    return moved
+                for entry_id, fields in entries:
+                    await self.store.submit(pack_command(
+                        "XADD", keys.EVENTS, "MAXLEN", "~", 1_000_000, "*",
+                        "event_id", f"{env}/{entry_id.decode()}", "env", env, *fields),
+                        events_slot)
+                await self.store.submit(pack_command("XDEL", source, *(e[0] for e in entries)),
+                                        key_slot)
+                moved += len(entries)
+                metrics.EVENTS_FORWARDED.inc(len(entries))
+        finally:  # only our own lock (one that expired may be another instance's now)
+            await self.store.submit(pack_command("EVAL", _DEL_IF_MINE, 1, lock, token),
+                                    key_slot)
+
+    async def finish(self) -> None:
+        """Wait for the moves under way (at shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,181 @@
+"""What is settled after a response: slots given back, metered usage charged, charges
+refunded — batched, so everything that finished in one event-loop iteration leaves as one
+settle.lua call per environment.
+
+Usage the store cannot take is kept in the fail-open backlog (written back later); a refund it
+cannot take is sent again, under one id the store remembers, until it is taken or given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.clock import Clock, script_arg
+from quotagate.limiter import keys
+from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
+from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.codes import Flag
+from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.scripts import SETTLE
+from quotagate.limiter.writeback import WriteBack
+
+log = logging.getLogger("quotagate.limiter")
+
+#: settle.lua reads a meter named "-<meter>@<ms>" as a refund of it.
+REFUND_PREFIX = "-"
+#: A refund the store did not take is sent again this often, at most this many times.
+REFUND_RETRY_S = 1.0
+REFUND_ATTEMPTS = 120
+
+
+class Settler:
+    def __init__(self, calls: ScriptCalls, clock: Clock, instance: str, mode: str,
+                 writeback: WriteBack, on_events: Callable[[str], None]):
+        self.calls = calls
+        self.clock = clock
+        self.instance = instance
+        #: "enforce" or "shadow" (the limiter's, kept in step).
+        self.mode = mode
+        self.writeback = writeback
+        self.on_events = on_events
+        #: env -> (slot -> count to give back, meter -> amount to charge), flushed next tick.
+        self.pending: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
+        self._scheduled = False
+        #: Refunds being sent again (cancelled at close).
+        self._refund_tasks: set[asyncio.Task[None]] = set()
+        self._refund_ids = itertools.count(1)
+        self._closing = False
+
+    def queue(self, env: str, slot: str | None, meter: str | None, n: int) -> None:
+        """Give back ``n`` of ``slot`` and/or charge ``n`` of ``meter`` (a name, or a refund
+        "-<meter>@<ms>"), in the next batch."""
+        pending = self.pending.get(env)
+        if pending is None:
+            pending = self.pending[env] = ({}, {})
+        if slot is not None:
+            pending[0][slot] = pending[0].get(slot, 0) + n
+        if meter is not None:
+            pending[1][meter] = pending[1].get(meter, 0) + n
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def refund(self, env: str, meter: str, amount: int, charged_at_ms: int) -> None:
+        if amount > 0:
+            self.queue(env, None, f"{REFUND_PREFIX}{meter}@{charged_at_ms}", amount)
+
+    def forget_releases(self, env: str) -> None:
+        """A renewal's absolute counts hold what was queued to give back already."""
+        pending = self.pending.get(env)
+        if pending is not None:
+            pending[0].clear()
+
+    def flush(self) -> None:
+        """Everything finished in one loop iteration: one settle call per environment."""
+        self._scheduled = False
+        for env in list(self.pending):
+            self.flush_env(env)
+
+    def flush_env(self, env: str) -> None:
+        releases, meters = self.pending.pop(env)
+        args: list[str | int] = [script_arg(self.clock.script_time()), self.instance, self.mode,
+                                 len(releases)]
+        for slot, n in releases.items():
+            args += (slot, n)
+        for meter, amount in meters.items():
+            args += (meter, amount)
+        names = keys.settle_keys(env)
+        key_slot = self.calls.key_slot(env)
+        fut = self.calls.store.submit(self.calls.command(SETTLE, names, args), key_slot)
+        fut.add_done_callback(lambda f: self._settled(env, meters, names, key_slot, args, f))
+
+    def _settled(self, env: str, meters: dict[str, int], names: list[str], key_slot: int,
+                 args: list[str | int], fut: asyncio.Future, retried: bool = False) -> None:
+        exc = fut.exception() if not fut.cancelled() else StoreUnavailable("cancelled")
+        if isinstance(exc, NoScript) and not retried:
+            again = self.calls.reload(SETTLE, names, key_slot, args, exc)
+            again.add_done_callback(
+                lambda f: self._settled(env, meters, names, key_slot, args, f, True))
+            return
+        no_snapshot = False
+        if exc is None:
+            reply = fut.result()
+            if reply[1] & Flag.EVENTS:
+                self.on_events(env)
+            if reply[0] != 4 or not meters:
+                return
+            no_snapshot = True  # (yet): keep the usage for later
+            exc = StoreError(f"no snapshot of {env}")
+        refunds = {m: meters.pop(m) for m in [m for m in meters if m.startswith(REFUND_PREFIX)]}
+        if no_snapshot:
+            refunds = {}  # nothing to give back from
+        # When it passed, for the write-back (its day decides plan, packs or pay-as-you-go).
+        passed = self.clock.now_ms()
+        entries = [((env, METER_PREFIX + m, passed - passed % SLOT_MS), a)
+                   for m, a in meters.items()]
+        backlog = self.writeback.backlog
+        for key, amount in entries:
+            backlog.add(key, amount)
+        if entries:
+            log.warning("metered usage of %s kept for write-back: %s", env, exc)
+        if isinstance(exc, StoreTimeout):
+            # It may still run: its late reply decides (never both the call and a retry).
+            def late(reply: object) -> None:
+                if isinstance(reply, list) and reply[0] == 0:  # it ran: not twice
+                    for key, amount in entries:
+                        backlog.remove(key, amount)
+                elif refunds:
+                    self._retry_refunds(env, refunds)
+            self.calls.store.when_late(fut, late)
+        elif refunds:
+            self._retry_refunds(env, refunds)
+        if entries:
+            self.writeback.start()
+
+    def _retry_refunds(self, env: str, refunds: dict[str, int]) -> None:
+        """Refunds the store did not take (it was away, and their first try did not run):
+        sent again in a settle call of their own under one id the store remembers, so a
+        try that times out and runs late is not given back twice; every ``REFUND_RETRY_S``
+        until taken or ``REFUND_ATTEMPTS`` have failed (then logged and dropped)."""
+        if self._closing:
+            log.warning("refunds to %s not sent (stopping): %s", env, refunds)
+            return
+        seen = keys.seen(env, f"r:{self.instance}.{next(self._refund_ids)}")
+        pairs = [x for meter_amount in refunds.items() for x in meter_amount]
+
+        async def again() -> None:
+            for _ in range(REFUND_ATTEMPTS):
+                await asyncio.sleep(REFUND_RETRY_S)
+                try:
+                    await self.calls.settle(env, [*keys.settle_keys(env), seen], [
+                        script_arg(self.clock.script_time()), self.instance, self.mode, 0,
+                        *pairs])
+                    return
+                except StoreError as exc:
+                    stop_if_cancelling(exc)
+            log.error("refunds to %s dropped after %d attempts: %s", env, REFUND_ATTEMPTS,
+                      refunds)
+
+        task = asyncio.get_running_loop().create_task(again())
+        self._refund_tasks.add(task)
+        task.add_done_callback(self._refund_tasks.discard)
+
+    async def stop(self) -> None:
+        """No refund retries from here on (those running are cancelled); what is queued is
+        sent now."""
+        self._closing = True
+        for task in list(self._refund_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.pending:
+            self.flush()
+
+    def cancel_retries(self) -> None:
+        for task in list(self._refund_tasks):
+            task.cancel()
