@@ -389,3 +389,25 @@ async def test_slot_keys_always_expire(tmp_path: Path, noon_limiter, redis_clien
     assert (await lim.decide("shop", "function", 1, "fn:f")).admitted  # same instance again
     for key in (keys.slots("shop"), keys.lease("shop")):
         assert 5000 < await redis_client.pttl(key) <= 10_000
+
+
+async def test_a_renewal_carries_the_releases_queued_before_it(tmp_path: Path, valkey_url: str):
+    """leases.py on its own: a renewal writes absolute counts, which already hold what was
+    queued to give back — so that is not given back a second time by the settle after it."""
+    from tests.parts import INSTANCE, build
+
+    clock = at(NOON)
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env()}), clock)
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        parts.leases.hold("shop", "rt:", 3)
+        assert await parts.leases.renew() == {"shop": 0}
+        assert await per_instance(client, "shop") == {f"{INSTANCE}|rt:": 3}
+        parts.leases.release("shop", "rt:")  # queued for the next settle...
+        await parts.leases.renew()  # ...which this renewal's absolute count (2) includes
+        await asyncio.sleep(0.1)  # the tick the settle would have gone in
+        assert await per_instance(client, "shop") == {f"{INSTANCE}|rt:": 2}
+        assert parts.leases.slots_held("shop", "rt:") == 2
+    finally:
+        await client.aclose()
+        await parts.close()

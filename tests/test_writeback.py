@@ -1,0 +1,54 @@
+"""limiter/writeback.py on its own: usage admitted while the store was away is written back
+once per record id, on the day it passed; an environment the store lacks is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis.asyncio as aredis
+
+from quotagate.common.calendar import day_number
+from quotagate.limiter import keys
+from quotagate.limiter.backlog import SLOT_MS
+from tests.helpers import at, env, local, write_config
+from tests.parts import build
+
+NOON = "2026-11-26T12:00:00"
+CYCLE = day_number(local(NOON).date().replace(day=1))
+
+
+async def test_written_back_once_per_record_id(tmp_path: Path, valkey_url: str):
+    clock = at(NOON)
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env()}), clock)
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        passed = clock.now_ms() - 3_600_000
+        slot = passed - passed % SLOT_MS
+        for _ in range(3):  # a retry, a journal replay: the same id
+            assert await parts.writeback.write_back("shop", "function", 4, slot, "rec-1")
+        assert await parts.writeback.write_back("shop", "meter:gbs", 900, slot, "rec-2")
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:calls")) == 4
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 900
+    finally:
+        await client.aclose()
+        await parts.close()
+
+
+async def test_flush_empties_the_backlog_and_reports_a_missing_environment(
+        tmp_path: Path, valkey_url: str):
+    clock = at(NOON)
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env()}), clock)
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        passed = clock.now_ms()
+        slot = passed - passed % SLOT_MS
+        backlog = parts.writeback.backlog
+        assert backlog.admit(("shop", "function", slot), 5)
+        assert backlog.admit(("ghost", "function", slot), 2)
+        assert await parts.writeback.flush() == 1
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:calls")) == 5
+        assert backlog.pending == {("ghost", "function", slot): 2}  # kept: tried again later
+        assert parts.missing == ["ghost"]
+    finally:
+        await client.aclose()
+        await parts.close()
