@@ -290,7 +290,9 @@ class Limiter:
 
     async def close(self, give_back: bool = True) -> None:
         """Stop; with ``give_back`` hand every held slot back first (a clean shutdown)."""
-        # No new write-back or refund retry from here on; what is queued is settled now.
+        # No new write-back or refund retry from here on (before the first await: a settle
+        # failing meanwhile is logged as not sent); what is queued is settled now.
+        self._settler.stop_retrying()
         await self._writeback.stop()
         await self._leases.stop()
         await self._settler.stop()

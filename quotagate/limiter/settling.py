@@ -165,10 +165,14 @@ class Settler:
         self._refund_tasks.add(task)
         task.add_done_callback(self._refund_tasks.discard)
 
+    def stop_retrying(self) -> None:
+        """Refunds that fail from now on are logged as not sent, never retried (stopping)."""
+        self._closing = True
+
     async def stop(self) -> None:
         """No refund retries from here on (those running are cancelled); what is queued is
         sent now."""
-        self._closing = True
+        self.stop_retrying()
         for task in list(self._refund_tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
