@@ -17,6 +17,9 @@ Arms (same upstream, same client, same concurrency):
   D        wrk -> aiohttp passthrough deciding with the `limits` library -> upstream; sub-arms
            D-fixed, D-moving, D-sliding (async Redis strategies against the same Valkey)
   N        wrk -> nginx proxy_pass (keepalive 32, 1 worker) -> upstream   (if nginx is installed)
+  P        plugin mode: wrk -> nginx auth_request (deploy/nginx/quotagate.conf) -> quotagate's
+           decision service (authz_listen), then nginx proxy_pass -> upstream; nginx and
+           quotagate share the proxy core; CPU per request is quotagate's
 
 Every proxy is its own process pinned to one core (``taskset -c 1``); wrk is pinned to core 0
 (``taskset -c 0 wrk -t1 -c64 -d2s --latency``), the upstream and Valkey too (``--aux-cpus``).
@@ -56,6 +59,7 @@ from pathlib import Path
 import redis
 import yaml
 
+from quotagate.demo.staging import staged_nginx
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 HERE = Path(__file__).resolve().parent
@@ -66,12 +70,13 @@ PATH = "/functions/bench"
 ENV_OK = "bench-ok"
 ENV_EMPTY = "bench-empty"
 D_STRATEGIES = ("fixed", "moving", "sliding")
-ALL_ARMS = ("A", "B", "C", "Cfn", "Creject", "D", "N")
+ALL_ARMS = ("A", "B", "C", "Cfn", "Creject", "D", "N", "P")
 PLAIN_PATH = "/plain/bench"
+LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
 # Measurement order within a pass (reversed every other pass): the pairs the ratios compare sit
 # next to each other (A|N, N|B, B|C, C|D-fixed), so their slices are seconds apart.
-MEASURE_ORDER = ("A", "N", "B", "C", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
-DISPLAY_ORDER = ("A", "B", "C", "Cfn", "Creject", "D-fixed", "D-moving", "D-sliding", "N")
+MEASURE_ORDER = ("A", "N", "B", "C", "P", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
+DISPLAY_ORDER = ("A", "B", "C", "Cfn", "Creject", "D-fixed", "D-moving", "D-sliding", "N", "P")
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
@@ -623,6 +628,11 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
     if {"B", "N"} <= names:
         ratio_line("B/N req/s", "B", "N", rps)
         ratio_line("B/N CPU µs per request", "B", "N", cpu)
+    if {"P", "C"} <= names:
+        ratio_line("P/C req/s (target >= 1.5)", "P", "C", rps)
+        ratio_line("P/C quotagate CPU µs per request", "P", "C", cpu)
+    if {"P", "N"} <= names:
+        ratio_line("P/N req/s", "P", "N", rps)
     checks = []
     for arm in shown:
         samples = results.samples.get(arm.name, [])
@@ -665,8 +675,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="warm-up seconds per arm, once, before the first pass (%(default)s)")
     p.add_argument("--connections", type=int, default=64, help="wrk -c (%(default)s)")
     p.add_argument("--arms", default=",".join(ALL_ARMS),
-                   help="comma-separated subset of A,B,C,Creject,D,N, or D-fixed/D-moving/"
-                        "D-sliding (default: all; N is skipped when nginx is missing)")
+                   help="comma-separated subset of A,B,C,Creject,D,N,P, or D-fixed/D-moving/"
+                        "D-sliding (default: all; N and P are skipped without nginx)")
     p.add_argument("--client-cpu", default="0", help="core(s) for wrk (%(default)s)")
     p.add_argument("--proxy-cpu", default="1", help="core(s) for each proxy (%(default)s)")
     p.add_argument("--aux-cpus", default="0",
@@ -707,7 +717,7 @@ def select_arms(spec: str) -> list[str]:
             out.append(name)
         else:
             raise SystemExit(f"unknown arm {name!r} (A, B, C, Creject, D, D-fixed, D-moving, "
-                             "D-sliding, N)")
+                             "D-sliding, N, P)")
     return list(dict.fromkeys(out))
 
 
@@ -725,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
     if "N" in wanted and not shutil.which("nginx"):
         print("note: nginx not found, skipping arm N (apt-get install -y nginx)", file=sys.stderr)
         wanted.remove("N")
+    if "P" in wanted and not (shutil.which("nginx") and LUA_MODULE.exists()):
+        print("note: nginx or its lua module not found, skipping arm P (scripts/nginx "
+              "installs them)", file=sys.stderr)
+        wanted.remove("P")
     ncpu = os.cpu_count() or 1
     used = {int(c) for spec in (args.client_cpu, args.proxy_cpu, args.aux_cpus)
             for c in re.split(r"[,-]", spec) if c}
@@ -824,6 +838,30 @@ def main(argv: list[str] | None = None) -> int:
             arms.append(Arm("N", port, proc.pid, header,
                             "nginx proxy_pass, 1 worker, upstream keepalive 32, HTTP/1.1, "
                             "access_log off"))
+        if "P" in wanted:
+            # Plugin mode: the shipped deploy/nginx/quotagate.conf, its auth_request asking a
+            # quotagate decision service (no proxy of its own in the path), on the proxy's core.
+            cfg = yaml.safe_load(configs["enforce"].read_text())
+            authz = free_port()
+            cfg["authz_listen"] = f"127.0.0.1:{authz}"
+            authz_config = tmp / "gateway-authz.yaml"
+            authz_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            proc = children.start("gateway-authz", [PY, str(HERE / "gateway_proc.py"),
+                                                    str(authz_config), valkey.url],
+                                  args.proxy_cpu)
+            wait_http(int(cfg["listen"].rsplit(":", 1)[1]), ENV_OK, 30, "gateway (authz)",
+                      children)
+            port = free_port()
+            conf = staged_nginx(tmp / "nginx-p", listen=port, authz=authz,
+                                proxy=int(cfg["listen"].rsplit(":", 1)[1]), upstream=up_port)
+            children.start("nginx-p", ["nginx", "-p", str(conf.parent), "-c", str(conf),
+                                       "-g", "daemon off;"], args.proxy_cpu)
+            wait_http(port, ENV_OK, 20, "nginx (auth_request)", children)
+            arms.append(Arm("P", port, proc.pid, header,
+                            "deploy/nginx/quotagate.conf: nginx (1 worker) auth_request -> "
+                            "quotagate decision service (authz_listen) -> proxy_pass upstream, "
+                            f"both on cpu {args.proxy_cpu}, on {PLAIN_PATH}; CPU per request is "
+                            "quotagate's (nginx's not counted)", PLAIN_PATH))
         if not arms:
             print("no arms to run", file=sys.stderr)
             return 2

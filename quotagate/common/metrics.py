@@ -50,6 +50,12 @@ STREAMS_CHARGED_AFTER = Counter(
     "Responses that were streams although the request did not ask for one: the stream's "
     "extra cost was charged after them.",
 )
+DONE_CALLS = Counter(
+    "quotagate_done_calls_total",
+    "Plugin mode: proxies' done calls, by result (done; invalid: a ticket not ours or a bad "
+    "figure; unavailable: the store could not take it).",
+    ["result"],
+)
 CLIENT_CONNECTIONS = Gauge(
     "quotagate_client_connections", "Open client connections on the public listener.")
 CONNECTIONS_REFUSED = Counter(

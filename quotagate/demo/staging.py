@@ -67,3 +67,33 @@ def wait_ready_blocking(admin_port: int, *, alive: Callable[[], None] | None = N
                         timeout: float = 30) -> None:
     """``wait_ready`` for code that is not async (the load-test runners)."""
     asyncio.run(wait_ready(admin_port, alive=alive, timeout=timeout))
+
+
+#: deploy/nginx/: the shipped nginx (plugin mode).
+NGINX_DIR = Path(__file__).resolve().parents[2] / "deploy" / "nginx"
+#: The addresses quotagate.conf ships with: this server, quotagate's authz_listen and listen,
+#: the platform's services.
+NGINX_PORTS = {"listen": 8088, "authz": 9092, "proxy": 8080, "upstream": 9001}
+
+
+def staged_nginx(directory: Path, **ports: int) -> Path:
+    """deploy/nginx/ copied to ``directory`` with its ports replaced (``listen``, ``authz``,
+    ``proxy``, ``upstream``); returns the nginx.conf to run with
+    ``nginx -p <directory> -c nginx.conf``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    text = (NGINX_DIR / "quotagate.conf").read_text()
+    for name, port in ports.items():
+        shipped = NGINX_PORTS[name]
+        if name == "listen":
+            old, new = f"listen {shipped};", f"listen 127.0.0.1:{port};"
+        elif name == "authz":
+            text = text.replace(f"set $quotagate_done_port {shipped};",
+                                f"set $quotagate_done_port {port};")
+            old, new = f"127.0.0.1:{shipped}", f"127.0.0.1:{port}"
+        else:
+            old, new = f"127.0.0.1:{shipped}", f"127.0.0.1:{port}"
+        assert old in text, f"{old} is not in quotagate.conf"
+        text = text.replace(old, new)
+    (directory / "quotagate.conf").write_text(text)
+    (directory / "nginx.conf").write_text((NGINX_DIR / "nginx.conf").read_text())
+    return directory / "nginx.conf"

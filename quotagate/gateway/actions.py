@@ -97,7 +97,15 @@ async def read_action(request: web.Request, route: CompiledRoute,
     body = await read_body(request, limit)
     if body is None:
         raise body_too_large(limit, env)
-    if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+    return classify_action(route, body, request.headers.get("Content-Encoding", ""), env)
+
+
+def classify_action(route: CompiledRoute, body: bytes, content_encoding: str,
+                    env: str | None) -> ActionRequest:
+    """An action request's body counted as its action (the body read already, within the
+    route's ``max_body_bytes``); raises a Problem (400) when it cannot be."""
+    assert route.actions is not None
+    if (content_encoding or "identity").lower() != "identity":
         raise invalid_action("an action request's body is read to count it: send it "
                              "without Content-Encoding", env)
     decoded = _members(body, env)

@@ -20,14 +20,16 @@ _ADMITTED = metrics.DECISIONS.labels("admitted", "")
 
 
 async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "",
-                 needs: str = "") -> Decision | Problem:
+                 needs: str = "", holder: str = "", holder_lease_ms: int = 0
+                 ) -> Decision | Problem:
     """One decision, counted in the metrics; a Problem when the store fails closed.
 
-    A refused decision is returned as it is (the caller words the refusal).
+    A refused decision is returned as it is (the caller words the refusal). ``holder``:
+    plugin mode's slot holder (``Limiter.decide``).
     """
     started = time.perf_counter()
     try:
-        decision = await limiter.decide(env, kind, cost, slot, needs)
+        decision = await limiter.decide(env, kind, cost, slot, needs, holder, holder_lease_ms)
     except StoreUnavailable as exc:
         metrics.STORE_ERRORS.labels(
             "timeout" if isinstance(exc, StoreTimeout) else "unavailable"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from quotagate.common.envids import ENV_ID
 from quotagate.gateway.problems import Problem, invalid_environment
@@ -46,8 +47,7 @@ def all_domains(domains: tuple[str, ...], domain: str) -> tuple[str, ...]:
     return tuple(sorted(("." + d.lower() for d in every), key=len, reverse=True))
 
 
-def _from_host(request: web.Request, suffixes: tuple[str, ...]) -> str | None:
-    host = request.host
+def _from_host(host: str, suffixes: tuple[str, ...]) -> str | None:
     if not host or not suffixes:
         return None
     if host.startswith("["):  # an IPv6 literal is no environment's host
@@ -73,21 +73,28 @@ def environment_of(request: web.Request, suffixes: tuple[str, ...]) -> str | Non
     ``suffixes``: ``all_domains(...)``. Raises a 400 Problem for a malformed id, a repeated
     parameter or header, or two sources that disagree.
     """
-    found = _from_host(request, suffixes)
+    return environment_from(request.host, request.query_string, request.query,
+                            request.headers, suffixes)
+
+
+def environment_from(host: str, query_string: str, query: MultiMapping[str],
+                     headers: MultiMapping[str], suffixes: tuple[str, ...]) -> str | None:
+    """``environment_of`` for a request described by its parts (plugin mode: the proxy's
+    original host, query and headers)."""
+    found = _from_host(host, suffixes)
     where = "the host"
-    query = request.query_string
-    if query and "env" in query.lower():
-        keys = [k for k in request.query if k.casefold() in ("env", "envname")]
+    if query_string and "env" in query_string.lower():
+        keys = [k for k in query if k.casefold() in ("env", "envname")]
         if any(k != "env" for k in keys):  # another spelling the upstream may read
             raise invalid_environment("the environment is the env query parameter, spelled "
                                       "so: another spelling (ENV, envName) is ambiguous")
-        values = request.query.getall("env", [])
+        values = query.getall("env", [])
         if len(values) > 1:
             raise invalid_environment("more than one env query parameter")
         if values:
             found, where = _agree(found, where, _checked(values[0], "env parameter"),
                                   "the env parameter")
-    values = request.headers.getall(ENV_HEADER, [])
+    values = headers.getall(ENV_HEADER, [])
     if values:
         if len(values) > 1:
             raise invalid_environment(f"more than one {ENV_HEADER} header")

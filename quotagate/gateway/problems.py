@@ -34,6 +34,8 @@ CODES = {
     "route-not-found": "ROUTE_NOT_FOUND",
     "upstream-unavailable": "UPSTREAM_UNAVAILABLE",
     "upstream-timeout": "UPSTREAM_TIMEOUT",
+    "proxy-required": "PROXY_REQUIRED",
+    "invalid-decision": "INVALID_DECISION",
 }
 
 
@@ -163,3 +165,15 @@ def upstream_unavailable(env: str | None, detail: str) -> Problem:
 
 def upstream_timeout(env: str | None, detail: str) -> Problem:
     return Problem(504, "upstream-timeout", "Upstream timeout", detail, env)
+
+
+def proxy_required(env: str | None, what: str) -> Problem:
+    """Plugin mode: a request a proxy's decision call cannot describe enough to count."""
+    return Problem(501, "proxy-required", "Route this through quotagate's proxy",
+                   f"{what}: send these requests through quotagate's own listener (the "
+                   "proxy), not its decision service", env)
+
+
+def invalid_decision(detail: str) -> Problem:
+    """Plugin mode: a done call whose decision token is missing, forged or malformed."""
+    return Problem(400, "invalid-decision", "Invalid decision token", detail)

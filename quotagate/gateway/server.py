@@ -9,10 +9,11 @@ import gc
 import logging
 import multiprocessing
 import os
+import secrets
 import signal
 import sys
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -20,9 +21,14 @@ from prometheus_client import CollectorRegistry
 from quotagate.common.logs import TEXT_FORMAT, configure
 from quotagate.control.admin import init_admin_app
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
+from quotagate.gateway.authz import init_authz_app
 from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
+from quotagate.gateway.plugin import KEY_ENV, Tickets
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.settings import Config, load_config
+
+if TYPE_CHECKING:
+    from grpclib.server import Server as GrpcServer
 
 log = logging.getLogger("quotagate.server")
 
@@ -93,8 +99,27 @@ async def run_gateway(
              "connections (descriptor limit %d)", gw.clients.header_timeout_ms,
              gw.clients.body_timeout_ms, cap.limit, nofile)
     admin_runner = None
+    authz_runner = None
+    grpc: GrpcServer | None = None
+    tickets = Tickets()
     try:
         await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)
+        if gw.authz_listen:  # plugin mode: the decision service, on the proxy's state
+            authz_runner = web.AppRunner(init_authz_app(app[STATE], tickets), access_log=None,
+                                         handle_signals=False)
+            await authz_runner.setup()
+            await _listen(authz_runner, gw.authz_listen, "authz_listen",
+                          reuse_port=reuse_port, backlog=2048)
+        if gw.authz.grpc_listen:  # plugin mode: Envoy's rate limit service
+            from quotagate.gateway.rls import grpc_server  # (gRPC stack loaded only here)
+
+            grpc = grpc_server(app[STATE], tickets)
+            host, port = _split(gw.authz.grpc_listen)
+            try:
+                await grpc.start(host, port, reuse_port=reuse_port)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {gw.authz.grpc_listen} "
+                                 f"(authz.grpc_listen): {exc.strerror or exc}") from None
         if admin:
             admin_runner = web.AppRunner(
                 init_admin_app(app[STATE].runtime, registry), access_log=None, handle_signals=False
@@ -102,13 +127,18 @@ async def run_gateway(
             await admin_runner.setup()
             await _listen(admin_runner, gw.admin_listen, "admin_listen")
     except StartError:
-        if admin_runner is not None:
-            await admin_runner.cleanup()
+        await _close_grpc(grpc)
+        for extra in (admin_runner, authz_runner):
+            if extra is not None:
+                await extra.cleanup()
         await runner.cleanup()
         raise
     tune_gc()
-    log.info("gateway listening on http://%s (admin %s) pid %d", gw.listen,
-             gw.admin_listen if admin else "in worker 0", os.getpid())
+    log.info("gateway listening on http://%s (admin %s%s) pid %d", gw.listen,
+             gw.admin_listen if admin else "in worker 0",
+             "".join(f", {what} {where}" for what, where in (
+                 ("decisions", gw.authz_listen), ("rate limit service", gw.authz.grpc_listen))
+                 if where), os.getpid())
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,9 +155,17 @@ async def run_gateway(
         await stop.wait()
     finally:
         log.info("stopping gateway pid %d", os.getpid())
-        if admin_runner is not None:
-            await admin_runner.cleanup()
+        await _close_grpc(grpc)
+        for extra in (admin_runner, authz_runner):
+            if extra is not None:
+                await extra.cleanup()
         await runner.cleanup()
+
+
+async def _close_grpc(server: GrpcServer | None) -> None:
+    if server is not None:
+        server.close()
+        await server.wait_closed()
 
 
 def _worker(config_path: str, store_url: str, index: int, log_level: str,
@@ -183,6 +221,9 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
     with tempfile.TemporaryDirectory(prefix="quotagate-metrics-") as metrics_dir:
         # Set before the workers import prometheus_client: they aggregate through files here.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        # Plugin mode: every worker signs and accepts the same decision tickets (a done call
+        # may reach another worker than the decision).
+        os.environ.setdefault(KEY_ENV, secrets.token_hex(32))
         ctx = multiprocessing.get_context("spawn")
         procs = [
             ctx.Process(target=_worker,

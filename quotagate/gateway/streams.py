@@ -33,8 +33,12 @@ def asks_by_headers(request: web.Request) -> bool:
     """``Accept: text/event-stream`` (any case, any parameters) or ``?stream=true``."""
     if "text/event-stream" in request.headers.get("Accept", "").lower():
         return True
-    return any(value.strip().lower() not in _NOT_STREAM
-               for value in request.query.getall("stream", ()))
+    return any(asks_by_value(value) for value in request.query.getall("stream", ()))
+
+
+def asks_by_value(value: str) -> bool:
+    """A ``stream`` parameter's value that asks for a stream."""
+    return value.strip().lower() not in _NOT_STREAM
 
 
 def _asks(value: object) -> bool:

@@ -99,23 +99,32 @@ class Decider:
         self.burst_ms = burst_ms
         self._burst = str(burst_ms).encode()
 
+    def holder_tail(self, holder: str, lease_ms: int) -> bytes:
+        """The instance and lease arguments of a slot held by ``holder`` (plugin mode: one
+        request's own lease) instead of this instance."""
+        return b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (
+            holder.encode(), str(lease_ms).encode()))
+
     def _packed(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime, slot: str,
-                needs: str) -> bytes:
+                needs: str, tail: bytes | None) -> bytes:
         parts = [self.calls.decide_head, self.calls.keys_packed(env)[0]]
         for arg in (script_arg(at).encode(), kind.encode(), str(cost).encode(), mode.encode(),
                     self._burst, slot.encode()):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-        parts.append(self._tail)
+        parts.append(self._tail if tail is None else tail)
         parts.append(b"$%d\r\n%s\r\n" % (len(needs), needs.encode()))
         return b"".join(parts)
 
     async def run(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime,
                   late: Told | None = None, slot: str = "", needs: str = "",
-                  abandoned: Told | None = None) -> Decision:
+                  abandoned: Told | None = None, holder: str = "",
+                  holder_lease_ms: int = 0) -> Decision:
         """One decision. ``late``: told the outcome of a command that timed out, if it ran.
-        ``abandoned``: told the outcome of a call whose caller was cancelled meanwhile."""
+        ``abandoned``: told the outcome of a call whose caller was cancelled meanwhile.
+        ``holder``: the slot is held by it for ``holder_lease_ms``, not by this instance."""
         key_slot = self.calls.keys_packed(env)[1]
-        fut = self.store.submit(self._packed(env, kind, cost, mode, at, slot, needs),
+        tail = self.holder_tail(holder, holder_lease_ms) if holder else None
+        fut = self.store.submit(self._packed(env, kind, cost, mode, at, slot, needs, tail),
                                 key_slot)
         try:
             if abandoned is None:  # the plain path: one coroutine frame less than _reply
@@ -134,8 +143,8 @@ class Decider:
             if isinstance(exc, OutOfMemory) and not self.calls.functions:
                 raise
             reply = await self._decide_again(env, key_slot, (
-                script_arg(at), kind, cost, mode, self.burst_ms, slot, self.instance,
-                self.lease_ms, needs), late, abandoned, exc)
+                script_arg(at), kind, cost, mode, self.burst_ms, slot, holder or self.instance,
+                holder_lease_ms if holder else self.lease_ms, needs), late, abandoned, exc)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND:
             self.on_missing(env)

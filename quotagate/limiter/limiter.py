@@ -17,6 +17,7 @@ This module is the facade and the failure policy; each concern is a module of it
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import socket
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from quotagate.common.clock import Clock, StoreClock
+from quotagate.common.clock import Clock, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import SLOT_MS, Backlog, BacklogKey
 from quotagate.limiter.calls import ScriptCalls
@@ -39,6 +40,8 @@ from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.writeback import WriteBack
 
 __all__ = ["Decision", "FailurePolicy", "Limiter", "new_instance_id"]
+
+log = logging.getLogger("quotagate.limiter")
 
 FailurePolicy = Literal["open", "closed"]
 
@@ -86,6 +89,8 @@ class Limiter:
                                 self._events.soon)
         self._leases = Leases(self._calls, self.clock, self.instance, lease_ms,
                               renew_interval_ms, self._settler)
+        #: Slots of plugin-mode holders being given back.
+        self._background: set[asyncio.Task[None]] = set()
 
     def _missing(self, env: str) -> None:
         if self.on_missing is not None:
@@ -150,18 +155,27 @@ class Limiter:
     # ------------------------------------------------------------------------ decisions
 
     async def decide(self, env: str, kind: str, cost: int, slot: str = "",
-                     needs: str = "") -> Decision:
+                     needs: str = "", holder: str = "", holder_lease_ms: int = 0
+                     ) -> Decision:
         """Admit or refuse one request; on an unreachable store apply the failure policy.
 
         ``slot`` ("rt:" or "fn:<name>"): also take a leased concurrency slot, given back with
         ``release``. ``needs``: a metered meter the request will use (refused once used up).
-        Raises ``StoreUnavailable`` only when the policy is ``closed``.
+        ``holder`` (plugin mode): the slot is held by it — one request's own lease of
+        ``holder_lease_ms``, given back by ``finish`` or ending with its lease — not by this
+        instance (which never renews it). Raises ``StoreUnavailable`` only when the policy is
+        ``closed``.
         """
         key: BacklogKey | None = None
         finish: Callable[[Decision], bool] | None = None
         abandoned: Callable[[Decision | None], None] | None = None
-        if slot:
+        own = slot and not holder  # a slot this instance holds (and renews)
+        if own:
             finish, abandoned = self._leases.acquiring(env, slot)
+        elif slot:
+            def abandoned(decision: Decision | None) -> None:  # the caller went away
+                if decision is not None and decision.admitted and decision.in_use > 0:
+                    self._release_for(env, holder, slot)
 
         def late(decision: Decision | None) -> None:
             # The timed-out call ran after all (it was charged just now, by the store).
@@ -181,17 +195,20 @@ class Limiter:
             # Refused (503): nothing it counted may stay — the slot given back, the calls
             # too (once: this runs once per timed-out call).
             if slot and decision.in_use > 0:
-                self._settler.queue(env, slot, None, 1)
+                if holder:
+                    self._release_for(env, holder, slot)
+                else:
+                    self._settler.queue(env, slot, None, 1)
             if refundable:
                 self.refund(env, "calls", cost, self.clock.now_ms())
 
         try:
             decision = await self._decider.run(env, kind, cost, self._mode,
                                                self.clock.script_time(), late, slot, needs,
-                                               abandoned)
+                                               abandoned, holder, holder_lease_ms)
         except StoreUnavailable:
             if self.on_failure == "closed":
-                if slot:
+                if own:
                     self._leases.hold(env, slot, -1)
                 raise
             # Fail-open, only for environments known to exist (the config, the store's
@@ -201,16 +218,16 @@ class Limiter:
             passed = self.clock.now_ms()
             entry = (env, kind, passed - passed % SLOT_MS)
             if env not in self.known or not self._writeback.backlog.admit(entry, cost):
-                if slot:
+                if own:
                     self._leases.hold(env, slot, -1)
                 raise StoreUnavailable(
                     "store unreachable" + ("" if env in self.known else
                                            f"; {env} is not known to exist here")) from None
             key = entry  # kept: a late reply takes it out again
             self._writeback.start()
-            return BYPASSED_HOLDING if slot else BYPASSED
+            return BYPASSED_HOLDING if own else BYPASSED
         except StoreError:
-            if slot:
+            if own:
                 self._leases.hold(env, slot, -1)
             raise
         if env not in self.known and decision.outcome is not Outcome.NOT_FOUND \
@@ -221,6 +238,41 @@ class Limiter:
         return decision
 
     # ------------------------------------------------------------------- after a response
+
+    async def finish(self, env: str, holder: str, slot: str, meters: dict[str, int]) -> None:
+        """Plugin mode, the proxy's done call for a decision made with ``holder``: its slot
+        given back and ``meters`` charged (a refund as "-<meter>@<ms>"), in one settle call,
+        once whatever the retries (the holder names the decision). A store that cannot take
+        it now: the meters are kept for write-back (the slot ends with its lease)."""
+        names = keys.settle_keys(env)
+        if meters:
+            names = [*names, keys.seen(env, "done:" + holder)]
+        args: list[str | int] = [script_arg(self.clock.script_time()), holder, self._mode,
+                                 1 if slot else 0, *((slot, 1) if slot else ())]
+        for meter, amount in meters.items():
+            args += (meter, amount)
+        try:
+            reply = await self._calls.settle(env, names, args)
+        except StoreUnavailable:
+            for meter, amount in meters.items():
+                if not meter.startswith("-"):  # refunds are never written back
+                    self.meter(env, meter, amount)
+            return
+        if reply[1] & Flag.EVENTS:
+            self._events.soon(env)
+
+    def _release_for(self, env: str, holder: str, slot: str) -> None:
+        """Give back ``holder``'s slot (a decision whose caller is gone), in the background."""
+        task = asyncio.get_running_loop().create_task(self._release_quietly(env, holder, slot))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release_quietly(self, env: str, holder: str, slot: str) -> None:
+        try:
+            await self.finish(env, holder, slot, {})
+        except StoreError as exc:
+            log.warning("slot %s of %s not given back now (%s): it ends with its lease",
+                        slot, env, exc)
 
     def release(self, env: str, slot: str, n: int = 1) -> None:
         """Give back ``n`` slots taken by ``decide`` (or held through a store outage)."""
@@ -300,6 +352,8 @@ class Limiter:
             await self._leases.give_back()
         await asyncio.sleep(0)
         await self._events.finish()  # events being moved to the global stream
+        if self._background:  # plugin-mode slots being given back
+            await asyncio.gather(*self._background, return_exceptions=True)
         await self.store.close()
         await asyncio.sleep(0)  # the callbacks of what the close failed (kept, journaled)
         self._settler.cancel_retries()

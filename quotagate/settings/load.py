@@ -190,10 +190,19 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         issues.append(
             ConfigIssue(file, "$.admin_listen", "must differ from listen (admin is never public)")
         )
-    for key in ("listen", "admin_listen"):
-        port = int(getattr(gw, key).rsplit(":", 1)[1])
+    listeners = {"listen": gw.listen, "admin_listen": gw.admin_listen}
+    if gw.authz_listen:
+        listeners["authz_listen"] = gw.authz_listen
+    if gw.authz.grpc_listen:
+        listeners["authz.grpc_listen"] = gw.authz.grpc_listen
+    taken: dict[str, str] = {}
+    for key, address in listeners.items():
+        port = int(address.rsplit(":", 1)[1])
         if port > 65535:
             issues.append(ConfigIssue(file, f"$.{key}", f"port {port} is out of range"))
+        if address in taken and key != "admin_listen":  # (that one is said above)
+            issues.append(ConfigIssue(file, f"$.{key}", f"must differ from {taken[address]}"))
+        taken.setdefault(address, key)
     if gw.store.url:
         scheme = urlsplit(gw.store.url).scheme
         if scheme not in ("redis", "rediss", "unix"):

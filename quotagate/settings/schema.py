@@ -68,6 +68,9 @@ GbsInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_EXACT // (1024 * 1000))]
 MemoryMb = Annotated[int, msgspec.Meta(gt=0, le=1024 * 1024)]
 Money = Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d+)?$")]
 HostPort = Annotated[str, msgspec.Meta(pattern=r"^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
+#: A listener that may be off ("").
+OptionalHostPort = Annotated[
+    str, msgspec.Meta(pattern=r"^$|^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -187,6 +190,11 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: CORS preflights (OPTIONS with Origin and Access-Control-Request-Method, no body):
     #: ``free`` passes them on uncounted, ``charged`` counts them as requests of the route.
     preflight: Literal["free", "charged"] = "free"
+    #: Plugin mode (``authz_listen``): a concurrency slot taken for a request of this route is
+    #: leased for this long; the proxy's done call gives it back sooner. Without a done call
+    #: (Envoy's rate limit service, a proxy that sends none) it ends here, and nothing is
+    #: metered after the response.
+    max_duration_ms: Annotated[int, msgspec.Meta(ge=1_000, le=86_400_000)] = 60_000
 
 
 class LeaseSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -206,9 +214,44 @@ class EventSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     webhook_retry_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 500
 
 
+class RateLimitDescriptors(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Plugin mode, Envoy's rate limit service: which descriptor entries name what."""
+
+    #: Decide only requests of this domain ("" : any); others are answered OK, untouched.
+    domain: str = ""
+    #: The entry whose value is the environment id (Envoy: ``x-cloudbase-env``).
+    env_key: str = "env"
+    #: The entry holding the request's host (``:authority``): ``{env}.<domain>`` names the
+    #: environment there, as on the HTTP front doors.
+    host_key: str = "host"
+    #: The entry holding the request's path (Envoy: a ``request_headers`` action on
+    #: ``:path``): routed as the HTTP front doors route it (kind, cost, function, slot).
+    path_key: str = "path"
+    #: The entry holding the request's method (``:method``), for routes limited by method.
+    method_key: str = "method"
+    #: Without a path entry: the entry naming the route kind (the first route of that kind
+    #: is used), and the function of a ``function`` kind.
+    kind_key: str = "kind"
+    function_key: str = "function"
+
+
+class AuthzSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Plugin mode beyond the HTTP decision listener (``authz_listen``)."""
+
+    #: Envoy's rate limit service (gRPC, ``envoy.service.ratelimit.v3``) listens here ("" :
+    #: off).
+    grpc_listen: OptionalHostPort = ""
+    ratelimit: RateLimitDescriptors = msgspec.field(default_factory=RateLimitDescriptors)
+
+
 class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     listen: HostPort = "127.0.0.1:8080"
     admin_listen: HostPort = "127.0.0.1:9090"
+    #: Plugin mode: the decision service of nginx ``auth_request``, Traefik ForwardAuth and
+    #: Envoy ``ext_authz`` (HTTP) listens here, with the done endpoint the proxy calls after
+    #: each response ("" : off). Keep it private, as the admin listener.
+    authz_listen: OptionalHostPort = ""
+    authz: AuthzSettings = msgspec.field(default_factory=AuthzSettings)
     #: Environment id from the host ``{env}.<domain>`` or ``{env}.{region}.<domain>``, for each
     #: of these domains (as the platform SDKs address it); also from the ``env`` query
     #: parameter, the X-CloudBase-Env header and, on action routes, the body's env/envName.

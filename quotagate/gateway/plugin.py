@@ -1,0 +1,307 @@
+"""Plugin mode's one decision: a request a proxy describes (nginx ``auth_request``, Traefik
+ForwardAuth, Envoy ``ext_authz`` or its rate limit service) decided as quotagate's own proxy
+decides it — environment, route, function slot, stream price, one ``decide`` — and, after
+the response, finished by the proxy's done call with a signed ticket.
+
+What differs from the proxy, because the proxy moves the bytes:
+
+- a function slot is held by the request itself (a holder id with the route's
+  ``max_duration_ms`` lease), not by this instance: any instance can give it back when the
+  done call comes, and without one it ends with its lease;
+- what is metered after the response (GBs, bytes; a stream's difference; a call the upstream
+  never answered given back) comes from the done call's figures;
+- realtime routes, and action routes whose body the proxy does not send, are refused with
+  ``proxy-required``: they need quotagate's own listener.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import itertools
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import msgspec
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from yarl import URL
+
+from quotagate.common import metrics
+from quotagate.gateway import streams
+from quotagate.gateway.actions import classify_action
+from quotagate.gateway.decisions import decide
+from quotagate.gateway.envid import environment_from, missing_environment
+from quotagate.gateway.headers import ratelimit_headers
+from quotagate.gateway.problems import (
+    Problem,
+    body_too_large,
+    invalid_decision,
+    invalid_function,
+    invalid_path,
+    proxy_required,
+    refusal,
+    route_not_found,
+)
+from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute
+from quotagate.gateway.state import GatewayState
+from quotagate.limiter.codes import Flag
+from quotagate.limiter.decision import Decision
+
+#: The header that carries the ticket of a decision the proxy must finish (done call).
+DECISION_HEADER = "X-Quotagate-Decision"
+#: The environment variable with the key that signs tickets. Instances that share it accept
+#: each other's tickets; without it each process has its own (``serve`` gives its workers
+#: one).
+KEY_ENV = "QUOTAGATE_AUTHZ_KEY"
+
+_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_ID_PREFIX = "p" + secrets.token_hex(7)
+_ids = itertools.count(1)
+
+
+class Ticket(msgspec.Struct, array_like=True, frozen=True):
+    """What the done call needs to finish a decision."""
+
+    env: str
+    #: Holds the slot (if any) and names the decision: the done call counts once per holder.
+    holder: str
+    slot: str
+    #: The route's meter after the response ("" none) and a function's memory for GBs.
+    meter: str
+    memory_mb: int
+    #: Calls charged up front, and the stream difference to charge after a stream nobody
+    #: asked for (as far as the decision could tell).
+    cost: int
+    after: int
+    decided_at: int
+    #: decide.lua charged the calls (so a call never answered may be given back).
+    charged: bool
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(Ticket)
+
+
+class Tickets:
+    """Tickets signed with HMAC-SHA256 (so a done call cannot release or meter what no
+    decision of ours made)."""
+
+    def __init__(self, key: bytes | None = None):
+        given = os.environ.get(KEY_ENV, "")
+        self.key = key or (given.encode() if given else secrets.token_bytes(32))
+
+    def sign(self, ticket: Ticket) -> str:
+        body = base64.urlsafe_b64encode(_ENCODER.encode(ticket)).rstrip(b"=")
+        mac = hmac.new(self.key, body, hashlib.sha256).digest()[:16]
+        return (body + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+
+    def open(self, text: str) -> Ticket:
+        """The ticket, or a 400 Problem when it is malformed or not ours."""
+        body, _, mac = text.encode(errors="replace").partition(b".")
+        try:
+            given = base64.urlsafe_b64decode(mac + b"=" * (-len(mac) % 4))
+            want = hmac.new(self.key, body, hashlib.sha256).digest()[:16]
+            if not body or not hmac.compare_digest(given, want):
+                raise invalid_decision("the decision token is not one this deployment signed "
+                                       f"(instances must share {KEY_ENV})")
+            return _DECODER.decode(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
+        except (ValueError, msgspec.DecodeError) as exc:
+            raise invalid_decision(f"the decision token cannot be read ({exc})") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Described:
+    """A request as a proxy describes it."""
+
+    method: str
+    #: The request target as the client sent it (origin form: path and query).
+    target: str
+    host: str
+    headers: CIMultiDictProxy[str] | CIMultiDict[str]
+    #: The body when the proxy sends it (Envoy ``with_request_body``, Traefik
+    #: ``forwardBody``); None when it does not.
+    body: bytes | None = None
+    #: The route's cost is multiplied by this (Envoy's ``hits_addend``).
+    cost_factor: int = 1
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The answer: ``problem`` None when admitted; ``headers`` for the client (RateLimit,
+    Retry-After) and, when the request must be finished, the ticket."""
+
+    request_id: str
+    env: str | None = None
+    problem: Problem | None = None
+    decision: Decision | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    ticket: str = ""
+
+
+def request_id(headers: Mapping[str, str]) -> str:
+    given = headers.get("X-Request-Id", "")
+    if given and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_ID_PREFIX}{next(_ids):016x}"
+
+
+def _refused_early(verdict: Verdict, problem: Problem) -> Verdict:
+    metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
+    verdict.problem = problem
+    return verdict
+
+
+async def decide_described(state: GatewayState, tickets: Tickets, req: Described) -> Verdict:
+    verdict = Verdict(request_id(req.headers))
+    try:
+        url = URL(req.target if req.target.startswith("/") else "/" + req.target,
+                  encoded=True)
+        path = url.path
+        query: MultiDictProxy[str] | MultiDict[str] = url.query
+    except ValueError:
+        return _refused_early(verdict, invalid_path(req.target[:200], ""))
+    try:
+        env = environment_from(req.host, url.raw_query_string, query, req.headers,
+                               state.env_suffixes)
+    except Problem as problem:
+        return _refused_early(verdict, problem)
+    verdict.env = env
+    if _DOT_SEGMENT.search(path) or not req.target.startswith("/"):
+        return _refused_early(verdict, invalid_path(req.target[:200], env or ""))
+    route = state.router.match(path, req.method, req.headers.get("Accept", ""))
+    if route is not None and route.kind == "realtime":
+        return _refused_early(verdict, proxy_required(
+            env, "a realtime route's watches are counted in its WebSocket frames"))
+    function = ""
+    preflight = (route is not None and req.method == "OPTIONS"
+                 and route.route.preflight == "free" and _is_preflight(req.headers))
+    if preflight and route is not None and route.actions is not None:
+        route = route.actions["auth"]
+    if route is not None and route.actions is not None:
+        if req.body is None:
+            return _refused_early(verdict, proxy_required(
+                env, "an action route is counted by its body's action, and this proxy does "
+                "not send the body"))
+        if len(req.body) > route.route.max_body_bytes:
+            return _refused_early(verdict, body_too_large(route.route.max_body_bytes, env))
+        try:
+            action = classify_action(route, req.body,
+                                     req.headers.get("Content-Encoding", ""), env)
+        except Problem as problem:
+            return _refused_early(verdict, problem)
+        route, env, function = action.route, action.env, action.function
+        verdict.env = env
+    elif route is not None and route.kind == "function":
+        function = route.function_name(path) or ""
+    if env is None:
+        return _refused_early(verdict, missing_environment(state.env_suffixes))
+    if route is None:
+        return _refused_early(verdict, route_not_found(path, env))
+    intent: bool | None = None
+    if route.stream_extra and not preflight:
+        intent = _asks_by_headers(req.headers, query) or None
+        if intent is None and req.body:
+            intent = streams.asks_by_body(req.body[:route.route.stream_probe_bytes])
+    return await decide_on_route(state, tickets, verdict, env, route, function,
+                                 req.method, 0 if preflight else route.cost * req.cost_factor,
+                                 path=path, intent=intent, preflight=preflight)
+
+
+async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdict, env: str,
+                          route: CompiledRoute, function: str, method: str, cost: int, *,
+                          path: str = "", intent: bool | None = None,
+                          preflight: bool = False) -> Verdict:
+    """The decision of a request of ``route`` at ``cost`` (its slot leased to the request
+    itself, its stream price by ``intent``: None when it could not be read)."""
+    verdict.env = env
+    gw = state.config.gateway
+    if state.env_modes.get(env, gw.enforcement) == "off":
+        metrics.DECISIONS.labels("off", "").inc()
+        return verdict
+    slot = ""
+    if route.kind == "function" and route.route.concurrency:
+        if not function:
+            return _refused_early(verdict, invalid_function(path or route.route.prefix, env))
+        slot = "fn:" + function
+    needs = route.needs_write if method in WRITE_METHODS else route.needs
+    after = 0
+    if route.stream_extra and not preflight:
+        if intent:
+            cost += route.stream_extra
+        else:
+            # Not asked for, or not readable here (no body sent, or not JSON): a stream's
+            # difference is charged after the response if the done call reports a stream.
+            after = route.stream_extra
+    holder = "p:" + secrets.token_hex(8) if (slot or route.meter or after) else ""
+    decided_at = state.limiter.clock.now_ms()
+    decision = await decide(state.limiter, env, route.kind, cost, slot, needs, holder,
+                            route.route.max_duration_ms)
+    if isinstance(decision, Problem):
+        verdict.problem = decision
+        return verdict
+    verdict.decision = decision
+    verdict.headers.update(ratelimit_headers(decision))
+    if not decision.admitted:
+        verdict.problem = refusal(decision, env)
+        return verdict
+    if decision.store_bypassed:
+        verdict.headers["X-Quotagate-Bypass"] = "store-unavailable"
+    elif decision.flags & Flag.SHADOW_REFUSAL:
+        verdict.headers["X-Quotagate-Shadow"] = "would-refuse"
+    if holder and not decision.flags & Flag.MODE_OFF:
+        memory = state.memory_mb(env, function, route) if route.meter == "gbs" else 0
+        verdict.ticket = tickets.sign(Ticket(
+            env, holder, slot if decision.in_use > 0 else "", route.meter or "", memory, cost,
+            after, decided_at, decision.charged_calls(route.kind)))
+        verdict.headers[DECISION_HEADER] = verdict.ticket
+    return verdict
+
+
+def _is_preflight(headers: Mapping[str, str]) -> bool:
+    return ("Origin" in headers and "Access-Control-Request-Method" in headers
+            and not headers.get("Content-Length", "0").strip("0"))
+
+
+def _asks_by_headers(headers: Mapping[str, str], query: MultiDictProxy[str] | MultiDict[str]
+                     ) -> bool:
+    if "text/event-stream" in headers.get("Accept", "").lower():
+        return True
+    return any(streams.asks_by_value(v) for v in query.getall("stream", ()))
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """What the proxy reports after the response."""
+
+    #: The upstream answered (nginx: ``$upstream_bytes_received`` > 0); False: the proxy's
+    #: own 502/504, and a charged call is given back.
+    answered: bool = True
+    #: Milliseconds the request was with the upstream (GBs of a function).
+    duration_ms: int = 0
+    #: Response body bytes (a bytes meter).
+    bytes: int = 0
+    #: The response was a stream (``text/event-stream``).
+    stream: bool = False
+
+
+async def finish(state: GatewayState, ticket: Ticket, done: Done) -> None:
+    """Give the ticket's slot back and charge what the response decides, once."""
+    meters: dict[str, int] = {}
+    if ticket.meter == "gbs":
+        if done.duration_ms > 0:
+            meters["gbs"] = ticket.memory_mb * done.duration_ms
+    elif ticket.meter and done.bytes > 0:
+        meters[ticket.meter] = done.bytes
+    if not done.answered:
+        if ticket.charged and ticket.cost:
+            meters[f"-calls@{ticket.decided_at}"] = ticket.cost
+            metrics.REFUNDS.inc()
+    elif ticket.after and done.stream:
+        meters["calls"] = ticket.after
+        metrics.STREAMS_CHARGED_AFTER.inc()
+    await state.limiter.finish(ticket.env, ticket.holder, ticket.slot, meters)

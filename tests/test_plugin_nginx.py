@@ -1,0 +1,244 @@
+"""Plugin mode with the real thing: Debian's nginx and its lua module run the shipped
+deploy/nginx/quotagate.conf (only ports changed) in front of the demo upstream, deciding
+through ``quotagate serve`` (shipped config, ``authz_listen`` on, its own Valkey), real clock.
+
+nginx and libnginx-mod-http-lua are installed by scripts/test (scripts/bootstrap nginx)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aredis
+import yaml
+
+from quotagate.demo.staging import staged_nginx
+from quotagate.limiter import keys
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
+from tests.deployed import Deployed, days, hold_the_day, serve, shipped_config, start_upstream
+
+pytestmark = pytest.mark.deployed
+
+LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
+
+
+def environments() -> dict[str, Any]:
+    live = {"plan": "standard", "anchor": days(-3), "expires": days(360)}
+    return {"environments": {
+        "shop": {**live, "limits": {"qps": 1000}},
+        "tight": {**live, "limits": {"calls": 2, "qps": 1000}},
+        "slow": {**live, "limits": {"qps": 1}},
+        "lapsed": {"plan": "standard", "anchor": days(-40), "expires": days(-2)},
+        "fn": {**live, "limits": {"function_concurrency": 1, "qps": 1000}},
+    }}
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what} exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} did not listen on {port}")
+
+
+class Stack:
+    def __init__(self, gateway: Deployed, nginx_port: int, valkey: EmbeddedValkey,
+                 directory: Path):
+        self.gateway = gateway
+        self.base = f"http://127.0.0.1:{nginx_port}"
+        self.valkey = valkey
+        self.directory = directory
+
+    async def call(self, path: str, env: str | None = "shop", method: str = "GET",
+                   **headers: str) -> tuple[int, dict[str, str], bytes]:
+        if env is not None:
+            headers["X-CloudBase-Env"] = env
+        async with aiohttp.ClientSession() as s, s.request(
+                method, self.base + path, headers=headers) as r:
+            return r.status, dict(r.headers), await r.read()
+
+    def set_failure_policy(self, policy: str) -> None:
+        path = self.directory / "gateway.yaml"
+        settings = yaml.safe_load(path.read_text())
+        settings["on_store_failure"] = policy
+        path.write_text(yaml.safe_dump(settings, sort_keys=False))
+        self.gateway.proc.send_signal(signal.SIGHUP)
+
+
+@pytest.fixture(scope="module")
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(found).exists() and LUA_MODULE.exists(), (
+        "nginx and its lua module are not installed: run scripts/test (it runs "
+        "scripts/bootstrap nginx)")
+    return found
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, nginx_binary: str) -> AsyncIterator[Stack]:
+    hold_the_day()
+    valkey = EmbeddedValkey(tmp_path / "valkey", port=free_port(), appendonly=False).start()
+    upstream, upstream_url = start_upstream()
+    authz = free_port()
+    directory = tmp_path / "config"
+    gateway_settings = shipped_config(directory, upstream_url, authz_listen=f"127.0.0.1:{authz}",
+                                      store={"url": valkey.url, "timeout_ms": 200},
+                                      reload_poll_ms=0)
+    (directory / "environments.yaml").write_text(yaml.safe_dump(environments()))
+    gateway = await serve(directory, gateway_settings)
+    nginx_port = free_port()
+    conf = staged_nginx(tmp_path / "nginx", listen=nginx_port, authz=authz,
+                        proxy=gateway.port, upstream=int(upstream_url.rsplit(":", 1)[1]))
+    nginx = subprocess.Popen([nginx_binary, "-p", str(conf.parent), "-c", str(conf),
+                              "-g", "daemon off;"], stderr=subprocess.PIPE)
+    try:
+        _wait_port(nginx_port, nginx, "nginx")
+        yield Stack(gateway, nginx_port, valkey, directory)
+    finally:
+        nginx.terminate()
+        try:
+            nginx.wait(10)
+        except subprocess.TimeoutExpired:
+            nginx.kill()
+        log = gateway.stop()
+        upstream.kill()
+        valkey.stop()
+        assert "Traceback" not in log, log
+
+
+def problem(body: bytes) -> dict[str, Any]:
+    parsed = json.loads(body)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+async def store_calls(valkey: EmbeddedValkey) -> int:
+    client = aredis.Redis.from_url(valkey.url)
+    try:
+        stats = await client.info("commandstats")
+        return sum(int(v.get("calls", 0)) for k, v in stats.items()
+                   if k in ("cmdstat_fcall", "cmdstat_evalsha", "cmdstat_eval"))
+    finally:
+        await client.aclose()
+
+
+async def test_admitted_refused_and_unknown(stack: Stack):
+    status, headers, _ = await stack.call("/functions/hello")
+    assert status == 200
+    assert "RateLimit" in headers and "RateLimit-Policy" in headers
+    assert '"calls";q=' in headers["RateLimit-Policy"]
+
+    assert [(await stack.call("/database/q", "tight"))[0] for _ in range(2)] == [200, 200]
+    status, headers, body = await stack.call("/database/q", "tight")
+    assert status == 429
+    assert headers["Content-Type"] == "application/problem+json"
+    assert problem(body)["type"].endswith("/quota-exceeded")
+    assert problem(body)["code"] == "QUOTA_EXCEEDED"
+    assert int(headers["Retry-After"]) >= 1
+
+    status, _, body = await stack.call("/functions/hello", "lapsed")
+    assert status == 403 and problem(body)["type"].endswith("/environment-isolated")
+    status, _, body = await stack.call("/functions/hello", "nobody-here")
+    assert status == 404 and problem(body)["type"].endswith("/environment-not-found")
+
+
+async def test_qps_exceeded(stack: Stack):
+    results = await asyncio.gather(*(stack.call("/database/q", "slow") for _ in range(8)))
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses.count(200) >= 1 and statuses.count(429) >= 5, statuses
+    refused = next(body for status, _, body in results if status == 429)
+    assert problem(refused)["type"].endswith("/qps-exceeded")
+
+
+async def test_an_invalid_environment_is_refused_without_a_store_call(stack: Stack):
+    await stack.call("/functions/hello")  # the scripts loaded, the connection up
+    before = await store_calls(stack.valkey)
+    status, _, body = await stack.call("/functions/hello", "Bad_Env!")
+    assert status == 400 and problem(body)["type"].endswith("/invalid-environment")
+    status, _, body = await stack.call("/functions/hello", None,
+                                       Host="Bad_Env.api.tcloudbasegateway.com")
+    assert status == 400
+    assert await store_calls(stack.valkey) == before
+
+
+async def test_a_function_slot_is_given_back_by_the_log_phase(stack: Stack):
+    client = aredis.Redis.from_url(stack.valkey.url)
+    try:
+        slow = asyncio.create_task(stack.call("/functions/report/slow?ms=800", "fn"))
+        for _ in range(100):  # taken while it runs...
+            if int(await client.hget(keys.slots("fn"), "=fn:report") or 0) == 1:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the slot was never taken")
+        status, _, body = await stack.call("/functions/report", "fn")  # cap 1: refused
+        assert status == 429 and problem(body)["type"].endswith("/concurrency-exceeded")
+        assert (await slow)[0] == 200
+        for _ in range(100):  # ...and given back by the done call, long before its lease
+            if int(await client.hget(keys.slots("fn"), "=fn:report") or 0) == 0:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the log phase did not give the slot back")
+        assert (await stack.call("/functions/report", "fn"))[0] == 200
+        # The run time metered once: 256 MB x about 800 ms.
+        cycle = next(k for k in (await client.hgetall(keys.usage("fn")))
+                     if k.endswith(b":gbs"))
+        await asyncio.sleep(0.3)  # the second call's done call
+        gbs = int(await client.hget(keys.usage("fn"), cycle))
+        assert 256 * 800 <= gbs < 256 * 1400, gbs  # (twice would be 1,600 ms)
+    finally:
+        await client.aclose()
+
+
+async def test_store_down_fails_open_then_closed(stack: Stack):
+    assert (await stack.call("/database/q"))[0] == 200
+    assert stack.valkey.process is not None
+    stack.valkey.process.send_signal(signal.SIGSTOP)
+    try:
+        status, headers, _ = await stack.call("/database/q")
+        assert status == 200 and headers.get("X-Quotagate-Bypass") == "store-unavailable"
+        stack.set_failure_policy("closed")
+        for _ in range(50):
+            status, headers, body = await stack.call("/database/q")
+            if status == 503:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 503, status
+        assert problem(body)["type"].endswith("/store-unavailable")
+        assert headers["Retry-After"] == "1"
+    finally:
+        stack.valkey.process.send_signal(signal.SIGCONT)
+
+
+async def test_quotagate_unreachable_is_a_503(stack: Stack):
+    stack.gateway.proc.terminate()
+    stack.gateway.proc.wait(30)
+    status, headers, body = await stack.call("/functions/hello")
+    assert status == 503
+    assert problem(body)["code"] == "DECISION_UNAVAILABLE"
+    assert headers["Retry-After"] == "1"
+
+
+def test_the_shipped_conf_is_what_runs() -> None:
+    """staged_nginx changes nothing but the four addresses."""
+    shipped = (Path(__file__).resolve().parents[1] / "deploy/nginx/quotagate.conf").read_text()
+    staged = staged_nginx(Path("/tmp") / f"qg-nginx-{time.monotonic_ns()}", listen=1, authz=2,
+                          proxy=3, upstream=4).with_name("quotagate.conf").read_text()
+    changed = [(a, b) for a, b in zip(shipped.splitlines(), staged.splitlines(), strict=True)
+               if a != b]
+    assert len(changed) == 5, changed  # listen, three servers, the done port
