@@ -844,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = yaml.safe_load(configs["enforce"].read_text())
             authz = free_port()
             cfg["authz_listen"] = f"127.0.0.1:{authz}"
+            cfg["listen"] = f"127.0.0.1:{free_port()}"  # (C's gateway has the other one)
             authz_config = tmp / "gateway-authz.yaml"
             authz_config.write_text(yaml.safe_dump(cfg, sort_keys=False))
             proc = children.start("gateway-authz", [PY, str(HERE / "gateway_proc.py"),

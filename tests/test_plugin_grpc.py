@@ -164,3 +164,17 @@ async def test_the_environment_from_the_host_and_none_is_never_uncounted(service
                                             method="GET"))
     assert response.overall_code == RateLimitResponseCode.OK
     assert response.statuses[0].limit_remaining == 3
+
+
+def test_the_descriptor_set_is_what_envoys_protos_compile_to(tmp_path: Path):
+    """gateway/rls.py builds its messages from envoy_api/rls.binpb: it must be the vendored
+    protos compiled (scripts/protos), not an edited or stale file."""
+    import subprocess
+    import sys
+
+    api = Path(__file__).resolve().parents[1] / "quotagate" / "gateway" / "envoy_api"
+    out = tmp_path / "rls.binpb"
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(api),
+                    "--include_imports", f"--descriptor_set_out={out}",
+                    "envoy/service/ratelimit/v3/rls.proto"], check=True, timeout=60)
+    assert out.read_bytes() == (api / "rls.binpb").read_bytes()

@@ -20,6 +20,7 @@ be finished, the ticket.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -39,12 +40,11 @@ from quotagate.gateway.problems import Problem, invalid_decision, store_unavaila
 from quotagate.gateway.state import GatewayState
 from quotagate.limiter.errors import StoreError
 
-AUTHZ_STATE = web.AppKey("authz_state", GatewayState)
-TICKETS = web.AppKey("authz_tickets", Tickets)
 #: The largest body a proxy may send along (Envoy with_request_body, Traefik forwardBody).
 MAX_BODY = 64 * 1024 * 1024
 #: Values of the done call's figures: non-negative, exact in the store.
 MAX_FIGURE = 2**53 - 1
+ENVOY_PREFIX = "/authz/envoy"
 
 
 def _problem_header(problem: Problem, request_id: str) -> str:
@@ -55,59 +55,15 @@ def _problem_header(problem: Problem, request_id: str) -> str:
 
 
 def _headers(verdict: Verdict) -> dict[str, str]:
-    headers = dict(verdict.headers)
+    headers = verdict.headers
     headers["X-Request-Id"] = verdict.request_id
     return headers
 
 
-async def nginx(request: web.Request) -> web.Response:
-    """nginx ``auth_request``: 204 admitted; 403 refused (the real status and problem in
-    headers)."""
-    h = request.headers
-    verdict = await decide_described(request.app[AUTHZ_STATE], request.app[TICKETS], Described(
-        h.get("X-Original-Method", "GET"), h.get("X-Original-URI", "/"), request.host,
-        h))
-    headers = _headers(verdict)
-    problem = verdict.problem
-    if problem is None:
-        return web.Response(status=204, headers=headers)
-    headers["X-Quotagate-Status"] = str(problem.status)
-    headers["X-Quotagate-Problem"] = _problem_header(problem, verdict.request_id)
-    if problem.retry_after_s is not None:
-        headers["Retry-After"] = str(problem.retry_after_s)
-    return web.Response(status=403, headers=headers)
-
-
-async def _body(request: web.Request) -> bytes | None:
+async def _body(request: web.BaseRequest) -> bytes | None:
     if not request.body_exists:
         return None
     return await request.read()
-
-
-async def _answer(request: web.Request, described: Described) -> web.Response:
-    verdict = await decide_described(request.app[AUTHZ_STATE], request.app[TICKETS], described)
-    headers = _headers(verdict)
-    if verdict.problem is None:
-        return web.Response(status=200, headers=headers)
-    return verdict.problem.response(headers, verdict.request_id)
-
-
-async def forward_auth(request: web.Request) -> web.Response:
-    """Traefik ForwardAuth: 200 admitted; the refusal itself otherwise."""
-    h = request.headers
-    return await _answer(request, Described(
-        h.get("X-Forwarded-Method", request.method), h.get("X-Forwarded-Uri", "/"),
-        h.get("X-Forwarded-Host", request.host), h, await _body(request)))
-
-
-ENVOY_PREFIX = "/authz/envoy"
-
-
-async def envoy(request: web.Request) -> web.Response:
-    """Envoy ``ext_authz`` (HTTP service, ``path_prefix: /authz/envoy``)."""
-    target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-    return await _answer(request, Described(request.method, target, request.host,
-                                            request.headers, await _body(request)))
 
 
 def _figure(params: dict[str, Any], name: str) -> int:
@@ -134,46 +90,106 @@ def _flag(params: dict[str, Any], name: str, default: bool) -> bool:
     raise invalid_decision(f"{name} must be 1 or 0, not {text[:40]!r}")
 
 
-async def done(request: web.Request) -> web.Response:
-    """The proxy's call after the response: 204 once finished (or kept for write-back)."""
-    params: dict[str, Any] = dict(request.query)
-    try:
-        if request.body_exists:
-            try:
-                body = json.loads(await request.read())
-            except ValueError:
-                raise invalid_decision("the body must be a JSON object (or send the "
-                                       "figures as query parameters)") from None
-            if not isinstance(body, dict):
-                raise invalid_decision("the body must be a JSON object")
-            params.update(body)
-        token = params.get("decision")
-        if not isinstance(token, str) or not token:
-            raise invalid_decision(f"no decision: send the {DECISION_HEADER} header's value "
-                                   "as decision")
-        ticket = request.app[TICKETS].open(token)
-        figures = Done(_flag(params, "answered", True), _figure(params, "duration_ms"),
-                       _figure(params, "bytes"), _flag(params, "stream", False))
-    except Problem as problem:
-        metrics.DONE_CALLS.labels("invalid").inc()
-        return problem.response()
-    try:
-        await finish(request.app[AUTHZ_STATE], ticket, figures)
-    except StoreError:
-        metrics.DONE_CALLS.labels("unavailable").inc()
-        return store_unavailable(ticket.env).response()
-    metrics.DONE_CALLS.labels("done").inc()
-    return web.Response(status=204)
+class AuthzService:
+    """The decision listener's handler, on the same state as the proxy's. Served by aiohttp's
+    low-level server (no application router: four paths, dispatched here, cost a fifth less
+    per decision)."""
+
+    def __init__(self, state: GatewayState, tickets: Tickets | None = None):
+        self.state = state
+        self.tickets = tickets or Tickets()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.path
+        if path == "/authz/nginx":
+            return await self.nginx(request)
+        if path == "/authz/forward":
+            return await self.forward_auth(request)
+        if path.startswith(ENVOY_PREFIX + "/") or path == ENVOY_PREFIX:
+            return await self.envoy(request)
+        if path == "/authz/v1/done":
+            if request.method != "POST":
+                return web.Response(status=405, headers={"Allow": "POST"})
+            return await self.done(request)
+        return web.Response(status=404, text="not a decision endpoint: /authz/nginx, "
+                            "/authz/forward, /authz/envoy/<path>, POST /authz/v1/done\n")
+
+    async def nginx(self, request: web.BaseRequest) -> web.Response:
+        """nginx ``auth_request``: 204 admitted; 403 refused (the real status and problem in
+        headers)."""
+        h = request.headers
+        verdict = await decide_described(self.state, self.tickets, Described(
+            h.get("X-Original-Method", "GET"), h.get("X-Original-URI", "/"), request.host,
+            h))
+        headers = _headers(verdict)
+        problem = verdict.problem
+        if problem is None:
+            return web.Response(status=204, headers=headers)
+        headers["X-Quotagate-Status"] = str(problem.status)
+        headers["X-Quotagate-Problem"] = _problem_header(problem, verdict.request_id)
+        if problem.retry_after_s is not None:
+            headers["Retry-After"] = str(problem.retry_after_s)
+        return web.Response(status=403, headers=headers)
+
+    async def _answer(self, described: Described) -> web.Response:
+        verdict = await decide_described(self.state, self.tickets, described)
+        headers = _headers(verdict)
+        if verdict.problem is None:
+            return web.Response(status=200, headers=headers)
+        return verdict.problem.response(headers, verdict.request_id)
+
+    async def forward_auth(self, request: web.BaseRequest) -> web.Response:
+        """Traefik ForwardAuth: 200 admitted; the refusal itself otherwise."""
+        h = request.headers
+        return await self._answer(Described(
+            h.get("X-Forwarded-Method", request.method), h.get("X-Forwarded-Uri", "/"),
+            h.get("X-Forwarded-Host", request.host), h, await _body(request)))
+
+    async def envoy(self, request: web.BaseRequest) -> web.Response:
+        """Envoy ``ext_authz`` (HTTP service, ``path_prefix: /authz/envoy``)."""
+        target = request.raw_path[len(ENVOY_PREFIX):] or "/"
+        return await self._answer(Described(request.method, target, request.host,
+                                            request.headers, await _body(request)))
+
+    async def done(self, request: web.BaseRequest) -> web.Response:
+        """The proxy's call after the response: 204 once finished (or kept for write-back)."""
+        params: dict[str, Any] = dict(request.query)
+        try:
+            if request.body_exists:
+                try:
+                    body = json.loads(await request.read())
+                except ValueError:
+                    raise invalid_decision("the body must be a JSON object (or send the "
+                                           "figures as query parameters)") from None
+                if not isinstance(body, dict):
+                    raise invalid_decision("the body must be a JSON object")
+                params.update(body)
+            token = params.get("decision")
+            if not isinstance(token, str) or not token:
+                raise invalid_decision(f"no decision: send the {DECISION_HEADER} header's "
+                                       "value as decision")
+            ticket = self.tickets.open(token)
+            figures = Done(_flag(params, "answered", True), _figure(params, "duration_ms"),
+                           _figure(params, "bytes"), _flag(params, "stream", False))
+        except Problem as problem:
+            metrics.DONE_CALLS.labels("invalid").inc()
+            return problem.response()
+        try:
+            await finish(self.state, ticket, figures)
+        except StoreError:
+            metrics.DONE_CALLS.labels("unavailable").inc()
+            return store_unavailable(ticket.env).response()
+        metrics.DONE_CALLS.labels("done").inc()
+        return web.Response(status=204)
 
 
-def init_authz_app(state: GatewayState, tickets: Tickets | None = None) -> web.Application:
-    """The decision listener's application, on the same state as the proxy's."""
-    app = web.Application(client_max_size=MAX_BODY)
-    app[AUTHZ_STATE] = state
-    app[TICKETS] = tickets or Tickets()
-    app.router.add_route("*", "/authz/nginx", nginx)
-    app.router.add_route("*", "/authz/forward", forward_auth)
-    app.router.add_route("*", ENVOY_PREFIX + "/{tail:.*}", envoy)
-    app.router.add_post("/authz/v1/done", done)
-    return app
+def authz_server(state: GatewayState, tickets: Tickets | None = None) -> web.Server:
+    """The decision listener's server (``web.ServerRunner(authz_server(...))``)."""
+    service = AuthzService(state, tickets)
 
+    def request_factory(message: Any, payload: Any, protocol: Any, writer: Any,
+                        task: Any) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task,
+                               asyncio.get_running_loop(), client_max_size=MAX_BODY)
+
+    return web.Server(service, request_factory=request_factory, access_log=None)

@@ -59,6 +59,7 @@ DECISION_HEADER = "X-Quotagate-Decision"
 KEY_ENV = "QUOTAGATE_AUTHZ_KEY"
 
 _DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+_NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _ID_PREFIX = "p" + secrets.token_hex(7)
 _ids = itertools.count(1)
@@ -158,15 +159,18 @@ def _refused_early(verdict: Verdict, problem: Problem) -> Verdict:
 
 async def decide_described(state: GatewayState, tickets: Tickets, req: Described) -> Verdict:
     verdict = Verdict(request_id(req.headers))
+    raw, _, query_string = req.target.partition("?")
+    query: MultiDictProxy[str] | MultiDict[str] = _NO_QUERY
     try:
-        url = URL(req.target if req.target.startswith("/") else "/" + req.target,
-                  encoded=True)
-        path = url.path
-        query: MultiDictProxy[str] | MultiDict[str] = url.query
+        # Routed by the decoded path, as the proxy routes it (yarl only when there is
+        # something to decode: the common path costs nothing).
+        path = URL(raw or "/", encoded=True).path if "%" in raw else raw
+        if query_string:
+            query = URL("/?" + query_string, encoded=True).query
     except ValueError:
         return _refused_early(verdict, invalid_path(req.target[:200], ""))
     try:
-        env = environment_from(req.host, url.raw_query_string, query, req.headers,
+        env = environment_from(req.host, query_string, query, req.headers,
                                state.env_suffixes)
     except Problem as problem:
         return _refused_early(verdict, problem)

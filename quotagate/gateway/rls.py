@@ -13,28 +13,21 @@ route's ``max_duration_ms`` lease (unless the platform's service sends the done 
 
 The stack: grpclib (HTTP/2 gRPC on asyncio, so the service runs on the gateway's own event
 loop and shares its limiter and pipelined store connection; grpcio's server keeps its own
-threads and completion queue) with envoy-data-plane's messages, generated from Envoy's own
-protos.
+threads and completion queue), with message classes built at import from Envoy's own protos
+(``envoy_api/``, compiled into ``rls.binpb``) by protobuf's upb runtime: parsing and
+serializing in C, about seven times less CPU per decision than pure-Python messages.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
+from importlib import resources
+from typing import Any
 
-from envoy_data_plane.envoy.config.core.v3 import HeaderValue
-from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import RateLimitDescriptor
-from envoy_data_plane.envoy.service.ratelimit.v3 import (
-    RateLimitRequest,
-    RateLimitResponse,
-    RateLimitResponseCode,
-    RateLimitResponseDescriptorStatus,
-    RateLimitResponseRateLimit,
-    RateLimitResponseRateLimitUnit,
-    RateLimitServiceBase,
-)
-from grpclib.server import Server
+import grpclib.const
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpclib.server import Server, Stream
 from multidict import CIMultiDict
 
 from quotagate.common.envids import ENV_ID
@@ -53,33 +46,72 @@ from quotagate.limiter.codes import Outcome
 log = logging.getLogger("quotagate.gateway")
 
 UINT32 = 2**32 - 1
-OK = RateLimitResponseCode.OK
-OVER_LIMIT = RateLimitResponseCode.OVER_LIMIT
+METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
 
 
-def _limit(verdict: Verdict) -> tuple[RateLimitResponseRateLimit | None, int, int]:
+def _messages() -> dict[str, Any]:
+    """Envoy's messages, from the descriptor set of its protos (a pool of our own: nothing
+    registered globally)."""
+    files = descriptor_pb2.FileDescriptorSet.FromString(
+        resources.files("quotagate.gateway").joinpath("envoy_api/rls.binpb").read_bytes())
+    pool = descriptor_pool.DescriptorPool()
+    for file in files.file:
+        pool.Add(file)
+    names = {"RateLimitRequest": "envoy.service.ratelimit.v3.RateLimitRequest",
+             "RateLimitResponse": "envoy.service.ratelimit.v3.RateLimitResponse"}
+    found = {short: message_factory.GetMessageClass(pool.FindMessageTypeByName(full))
+             for short, full in names.items()}
+    response = pool.FindMessageTypeByName(names["RateLimitResponse"])
+    found["OK"] = response.enum_types_by_name["Code"].values_by_name["OK"].number
+    found["OVER_LIMIT"] = response.enum_types_by_name["Code"].values_by_name[
+        "OVER_LIMIT"].number
+    units = response.nested_types_by_name["RateLimit"].enum_types_by_name["Unit"]
+    found["SECOND"] = units.values_by_name["SECOND"].number
+    found["MONTH"] = units.values_by_name["MONTH"].number
+    return found
+
+
+_M = _messages()
+RateLimitRequest = _M["RateLimitRequest"]
+RateLimitResponse = _M["RateLimitResponse"]
+OK, OVER_LIMIT, SECOND, MONTH = _M["OK"], _M["OVER_LIMIT"], _M["SECOND"], _M["MONTH"]
+
+
+def _fill_limit(status: Any, verdict: Verdict) -> None:
     """The limit a descriptor's status reports: the one that refused, else the calls quota
-    (or QPS when no quota is known); with what is left and ms until it resets."""
+    (or QPS when no quota is known); with what is left and how long until it resets."""
     d = verdict.decision
     if d is None or d.qps_limit <= 0:
-        return None, 0, 0
+        return
+    limit = status.current_limit
     if d.outcome is Outcome.QPS_EXCEEDED or d.window_s <= 0:
-        return (RateLimitResponseRateLimit(name="qps", requests_per_unit=min(d.qps_limit, UINT32),
-                                           unit=RateLimitResponseRateLimitUnit.SECOND),
-                d.qps_remaining, d.qps_reset_ms)
-    return (RateLimitResponseRateLimit(name=d.meter or "calls",
-                                       requests_per_unit=min(d.quota, UINT32),
-                                       unit=RateLimitResponseRateLimitUnit.MONTH),
-            max(0, d.remaining), max(0, d.reset_ms))
+        limit.name, limit.requests_per_unit, limit.unit = "qps", min(d.qps_limit, UINT32), SECOND
+        remaining, reset_ms = d.qps_remaining, d.qps_reset_ms
+    else:
+        limit.name, limit.requests_per_unit = d.meter or "calls", min(d.quota, UINT32)
+        limit.unit = MONTH
+        remaining, reset_ms = max(0, d.remaining), max(0, d.reset_ms)
+    status.limit_remaining = min(remaining, UINT32)
+    status.duration_until_reset.FromMilliseconds(reset_ms)
 
 
-class RateLimitService(RateLimitServiceBase):
+class RateLimitService:
+    """``ShouldRateLimit`` (grpclib's handler mapping, Envoy's messages)."""
+
     def __init__(self, state: GatewayState, tickets: Tickets):
         self.state = state
         self.tickets = tickets
 
-    async def _one(self, descriptor: RateLimitDescriptor, hits: int, rid: str
-                   ) -> Verdict | None:
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        return {METHOD: grpclib.const.Handler(self._rpc, grpclib.const.Cardinality.UNARY_UNARY,
+                                              RateLimitRequest, RateLimitResponse)}
+
+    async def _rpc(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        await stream.send_message(await self.should_rate_limit(request))
+
+    async def _one(self, descriptor: Any, hits: int, rid: str) -> Verdict | None:
         settings = self.state.config.gateway.authz.ratelimit
         entries = {entry.key: entry.value for entry in descriptor.entries}
         env = entries.get(settings.env_key)
@@ -93,8 +125,8 @@ class RateLimitService(RateLimitServiceBase):
                 f"descriptor entry {settings.env_key} {env[:80]!r} is not an environment id "
                 "([a-z0-9][a-z0-9-]{0,62})")
             return verdict
-        if descriptor.hits_addend is not None:
-            hits = descriptor.hits_addend
+        if descriptor.HasField("hits_addend"):
+            hits = descriptor.hits_addend.value
         method = entries.get(settings.method_key, "GET")
         if path is not None:
             headers = CIMultiDict({"X-Request-Id": rid})
@@ -112,34 +144,31 @@ class RateLimitService(RateLimitServiceBase):
                                      entries.get(settings.function_key, ""), method,
                                      route.cost * hits)
 
-    async def should_rate_limit(self, message: RateLimitRequest) -> RateLimitResponse:
+    async def should_rate_limit(self, message: Any) -> Any:
         settings = self.state.config.gateway.authz.ratelimit
         response = RateLimitResponse(overall_code=OK)
         if settings.domain and message.domain != settings.domain:
-            response.statuses = [RateLimitResponseDescriptorStatus(code=OK)
-                                 for _ in message.descriptors]
+            for _ in message.descriptors:
+                response.statuses.add(code=OK)
             return response
         hits = message.hits_addend or 1  # (0: one, as Envoy means it)
         rid = request_id({})
         refused: Verdict | None = None
         for descriptor in message.descriptors:
             verdict = await self._one(descriptor, hits, rid)
+            status = response.statuses.add(code=OK)
             if verdict is None:
-                response.statuses.append(RateLimitResponseDescriptorStatus(code=OK))
                 continue
-            limit, remaining, reset_ms = _limit(verdict)
-            status = RateLimitResponseDescriptorStatus(
-                code=OVER_LIMIT if verdict.problem is not None else OK, current_limit=limit,
-                limit_remaining=min(remaining, UINT32),
-                duration_until_reset=dt.timedelta(milliseconds=reset_ms) if limit else None)
-            response.statuses.append(status)
-            if verdict.problem is not None and refused is None:
-                refused = verdict
+            if verdict.problem is not None:
+                status.code = OVER_LIMIT
+                if refused is None:
+                    refused = verdict
+            _fill_limit(status, verdict)
             for name, value in verdict.headers.items():
                 if name == "X-Quotagate-Decision":
-                    response.request_headers_to_add.append(HeaderValue(key=name, value=value))
+                    response.request_headers_to_add.add(key=name, value=value)
                 elif refused is None or verdict is refused:
-                    response.response_headers_to_add.append(HeaderValue(key=name, value=value))
+                    response.response_headers_to_add.add(key=name, value=value)
         if refused is not None:
             assert refused.problem is not None
             problem = refused.problem
@@ -151,8 +180,8 @@ class RateLimitService(RateLimitServiceBase):
                      "X-Quotagate-Status": str(problem.status)}
             if problem.retry_after_s is not None:
                 extra["Retry-After"] = str(problem.retry_after_s)
-            response.response_headers_to_add += [HeaderValue(key=k, value=v)
-                                                 for k, v in extra.items()]
+            for name, value in extra.items():
+                response.response_headers_to_add.add(key=name, value=value)
             log.debug("rate limit service refused %s: %s", refused.env,
                       json.loads(body)["type"])
         return response

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from quotagate.common.logs import TEXT_FORMAT, configure
 from quotagate.control.admin import init_admin_app
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
-from quotagate.gateway.authz import init_authz_app
+from quotagate.gateway.authz import authz_server
 from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
 from quotagate.gateway.plugin import KEY_ENV, Tickets
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
@@ -38,7 +38,7 @@ class StartError(RuntimeError):
     line for the operator, nothing left running."""
 
 
-async def _listen(runner: web.AppRunner, hostport: str, what: str, **kw: Any) -> None:
+async def _listen(runner: web.BaseRunner, hostport: str, what: str, **kw: Any) -> None:
     host, port = _split(hostport)
     try:
         await web.TCPSite(runner, host, port, **kw).start()
@@ -99,14 +99,14 @@ async def run_gateway(
              "connections (descriptor limit %d)", gw.clients.header_timeout_ms,
              gw.clients.body_timeout_ms, cap.limit, nofile)
     admin_runner = None
-    authz_runner = None
+    authz_runner: web.ServerRunner | None = None
     grpc: GrpcServer | None = None
     tickets = Tickets()
     try:
         await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)
         if gw.authz_listen:  # plugin mode: the decision service, on the proxy's state
-            authz_runner = web.AppRunner(init_authz_app(app[STATE], tickets), access_log=None,
-                                         handle_signals=False)
+            authz_runner = web.ServerRunner(authz_server(app[STATE], tickets),
+                                            handle_signals=False)
             await authz_runner.setup()
             await _listen(authz_runner, gw.authz_listen, "authz_listen",
                           reuse_port=reuse_port, backlog=2048)
