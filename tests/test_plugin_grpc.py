@@ -97,6 +97,17 @@ async def test_a_request_shaped_like_envoyproxy_ratelimits_examples(service: Ser
     assert '"calls";q=5' in headers(response)["RateLimit-Policy"]
 
 
+async def test_a_request_is_charged_once_whatever_its_descriptors(service: Service):
+    """Two rate_limits entries naming the same request: one decision, the second answered OK
+    without charging it again."""
+    response = await service.ask(descriptor(env="shop", kind="database"),
+                                 descriptor(env="shop", path="/database/q", method="GET"))
+    assert [s.code for s in response.statuses] == [RateLimitResponseCode.OK] * 2
+    assert response.statuses[0].limit_remaining == 4
+    again = await service.ask(descriptor(env="shop", kind="database"))
+    assert again.statuses[0].limit_remaining == 3
+
+
 async def test_over_limit_carries_the_problem(service: Service):
     asked = descriptor(env="shop", kind="database")
     for _ in range(2):

@@ -84,6 +84,10 @@ async def test_forward_auth_admits_then_answers_the_refusal_itself(authz: Authz)
     assert status == 404 and json.loads(body)["code"] == "ENVIRONMENT_NOT_FOUND"
     status, _, body = await authz.forward("GET", "/database/%2e%2e/ai/chat")
     assert status == 400 and json.loads(body)["code"] == "INVALID_PATH"
+    # A leading // is a path, not a host: nothing routes it (as on the proxy), never a
+    # cheaper route than the one the upstream will serve.
+    status, _, body = await authz.forward("GET", "//functions/database/f%41")
+    assert status == 404 and json.loads(body)["code"] == "ROUTE_NOT_FOUND"
     status, _, body = await authz.forward("GET", "/", env="shop")  # the realtime route
     assert status == 501 and json.loads(body)["code"] == "PROXY_REQUIRED"
     status, _, body = await authz.forward("POST", "/web")  # an action route, no body

@@ -40,6 +40,8 @@ def environments() -> dict[str, Any]:
         "slow": {**live, "limits": {"qps": 1}},
         "lapsed": {"plan": "standard", "anchor": days(-40), "expires": days(-2)},
         "fn": {**live, "limits": {"function_concurrency": 1, "qps": 1000}},
+        "ai": {**live, "limits": {"calls": 200, "qps": 1000}},
+        "pre": {**live, "limits": {"calls": 2, "qps": 1000}},
     }}
 
 
@@ -242,3 +244,55 @@ def test_the_shipped_conf_is_what_runs() -> None:
     changed = [(a, b) for a, b in zip(shipped.splitlines(), staged.splitlines(), strict=True)
                if a != b]
     assert len(changed) == 5, changed  # listen, three servers, the done port
+
+
+async def calls_used(valkey: EmbeddedValkey, env_id: str) -> int:
+    client = aredis.Redis.from_url(valkey.url)
+    try:
+        return sum(int(v) for k, v in (await client.hgetall(keys.usage(env_id))).items()
+                   if k.endswith(b":calls"))
+    finally:
+        await client.aclose()
+
+
+async def until(check: Any, want: int) -> int:
+    """``await check()`` until it is ``want`` (the done call comes after the response)."""
+    got = -1
+    for _ in range(100):
+        got = await check()
+        if got == want:
+            break
+        await asyncio.sleep(0.02)
+    return got
+
+
+async def test_a_stream_price_nginx_cannot_read_is_settled_by_the_done_call(stack: Stack):
+    """nginx sends no body, so an AI call's intent is unreadable: decided at the stream's
+    price (as the proxy decides an unreadable intent), the difference given back when the
+    response was no stream."""
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stack.base + "/ai/chat", json={"messages": []},
+                          headers={"X-CloudBase-Env": "ai"}) as r:
+            assert r.status == 200 and r.content_type == "application/json"
+            await r.read()
+        assert await until(lambda: calls_used(stack.valkey, "ai"), 1) == 1
+        async with s.post(stack.base + "/ai/chat", json={"stream": True},
+                          headers={"X-CloudBase-Env": "ai"}) as r:
+            assert r.status == 200 and r.content_type == "text/event-stream"
+            await r.read()
+        assert await until(lambda: calls_used(stack.valkey, "ai"), 1 + 50) == 51
+
+
+async def test_a_preflight_is_free_only_without_a_body(stack: Stack):
+    preflight = {"Origin": "https://app.example.com",
+                 "Access-Control-Request-Method": "POST"}
+    for _ in range(3):  # free: "pre" has 2 calls
+        assert (await stack.call("/database/q", "pre", "OPTIONS", **preflight))[0] == 200
+    assert await calls_used(stack.valkey, "pre") == 0
+    async with aiohttp.ClientSession() as s:
+        statuses = []
+        for _ in range(3):  # the same with a body: a request like any other
+            async with s.options(stack.base + "/database/q", data=b"x" * 10, headers={
+                    "X-CloudBase-Env": "pre", **preflight}) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 200, 429]

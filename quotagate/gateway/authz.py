@@ -11,8 +11,8 @@ platforms already run, and the done endpoint they call after each response.
   /authz/envoy``: the original method, path, ``Host`` (and body with ``with_request_body``).
   A refusal is the answer itself.
 - ``POST /authz/v1/done`` — after the response: ``decision`` (the ``X-Quotagate-Decision``
-  ticket), ``answered``, ``duration_ms``, ``bytes``, ``stream``, as query parameters or a JSON
-  object. Gives the request's function slot back and meters what it ran, once.
+  ticket), ``answered``, ``duration_ms``, ``bytes``, ``stream`` or ``content_type``, as query
+  parameters or a JSON object. Gives the request's function slot back and meters what it ran, once.
 
 An admitted request is answered 200 (nginx: 204) with the RateLimit headers and, when it must
 be finished, the ticket.
@@ -38,6 +38,7 @@ from quotagate.gateway.plugin import (
 )
 from quotagate.gateway.problems import Problem, invalid_decision, store_unavailable
 from quotagate.gateway.state import GatewayState
+from quotagate.gateway.streams import is_stream_type
 from quotagate.limiter.errors import StoreError
 
 #: The largest body a proxy may send along (Envoy with_request_body, Traefik forwardBody).
@@ -66,11 +67,22 @@ async def _body(request: web.BaseRequest) -> bytes | None:
     return await request.read()
 
 
+def _nginx_has_body(described: str | None) -> bool | None:
+    """``X-Original-Body: length=$content_length;te=$http_transfer_encoding`` (the shipped
+    nginx conf): whether the request has a body; None when the header is not there."""
+    if described is None:
+        return None
+    fields = dict(part.partition("=")[::2] for part in described.split(";"))
+    return fields.get("length", "") not in ("", "0") or bool(fields.get("te", ""))
+
+
 def _figure(params: dict[str, Any], name: str) -> int:
     value = params.get(name, 0)
     try:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise invalid_decision(f"{name} must be a whole number, not {str(value)[:40]!r}"
                                ) from None
     if isinstance(value, bool) or not 0 <= number <= MAX_FIGURE:
@@ -120,7 +132,7 @@ class AuthzService:
         h = request.headers
         verdict = await decide_described(self.state, self.tickets, Described(
             h.get("X-Original-Method", "GET"), h.get("X-Original-URI", "/"), request.host,
-            h))
+            h, has_body=_nginx_has_body(h.get("X-Original-Body"))))
         headers = _headers(verdict)
         problem = verdict.problem
         if problem is None:
@@ -141,15 +153,21 @@ class AuthzService:
     async def forward_auth(self, request: web.BaseRequest) -> web.Response:
         """Traefik ForwardAuth: 200 admitted; the refusal itself otherwise."""
         h = request.headers
+        body = await _body(request)
         return await self._answer(Described(
             h.get("X-Forwarded-Method", request.method), h.get("X-Forwarded-Uri", "/"),
-            h.get("X-Forwarded-Host", request.host), h, await _body(request)))
+            h.get("X-Forwarded-Host", request.host), h, body,
+            has_body=True if body else None))
 
     async def envoy(self, request: web.BaseRequest) -> web.Response:
         """Envoy ``ext_authz`` (HTTP service, ``path_prefix: /authz/envoy``)."""
         target = request.raw_path[len(ENVOY_PREFIX):] or "/"
-        return await self._answer(Described(request.method, target, request.host,
-                                            request.headers, await _body(request)))
+        body = await _body(request)
+        # Envoy marks a check request that carries the buffered body (with_request_body).
+        buffered = "x-envoy-auth-partial-body" in request.headers
+        return await self._answer(Described(
+            request.method, target, request.host, request.headers, body,
+            has_body=bool(body) if buffered else (True if body else None)))
 
     async def done(self, request: web.BaseRequest) -> web.Response:
         """The proxy's call after the response: 204 once finished (or kept for write-back)."""
@@ -169,8 +187,14 @@ class AuthzService:
                 raise invalid_decision(f"no decision: send the {DECISION_HEADER} header's "
                                        "value as decision")
             ticket = self.tickets.open(token)
+            if self.state.limiter.clock.now_ms() > ticket.expires_at:
+                raise invalid_decision("the decision token has expired (a done call comes "
+                                       "within the route's max_duration_ms and an hour)")
+            content_type = params.get("content_type")
+            stream = (is_stream_type(content_type) if isinstance(content_type, str)
+                      else _flag(params, "stream", False))
             figures = Done(_flag(params, "answered", True), _figure(params, "duration_ms"),
-                           _figure(params, "bytes"), _flag(params, "stream", False))
+                           _figure(params, "bytes"), stream)
         except Problem as problem:
             metrics.DONE_CALLS.labels("invalid").inc()
             return problem.response()
@@ -192,4 +216,6 @@ def authz_server(state: GatewayState, tickets: Tickets | None = None) -> web.Ser
         return web.BaseRequest(message, payload, protocol, writer, task,
                                asyncio.get_running_loop(), client_max_size=MAX_BODY)
 
-    return web.Server(service, request_factory=request_factory, access_log=None)
+    # A request head as long as nginx's (large_client_header_buffers) is still described.
+    return web.Server(service, request_factory=request_factory, access_log=None,
+                      max_line_size=32768, max_field_size=32768)

@@ -53,6 +53,9 @@ from quotagate.limiter.decision import Decision
 
 #: The header that carries the ticket of a decision the proxy must finish (done call).
 DECISION_HEADER = "X-Quotagate-Decision"
+#: A ticket is good for its route's max_duration_ms and this long after (a done call that
+#: comes later is refused: a replayed ticket cannot meter again once its seen key is gone).
+TICKET_GRACE_MS = 3_600_000
 #: The environment variable with the key that signs tickets. Instances that share it accept
 #: each other's tickets; without it each process has its own (``serve`` gives its workers
 #: one).
@@ -75,13 +78,17 @@ class Ticket(msgspec.Struct, array_like=True, frozen=True):
     #: The route's meter after the response ("" none) and a function's memory for GBs.
     meter: str
     memory_mb: int
-    #: Calls charged up front, and the stream difference to charge after a stream nobody
-    #: asked for (as far as the decision could tell).
+    #: Calls charged up front; the stream difference to charge after a stream nobody asked
+    #: for (``after``), or to give back after a response that was no stream when the intent
+    #: could not be read (``back``).
     cost: int
     after: int
+    back: int
     decided_at: int
     #: decide.lua charged the calls (so a call never answered may be given back).
     charged: bool
+    #: A done call after this (ms since the epoch) is refused: the ticket has expired.
+    expires_at: int
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -129,6 +136,10 @@ class Described:
     body: bytes | None = None
     #: The route's cost is multiplied by this (Envoy's ``hits_addend``).
     cost_factor: int = 1
+    #: Whether the request has a body: True / False when the proxy says (nginx's
+    #: X-Original-Content-Length, Envoy's buffered body), None when it cannot be known — a
+    #: preflight is then charged, never assumed free.
+    has_body: bool | None = None
 
 
 @dataclass(slots=True)
@@ -164,7 +175,7 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
     try:
         # Routed by the decoded path, as the proxy routes it (yarl only when there is
         # something to decode: the common path costs nothing).
-        path = URL(raw or "/", encoded=True).path if "%" in raw else raw
+        path = URL.build(path=raw, encoded=True).path if "%" in raw else raw
         if query_string:
             query = URL("/?" + query_string, encoded=True).query
     except ValueError:
@@ -183,7 +194,8 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
             env, "a realtime route's watches are counted in its WebSocket frames"))
     function = ""
     preflight = (route is not None and req.method == "OPTIONS"
-                 and route.route.preflight == "free" and _is_preflight(req.headers))
+                 and route.route.preflight == "free" and req.has_body is False
+                 and _is_preflight(req.headers))
     if preflight and route is not None and route.actions is not None:
         route = route.actions["auth"]
     if route is not None and route.actions is not None:
@@ -233,15 +245,18 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
             return _refused_early(verdict, invalid_function(path or route.route.prefix, env))
         slot = "fn:" + function
     needs = route.needs_write if method in WRITE_METHODS else route.needs
-    after = 0
+    after = back = 0
     if route.stream_extra and not preflight:
-        if intent:
+        if intent is None:
+            # Not readable here (no body sent, or not JSON): a stream's price, as the proxy
+            # decides an unreadable intent; the difference goes back when the done call
+            # reports an answer that was no stream (without a done call it stays charged).
+            cost, back = cost + route.stream_extra, route.stream_extra
+        elif intent:
             cost += route.stream_extra
         else:
-            # Not asked for, or not readable here (no body sent, or not JSON): a stream's
-            # difference is charged after the response if the done call reports a stream.
             after = route.stream_extra
-    holder = "p:" + secrets.token_hex(8) if (slot or route.meter or after) else ""
+    holder = "p:" + secrets.token_hex(8) if (slot or route.meter or after or back) else ""
     decided_at = state.limiter.clock.now_ms()
     decision = await decide(state.limiter, env, route.kind, cost, slot, needs, holder,
                             route.route.max_duration_ms)
@@ -259,9 +274,12 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
         verdict.headers["X-Quotagate-Shadow"] = "would-refuse"
     if holder and not decision.flags & Flag.MODE_OFF:
         memory = state.memory_mb(env, function, route) if route.meter == "gbs" else 0
+        # The slot whenever one was asked for: a decision that timed out and ran late may
+        # hold it (giving back what is not held changes nothing).
         verdict.ticket = tickets.sign(Ticket(
-            env, holder, slot if decision.in_use > 0 else "", route.meter or "", memory, cost,
-            after, decided_at, decision.charged_calls(route.kind)))
+            env, holder, slot, route.meter or "", memory, cost, after, back, decided_at,
+            decision.charged_calls(route.kind),
+            decided_at + route.route.max_duration_ms + TICKET_GRACE_MS))
         verdict.headers[DECISION_HEADER] = verdict.ticket
     return verdict
 
@@ -308,4 +326,6 @@ async def finish(state: GatewayState, ticket: Ticket, done: Done) -> None:
     elif ticket.after and done.stream:
         meters["calls"] = ticket.after
         metrics.STREAMS_CHARGED_AFTER.inc()
+    elif ticket.back and not done.stream and ticket.charged:
+        meters[f"-calls@{ticket.decided_at}"] = ticket.back
     await state.limiter.finish(ticket.env, ticket.holder, ticket.slot, meters)

@@ -2,20 +2,21 @@
 ShouldRateLimit`` over gRPC, a drop-in for the envoyproxy/ratelimit service
 (``authz.grpc_listen``).
 
-Each descriptor whose entries name an environment (``authz.ratelimit.env_key``) is one
-decision: routed by its path entry as the HTTP front doors route a request (kind, cost,
-function slot), or by its kind entry (the first route of that kind), at the route's cost
-times ``hits_addend``. Descriptors naming no environment are answered OK, untouched; any
-refused makes the overall code OVER_LIMIT, with the problem as the local reply's body and the
-RateLimit headers. Nothing calls back after the response: a function slot ends with the
-route's ``max_duration_ms`` lease (unless the platform's service sends the done call with the
-``X-Quotagate-Decision`` request header's ticket), and GBs and bytes are not metered.
+The first descriptor whose entries name a request (an environment, ``authz.ratelimit.
+env_key``, or host and path) is its one decision; later ones naming one are answered OK, never
+charged twice. It is routed by its path entry as the HTTP front doors route a request (kind,
+cost, function slot), or by its kind entry (the route of that kind with the longest prefix),
+at the route's cost times ``hits_addend``. Descriptors naming no request are answered OK,
+untouched; a refusal makes the overall code OVER_LIMIT, with the problem as the local reply's
+body and the RateLimit headers. Nothing calls back after the response: a function slot ends
+with the route's ``max_duration_ms`` lease (unless the platform's service sends the done call
+with the ``X-Quotagate-Decision`` request header's ticket), and GBs and bytes are not metered.
 
 The stack: grpclib (HTTP/2 gRPC on asyncio, so the service runs on the gateway's own event
-loop and shares its limiter and pipelined store connection; grpcio's server keeps its own
-threads and completion queue), with message classes built at import from Envoy's own protos
-(``envoy_api/``, compiled into ``rls.binpb``) by protobuf's upb runtime: parsing and
-serializing in C, about seven times less CPU per decision than pure-Python messages.
+loop and shares its limiter and pipelined store connection; grpcio's asyncio server cost more
+CPU per decision here), with message classes built at import from Envoy's own protos
+(``envoy_api/``, compiled into ``rls.binpb``) by protobuf's upb runtime (parsing and
+serializing in C: half the CPU per decision of pure-Python messages).
 """
 
 from __future__ import annotations
@@ -154,11 +155,15 @@ class RateLimitService:
         hits = message.hits_addend or 1  # (0: one, as Envoy means it)
         rid = request_id({})
         refused: Verdict | None = None
+        decided = False
         for descriptor in message.descriptors:
-            verdict = await self._one(descriptor, hits, rid)
+            # One decision per request: the first descriptor that names one; more such
+            # descriptors (a second rate_limits entry) are answered OK, not charged again.
+            verdict = None if decided else await self._one(descriptor, hits, rid)
             status = response.statuses.add(code=OK)
             if verdict is None:
                 continue
+            decided = True
             if verdict.problem is not None:
                 status.code = OVER_LIMIT
                 if refused is None:
