@@ -194,6 +194,12 @@ async def serve(directory: Path, gateway: dict[str, Any], *args: str,
     admin = int(gateway["admin_listen"].rsplit(":", 1)[1])
     try:
         await wait_ready(admin, proc, timeout=60)
+    except (AssertionError, TimeoutError) as exc:  # exited, or never ready: why, from its log
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        raise AssertionError(f"quotagate serve did not start ({exc}); its log:\n"
+                             f"{log.read()[-4000:]}") from None
     except BaseException:
         proc.kill()
         raise
