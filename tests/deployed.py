@@ -8,6 +8,7 @@ may depend on the day it runs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import zoneinfo
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -223,3 +225,30 @@ def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("the demo upstream did not start")
+
+
+def live_env(**limits: Any) -> dict[str, Any]:
+    """A standard-plan environment bought three days ago, for a year, with ``limits``."""
+    return {"plan": "standard", "anchor": days(-3), "expires": days(360), "limits": limits}
+
+
+@contextlib.asynccontextmanager
+async def served(directory: Path, environments: dict[str, Any], **changes: Any
+                 ) -> AsyncIterator[tuple[Deployed, str]]:
+    """``quotagate serve`` as shipped (``changes`` to gateway.yaml, these environments) in
+    front of the demo upstream; yields it and the upstream's URL. Stopped after, and its log
+    must hold no traceback."""
+    hold_the_day()
+    upstream, upstream_url = start_upstream()
+    try:
+        settings = shipped_config(directory, upstream_url, **changes)
+        (directory / "environments.yaml").write_text(
+            yaml.safe_dump({"environments": environments}))
+        deployed = await serve(directory, settings)
+        try:
+            yield deployed, upstream_url
+        finally:
+            log = deployed.stop()
+            assert "Traceback" not in log, log
+    finally:
+        upstream.kill()

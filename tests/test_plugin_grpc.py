@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-import yaml
 from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
     RateLimitDescriptor,
     RateLimitDescriptorEntry,
@@ -25,7 +23,7 @@ from envoy_data_plane.envoy.service.ratelimit.v3 import (
 )
 
 from quotagate.limiter.embedded import free_port
-from tests.deployed import Deployed, days, hold_the_day, serve, shipped_config, start_upstream
+from tests.deployed import Deployed, live_env, served
 
 pytestmark = pytest.mark.deployed
 
@@ -50,27 +48,17 @@ class Service:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Service]:
-    hold_the_day()
-    upstream, upstream_url = start_upstream()
     port = free_port()
-    directory = tmp_path / "config"
-    settings = shipped_config(directory, upstream_url, authz={
-        "grpc_listen": f"127.0.0.1:{port}", "ratelimit": {"domain": "rl"}},
-        authz_listen=f"127.0.0.1:{free_port()}")
-    live: dict[str, Any] = {"plan": "standard", "anchor": days(-3), "expires": days(360)}
-    (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": {
-        "shop": {**live, "limits": {"calls": 5, "qps": 1000}},
-        "fn": {**live, "limits": {"function_concurrency": 1, "qps": 1000}},
-    }}))
-    deployed = await serve(directory, settings)
-    svc = Service(deployed, port)
-    try:
-        yield svc
-    finally:
-        svc.channel.close()
-        log = deployed.stop()
-        upstream.kill()
-        assert "Traceback" not in log, log
+    async with served(tmp_path / "config", {
+            "shop": live_env(calls=5, qps=1000),
+            "fn": live_env(function_concurrency=1, qps=1000)},
+            authz={"grpc_listen": f"127.0.0.1:{port}", "ratelimit": {"domain": "rl"}},
+            authz_listen=f"127.0.0.1:{free_port()}") as (deployed, _):
+        svc = Service(deployed, port)
+        try:
+            yield svc
+        finally:
+            svc.channel.close()
 
 
 def headers(response: RateLimitResponse) -> dict[str, str]:

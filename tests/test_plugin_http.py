@@ -11,10 +11,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
 from quotagate.limiter.embedded import free_port
-from tests.deployed import Deployed, days, hold_the_day, serve, shipped_config, start_upstream
+from tests.deployed import Deployed, live_env, served
 
 pytestmark = pytest.mark.deployed
 
@@ -54,23 +53,12 @@ class Authz:
 
 @pytest.fixture
 async def authz(tmp_path: Path) -> AsyncIterator[Authz]:
-    hold_the_day()
-    upstream, upstream_url = start_upstream()
     port = free_port()
-    directory = tmp_path / "config"
-    settings = shipped_config(directory, upstream_url, authz_listen=f"127.0.0.1:{port}")
-    live: dict[str, Any] = {"plan": "standard", "anchor": days(-3), "expires": days(360)}
-    (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": {
-        "shop": {**live, "limits": {"calls": 3, "qps": 1000}},
-        "fn": {**live, "limits": {"function_concurrency": 1, "qps": 1000}},
-    }}))
-    deployed = await serve(directory, settings)
-    try:
+    async with served(tmp_path / "config", {
+            "shop": live_env(calls=3, qps=1000),
+            "fn": live_env(function_concurrency=1, qps=1000)},
+            authz_listen=f"127.0.0.1:{port}") as (deployed, _):
         yield Authz(deployed, port)
-    finally:
-        log = deployed.stop()
-        upstream.kill()
-        assert "Traceback" not in log, log
 
 
 async def test_forward_auth_admits_then_answers_the_refusal_itself(authz: Authz):

@@ -25,7 +25,7 @@ import yaml
 from quotagate.demo.staging import staged_nginx
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
-from tests.deployed import Deployed, days, hold_the_day, serve, shipped_config, start_upstream
+from tests.deployed import Deployed, days, live_env, served
 
 pytestmark = pytest.mark.deployed
 
@@ -33,16 +33,15 @@ LUA_MODULE = Path("/usr/lib/nginx/modules/ngx_http_lua_module.so")
 
 
 def environments() -> dict[str, Any]:
-    live = {"plan": "standard", "anchor": days(-3), "expires": days(360)}
-    return {"environments": {
-        "shop": {**live, "limits": {"qps": 1000}},
-        "tight": {**live, "limits": {"calls": 2, "qps": 1000}},
-        "slow": {**live, "limits": {"qps": 1}},
+    return {
+        "shop": live_env(qps=1000),
+        "tight": live_env(calls=2, qps=1000),
+        "slow": live_env(qps=1),
         "lapsed": {"plan": "standard", "anchor": days(-40), "expires": days(-2)},
-        "fn": {**live, "limits": {"function_concurrency": 1, "qps": 1000}},
-        "ai": {**live, "limits": {"calls": 200, "qps": 1000}},
-        "pre": {**live, "limits": {"calls": 2, "qps": 1000}},
-    }}
+        "fn": live_env(function_concurrency=1, qps=1000),
+        "ai": live_env(calls=200, qps=1000),
+        "pre": live_env(calls=2, qps=1000),
+    }
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -92,34 +91,30 @@ def nginx_binary() -> str:
 
 @pytest.fixture
 async def stack(tmp_path: Path, nginx_binary: str) -> AsyncIterator[Stack]:
-    hold_the_day()
     valkey = EmbeddedValkey(tmp_path / "valkey", port=free_port(), appendonly=False).start()
-    upstream, upstream_url = start_upstream()
     authz = free_port()
     directory = tmp_path / "config"
-    gateway_settings = shipped_config(directory, upstream_url, authz_listen=f"127.0.0.1:{authz}",
-                                      store={"url": valkey.url, "timeout_ms": 200},
-                                      reload_poll_ms=0)
-    (directory / "environments.yaml").write_text(yaml.safe_dump(environments()))
-    gateway = await serve(directory, gateway_settings)
-    nginx_port = free_port()
-    conf = staged_nginx(tmp_path / "nginx", listen=nginx_port, authz=authz,
-                        proxy=gateway.port, upstream=int(upstream_url.rsplit(":", 1)[1]))
-    nginx = subprocess.Popen([nginx_binary, "-p", str(conf.parent), "-c", str(conf),
-                              "-g", "daemon off;"], stderr=subprocess.PIPE)
     try:
-        _wait_port(nginx_port, nginx, "nginx")
-        yield Stack(gateway, nginx_port, valkey, directory)
+        async with served(directory, environments(), authz_listen=f"127.0.0.1:{authz}",
+                          store={"url": valkey.url, "timeout_ms": 200},
+                          reload_poll_ms=0) as (gateway, upstream_url):
+            nginx_port = free_port()
+            conf = staged_nginx(tmp_path / "nginx", listen=nginx_port, authz=authz,
+                                proxy=gateway.port,
+                                upstream=int(upstream_url.rsplit(":", 1)[1]))
+            nginx = subprocess.Popen([nginx_binary, "-p", str(conf.parent), "-c", str(conf),
+                                      "-g", "daemon off;"], stderr=subprocess.PIPE)
+            try:
+                _wait_port(nginx_port, nginx, "nginx")
+                yield Stack(gateway, nginx_port, valkey, directory)
+            finally:
+                nginx.terminate()
+                try:
+                    nginx.wait(10)
+                except subprocess.TimeoutExpired:
+                    nginx.kill()
     finally:
-        nginx.terminate()
-        try:
-            nginx.wait(10)
-        except subprocess.TimeoutExpired:
-            nginx.kill()
-        log = gateway.stop()
-        upstream.kill()
         valkey.stop()
-        assert "Traceback" not in log, log
 
 
 def problem(body: bytes) -> dict[str, Any]:
