@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from quotagate import __version__
 from quotagate.settings import check_files
 
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quotagate",
         description="Quota-enforcement gateway for multi-tenant Backend-as-a-Service platforms.",
     )
+    parser.add_argument("--version", action="version", version=f"quotagate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway, admin API and metrics",

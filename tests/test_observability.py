@@ -84,3 +84,54 @@ async def test_per_environment_metrics_only_for_listed_envs(make_gateway, admin_
     text = await (await (await admin_for(gw)).get("/metrics")).text()
     assert re.search(r'quotagate_env_decisions_total\{env="shop",result="admitted"\} [1-9]', text)
     assert 'env="other"' not in text
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_store_errors_are_counted_in_fail_open_mode_too(make_gateway):
+    """Fail-open admits through an outage: the outage still shows in the store-error count."""
+    from quotagate.limiter.embedded import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    gw = await make_gateway({"shop": env()}, store_url=dead, on_store_failure="open",
+                            store={"timeout_ms": 100})
+    before = _sample("quotagate_store_errors_total", {"kind": "unavailable"})
+    for _ in range(3):
+        resp = await gw.get("/functions/a", headers=H)
+        assert resp.status == 200 and resp.headers["X-Quotagate-Bypass"] == "store-unavailable"
+    assert _sample("quotagate_store_errors_total", {"kind": "unavailable"}) >= before + 3
+
+
+async def test_a_flushed_store_counts_a_script_reload(make_gateway, store):
+    gw = await make_gateway({"shop": env()})
+    assert (await gw.get("/functions/a", headers=H)).status == 200
+    before = _sample("quotagate_script_reloads_total")
+    await store.execute_command("FUNCTION", "FLUSH")
+    await store.execute_command("SCRIPT", "FLUSH")
+    assert (await gw.get("/functions/a", headers=H)).status == 200
+    assert _sample("quotagate_script_reloads_total") == before + 1
+
+
+async def test_version_is_told_and_the_server_header_names_no_python(make_gateway, admin_for):
+    import subprocess
+    import sys
+
+    from quotagate import __version__
+
+    out = subprocess.run([sys.executable, "-m", "quotagate", "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"quotagate {__version__}"
+    gw = await make_gateway({"shop": env()})
+    admin = await admin_for(gw)
+    health = await admin.get("/healthz")
+    assert (await health.json())["version"] == __version__
+    refused = await gw.get("/nowhere", headers=H)  # the gateway's own answer, not proxied
+    for resp in (health, refused):
+        assert resp.headers["Server"] == "quotagate", resp.headers
+    metrics_text = await (await admin.get("/metrics")).text()
+    assert 'quotagate_build_info{python="' in metrics_text
+    assert f'version="{__version__}"' in metrics_text

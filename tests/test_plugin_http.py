@@ -65,6 +65,7 @@ async def test_forward_auth_admits_then_answers_the_refusal_itself(authz: Authz)
     for _ in range(3):
         status, headers, _ = await authz.forward("GET", "/database/q?x=1")
         assert status == 200 and '"calls";q=3' in headers["RateLimit-Policy"]
+        assert headers["Server"] == "quotagate"
     status, headers, body = await authz.forward("GET", "/database/q?x=1")
     assert status == 429 and headers["Content-Type"] == "application/problem+json"
     assert json.loads(body)["code"] == "QUOTA_EXCEEDED" and int(headers["Retry-After"]) >= 1

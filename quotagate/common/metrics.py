@@ -8,7 +8,11 @@ aggregates them (PROMETHEUS_MULTIPROC_DIR). docs/grafana-dashboard.json is built
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import platform
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+from quotagate import __version__
 
 DECISIONS = Counter(
     "quotagate_decisions_total",
@@ -20,6 +24,8 @@ DECISION_SECONDS = Histogram(
     "Time from asking the store to its answer (one EVALSHA, pipelined).",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+BUILD_INFO = Info("quotagate_build", "The running quotagate: its version and Python's.")
+BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
 STORE_ERRORS = Counter(
     "quotagate_store_errors_total",
     "Store calls that failed, by kind (unavailable, timeout, error).",

@@ -6,8 +6,10 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from quotagate import __version__
 from quotagate.common import metrics
 from quotagate.common.clock import StoreClock
+from quotagate.common.server import name_the_server
 from quotagate.control import api as control_api
 from quotagate.control.envs import Environments
 from quotagate.control.runtime import Runtime
@@ -18,7 +20,7 @@ METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response({"status": "ok", "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -63,6 +65,7 @@ def init_admin_app(
     bearer ``token``, default from QUOTAGATE_ADMIN_TOKEN)."""
     app = web.Application(client_max_size=16 * 1024 * 1024)  # ingestion batches
     app[RUNTIME] = runtime
+    app.on_response_prepare.append(name_the_server)
     envs = Environments(runtime.redis, lambda: runtime.config,  # type: ignore[arg-type]
                         runtime.limiter.clock)
     control_api.install(app, envs, runtime.limiter, token, on_renewed=runtime.renewed)

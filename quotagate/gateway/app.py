@@ -22,6 +22,7 @@ from aiohttp import web
 from quotagate.common import metrics
 from quotagate.common.clock import Clock
 from quotagate.common.logs import decisions as decisions_log
+from quotagate.common.server import name_the_server
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, enqueue
 from quotagate.control.runtime import build_runtime
 from quotagate.gateway import realtime, streams
@@ -355,6 +356,7 @@ def init_app(config: Config, store_url: str, clock: Clock | None = None) -> web.
     app[STATE] = GatewayState(build_runtime(config, store_url, clock), UpstreamPool(
         config.gateway.upstream))
     app.cleanup_ctx.append(_lifecycle)
+    app.on_response_prepare.append(name_the_server)
     app.on_shutdown.append(_close_sockets)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

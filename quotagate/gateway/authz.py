@@ -27,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from quotagate.common import metrics
+from quotagate.common.server import SERVER
 from quotagate.gateway.plugin import (
     DECISION_HEADER,
     Described,
@@ -112,6 +113,11 @@ class AuthzService:
         self.tickets = tickets or Tickets()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        response = await self._dispatch(request)
+        response.headers.setdefault("Server", SERVER)  # (no signals on the low-level server)
+        return response
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         if path == "/authz/nginx":
             return await self.nginx(request)

@@ -9,7 +9,7 @@ import time
 from quotagate.common import metrics
 from quotagate.gateway.problems import Problem, store_unavailable
 from quotagate.limiter.codes import Flag, Outcome
-from quotagate.limiter.errors import StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.limiter import Decision, Limiter
 
 log = logging.getLogger("quotagate.gateway")
@@ -30,15 +30,11 @@ async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "
     started = time.perf_counter()
     try:
         decision = await limiter.decide(env, kind, cost, slot, needs, holder, holder_lease_ms)
-    except StoreUnavailable as exc:
-        metrics.STORE_ERRORS.labels(
-            "timeout" if isinstance(exc, StoreTimeout) else "unavailable"
-        ).inc()
+    except StoreUnavailable:  # (counted in quotagate_store_errors_total by the limiter)
         metrics.DECISIONS.labels("refused", "store-unavailable").inc()
         return store_unavailable(env)
     except StoreError as exc:
         log.error("decision failed for %s: %s", env, exc)
-        metrics.STORE_ERRORS.labels("error").inc()
         metrics.DECISIONS.labels("refused", "store-unavailable").inc()
         return store_unavailable(env)
     metrics.DECISION_SECONDS.observe(time.perf_counter() - started)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from quotagate.common import metrics
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore, slot_of
 from quotagate.limiter.errors import NoFunctions, NoScript, StoreError, StoreUnavailable
@@ -99,6 +100,7 @@ class ScriptCalls:
         or refuses functions: EVAL the body once (which caches the script again); load the
         library again for the next calls, or call scripts from now on."""
         self.script_reloads += 1
+        metrics.SCRIPT_RELOADS.inc()
         if isinstance(exc, NoFunctions):
             self.no_functions(exc)
         else:

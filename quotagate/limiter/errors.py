@@ -37,3 +37,13 @@ class Redirected(StoreError):
         kind, slot, where = text.split()[:3]
         host, _, port = where.rpartition(":")
         self.kind, self.slot, self.host, self.port = kind, int(slot), host, int(port)
+
+
+def count_store_error(exc: StoreError) -> None:
+    """``quotagate_store_errors_total``, by kind: every failed store call is counted where it
+    failed, whatever the failure policy then does with it."""
+    from quotagate.common import metrics  # (errors stays importable on its own)
+
+    kind = ("timeout" if isinstance(exc, StoreTimeout) else
+            "unavailable" if isinstance(exc, StoreUnavailable) else "error")
+    metrics.STORE_ERRORS.labels(kind).inc()

@@ -22,7 +22,7 @@ from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag
 from quotagate.limiter.decision import Decision
-from quotagate.limiter.errors import NoScript, StoreError
+from quotagate.limiter.errors import NoScript, StoreError, count_store_error
 from quotagate.limiter.scripts import RENEW
 from quotagate.limiter.settling import Settler
 
@@ -148,6 +148,7 @@ class Leases:
                     reply = await self.calls.reload(RENEW, call.names, call.key_slot,
                                                     call.args, exc)
             except StoreError as exc:
+                count_store_error(exc)
                 errors.append(exc)
                 continue
             statuses.update(zip(call.envs, reply, strict=True))

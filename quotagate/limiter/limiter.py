@@ -33,7 +33,7 @@ from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.decision import BYPASSED, BYPASSED_HOLDING, Decider, Decision
-from quotagate.limiter.errors import StoreError, StoreUnavailable
+from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
 from quotagate.limiter.forwarding import EventForwarder
 from quotagate.limiter.leases import Leases
 from quotagate.limiter.settling import REFUND_ATTEMPTS, REFUND_RETRY_S, Settler
@@ -210,7 +210,8 @@ class Limiter:
             decision = await self._decider.run(env, kind, cost, self._mode,
                                                self.clock.script_time(), late, slot, needs,
                                                abandoned, holder, holder_lease_ms)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            count_store_error(exc)
             if self.on_failure == "closed":
                 if own:
                     self._leases.hold(env, slot, -1)
@@ -230,7 +231,8 @@ class Limiter:
             key = entry  # kept: a late reply takes it out again
             self._writeback.start()
             return BYPASSED_HOLDING if own else BYPASSED
-        except StoreError:
+        except StoreError as exc:
+            count_store_error(exc)
             if own:
                 self._leases.hold(env, slot, -1)
             raise

@@ -20,7 +20,13 @@ from quotagate.limiter import keys
 from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.codes import Flag
-from quotagate.limiter.errors import NoScript, StoreError, StoreTimeout, StoreUnavailable
+from quotagate.limiter.errors import (
+    NoScript,
+    StoreError,
+    StoreTimeout,
+    StoreUnavailable,
+    count_store_error,
+)
 from quotagate.limiter.scripts import SETTLE
 from quotagate.limiter.writeback import WriteBack
 
@@ -103,6 +109,8 @@ class Settler:
                 lambda f: self._settled(env, meters, names, key_slot, args, f, True))
             return
         no_snapshot = False
+        if isinstance(exc, StoreError):
+            count_store_error(exc)
         if exc is None:
             reply = fut.result()
             if reply[1] & Flag.EVENTS:
