@@ -7,6 +7,7 @@ import asyncio
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aredis
 
 from quotagate.limiter import keys
@@ -121,3 +122,54 @@ async def test_sweep_moves_events_an_instance_left_behind(tmp_path: Path, noon_l
     got = await events(redis_client)
     assert len(got) == 1 and got[0]["env"] == "shop" and got[0]["event_id"].startswith("shop/")
     assert await sweep_env_streams(redis_client, lim) == 0
+
+
+async def test_webhooks_are_signed_and_a_tampered_body_fails(make_gateway, monkeypatch):
+    """Standard Webhooks: a receiver verifies with its own library (the reference one here);
+    the same delivery with a changed body, or signed with another secret, is refused."""
+    import base64
+    import secrets
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from quotagate.limiter.embedded import free_port
+
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+    monkeypatch.setenv("QUOTAGATE_WEBHOOK_SECRET", secret)
+    received: list[tuple[bytes, dict[str, str]]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((await request.read(), dict(request.headers)))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    port = free_port()
+    receiver = TestServer(app, port=port)
+    await receiver.start_server()
+    try:
+        gw = await make_gateway(
+            {"shop": env(limits={"calls": 5})},
+            events={"webhook_url": f"http://127.0.0.1:{port}/hook", "webhook_retry_ms": 20})
+        for _ in range(5):
+            assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status \
+                == 200
+        for _ in range(100):
+            if len(received) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        assert len(received) >= 3
+        body, headers = received[0]
+        event = Webhook(secret).verify(body, headers)
+        assert event["event_id"] == headers["webhook-id"] == headers["X-Quotagate-Event-Id"]
+        tampered = body.replace(b'"shop"', b'"shap"')
+        assert tampered != body
+        with pytest.raises(WebhookVerificationError):
+            Webhook(secret).verify(tampered, headers)
+        other = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        with pytest.raises(WebhookVerificationError):
+            Webhook(other).verify(body, headers)
+    finally:
+        await receiver.close()

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
+import os
 from typing import Any
 
 import aiohttp
 import redis.asyncio as aredis
+from standardwebhooks.webhooks import Webhook
 
 from quotagate.common import metrics
 from quotagate.common.aio import stop_if_cancelling
@@ -58,6 +61,10 @@ class WebhookDelivery:
         self.consumer = consumer
         self.delivered = 0
         self.failures = 0
+        #: Signs each delivery (Standard Webhooks) when the secret's variable is set.
+        secret = os.environ.get(settings.webhook_secret_env, "") \
+            if settings.webhook_secret_env else ""
+        self.signer = Webhook(secret) if secret else None
 
     async def ensure_group(self) -> None:
         with contextlib.suppress(aredis.ResponseError):  # BUSYGROUP: it exists
@@ -97,13 +104,17 @@ class WebhookDelivery:
 
     async def post(self, session: aiohttp.ClientSession, event: dict[str, str]) -> bool:
         delay = self.settings.webhook_retry_ms / 1000
-        body = json.dumps(event).encode()
+        body = json.dumps(event)
         for attempt in range(1, self.settings.webhook_max_attempts + 1):
+            headers = {"Content-Type": "application/json",
+                       "X-Quotagate-Event-Id": event["event_id"], "webhook-id": event["event_id"]}
+            if self.signer is not None:  # signed at each attempt: its own timestamp
+                now = dt.datetime.now(dt.UTC)
+                headers["webhook-timestamp"] = str(int(now.timestamp()))
+                headers["webhook-signature"] = self.signer.sign(event["event_id"], now, body)
             try:
-                async with session.post(
-                        self.settings.webhook_url, data=body,
-                        headers={"Content-Type": "application/json",
-                                 "X-Quotagate-Event-Id": event["event_id"]}) as resp:
+                async with session.post(self.settings.webhook_url, data=body.encode(),
+                                        headers=headers) as resp:
                     if 200 <= resp.status < 300:
                         self.delivered += 1
                         metrics.WEBHOOK_DELIVERIES.labels("delivered").inc()

@@ -212,6 +212,10 @@ class EventSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
     #: First retry delay, doubled each attempt (at most 30 s).
     webhook_retry_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 500
+    #: The environment variable holding the signing secret (Standard Webhooks, ``whsec_…``):
+    #: when it is set, every delivery carries webhook-id, webhook-timestamp and
+    #: webhook-signature (HMAC-SHA256). "" : never signed.
+    webhook_secret_env: str = "QUOTAGATE_WEBHOOK_SECRET"
 
 
 class RateLimitDescriptors(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
