@@ -3,6 +3,7 @@ fields; JSON lines parse."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -135,3 +136,37 @@ async def test_version_is_told_and_the_server_header_names_no_python(make_gatewa
     metrics_text = await (await admin.get("/metrics")).text()
     assert 'quotagate_build_info{python="' in metrics_text
     assert f'version="{__version__}"' in metrics_text
+
+
+async def test_the_access_log_has_every_request_once(make_gateway, capfd):
+    gw = await make_gateway({"shop": env(limits={"calls": 1})})
+    capfd.readouterr()
+    assert (await gw.get("/functions/f?token=secret", headers={**H, "X-Request-Id": "a1"})
+            ).status == 200
+    assert (await gw.get("/functions/f", headers=H)).status == 429  # quota used
+    assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "Bad!"})).status == 400
+    assert (await gw.get("/nowhere", headers=H)).status == 404
+    await asyncio.sleep(0.2)  # written every 50 ms
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if line.startswith("{")]
+    assert [(e["status"], e["decision"]) for e in lines] == [
+        (200, "admitted"), (429, "quota-exceeded"), (400, "invalid-environment"),
+        (404, "route-not-found")]
+    first = lines[0]
+    assert first["request_id"] == "a1" and first["env"] == "shop"
+    assert first["route"] == "/functions/" and first["kind"] == "function"
+    assert first["method"] == "GET" and first["path"] == "/functions/f"  # no query
+    assert first["upstream_status"] == 200 and first["upstream_ms"] >= 0
+    assert first["bytes"] > 0 and first["duration_ms"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
+    assert lines[1]["upstream_status"] is None and lines[1]["bytes"] > 0  # the gateway's
+    assert lines[2]["env"] is None  # refused before it was known
+    assert all((e["level"], e["logger"]) == ("info", "quotagate.access") for e in lines)
+
+
+async def test_the_access_log_can_be_off(make_gateway, capfd):
+    gw = await make_gateway({"shop": env()}, access_log=False)
+    capfd.readouterr()
+    assert (await gw.get("/functions/f", headers=H)).status == 200
+    await asyncio.sleep(0.2)
+    assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]

@@ -12,6 +12,7 @@ import itertools
 import logging
 import re
 import secrets
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +27,7 @@ from quotagate.common.server import name_the_server
 from quotagate.control.lifecycle import QUEUE_MAX_BODY, enqueue
 from quotagate.control.runtime import build_runtime
 from quotagate.gateway import realtime, streams
+from quotagate.gateway.accesslog import Entry
 from quotagate.gateway.actions import read_action, read_body
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_of, missing_environment
@@ -69,6 +71,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     await state.runtime.stop()
     await state.pool.close()
+    if state.access_log is not None:
+        state.access_log.flush()
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -113,32 +117,69 @@ def _request_id(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
-def _refused_early(problem: Problem, request_id: str) -> web.Response:
+def _refused_early(problem: Problem, request_id: str, entry: Entry) -> web.Response:
     """A refusal before any store call (bad input): counted, never charged."""
     metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
+    entry.decision = problem.type_suffix
     return problem.response(request_id=request_id)
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    entry = Entry(method=request.method, path=request.path)
+    if state.access_log is None:
+        return await _handle(request, state, entry)
+    started = time.perf_counter()
+    response: web.StreamResponse | None = None
+    try:
+        response = await _handle(request, state, entry)
+        return response
+    finally:
+        _log_access(state, entry, response, started)
+
+
+def _log_access(state: GatewayState, entry: Entry, response: web.StreamResponse | None,
+                started: float) -> None:
+    """One access-log line: what was answered (499: the client went away first)."""
+    if response is None:
+        entry.status = 499
+    else:
+        entry.status = response.status
+        body = getattr(response, "body", None)
+        entry.bytes = len(body) if isinstance(body, bytes) else response.body_length
+        if entry.upstream_ms is not None or entry.decision == "off":
+            entry.upstream_status = response.status
+    if not entry.decision:
+        entry.decision = "admitted" if response is not None and response.status < 400 else ""
+    assert state.access_log is not None
+    state.access_log.write(entry, started)
+
+
+async def _handle(request: web.Request, state: GatewayState, entry: Entry
+                  ) -> web.StreamResponse:
     gw = state.config.gateway
-    request_id = _request_id(request)
+    request_id = entry.request_id = _request_id(request)
     try:
         env = environment_of(request, state.env_suffixes)
     except Problem as problem:
-        return _refused_early(problem, request_id)
+        return _refused_early(problem, request_id, entry)
     path_qs: str | None = request.raw_path
     if not request.raw_path.startswith("/") or "/." in request.path:
         path_qs = _origin_form(request)
     if path_qs is None:
-        return _refused_early(invalid_path(request.raw_path[:200], env or ""), request_id)
+        return _refused_early(invalid_path(request.raw_path[:200], env or ""), request_id,
+                              entry)
+    entry.env = env
     route = state.router.match(request.path, request.method, request.headers.get("Accept", ""))
+    if route is not None:
+        entry.route, entry.kind = route.route.name or route.route.prefix, route.kind
     if route is not None and route.kind == "realtime":
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await realtime.handle_upgrade(request, state, route, env, path_qs,
                                                  request_id)
         # Never proxied (nor counted) as realtime: RFC 9110 §15.5.22 names the upgrade.
         metrics.INVALID_REQUESTS.labels("websocket-required").inc()
+        entry.decision = "websocket-required"
         return websocket_required(env).response(
             {"Upgrade": "websocket", "Connection": "Upgrade"}, request_id)
     body: bytes | AsyncIterable[bytes] | None = None
@@ -153,26 +194,28 @@ async def handle(request: web.Request) -> web.StreamResponse:
         try:  # the operation is in the body: read, classify, and check its env
             action = await _read_in_time(read_action(request, route, env), gw, env)
         except Problem as problem:
-            return _refused_early(problem, request_id)
+            return _refused_early(problem, request_id, entry)
         route, body, env, function = action.route, action.body, action.env, action.function
+        entry.env, entry.kind = env, route.kind
     elif route is not None and route.kind == "function":
         function = route.function_name(request.path) or ""
     if env is None:
-        return _refused_early(missing_environment(state.env_suffixes), request_id)
+        return _refused_early(missing_environment(state.env_suffixes), request_id, entry)
     if route is None:
-        return _refused_early(route_not_found(request.path, env), request_id)
+        return _refused_early(route_not_found(request.path, env), request_id, entry)
 
     extra: dict[str, str] = {}
     mode = state.env_modes.get(env, gw.enforcement)
     if mode == "off":
         _OFF.inc()
+        entry.decision = "off"
         return await state.pool.forward(request, route, env, path_qs, request_id, extra,
                                         body=body)
 
     slot = ""
     if route.kind == "function" and route.route.concurrency:
         if not function:
-            return _refused_early(invalid_function(request.path, env), request_id)
+            return _refused_early(invalid_function(request.path, env), request_id, entry)
         slot = "fn:" + function
     needs = route.needs_write if request.method in WRITE_METHODS else route.needs
     cost = 0 if preflight else route.cost
@@ -187,7 +230,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 prefix, whole = await _read_in_time(
                     streams.read_prefix(request, route.route.stream_probe_bytes), gw, env)
             except Problem as problem:
-                return _refused_early(problem, request_id)
+                return _refused_early(problem, request_id, entry)
             if whole and streams.readable(request):
                 intent = streams.asks_by_body(prefix)
                 body = prefix
@@ -204,6 +247,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     decided_at = state.limiter.clock.now_ms()
     decision = await decide(state.limiter, env, route.kind, cost, slot, needs)
     if isinstance(decision, Problem):
+        entry.decision = decision.type_suffix
         return decision.response(request_id=request_id)
     if not decision.admitted:
         if (decision.outcome is Outcome.ISOLATED and route.kind == "function"
@@ -212,9 +256,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 queued: bytes | None = await _read_in_time(
                     _whole(request, body, QUEUE_MAX_BODY), gw, env)
             except Problem as problem:
-                return _refused_early(problem, request_id)
+                return _refused_early(problem, request_id, entry)
+            entry.decision = "queued"
             return await _queue_invocation(state, request, env, path_qs, queued)
         refused = refusal(decision, env)
+        entry.decision = refused.type_suffix
         decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
                            refused.type_suffix, extra={
                                "env": env, "route": route.route.name or route.route.prefix,
@@ -229,8 +275,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
                                    "admitted", "request_id": request_id})
     if decision.store_bypassed:
         extra["X-Quotagate-Bypass"] = "store-unavailable"
+        entry.decision = "bypassed"
     elif decision.flags & Flag.SHADOW_REFUSAL:
         extra["X-Quotagate-Shadow"] = "would-refuse"
+        entry.decision = "shadow-refused"
+    else:
+        entry.decision = "admitted"
     extra.update(ratelimit_headers(decision))
     holds = decision.slot_held
     tally = Tally()
@@ -240,6 +290,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return await state.pool.forward(request, route, env, path_qs, request_id, extra,
                                         tally, body)
     finally:
+        if tally.answered:
+            entry.upstream_ms = tally.run_ms
         # Also when the client went away or the upstream failed: never a leaked slot.
         if holds:
             state.limiter.release(env, slot)

@@ -118,7 +118,8 @@ class AuthzService:
         return response
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.path
+        # (the raw target: decoding it into a URL costs more than the decision's own Python)
+        path = request.raw_path.partition("?")[0]
         if path == "/authz/nginx":
             return await self.nginx(request)
         if path == "/authz/forward":

@@ -16,6 +16,7 @@ import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate.control.runtime import Runtime
+from quotagate.gateway.accesslog import AccessLog
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import all_domains
 from quotagate.gateway.problems import Problem
@@ -49,6 +50,8 @@ class GatewayState:
     sockets: dict[str, set[Socket]] = field(default_factory=dict)
     #: Open realtime sockets that have not named their environment yet (LOGIN pending).
     unnamed_sockets: set[Socket] = field(default_factory=set)
+    #: One JSON line per request (``access_log``); None when off.
+    access_log: AccessLog | None = None
 
     def __post_init__(self) -> None:
         self.limiter = self.runtime.limiter
@@ -66,6 +69,12 @@ class GatewayState:
         self.env_modes = {env_id: env.mode
                           for env_id, env in config.environments.environments.items()
                           if env.mode is not None}
+        if not gw.access_log:
+            if self.access_log is not None:
+                self.access_log.flush()
+            self.access_log = None
+        elif self.access_log is None:
+            self.access_log = AccessLog()
 
     def upstream_base(self, path_qs: str) -> str | None:
         """Where a queued invocation of this path goes (its route's upstream)."""

@@ -279,6 +279,8 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     metrics_envs: Annotated[tuple[str, ...], msgspec.Meta(max_length=100)] = ()
     #: /metrics asks for the admin API's bearer token too (scrapers send it).
     metrics_auth: bool = False
+    #: One JSON line per request on the public listener, to stderr (gateway/accesslog.py).
+    access_log: bool = True
     #: The lifecycle scheduler's round (reminders, isolation and release events, replay of
     #: queued invocations); 0: off on this instance.
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
