@@ -151,9 +151,13 @@ async def test_serve_logs_json_lines(tmp_path: Path, upstream):
         _, err = proc.communicate(timeout=20)
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]
     assert all({"ts", "level", "logger", "msg"} <= set(line) for line in lines)
-    refused = [line for line in lines if line["logger"] == "quotagate.decisions"]
-    assert len(refused) == 1 and refused[0]["reason"] == "quota-exceeded"
+    access = [line for line in lines if line["logger"] == "quotagate.access"]
+    assert [line["status"] for line in access] == [200] * 5 + [429]
+    refused = [line for line in access if line["decision"] != "admitted"]
+    assert len(refused) == 1 and refused[0]["decision"] == "quota-exceeded"
     assert refused[0]["env"] == "shop" and refused[0]["level"] == "info"
+    # Logged once: the access log says it (the decisions log only at DEBUG).
+    assert not [line for line in lines if line["logger"] == "quotagate.decisions"]
 
 
 def test_demo_upstream_runs_as_a_module(tmp_path: Path):

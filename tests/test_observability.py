@@ -18,7 +18,9 @@ H = {"X-CloudBase-Env": "shop"}
 
 
 async def test_refusals_are_logged_with_their_fields(make_gateway, caplog):
-    gw = await make_gateway({"shop": env(limits={"calls": 1})})
+    """Without the access log, the decisions log says each refusal at INFO (with it, the
+    access log does: test_the_access_log_has_every_request_once)."""
+    gw = await make_gateway({"shop": env(limits={"calls": 1})}, access_log=False)
     with caplog.at_level(logging.DEBUG, "quotagate.decisions"):
         assert (await gw.get("/functions/f", headers={**H, "X-Request-Id": "req-1"})).status \
             == 200
@@ -170,3 +172,37 @@ async def test_the_access_log_can_be_off(make_gateway, capfd):
     assert (await gw.get("/functions/f", headers=H)).status == 200
     await asyncio.sleep(0.2)
     assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+
+
+async def test_requests_are_counted_by_kind_status_and_decision(make_gateway):
+    gw = await make_gateway({"shop": env(limits={"calls": 1})})
+    admitted = ("function", "2xx", "admitted")
+    refused = ("function", "4xx", "quota-exceeded")
+    invalid = ("none", "4xx", "invalid-environment")
+    names = ("kind", "status", "decision")
+    before = {k: _sample("quotagate_requests_total", dict(zip(names, k, strict=True)))
+              for k in (admitted, refused, invalid)}
+    latency_before = _sample("quotagate_request_duration_seconds_count", {"kind": "function"})
+    upstream_before = _sample("quotagate_upstream_duration_seconds_count", {"kind": "function"})
+    assert (await gw.get("/functions/f", headers=H)).status == 200
+    assert (await gw.get("/functions/f", headers=H)).status == 429
+    assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "Bad!"})).status == 400
+    for key, want in ((admitted, 1), (refused, 1), (invalid, 1)):
+        got = _sample("quotagate_requests_total", dict(zip(names, key, strict=True)))
+        assert got == before[key] + want, key
+    assert _sample("quotagate_request_duration_seconds_count", {"kind": "function"}) \
+        == latency_before + 2
+    assert _sample("quotagate_upstream_duration_seconds_count", {"kind": "function"}) \
+        == upstream_before + 1  # only the answered one went upstream
+
+
+async def test_with_the_access_log_a_refusal_is_logged_once(make_gateway, caplog, capfd):
+    gw = await make_gateway({"shop": env(limits={"calls": 0})})
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, "quotagate.decisions"):
+        assert (await gw.get("/functions/f", headers=H)).status == 429
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.name == "quotagate.decisions"]
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
+             if line.startswith("{")]
+    assert [e["decision"] for e in lines] == ["quota-exceeded"]

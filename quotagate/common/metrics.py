@@ -24,6 +24,26 @@ DECISION_SECONDS = Histogram(
     "Time from asking the store to its answer (one EVALSHA, pipelined).",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+REQUESTS = Counter(
+    "quotagate_requests_total",
+    "Requests on the public listener, by route kind, status class and decision (admitted, "
+    "bypassed, shadow-refused, off, queued, or the refusal's problem type).",
+    ["kind", "status", "decision"],
+)
+#: Seconds, for a proxy in front of functions and AI streams: 1 ms to 2 minutes.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                    30, 60, 120)
+REQUEST_SECONDS = Histogram(
+    "quotagate_request_duration_seconds",
+    "From the request's arrival to the end of its response, on the public listener (a "
+    "WebSocket: its whole life).",
+    ["kind"], buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_SECONDS = Histogram(
+    "quotagate_upstream_duration_seconds",
+    "From sending a request upstream to the end of its response, for answered requests.",
+    ["kind"], buckets=_LATENCY_BUCKETS,
+)
 BUILD_INFO = Info("quotagate_build", "The running quotagate: its version and Python's.")
 BUILD_INFO.info({"version": __version__, "python": platform.python_version()})
 STORE_ERRORS = Counter(

@@ -127,20 +127,25 @@ def _refused_early(problem: Problem, request_id: str, entry: Entry) -> web.Respo
 async def handle(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     entry = Entry(method=request.method, path=request.path)
-    if state.access_log is None:
-        return await _handle(request, state, entry)
     started = time.perf_counter()
     response: web.StreamResponse | None = None
     try:
         response = await _handle(request, state, entry)
         return response
     finally:
-        _log_access(state, entry, response, started)
+        _done(state, entry, response, started)
 
 
-def _log_access(state: GatewayState, entry: Entry, response: web.StreamResponse | None,
-                started: float) -> None:
-    """One access-log line: what was answered (499: the client went away first)."""
+#: Labelled children of the request metrics, bound once per label set (bounded: kinds x
+#: status classes x decision words).
+_REQUEST_COUNTERS: dict[tuple[str, str, str], Any] = {}
+_LATENCIES: dict[str, tuple[Any, Any]] = {}
+
+
+def _done(state: GatewayState, entry: Entry, response: web.StreamResponse | None,
+          started: float) -> None:
+    """A request ended: its metrics, and its access-log line (499: the client went away
+    first)."""
     if response is None:
         entry.status = 499
     else:
@@ -151,8 +156,21 @@ def _log_access(state: GatewayState, entry: Entry, response: web.StreamResponse 
             entry.upstream_status = response.status
     if not entry.decision:
         entry.decision = "admitted" if response is not None and response.status < 400 else ""
-    assert state.access_log is not None
-    state.access_log.write(entry, started)
+    kind = entry.kind or "none"
+    labels = (kind, f"{entry.status // 100}xx", entry.decision or "none")
+    counter = _REQUEST_COUNTERS.get(labels)
+    if counter is None:
+        counter = _REQUEST_COUNTERS[labels] = metrics.REQUESTS.labels(*labels)
+    counter.inc()
+    latencies = _LATENCIES.get(kind)
+    if latencies is None:
+        latencies = _LATENCIES[kind] = (metrics.REQUEST_SECONDS.labels(kind),
+                                        metrics.UPSTREAM_SECONDS.labels(kind))
+    latencies[0].observe(time.perf_counter() - started)
+    if entry.upstream_ms is not None:
+        latencies[1].observe(entry.upstream_ms / 1000)
+    if state.access_log is not None:
+        state.access_log.write(entry, started)
 
 
 async def _handle(request: web.Request, state: GatewayState, entry: Entry
@@ -261,11 +279,12 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
             return await _queue_invocation(state, request, env, path_qs, queued)
         refused = refusal(decision, env)
         entry.decision = refused.type_suffix
-        decisions_log.info("refused %s %s: %s", env, route.route.name or route.route.prefix,
-                           refused.type_suffix, extra={
-                               "env": env, "route": route.route.name or route.route.prefix,
-                               "meter": refused.meter, "reason": refused.type_suffix,
-                               "status": refused.status, "request_id": request_id})
+        # Logged once: in the access log when it is on (this line then only at DEBUG).
+        level = logging.DEBUG if state.access_log is not None else logging.INFO
+        name = route.route.name or route.route.prefix
+        decisions_log.log(level, "refused %s %s: %s", env, name, refused.type_suffix, extra={
+            "env": env, "route": name, "meter": refused.meter, "reason": refused.type_suffix,
+            "status": refused.status, "request_id": request_id})
         return refused.response(ratelimit_headers(decision), request_id)
     if decisions_log.isEnabledFor(logging.DEBUG):
         decisions_log.debug("admitted %s %s", env, route.route.name or route.route.prefix,
