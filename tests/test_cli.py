@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -177,3 +179,71 @@ def test_demo_upstream_runs_as_a_module(tmp_path: Path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def workers_of(pid: int) -> dict[int, str]:
+    """pid -> process title of serve's workers (as ps shows them)."""
+    out = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            title = " ".join(child.cmdline()).strip()
+            if title.startswith("quotagate worker"):
+                out[child.pid] = title
+    return out
+
+
+@pytest.mark.deployed
+async def test_a_dead_worker_is_started_again(tmp_path: Path, upstream):
+    config, port, admin = write_serve_config(tmp_path, upstream.port)
+    log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(config), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        await wait_ready(admin, proc)
+        for _ in range(100):
+            first = workers_of(proc.pid)
+            if len(first) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(first.values()) == ["quotagate worker 0", "quotagate worker 1"]
+        victim = next(pid for pid, title in first.items() if title.endswith("1"))
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(150):
+            now = workers_of(proc.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(now.values()) == ["quotagate worker 0", "quotagate worker 1"], now
+        assert proc.poll() is None  # the server stayed up
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):  # both workers answer (the port is shared)
+                async with s.get(f"http://127.0.0.1:{port}/functions/x",
+                                 headers={"X-CloudBase-Env": "shop"}) as r:
+                    assert r.status in (200, 429)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert "worker 1 exited" in text and "worker 1 started again" in text, text
+
+
+@pytest.mark.deployed
+def test_a_crash_loop_stops_serve_with_an_error(tmp_path: Path, upstream):
+    """Workers that cannot start (their port is taken, without SO_REUSEPORT) are started
+    again with backoff, then the server gives up and exits non-zero."""
+    import socket
+
+    config, port, _ = write_serve_config(tmp_path, upstream.port)
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        out = subprocess.run([*QUOTAGATE, "serve", "--config", str(config), "--workers", "2"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        blocker.close()
+    assert out.returncode != 0
+    assert "crash loop" in out.stderr, out.stderr[-3000:]
+    assert "starting it again" in out.stderr

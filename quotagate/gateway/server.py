@@ -13,8 +13,10 @@ import secrets
 import signal
 import sys
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any
 
+import setproctitle
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
@@ -172,6 +174,7 @@ def _worker(config_path: str, store_url: str, index: int, log_level: str,
             log_format: str = "text", parent: int = 0) -> None:
     # A worker ends with the serve process, however that ends (a kill -9 included).
     die_with_parent(parent or os.getppid())
+    setproctitle.setproctitle(f"quotagate worker {index}")  # as ps shows it
     configure(log_level, log_format)
     install_uvloop()
     config = load_config(config_path)
@@ -216,6 +219,15 @@ def serve(config_path: str, workers: int = 1, log_level: str = "INFO",
             embedded.stop()
 
 
+#: A worker that dies is started again after this long, doubled each time it dies again
+#: within RESTART_WINDOW_S (at most RESTART_MAX_S); this many deaths within the window is a
+#: crash loop: the server stops and exits non-zero (its supervisor decides what next).
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 10.0
+RESTART_WINDOW_S = 60.0
+RESTART_LIMIT = 5
+
+
 def _serve_workers(config_path: str, store_url: str, workers: int, log_level: str,
                    log_format: str) -> int:
     with tempfile.TemporaryDirectory(prefix="quotagate-metrics-") as metrics_dir:
@@ -225,14 +237,16 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
         # may reach another worker than the decision).
         os.environ.setdefault(KEY_ENV, secrets.token_hex(32))
         ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(target=_worker,
-                        args=(config_path, store_url, i, log_level, log_format, os.getpid()),
-                        name=f"quotagate-worker-{i}")
-            for i in range(workers)
-        ]
-        for p in procs:
-            p.start()
+
+        def start(index: int) -> multiprocessing.process.BaseProcess:
+            proc = ctx.Process(target=_worker,
+                               args=(config_path, store_url, index, log_level, log_format,
+                                     os.getpid()),
+                               name=f"quotagate-worker-{index}")
+            proc.start()
+            return proc
+
+        procs = [start(i) for i in range(workers)]
         log.info("started %d workers: %s", workers, ", ".join(str(p.pid) for p in procs))
         stopping = False
 
@@ -253,19 +267,43 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         signal.signal(signal.SIGHUP, _hup)
-        # A worker that dies takes the whole server down: a supervisor restarts it cleanly.
-        while not stopping and all(p.is_alive() for p in procs):
-            for p in procs:
-                p.join(0.5)
-                if not p.is_alive():
+        # A worker that dies is started again (its slots come back with its lease; the
+        # others keep serving); dying RESTART_LIMIT times within RESTART_WINDOW_S gives up.
+        deaths: list[float] = []
+        due: dict[int, float] = {}  # index -> monotonic time its restart is due
+        delay = RESTART_FIRST_S
+        crash_loop = False
+        while not stopping:
+            time.sleep(0.2)
+            now = time.monotonic()
+            for index, proc in enumerate(procs):
+                if stopping:
                     break
-        if not stopping:
-            dead = [p for p in procs if not p.is_alive()]
-            log.error("worker %s exited (code %s); stopping", dead[0].name, dead[0].exitcode)
-            _stop(signal.SIGTERM, None)
+                if index in due:
+                    if now >= due[index]:
+                        del due[index]
+                        procs[index] = start(index)
+                        log.warning("worker %d started again (pid %s)", index,
+                                    procs[index].pid)
+                    continue
+                if proc.is_alive():
+                    continue
+                deaths[:] = [d for d in deaths if now - d < RESTART_WINDOW_S] + [now]
+                if len(deaths) >= RESTART_LIMIT:
+                    log.error("worker %d exited (code %s): %d worker deaths within %.0f s, "
+                              "a crash loop — stopping", index, proc.exitcode, len(deaths),
+                              RESTART_WINDOW_S)
+                    crash_loop = True
+                    break
+                delay = RESTART_FIRST_S * 2 ** (len(deaths) - 1)
+                due[index] = now + min(delay, RESTART_MAX_S)
+                log.error("worker %d exited (code %s); starting it again in %.1f s", index,
+                          proc.exitcode, min(delay, RESTART_MAX_S))
+            if crash_loop:
+                _stop(signal.SIGTERM, None)
+                stopping = True
         for p in procs:
             p.join(10)
             if p.is_alive():
                 p.kill()
-        return 0 if stopping else 1
-
+        return 1 if crash_loop else 0
