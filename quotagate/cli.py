@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -48,6 +49,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _config_check(args: argparse.Namespace) -> int:
     issues = check_files(args.files)
+    if args.json:  # one object: what a CI step or an editor can read
+        print(json.dumps({"ok": not issues, "files": args.files,
+                          "issues": [{"file": i.file, "path": i.path, "reason": i.reason}
+                                     for i in issues]}, indent=2))
+        return 1 if issues else 0
     for issue in issues:
         print(issue, file=sys.stderr)
     if not issues:
@@ -96,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate gateway.yaml (with the files it names), plans.yaml or "
         "environments.yaml; print file, key path and reason per error; exit 1 on any error.")
     check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--json", action="store_true",
+                       help="print {ok, files, issues: [{file, path, reason}]} on stdout")
     check.set_defaults(func=_config_check)
 
     from quotagate.control.cli import add_commands

@@ -7,6 +7,7 @@ reason.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,18 @@ def test_config_reference_documents_every_key() -> None:
     missing = [f"{s.__name__}.{f.name}" for s in structs for f in msgspec.structs.fields(s)
                if not re.search(rf"`(?:[\w.]*\.)?{f.name}[`.]", doc)]
     assert missing == []
+
+
+def test_cli_config_check_json() -> None:
+    good = subprocess.run(
+        [sys.executable, "-m", "quotagate", "config", "check", "--json",
+         str(CONFIG / "gateway.yaml")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert good.returncode == 0 and json.loads(good.stdout)["ok"] is True
+    bad = CASES_DIR / "gw_misspelt_key" / "gateway.yaml"
+    out = subprocess.run([sys.executable, "-m", "quotagate", "config", "check", "--json",
+                          str(bad)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 1
+    report = json.loads(out.stdout)
+    assert report["ok"] is False and report["files"] == [str(bad)]
+    assert report["issues"] == [{"file": str(bad), "path": "$.store.timout_ms",
+                                 "reason": "unknown key (did you mean 'timeout_ms'?)"}]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import zoneinfo
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import msgspec
@@ -126,7 +128,60 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
         key_path, reason = _split(exc)
         if "[...]" in key_path:
             key_path, reason = _locate(raw, kind, key_path, reason)
-        raise ConfigError([ConfigIssue(name, key_path, reason)]) from None
+        raise ConfigError([ConfigIssue(name, key_path, _explain(kind, key_path, reason))]
+                          ) from None
+
+
+_SEGMENT = re.compile(r"\.([^.\[]+)|\[[^\]]*\]")
+
+
+def _type_at(kind: Any, path: str) -> Any:
+    """The schema type at a key path (``$.store.tls.ca_file``, ``$.routes[0].kind``,
+    ``$.environments.shop.plan``); None where it cannot be followed."""
+    current: Any = kind
+    for match in _SEGMENT.finditer(path[1:]):
+        while get_origin(current) is Annotated:
+            current = get_args(current)[0]
+        origin = get_origin(current)
+        if origin in (Union, UnionType):  # X | None: the struct
+            current = next((a for a in get_args(current) if a is not type(None)), None)
+            origin = get_origin(current)
+        key = match.group(1)
+        if origin is dict:
+            current = get_args(current)[1]
+        elif origin is tuple or origin is list:
+            current = get_args(current)[0]
+        elif key is not None and isinstance(current, type) and issubclass(current,
+                                                                          msgspec.Struct):
+            current = get_type_hints(current, include_extras=True).get(key)
+        else:
+            return None
+        if current is None:
+            return None
+    while get_origin(current) is Annotated:
+        current = get_args(current)[0]
+    return current
+
+
+def _explain(kind: Any, path: str, reason: str) -> str:
+    """A misspelt key's nearest valid one; an enum's valid values."""
+    if reason == "unknown key":
+        parent, _, key = path.rpartition(".")
+        owner = _type_at(kind, parent)
+        if isinstance(owner, type) and issubclass(owner, msgspec.Struct):
+            names = [f.encode_name for f in msgspec.structs.fields(owner)]
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+            if near:
+                return f"unknown key (did you mean {near[0]!r}?)"
+            return f"unknown key (valid here: {', '.join(names)})"
+    if reason.startswith("Invalid enum value"):
+        target = _type_at(kind, path)
+        if get_origin(target) in (Union, UnionType):
+            target = next((a for a in get_args(target) if get_origin(a) is Literal), target)
+        if get_origin(target) is Literal:
+            valid = ", ".join(repr(v) for v in get_args(target))
+            return f"{reason} (one of: {valid})"
+    return reason
 
 
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
