@@ -8,10 +8,7 @@ problem+json, or a streamed proxy to the upstream with RateLimit headers.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import re
-import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from typing import Any
@@ -32,6 +29,7 @@ from quotagate.gateway.actions import read_action, read_body
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
+from quotagate.gateway.headers import request_id as request_id_of
 from quotagate.gateway.problems import (
     Problem,
     body_too_large,
@@ -45,7 +43,7 @@ from quotagate.gateway.problems import (
     websocket_required,
 )
 from quotagate.gateway.proxy import Tally, UpstreamPool
-from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute
+from quotagate.gateway.routing import DOT_SEGMENT, WRITE_METHODS, CompiledRoute, is_preflight
 from quotagate.gateway.state import GatewayState
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.limiter import Decision
@@ -53,7 +51,6 @@ from quotagate.settings import Config
 
 log = logging.getLogger("quotagate.gateway")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _REASONS = {o: o.name.lower().replace("_", "-") for o in Outcome}
 # Bound once: the hot path must not look labels up per request.
 _ADMITTED = metrics.DECISIONS.labels("admitted", "")
@@ -82,9 +79,6 @@ async def _close_sockets(app: web.Application) -> None:
     await asyncio.gather(*(s.shutdown() for s in sockets), return_exceptions=True)
 
 
-_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
-
-
 def _origin_form(request: web.Request) -> str | None:
     """The path and query to forward, or None to refuse the request target.
 
@@ -93,7 +87,7 @@ def _origin_form(request: web.Request) -> str | None:
     normalises it would serve a route other than the one charged. An absolute-form target
     (``GET http://host/path``) is forwarded by its path and query.
     """
-    if _DOT_SEGMENT.search(request.path):
+    if DOT_SEGMENT.search(request.path):
         return None
     raw = request.raw_path
     if raw.startswith("/"):
@@ -102,19 +96,6 @@ def _origin_form(request: web.Request) -> str | None:
     if not parts.scheme or not parts.path.startswith("/"):
         return None
     return parts.path + (f"?{parts.query}" if parts.query else "")
-
-
-#: Request ids: 16 random hex digits per process, then a counter (unique, and far cheaper per
-#: request than uuid4).
-_ID_PREFIX = secrets.token_hex(8)
-_ids = itertools.count(1)
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-Id", "")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return f"{_ID_PREFIX}{next(_ids):016x}"
 
 
 def _refused_early(problem: Problem, request_id: str, entry: Entry) -> web.Response:
@@ -176,7 +157,7 @@ def _done(state: GatewayState, entry: Entry, response: web.StreamResponse | None
 async def _handle(request: web.Request, state: GatewayState, entry: Entry
                   ) -> web.StreamResponse:
     gw = state.config.gateway
-    request_id = entry.request_id = _request_id(request)
+    request_id = entry.request_id = request_id_of(request.headers)
     try:
         env = environment_of(request, state.env_suffixes)
     except Problem as problem:
@@ -205,7 +186,8 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
     # A CORS preflight costs no call unless its route says so; it is still decided (QPS, the
     # environment's lifecycle), and what it runs is metered (a function's slot and GBs).
     preflight = (route is not None and request.method == "OPTIONS"
-                 and route.route.preflight == "free" and _is_preflight(request))
+                 and route.route.preflight == "free"
+                 and is_preflight(request.headers, request.body_exists))
     if preflight and route is not None and route.actions is not None:
         route = route.actions["auth"]  # no body to name an action yet: counted as nothing
     if route is not None and route.actions is not None:
@@ -242,7 +224,7 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
     #: that is no stream (``back``).
     after = back = 0
     if route.stream_extra and not preflight:
-        intent: bool | None = streams.asks_by_headers(request) or None
+        intent: bool | None = streams.asks_by_headers(request.headers, request.query) or None
         if intent is None and request.body_exists and body is None:
             try:
                 prefix, whole = await _read_in_time(
@@ -346,14 +328,6 @@ def _charge_after(state: GatewayState, env: str, route: CompiledRoute, function:
         metrics.STREAMS_CHARGED_AFTER.inc()
     elif back and not tally.streamed and charged:
         state.limiter.refund(env, "calls", back, decided_at)
-
-
-def _is_preflight(request: web.Request) -> bool:
-    """A CORS preflight (Fetch standard): OPTIONS naming an Origin and the method it asks
-    for, without a body."""
-    headers = request.headers
-    return ("Origin" in headers and "Access-Control-Request-Method" in headers
-            and not request.body_exists)
 
 
 async def _read_in_time(read: Awaitable[Any], gw: Any, env: str | None) -> Any:

@@ -19,11 +19,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import itertools
 import os
-import re
 import secrets
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,7 +32,7 @@ from quotagate.gateway import streams
 from quotagate.gateway.actions import classify_action
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_from, missing_environment
-from quotagate.gateway.headers import ratelimit_headers
+from quotagate.gateway.headers import ratelimit_headers, request_id
 from quotagate.gateway.problems import (
     Problem,
     body_too_large,
@@ -46,7 +43,7 @@ from quotagate.gateway.problems import (
     refusal,
     route_not_found,
 )
-from quotagate.gateway.routing import WRITE_METHODS, CompiledRoute
+from quotagate.gateway.routing import DOT_SEGMENT, WRITE_METHODS, CompiledRoute, is_preflight
 from quotagate.gateway.state import GatewayState
 from quotagate.limiter.codes import Flag
 from quotagate.limiter.decision import Decision
@@ -61,11 +58,7 @@ TICKET_GRACE_MS = 3_600_000
 #: one).
 KEY_ENV = "QUOTAGATE_AUTHZ_KEY"
 
-_DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_ID_PREFIX = "p" + secrets.token_hex(7)
-_ids = itertools.count(1)
 
 
 class Ticket(msgspec.Struct, array_like=True, frozen=True):
@@ -155,13 +148,6 @@ class Verdict:
     ticket: str = ""
 
 
-def request_id(headers: Mapping[str, str]) -> str:
-    given = headers.get("X-Request-Id", "")
-    if given and _REQUEST_ID.fullmatch(given):
-        return given
-    return f"{_ID_PREFIX}{next(_ids):016x}"
-
-
 def _refused_early(verdict: Verdict, problem: Problem) -> Verdict:
     metrics.INVALID_REQUESTS.labels(problem.type_suffix).inc()
     verdict.problem = problem
@@ -186,7 +172,7 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
     except Problem as problem:
         return _refused_early(verdict, problem)
     verdict.env = env
-    if _DOT_SEGMENT.search(path) or not req.target.startswith("/"):
+    if DOT_SEGMENT.search(path) or not req.target.startswith("/"):
         return _refused_early(verdict, invalid_path(req.target[:200], env or ""))
     route = state.router.match(path, req.method, req.headers.get("Accept", ""))
     if route is not None and route.kind == "realtime":
@@ -195,7 +181,8 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
     function = ""
     preflight = (route is not None and req.method == "OPTIONS"
                  and route.route.preflight == "free" and req.has_body is False
-                 and _is_preflight(req.headers))
+                 and is_preflight(req.headers, bool(
+                     req.headers.get("Content-Length", "0").strip("0"))))
     if preflight and route is not None and route.actions is not None:
         route = route.actions["auth"]
     if route is not None and route.actions is not None:
@@ -220,7 +207,7 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
         return _refused_early(verdict, route_not_found(path, env))
     intent: bool | None = None
     if route.stream_extra and not preflight:
-        intent = _asks_by_headers(req.headers, query) or None
+        intent = streams.asks_by_headers(req.headers, query) or None
         if intent is None and req.body:
             intent = streams.asks_by_body(req.body[:route.route.stream_probe_bytes])
     return await decide_on_route(state, tickets, verdict, env, route, function,
@@ -282,18 +269,6 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
             decided_at + route.route.max_duration_ms + TICKET_GRACE_MS))
         verdict.headers[DECISION_HEADER] = verdict.ticket
     return verdict
-
-
-def _is_preflight(headers: Mapping[str, str]) -> bool:
-    return ("Origin" in headers and "Access-Control-Request-Method" in headers
-            and not headers.get("Content-Length", "0").strip("0"))
-
-
-def _asks_by_headers(headers: Mapping[str, str], query: MultiDictProxy[str] | MultiDict[str]
-                     ) -> bool:
-    if "text/event-stream" in headers.get("Accept", "").lower():
-        return True
-    return any(streams.asks_by_value(v) for v in query.getall("stream", ()))
 
 
 @dataclass(frozen=True, slots=True)

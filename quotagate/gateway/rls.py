@@ -32,13 +32,13 @@ from grpclib.server import Server, Stream
 from multidict import CIMultiDict
 
 from quotagate.common.envids import ENV_ID
+from quotagate.gateway.headers import request_id
 from quotagate.gateway.plugin import (
     Described,
     Tickets,
     Verdict,
     decide_described,
     decide_on_route,
-    request_id,
 )
 from quotagate.gateway.problems import invalid_environment, route_not_found
 from quotagate.gateway.state import GatewayState

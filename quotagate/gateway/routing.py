@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -98,3 +99,15 @@ class Router:
                 continue
             return c
         return None
+
+
+#: A path with ``.`` or ``..`` segments: refused, since an upstream that normalises it would
+#: serve another route than the one decided.
+DOT_SEGMENT = re.compile(r"(^|/)\.\.?(/|$)")
+
+
+def is_preflight(headers: Mapping[str, str], has_body: bool) -> bool:
+    """A CORS preflight (Fetch standard): an OPTIONS request naming an Origin and the method
+    it asks for, without a body (the caller has checked the method)."""
+    return ("Origin" in headers and "Access-Control-Request-Method" in headers
+            and not has_body)

@@ -271,7 +271,6 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
         # others keep serving); dying RESTART_LIMIT times within RESTART_WINDOW_S gives up.
         deaths: list[float] = []
         due: dict[int, float] = {}  # index -> monotonic time its restart is due
-        delay = RESTART_FIRST_S
         crash_loop = False
         while not stopping:
             time.sleep(0.2)
@@ -295,10 +294,10 @@ def _serve_workers(config_path: str, store_url: str, workers: int, log_level: st
                               RESTART_WINDOW_S)
                     crash_loop = True
                     break
-                delay = RESTART_FIRST_S * 2 ** (len(deaths) - 1)
-                due[index] = now + min(delay, RESTART_MAX_S)
+                delay = min(RESTART_FIRST_S * 2 ** (len(deaths) - 1), RESTART_MAX_S)
+                due[index] = now + delay
                 log.error("worker %d exited (code %s); starting it again in %.1f s", index,
-                          proc.exitcode, min(delay, RESTART_MAX_S))
+                          proc.exitcode, delay)
             if crash_loop:
                 _stop(signal.SIGTERM, None)
                 stopping = True

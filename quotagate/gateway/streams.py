@@ -14,9 +14,10 @@ free.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
+from multidict import MultiMapping
 
 #: Response media types that are streams.
 STREAM_TYPES = frozenset({"text/event-stream", "application/x-ndjson", "application/jsonl",
@@ -29,11 +30,11 @@ def is_stream_type(content_type: str) -> bool:
     return content_type.split(";", 1)[0].strip().lower() in STREAM_TYPES
 
 
-def asks_by_headers(request: web.Request) -> bool:
+def asks_by_headers(headers: Mapping[str, str], query: MultiMapping[str]) -> bool:
     """``Accept: text/event-stream`` (any case, any parameters) or ``?stream=true``."""
-    if "text/event-stream" in request.headers.get("Accept", "").lower():
+    if "text/event-stream" in headers.get("Accept", "").lower():
         return True
-    return any(asks_by_value(value) for value in request.query.getall("stream", ()))
+    return any(asks_by_value(value) for value in query.getall("stream", ()))
 
 
 def asks_by_value(value: str) -> bool:

@@ -1,5 +1,9 @@
 """The limiter's few error types; the gateway maps them to HTTP in one place (problems.py)."""
 
+from __future__ import annotations
+
+from quotagate.common import metrics
+
 
 class LimiterError(Exception):
     """Base of everything the limiter raises on purpose."""
@@ -42,8 +46,6 @@ class Redirected(StoreError):
 def count_store_error(exc: StoreError) -> None:
     """``quotagate_store_errors_total``, by kind: every failed store call is counted where it
     failed, whatever the failure policy then does with it."""
-    from quotagate.common import metrics  # (errors stays importable on its own)
-
     kind = ("timeout" if isinstance(exc, StoreTimeout) else
             "unavailable" if isinstance(exc, StoreUnavailable) else "error")
     metrics.STORE_ERRORS.labels(kind).inc()

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from quotagate.common.aio import stop_if_cancelling
 from quotagate.common.clock import Clock, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import SLOT_MS, Backlog, BacklogKey
@@ -36,7 +35,7 @@ from quotagate.limiter.decision import BYPASSED, BYPASSED_HOLDING, Decider, Deci
 from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
 from quotagate.limiter.forwarding import EventForwarder
 from quotagate.limiter.leases import Leases
-from quotagate.limiter.settling import REFUND_ATTEMPTS, REFUND_RETRY_S, Settler
+from quotagate.limiter.settling import Settler
 from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.writeback import WriteBack
 
@@ -92,9 +91,6 @@ class Limiter:
                               renew_interval_ms, self._settler)
         #: Slots of plugin-mode holders being given back.
         self._background: set[asyncio.Task[None]] = set()
-        #: Plugin-mode done calls sent again until the store takes them (cancelled at close).
-        self._finish_retries: set[asyncio.Task[None]] = set()
-        self._closing_finish = False
 
     def _missing(self, env: str) -> None:
         if self.on_missing is not None:
@@ -258,40 +254,17 @@ class Limiter:
                                  1 if slot else 0, *((slot, 1) if slot else ())]
         for meter, amount in meters.items():
             args += (meter, amount)
+        what = f"done call of {env} ({holder}): its usage"
         try:
             reply = await self._calls.settle(env, names, args)
-        except StoreUnavailable as exc:
-            self._finish_later(env, names, args, str(exc))
+        except StoreUnavailable:
+            self._settler.send_again(env, names, lambda: args, what, until_snapshot=True)
             return
         if reply[0] == 4 and meters:  # no snapshot (yet): the store lost its data?
             self._missing(env)
-            self._finish_later(env, names, args, f"no snapshot of {env}")
+            self._settler.send_again(env, names, lambda: args, what, until_snapshot=True)
         elif reply[1] & Flag.EVENTS:
             self._events.soon(env)
-
-    def _finish_later(self, env: str, names: list[str], args: list[str | int], why: str
-                      ) -> None:
-        if self._closing_finish:
-            log.warning("done call of %s not finished (stopping; %s): its slot ends with its "
-                        "lease, its usage is lost", env, why)
-            return
-
-        async def again() -> None:
-            for _ in range(REFUND_ATTEMPTS):
-                await asyncio.sleep(REFUND_RETRY_S)
-                try:
-                    reply = await self._calls.settle(env, names, args)
-                except StoreError as exc:
-                    stop_if_cancelling(exc)
-                    continue
-                if reply[0] != 4:
-                    return
-            log.error("done call of %s dropped after %d attempts (%s): its usage is lost",
-                      env, REFUND_ATTEMPTS, why)
-
-        task = asyncio.get_running_loop().create_task(again())
-        self._finish_retries.add(task)
-        task.add_done_callback(self._finish_retries.discard)
 
     def _release_for(self, env: str, holder: str, slot: str) -> None:
         """Give back ``holder``'s slot (a decision whose caller is gone), in the background."""
@@ -377,9 +350,6 @@ class Limiter:
         # No new write-back or refund retry from here on (before the first await: a settle
         # failing meanwhile is logged as not sent); what is queued is settled now.
         self._settler.stop_retrying()
-        self._closing_finish = True
-        for task in list(self._finish_retries):
-            task.cancel()
         await self._writeback.stop()
         await self._leases.stop()
         await self._settler.stop()

@@ -148,33 +148,43 @@ class Settler:
     def _retry_refunds(self, env: str, refunds: dict[str, int]) -> None:
         """Refunds the store did not take (it was away, and their first try did not run):
         sent again in a settle call of their own under one id the store remembers, so a
-        try that times out and runs late is not given back twice; every ``REFUND_RETRY_S``
-        until taken or ``REFUND_ATTEMPTS`` have failed (then logged and dropped)."""
-        if self._closing:
-            log.warning("refunds to %s not sent (stopping): %s", env, refunds)
-            return
+        try that times out and runs late is not given back twice."""
         seen = keys.seen(env, f"r:{self.instance}.{next(self._refund_ids)}")
         pairs = [x for meter_amount in refunds.items() for x in meter_amount]
+        self.send_again(env, [*keys.settle_keys(env), seen], lambda: [
+            script_arg(self.clock.script_time()), self.instance, self.mode, 0, *pairs],
+            f"refunds to {env} ({refunds})")
+
+    def send_again(self, env: str, names: list[str], args: Callable[[], list[str | int]],
+                   what: str, *, until_snapshot: bool = False) -> None:
+        """A settle call the store did not take, sent again in the background every
+        ``REFUND_RETRY_S`` (its KEYS name a seen id, so a first try that ran late is not
+        counted twice) until taken — with ``until_snapshot``, until the store also has the
+        environment's snapshot — or ``REFUND_ATTEMPTS`` have failed (then logged and
+        dropped). Refused once stopping."""
+        if self._closing:
+            log.warning("%s not sent (stopping)", what)
+            return
 
         async def again() -> None:
             for _ in range(REFUND_ATTEMPTS):
                 await asyncio.sleep(REFUND_RETRY_S)
                 try:
-                    await self.calls.settle(env, [*keys.settle_keys(env), seen], [
-                        script_arg(self.clock.script_time()), self.instance, self.mode, 0,
-                        *pairs])
-                    return
+                    reply = await self.calls.settle(env, names, args())
                 except StoreError as exc:
                     stop_if_cancelling(exc)
-            log.error("refunds to %s dropped after %d attempts: %s", env, REFUND_ATTEMPTS,
-                      refunds)
+                    continue
+                if not (until_snapshot and reply[0] == 4):
+                    return
+            log.error("%s dropped after %d attempts", what, REFUND_ATTEMPTS)
 
         task = asyncio.get_running_loop().create_task(again())
         self._refund_tasks.add(task)
         task.add_done_callback(self._refund_tasks.discard)
 
     def stop_retrying(self) -> None:
-        """Refunds that fail from now on are logged as not sent, never retried (stopping)."""
+        """Settle calls that fail from now on are logged as not sent, never sent again
+        (stopping)."""
         self._closing = True
 
     async def stop(self) -> None:
