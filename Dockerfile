@@ -14,11 +14,9 @@ RUN useradd --system --uid 10001 --home-dir /var/lib/quotagate --create-home quo
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 # The image's own config (listens on every interface in the container), plans and example
-# environments; mount your own /etc/quotagate to change them. /usr/share/quotagate/config is
-# the shipped config/ for configs that name its plans.yaml (deploy/compose does).
+# environments; mount your own /etc/quotagate to change them.
 COPY config/plans.yaml config/environments.yaml /etc/quotagate/
 COPY deploy/image/gateway.yaml /etc/quotagate/gateway.yaml
-COPY config /usr/share/quotagate/config
 VOLUME ["/etc/quotagate", "/var/lib/quotagate"]
 USER quotagate
 WORKDIR /var/lib/quotagate

@@ -15,6 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from quotagate.settings.load import ConfigError, load_config, parse_yaml
 from quotagate.settings.schema import GatewaySettings, money
@@ -252,6 +253,80 @@ def test_cli_config_check_several_bad_files_at_once() -> None:
     assert len(lines) == 2, res.stderr
     assert lines[0].startswith(f"{a}: $.timezone: unknown time zone")
     assert lines[1].startswith(f"{b}: ")
+
+
+def test_cli_config_check_reports_every_shape_error_of_every_file(tmp_path: Path) -> None:
+    """msgspec stops at a file's first error; config check goes on past each one (the key is
+    taken out of a copy and the rest converted again), into the files the gateway names."""
+    gw = (CONFIG / "gateway.yaml").read_text(encoding="utf-8")
+    gw = gw.replace("timezone:", "timezon: UTC\ntimezone:", 1)
+    gw = gw.replace("kind: function}", "kind: functions}", 1)
+    gw = gw.replace("upstream: http://127.0.0.1:9001, kind: database}",
+                    "upstream: 5, kind: database}", 1)
+    (tmp_path / "gateway.yaml").write_text(gw)
+    plans = (CONFIG / "plans.yaml").read_text(encoding="utf-8")
+    assert plans.count("qps: 500") >= 1
+    (tmp_path / "plans.yaml").write_text(plans.replace("qps: 500", "qps: many", 1))
+    (tmp_path / "environments.yaml").write_text(
+        "environments:\n"
+        "  a-env:\n    plann: free\n    anchor: 2026-11-01\n    expires: 2027-11-01\n"
+        "  b-env:\n    plan: free\n    anchor: 2026-11-01\n    expires: 2027-11-01\n"
+        "    overage: maybe\n    packs: [{id: p1, pack: calls-1m, purchased: someday}]\n"
+    )
+    res = _check(tmp_path / "gateway.yaml")
+    assert res.returncode == 1
+    found = [line.split(": ", 2)[:2] for line in res.stderr.splitlines()]
+    files = {name: str(tmp_path / name) for name in ("gateway.yaml", "plans.yaml",
+                                                       "environments.yaml")}
+    routes = [r["kind"] for r in yaml.safe_load(gw)["routes"]]
+    function_at, database_at = routes.index("functions"), routes.index("database")
+    assert found == [
+        [files["gateway.yaml"], "$.timezon"],
+        [files["gateway.yaml"], f"$.routes[{function_at}].kind"],
+        [files["gateway.yaml"], f"$.routes[{database_at}].upstream"],  # as in the file
+        [files["plans.yaml"], "$.plans.free.qps"],
+        [files["environments.yaml"], "$.environments.a-env.plann"],
+        [files["environments.yaml"], "$.environments.a-env"],
+        [files["environments.yaml"], "$.environments.b-env.overage"],
+        [files["environments.yaml"], "$.environments.b-env.packs[0].purchased"],
+    ], res.stderr
+    assert "did you mean 'timezone'" in res.stderr
+    assert "missing required field `plan`" in res.stderr  # a-env: its own error
+    assert "missing required field `upstream`" not in res.stderr  # caused by taking it out
+    assert "missing required field `kind`" not in res.stderr
+
+
+SHIPPED_CONFIGS = sorted([*ROOT.glob("config/**/gateway.yaml"),
+                          *ROOT.glob("deploy/**/gateway.yaml")])
+
+
+def test_config_check_passes_every_config_the_repository_ships() -> None:
+    """Each gateway.yaml shipped (config/, deploy/compose, deploy/image) and the plans and
+    environments it names, as an operator would check them: `quotagate config check` by path.
+    The image's names files beside it in /etc/quotagate: staged as the Dockerfile lays out."""
+    names = {str(p.relative_to(ROOT)) for p in SHIPPED_CONFIGS}
+    assert {"config/gateway.yaml", "deploy/compose/gateway.yaml",
+            "deploy/image/gateway.yaml"} <= names
+    for path in SHIPPED_CONFIGS:
+        res = _check(path)
+        if res.returncode and path.parent.name == "image":
+            # deploy/image/gateway.yaml is /etc/quotagate/gateway.yaml in the image, beside
+            # the plans and environments of config/ (the Dockerfile's COPY lines).
+            assert "no such file" in res.stderr, res.stderr
+            continue
+        assert res.returncode == 0, f"{path}: {res.stderr}"
+        assert res.stdout.startswith("ok: "), res.stdout
+
+
+def test_the_image_config_checks_where_the_dockerfile_puts_it(tmp_path: Path) -> None:
+    for name in ("plans.yaml", "environments.yaml"):
+        shutil.copy(CONFIG / name, tmp_path / name)
+    shutil.copy(ROOT / "deploy" / "image" / "gateway.yaml", tmp_path / "gateway.yaml")
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "COPY config/plans.yaml config/environments.yaml /etc/quotagate/" in dockerfile
+    assert "COPY deploy/image/gateway.yaml /etc/quotagate/gateway.yaml" in dockerfile
+    res = _check(tmp_path / "gateway.yaml")
+    assert res.returncode == 0, res.stderr
 
 
 def test_config_reference_documents_every_key() -> None:

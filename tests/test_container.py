@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
@@ -61,7 +61,7 @@ def test_dockerfile_multistage_pinned_not_root_healthy() -> None:
     assert "/etc/quotagate" in volumes
 
 
-def test_compose_stack_consistent_with_its_config(tmp_path: Path) -> None:
+def test_compose_stack_consistent_with_its_config() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"valkey", "gateway", "upstream"}
@@ -70,17 +70,24 @@ def test_compose_stack_consistent_with_its_config(tmp_path: Path) -> None:
     command = " ".join(valkey["command"])
     assert "--appendonly yes" in command
     gateway = services["gateway"]
-    assert "./deploy/compose:/etc/quotagate:ro" in gateway["volumes"]
+    # The config is mounted where it sits in the repository, so the relative plans_file
+    # resolves alike in the container and on the host (where `config check` reads it).
+    mounts = dict(v.removesuffix(":ro").split(":", 1) for v in gateway["volumes"])
+    assert all(v.endswith(":ro") for v in gateway["volumes"])
+    assert mounts == {"./deploy/compose": "/srv/quotagate/deploy/compose",
+                      "./config": "/srv/quotagate/config"}
+    entry = gateway["entrypoint"]
+    assert entry[:3] == ["quotagate", "serve", "--config"]
+    inside = PurePosixPath(entry[3])
+    host = next(ROOT / src / inside.relative_to(dst) for src, dst in mounts.items()
+                if inside.is_relative_to(dst))
     assert gateway["depends_on"]["valkey"]["condition"] == "service_healthy"
     assert "QUOTAGATE_ADMIN_TOKEN" in gateway["environment"]
 
-    # The mounted config loads (the plans file is the image's copy of config/plans.yaml).
-    staged = tmp_path / "etc"
-    shutil.copytree(ROOT / "deploy" / "compose", staged)
-    text = (staged / "gateway.yaml").read_text().replace(
-        "/usr/share/quotagate/config/plans.yaml", str(ROOT / "config" / "plans.yaml"))
-    (staged / "gateway.yaml").write_text(text)
-    config = load_config(staged / "gateway.yaml")
+    config = load_config(host)
+    for used in config.files:  # every file it reads is inside a mount
+        rel = used.resolve().relative_to(ROOT)
+        assert any(rel.is_relative_to(src.removeprefix("./")) for src in mounts), used
     gw = config.gateway
     assert gw.store.url == "redis://valkey:6379/0"
     listen, admin = int(gw.listen.rsplit(":", 1)[1]), int(gw.admin_listen.rsplit(":", 1)[1])
@@ -91,9 +98,6 @@ def test_compose_stack_consistent_with_its_config(tmp_path: Path) -> None:
     upstreams = {r.upstream for r in gw.routes}
     assert upstreams == {"http://upstream:9001"}
     assert "9001" in " ".join(services["upstream"]["entrypoint"])
-    # The Dockerfile ships config/ where the compose config expects the plans.
-    assert any(op == "COPY" and rest == "config /usr/share/quotagate/config"
-               for op, rest in dockerfile())
     # Built once: one service builds the image, the other runs it and never pulls it.
     built = [name for name, svc in services.items() if "build" in svc]
     assert built == ["gateway"] and services["gateway"]["pull_policy"] == "build"

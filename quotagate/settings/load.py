@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import difflib
 import re
@@ -101,35 +102,135 @@ _MSGSPEC_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.
 
 
 def parse_yaml(path: Path, kind: type[T]) -> T:
-    """Parse one YAML file into ``kind``; raises ConfigError with file, key path and reason."""
+    """Parse one YAML file into ``kind``; raises ConfigError naming file, key path and reason
+    of every error found."""
+    value, issues = read_yaml(path, kind)
+    if issues:
+        raise ConfigError(issues)
+    assert value is not None
+    return value
+
+
+def read_yaml(path: Path, kind: type[T]) -> tuple[T | None, list[ConfigIssue]]:
+    """One YAML file converted to ``kind`` as far as it goes, and every issue found."""
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]) from None
+        return None, [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]
     except UnicodeDecodeError as exc:
-        raise ConfigError(
-            [ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})")]
-        ) from None
+        return None, [ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})")]
     try:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue(name, where, f"invalid YAML: {problem}")]) from None
+        return None, [ConfigIssue(name, where, f"invalid YAML: {problem}")]
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([ConfigIssue(name, "$", "expected a mapping at the top level")])
+        return None, [ConfigIssue(name, "$", "expected a mapping at the top level")]
+    return convert_all(raw, kind, name)
+
+
+#: A file with more shape errors than this is reported up to here.
+MAX_ISSUES_PER_FILE = 50
+_MISSING = re.compile(r"^Object missing required field `(?P<key>[^`]*)`$")
+
+
+def convert_all(raw: dict, kind: type[T], name: str) -> tuple[T | None, list[ConfigIssue]]:
+    """Every shape error of a file, not only msgspec's first: after each one the offending key
+    (or list item) is taken out of a copy and the rest converted again. A required key taken out
+    that way is not reported a second time as missing; its owner is taken out instead. Returns
+    the conversion of what is left (None if nothing converts) and the issues."""
+    data = copy.deepcopy(raw)
+    issues: list[ConfigIssue] = []
+    removed: set[tuple[Any, ...]] = set()
+    origins: dict[int, list[int]] = {}  # a list's items' indices in the file, once one is out
+    for _ in range(MAX_ISSUES_PER_FILE * 4):
+        try:
+            return msgspec.convert(data, kind, strict=True), issues
+        except msgspec.ValidationError as exc:
+            segments, reason = _failure(data, kind, exc)
+            as_in_file = _as_in_file(data, segments, origins)
+            missing = _MISSING.match(reason)
+            if missing and (*as_in_file, missing.group("key")) in removed:
+                pass  # caused by a removal below: not the user's error
+            else:
+                path = _path_text(as_in_file)
+                issues.append(ConfigIssue(name, path, _explain(kind, path, reason)))
+                if len(issues) >= MAX_ISSUES_PER_FILE:
+                    break
+            if not segments or not _remove(data, segments, origins):
+                break
+            removed.add(tuple(as_in_file))
+    return None, issues
+
+
+def _as_in_file(data: Any, segments: list[Any], origins: dict[int, list[int]]) -> list[Any]:
+    """A path in the copy, with list indices as they were in the file."""
+    out: list[Any] = []
+    node = data
+    for key in segments:
+        if isinstance(node, list) and isinstance(key, int):
+            out.append(origins[id(node)][key] if id(node) in origins else key)
+        else:
+            out.append(key)
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return out
+
+
+def _path_text(segments: list[Any]) -> str:
+    return "$" + "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in segments)
+
+
+def _failure(data: dict, kind: type, exc: msgspec.ValidationError) -> tuple[list[Any], str]:
+    """The concrete key path (dict keys named, not msgspec's ``[...]``) and the reason."""
+    path, reason = _split(exc)
+    segments: list[Any] = []
+    node: Any = data
+    for match in _SEGMENT.finditer(path[1:]):
+        if match.group(1) is not None:
+            key: Any = match.group(1)
+        elif match.group(0) != "[...]":
+            key = int(match.group(0)[1:-1])
+        else:  # a dict entry: find the failing one and follow its own error
+            value_type = _type_at(kind, _path_text(segments) + "[...]")
+            if not isinstance(node, dict) or value_type is None:
+                return segments, reason
+            for entry_key, entry in node.items():
+                try:
+                    msgspec.convert(entry, value_type, strict=True)
+                except msgspec.ValidationError as inner:
+                    sub, sub_reason = _failure(entry, value_type, inner)
+                    return [*segments, entry_key, *sub], sub_reason
+            return segments, reason
+        segments.append(key)
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            node = None
+    return segments, reason
+
+
+def _remove(data: Any, segments: list[Any], origins: dict[int, list[int]]) -> bool:
+    node = data
+    for key in segments[:-1]:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            return False
     try:
-        return msgspec.convert(raw, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        key_path, reason = _split(exc)
-        if "[...]" in key_path:
-            key_path, reason = _locate(raw, kind, key_path, reason)
-        raise ConfigError([ConfigIssue(name, key_path, _explain(kind, key_path, reason))]
-                          ) from None
+        del node[segments[-1]]
+    except (KeyError, IndexError, TypeError):
+        return False
+    if isinstance(node, list):
+        del origins.setdefault(id(node), list(range(len(node) + 1)))[segments[-1]]
+    return True
 
 
 _SEGMENT = re.compile(r"\.([^.\[]+)|\[[^\]]*\]")
@@ -194,23 +295,6 @@ def _split(exc: msgspec.ValidationError) -> tuple[str, str]:
     unknown = _UNKNOWN_FIELD.match(reason)
     if unknown:  # name the unknown key itself in the path
         path, reason = f"{path}.{unknown.group('key')}", "unknown key"
-    return path, reason
-
-
-def _locate(raw: dict, kind: type, path: str, reason: str) -> tuple[str, str]:
-    """msgspec writes dict keys as ``[...]``: find the failing entry and name it."""
-    field = path[2:].split("[", 1)[0]  # "$.environments[...].x" -> "environments"
-    hint = get_type_hints(kind).get(field)
-    entries = raw.get(field)
-    if get_origin(hint) is not dict or not isinstance(entries, dict):
-        return path, reason
-    value_type = get_args(hint)[1]
-    for key, value in entries.items():
-        try:
-            msgspec.convert(value, value_type, strict=True)
-        except msgspec.ValidationError as exc:
-            sub, sub_reason = _split(exc)
-            return f"$.{field}.{key}{sub[1:]}", sub_reason
     return path, reason
 
 
@@ -461,33 +545,32 @@ def check_environments(
 
 
 def load_config(gateway_file: str | Path) -> Config:
-    """Load gateway.yaml and the plans and environments files it names; all or nothing."""
+    """Load gateway.yaml and the plans and environments files it names; all or nothing.
+    Every issue of every file is reported: what is left of a file after its shape errors is
+    still checked and followed to the files it names."""
     gw_path = Path(gateway_file)
-    gw = parse_yaml(gw_path, GatewaySettings)
-    issues = check_gateway(gw, str(gw_path))
+    gw, issues = read_yaml(gw_path, GatewaySettings)
+    if gw is None:
+        raise ConfigError(issues)
+    issues += check_gateway(gw, str(gw_path))
     base = gw_path.parent
-    plans_path = Path(gw.plans_file) if Path(gw.plans_file).is_absolute() else base / gw.plans_file
-    envs_path = (
-        Path(gw.environments_file)
-        if Path(gw.environments_file).is_absolute()
-        else base / gw.environments_file
-    )
+    plans_path, envs_path = base / gw.plans_file, base / gw.environments_file  # abs stays abs
     plans: PlansFile | None = None
     envs: EnvironmentsFile | None = None
     for key, path in (("plans_file", plans_path), ("environments_file", envs_path)):
         if not path.is_file():
             issues.append(ConfigIssue(str(gw_path), f"$.{key}", f"no such file: {path}"))
     if plans_path.is_file():
-        try:
-            plans = parse_yaml(plans_path, PlansFile)
+        plans, plan_issues = read_yaml(plans_path, PlansFile)
+        if plans is not None:
             issues += check_plans(plans, str(plans_path))
-        except ConfigError as exc:
-            issues += exc.issues
+        # Environments are checked against whole plans only (not "unknown plan" for each
+        # environment of a plan that had an error of its own).
+        plans = plans if not plan_issues else None
+        issues += plan_issues
     if envs_path.is_file():
-        try:
-            envs = parse_yaml(envs_path, EnvironmentsFile)
-        except ConfigError as exc:
-            issues += exc.issues
+        envs, env_issues = read_yaml(envs_path, EnvironmentsFile)
+        issues += env_issues
     if plans is not None and envs is not None:
         issues += check_environments(envs, plans, str(envs_path))
     if issues:
