@@ -1,5 +1,6 @@
-"""Locust scenarios against a gateway in front of the demo upstream (run by run_locust.py,
-which writes the tenants to QG_SCENARIO and checks the outcome).
+"""Locust scenarios against a quotagate deployment (run by run_locust.py, which writes the
+tenants and paths to QG_SCENARIO and checks the outcome): its own stack in front of the demo
+upstream, or any deployment (``--host``, tenants from a file).
 
 - ``QpsTenant``: many tenants on mixed plans, each sending above its QPS limit;
 - ``QuotaBurner``: one tenant burning through its monthly quota into a pack, then overage;
@@ -7,7 +8,8 @@ which writes the tenants to QG_SCENARIO and checks the outcome).
 - ``AiChat``: AI chats over SSE (50 calls each), read to the end.
 
 Refusals (429) are expected outcomes, not failures. Every outcome is counted per second, tenant
-and result in OUTCOMES and written to ``$QG_OUT/outcomes.json`` when the run stops.
+and result in OUTCOMES and written to ``$QG_OUT/outcomes.json`` when the run stops, with the
+most watches the clients held open at once (``watch_peak``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,21 @@ OUT = Path(os.environ.get("QG_OUT", "."))
 OUTCOMES: Counter[tuple[int, str, str]] = Counter()
 _LOCK = threading.Lock()
 _START = time.time()
+PATHS = {"qps": "/functions/hello", "burner": "/database/query",
+         "chat": "/ai/chat?events=5&delay_ms=10", "live": "/?event_ms=1000",
+         **SCENARIO.get("paths", {})}
+#: Events a chat's stream holds (the demo upstream's 5 + [DONE]); None: any, read to the end.
+CHAT_EVENTS = SCENARIO.get("chat_events")
+#: Watches the clients hold open now, and the most at once. A watch counts from its
+#: INIT_EVENT (after the store admitted it) until its close is sent (before the store lets
+#: it go), so this never exceeds the store's count.
+WATCHES = {"open": 0, "peak": 0}
+
+
+def watches(change: int) -> None:
+    with _LOCK:
+        WATCHES["open"] += change
+        WATCHES["peak"] = max(WATCHES["peak"], WATCHES["open"])
 
 
 def count(tenant: str, outcome: str, n: int = 1) -> None:
@@ -42,6 +59,7 @@ def _write(**_: object) -> None:
     rows = [{"second": s, "tenant": t, "outcome": o, "count": n}
             for (s, t, o), n in sorted(OUTCOMES.items())]
     (OUT / "outcomes.json").write_text(json.dumps(rows))
+    (OUT / "watches.json").write_text(json.dumps({"peak": WATCHES["peak"]}))
 
 
 def _get(user: HttpUser, tenant: str, path: str, **kw: object) -> int:
@@ -71,7 +89,7 @@ class QpsTenant(HttpUser):
 
     @task
     def call(self) -> None:
-        _get(self, self.tenant, "/functions/hello")
+        _get(self, self.tenant, PATHS["qps"])
 
 
 class QuotaBurner(HttpUser):
@@ -82,7 +100,7 @@ class QuotaBurner(HttpUser):
 
     @task
     def call(self) -> None:
-        _get(self, SCENARIO.get("burner", "burner"), "/database/query")
+        _get(self, SCENARIO.get("burner", "burner"), PATHS["burner"])
 
 
 class AiChat(HttpUser):
@@ -94,13 +112,14 @@ class AiChat(HttpUser):
     @task
     def chat(self) -> None:
         tenant = SCENARIO.get("chat", "chat")
-        with self.client.post("/ai/chat?events=5&delay_ms=10",
+        with self.client.post(PATHS["chat"],
                               headers={"X-CloudBase-Env": tenant, "Accept": "text/event-stream"},
                               name=f"{tenant} /ai/chat", stream=True,
                               catch_response=True) as resp:
             if resp.status_code == 200:
                 events_seen = sum(1 for line in resp.iter_lines() if line.startswith(b"data:"))
-                count(tenant, "admitted" if events_seen == 6 else "error")
+                whole = events_seen > 0 and CHAT_EVENTS in (None, events_seen)
+                count(tenant, "admitted" if whole else "error")
                 resp.success()
             elif resp.status_code == 429:
                 count(tenant, "refused")
@@ -117,14 +136,15 @@ class WatchStorm(User):
     wait_time = between(0.1, 0.3)
 
     def on_start(self) -> None:
-        host = (self.host or "").replace("http://", "ws://")
+        host = (self.host or "").replace("https://", "wss://").replace("http://", "ws://")
         self.tenant = SCENARIO.get("live", "live")
-        self.ws = websocket.create_connection(f"{host}/?event_ms=1000", timeout=10,
+        self.ws = websocket.create_connection(f"{host.rstrip('/')}{PATHS['live']}", timeout=10,
                                               header=[f"X-CloudBase-Env: {self.tenant}"])
         self.open: list[str] = []
         self.n = 0
 
     def on_stop(self) -> None:
+        watches(-len(self.open))
         self.ws.close()
 
     @task
@@ -145,7 +165,9 @@ class WatchStorm(User):
         count(self.tenant, "admitted" if ok else "refused")
         if ok:
             self.open.append(wid)
+            watches(+1)
         if self.open and random.random() < 0.3:  # some watches close, making room
             closing = self.open.pop(0)
+            watches(-1)
             self.ws.send(json.dumps({"watchId": closing, "requestId": "c" + closing,
                                      "msgType": "CLOSE_WATCH", "msgData": {}}))
