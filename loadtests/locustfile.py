@@ -117,7 +117,11 @@ class AiChat(HttpUser):
                               name=f"{tenant} /ai/chat", stream=True,
                               catch_response=True) as resp:
             if resp.status_code == 200:
-                events_seen = sum(1 for line in resp.iter_lines() if line.startswith(b"data:"))
+                try:
+                    events_seen = sum(1 for line in resp.iter_lines()
+                                      if line.startswith(b"data:"))
+                except Exception:  # a stream broken mid-read is an error
+                    events_seen = 0
                 whole = events_seen > 0 and CHAT_EVENTS in (None, events_seen)
                 count(tenant, "admitted" if whole else "error")
                 resp.success()
@@ -149,6 +153,15 @@ class WatchStorm(User):
 
     @task
     def storm(self) -> None:
+        try:
+            self._storm()
+        except Exception:  # a broken socket: an error, and its watches are gone
+            count(self.tenant, "error")
+            watches(-len(self.open))
+            self.open = []
+            raise
+
+    def _storm(self) -> None:
         self.n += 1
         wid = f"w{id(self)}-{self.n}"
         started = time.perf_counter()
@@ -162,7 +175,7 @@ class WatchStorm(User):
         events.request.fire(request_type="WS", name=f"{self.tenant} INIT_WATCH",
                             response_time=(time.perf_counter() - started) * 1000,
                             response_length=0, exception=None, context={})
-        count(self.tenant, "admitted" if ok else "refused")
+        count(self.tenant, "watch-admitted" if ok else "watch-refused")
         if ok:
             self.open.append(wid)
             watches(+1)

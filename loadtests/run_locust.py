@@ -183,7 +183,7 @@ def check_seen(outcomes: list[dict], qps_tenants: dict[str, int], burst_ms: int,
             f"{'' if over else ' (offered no more than the limit)'}")
     if live is not None:
         env, cap = live
-        opened = sum(per[(env, "admitted")].values())
+        opened = sum(per[(env, "watch-admitted")].values())
         add("watches held by the clients at the cap", opened > 0 and client_watch_peak <= cap,
             f"{opened} watches opened, at most {client_watch_peak} open at once (cap {cap})")
     errors = sum(n for (_, outcome), by in per.items() if outcome == "error"
@@ -222,7 +222,7 @@ def check_store(outcomes: list[dict], r: redis.Redis, watch_peak: int, users: in
     add("AI chats cost 50 calls", chats > 0 and 50 * chats <= chat_calls <= 50 * (chats + users),
         f"{chats} chats seen by the clients, {chat_calls} calls counted")
     left = int(r.hget(keys.slots("live"), "=rt:") or 0)
-    watches = sum(per[("live", "admitted")].values())
+    watches = sum(per[("live", "watch-admitted")].values())
     add("watch storm at the cap", watch_peak <= LIVE_CAP and left == 0 and watches > 0,
         f"{watches} watches opened, store peak {watch_peak} (cap {LIVE_CAP}), "
         f"{left} left after the sockets closed")

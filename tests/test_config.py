@@ -340,7 +340,8 @@ def test_config_reference_documents_every_key() -> None:
                schema.ClientSettings, schema.StoreTls,
                schema.Route, schema.Plan, schema.ResourcePack, schema.PromoPack,
                schema.PaygPrice, schema.PlansFile, schema.Limits, schema.PackGrant,
-               schema.PromoGrant, schema.Environment]
+               schema.PromoGrant, schema.Environment, schema.GatewayVersion,
+               schema.GatewayGrant]
     import re
 
     missing = [f"{s.__name__}.{f.name}" for s in structs for f in msgspec.structs.fields(s)

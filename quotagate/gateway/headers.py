@@ -21,6 +21,8 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
     if decision.qps_limit <= 0:  # bypassed or mode off: nothing known
         return {}
     policy = f'"qps";q={decision.qps_limit};w=1'
+    if decision.qps_by_gateway:  # the gateway version's QPS, lower than the plan's, applies
+        policy += ';by="gateway-version"'
     state = f'"qps";r={decision.qps_remaining};t={math.ceil(decision.qps_reset_ms / 1000)}'
     if decision.window_s > 0:
         reset_s = max(0, math.ceil(decision.reset_ms / 1000))

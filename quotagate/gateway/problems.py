@@ -48,6 +48,8 @@ class Problem(Exception):
     env: str | None = None
     meter: str | None = None
     retry_after_s: int | None = None
+    #: Which limit refused, where two can: "plan" or "gateway-version" (QPS).
+    limit: str | None = None
 
     def response(self, extra_headers: dict[str, str] | None = None,
                  request_id: str | None = None) -> web.Response:
@@ -58,8 +60,9 @@ class Problem(Exception):
             headers["Retry-After"] = str(self.retry_after_s)
         if request_id is not None:
             headers["X-Request-Id"] = request_id
+        limit = {"limit": self.limit} if self.limit else {}
         return problem_response(self.status, self.type_suffix, self.title, self.detail,
-                                headers, env=self.env, meter=self.meter,
+                                headers, env=self.env, meter=self.meter, **limit,
                                 **{"violated-policies": [self.meter] if self.meter else [],
                                    "code": CODES[self.type_suffix], "message": self.detail,
                                    "requestId": request_id})
@@ -73,9 +76,11 @@ def refusal(decision: Decision, env: str) -> Problem:
     """The problem for a refused decision."""
     outcome = decision.outcome
     if outcome is Outcome.QPS_EXCEEDED:
+        whose = "its gateway version's" if decision.qps_by_gateway else "its"
         return Problem(429, "qps-exceeded", "Too many requests",
-                       f"environment {env} is over its limit of {decision.qps_limit} requests "
-                       "per second", env, "qps", seconds_up(decision.retry_after_ms))
+                       f"environment {env} is over {whose} limit of {decision.qps_limit} "
+                       "requests per second", env, "qps", seconds_up(decision.retry_after_ms),
+                       "gateway-version" if decision.qps_by_gateway else "plan")
     if outcome is Outcome.QUOTA_EXCEEDED:
         return Problem(429, "quota-exceeded", "Quota exhausted",
                        f"environment {env} has used its {decision.meter} quota and packs for this "

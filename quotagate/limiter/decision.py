@@ -44,6 +44,10 @@ class Decision(NamedTuple):
     #: For a slot: its cap, and the live slots (this one included when admitted).
     cap: int = 0
     in_use: int = 0
+    #: The gateway version's QPS applied (lower than the plan's), not the plan's.
+    qps_by_gateway: bool = False
+    #: The gateway version's bytes per second for responses (0: not capped).
+    bandwidth: int = 0
     #: Admitted without a decision because the store was unreachable (fail-open).
     store_bypassed: bool = False
     #: This instance holds the slot asked for: give it back with ``Limiter.release``.
@@ -65,7 +69,7 @@ class Decision(NamedTuple):
     @classmethod
     def from_reply(cls, r: list) -> Decision:
         return cls(_OUTCOMES[r[0]], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8],
-                   r[9], r[10].decode(), r[11], r[12], False, False)
+                   r[9], r[10].decode(), r[11], r[12], r[13] == 1, r[14], False, False)
 
 
 _OUTCOMES = tuple(Outcome)

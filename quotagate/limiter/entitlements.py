@@ -13,7 +13,16 @@ import zoneinfo
 from typing import Any
 
 from quotagate.common import calendar as cal
-from quotagate.settings.schema import PAYG_METERS, Environment, Limits, Plan, PlansFile
+from quotagate.settings.schema import (
+    BYTES_PER_MBPS,
+    PAYG_METERS,
+    Environment,
+    GatewayGrant,
+    GatewayVersion,
+    Limits,
+    Plan,
+    PlansFile,
+)
 
 GIB = 1024**3
 
@@ -54,6 +63,29 @@ def effective_limits(plan: Plan, overrides: Limits) -> dict[str, int]:
     }
 
 
+def gateway_expires(grant: GatewayGrant) -> dt.date:
+    """The first day the version no longer covers: ``purchased`` + ``months``."""
+    return cal.add_months_clamped(grant.purchased, grant.months)
+
+
+def lowest_version(plans: PlansFile) -> GatewayVersion:
+    """What an expired version falls back to: the one with the least QPS (then bandwidth)."""
+    return min(plans.gateway_versions.values(), key=lambda v: (v.qps, v.mbps))
+
+
+def gateway_entry(grant: GatewayGrant, plans: PlansFile) -> dict[str, int]:
+    """The snapshot's ``gw``: the version's caps from ``from`` to ``to`` (a day number; 0 while
+    it renews itself), then the lowest version's (SPEC §15: an expired version falls back)."""
+    version = plans.gateway_versions[grant.version]
+    lowest = lowest_version(plans)
+    return {
+        "from": cal.day_number(grant.purchased),
+        "to": 0 if grant.auto_renew else cal.day_number(gateway_expires(grant)),
+        "qps": version.qps, "bps": version.mbps * BYTES_PER_MBPS,
+        "qps_after": lowest.qps, "bps_after": lowest.mbps * BYTES_PER_MBPS,
+    }
+
+
 def build_snapshot(
     env: Environment, plans: PlansFile, default_timezone: str
 ) -> dict[str, Any]:
@@ -88,7 +120,7 @@ def build_snapshot(
             "rt": promo_spec.realtime or 0, "db": 1 if promo_spec.database_free else 0,
         })
 
-    return {
+    snapshot: dict[str, Any] = {
         "v": SNAPSHOT_VERSION,
         "plan": env.plan,
         "mode": env.mode or "",
@@ -107,6 +139,9 @@ def build_snapshot(
         "promos": promos,
         "sms_calls": plans.sms_call_cost,
     }
+    if env.gateway is not None:  # absent: no version (older code reads the same layout)
+        snapshot["gw"] = gateway_entry(env.gateway, plans)
+    return snapshot
 
 
 def encode(snapshot: dict[str, Any]) -> str:

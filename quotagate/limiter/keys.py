@@ -20,6 +20,12 @@ def qps(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:qps"
 
 
+def bandwidth(env: str) -> str:
+    """String: the end of the environment's last leased slot of bandwidth, µs since 2020
+    (store clock): bandwidth.lua hands out slots one after another from here."""
+    return f"{PREFIX}:{{{env}}}:bw"
+
+
 def usage(env: str) -> str:
     """Hash: ``<cycle_start_day>:<meter>`` -> amount used from the plan quota in that cycle."""
     return f"{PREFIX}:{{{env}}}:usage"
@@ -106,7 +112,7 @@ def renew_keys(env: str) -> list[str]:
 
 def env_keys(env: str) -> list[str]:
     """The keys of an environment's state (release deletes them, but its pay-as-you-go)."""
-    return decision_keys(env)
+    return [*decision_keys(env), bandwidth(env)]
 
 
 #: Set: environments whose entitlements were written from environments.yaml (not env-scoped).

@@ -21,7 +21,7 @@ from importlib import resources
 
 _LUA = resources.files("quotagate.limiter").joinpath("lua")
 _COMMON = _LUA.joinpath("common.lua").read_text()
-_NAMES = ("decide", "settle", "renew")
+_NAMES = ("decide", "settle", "renew", "bandwidth")
 #: How each operation becomes a function of the library (``_library``).
 _WRAPPER = ("\nlocal function op_{name}(KEYS, ARGV)\n{code}\nend\n"
             "redis.register_function('{function}', op_{name})\n")
@@ -51,7 +51,8 @@ class Script:
 DECIDE = Script.load("decide")
 SETTLE = Script.load("settle")
 RENEW = Script.load("renew")
-ALL = (DECIDE, SETTLE, RENEW)
+BANDWIDTH = Script.load("bandwidth")
+ALL = (DECIDE, SETTLE, RENEW, BANDWIDTH)
 
 
 def _library() -> bytes:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import difflib
 import re
@@ -22,8 +21,10 @@ from quotagate.common.calendar import add_months_clamped
 from quotagate.common.envids import ENV_ID
 from quotagate.settings.schema import (
     FUNCTION_NAME,
+    GATEWAY_TERMS,
     PAYG_METERS,
     EnvironmentsFile,
+    GatewayGrant,
     GatewaySettings,
     PlansFile,
 )
@@ -144,7 +145,7 @@ def convert_all(raw: dict, kind: type[T], name: str) -> tuple[T | None, list[Con
     (or list item) is taken out of a copy and the rest converted again. A required key taken out
     that way is not reported a second time as missing; its owner is taken out instead. Returns
     the conversion of what is left (None if nothing converts) and the issues."""
-    data = copy.deepcopy(raw)
+    data = _unshared(raw)
     issues: list[ConfigIssue] = []
     removed: set[tuple[Any, ...]] = set()
     origins: dict[int, list[int]] = {}  # a list's items' indices in the file, once one is out
@@ -166,6 +167,16 @@ def convert_all(raw: dict, kind: type[T], name: str) -> tuple[T | None, list[Con
                 break
             removed.add(tuple(as_in_file))
     return None, issues
+
+
+def _unshared(node: Any) -> Any:
+    """A copy in which no mapping or list is shared: YAML anchors (``&a`` … ``*a``) make one
+    object appear at two paths, and taking a key out at one must not take it out at both."""
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
 
 
 def _as_in_file(data: Any, segments: list[Any], origins: dict[int, list[int]]) -> list[Any]:
@@ -190,7 +201,7 @@ def _path_text(segments: list[Any]) -> str:
 
 def _failure(data: dict, kind: type, exc: msgspec.ValidationError) -> tuple[list[Any], str]:
     """The concrete key path (dict keys named, not msgspec's ``[...]``) and the reason."""
-    path, reason = _split(exc)
+    path, reason, last = _split(exc)
     segments: list[Any] = []
     node: Any = data
     for match in _SEGMENT.finditer(path[1:]):
@@ -214,6 +225,14 @@ def _failure(data: dict, kind: type, exc: msgspec.ValidationError) -> tuple[list
             node = node[key]
         except (KeyError, IndexError, TypeError):
             node = None
+    if last is _KEY_NOT_TEXT:  # name the first key of that mapping that is no string
+        if isinstance(node, dict):
+            bad = next((k for k in node if not isinstance(k, str)), None)
+            if bad is not None:
+                return [*segments, bad], "keys must be text (quote it)"
+        return segments, reason
+    if last is not None:  # an unknown key: one segment, whatever it holds (dots too)
+        segments.append(last)
     return segments, reason
 
 
@@ -288,14 +307,25 @@ def _explain(kind: Any, path: str, reason: str) -> str:
 _UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(?P<key>[^`]*)`$")
 
 
-def _split(exc: msgspec.ValidationError) -> tuple[str, str]:
-    match = _MSGSPEC_PATH.match(str(exc))
+_AT_KEY = re.compile(r"^(?P<reason>.*?) - at `key` in `(?P<path>[^`]*)`$", re.S)
+#: ``_split``'s last segment for a mapping with a key that is no string.
+_KEY_NOT_TEXT = object()
+
+
+def _split(exc: msgspec.ValidationError) -> tuple[str, str, Any]:
+    """msgspec's path and reason, and a last segment to add to the path (an unknown key,
+    which may hold dots; ``_KEY_NOT_TEXT``), else None."""
+    text = str(exc)
+    at_key = _AT_KEY.match(text)
+    if at_key:
+        return at_key.group("path"), at_key.group("reason"), _KEY_NOT_TEXT
+    match = _MSGSPEC_PATH.match(text)
     assert match is not None
     path, reason = match.group("path") or "$", match.group("reason")
     unknown = _UNKNOWN_FIELD.match(reason)
     if unknown:  # name the unknown key itself in the path
-        path, reason = f"{path}.{unknown.group('key')}", "unknown key"
-    return path, reason
+        return path, "unknown key", unknown.group("key")
+    return path, reason, None
 
 
 @dataclass(frozen=True)
@@ -461,6 +491,10 @@ def check_plans(plans: PlansFile, file: str) -> list[ConfigIssue]:
         if meter not in PAYG_METERS:
             issues.append(ConfigIssue(file, f"$.payg_prices.{meter}",
                                       f"not a pay-as-you-go meter ({', '.join(PAYG_METERS)})"))
+    for name in plans.gateway_versions:
+        if not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+            issues.append(ConfigIssue(file, f"$.gateway_versions.{name}",
+                                      "gateway version ids are [a-z0-9_]{1,32}"))
     return issues
 
 
@@ -541,35 +575,63 @@ def check_environments(
                 issues.append(
                     ConfigIssue(file, f"{pw}.pack", f"unknown promo pack {promo.pack!r}")
                 )
+        if env.gateway is not None:
+            issues += check_gateway_grant(env.gateway, plans, file, f"{where}.gateway")
+    return issues
+
+
+def check_gateway_grant(grant: GatewayGrant, plans: PlansFile, file: str, where: str
+                        ) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    if grant.version not in plans.gateway_versions:
+        known = ", ".join(plans.gateway_versions) or "none in plans.yaml"
+        issues.append(ConfigIssue(file, f"{where}.version",
+                                  f"unknown gateway version {grant.version!r} ({known})"))
+    if not MIN_DATE <= grant.purchased <= MAX_DATE:
+        issues.append(ConfigIssue(file, f"{where}.purchased",
+                                  f"must lie between {MIN_DATE} and {MAX_DATE}"))
+    if grant.renew_months is not None and grant.renew_months not in GATEWAY_TERMS:
+        issues.append(ConfigIssue(
+            file, f"{where}.renew_months",
+            f"{grant.renew_months} is not a term sold ({', '.join(map(str, GATEWAY_TERMS))})"))
     return issues
 
 
 def load_config(gateway_file: str | Path) -> Config:
     """Load gateway.yaml and the plans and environments files it names; all or nothing.
-    Every issue of every file is reported: what is left of a file after its shape errors is
-    still checked and followed to the files it names."""
+    Every shape error of every file is reported, and a gateway.yaml with some is still
+    followed to the files it names."""
     gw_path = Path(gateway_file)
     gw, issues = read_yaml(gw_path, GatewaySettings)
     if gw is None:
         raise ConfigError(issues)
-    issues += check_gateway(gw, str(gw_path))
+    # The checks that read a whole file run on files without shape errors only: what is left
+    # of the others after their errors would give positions and defaults that are not the
+    # user's. A file key that had an error itself is not followed (its default is no choice).
+    broken = {i.path.split("[", 1)[0] for i in issues}
+    if not issues:
+        issues += check_gateway(gw, str(gw_path))
     base = gw_path.parent
     plans_path, envs_path = base / gw.plans_file, base / gw.environments_file  # abs stays abs
     plans: PlansFile | None = None
     envs: EnvironmentsFile | None = None
-    for key, path in (("plans_file", plans_path), ("environments_file", envs_path)):
+    follow = {key: path for key, path in (("plans_file", plans_path),
+                                             ("environments_file", envs_path))
+              if f"$.{key}" not in broken}
+    for key, path in follow.items():
         if not path.is_file():
             issues.append(ConfigIssue(str(gw_path), f"$.{key}", f"no such file: {path}"))
-    if plans_path.is_file():
+    if "plans_file" in follow and plans_path.is_file():
         plans, plan_issues = read_yaml(plans_path, PlansFile)
-        if plans is not None:
-            issues += check_plans(plans, str(plans_path))
+        if plans is not None and not plan_issues:
+            plan_issues += check_plans(plans, str(plans_path))
         # Environments are checked against whole plans only (not "unknown plan" for each
         # environment of a plan that had an error of its own).
         plans = plans if not plan_issues else None
         issues += plan_issues
-    if envs_path.is_file():
+    if "environments_file" in follow and envs_path.is_file():
         envs, env_issues = read_yaml(envs_path, EnvironmentsFile)
+        envs = envs if not env_issues else None
         issues += env_issues
     if plans is not None and envs is not None:
         issues += check_environments(envs, plans, str(envs_path))

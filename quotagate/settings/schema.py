@@ -329,6 +329,22 @@ class PaygPrice(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     per: PosInt = 1
 
 
+#: What a gateway version can be bought for at a time, in months (SPEC §15): 1-5 months, half a
+#: year, 1-4 years.
+GATEWAY_TERMS = (1, 2, 3, 4, 5, 6, 12, 24, 36, 48)
+#: Bytes per second in one Mbps (decimal megabits, as bandwidth is sold).
+BYTES_PER_MBPS = 125_000
+
+
+class GatewayVersion(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A version of the gateway itself, sold prepaid by the month: it caps the environment's
+    QPS and the bandwidth of its responses."""
+
+    qps: PosInt
+    mbps: Annotated[int, msgspec.Meta(gt=0, le=10_000_000)]
+    price: Money  # CNY / month
+
+
 class PlansFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     plans: dict[str, Plan]
     resource_packs: dict[str, ResourcePack] = msgspec.field(default_factory=dict)
@@ -336,6 +352,8 @@ class PlansFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     payg_prices: dict[str, PaygPrice] = msgspec.field(default_factory=dict)
     #: Calls one SMS costs when no SMS pack is left (SPEC §3).
     sms_call_cost: PosInt = 2_000
+    #: Gateway versions (SPEC §15); an expired version falls back to the lowest.
+    gateway_versions: dict[str, GatewayVersion] = msgspec.field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------ environments.yaml
@@ -372,6 +390,19 @@ class PromoGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True)
     days: PosInt = 1
 
 
+class GatewayGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The environment's gateway version: bought on ``purchased`` for ``months`` in all (the
+    first term and every renewal), so it runs to ``purchased`` + ``months`` (calendar months,
+    clamped to the month's last day)."""
+
+    version: str
+    purchased: dt.date
+    months: Annotated[int, msgspec.Meta(gt=0, le=1200)]
+    #: Renewed on the expiry day by ``renew_months`` (default: the last term bought).
+    auto_renew: bool = False
+    renew_months: int | None = None
+
+
 class FunctionSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: Memory configured for the function, in MB: GBs = memory_mb / 1024 x run seconds.
     memory_mb: MemoryMb
@@ -398,6 +429,9 @@ class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     discount: Money = "1"
     #: The account is in arrears: it keeps working but cannot renew or change plan (SPEC §11).
     arrears: bool = False
+    #: The gateway version bought for this environment (SPEC §15); None: none (the plan's
+    #: QPS, no bandwidth cap).
+    gateway: GatewayGrant | None = None
 
 
 class EnvironmentsFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):

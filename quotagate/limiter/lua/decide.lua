@@ -5,7 +5,8 @@ KEYS[1] ent    string, JSON entitlement snapshot (entitlements.py): quota {meter
                caps {rt, fc}, tz [[from_ms, utc_offset_s]…], cycles [start_day…] (last = end
                of the last), expire_day, release_day, packs [{id, meter, amount, from, to}]
                earliest expiry first, promos [{from, to, qps, fc, rt, db}], overage, mode,
-               sms_calls
+               sms_calls, gw (optional: the gateway version, {from, to, qps, bps,
+               qps_after, bps_after}; to = 0 while it renews itself)
 KEYS[2] qps    string, GCRA theoretical arrival time in ms since 2020-01-01 (store clock)
 KEYS[3] usage  hash "<cycle_start_day>:<meter>" -> amount used from the plan quota
 KEYS[4] packs  hash "<pack_id>" -> amount used from that pack
@@ -32,7 +33,7 @@ ARGV[9] needs     metered or ingested meters the route uses, comma-separated (""
                   once one is used up (hard stop)
 
 Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
-        reset_ms, retry_after_ms, window_s, meter, cap, in_use}
+        reset_ms, retry_after_ms, window_s, meter, cap, in_use, qps_by, bandwidth}
   code   0 admitted, 1 qps, 2 quota, 3 isolated, 4 unknown/released, 5 plan not started,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
@@ -42,6 +43,8 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
   reset_ms           until the billing cycle resets; window_s the cycle's length
   meter              the meter that refused ("" when admitted)
   cap / in_use       the slot's cap and the live slots (with this one when admitted)
+  qps_by             0 the plan's QPS (with promos) applied, 1 the gateway version's (lower)
+  bandwidth          the gateway version's bytes per second for responses (0: not capped)
 A refused request (enforce) writes nothing.
 ]]
 
@@ -53,16 +56,16 @@ local slot, needs = ARGV[6], ARGV[9]
 
 -- Refusals before any counting; in shadow mode they are reported, not enforced.
 local function early(code)
-  return {code, (mode == 'shadow') and 1 or 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0}
+  return {code, (mode == 'shadow') and 1 or 0, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0}
 end
 
 local ent = snapshot(KEYS[1])
 if not ent then return early(4) end
 if mode == 'record' and KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then
-  return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0}  -- written back before: not again
+  return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0}  -- written back before: not again
 end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
-if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0} end
+if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0} end
 
 calendar_at(ent, now_ms)
 if mode ~= 'record' then  -- usage that already passed is recorded whatever the status now
@@ -90,6 +93,17 @@ for _, p in ipairs(ent.promos) do
     end
     if p.db == 1 and (kind == 'database' or kind == 'realtime') then cost = 0; flags = 4 end
   end
+end
+
+-- The gateway version: the lower QPS applies; its bandwidth goes back to the gateway, which
+-- shapes the response. Expired (and not renewing itself): the lowest version's caps.
+local qps_by, bandwidth = 0, 0
+local gw = ent.gw
+if gw and TODAY >= gw.from then
+  local gq, gb = gw.qps, gw.bps
+  if gw.to ~= 0 and TODAY >= gw.to then gq, gb = gw.qps_after, gw.bps_after end
+  bandwidth = gb
+  if gq < qps_limit then qps_limit, qps_by = gq, 1 end
 end
 
 -- QPS: GCRA on the store's clock (instance clocks do not matter).
@@ -158,7 +172,7 @@ end
 if code ~= 0 then
   if mode == 'enforce' then
     return {code, flags, qps_limit, qps_remaining, qps_reset, quota, held, reset_ms, retry,
-            window_s, meter, cap, in_use}
+            window_s, meter, cap, in_use, qps_by, bandwidth}
   end
   flags = flags + 1 -- shadow: counted and reported, not refused
 end
@@ -184,4 +198,4 @@ if mode == 'record' and KEYS[10] then  -- last: only a write-back that counted i
   redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
 end
 return {code, flags, qps_limit, qps_remaining, qps_reset, quota, held - consumed, reset_ms,
-        retry, window_s, meter, cap, in_use}
+        retry, window_s, meter, cap, in_use, qps_by, bandwidth}
