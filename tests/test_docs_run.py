@@ -149,6 +149,11 @@ def test_the_operator_guide_runs_as_written(tmp_path: Path) -> None:
     assert "shop-2: overage on" in cli and "refunded" in cli, cli
     assert "upgrade to enterprise" in cli and "renewed, expires" in cli, cli
     assert cli.rstrip().splitlines()[-1].startswith("env,day,meter,quantity"), cli
+    versions = at("quotagate gateway buy")
+    assert "paid: 899.00 CNY" in versions and "paid: 10788.00 CNY" in versions, versions
+    assert "renews itself by 12 month(s)" in versions, versions  # the last term bought
+    assert re.search(r"^  in effect: test: 100 QPS, 1 Mbps$", versions, re.M), versions
+    assert "250000 B in " in versions, versions
     events = at("XREADGROUP")
     assert "pack-purchased" in events and "pack-refunded" in events, events
     assert events.rstrip().splitlines()[-1] == "1", events  # XACK: one handled

@@ -93,6 +93,16 @@ INVALID_REQUESTS = Counter(
     "Requests refused before any store call, by reason (invalid-environment, route-not-found).",
     ["reason"],
 )
+BANDWIDTH_LEASES = Counter(
+    "quotagate_bandwidth_leases_total",
+    "Bandwidth slots by result: leased from the store, given back to it, or local (the store "
+    "away, fail-open).",
+    ["result"],
+)
+BANDWIDTH_BYTES = Counter(
+    "quotagate_bandwidth_shaped_bytes_total",
+    "Response bytes sent through a bandwidth pacer (environments with a gateway version).",
+)
 SCRIPT_RELOADS = Counter(
     "quotagate_script_reloads_total", "Scripts re-sent after NOSCRIPT (store restart or flush)."
 )

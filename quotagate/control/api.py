@@ -11,12 +11,14 @@ import logging
 import os
 import re
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from redis import exceptions as redis_errors
 
+from quotagate.billing import versions
 from quotagate.billing.bills import bill, billable_envs, total
 from quotagate.common import metrics
 from quotagate.common.clock import StoreClock
@@ -26,7 +28,7 @@ from quotagate.control.envs import ControlError, Environments, Invalid
 from quotagate.control.usage import usage_report
 from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
-from quotagate.settings.schema import MAX_EXACT, PACK_METERS, Environment
+from quotagate.settings.schema import GATEWAY_TERMS, MAX_EXACT, PACK_METERS, Environment
 
 log = logging.getLogger("quotagate.admin")
 
@@ -398,6 +400,55 @@ async def ingest_usage(request: web.Request) -> web.Response:
                               "results": results})
 
 
+async def gateway_versions(request: web.Request) -> web.Response:
+    plans = request.app[ENVS].config.plans
+    return web.json_response({"versions": [
+        {"version": name, "qps": v.qps, "mbps": v.mbps,
+         "monthly_price": f"{Decimal(v.price):.2f}"}
+        for name, v in plans.gateway_versions.items()], "terms": list(GATEWAY_TERMS),
+        "currency": "CNY"})
+
+
+async def _gateway_body(request: web.Request, env_id: str, **extra: Any) -> dict[str, Any]:
+    envs = request.app[ENVS]
+    record = await envs.get(env_id)
+    grant = record.env.gateway
+    if grant is None:
+        return {"env": env_id, "gateway": None, **extra}
+    now = versions.status(grant, envs.config.plans, envs.today(record.env))
+    return {"env": env_id, "gateway": now.as_dict(grant, envs.config.plans), **extra}
+
+
+async def get_gateway(request: web.Request) -> web.Response:
+    return web.json_response(await _gateway_body(request, _env_id(request)))
+
+
+async def buy_gateway(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    auto = _field(body, "auto_renew", bool, required=False)
+    _, amount = await request.app[ENVS].buy_gateway(
+        env_id, _field(body, "version", str), _field(body, "months", int), bool(auto))
+    return web.json_response(await _gateway_body(request, env_id, amount=f"{amount:.2f}",
+                                                 currency="CNY"), status=201)
+
+
+async def renew_gateway(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    months = _field(await _body(request), "months", int)
+    _, amount = await request.app[ENVS].renew_gateway(env_id, months)
+    return web.json_response(await _gateway_body(request, env_id, amount=f"{amount:.2f}",
+                                                 currency="CNY"))
+
+
+async def gateway_auto_renew(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    await request.app[ENVS].gateway_auto_renew(env_id, _field(body, "on", bool),
+                                               _field(body, "months", int, required=False))
+    return web.json_response(await _gateway_body(request, env_id))
+
+
 async def renew(request: web.Request) -> web.Response:
     env_id = _env_id(request)
     months = _field(await _body(request), "months", int)
@@ -423,6 +474,11 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/envs/{env}/plan/quote", quote_plan),
     ("POST", "/envs/{env}/plan", change_plan),
     ("GET", "/bills", get_bill),
+    ("GET", "/gateway/versions", gateway_versions),
+    ("GET", "/envs/{env}/gateway", get_gateway),
+    ("POST", "/envs/{env}/gateway", buy_gateway),
+    ("POST", "/envs/{env}/gateway/renew", renew_gateway),
+    ("PUT", "/envs/{env}/gateway/auto-renew", gateway_auto_renew),
 ]
 
 

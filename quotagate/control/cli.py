@@ -174,6 +174,51 @@ def plan_renew(args: argparse.Namespace) -> None:
     _out(args, data, f"{data['env']}: renewed, expires {data['expires']} (paid {data['paid']})")
 
 
+def gateway_versions(args: argparse.Namespace) -> None:
+    data = call(args, "GET", "/gateway/versions")
+    _out(args, data, table(data["versions"], ["version", "qps", "mbps", "monthly_price"])
+         + f"\nterms (months): {', '.join(map(str, data['terms']))}")
+
+
+def _gateway_text(data: dict[str, Any]) -> str:
+    g = data["gateway"]
+    if g is None:
+        return f"{data['env']}: no gateway version (the plan's QPS, no bandwidth cap)"
+    renew = (f"renews itself by {g['renew_months']} month(s)" if g["auto_renew"]
+             else "renewed by hand")
+    text = (f"{data['env']}: gateway {g['version']} ({g['state']}), bought {g['purchased']}, "
+            f"runs to {g['expires']}, {renew}; {g['monthly_price']} CNY/month\n"
+            f"  in effect: {g['in_effect'] or 'none yet'}: {g['qps']} QPS, {g['mbps']} Mbps")
+    if "amount" in data:
+        text += f"\n  paid: {data['amount']} {data['currency']}"
+    return text
+
+
+def gateway_show(args: argparse.Namespace) -> None:
+    data = call(args, "GET", f"/envs/{args.env}/gateway")
+    _out(args, data, _gateway_text(data))
+
+
+def gateway_buy(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/envs/{args.env}/gateway",
+                {"version": args.version, "months": args.months,
+                 "auto_renew": args.auto_renew})
+    _out(args, data, _gateway_text(data))
+
+
+def gateway_renew(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/envs/{args.env}/gateway/renew", {"months": args.months})
+    _out(args, data, _gateway_text(data))
+
+
+def gateway_auto_renew(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"on": args.state == "on"}
+    if args.months is not None:
+        body["months"] = args.months
+    data = call(args, "PUT", f"/envs/{args.env}/gateway/auto-renew", body)
+    _out(args, data, _gateway_text(data))
+
+
 BILL_COLUMNS = ["env", "day", "meter", "quantity", "unit", "unit_price", "per", "amount"]
 
 
@@ -273,6 +318,25 @@ def add_commands(sub: Any) -> None:
     renew = _cmd(pls, "renew", "renew for N months from the original expiry (also while "
                  "isolated)", plan_renew, ENV)
     renew.add_argument("--months", type=int, default=1)
+
+    gw = sub.add_parser("gateway", help="gateway versions: versions, show, buy, renew, "
+                        "auto-renew")
+    gs = gw.add_subparsers(dest="gateway_command", required=True)
+    _cmd(gs, "versions", "the versions sold, their caps and monthly prices", gateway_versions)
+    _cmd(gs, "show", "an environment's gateway version: state, expiry, caps in effect",
+         gateway_show, ENV)
+    gb = _cmd(gs, "buy", "buy a gateway version from today, prepaid", gateway_buy, ENV,
+              ("version", {"help": "e.g. test, starter, basic"}))
+    gb.add_argument("--months", type=int, required=True,
+                    help="1-5, 6 (half a year), 12, 24, 36 or 48")
+    gb.add_argument("--auto-renew", action="store_true",
+                    help="renew by the same term on the expiry day")
+    gr = _cmd(gs, "renew", "renew by hand, before it expires", gateway_renew, ENV)
+    gr.add_argument("--months", type=int, required=True)
+    ga = _cmd(gs, "auto-renew", "renew on the expiry day, or not", gateway_auto_renew, ENV,
+              ("state", {"choices": ["on", "off"]}))
+    ga.add_argument("--months", type=int, help="the term of each renewal (default: the "
+                    "last bought)")
 
     b = _cmd(sub, "bill", "pay-as-you-go lines of one day at list price", bill)
     b.add_argument("--date", required=True, help="YYYY-MM-DD (each environment's local day)")

@@ -21,6 +21,7 @@ import msgspec
 import redis.asyncio as aredis
 from redis.exceptions import WatchError
 
+from quotagate.billing import versions
 from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
 from quotagate.common import calendar as cal
 from quotagate.common.clock import Clock
@@ -35,8 +36,10 @@ from quotagate.limiter.entitlements import (
 from quotagate.settings import Config
 from quotagate.settings.load import check_environments
 from quotagate.settings.schema import (
+    GATEWAY_TERMS,
     Environment,
     EnvironmentsFile,
+    GatewayGrant,
     PackGrant,
     PackMeter,
     PromoGrant,
@@ -323,6 +326,104 @@ class Environments:
         await emit(self.redis, env_id, "plan-renewed", months=months,
                    expires=changed.expires.isoformat())
         return changed
+
+    # ---------------------------------------------------------------- gateway versions
+
+    def _check_term(self, version: str | None, months: int) -> None:
+        versions = self.config.plans.gateway_versions
+        if version is not None and version not in versions:
+            raise Invalid(f"unknown gateway version {version!r} (versions: "
+                          f"{', '.join(versions) or 'none in plans.yaml'})")
+        if months not in GATEWAY_TERMS:
+            raise Invalid(f"months must be a term sold: {', '.join(map(str, GATEWAY_TERMS))} "
+                          "(1-5 months, half a year, 1-4 years)")
+
+    async def _change_gateway(
+            self, env_id: str, edit: Callable[[GatewayGrant | None, versions.Status | None,
+                                               dt.date], GatewayGrant],
+            refused_in_arrears: str = "") -> GatewayGrant:
+        """Apply ``edit`` (the grant now, its status today, today) to the environment's
+        gateway version atomically; ``refused_in_arrears``: what arrears forbid."""
+        plans = self.config.plans
+        changed: list[GatewayGrant] = []
+
+        def edit_env(env: Environment, _: dict[str, int]) -> Environment:
+            if refused_in_arrears and env.arrears:
+                raise Conflict(f"environment {env_id} is in arrears: it cannot "
+                               f"{refused_in_arrears} until paid up")
+            today = self.today(env)
+            now = None if env.gateway is None else versions.status(env.gateway, plans, today)
+            changed[:] = [edit(env.gateway, now, today)]
+            return msgspec.structs.replace(env, gateway=changed[0])
+
+        await self.change(env_id, edit_env)
+        return changed[0]
+
+    def _running(self, env_id: str, grant: GatewayGrant | None,
+                 now: versions.Status | None) -> GatewayGrant:
+        """The grant, refused when there is none or it has expired."""
+        if grant is None or now is None:
+            raise Conflict(f"environment {env_id} has no gateway version: buy one")
+        if now.state == "expired":
+            raise Conflict(f"gateway version {grant.version} of {env_id} expired on "
+                           f"{now.expires}: renewal is only before expiry; buy it again")
+        return grant
+
+    async def buy_gateway(self, env_id: str, version: str, months: int,
+                          auto_renew: bool = False) -> tuple[GatewayGrant, Decimal]:
+        """Buy a gateway version from today, prepaid for ``months``. Refused while one runs
+        (renew it instead) and in arrears."""
+        self._check_term(version, months)
+
+        def buy(grant: GatewayGrant | None, now: versions.Status | None,
+                today: dt.date) -> GatewayGrant:
+            if grant is not None and now is not None and now.state != "expired":
+                raise Conflict(
+                    f"environment {env_id} has gateway version {grant.version} until "
+                    f"{now.expires}: renew it, or buy another once it has ended")
+            return GatewayGrant(version=version, purchased=today, months=months,
+                                auto_renew=auto_renew, renew_months=months)
+
+        grant = await self._change_gateway(env_id, buy, "buy")
+        amount = versions.price(self.config.plans.gateway_versions[version], months)
+        await emit(self.redis, env_id, "gateway-purchased", version=version, months=months,
+                   amount=f"{amount:.2f}", expires=versions.expiry(grant).isoformat(),
+                   auto_renew=int(auto_renew))
+        return grant, amount
+
+    async def renew_gateway(self, env_id: str, months: int) -> tuple[GatewayGrant, Decimal]:
+        """Renew by hand for ``months``, only before the version expires (after: buy)."""
+        self._check_term(None, months)
+
+        def renew(grant: GatewayGrant | None, now: versions.Status | None,
+                  today: dt.date) -> GatewayGrant:
+            grant = self._running(env_id, grant, now)
+            # The last term bought is what an automatic renewal buys, unless told otherwise.
+            return msgspec.structs.replace(
+                grant, months=versions.months_bought(grant, today) + months,
+                renew_months=months)
+
+        grant = await self._change_gateway(env_id, renew, "renew")
+        amount = versions.price(self.config.plans.gateway_versions[grant.version], months)
+        await emit(self.redis, env_id, "gateway-renewed", version=grant.version, months=months,
+                   amount=f"{amount:.2f}", expires=versions.expiry(grant).isoformat(), auto=0)
+        return grant, amount
+
+    async def gateway_auto_renew(self, env_id: str, on: bool,
+                                 months: int | None = None) -> GatewayGrant:
+        """Turn automatic renewal on (by ``months``, default the grant's term) or off."""
+        if months is not None:
+            self._check_term(None, months)
+
+        def switch(grant: GatewayGrant | None, now: versions.Status | None,
+                   today: dt.date) -> GatewayGrant:
+            grant = self._running(env_id, grant, now)
+            # Renewals made so far stay bought when it is turned off.
+            return msgspec.structs.replace(
+                grant, months=versions.months_bought(grant, today), auto_renew=on,
+                renew_months=months or versions.term_of(grant))
+
+        return await self._change_gateway(env_id, switch)
 
     # ------------------------------------------------------------------- plan changes
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.aio import stop_if_cancelling
 from quotagate.common.clock import Clock
@@ -195,10 +196,51 @@ class Scheduler:
                                          days_left=(expires - today).days)):
             written += 1
         written += await self._packs(record, today)
+        written += await self._gateway(record, today)
         if today < expires:
             await self._queue_work(env_id, active=True)
             if self.carry is not None:
                 await self.carry(env_id)
+        return written
+
+    async def _gateway(self, record: Record, today: dt.date) -> int:
+        """The gateway version: ``gateway-expiring`` 7 days before it ends and
+        ``gateway-expired`` on that day (the lowest version's caps from then), unless it renews
+        itself; then ``gateway-renewed`` (with its price, for billing) for each renewal of
+        the last 7 days (older ones, e.g. of a file's grant first seen now, are not told)."""
+        grant = record.env.gateway
+        if grant is None:
+            return 0
+        env_id, plans = record.env_id, self.envs.config.plans
+        version = plans.gateway_versions.get(grant.version)
+        if version is None:
+            return 0
+        written = 0
+        if grant.auto_renew:
+            term = versions.term_of(grant)
+            for renewed, new_expiry in versions.renewals(grant, today):
+                if renewed < today - dt.timedelta(days=REMIND_DAYS):
+                    continue
+                if await self._claim_emit(
+                        env_id, f"gateway-renewed:{renewed}", "gateway-renewed",
+                        version=grant.version, months=term,
+                        amount=f"{versions.price(version, term):.2f}",
+                        expires=new_expiry.isoformat(), auto=1):
+                    written += 1
+            return written
+        ends = versions.expiry(grant)
+        if today >= ends:
+            now = versions.status(grant, plans, today)
+            if await self._claim_emit(env_id, f"gateway-expired:{ends}", "gateway-expired",
+                                      version=grant.version, expired=ends.isoformat(),
+                                      in_effect=now.in_effect):
+                written += 1
+        elif (today >= ends - dt.timedelta(days=REMIND_DAYS)
+              and await self._claim_emit(env_id, f"gateway-expiring:{ends}",
+                                         "gateway-expiring", version=grant.version,
+                                         expires=ends.isoformat(),
+                                         days_left=(ends - today).days)):
+            written += 1
         return written
 
     async def _packs(self, record: Record, today: dt.date) -> int:

@@ -29,14 +29,17 @@ async def _echo(request: web.Request) -> web.Response:
 
 
 async def _sse(request: web.Request) -> web.StreamResponse:
-    """An AI chat answer as server-sent events, one token per event."""
+    """An AI chat answer as server-sent events, one token per event (``pad``: that many more
+    bytes in each, for traffic)."""
     events = int(request.query.get("events", "5"))
     delay = float(request.query.get("delay_ms", "20")) / 1000
+    pad = "x" * min(int(request.query.get("pad", "0")), 1024 * 1024)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
     for i in range(events):
-        await response.write(f"data: {json.dumps({'token': f'tok{i}'})}\n\n".encode())
+        event = {"token": f"tok{i}", **({"pad": pad} if pad else {})}
+        await response.write(f"data: {json.dumps(event)}\n\n".encode())
         await asyncio.sleep(delay)
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
@@ -94,13 +97,15 @@ async def _realtime(request: web.Request) -> web.WebSocketResponse:
     """The watch protocol (SPEC §8), as a platform's realtime server speaks it.
 
     LOGIN -> LOGIN_RES; INIT_WATCH / REBUILD_WATCH -> INIT_EVENT, then a NEXT_EVENT every
-    ``event_ms`` (query, default 1000) until CLOSE_WATCH; a watch of collection ``fail`` gets an
+    ``event_ms`` (query, default 1000; ``pad``: that many more bytes in each, for traffic)
+    until CLOSE_WATCH; a watch of collection ``fail`` gets an
     ERROR instead; CHECK_LAST -> CHECK_EVENT; PING -> PONG (a PING with ``msgData.cut``
     drops the connection without a close frame, as a crashed server would); anything else is
     echoed back.
     """
     stats = request.app[REALTIME]
     period = float(request.query.get("event_ms", "1000")) / 1000
+    pad = "x" * min(int(request.query.get("pad", "0")), 1024 * 1024)
     ws = web.WebSocketResponse(protocols=("watch.v1",), max_msg_size=64 * 1024 * 1024)
     await ws.prepare(request)
     stats.sockets += 1
@@ -116,7 +121,7 @@ async def _realtime(request: web.Request) -> web.WebSocketResponse:
         while True:
             await asyncio.sleep(period)
             seq += 1
-            await send(watch_id, None, "NEXT_EVENT", {"seq": seq})
+            await send(watch_id, None, "NEXT_EVENT", {"seq": seq, **({"pad": pad} if pad else {})})
 
     def stop(watch_id: str) -> None:
         task = watches.pop(watch_id, None)

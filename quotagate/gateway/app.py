@@ -287,7 +287,13 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
     tally = Tally()
     if holds:
         metrics.FUNCTION_SLOTS.inc()
+    bandwidth = state.limiter.bandwidth
+    rate = bandwidth.rate_of(env, decision.bandwidth, decision.store_bypassed)
     try:
+        if rate:  # the gateway version's bandwidth: the response is shaped to it
+            async with bandwidth.shaping(env, rate) as pacer:
+                return await state.pool.forward(request, route, env, path_qs, request_id,
+                                                extra, tally, body, pacer)
         return await state.pool.forward(request, route, env, path_qs, request_id, extra,
                                         tally, body)
     finally:

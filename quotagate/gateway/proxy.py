@@ -16,6 +16,7 @@ from quotagate.common import metrics
 from quotagate.gateway.problems import upstream_timeout, upstream_unavailable
 from quotagate.gateway.routing import CompiledRoute
 from quotagate.gateway.streams import is_stream_type
+from quotagate.limiter.bandwidth import BandwidthUnavailable, Pacer, send_shaped
 from quotagate.settings.schema import UpstreamSettings
 
 #: Connection-specific fields never forwarded (RFC 9110 §7.6.1), plus any the Connection
@@ -154,10 +155,11 @@ class UpstreamPool:
         extra_headers: dict[str, str],
         tally: Tally | None = None,
         body: bytes | AsyncIterable[bytes] | None = None,
+        pacer: Pacer | None = None,
     ) -> web.StreamResponse:
         """``body``: the request's body when it was read already (action routes), or what
         was read of it and then the rest (stream probes), else it is streamed from the
-        client."""
+        client. ``pacer``: the response body goes out at the environment's bandwidth."""
         assert self.session is not None
         headers = forward_request_headers(request, env, request_id)
         data: Any = body if body is not None else (
@@ -205,7 +207,12 @@ class UpstreamPool:
             if length is not None and not chunked:
                 response.content_length = length
             await response.prepare(request)
-            if tally is None:
+            if pacer is not None:
+                async for chunk in upstream.content.iter_any():
+                    await send_shaped(pacer, chunk, response.write)
+                    if tally is not None:
+                        tally.body_bytes += len(chunk)
+            elif tally is None:
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
             else:
@@ -214,10 +221,11 @@ class UpstreamPool:
                     tally.body_bytes += len(chunk)
             await response.write_eof()
             return response
-        except (TimeoutError, aiohttp.ClientError, ConnectionError):
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, BandwidthUnavailable) as exc:
             # The status line is gone already: all we can do is cut the client's connection,
             # so the client sees a truncated response rather than a clean end.
-            metrics.UPSTREAM_ERRORS.labels("aborted").inc()
+            if not isinstance(exc, BandwidthUnavailable):  # (the store's, counted there)
+                metrics.UPSTREAM_ERRORS.labels("aborted").inc()
             if request.transport is not None:
                 request.transport.abort()
             return response

@@ -51,6 +51,7 @@ from quotagate.gateway.problems import (
 from quotagate.gateway.proxy import forward_request_headers
 from quotagate.gateway.routing import CompiledRoute
 from quotagate.gateway.state import GatewayState
+from quotagate.limiter.bandwidth import Pacer, wait_for
 from quotagate.limiter.codes import Outcome
 from quotagate.limiter.limiter import Decision
 
@@ -473,6 +474,9 @@ class RealtimeSocket:
         if isinstance(decision, Problem):
             await self._refuse(frame, "STORE_UNAVAILABLE", decision.detail)
             return None
+        if decision.admitted:  # the environment's bandwidth, for the frames to this socket
+            self.state.limiter.bandwidth.rate_of(env, decision.bandwidth,
+                                                 decision.store_bypassed)
         return decision
 
     async def _admitted(self, decision: Decision, frame: dict[str, Any]) -> bool:
@@ -493,17 +497,33 @@ class RealtimeSocket:
     async def _from_upstream(self) -> None:
         await self.connected.wait()
         assert self.upstream is not None
-        async for msg in self.upstream:
-            if msg.type is WSMsgType.TEXT:
-                data = msg.data
-                if self.held and ("ERROR" in data or self.unanswered):
-                    self._upstream_answer(data)
-                await self.client.send_str(data)
-            elif msg.type is WSMsgType.BINARY:
-                await self.client.send_bytes(msg.data)
-            elif msg.type is WSMsgType.ERROR:
-                log.info("realtime upstream error on %s: %s", self.env, self.upstream.exception())
-                return
+        bandwidth = self.state.limiter.bandwidth
+        async with contextlib.AsyncExitStack() as stack:
+            pacer: Pacer | None = None
+            async for msg in self.upstream:
+                # Frames to the client count to the environment's bandwidth (its gateway
+                # version's, as its watches' decisions told it), sent whole when their bytes'
+                # time has come.
+                if pacer is None and self.env is not None:
+                    rate = bandwidth.rates.get(self.env, 0)
+                    if rate:
+                        pacer = await stack.enter_async_context(
+                            bandwidth.shaping(self.env, rate))
+                if msg.type is WSMsgType.TEXT:
+                    data = msg.data
+                    if self.held and ("ERROR" in data or self.unanswered):
+                        self._upstream_answer(data)
+                    if pacer is not None:
+                        await wait_for(pacer, len(data))
+                    await self.client.send_str(data)
+                elif msg.type is WSMsgType.BINARY:
+                    if pacer is not None:
+                        await wait_for(pacer, len(msg.data))
+                    await self.client.send_bytes(msg.data)
+                elif msg.type is WSMsgType.ERROR:
+                    log.info("realtime upstream error on %s: %s", self.env,
+                             self.upstream.exception())
+                    return
 
     def _upstream_answer(self, data: str) -> None:
         """An upstream ERROR for a held watch: the SDK drops that watch (it sends no

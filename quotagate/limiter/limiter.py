@@ -28,6 +28,7 @@ from typing import Literal
 from quotagate.common.clock import Clock, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import SLOT_MS, Backlog, BacklogKey
+from quotagate.limiter.bandwidth import Bandwidth
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
@@ -91,6 +92,8 @@ class Limiter:
                               renew_interval_ms, self._settler)
         #: Slots of plugin-mode holders being given back.
         self._background: set[asyncio.Task[None]] = set()
+        #: Response bandwidth of environments with a gateway version, shaped across instances.
+        self.bandwidth = Bandwidth(self._calls, lambda: self.on_failure)
 
     def _missing(self, env: str) -> None:
         if self.on_missing is not None:
@@ -356,6 +359,7 @@ class Limiter:
         if give_back:
             await self._leases.give_back()
         await asyncio.sleep(0)
+        await self.bandwidth.close()  # unused bandwidth being given back
         await self._events.finish()  # events being moved to the global stream
         if self._background:  # plugin-mode slots being given back
             await asyncio.gather(*self._background, return_exceptions=True)

@@ -398,7 +398,8 @@ class GatewayGrant(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     version: str
     purchased: dt.date
     months: Annotated[int, msgspec.Meta(gt=0, le=1200)]
-    #: Renewed on the expiry day by ``renew_months`` (default: the last term bought).
+    #: Renewed on the expiry day by ``renew_months``: the last term bought through the API, or
+    #: set; when not set, ``months`` if that is a term sold, else 1.
     auto_renew: bool = False
     renew_months: int | None = None
 

@@ -102,7 +102,7 @@ local gw = ent.gw
 if gw and TODAY >= gw.from then
   local gq, gb = gw.qps, gw.bps
   if gw.to ~= 0 and TODAY >= gw.to then gq, gb = gw.qps_after, gw.bps_after end
-  bandwidth = gb
+  if mode == 'enforce' then bandwidth = gb end  -- shadow mode reports, never delays
   if gq < qps_limit then qps_limit, qps_by = gq, 1 end
 end
 

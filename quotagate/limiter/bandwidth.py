@@ -1,0 +1,278 @@
+"""Bandwidth shaping: an environment's response bytes, through every instance together, kept to
+its gateway version's rate by delaying them, never by cutting them (SPEC §15).
+
+The store keeps one timeline per environment (bandwidth.lua): a lease of B bytes is the slot
+[start, start + B / rate) after the last slot anyone leased. Each instance leases slots for the
+environments it is sending for, and sends inside them, paced: a piece of n bytes goes at the
+pacer's cursor, which then moves n / rate on. Slots of different instances never overlap, so
+together they send at most ``rate`` bytes a second, and while they all have bytes to send the
+timeline has no gaps, so they send at the rate.
+
+- **Store calls**: one per slot, not per chunk. A slot lasts ``lease_s`` (adaptive: 0.05 s to
+  1 s, doubled while slots are used up, halved while they go mostly unused), so an instance
+  with demand makes 1 to 20 calls a second per environment whatever the rate; at 1 Mbps and
+  1 s slots that is 8 calls per MB. The next slot is leased when half of the current one is
+  left, so sending does not wait for the store.
+- **Pieces**: a chunk goes out in pieces of at most 10 ms of the rate (at least 1,024 bytes),
+  each at its time, so a 1 s window never holds more than the rate plus about one piece.
+  Pieces are booked at most 20 ms ahead of now, so an event loop that stalls (a busy core)
+  sends at most 20 ms of the rate late and at once; a stall longer than that is time lost.
+- **Under- and overshoot**: time in a slot that nothing was sent in is lost, not saved up (no
+  burst after idling): with demand that stops and starts, the rate can only be lower. Unused
+  time at the end of the last slot is given back when the last response of the environment
+  on this instance ends, if nobody leased after it. A piece that starts at the end of a slot
+  and runs past it is owed by the instance's next slot, which starts that much later (up to
+  20 ms). Instance clocks do not matter:
+  slot times are the store's, turned into this process's monotonic clock by the lease with
+  the shortest round trip of the last 10 s (a reply read late does not shift the slots).
+- **The store away**: fail-open, the instance paces alone at the rate (so N instances may send
+  up to N times it until the store is back); fail-closed, ``BandwidthUnavailable`` (the
+  response is cut, as a request would be refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from quotagate.common import metrics
+from quotagate.limiter import keys
+from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
+from quotagate.limiter.scripts import BANDWIDTH
+
+LEASE_MIN_S, LEASE_START_S, LEASE_MAX_S = 0.05, 0.25, 1.0
+PIECE_S = 0.01
+HORIZON_S = 0.02
+OFFSET_KEEP_S = 10.0
+MIN_PIECE = 1024
+
+
+class BandwidthUnavailable(StoreUnavailable):
+    """No slot could be leased and the failure policy is closed."""
+
+
+@dataclass
+class Slot:
+    start: float  # this process's monotonic clock
+    end: float
+    #: The slot's end as the store wrote it (for a give-back); "" for a local slot.
+    end_key: str
+    used: float = 0.0  # seconds of it spent
+
+
+class Pacer:
+    """One environment's shaping on this instance, shared by all its responses here."""
+
+    def __init__(self, owner: Bandwidth, env: str, rate: int):
+        self.owner, self.env, self.rate = owner, env, rate
+        self.piece = max(MIN_PIECE, int(rate * PIECE_S))
+        self.slots: deque[Slot] = deque()
+        self.cursor = 0.0
+        self.lease_s = LEASE_START_S
+        self.users = 0
+        self._debt = 0.0
+        self._lock = asyncio.Lock()
+        self._fetch: asyncio.Task[None] | None = None
+
+    async def take(self, n: int) -> None:
+        """Wait until ``n`` bytes (at most ``piece``) may go."""
+        # Pieces are booked at most HORIZON_S ahead: an event loop that stalls sends what was
+        # booked late, all at once, and this bounds how much that can be.
+        while (wait := self.cursor - time.monotonic() - HORIZON_S) > 0:
+            await asyncio.sleep(wait)
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self.slots and max(self.cursor, now) >= self.slots[0].end:
+                    done = self.slots.popleft()
+                    # A piece that ran past the slot's end is owed by the next slot.
+                    self._debt = max(0.0, min(self.cursor - done.end, PIECE_S * 2))
+                    self._spent(done)
+                if not self.slots:
+                    await self._next_slot()
+                    continue
+                slot = self.slots[0]
+                at = max(self.cursor, slot.start + self._debt, now)
+                self._debt = 0.0
+                step = n / self.rate
+                self.cursor = at + step
+                slot.used += step
+                if self._fetch is None and self._ahead(now) < self.lease_s / 2:
+                    self._start_fetch()
+                break
+        delay = at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _ahead(self, now: float) -> float:
+        """Leased time not spent yet."""
+        from_ = max(self.cursor, now)
+        return sum(s.end - max(s.start, from_) for s in self.slots if s.end > from_)
+
+    def _spent(self, slot: Slot) -> None:
+        """A slot is behind us: lease longer ones while they are used up, shorter while they
+        go mostly unused."""
+        share = slot.used / max(slot.end - slot.start, 1e-9)
+        if share > 0.9:
+            self.lease_s = min(LEASE_MAX_S, self.lease_s * 2)
+        elif share < 0.5:
+            self.lease_s = max(LEASE_MIN_S, self.lease_s / 2)
+
+    def _start_fetch(self) -> asyncio.Task[None]:
+        fetch = self._fetch = asyncio.get_running_loop().create_task(self._lease())
+        # A prefetch nobody awaits may fail (fail-closed): the next take leases again and
+        # raises then; this one's exception is only looked at.
+        fetch.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return fetch
+
+    async def _next_slot(self) -> None:
+        fetch = self._fetch or self._start_fetch()
+        await asyncio.shield(fetch)
+
+    async def _lease(self) -> None:
+        try:
+            want = max(self.piece, int(self.rate * self.lease_s))
+            sent = time.monotonic()
+            try:
+                reply = await self.owner.calls.run(
+                    BANDWIDTH, self.env, [keys.bandwidth(self.env)], [self.rate, want, ""])
+            except StoreError as exc:
+                count_store_error(exc)
+                if self.owner.policy() == "closed":
+                    raise BandwidthUnavailable(f"no bandwidth lease: {exc}") from exc
+                metrics.BANDWIDTH_LEASES.labels("local").inc()
+                now = time.monotonic()  # alone at the rate until the store is back
+                start = max(now, self.slots[-1].end if self.slots else now)
+                self.slots.append(Slot(start, start + want / self.rate, ""))
+                return
+            back = time.monotonic()
+            start_us, end_us, now_us = (int(x) for x in reply)
+            offset = self.owner.clock_offset(now_us / 1e6, sent, back)
+            metrics.BANDWIDTH_LEASES.labels("leased").inc()
+            slot = Slot(start_us / 1e6 - offset, end_us / 1e6 - offset,
+                        reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1]))
+            self.slots.append(slot)
+            if self.users == 0:  # the last response ended while this was on its way
+                self.give_back()
+        finally:
+            self._fetch = None
+            if self.users == 0:
+                self.owner.forget(self)
+
+    def give_back(self) -> None:
+        """Nobody here sends for this environment now: what is left of the last slot goes
+        back to the timeline (if nobody leased after it); the rest is let go."""
+        if not self.slots:
+            return
+        last = self.slots[-1]
+        now = time.monotonic()
+        unused = last.end - max(last.start, self.cursor, now)
+        self.slots.clear()
+        if last.end_key and unused > 0:
+            amount = int(unused * self.rate)
+            if amount > 0:
+                self.owner.give_back(self.env, self.rate, amount, last.end_key)
+
+
+class Bandwidth:
+    """The pacers of this instance, by environment and rate."""
+
+    def __init__(self, calls: ScriptCalls, on_failure: Callable[[], str] = lambda: "open"):
+        self.calls = calls
+        #: The failure policy now ("open" / "closed"; it may change at a reload).
+        self.policy = on_failure
+        self.pacers: dict[tuple[str, int], Pacer] = {}
+        #: The last rate a decision told for each environment (used while the store is away).
+        self.rates: dict[str, int] = {}
+        #: The store's clock minus this process's monotonic one (seconds), from the lease
+        #: with the shortest round trip lately, with that round trip and when it was taken.
+        self._offset: tuple[float, float, float] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def clock_offset(self, store_now: float, sent: float, back: float) -> float:
+        """Slots are in the store's time; sending is in ours. A reply read late (a busy
+        event loop) would shift a slot by the delay, so the sample with the shortest round
+        trip of the last OFFSET_KEEP_S wins (the two clocks run at the same pace)."""
+        rtt = back - sent
+        sample = store_now - (sent + back) / 2
+        best = self._offset
+        if best is None or rtt <= best[1] or back - best[2] > OFFSET_KEEP_S:
+            self._offset = best = (sample, rtt, back)
+        return best[0]
+
+    def rate_of(self, env: str, told: int, bypassed: bool) -> int:
+        """The rate to shape ``env`` at: the decision's; a bypassed one (the store away)
+        knows none, so the last one told."""
+        if bypassed:
+            return self.rates.get(env, 0)
+        if told:
+            self.rates[env] = told
+        else:
+            self.rates.pop(env, None)
+        return told
+
+    @contextlib.asynccontextmanager
+    async def shaping(self, env: str, rate: int) -> AsyncIterator[Pacer]:
+        key = (env, rate)
+        pacer = self.pacers.get(key)
+        if pacer is None:
+            pacer = self.pacers[key] = Pacer(self, env, rate)
+        pacer.users += 1
+        try:
+            yield pacer
+        finally:
+            pacer.users -= 1
+            if pacer.users == 0:
+                pacer.give_back()
+                if pacer._fetch is None:
+                    self.forget(pacer)
+
+    def forget(self, pacer: Pacer) -> None:
+        if self.pacers.get((pacer.env, pacer.rate)) is pacer:
+            del self.pacers[(pacer.env, pacer.rate)]
+
+    def give_back(self, env: str, rate: int, amount: int, end_key: str) -> None:
+        async def send() -> None:
+            try:
+                given = await self.calls.run(BANDWIDTH, env, [keys.bandwidth(env)],
+                                             [rate, -amount, end_key])
+            except StoreError as exc:
+                count_store_error(exc)
+                return
+            if given == 1:
+                metrics.BANDWIDTH_LEASES.labels("given_back").inc()
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+
+async def wait_for(pacer: Pacer, n: int) -> None:
+    """Until ``n`` bytes may have gone, piece by piece (for a frame sent whole after)."""
+    piece, left = pacer.piece, n
+    while left > 0:
+        part = min(left, piece)
+        await pacer.take(part)
+        left -= part
+    metrics.BANDWIDTH_BYTES.inc(n)
+
+
+async def send_shaped(pacer: Pacer, data: bytes,
+                      write: Callable[[bytes], Awaitable[object]]) -> None:
+    """``data`` through ``pacer``, piece by piece, each written with ``await write(piece)``."""
+    piece = pacer.piece
+    view = memoryview(data)
+    for i in range(0, len(data), piece):
+        part = view[i:i + piece]
+        await pacer.take(len(part))
+        await write(bytes(part))
+    metrics.BANDWIDTH_BYTES.inc(len(data))

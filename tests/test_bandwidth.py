@@ -1,0 +1,123 @@
+"""Bandwidth shaping (SPEC §15): the store's timeline of slots, the pacer's failure policy, and
+two `quotagate serve` instances keeping one environment to 1 Mbps, measured at the client."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quotagate.common.addresses import StoreAddress
+from quotagate.limiter import keys
+from quotagate.limiter.bandwidth import Bandwidth, BandwidthUnavailable, send_shaped
+from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.embedded import EmbeddedValkey
+from quotagate.limiter.scripts import BANDWIDTH
+from quotagate.limiter.store import PipelinedStore
+
+ROOT = Path(__file__).resolve().parents[1]
+RATE = 125_000
+
+
+async def _calls(url: str) -> ScriptCalls:
+    calls = ScriptCalls(PipelinedStore(StoreAddress.from_url(url), timeout_ms=200,
+                                       connect_timeout_ms=200, retry_interval_ms=100))
+    await calls.load_scripts()
+    return calls
+
+
+async def test_slots_follow_each_other_whoever_leases(store_url: str) -> None:
+    """Two instances' leases share one timeline: each slot starts where the last one ended,
+    lasts bytes / rate, and only the last one's tail can be given back."""
+    a, b = await _calls(store_url), await _calls(store_url)
+    key = [keys.bandwidth("shop")]
+    try:
+        replies = []
+        for calls in (a, b, a, b):
+            replies.append(await calls.run(BANDWIDTH, "shop", key, [RATE, 25_000, ""]))
+        bounds = [(int(s), int(e)) for s, e, _ in replies]
+        for (start, end), reply in zip(bounds, replies, strict=True):
+            assert end - start == 200_000  # 25,000 B at 125,000 B/s: 0.2 s, in µs
+            assert start >= int(reply[2])  # never in the past
+        for (_, end), (start, _) in itertools.pairwise(bounds):
+            assert start == end  # no gap, no overlap
+        # Not the last slot: nothing given back; the last one: its tail.
+        assert await a.run(BANDWIDTH, "shop", key, [RATE, -12_500, replies[2][1]]) == 0
+        assert await b.run(BANDWIDTH, "shop", key, [RATE, -12_500, replies[3][1]]) == 1
+        after = await a.run(BANDWIDTH, "shop", key, [RATE, 1_250, ""])
+        assert int(after[0]) == bounds[3][1] - 100_000
+        # Idle time is not saved up: after the timeline ran out, a slot starts now.
+        await asyncio.sleep((int(after[1]) - int(after[2])) / 1e6 + 0.05)
+        late = await b.run(BANDWIDTH, "shop", key, [RATE, 1_250, ""])
+        assert int(late[0]) == int(late[2])
+    finally:
+        await a.store.close()
+        await b.store.close()
+
+
+async def test_the_pacer_sends_everything_in_order_at_the_leased_times(valkey_url: str
+                                                                      ) -> None:
+    calls = await _calls(valkey_url)
+    bandwidth = Bandwidth(calls)
+    sent: list[bytes] = []
+    first: list[float] = []
+
+    async def write(piece: bytes) -> None:
+        if not first:
+            first.append(pacer.slots[0].start)
+        sent.append(piece)
+
+    data = bytes(range(256)) * 100  # 25,600 B: pieces of 1,250 (10 ms of 125,000 B/s)
+    try:
+        async with bandwidth.shaping("shop", RATE) as pacer:
+            assert pacer.piece == 1_250
+            await send_shaped(pacer, data, write)
+            booked = pacer.cursor - first[0]  # the schedule, not a stopwatch
+        assert b"".join(sent) == data and max(map(len, sent)) == 1_250
+        assert booked >= len(data) / RATE - 1e-6  # 0.2048 s of the rate, booked in order
+        assert "shop" not in {env for env, _ in bandwidth.pacers}  # let go when unused
+        await bandwidth.close()
+    finally:
+        await calls.store.close()
+
+
+async def test_the_store_away_paces_alone_when_open_and_cuts_when_closed(
+        own_valkey: EmbeddedValkey) -> None:
+    calls = await _calls(own_valkey.url)
+    own_valkey.stop()
+    try:
+        opened = Bandwidth(calls, lambda: "open")
+        async with opened.shaping("shop", RATE) as pacer:
+            await pacer.take(1_000)  # a local slot: paced by this instance alone
+            assert pacer.slots and pacer.slots[0].end_key == ""
+        closed = Bandwidth(calls, lambda: "closed")
+        with pytest.raises(BandwidthUnavailable):
+            async with closed.shaping("shop", RATE) as pacer:
+                await pacer.take(1_000)
+    finally:
+        await calls.store.close()
+
+
+@pytest.mark.deployed
+def test_two_instances_keep_one_environment_to_its_version(tmp_path: Path) -> None:
+    """`quotagate serve` twice on one store; version `test` (1 Mbps): downloads, SSE and a
+    realtime socket through both at once. Every 1 s window (sliding by 0.1 s over 10 s) holds
+    125,000 B +-5 %; an environment without a version gets the 20 MB/s its client asks for;
+    the store calls per MB are reported."""
+    out = tmp_path / "bw.json"
+    res = subprocess.run([sys.executable, str(ROOT / "loadtests" / "bandwidth_bench.py"),
+                          "--seconds", "10", "--json", str(out)],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    print(res.stdout)
+    result = json.loads(out.read_text())
+    assert result["windows"] == 91
+    assert abs(result["worst_deviation"]) <= 0.05, result["by_window"]
+    assert result["window_min"] >= 0.95 * RATE and result["window_max"] <= 1.05 * RATE
+    assert result["free_rate"] >= 0.95 * 20_000_000  # not shaped, not slowed
+    assert 0 < result["leases_per_mb"] <= 40  # 1 Mbps: at most 5 leases a second

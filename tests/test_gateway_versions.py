@@ -1,0 +1,223 @@
+"""Gateway versions (SPEC §15) as shipped: `quotagate serve` on the real clock, the shipped
+plans.yaml's versions, the CLI and the admin API, the lifecycle scheduler's events through a
+webhook. Every date is laid out around today (``hold_the_day``), none is fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from quotagate.common.calendar import add_months_clamped
+from tests.deployed import (
+    Deployed,
+    Webhook,
+    days,
+    hold_the_day,
+    serve,
+    shipped_config,
+    start_upstream,
+    today,
+)
+
+pytestmark = pytest.mark.deployed
+
+SHIPPED_PLANS = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "config" / "plans.yaml").read_text())
+VERSIONS = SHIPPED_PLANS["gateway_versions"]
+
+
+def _env(**extra: object) -> dict[str, object]:
+    return {"plan": "standard", "anchor": days(-40), "expires": days(300), **extra}
+
+
+def _grant(version: str, purchased: int, months: int, **extra: object) -> dict[str, object]:
+    return {"version": version, "purchased": days(purchased), "months": months, **extra}
+
+
+@pytest.fixture(scope="module")
+async def webhook() -> AsyncIterator[Webhook]:
+    hook = await Webhook().start()
+    yield hook
+    assert hook.runner is not None
+    await hook.runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+async def gw(tmp_path_factory: pytest.TempPathFactory, webhook: Webhook
+             ) -> AsyncIterator[Deployed]:
+    hold_the_day()
+    upstream, origin = start_upstream()
+    directory = tmp_path_factory.mktemp("versions")
+    settings = shipped_config(directory, origin, lifecycle_interval_ms=300,
+                              events={"webhook_url": f"http://127.0.0.1:{webhook.port}/events",
+                                      "webhook_retry_ms": 50})
+    envs = {
+        # test (100 QPS) under a standard plan (500): the version's QPS applies.
+        "gv-active": _env(gateway=_grant("test", -3, 1)),
+        # The plan's own limit (50) is lower: it applies.
+        "gv-plan-lower": _env(limits={"qps": 50}, gateway=_grant("test", -3, 1)),
+        # starter for one month, bought 40 days ago, not renewed: the lowest version's caps.
+        "gv-expired": _env(gateway=_grant("starter", -40, 1)),
+        # bought 27 days ago for a month: ends within 7 days.
+        "gv-ending": _env(gateway=_grant("basic", -27, 1)),
+        # starter (1,000 QPS) bought 35 days ago for a month, renewing itself: still starter,
+        # so the plan's 500 applies; renewed 4 to 7 days ago.
+        "gv-auto": _env(gateway=_grant("starter", -35, 1, auto_renew=True)),
+        "gv-none": _env(),
+    }
+    (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+    served = await serve(directory, settings)
+    try:
+        yield served
+    finally:
+        log = served.stop()
+        upstream.terminate()
+        assert "Traceback" not in log, log
+
+
+async def _headers(gw: Deployed, env: str) -> tuple[int, dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.get(
+            gw.route("function") + "hello", headers={"X-CloudBase-Env": env}) as r:
+        await r.read()
+        return r.status, dict(r.headers)
+
+
+async def test_the_lower_qps_applies_and_the_headers_say_which(gw: Deployed) -> None:
+    expect = {
+        "gv-active": '"qps";q=100;w=1;by="gateway-version"',
+        "gv-plan-lower": '"qps";q=50;w=1,',
+        "gv-expired": f'"qps";q={VERSIONS["test"]["qps"]};w=1;by="gateway-version"',
+        "gv-auto": '"qps";q=500;w=1,',  # starter's 1,000 is above the plan's 500
+        "gv-none": '"qps";q=500;w=1,',
+    }
+    for env, policy in expect.items():
+        status, headers = await _headers(gw, env)
+        assert status == 200, env
+        assert headers["RateLimit-Policy"].startswith(policy), (env, headers)
+
+
+async def test_a_refusal_by_the_version_says_so(gw: Deployed) -> None:
+    async with aiohttp.ClientSession() as s:
+        async def one() -> tuple[int, dict]:
+            async with s.get(gw.route("function") + "hello",
+                             headers={"X-CloudBase-Env": "gv-active"}) as r:
+                return r.status, (await r.json(content_type=None)) if r.status == 429 else {}
+        results = await asyncio.gather(*(one() for _ in range(60)))
+    refused = [body for status, body in results if status == 429]
+    assert refused, "60 at once above 100 QPS with a 100 ms burst: some are refused"
+    body = refused[0]
+    assert body["type"].endswith("/qps-exceeded") and body["limit"] == "gateway-version"
+    assert "its gateway version's limit of 100 requests per second" in body["detail"]
+
+
+def test_the_cli_shows_each_state(gw: Deployed) -> None:
+    active = gw.json("gateway", "show", "gv-active")["gateway"]
+    purchased = today() - dt.timedelta(days=3)
+    assert active["state"] == "active" and active["in_effect"] == "test"
+    assert active["expires"] == add_months_clamped(purchased, 1).isoformat()
+    assert (active["qps"], active["mbps"], active["bytes_per_second"]) == (100, 1, 125_000)
+    assert active["monthly_price"] == "899.00"
+    expired = gw.json("gateway", "show", "gv-expired")["gateway"]
+    assert expired["state"] == "expired" and expired["version"] == "starter"
+    assert (expired["in_effect"], expired["qps"], expired["mbps"]) == ("test", 100, 1)
+    auto = gw.json("gateway", "show", "gv-auto")["gateway"]
+    bought = today() - dt.timedelta(days=35)
+    assert auto["state"] == "active" and auto["auto_renew"] and auto["renew_months"] == 1
+    assert auto["expires"] == add_months_clamped(bought, 2).isoformat()  # renewed once
+    assert gw.json("gateway", "show", "gv-none")["gateway"] is None
+    text = gw.ok("gateway", "show", "gv-expired")
+    assert "gateway starter (expired)" in text and "in effect: test: 100 QPS, 1 Mbps" in text
+    listed = gw.json("gateway", "versions")
+    assert [v["version"] for v in listed["versions"]] == list(VERSIONS)
+    assert listed["terms"] == [1, 2, 3, 4, 5, 6, 12, 24, 36, 48]
+    assert {v["version"]: v["monthly_price"] for v in listed["versions"]} == {
+        name: f"{Decimal(v['price']):.2f}" for name, v in VERSIONS.items()}
+
+
+async def test_buy_renew_and_auto_renew_through_the_cli(gw: Deployed, webhook: Webhook
+                                                        ) -> None:
+    gw.put_env("gv-api", yaml.safe_dump({"plan": "standard", "anchor": days(0),
+                                         "expires": days(365)}))
+    bought = gw.json("gateway", "buy", "gv-api", "basic", "--months", "6")
+    assert bought["amount"] == "209994.00"  # 34,999 x 6, exact
+    assert bought["gateway"]["expires"] == add_months_clamped(today(), 6).isoformat()
+    status, headers = await _headers(gw, "gv-api")
+    assert status == 200 and headers["RateLimit-Policy"].startswith('"qps";q=500;w=1,')
+    renewed = gw.json("gateway", "renew", "gv-api", "--months", "12")
+    assert renewed["amount"] == "419988.00"
+    assert renewed["gateway"]["expires"] == add_months_clamped(today(), 18).isoformat()
+    assert renewed["gateway"]["months"] == 18
+    event = await webhook.wait_for("gv-api", "gateway-renewed")
+    assert (event["amount"], event["months"], event["auto"]) == ("419988.00", "12", "0")
+    purchase = await webhook.wait_for("gv-api", "gateway-purchased")
+    assert (purchase["version"], purchase["amount"]) == ("basic", "209994.00")
+
+    # Refused with the reason, nothing changed.
+    again = gw.cli("gateway", "buy", "gv-api", "starter", "--months", "1")
+    assert again.returncode != 0 and "has gateway version basic until" in again.stderr
+    odd = gw.cli("gateway", "renew", "gv-api", "--months", "7")
+    assert odd.returncode != 0 and "months must be a term sold" in odd.stderr
+    unknown = gw.cli("gateway", "buy", "gv-none", "platinum", "--months", "1")
+    assert unknown.returncode != 0 and "unknown gateway version 'platinum'" in unknown.stderr
+    file_owned = gw.cli("gateway", "buy", "gv-none", "test", "--months", "1")
+    assert file_owned.returncode != 0 and "environments.yaml" in file_owned.stderr
+    assert gw.json("gateway", "show", "gv-api")["gateway"]["months"] == 18
+
+    on = gw.json("gateway", "auto-renew", "gv-api", "on", "--months", "3")["gateway"]
+    assert on["auto_renew"] and on["renew_months"] == 3
+    off = gw.json("gateway", "auto-renew", "gv-api", "off")["gateway"]
+    assert not off["auto_renew"] and off["months"] == 18
+
+
+async def test_lifecycle_events_of_versions(gw: Deployed, webhook: Webhook) -> None:
+    expired = await webhook.wait_for("gv-expired", "gateway-expired")
+    ends = add_months_clamped(today() - dt.timedelta(days=40), 1)
+    assert expired == {**expired, "version": "starter", "expired": ends.isoformat(),
+                       "in_effect": "test"}
+    ending = await webhook.wait_for("gv-ending", "gateway-expiring")
+    assert ending["version"] == "basic"
+    renewed = await webhook.wait_for("gv-auto", "gateway-renewed")
+    bought = today() - dt.timedelta(days=35)
+    assert renewed == {**renewed, "auto": "1", "months": "1", "amount": "8999.00",
+                       "expires": add_months_clamped(bought, 2).isoformat()}
+    await asyncio.sleep(1.0)  # more scheduler rounds: each event once
+    kinds = [(e["env"], e["type"]) for e in webhook.events if e["env"].startswith("gv-")]
+    for key in {k for k in kinds if k[1] != "gateway-renewed" or k[0] != "gv-api"}:
+        assert kinds.count(key) == 1, (key, kinds)
+
+
+def test_config_check_refuses_a_bad_grant(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "config"
+    for name in ("gateway.yaml", "plans.yaml"):
+        shutil.copy(root / name, tmp_path / name)
+
+    def check(envs: dict[str, object]) -> set[tuple[str, str]]:
+        (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+        res = subprocess.run([sys.executable, "-m", "quotagate", "config", "check", "--json",
+                              str(tmp_path / "gateway.yaml")], capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 1, res.stdout
+        return {(i["path"], i["reason"]) for i in json.loads(res.stdout)["issues"]}
+
+    issues = check({"bad-one": _env(gateway={"version": "platinum", "purchased": days(0),
+                                             "months": 1, "renew_months": 7})})
+    assert issues == {
+        ("$.environments.bad-one.gateway.version",
+         f"unknown gateway version 'platinum' ({', '.join(VERSIONS)})"),
+        ("$.environments.bad-one.gateway.renew_months",
+         "7 is not a term sold (1, 2, 3, 4, 5, 6, 12, 24, 36, 48)")}
+    issues = check({"bad-two": _env(gateway={"version": "test", "purchased": days(0),
+                                             "months": 0})})
+    assert issues == {("$.environments.bad-two.gateway.months", "Expected `int` >= 1")}
