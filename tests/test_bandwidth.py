@@ -8,13 +8,19 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from quotagate.common.addresses import StoreAddress
 from quotagate.limiter import keys
-from quotagate.limiter.bandwidth import Bandwidth, BandwidthUnavailable, send_shaped
+from quotagate.limiter.bandwidth import (
+    HORIZON_S,
+    Bandwidth,
+    BandwidthUnavailable,
+    send_shaped,
+)
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.scripts import BANDWIDTH
@@ -81,6 +87,25 @@ async def test_the_pacer_sends_everything_in_order_at_the_leased_times(valkey_ur
         assert b"".join(sent) == data and max(map(len, sent)) == 1_250
         assert booked >= len(data) / RATE - 1e-6  # 0.2048 s of the rate, booked in order
         assert "shop" not in {env for env, _ in bandwidth.pacers}  # let go when unused
+        await bandwidth.close()
+    finally:
+        await calls.store.close()
+
+
+async def test_bookings_stay_within_the_horizon_however_many_wait(valkey_url: str) -> None:
+    """Fifty responses at once behind one lease: none books more than 20 ms (+ one piece)
+    ahead of now, so a stalled event loop can only send that much late at once."""
+    calls = await _calls(valkey_url)
+    bandwidth = Bandwidth(calls)
+    worst = 0.0
+    try:
+        async with bandwidth.shaping("shop", RATE) as pacer:
+            tasks = [asyncio.create_task(pacer.take(1_250)) for _ in range(50)]
+            while not all(t.done() for t in tasks):
+                worst = max(worst, pacer.cursor - time.monotonic())
+                await asyncio.sleep(0)
+            await asyncio.gather(*tasks)
+        assert 0 < worst <= HORIZON_S + 1_250 / RATE + 0.005, worst
         await bandwidth.close()
     finally:
         await calls.store.close()

@@ -409,6 +409,18 @@ async def gateway_versions(request: web.Request) -> web.Response:
         "currency": "CNY"})
 
 
+async def quote_gateway(request: web.Request) -> web.Response:
+    body = await _body(request)
+    version, months = _field(body, "version", str), _field(body, "months", int)
+    envs = request.app[ENVS]
+    envs.check_term(version, months)
+    spec = envs.config.plans.gateway_versions[version]
+    return web.json_response({"version": version, "months": months,
+                              "monthly_price": f"{Decimal(spec.price):.2f}",
+                              "amount": f"{versions.price(spec, months):.2f}",
+                              "currency": "CNY"})
+
+
 async def _gateway_body(request: web.Request, env_id: str, **extra: Any) -> dict[str, Any]:
     envs = request.app[ENVS]
     record = await envs.get(env_id)
@@ -475,6 +487,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/envs/{env}/plan", change_plan),
     ("GET", "/bills", get_bill),
     ("GET", "/gateway/versions", gateway_versions),
+    ("POST", "/gateway/quote", quote_gateway),
     ("GET", "/envs/{env}/gateway", get_gateway),
     ("POST", "/envs/{env}/gateway", buy_gateway),
     ("POST", "/envs/{env}/gateway/renew", renew_gateway),

@@ -180,6 +180,13 @@ def gateway_versions(args: argparse.Namespace) -> None:
          + f"\nterms (months): {', '.join(map(str, data['terms']))}")
 
 
+def gateway_quote(args: argparse.Namespace) -> None:
+    data = call(args, "POST", "/gateway/quote", {"version": args.version,
+                                                 "months": args.months})
+    _out(args, data, f"{data['version']} for {data['months']} month(s): {data['amount']} "
+         f"{data['currency']} ({data['monthly_price']} a month)")
+
+
 def _gateway_text(data: dict[str, Any]) -> str:
     g = data["gateway"]
     if g is None:
@@ -323,6 +330,10 @@ def add_commands(sub: Any) -> None:
                         "auto-renew")
     gs = gw.add_subparsers(dest="gateway_command", required=True)
     _cmd(gs, "versions", "the versions sold, their caps and monthly prices", gateway_versions)
+    gq = _cmd(gs, "quote", "the price of a version for a term, exact", gateway_quote,
+              ("version", {"help": "e.g. test, starter, basic"}))
+    gq.add_argument("--months", type=int, required=True,
+                    help="1-5, 6 (half a year), 12, 24, 36 or 48")
     _cmd(gs, "show", "an environment's gateway version: state, expiry, caps in effect",
          gateway_show, ENV)
     gb = _cmd(gs, "buy", "buy a gateway version from today, prepaid", gateway_buy, ENV,

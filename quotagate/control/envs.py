@@ -45,6 +45,9 @@ from quotagate.settings.schema import (
     PromoGrant,
 )
 
+#: How long a lifecycle claim (``keys.lifecycle_claim``) is kept: longer than any transition
+#: could be looked at again.
+CLAIM_TTL_S = 400 * 86400
 #: Days from purchase in which an unused pack can be refunded (the purchase day and 6 more).
 REFUND_DAYS = 7
 #: Longest promo bought at once.
@@ -329,7 +332,8 @@ class Environments:
 
     # ---------------------------------------------------------------- gateway versions
 
-    def _check_term(self, version: str | None, months: int) -> None:
+    def check_term(self, version: str | None, months: int) -> None:
+        """A version sold (when named) and a term it is sold for; else Invalid."""
         versions = self.config.plans.gateway_versions
         if version is not None and version not in versions:
             raise Invalid(f"unknown gateway version {version!r} (versions: "
@@ -337,6 +341,24 @@ class Environments:
         if months not in GATEWAY_TERMS:
             raise Invalid(f"months must be a term sold: {', '.join(map(str, GATEWAY_TERMS))} "
                           "(1-5 months, half a year, 1-4 years)")
+
+    async def _bill_renewals(self, env_id: str, grant: GatewayGrant | None,
+                             today: dt.date) -> None:
+        """Automatic renewals due by today that a change is about to fold into ``months``
+        are told now (the scheduler would not see them after), each once: under the claim
+        the scheduler uses for them."""
+        if grant is None:
+            return
+        version = self.config.plans.gateway_versions.get(grant.version)
+        term = versions.term_of(grant)
+        for renewed, new_expiry in versions.renewals(grant, today):
+            claimed = await self.redis.set(
+                keys.lifecycle_claim(env_id, f"gateway-renewed:{renewed}"), "1", nx=True,
+                ex=CLAIM_TTL_S)
+            if claimed and version is not None:
+                await emit(self.redis, env_id, "gateway-renewed", version=grant.version,
+                           months=term, amount=f"{versions.price(version, term):.2f}",
+                           expires=new_expiry.isoformat(), auto=1)
 
     async def _change_gateway(
             self, env_id: str, edit: Callable[[GatewayGrant | None, versions.Status | None,
@@ -346,6 +368,7 @@ class Environments:
         gateway version atomically; ``refused_in_arrears``: what arrears forbid."""
         plans = self.config.plans
         changed: list[GatewayGrant] = []
+        before: list[tuple[GatewayGrant | None, dt.date]] = []
 
         def edit_env(env: Environment, _: dict[str, int]) -> Environment:
             if refused_in_arrears and env.arrears:
@@ -354,9 +377,11 @@ class Environments:
             today = self.today(env)
             now = None if env.gateway is None else versions.status(env.gateway, plans, today)
             changed[:] = [edit(env.gateway, now, today)]
+            before[:] = [(env.gateway, today)]
             return msgspec.structs.replace(env, gateway=changed[0])
 
         await self.change(env_id, edit_env)
+        await self._bill_renewals(env_id, *before[0])
         return changed[0]
 
     def _running(self, env_id: str, grant: GatewayGrant | None,
@@ -373,7 +398,7 @@ class Environments:
                           auto_renew: bool = False) -> tuple[GatewayGrant, Decimal]:
         """Buy a gateway version from today, prepaid for ``months``. Refused while one runs
         (renew it instead) and in arrears."""
-        self._check_term(version, months)
+        self.check_term(version, months)
 
         def buy(grant: GatewayGrant | None, now: versions.Status | None,
                 today: dt.date) -> GatewayGrant:
@@ -393,7 +418,7 @@ class Environments:
 
     async def renew_gateway(self, env_id: str, months: int) -> tuple[GatewayGrant, Decimal]:
         """Renew by hand for ``months``, only before the version expires (after: buy)."""
-        self._check_term(None, months)
+        self.check_term(None, months)
 
         def renew(grant: GatewayGrant | None, now: versions.Status | None,
                   today: dt.date) -> GatewayGrant:
@@ -413,7 +438,7 @@ class Environments:
                                  months: int | None = None) -> GatewayGrant:
         """Turn automatic renewal on (by ``months``, default the grant's term) or off."""
         if months is not None:
-            self._check_term(None, months)
+            self.check_term(None, months)
 
         def switch(grant: GatewayGrant | None, now: versions.Status | None,
                    today: dt.date) -> GatewayGrant:

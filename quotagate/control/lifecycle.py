@@ -31,6 +31,7 @@ from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.aio import stop_if_cancelling
 from quotagate.common.clock import Clock
+from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.envs import ControlError, Environments, Record
 from quotagate.control.events import emit as events_emit
 from quotagate.limiter import keys
@@ -47,7 +48,6 @@ QUEUE_MAX = 1_000
 QUEUE_MAX_BODY = 256 * 1024
 #: At most this many bytes queued per environment (bodies as stored); more are refused.
 QUEUE_MAX_BYTES = 32 * 1024 * 1024
-_CLAIM_TTL_S = 400 * 86400
 
 
 #: Claim a transition and write its event to the environment's stream, atomically (one

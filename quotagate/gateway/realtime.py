@@ -498,15 +498,19 @@ class RealtimeSocket:
         await self.connected.wait()
         assert self.upstream is not None
         bandwidth = self.state.limiter.bandwidth
-        async with contextlib.AsyncExitStack() as stack:
-            pacer: Pacer | None = None
+        stack = contextlib.AsyncExitStack()
+        pacer: Pacer | None = None
+        try:
             async for msg in self.upstream:
                 # Frames to the client count to the environment's bandwidth (its gateway
-                # version's, as its watches' decisions told it), sent whole when their bytes'
-                # time has come.
-                if pacer is None and self.env is not None:
-                    rate = bandwidth.rates.get(self.env, 0)
-                    if rate:
+                # version's, as the last decision of the environment here told it: a version
+                # that changed or expired changes it), sent whole once their bytes' time has
+                # come.
+                rate = bandwidth.rates.get(self.env, 0) if self.env is not None else 0
+                if (pacer.rate if pacer is not None else 0) != rate:
+                    await stack.aclose()
+                    pacer = None
+                    if rate and self.env is not None:
                         pacer = await stack.enter_async_context(
                             bandwidth.shaping(self.env, rate))
                 if msg.type is WSMsgType.TEXT:
@@ -514,7 +518,7 @@ class RealtimeSocket:
                     if self.held and ("ERROR" in data or self.unanswered):
                         self._upstream_answer(data)
                     if pacer is not None:
-                        await wait_for(pacer, len(data))
+                        await wait_for(pacer, len(data.encode()))  # bytes, not characters
                     await self.client.send_str(data)
                 elif msg.type is WSMsgType.BINARY:
                     if pacer is not None:
@@ -524,6 +528,8 @@ class RealtimeSocket:
                     log.info("realtime upstream error on %s: %s", self.env,
                              self.upstream.exception())
                     return
+        finally:
+            await stack.aclose()
 
     def _upstream_answer(self, data: str) -> None:
         """An upstream ERROR for a held watch: the SDK drops that watch (it sends no

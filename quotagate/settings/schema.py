@@ -342,7 +342,8 @@ class GatewayVersion(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=T
 
     qps: PosInt
     mbps: Annotated[int, msgspec.Meta(gt=0, le=10_000_000)]
-    price: Money  # CNY / month
+    #: CNY / month, to the fen (a price of more decimals would be rounded when charged).
+    price: Annotated[str, msgspec.Meta(pattern=r"^\d+(\.\d{1,2})?$")]
 
 
 class PlansFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
