@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from quotagate.demo.staging import shipped_routes, wait_ready
+from quotagate.demo.staging import stage_shipped, wait_ready
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +62,10 @@ def _environments(version: str) -> dict[str, Any]:
 
 class Instance:
     def __init__(self, directory: Path, store_url: str, upstream: str, version: str):
-        shutil.copytree(ROOT / "config", directory, ignore=shutil.ignore_patterns("data"))
-        (directory / "environments.yaml").write_text(
-            yaml.safe_dump({"environments": _environments(version)}))
-        gateway = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text())
-        self.port, self.admin = free_port(), free_port()
-        gateway.update(listen=f"127.0.0.1:{self.port}", admin_listen=f"127.0.0.1:{self.admin}",
-                       store={"url": store_url}, routes=shipped_routes(upstream),
-                       access_log=False)
-        (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+        gateway = stage_shipped(directory, upstream, _environments(version),
+                                store={"url": store_url}, access_log=False)
+        self.port, self.admin = (int(gateway[k].rsplit(":", 1)[1])
+                                 for k in ("listen", "admin_listen"))
         self.log = open(directory / "serve.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quotagate", "serve", "--config",

@@ -26,13 +26,10 @@ import time
 import zoneinfo
 from pathlib import Path
 
-import yaml
-
-from quotagate.demo.staging import shipped_routes, wait_ready_blocking
+from quotagate.demo.staging import stage_shipped, wait_ready_blocking
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 TOKEN = "bench"
 
 
@@ -50,17 +47,12 @@ def _workers(parent: int) -> list[int]:
 def run_once(workers: int, seconds: int, store_url: str, upstream: str, tmp: Path
              ) -> tuple[float, list[float]]:
     directory = tmp / f"w{workers}-{time.monotonic_ns()}"
-    shutil.copytree(ROOT / "config", directory, ignore=shutil.ignore_patterns("data"))
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
-    (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+    gateway = stage_shipped(directory, upstream, {
         "bench": {"plan": "enterprise", "anchor": today.replace(day=1).isoformat(),
                   "expires": today.replace(day=1, year=today.year + 1).isoformat(),
-                  "overage": True, "limits": {"qps": 10_000_000}}}}))
-    gateway = yaml.safe_load((ROOT / "config" / "gateway.yaml").read_text())
-    port, admin = free_port(), free_port()
-    gateway.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}",
-                   store={"url": store_url}, routes=shipped_routes(upstream))
-    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+                  "overage": True, "limits": {"qps": 10_000_000}}}, store={"url": store_url})
+    port, admin = (int(gateway[k].rsplit(":", 1)[1]) for k in ("listen", "admin_listen"))
     serve = subprocess.Popen(
         [sys.executable, "-m", "quotagate", "serve", "--config",
          str(directory / "gateway.yaml"), "--workers", str(workers)],

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,11 +27,10 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from quotagate.demo.staging import shipped_routes
+from quotagate.demo.staging import stage_shipped
 from quotagate.limiter.embedded import free_port
-from tests.helpers import QUOTAGATE, ROOT, wait_ready
+from tests.helpers import QUOTAGATE, wait_ready
 
-SHIPPED = ROOT / "config"
 ZONE = zoneinfo.ZoneInfo("Asia/Shanghai")  # the shipped gateway.yaml's timezone
 TOKEN = "deployed-token"
 
@@ -167,14 +165,7 @@ class Deployed:
 def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, Any]:
     """config/ copied to ``directory``; gateway.yaml as shipped but for free ports, the
     upstream's address and ``changes``. Returns the gateway settings written."""
-    shutil.copytree(SHIPPED, directory, dirs_exist_ok=True)
-    gateway = yaml.safe_load((SHIPPED / "gateway.yaml").read_text())
-    gateway["listen"] = f"127.0.0.1:{free_port()}"
-    gateway["admin_listen"] = f"127.0.0.1:{free_port()}"
-    gateway["routes"] = shipped_routes(upstream)
-    gateway.update(changes)
-    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
-    return gateway
+    return stage_shipped(directory, upstream, **changes)
 
 
 async def serve(directory: Path, gateway: dict[str, Any], *args: str,

@@ -8,6 +8,7 @@ or show a gateway nobody runs.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 import aiohttp
 import yaml
+
+from quotagate.limiter.embedded import free_port
 
 #: The project's config directory (a source checkout; the container copies it to /app/config).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -38,6 +41,25 @@ def shipped_gateway() -> dict[str, Any]:
 def shipped_routes(upstream: str) -> list[dict[str, Any]]:
     """The shipped routes, every one pointed at ``upstream``."""
     return [{**route, "upstream": upstream} for route in shipped_gateway()["routes"]]
+
+
+def stage_shipped(directory: Path, upstream: str,
+                  environments: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
+    """``config/`` copied to ``directory`` (not its store data); gateway.yaml as shipped but
+    for free ports on 127.0.0.1, every route to ``upstream`` and ``changes``; environments.yaml
+    replaced when ``environments`` is given. Returns the gateway settings written."""
+    shipped = find_config_dir()
+    shutil.copytree(shipped, directory, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("data"))
+    gateway = shipped_gateway()
+    gateway.update(listen=f"127.0.0.1:{free_port()}",
+                   admin_listen=f"127.0.0.1:{free_port()}", routes=shipped_routes(upstream))
+    gateway.update(changes)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+    if environments is not None:
+        (directory / "environments.yaml").write_text(
+            yaml.safe_dump({"environments": environments}))
+    return gateway
 
 
 async def wait_ready(admin_port: int, *, alive: Callable[[], None] | None = None,

@@ -298,12 +298,13 @@ async def wait_for(pacer: Pacer, n: int) -> None:
 
 
 async def send_shaped(pacer: Pacer, data: bytes,
-                      write: Callable[[bytes], Awaitable[object]]) -> None:
-    """``data`` through ``pacer``, piece by piece, each written with ``await write(piece)``."""
+                      write: Callable[[bytes | memoryview], Awaitable[object]]) -> None:
+    """``data`` through ``pacer``, piece by piece, each written with ``await write(piece)``
+    (a view of ``data``: nothing is copied)."""
     piece = pacer.piece
     view = memoryview(data)
     for i in range(0, len(data), piece):
         part = view[i:i + piece]
         await pacer.take(len(part))
-        await write(bytes(part))
+        await write(part)
     metrics.BANDWIDTH_BYTES.inc(len(data))
