@@ -59,13 +59,16 @@ async def test_exactly_quota_admitted_across_instances(tmp_path: Path, make_limi
     quota = 250
     config = write_config(tmp_path, {"shop": env(limits={"calls": quota, "qps": 1_000_000})})
     clock = at("2026-11-26T12:00:00")
-    instances = [await make_limiter(config, clock) for _ in range(3)]
+    # A slow machine must not turn this into a test of fail-open: every decision waits for
+    # the store (5 s), and a bypass fails the test by its name, not as a miscount.
+    instances = [await make_limiter(config, clock, timeout_ms=5_000) for _ in range(3)]
     for round_ in range(3):
         client = aredis.Redis.from_url(store_url)
         await client.delete(keys.usage("shop"))
         await client.aclose()
         tasks = [instances[i % 3].decide("shop", "function", 1) for i in range(quota + 150)]
         results = await asyncio.gather(*tasks)
+        assert not any(r.store_bypassed for r in results), f"round {round_}: store timed out"
         admitted = sum(r.outcome is Outcome.ADMITTED for r in results)
         refused = sum(r.outcome is Outcome.QUOTA_EXCEEDED for r in results)
         assert (admitted, refused) == (quota, 150), f"round {round_}"

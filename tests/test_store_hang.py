@@ -63,11 +63,12 @@ async def test_a_hung_store_leaves_no_connection_behind(tmp_path, own_valkey):
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             after = (await store_connections(own_valkey.url), descriptors(deployed.proc.pid))
-            if after[0] == before[0] and after[1] <= before[1]:
+            if after[0] <= before[0] and after[1] <= before[1]:
                 break
             await asyncio.sleep(0.25)
-        # The same store connections; no more descriptors (upstream keep-alives may be fewer).
-        assert after[0] == before[0] and after[1] <= before[1], (before, after)
+        # No more store connections nor descriptors than before. Fewer is no leak: a pool
+        # that lost a connection in the hang opens it again only when it next needs it.
+        assert after[0] <= before[0] and after[1] <= before[1], (before, after)
         assert set(statuses) == {200}  # fail-open: served through the hang
         print(f"\nstore connections / gateway descriptors before the {HANG_S} s hang: "
               f"{before}, after: {after}; {len(statuses)} requests")

@@ -11,7 +11,6 @@ runs beside the request path and never blocks a request.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -24,7 +23,7 @@ import redis.asyncio as aredis
 from standardwebhooks.webhooks import Webhook
 
 from quotagate.common import metrics
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.limiter import keys
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import EventSettings
@@ -74,13 +73,14 @@ class WebhookDelivery:
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_ms / 1000)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
+                stop_if_cancelling()  # a round of store calls may have swallowed the stop
                 try:
                     await self.ensure_group()
                     await self.deliver_batch(session)
                 except (aredis.RedisError, OSError) as exc:
                     stop_if_cancelling(exc)
                     log.warning("event delivery paused: the store is unreachable (%s)", exc)
-                    await asyncio.sleep(1.0)
+                    await pause(1.0)
 
     async def deliver_batch(self, session: aiohttp.ClientSession) -> int:
         claimed: Any = await self.redis.xautoclaim(keys.EVENTS, GROUP, self.consumer,
@@ -127,7 +127,7 @@ class WebhookDelivery:
             log.warning("webhook delivery of %s failed (%s), attempt %d of %d",
                         event["event_id"], reason, attempt, self.settings.webhook_max_attempts)
             if attempt < self.settings.webhook_max_attempts:
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, 30.0)
         return False  # stays pending: claimed again after RECLAIM_MS
 
@@ -145,7 +145,7 @@ async def sweep_env_streams(redis: Any, limiter: Limiter) -> int:
 
 async def sweep_forever(redis: Any, limiter: Limiter, every_s: float = 30.0) -> None:
     while True:
-        await asyncio.sleep(every_s)
+        await pause(every_s)
         try:
             await sweep_env_streams(redis, limiter)
         except Exception as exc:  # keep sweeping whatever one round hit

@@ -17,7 +17,6 @@ active again (renewed), and dropped once older than 7 x 24 h.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import datetime as dt
 import json
@@ -29,7 +28,7 @@ import aiohttp
 
 from quotagate.billing import versions
 from quotagate.common import metrics
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.envs import ControlError, Environments, Record
@@ -150,12 +149,13 @@ class Scheduler:
             except Exception as exc:  # one bad round must not stop the scheduler
                 stop_if_cancelling(exc)
                 log.warning("lifecycle round failed: %s", exc)
-            await asyncio.sleep(every_s)
+            await pause(every_s)
 
     async def run_once(self) -> int:
         """One pass over every environment; returns the events written."""
         written = 0
         for env_id in list(await self.envs.ids()):
+            stop_if_cancelling()  # a pass over many environments stops when asked
             try:
                 record = await self.envs.get(env_id)
                 written += await self._environment(record)
@@ -308,6 +308,7 @@ class Scheduler:
             return
         try:
             while await self.redis.eval(_EXTEND, 1, lock, token, 60_000):
+                stop_if_cancelling()
                 raw = await self.redis.lindex(queue, 0)
                 if raw is None:
                     return

@@ -27,7 +27,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from quotagate.common import metrics
 from quotagate.common.addresses import StoreAddress
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments
@@ -159,7 +159,7 @@ class Runtime:
     async def _watch_files(self) -> None:
         """Reload when a config file changes (polled every ``reload_poll_ms``)."""
         while True:
-            await asyncio.sleep(self.config.gateway.reload_poll_ms / 1000)
+            await pause(self.config.gateway.reload_poll_ms / 1000)
             if self.config.gateway.reload_poll_ms and self.files_changed():
                 await self.reload("a config file changed")
 
@@ -212,7 +212,7 @@ class Runtime:
             except (aredis.RedisError, OSError, StoreError) as exc:
                 stop_if_cancelling(exc)
                 log.warning("store not ready for the environment sync (%s); retrying", exc)
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, 5.0)
 
     def resync_if_declared(self, env: str) -> None:
@@ -260,7 +260,7 @@ class Runtime:
         """Sample the store's clock again every SYNC_INTERVAL_S (a stepped clock, a
         failover)."""
         while True:
-            await asyncio.sleep(SYNC_INTERVAL_S)
+            await pause(SYNC_INTERVAL_S)
             try:
                 await self.sync_store_clock()
                 await self.learn_api_owned()  # put by the admin API of any instance since
@@ -292,7 +292,7 @@ class Runtime:
                 stop_if_cancelling(exc)
                 log.warning("journals of stopped gateways not written back yet (%s); "
                             "retrying", exc)
-                await asyncio.sleep(delay)
+                await pause(delay)
                 delay = min(delay * 2, 10.0)
 
     # -------------------------------------------------------------------------- lifecycle
@@ -341,7 +341,8 @@ class Runtime:
             tasks.append(loop.create_task(delivery.run()))
         with contextlib.suppress(TimeoutError):
             # Usually done at once; a store that is down must not block the start.
-            await asyncio.wait_for(asyncio.shield(self.sync_task), 2.0)
+            async with asyncio.timeout(2.0):  # (not wait_for: it can lose a cancel on 3.11)
+                await asyncio.shield(self.sync_task)
 
     async def stop(self) -> None:
         """Stop the background work (bounded), write back what it can, give slots back,

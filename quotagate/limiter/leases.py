@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from quotagate.common import metrics
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.calls import ScriptCalls
@@ -174,7 +174,7 @@ class Leases:
 
     async def _renew_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.renew_interval)
+            await pause(self.renew_interval)
             if not self.held:
                 continue
             try:

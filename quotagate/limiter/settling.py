@@ -14,7 +14,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
@@ -168,7 +168,7 @@ class Settler:
 
         async def again() -> None:
             for _ in range(REFUND_ATTEMPTS):
-                await asyncio.sleep(REFUND_RETRY_S)
+                await pause(REFUND_RETRY_S)
                 try:
                     reply = await self.calls.settle(env, names, args())
                 except StoreError as exc:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import MAX_MISSING_ATTEMPTS, METER_PREFIX, Backlog
 from quotagate.limiter.calls import ScriptCalls
@@ -50,7 +50,7 @@ class WriteBack:
         store = self.calls.store
         delay = store.retry_interval
         while self.backlog.pending or self.backlog.in_doubt:
-            await asyncio.sleep(delay)
+            await pause(delay)
             try:
                 await self.flush()
             except StoreError as exc:
