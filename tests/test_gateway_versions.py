@@ -183,6 +183,67 @@ async def test_buy_renew_and_auto_renew_through_the_cli(gw: Deployed, webhook: W
     assert not off["auto_renew"] and off["months"] == 18
 
 
+def _money(amount: Decimal, rounding: str) -> str:
+    return str(amount.quantize(Decimal("0.01"), rounding=rounding))
+
+
+async def test_a_version_changed_mid_term_through_the_cli(gw: Deployed, webhook: Webhook
+                                                          ) -> None:
+    """Upgrade at once for the price difference over the days left (SPEC §11's upgrade fee,
+    with the environment's discount), the expiry kept; downgrade back for its mirror refund."""
+    gw.put_env("gv-change", yaml.safe_dump({"plan": "standard", "anchor": days(0),
+                                            "expires": days(365), "discount": "0.8"}))
+    bought = gw.json("gateway", "buy", "gv-change", "test", "--months", "3")["gateway"]
+    expires = add_months_clamped(today(), 3)
+    left = (expires - today()).days
+    difference = Decimal(VERSIONS["starter"]["price"]) - Decimal(VERSIONS["test"]["price"])
+    exact = difference * left * 12 * Decimal("0.8") / 365  # x days / (365/12) x discount
+    status, headers = await _headers(gw, "gv-change")
+    assert status == 200 and headers["RateLimit-Policy"].startswith(
+        '"qps";q=100;w=1;by="gateway-version",')
+
+    quoted = gw.json("gateway", "change", "gv-change", "starter", "--quote")
+    assert (quoted["change"], quoted["days_left"]) == ("upgrade", left)
+    assert quoted["amount"] == _money(exact, "ROUND_DOWN")  # a charge: down to the fen
+    assert gw.json("gateway", "show", "gv-change")["gateway"] == bought  # a quote changes nothing
+
+    up = gw.json("gateway", "change", "gv-change", "starter")
+    assert up["amount"] == quoted["amount"]
+    assert up["gateway"]["version"] == "starter" and up["gateway"]["expires"] == \
+        expires.isoformat()
+    status, headers = await _headers(gw, "gv-change")  # starter's 1,000: the plan's 500 now
+    assert status == 200 and headers["RateLimit-Policy"].startswith('"qps";q=500;w=1,')
+    told = await webhook.wait_for("gv-change", "gateway-upgraded")
+    assert (told["previous"], told["version"], told["amount"]) == ("test", "starter",
+                                                                    up["amount"])
+
+    down = gw.cli("gateway", "change", "gv-change", "test")
+    assert down.returncode == 0, down.stderr
+    assert f"downgrade to test: {_money(exact, 'ROUND_UP')} CNY refunded" in down.stdout
+    shown = gw.json("gateway", "show", "gv-change")["gateway"]
+    assert (shown["version"], shown["expires"]) == ("test", expires.isoformat())
+    told = await webhook.wait_for("gv-change", "gateway-downgraded")
+    assert told["amount"] == _money(exact, "ROUND_UP")
+
+    # Refused with the reason, nothing changed.
+    same = gw.cli("gateway", "change", "gv-change", "test")
+    assert same.returncode != 0 and "has gateway version test already" in same.stderr
+    unknown = gw.cli("gateway", "change", "gv-change", "platinum", "--quote")
+    assert unknown.returncode != 0 and "unknown gateway version 'platinum'" in unknown.stderr
+    gw.put_env("gv-change-late", yaml.safe_dump(
+        {"plan": "standard", "anchor": days(-40), "expires": days(300),
+         "gateway": _grant("starter", -40, 1)}))
+    late = gw.cli("gateway", "change", "gv-change-late", "basic")
+    assert late.returncode != 0 and "expired on" in late.stderr
+    gw.put_env("gv-change-owing", yaml.safe_dump(
+        {"plan": "standard", "anchor": days(-3), "expires": days(300), "arrears": True,
+         "gateway": _grant("test", -3, 1)}))
+    owing = gw.cli("gateway", "change", "gv-change-owing", "basic")
+    assert owing.returncode != 0 and "in arrears" in owing.stderr
+    assert gw.json("gateway", "show", "gv-change-owing")["gateway"]["version"] == "test"
+    assert gw.json("gateway", "show", "gv-change")["gateway"] == shown
+
+
 async def test_a_renewal_due_is_billed_once_when_a_change_folds_it(gw: Deployed,
                                                                    webhook: Webhook) -> None:
     """An API-owned grant renewing itself, renewed 4 to 7 days ago, then renewed by hand at

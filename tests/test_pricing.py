@@ -8,6 +8,8 @@ from decimal import Decimal
 import pytest
 
 from quotagate.billing.pricing import charge, downgrade_refund, refund, upgrade_fee
+from quotagate.billing.versions import change_quote
+from quotagate.settings.schema import GatewayVersion
 
 D = dt.date
 
@@ -78,3 +80,18 @@ def test_downgrade_new_plan_cost_exact_on_73_days() -> None:
     q = downgrade_refund(Decimal(1200), D(2023, 1, 1), D(2024, 1, 1), D(2023, 10, 20),
                          Decimal(100))
     assert q.parts["remaining_days"] == "73" and q.parts["new_plan_cost"] == "240.00"
+
+
+def test_a_gateway_version_change_is_the_upgrade_fee_or_its_mirror() -> None:
+    """test (899) <-> starter (8,999) with 48 days left: 8,100 x 48 x 12 / 365 =
+    12,782.465753...: 12,782.46 to pay up, 12,782.47 back down; at 0.8, 10,225.97 / 10,225.98."""
+    test = GatewayVersion(qps=100, mbps=1, price="899")
+    starter = GatewayVersion(qps=1000, mbps=20, price="8999")
+    today, ends = dt.date(2022, 12, 15), dt.date(2023, 2, 1)
+    up, down = change_quote(test, starter, today, ends), change_quote(starter, test, today, ends)
+    assert (up.change, up.amount, up.days_left) == ("upgrade", Decimal("12782.46"), 48)
+    assert (down.change, down.amount, down.days_left) == ("downgrade", Decimal("12782.47"), 48)
+    at = Decimal("0.8")
+    assert change_quote(test, starter, today, ends, at).amount == Decimal("10225.97")
+    assert change_quote(starter, test, today, ends, at).amount == Decimal("10225.98")
+    assert change_quote(starter, test, ends, ends).amount == Decimal("0.00")  # nothing left

@@ -6,15 +6,24 @@ exclusive. Renewal by hand adds a term before that day. With ``auto_renew`` it r
 that day by ``term_of`` months, and again at each end after: the enforcement (the snapshot's
 ``gw``) never lapses, and the scheduler tells each renewal (``gateway-renewed``, with its
 price) for billing. Without it, from that day the environment has the lowest version's caps.
+
+A running version can be changed for another at once, its expiry kept (``change_quote``): a
+higher one costs the plan upgrade's fee of SPEC §11 — (new - old monthly price) x days until
+expiry / (365/12) x discount, rounded down — and a lower one refunds its mirror, (old - new)
+x the same days / (365/12) x discount, rounded up. Prepaid by the month, a version has no
+usage to weigh, so the refund is the unused time's difference in price; the same discount on
+both ways keeps an upgrade and the downgrade back from paying out more than was paid.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
+from quotagate.billing.pricing import Quote, per_month_days, refund, upgrade_fee
 from quotagate.common.calendar import add_months_clamped
 from quotagate.limiter.entitlements import lowest_version
 from quotagate.settings.schema import (
@@ -32,6 +41,21 @@ MAX_RENEWALS = 1200
 def price(version: GatewayVersion, months: int) -> Decimal:
     """Prepaid: the monthly price times the months, exact (no discount for longer terms)."""
     return Decimal(version.price) * months
+
+
+def change_quote(old: GatewayVersion, new: GatewayVersion, today: dt.date, ends: dt.date,
+                 discount: Decimal = Decimal(1)) -> Quote:
+    """The price of changing a running version for ``new`` until ``ends`` (exclusive): an
+    upgrade's fee when ``new`` costs more a month, else the downgrade's refund."""
+    old_price, new_price = Decimal(old.price), Decimal(new.price)
+    if new_price > old_price:
+        return upgrade_fee(old_price, new_price, today, ends, discount)
+    days = max(0, (ends - today).days)
+    with decimal.localcontext(decimal.Context(prec=40)):
+        back = refund(per_month_days(old_price - new_price, days) * discount)
+    return Quote("downgrade", back, days, {
+        "monthly_difference": str(new_price - old_price), "days_until_expiry": str(days),
+        "discount": str(discount), "refund": str(back)})
 
 
 def term_of(grant: GatewayGrant) -> int:

@@ -461,6 +461,25 @@ async def gateway_auto_renew(request: web.Request) -> web.Response:
     return web.json_response(await _gateway_body(request, env_id))
 
 
+def _change_body(quote: Any) -> dict[str, Any]:
+    return {"change": quote.change, "amount": f"{quote.amount:.2f}", "currency": "CNY",
+            "days_left": quote.days_left, "parts": quote.parts}
+
+
+async def quote_gateway_change(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    target = _field(await _body(request), "version", str)
+    quote = await request.app[ENVS].quote_gateway_change(env_id, target)
+    return web.json_response({"env": env_id, "version": target, **_change_body(quote)})
+
+
+async def change_gateway(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    target = _field(await _body(request), "version", str)
+    _, quote = await request.app[ENVS].change_gateway(env_id, target)
+    return web.json_response(await _gateway_body(request, env_id, **_change_body(quote)))
+
+
 async def renew(request: web.Request) -> web.Response:
     env_id = _env_id(request)
     months = _field(await _body(request), "months", int)
@@ -492,6 +511,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/envs/{env}/gateway", buy_gateway),
     ("POST", "/envs/{env}/gateway/renew", renew_gateway),
     ("PUT", "/envs/{env}/gateway/auto-renew", gateway_auto_renew),
+    ("POST", "/envs/{env}/gateway/change/quote", quote_gateway_change),
+    ("POST", "/envs/{env}/gateway/change", change_gateway),
 ]
 
 

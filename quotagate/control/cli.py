@@ -196,9 +196,20 @@ def _gateway_text(data: dict[str, Any]) -> str:
     text = (f"{data['env']}: gateway {g['version']} ({g['state']}), bought {g['purchased']}, "
             f"runs to {g['expires']}, {renew}; {g['monthly_price']} CNY/month\n"
             f"  in effect: {g['in_effect'] or 'none yet'}: {g['qps']} QPS, {g['mbps']} Mbps")
-    if "amount" in data:
+    if "change" in data:
+        text = _change_text(data) + "\n" + text
+    elif "amount" in data:
         text += f"\n  paid: {data['amount']} {data['currency']}"
     return text
+
+
+def _change_text(data: dict[str, Any]) -> str:
+    verb = "to pay" if data["change"] == "upgrade" else "refunded"
+    version = data["version"] if isinstance(data.get("version"), str) \
+        else data["gateway"]["version"]
+    return (f"{data['env']}: {data['change']} to {version}: {data['amount']} "
+            f"{data['currency']} {verb} ({data['days_left']} days left)\n"
+            + "\n".join(f"  {k}: {v}" for k, v in data["parts"].items()))
 
 
 def gateway_show(args: argparse.Namespace) -> None:
@@ -215,6 +226,16 @@ def gateway_buy(args: argparse.Namespace) -> None:
 
 def gateway_renew(args: argparse.Namespace) -> None:
     data = call(args, "POST", f"/envs/{args.env}/gateway/renew", {"months": args.months})
+    _out(args, data, _gateway_text(data))
+
+
+def gateway_change(args: argparse.Namespace) -> None:
+    if args.quote:
+        data = call(args, "POST", f"/envs/{args.env}/gateway/change/quote",
+                    {"version": args.version})
+        _out(args, data, _change_text(data))
+        return
+    data = call(args, "POST", f"/envs/{args.env}/gateway/change", {"version": args.version})
     _out(args, data, _gateway_text(data))
 
 
@@ -327,7 +348,7 @@ def add_commands(sub: Any) -> None:
     renew.add_argument("--months", type=int, default=1)
 
     gw = sub.add_parser("gateway", help="gateway versions: versions, show, buy, renew, "
-                        "auto-renew")
+                        "change, auto-renew")
     gs = gw.add_subparsers(dest="gateway_command", required=True)
     _cmd(gs, "versions", "the versions sold, their caps and monthly prices", gateway_versions)
     gq = _cmd(gs, "quote", "the price of a version for a term, exact", gateway_quote,
@@ -344,6 +365,12 @@ def add_commands(sub: Any) -> None:
                     help="renew by the same term on the expiry day")
     gr = _cmd(gs, "renew", "renew by hand, before it expires", gateway_renew, ENV)
     gr.add_argument("--months", type=int, required=True)
+    gc = _cmd(gs, "change", "change the running version for another at once, its expiry "
+              "kept: an upgrade pays the difference for the days left, a downgrade is "
+              "refunded it", gateway_change, ENV,
+              ("version", {"help": "the version to change to"}))
+    gc.add_argument("--quote", action="store_true", help="only say what it would cost or "
+                    "refund today; change nothing")
     ga = _cmd(gs, "auto-renew", "renew on the expiry day, or not", gateway_auto_renew, ENV,
               ("state", {"choices": ["on", "off"]}))
     ga.add_argument("--months", type=int, help="the term of each renewal (default: the "

@@ -332,12 +332,17 @@ class Environments:
 
     # ---------------------------------------------------------------- gateway versions
 
+    def check_version(self, version: str) -> None:
+        """A version sold; else Invalid, naming those that are."""
+        sold = self.config.plans.gateway_versions
+        if version not in sold:
+            raise Invalid(f"unknown gateway version {version!r} (versions: "
+                          f"{', '.join(sold) or 'none in plans.yaml'})")
+
     def check_term(self, version: str | None, months: int) -> None:
         """A version sold (when named) and a term it is sold for; else Invalid."""
-        versions = self.config.plans.gateway_versions
-        if version is not None and version not in versions:
-            raise Invalid(f"unknown gateway version {version!r} (versions: "
-                          f"{', '.join(versions) or 'none in plans.yaml'})")
+        if version is not None:
+            self.check_version(version)
         if months not in GATEWAY_TERMS:
             raise Invalid(f"months must be a term sold: {', '.join(map(str, GATEWAY_TERMS))} "
                           "(1-5 months, half a year, 1-4 years)")
@@ -362,10 +367,11 @@ class Environments:
 
     async def _change_gateway(
             self, env_id: str, edit: Callable[[GatewayGrant | None, versions.Status | None,
-                                               dt.date], GatewayGrant],
+                                               dt.date, Environment], GatewayGrant],
             refused_in_arrears: str = "") -> GatewayGrant:
-        """Apply ``edit`` (the grant now, its status today, today) to the environment's
-        gateway version atomically; ``refused_in_arrears``: what arrears forbid."""
+        """Apply ``edit`` (the grant now, its status today, today, the environment) to the
+        environment's gateway version atomically; ``refused_in_arrears``: what arrears
+        forbid."""
         plans = self.config.plans
         changed: list[GatewayGrant] = []
         before: list[tuple[GatewayGrant | None, dt.date]] = []
@@ -376,7 +382,7 @@ class Environments:
                                f"{refused_in_arrears} until paid up")
             today = self.today(env)
             now = None if env.gateway is None else versions.status(env.gateway, plans, today)
-            changed[:] = [edit(env.gateway, now, today)]
+            changed[:] = [edit(env.gateway, now, today, env)]
             before[:] = [(env.gateway, today)]
             return msgspec.structs.replace(env, gateway=changed[0])
 
@@ -401,7 +407,7 @@ class Environments:
         self.check_term(version, months)
 
         def buy(grant: GatewayGrant | None, now: versions.Status | None,
-                today: dt.date) -> GatewayGrant:
+                today: dt.date, _: Environment) -> GatewayGrant:
             if grant is not None and now is not None and now.state != "expired":
                 raise Conflict(
                     f"environment {env_id} has gateway version {grant.version} until "
@@ -421,7 +427,7 @@ class Environments:
         self.check_term(None, months)
 
         def renew(grant: GatewayGrant | None, now: versions.Status | None,
-                  today: dt.date) -> GatewayGrant:
+                  today: dt.date, _: Environment) -> GatewayGrant:
             grant = self._running(env_id, grant, now)
             # The last term bought is what an automatic renewal buys, unless told otherwise.
             return msgspec.structs.replace(
@@ -441,7 +447,7 @@ class Environments:
             self.check_term(None, months)
 
         def switch(grant: GatewayGrant | None, now: versions.Status | None,
-                   today: dt.date) -> GatewayGrant:
+                   today: dt.date, _: Environment) -> GatewayGrant:
             grant = self._running(env_id, grant, now)
             # Renewals made so far stay bought when it is turned off.
             return msgspec.structs.replace(
@@ -449,6 +455,54 @@ class Environments:
                 renew_months=months or versions.term_of(grant))
 
         return await self._change_gateway(env_id, switch)
+
+    def _version_change(self, env_id: str, grant: GatewayGrant | None,
+                        now: versions.Status | None, target: str, today: dt.date,
+                        env: Environment) -> Quote:
+        """The price of changing the running version for ``target`` (its expiry kept)."""
+        self.check_version(target)
+        grant = self._running(env_id, grant, now)
+        assert now is not None
+        if now.state == "pending":
+            raise Conflict(f"gateway version {grant.version} of {env_id} starts on "
+                           f"{grant.purchased}: change it once it runs")
+        if target == grant.version:
+            raise Invalid(f"environment {env_id} has gateway version {target} already")
+        table = self.config.plans.gateway_versions
+        return versions.change_quote(table[grant.version], table[target], today, now.expires,
+                                     Decimal(env.discount))
+
+    async def quote_gateway_change(self, env_id: str, target: str) -> Quote:
+        """What changing to ``target`` today costs (an upgrade) or refunds (a downgrade)."""
+        env = (await self.get(env_id)).env
+        today = self.today(env)
+        grant = env.gateway
+        now = None if grant is None else versions.status(grant, self.config.plans, today)
+        return self._version_change(env_id, grant, now, target, today, env)
+
+    async def change_gateway(self, env_id: str, target: str) -> tuple[GatewayGrant, Quote]:
+        """Change the running version for ``target`` at once, its expiry (and automatic
+        renewal) kept; priced inside the transaction, so a renewal meanwhile reprices it.
+        Refused in arrears, for a version not running, and for a file-owned environment."""
+        quotes: list[Quote] = []
+        previous: list[str] = []
+
+        def change(grant: GatewayGrant | None, now: versions.Status | None,
+                   today: dt.date, env: Environment) -> GatewayGrant:
+            quotes[:] = [self._version_change(env_id, grant, now, target, today, env)]
+            assert grant is not None
+            previous[:] = [grant.version]
+            # Automatic renewals so far stay bought (and are told by _change_gateway, at the
+            # version they were bought at); the next ones are of the new version.
+            return msgspec.structs.replace(grant, version=target,
+                                           months=versions.months_bought(grant, today))
+
+        grant = await self._change_gateway(env_id, change, "change its gateway version")
+        quote = quotes[0]
+        await emit(self.redis, env_id, f"gateway-{quote.change}d", version=target,
+                   previous=previous[0], amount=f"{quote.amount:.2f}",
+                   days_left=quote.days_left, expires=versions.expiry(grant).isoformat())
+        return grant, quote
 
     # ------------------------------------------------------------------- plan changes
 
