@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import msgspec
@@ -31,19 +31,17 @@ def valkey_cluster(directory: Path, nodes: int, replicas: int, *extra: str
     ``cluster_state:ok``: (ports, process per port, valkey-cli). Killed at the end."""
     server = valkey_binary()
     cli = str(Path(server).with_name("valkey-cli"))
-    ports = [_node_port() for _ in range(nodes)]
-    procs = {}
-    for port in ports:
-        d = directory / f"node{port}"
-        d.mkdir(parents=True)
-        procs[port] = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(d),
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--save", "", "--appendonly", "no", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs: dict[int, subprocess.Popen[bytes]] = {}
     try:
-        for port in ports:
-            _wait(cli, port, "PING", "PONG")
+        for _ in range(nodes):
+            port, proc = start_node(
+                lambda port, d: [server, "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                                 str(d), "--cluster-enabled", "yes", "--cluster-config-file",
+                                 "nodes.conf", "--save", "", "--appendonly", "no",
+                                 "--logfile", str(d / "valkey.log"), *extra],
+                lambda port: [cli, "-p", str(port), "PING"], directory, procs)
+            procs[port] = proc
+        ports = list(procs)
         subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", str(replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
@@ -61,6 +59,35 @@ def valkey_cluster(directory: Path, nodes: int, replicas: int, *extra: str
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
     with valkey_cluster(tmp_path_factory.mktemp("cluster"), 3, 0) as (ports, _, _):
         yield ports
+
+
+def start_node(command: Callable[[int, Path], list[str]], ping: Callable[[int], list[str]],
+               directory: Path, taken: Collection[int]) -> tuple[int, subprocess.Popen[bytes]]:
+    """One cluster node answering PING: ``command(port, its directory)`` starts it (logging to
+    ``valkey.log`` there), ``ping(port)`` asks it. A free port can be taken before the node
+    binds it (or its bus port, +10000) by any connection of a busy machine: a node that exits
+    at start is started again on other ports; its log says why if it never does."""
+    log = ""
+    for _ in range(5):
+        port = _node_port()
+        if {port, port + 10000} & {*taken, *(p + 10000 for p in taken)}:
+            continue
+        d = directory / f"node{port}"
+        d.mkdir(parents=True)
+        proc = subprocess.Popen(command(port, d), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and proc.poll() is None:
+            out = subprocess.run(ping(port), capture_output=True, text=True)
+            if out.stdout.strip() == "PONG":
+                return port, proc
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        log = (d / "valkey.log").read_text(errors="replace")[-2000:] \
+            if (d / "valkey.log").exists() else ""
+    raise AssertionError(f"no cluster node would start; the last one's log:\n{log}")
 
 
 def _node_port() -> int:

@@ -189,15 +189,18 @@ def _money(amount: Decimal, rounding: str) -> str:
 
 async def test_a_version_changed_mid_term_through_the_cli(gw: Deployed, webhook: Webhook
                                                           ) -> None:
-    """Upgrade at once for the price difference over the days left (SPEC §11's upgrade fee,
-    with the environment's discount), the expiry kept; downgrade back for its mirror refund."""
-    gw.put_env("gv-change", yaml.safe_dump({"plan": "standard", "anchor": days(0),
-                                            "expires": days(365), "discount": "0.8"}))
-    bought = gw.json("gateway", "buy", "gv-change", "test", "--months", "3")["gateway"]
-    expires = add_months_clamped(today(), 3)
-    left = (expires - today()).days
+    """Upgrade at once for the price difference over the share of the prepaid days left, the
+    expiry kept; downgrade back for the same, rounded the customer's way. At list price: the
+    environment's discount (its plan's) does not apply."""
+    start = today() - dt.timedelta(days=10)
+    gw.put_env("gv-change", yaml.safe_dump({
+        "plan": "standard", "anchor": days(-10), "expires": days(365), "discount": "0.8",
+        "gateway": {"version": "test", "purchased": start.isoformat(), "months": 3}}))
+    bought = gw.json("gateway", "show", "gv-change")["gateway"]
+    expires = add_months_clamped(start, 3)
+    span, left = (expires - start).days, (expires - today()).days
     difference = Decimal(VERSIONS["starter"]["price"]) - Decimal(VERSIONS["test"]["price"])
-    exact = difference * left * 12 * Decimal("0.8") / 365  # x days / (365/12) x discount
+    exact = difference * 3 * left / span
     status, headers = await _headers(gw, "gv-change")
     assert status == 200 and headers["RateLimit-Policy"].startswith(
         '"qps";q=100;w=1;by="gateway-version",')
@@ -225,7 +228,7 @@ async def test_a_version_changed_mid_term_through_the_cli(gw: Deployed, webhook:
     told = await webhook.wait_for("gv-change", "gateway-downgraded")
     assert told["amount"] == _money(exact, "ROUND_UP")
 
-    # Refused with the reason, nothing changed.
+    # Refused with the reason, nothing changed; the quote refuses what the change would.
     same = gw.cli("gateway", "change", "gv-change", "test")
     assert same.returncode != 0 and "has gateway version test already" in same.stderr
     unknown = gw.cli("gateway", "change", "gv-change", "platinum", "--quote")
@@ -235,13 +238,47 @@ async def test_a_version_changed_mid_term_through_the_cli(gw: Deployed, webhook:
          "gateway": _grant("starter", -40, 1)}))
     late = gw.cli("gateway", "change", "gv-change-late", "basic")
     assert late.returncode != 0 and "expired on" in late.stderr
+    gw.put_env("gv-change-later", yaml.safe_dump(
+        {"plan": "standard", "anchor": days(-3), "expires": days(300),
+         "gateway": _grant("test", 5, 1)}))
+    later = gw.cli("gateway", "change", "gv-change-later", "basic")
+    assert later.returncode != 0 and "change it once it runs" in later.stderr
     gw.put_env("gv-change-owing", yaml.safe_dump(
         {"plan": "standard", "anchor": days(-3), "expires": days(300), "arrears": True,
          "gateway": _grant("test", -3, 1)}))
-    owing = gw.cli("gateway", "change", "gv-change-owing", "basic")
-    assert owing.returncode != 0 and "in arrears" in owing.stderr
+    for ask in (["--quote"], []):
+        owing = gw.cli("gateway", "change", "gv-change-owing", "basic", *ask)
+        assert owing.returncode != 0 and "in arrears" in owing.stderr, ask
     assert gw.json("gateway", "show", "gv-change-owing")["gateway"]["version"] == "test"
+    file_owned = gw.cli("gateway", "change", "gv-active", "basic", "--quote")
+    assert file_owned.returncode != 0 and "environments.yaml" in file_owned.stderr
     assert gw.json("gateway", "show", "gv-change")["gateway"] == shown
+
+
+async def test_a_change_bills_the_renewal_due_at_the_old_version_and_keeps_the_term(
+        gw: Deployed, webhook: Webhook) -> None:
+    """starter for a month, renewing itself, renewed 4 to 7 days ago; changed to basic now:
+    that renewal is told once, at starter's price; the term stays one month (the two months
+    bought so far are not the term); the fee is for the two months' span."""
+    start = today() - dt.timedelta(days=35)
+    gw.put_env("gv-change-auto", yaml.safe_dump({
+        "plan": "standard", "anchor": days(-40), "expires": days(300),
+        "gateway": {"version": "starter", "purchased": start.isoformat(), "months": 1,
+                    "auto_renew": True}}))
+    changed = gw.json("gateway", "change", "gv-change-auto", "basic")
+    grant = changed["gateway"]
+    ends = add_months_clamped(start, 2)
+    assert (grant["version"], grant["months"], grant["renew_months"], grant["expires"]) == \
+        ("basic", 2, 1, ends.isoformat())
+    difference = Decimal(VERSIONS["basic"]["price"]) - Decimal(VERSIONS["starter"]["price"])
+    exact = difference * 2 * (ends - today()).days / (ends - start).days
+    assert changed["amount"] == _money(exact, "ROUND_DOWN")
+    await webhook.wait_for("gv-change-auto", "gateway-upgraded")
+    await asyncio.sleep(1.0)  # scheduler rounds
+    renewals = [e for e in webhook.events
+                if e["env"] == "gv-change-auto" and e["type"] == "gateway-renewed"]
+    assert [(e["version"], e["amount"], e["auto"]) for e in renewals] == \
+        [("starter", "8999.00", "1")], renewals
 
 
 async def test_a_renewal_due_is_billed_once_when_a_change_folds_it(gw: Deployed,

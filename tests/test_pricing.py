@@ -82,16 +82,23 @@ def test_downgrade_new_plan_cost_exact_on_73_days() -> None:
     assert q.parts["remaining_days"] == "73" and q.parts["new_plan_cost"] == "240.00"
 
 
-def test_a_gateway_version_change_is_the_upgrade_fee_or_its_mirror() -> None:
-    """test (899) <-> starter (8,999) with 48 days left: 8,100 x 48 x 12 / 365 =
-    12,782.465753...: 12,782.46 to pay up, 12,782.47 back down; at 0.8, 10,225.97 / 10,225.98."""
+def test_a_gateway_version_change_is_prorated_by_the_days_bought() -> None:
+    """starter (8,999) <-> test (899): 8,100 a month of difference. Bought 2026-01-01 for a
+    month (31 days): changed that day, exactly 8,100; on 01-18 (14 days left), 8,100 x 14 / 31
+    = 3,658.0645...: 3,658.06 to pay up, 3,658.07 back down. Three months from 07-01 (92 days)
+    changed that day: 24,300 back, the difference prepaid, not 24,499.73 by 365/12-day months."""
     test = GatewayVersion(qps=100, mbps=1, price="899")
     starter = GatewayVersion(qps=1000, mbps=20, price="8999")
-    today, ends = dt.date(2022, 12, 15), dt.date(2023, 2, 1)
-    up, down = change_quote(test, starter, today, ends), change_quote(starter, test, today, ends)
-    assert (up.change, up.amount, up.days_left) == ("upgrade", Decimal("12782.46"), 48)
-    assert (down.change, down.amount, down.days_left) == ("downgrade", Decimal("12782.47"), 48)
-    at = Decimal("0.8")
-    assert change_quote(test, starter, today, ends, at).amount == Decimal("10225.97")
-    assert change_quote(starter, test, today, ends, at).amount == Decimal("10225.98")
-    assert change_quote(starter, test, ends, ends).amount == Decimal("0.00")  # nothing left
+    start, ends = dt.date(2026, 1, 1), dt.date(2026, 2, 1)
+    down = change_quote(starter, test, start, start, ends, 1)
+    assert (down.change, down.amount, down.days_left) == ("downgrade", Decimal("8100.00"), 31)
+    up = change_quote(test, starter, dt.date(2026, 1, 18), start, ends, 1)
+    assert (up.change, up.amount, up.days_left) == ("upgrade", Decimal("3658.06"), 14)
+    assert change_quote(starter, test, dt.date(2026, 1, 18), start, ends, 1).amount == \
+        Decimal("3658.07")
+    quarter = change_quote(starter, test, dt.date(2026, 7, 1), dt.date(2026, 7, 1),
+                           dt.date(2026, 10, 1), 3)
+    assert quarter.amount == Decimal("24300.00")
+    assert change_quote(starter, test, ends, start, ends, 1).amount == Decimal("0.00")
+    same = change_quote(test, GatewayVersion(qps=200, mbps=2, price="899"), start, start, ends, 1)
+    assert (same.change, same.amount) == ("change", Decimal("0.00"))

@@ -109,7 +109,7 @@ async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
     """Three Redis 7 cluster nodes speaking only TLS (``tls-cluster yes``, clients must
     present a certificate): every node the gateway reaches verifies, decisions and the
     control plane alike."""
-    from tests.test_cluster import _node_port
+    from tests.test_cluster import start_node
 
     server = shutil.which("redis-server")
     cli = shutil.which("redis-cli")
@@ -117,25 +117,20 @@ async def test_a_tls_cluster_serves_the_gateway(tmp_path: Path):
     tls_args = certificates(tmp_path)
     cli_tls = [cli, "--tls", "--cacert", str(tmp_path / "ca.pem"),
                "--cert", str(tmp_path / "client.pem"), "--key", str(tmp_path / "client.key")]
-    ports = [_node_port() for _ in range(3)]
-    procs = []
-    for port in ports:
-        d = tmp_path / f"n{port}"
-        d.mkdir()
-        procs.append(subprocess.Popen(
-            [server, *tls_args, "--tls-port", str(port), "--tls-cluster", "yes",
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--dir", str(d)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
     upstream, origin = start_upstream()
     deployed = None
     try:
-        for port in ports:
-            deadline = time.monotonic() + 10
-            while subprocess.run([*cli_tls, "-p", str(port), "PING"], capture_output=True,
-                                 text=True).stdout.strip() != "PONG":
-                assert time.monotonic() < deadline, "a TLS node did not start"
-                time.sleep(0.1)
+        for _ in range(3):
+            port, proc = start_node(
+                lambda port, d: [server, *tls_args, "--tls-port", str(port), "--tls-cluster",
+                                 "yes", "--cluster-enabled", "yes", "--cluster-config-file",
+                                 "nodes.conf", "--dir", str(d), "--logfile",
+                                 str(d / "valkey.log")],
+                lambda port: [*cli_tls, "-p", str(port), "PING"], tmp_path, ports)
+            ports.append(port)
+            procs.append(proc)
         subprocess.run([*cli_tls, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
                         "--cluster-replicas", "0", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)

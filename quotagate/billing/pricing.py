@@ -40,7 +40,7 @@ def refund(amount: Decimal) -> Decimal:
 class Quote:
     """The price of a plan change: ``amount`` >= 0 is paid (upgrade) or refunded (downgrade)."""
 
-    change: str  # "upgrade" | "downgrade"
+    change: str  # "upgrade" | "downgrade" (| "change": a gateway version of the same price)
     amount: Decimal
     days_left: int
     #: The figures the amount is made of, as strings (for the API and the CLI).

@@ -7,12 +7,13 @@ that day by ``term_of`` months, and again at each end after: the enforcement (th
 ``gw``) never lapses, and the scheduler tells each renewal (``gateway-renewed``, with its
 price) for billing. Without it, from that day the environment has the lowest version's caps.
 
-A running version can be changed for another at once, its expiry kept (``change_quote``): a
-higher one costs the plan upgrade's fee of SPEC §11 — (new - old monthly price) x days until
-expiry / (365/12) x discount, rounded down — and a lower one refunds its mirror, (old - new)
-x the same days / (365/12) x discount, rounded up. Prepaid by the month, a version has no
-usage to weigh, so the refund is the unused time's difference in price; the same discount on
-both ways keeps an upgrade and the downgrade back from paying out more than was paid.
+A running version can be changed for another at once, its expiry kept (``change_quote``):
+the difference in monthly price times the months prepaid, for the share of the prepaid days
+still to run — paid for a dearer version (rounded down to the fen), refunded for a cheaper one
+(rounded up). Prorated by the calendar days actually bought, not by 365/12-day months: a change
+on the day of purchase moves exactly the difference of the two prices, and a refund never
+exceeds the difference prepaid. At list price, as versions are bought and renewed (the
+environment's ``discount`` is the plan's).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 
-from quotagate.billing.pricing import Quote, per_month_days, refund, upgrade_fee
+from quotagate.billing.pricing import Quote, charge, refund
 from quotagate.common.calendar import add_months_clamped
 from quotagate.limiter.entitlements import lowest_version
 from quotagate.settings.schema import (
@@ -43,19 +44,25 @@ def price(version: GatewayVersion, months: int) -> Decimal:
     return Decimal(version.price) * months
 
 
-def change_quote(old: GatewayVersion, new: GatewayVersion, today: dt.date, ends: dt.date,
-                 discount: Decimal = Decimal(1)) -> Quote:
-    """The price of changing a running version for ``new`` until ``ends`` (exclusive): an
-    upgrade's fee when ``new`` costs more a month, else the downgrade's refund."""
-    old_price, new_price = Decimal(old.price), Decimal(new.price)
-    if new_price > old_price:
-        return upgrade_fee(old_price, new_price, today, ends, discount)
-    days = max(0, (ends - today).days)
+def change_quote(old: GatewayVersion, new: GatewayVersion, today: dt.date, start: dt.date,
+                 ends: dt.date, months: int) -> Quote:
+    """The price of changing a running version for ``new`` today, for the ``months`` prepaid
+    from ``start`` to ``ends`` (exclusive): "upgrade" (paid), "downgrade" (refunded), or
+    "change" between versions of one price (nothing either way)."""
+    difference = Decimal(new.price) - Decimal(old.price)
+    span = (ends - start).days
+    left = max(0, min(span, (ends - today).days))
     with decimal.localcontext(decimal.Context(prec=40)):
-        back = refund(per_month_days(old_price - new_price, days) * discount)
-    return Quote("downgrade", back, days, {
-        "monthly_difference": str(new_price - old_price), "days_until_expiry": str(days),
-        "discount": str(discount), "refund": str(back)})
+        exact = abs(difference) * months * left / span
+    if difference > 0:
+        change, amount = "upgrade", charge(exact)
+    elif difference < 0:
+        change, amount = "downgrade", refund(exact)
+    else:
+        change, amount = "change", Decimal("0.00")
+    return Quote(change, amount, left, {
+        "monthly_difference": str(difference), "months_prepaid": str(months),
+        "days_prepaid": str(span), "days_left": str(left), "amount": str(amount)})
 
 
 def term_of(grant: GatewayGrant) -> int:

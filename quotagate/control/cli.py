@@ -204,7 +204,7 @@ def _gateway_text(data: dict[str, Any]) -> str:
 
 
 def _change_text(data: dict[str, Any]) -> str:
-    verb = "to pay" if data["change"] == "upgrade" else "refunded"
+    verb = {"upgrade": "to pay", "downgrade": "refunded"}.get(data["change"], "either way")
     version = data["version"] if isinstance(data.get("version"), str) \
         else data["gateway"]["version"]
     return (f"{data['env']}: {data['change']} to {version}: {data['amount']} "

@@ -461,6 +461,9 @@ class Environments:
                         env: Environment) -> Quote:
         """The price of changing the running version for ``target`` (its expiry kept)."""
         self.check_version(target)
+        if env.arrears:
+            raise Conflict(f"environment {env_id} is in arrears: it cannot change its gateway "
+                           "version until paid up")
         grant = self._running(env_id, grant, now)
         assert now is not None
         if now.state == "pending":
@@ -469,11 +472,13 @@ class Environments:
         if target == grant.version:
             raise Invalid(f"environment {env_id} has gateway version {target} already")
         table = self.config.plans.gateway_versions
-        return versions.change_quote(table[grant.version], table[target], today, now.expires,
-                                     Decimal(env.discount))
+        return versions.change_quote(table[grant.version], table[target], today,
+                                     grant.purchased, now.expires,
+                                     versions.months_bought(grant, today))
 
     async def quote_gateway_change(self, env_id: str, target: str) -> Quote:
         """What changing to ``target`` today costs (an upgrade) or refunds (a downgrade)."""
+        self._refuse_file_owned(env_id)
         env = (await self.get(env_id)).env
         today = self.today(env)
         grant = env.gateway
@@ -493,9 +498,11 @@ class Environments:
             assert grant is not None
             previous[:] = [grant.version]
             # Automatic renewals so far stay bought (and are told by _change_gateway, at the
-            # version they were bought at); the next ones are of the new version.
+            # version they were bought at); the next ones are of the new version, by the same
+            # term (pinned: folded months must not become the term).
             return msgspec.structs.replace(grant, version=target,
-                                           months=versions.months_bought(grant, today))
+                                           months=versions.months_bought(grant, today),
+                                           renew_months=versions.term_of(grant))
 
         grant = await self._change_gateway(env_id, change, "change its gateway version")
         quote = quotes[0]

@@ -92,6 +92,7 @@ class WebhookDelivery:
             entries = [e for _, batch in read for e in batch] if read else []
         done = 0
         for entry_id, fields in entries:
+            stop_if_cancelling()  # (each post may wait up to the webhook's timeout)
             if fields is None:  # trimmed away while pending
                 await self.redis.xack(keys.EVENTS, GROUP, entry_id)
                 continue
@@ -136,6 +137,7 @@ async def sweep_env_streams(redis: Any, limiter: Limiter) -> int:
     """Move events left in environments' streams (their instance died before moving them)."""
     moved = 0
     async for key in redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:events", count=500):
+        stop_if_cancelling()
         name = key.decode() if isinstance(key, bytes) else key
         env = name[len(keys.PREFIX) + 2:name.index("}")]
         if await redis.xlen(name):

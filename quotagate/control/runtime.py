@@ -347,7 +347,10 @@ class Runtime:
     async def stop(self) -> None:
         """Stop the background work (bounded), write back what it can, give slots back,
         close the store connections."""
-        tasks = [*self._tasks, *([self.sync_task] if self.sync_task is not None else [])]
+        # The loops, the first sync, and replays started by renewals (they use the store
+        # connection closed below).
+        tasks = [*self._tasks, *([self.sync_task] if self.sync_task is not None else []),
+                 *self._background]
         self._tasks = []
         for task in tasks:
             task.cancel()
