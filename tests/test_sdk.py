@@ -27,7 +27,7 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.deployed
 
 SDK = ROOT / "tests" / "sdk"
-ENVS = ("shop", "spent", "live", "lapse")
+ENVS = ("shop", "spent", "live", "lapse", "slow")
 HOSTS = [f"{e}.api.tcloudbasegateway.com" for e in ENVS] + \
         [f"{e}.tcb-api.tencentcloudapi.com" for e in ENVS] + \
         [f"{e}.ap-shanghai.tcb-api.tencentcloudapi.com" for e in ENVS]
@@ -80,6 +80,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory, platform: tuple[int,
   shop:  {{plan: standard, {period}}}
   spent: {{plan: standard, {period}, limits: {{calls: 0}}}}
   live:  {{plan: standard, {period}, limits: {{realtime: 3}}}}
+  slow:  {{plan: standard, {period}, gateway: {{version: test, purchased: {days(-3)}, months: 1}}}}
 """)
     served = await serve(directory, config)
     yield served
@@ -197,3 +198,22 @@ async def test_an_isolated_environment_ends_watches_with_3050(gateway: Deployed,
                for e in seen["errors"]), seen
     assert seen["loginsAfter"] == 0, seen  # ...and the SDK does not reconnect: not even an
     assert isolated_refusals(gateway) == refused_before  # upgrade (on 1008 it would)
+
+
+async def test_a_watch_on_a_1_mbps_version_is_paced_not_cut(gateway: Deployed, node: str,
+                                                           hosts_file: Path, platform):
+    """Gateway version `test` (1 Mbps, 125,000 B/s): the platform writes 40 NEXT_EVENT frames
+    of ~10 kB at once. The js-sdk's watch gets every one, in order, with no error and no
+    rebuild; and over at least the time 1 Mbps takes for them (the gateway delays the
+    frames, it does not drop them; unpaced, loopback carries them in milliseconds)."""
+    inits = platform_saw(platform[0])["inits"]
+    seen = result(drive(node, hosts_file, "flood", env="slow", port=gateway.port, events=40),
+                  timeout=120)
+    assert not seen["errors"] and not seen["timeout"] and not seen["unhandled"], seen
+    assert seen["ns"] == list(range(41)), seen  # INIT (0), then 1..40 in order, once each
+    saw = platform_saw(platform[0])
+    assert saw["inits"] == inits + 1  # no rebuild: nothing was lost or out of order
+    assert saw["floodBytes"] > 400_000
+    # A pacer may send at most two 10 ms pieces (its booking horizon) ahead of the rate.
+    assert seen["seconds"] >= (saw["floodBytes"] - 2_500) / 125_000, (seen["seconds"], saw)
+    print(f"\n{saw['floodBytes']} B in {seen['seconds']} s")

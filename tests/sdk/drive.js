@@ -158,7 +158,35 @@ async function isolated () {
   return { first: outcome(w), errors: w.seen.errors, loginsAfter: (await platformStats()).logins - logins }
 }
 
-const scenarios = { calls: () => calls(args.env), watches, isolated }
+/** One watch of "flood-<events>": every snapshot's document number, and the seconds from
+ * the first snapshot (INIT) to the last. */
+async function flood () {
+  const app = gatewayApp(args.env)
+  await app.auth.signInAnonymously()
+  const seen = { ns: [], errors: [], seconds: null, timeout: false }
+  const at = []
+  await new Promise(resolve => {
+    const timer = setTimeout(() => { seen.timeout = true; resolve() }, 60000)
+    const listener = app.database().collection('todos').doc(`flood-${args.events}`).watch({
+      onChange: snapshot => {
+        const doc = snapshot.docs[0] || {}
+        seen.ns.push(doc.n)
+        at.push(Date.now())
+        if (doc.n === args.events) { clearTimeout(timer); listener.close(); resolve() }
+      },
+      onError: e => {
+        seen.errors.push(JSON.stringify(fields(e)).slice(0, 400))
+        clearTimeout(timer)
+        resolve()
+      }
+    })
+  })
+  if (at.length) seen.seconds = (at[at.length - 1] - at[0]) / 1000
+  seen.unhandled = unhandled
+  return seen
+}
+
+const scenarios = { calls: () => calls(args.env), watches, isolated, flood }
 
 scenarios[scenario]().then(result => {
   process.stdout.write('RESULT ' + JSON.stringify(result) + '\n')

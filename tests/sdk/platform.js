@@ -6,16 +6,17 @@
 //                                       "{env}" in it is the signing environment
 //
 // Realtime, by the watched document id: "later-error" gets INIT_EVENT, then a server ERROR for
-// the watch; "cut" gets INIT_EVENT, then the connection is dropped without a close frame; any
-// watch of collection "fail" is answered with an ERROR. GET /__stats (direct, not through the
-// gateway) tells what it saw.
+// the watch; "cut" gets INIT_EVENT, then the connection is dropped without a close frame;
+// "flood-N" gets INIT_EVENT, then N NEXT_EVENT frames of a ~10 kB document (n = 1..N) written
+// at once (their bytes in stats.floodBytes); any watch of collection "fail" is answered with
+// an ERROR. GET /__stats (direct, not through the gateway) tells what it saw.
 'use strict'
 const http = require('http')
 const { WebSocketServer } = require('ws')
 
 const port = Number(process.argv[2] || 0)
 const wsUrl = process.argv[3] || ''
-const stats = { requests: [], closeCodes: [], inits: 0, logins: 0, openSockets: 0 }
+const stats = { requests: [], closeCodes: [], inits: 0, logins: 0, openSockets: 0, floodBytes: 0 }
 const DOCS = [{ _id: 'd1', n: 1 }, { _id: 'd2', n: 2 }]
 
 function send (res, status, obj) {
@@ -94,13 +95,22 @@ wss.on('connection', ws => {
         }
         const query = JSON.parse(data_.query || '{}')
         const docs = query._id ? [{ _id: query._id, n: 0 }] : DOCS
+        const queryID = 'q-' + msg.watchId.slice(-8)
         reply({
           watchId: msg.watchId,
           requestId: msg.requestId,
           msgType: 'INIT_EVENT',
-          msgData: { queryID: 'q-' + msg.watchId.slice(-8), currEvent: 1, events: docs.map(d => ({ ID: 0, DataType: 'init', QueueType: 'init', DocID: d._id, Doc: JSON.stringify(d) })) }
+          msgData: { queryID, currEvent: 1, events: docs.map(d => ({ ID: 0, DataType: 'init', QueueType: 'init', DocID: d._id, Doc: JSON.stringify(d) })) }
         })
-        if (query._id === 'later-error') {
+        const flood = /^flood-(\d+)$/.exec(query._id || '')
+        if (flood) {
+          for (let n = 1; n <= Number(flood[1]); n++) { // event ids follow INIT's (1)
+            const doc = { _id: query._id, n, pad: 'x'.repeat(10000) }
+            const frame = JSON.stringify({ watchId: msg.watchId, requestId: 'server-' + n, msgType: 'NEXT_EVENT', msgData: { queryID, currEvent: n + 1, events: [{ ID: n + 1, DataType: 'replace', QueueType: 'update', DocID: doc._id, Doc: JSON.stringify(doc) }] } })
+            stats.floodBytes += Buffer.byteLength(frame)
+            ws.send(frame)
+          }
+        } else if (query._id === 'later-error') {
           setTimeout(() => reply({ watchId: msg.watchId, requestId: 'server-' + Date.now(), msgType: 'ERROR', msgData: { code: 'WATCH_EXPIRED', message: 'the watch ended on the server' } }), 200)
         } else if (query._id === 'cut') {
           setTimeout(() => ws.terminate(), 200)
