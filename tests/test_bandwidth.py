@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
 
 from quotagate.common.addresses import StoreAddress
 from quotagate.limiter import keys
@@ -25,6 +27,7 @@ from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.scripts import BANDWIDTH
 from quotagate.limiter.store import PipelinedStore
+from tests.deployed import days, live_env, serve, shipped_config, start_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 125_000
@@ -146,3 +149,36 @@ def test_two_instances_keep_one_environment_to_its_version(tmp_path: Path) -> No
     assert result["window_min"] >= 0.95 * RATE and result["window_max"] <= 1.05 * RATE
     assert result["free_rate"] >= 0.95 * 20_000_000  # not shaped, not slowed
     assert 0 < result["leases_per_mb"] <= 40  # 1 Mbps: at most 5 leases a second
+
+
+async def test_a_version_is_shaped_by_an_instance_that_never_heard_of_it_from_the_store(
+        tmp_path: Path, own_valkey: EmbeddedValkey) -> None:
+    """`quotagate serve`, fail-open; the store goes away before any request of the file's
+    `test`-version environment: its decisions are bypassed and tell no rate, yet its 250 KB
+    download is paced at 1 Mbps (by this instance alone), from the file; an environment
+    without a version is not."""
+    upstream, origin = start_upstream()
+    config = shipped_config(tmp_path, origin, store={"url": own_valkey.url, "timeout_ms": 200})
+    envs = {"bw-away": {**live_env(), "gateway": {"version": "test", "purchased": days(-3),
+                                                  "months": 1}},
+            "bw-plain": live_env()}
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+    deployed = await serve(tmp_path, config)
+    try:
+        own_valkey.stop()
+        took = {}
+        async with aiohttp.ClientSession() as s:
+            for env in envs:
+                started = time.monotonic()
+                async with s.get(deployed.route("storage") + "x/bytes?n=250000",
+                                 headers={"X-CloudBase-Env": env}) as r:
+                    body = await r.read()
+                assert (r.status, len(body)) == (200, 250_000), (env, r.status)
+                took[env] = time.monotonic() - started
+        # At most two 10 ms pieces (the booking horizon) go ahead of the rate.
+        assert took["bw-away"] >= (250_000 - 2_500) / RATE, took
+        print(f"\n250,000 B with the store away: {took}")
+    finally:
+        deployed.stop()
+        upstream.kill()
+        upstream.wait()

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import logging
 import time
+import zoneinfo
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ import msgspec
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
 
+from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.addresses import StoreAddress
 from quotagate.common.aio import pause, stop_if_cancelling
@@ -41,7 +44,7 @@ from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import check_store_version, sync_environments
 from quotagate.settings import Config, ConfigError, load_config
 from quotagate.settings.load import check_environments
-from quotagate.settings.schema import Environment, EnvironmentsFile
+from quotagate.settings.schema import BYTES_PER_MBPS, Environment, EnvironmentsFile
 
 log = logging.getLogger("quotagate.gateway")
 
@@ -152,6 +155,23 @@ class Runtime:
         metrics.label_envs(gw.metrics_envs)
         self.limiter.set_burst_ms(gw.qps_burst_ms)
         self.limiter.mode = "shadow" if gw.enforcement == "shadow" else "enforce"
+        self._declared_bandwidth(config)
+
+    def _declared_bandwidth(self, config: Config) -> None:
+        """The rate each environment of the file is shaped at, by its gateway version today,
+        so that an instance that has not heard from the store (started or reloaded while it
+        is away: a decision bypassed fail-open tells no rate) shapes it all the same, alone.
+        Each decision the store makes says the rate again."""
+        rates = self.limiter.bandwidth.rates
+        gw = config.gateway
+        for env_id, env in config.environments.environments.items():
+            if env.gateway is None or (env.mode or gw.enforcement) != "enforce":
+                continue
+            zone = zoneinfo.ZoneInfo(env.timezone or gw.timezone)
+            today = dt.datetime.fromtimestamp(self.limiter.clock.now_ms() / 1000, zone).date()
+            now = versions.status(env.gateway, config.plans, today)
+            if now.in_effect:  # (a version bought for later caps nothing yet)
+                rates[env_id] = now.mbps * BYTES_PER_MBPS
 
     def files_changed(self) -> bool:
         return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
@@ -317,6 +337,7 @@ class Runtime:
                           "the store is away is lost if this process dies before writing it "
                           "back", exc)
         self.limiter.start_renewing()
+        self._declared_bandwidth(self.config)
         self.mtimes = _mtimes(self.config.files)
         loop = asyncio.get_running_loop()
         gw = self.config.gateway
