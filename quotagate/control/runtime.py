@@ -165,6 +165,7 @@ class Runtime:
         rates = self.limiter.bandwidth.rates
         gw = config.gateway
         for env_id, env in config.environments.environments.items():
+            rates.pop(env_id, None)  # (a version the file no longer grants)
             if env.gateway is None or (env.mode or gw.enforcement) != "enforce":
                 continue
             zone = zoneinfo.ZoneInfo(env.timezone or gw.timezone)
