@@ -148,6 +148,10 @@ class Deployed:
                 return list(await asyncio.gather(*(one() for _ in range(n))))
             return [await one() for _ in range(n)]
 
+    def log_text(self) -> str:
+        """Its log so far."""
+        return Path(self.log.name).read_text()
+
     def stop(self) -> str:
         """Stop it (SIGTERM); returns its log."""
         self.proc.send_signal(signal.SIGTERM)

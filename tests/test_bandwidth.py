@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -151,20 +152,22 @@ def test_two_instances_keep_one_environment_to_its_version(tmp_path: Path) -> No
     assert 0 < result["leases_per_mb"] <= 40  # 1 Mbps: at most 5 leases a second
 
 
+@pytest.mark.deployed
 async def test_a_version_is_shaped_by_an_instance_that_never_heard_of_it_from_the_store(
         tmp_path: Path, own_valkey: EmbeddedValkey) -> None:
     """`quotagate serve`, fail-open; the store goes away before any request of the file's
     `test`-version environment: its decisions are bypassed and tell no rate, yet its 250 KB
     download is paced at 1 Mbps (by this instance alone), from the file; an environment
-    without a version is not."""
+    without a version is not; nor is the first once a reloaded file no longer grants it."""
     upstream, origin = start_upstream()
     config = shipped_config(tmp_path, origin, store={"url": own_valkey.url, "timeout_ms": 200})
     envs = {"bw-away": {**live_env(), "gateway": {"version": "test", "purchased": days(-3),
                                                   "months": 1}},
             "bw-plain": live_env()}
     (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
-    deployed = await serve(tmp_path, config)
+    deployed = None
     try:
+        deployed = await serve(tmp_path, config)
         own_valkey.stop()
         took = {}
         async with aiohttp.ClientSession() as s:
@@ -175,10 +178,30 @@ async def test_a_version_is_shaped_by_an_instance_that_never_heard_of_it_from_th
                     body = await r.read()
                 assert (r.status, len(body)) == (200, 250_000), (env, r.status)
                 took[env] = time.monotonic() - started
-        # At most two 10 ms pieces (the booking horizon) go ahead of the rate.
-        assert took["bw-away"] >= (250_000 - 2_500) / RATE, took
+        # Pieces go at their booked times: the last of 200 at least 199 pieces' time after
+        # the first. The environment without a version is not held to that rate.
+        paced = (250_000 - 2_500) / RATE
+        assert took["bw-away"] >= paced > took["bw-plain"], took
         print(f"\n250,000 B with the store away: {took}")
+
+        # The file takes the version away and is reloaded (SIGHUP), the store still away:
+        # the environment is no longer held to it.
+        envs["bw-away"] = live_env()
+        (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+        reloads = deployed.log_text().count("config reloaded")
+        deployed.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while deployed.log_text().count("config reloaded") == reloads:
+            assert time.monotonic() < deadline, deployed.log_text()[-2000:]
+            await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            async with s.get(deployed.route("storage") + "x/bytes?n=250000",
+                             headers={"X-CloudBase-Env": "bw-away"}) as r:
+                assert (r.status, len(await r.read())) == (200, 250_000)
+            assert time.monotonic() - started < paced
     finally:
-        deployed.stop()
+        if deployed is not None:
+            deployed.stop()
         upstream.kill()
         upstream.wait()

@@ -86,6 +86,8 @@ class Runtime:
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    #: The environments whose bandwidth rate the file set (``_declared_bandwidth``).
+    _declared_rates: set[str] = field(default_factory=set)
 
     # ------------------------------------------------------------------------- reload
 
@@ -140,6 +142,7 @@ class Runtime:
                 await sync_environments(self.redis, config)
                 await self._rewrite_api_snapshots(api_owned, config)
                 self.synced = True
+                self._declared_bandwidth(config)
             except (aredis.RedisError, OSError, StoreError) as exc:
                 log.warning("config reload: environments not written yet (%s); retrying", exc)
                 self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
@@ -161,10 +164,16 @@ class Runtime:
         """The rate each environment of the file is shaped at, by its gateway version today,
         so that an instance that has not heard from the store (started or reloaded while it
         is away: a decision bypassed fail-open tells no rate) shapes it all the same, alone.
-        Each decision the store makes says the rate again."""
+        Each decision the store makes says the rate again; this runs at start, on each reload
+        and sync (after it: a decision on the old snapshot may have told the old rate) and
+        with each sample of the store's clock (a version that starts or ends today)."""
         rates = self.limiter.bandwidth.rates
         gw = config.gateway
-        for env_id, env in config.environments.environments.items():
+        declared = config.environments.environments
+        for env_id in self._declared_rates - declared.keys():  # left the file
+            rates.pop(env_id, None)
+        self._declared_rates = set(declared)
+        for env_id, env in declared.items():
             rates.pop(env_id, None)  # (a version the file no longer grants)
             if env.gateway is None or (env.mode or gw.enforcement) != "enforce":
                 continue
@@ -229,6 +238,7 @@ class Runtime:
                 await self.limiter.load_scripts()
                 await self.learn_api_owned()
                 self.synced = True
+                self._declared_bandwidth(self.config)
                 return
             except (aredis.RedisError, OSError, StoreError) as exc:
                 stop_if_cancelling(exc)
@@ -289,6 +299,7 @@ class Runtime:
                 stop_if_cancelling(exc)
                 log.warning("could not sample the store's clock (%r); dates run on the last "
                             "sample", exc)
+            self._declared_bandwidth(self.config)  # the store away too: the day may change
 
     # --------------------------------------------------------------------------- journals
 

@@ -503,9 +503,9 @@ class RealtimeSocket:
         try:
             async for msg in self.upstream:
                 # Frames to the client count to the environment's bandwidth (its gateway
-                # version's, as the last decision of the environment here told it: a version
-                # that changed or expired changes it), sent whole once their bytes' time has
-                # come.
+                # version's, as the last decision of the environment here told it, or the
+                # file declares it: a version that changed or expired changes it), sent whole
+                # once their bytes' time has come.
                 rate = bandwidth.rates.get(self.env, 0) if self.env is not None else 0
                 if (pacer.rate if pacer is not None else 0) != rate:
                     await stack.aclose()

@@ -27,8 +27,10 @@ timeline has no gaps, so they send at the rate.
   slot times are the store's, turned into this process's monotonic clock by the lease with
   the shortest round trip of the last 10 s (a reply read late does not shift the slots).
 - **The store away**: fail-open, the instance paces alone at the rate a decision last told
-  it (so N instances may send up to N times it until the store is back; an instance started
-  while the store is away knows no rate and does not shape); fail-closed,
+  it, or that ``environments.yaml`` gives an environment it declares (the control plane sets
+  those at start, on each reload and sync and every 30 s: an instance started while the store
+  is away shapes them too); an API-owned environment no decision told a rate of here is not
+  shaped (N instances may send up to N times the rate until the store is back); fail-closed,
   ``BandwidthUnavailable`` (the response is cut, as a request would be refused).
 - **Realtime frames** go whole once their bytes' time has come, so a 1 s window can hold the
   rate plus one frame.
@@ -214,7 +216,8 @@ class Bandwidth:
         #: The failure policy now ("open" / "closed"; it may change at a reload).
         self.policy = on_failure
         self.pacers: dict[tuple[str, int], Pacer] = {}
-        #: The last rate a decision told for each environment (used while the store is away).
+        #: Each environment's rate (used while the store is away): the last a decision told,
+        #: or what environments.yaml gives one it declares (control/runtime.py).
         self.rates: dict[str, int] = {}
         #: Per environment (its slots come from one store node, whose clock this is): the
         #: store's clock minus this process's monotonic one (seconds), from the lease with the
@@ -235,7 +238,7 @@ class Bandwidth:
 
     def rate_of(self, env: str, told: int, bypassed: bool) -> int:
         """The rate to shape ``env`` at: the decision's; a bypassed one (the store away)
-        knows none, so the last one told."""
+        knows none, so the last one known (told, or declared by the file)."""
         if bypassed:
             return self.rates.get(env, 0)
         if told:
