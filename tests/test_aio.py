@@ -39,14 +39,18 @@ class HidesItsCancellation:
         return {}
 
 
-async def test_the_scheduler_stops_when_its_cancellation_is_hidden():
-    envs = HidesItsCancellation()
+async def stops_when_cancelled_in_its_listing(envs: HidesItsCancellation) -> None:
+    """A scheduler (rounds an hour apart) cancelled while it lists the environments ends."""
     scheduler = Scheduler(envs, StoreClock())  # type: ignore[arg-type]
     task = asyncio.get_running_loop().create_task(scheduler.run(every_s=3600))
     await envs.started.wait()
     task.cancel()
     done, _ = await asyncio.wait([task], timeout=5)
     assert done == {task} and task.cancelled()
+
+
+async def test_the_scheduler_stops_when_its_cancellation_is_hidden():
+    await stops_when_cancelled_in_its_listing(HidesItsCancellation())
 
 
 class SwallowsItsCancellation(HidesItsCancellation):
@@ -61,13 +65,7 @@ class SwallowsItsCancellation(HidesItsCancellation):
 
 
 async def test_the_scheduler_stops_when_its_cancellation_is_swallowed():
-    envs = SwallowsItsCancellation()
-    scheduler = Scheduler(envs, StoreClock())  # type: ignore[arg-type]
-    task = asyncio.get_running_loop().create_task(scheduler.run(every_s=3600))
-    await envs.started.wait()
-    task.cancel()
-    done, _ = await asyncio.wait([task], timeout=5)
-    assert done == {task} and task.cancelled()
+    await stops_when_cancelled_in_its_listing(SwallowsItsCancellation())
 
 
 async def stops_wherever_cancelled(loop: Callable[[], Coroutine[Any, Any, None]],
