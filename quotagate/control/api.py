@@ -280,10 +280,14 @@ async def buy_promo(request: web.Request) -> web.Response:
     return web.json_response({"env": env_id, "promo": _plain(grant)}, status=201)
 
 
+def _change_body(quote: Any) -> dict[str, Any]:
+    """A priced change (plan or gateway version): amounts are to the fen already."""
+    return {"change": quote.change, "amount": f"{quote.amount:.2f}", "currency": "CNY",
+            "days_left": quote.days_left, "parts": quote.parts}
+
+
 def _quote_body(quote: Any, over: list[str]) -> dict[str, Any]:
-    return {"change": quote.change, "amount": str(quote.amount), "currency": "CNY",
-            "days_left": quote.days_left, "parts": quote.parts, "allowed": not over,
-            "over_target": over}
+    return {**_change_body(quote), "allowed": not over, "over_target": over}
 
 
 async def quote_plan(request: web.Request) -> web.Response:
@@ -459,11 +463,6 @@ async def gateway_auto_renew(request: web.Request) -> web.Response:
     await request.app[ENVS].gateway_auto_renew(env_id, _field(body, "on", bool),
                                                _field(body, "months", int, required=False))
     return web.json_response(await _gateway_body(request, env_id))
-
-
-def _change_body(quote: Any) -> dict[str, Any]:
-    return {"change": quote.change, "amount": f"{quote.amount:.2f}", "currency": "CNY",
-            "days_left": quote.days_left, "parts": quote.parts}
 
 
 async def quote_gateway_change(request: web.Request) -> web.Response:

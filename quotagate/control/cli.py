@@ -197,16 +197,14 @@ def _gateway_text(data: dict[str, Any]) -> str:
             f"runs to {g['expires']}, {renew}; {g['monthly_price']} CNY/month\n"
             f"  in effect: {g['in_effect'] or 'none yet'}: {g['qps']} QPS, {g['mbps']} Mbps")
     if "change" in data:
-        text = _change_text(data) + "\n" + text
+        text = _change_text(data, g["version"]) + "\n" + text
     elif "amount" in data:
         text += f"\n  paid: {data['amount']} {data['currency']}"
     return text
 
 
-def _change_text(data: dict[str, Any]) -> str:
+def _change_text(data: dict[str, Any], version: str) -> str:
     verb = {"upgrade": "to pay", "downgrade": "refunded"}.get(data["change"], "either way")
-    version = data["version"] if isinstance(data.get("version"), str) \
-        else data["gateway"]["version"]
     return (f"{data['env']}: {data['change']} to {version}: {data['amount']} "
             f"{data['currency']} {verb} ({data['days_left']} days left)\n"
             + "\n".join(f"  {k}: {v}" for k, v in data["parts"].items()))
@@ -233,7 +231,7 @@ def gateway_change(args: argparse.Namespace) -> None:
     if args.quote:
         data = call(args, "POST", f"/envs/{args.env}/gateway/change/quote",
                     {"version": args.version})
-        _out(args, data, _change_text(data))
+        _out(args, data, _change_text(data, args.version))
         return
     data = call(args, "POST", f"/envs/{args.env}/gateway/change", {"version": args.version})
     _out(args, data, _gateway_text(data))

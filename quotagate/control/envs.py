@@ -90,6 +90,11 @@ def _tz(config: Config, env: Environment) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(env.timezone or config.gateway.timezone)
 
 
+def local_today(config: Config, env: Environment, now_ms: int) -> dt.date:
+    """The environment's local date at ``now_ms``."""
+    return dt.datetime.fromtimestamp(now_ms / 1000, _tz(config, env)).date()
+
+
 def renewed_expiry(anchor: dt.date, expires: dt.date, months: int) -> dt.date:
     """``months`` after the original expiry, on the anchor's day when the expiry is a cycle
     boundary (anchor 31: Nov 30 + 1 month = Dec 31, not Dec 30)."""
@@ -113,7 +118,7 @@ class Environments:
 
     def today(self, env: Environment) -> dt.date:
         """The environment's local date now."""
-        return dt.datetime.fromtimestamp(self.clock.now_ms() / 1000, _tz(self.config, env)).date()
+        return local_today(self.config, env, self.clock.now_ms())
 
     # --------------------------------------------------------------------------- reading
 

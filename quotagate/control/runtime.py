@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import functools
 import logging
 import time
-import zoneinfo
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ from quotagate.common.addresses import StoreAddress
 from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import events as control_events
-from quotagate.control.envs import Environments
+from quotagate.control.envs import Environments, local_today
 from quotagate.control.lifecycle import Scheduler
 from quotagate.limiter import keys
 from quotagate.limiter.cluster import ClusterStore
@@ -170,16 +168,16 @@ class Runtime:
         rates = self.limiter.bandwidth.rates
         gw = config.gateway
         declared = config.environments.environments
-        for env_id in self._declared_rates - declared.keys():  # left the file
+        # The file's environments, now and before (one may have left it or lost its version).
+        for env_id in self._declared_rates | declared.keys():
             rates.pop(env_id, None)
         self._declared_rates = set(declared)
+        now_ms = self.limiter.clock.now_ms()
         for env_id, env in declared.items():
-            rates.pop(env_id, None)  # (a version the file no longer grants)
             if env.gateway is None or (env.mode or gw.enforcement) != "enforce":
                 continue
-            zone = zoneinfo.ZoneInfo(env.timezone or gw.timezone)
-            today = dt.datetime.fromtimestamp(self.limiter.clock.now_ms() / 1000, zone).date()
-            now = versions.status(env.gateway, config.plans, today)
+            now = versions.status(env.gateway, config.plans,
+                                  local_today(config, env, now_ms))
             if now.in_effect:  # (a version bought for later caps nothing yet)
                 rates[env_id] = now.mbps * BYTES_PER_MBPS
 
