@@ -50,7 +50,7 @@ from quotagate.common.calendar import day_number
 from quotagate.common.envids import ENV_ID
 from quotagate.demo.staging import shipped_routes, wait_ready_blocking
 from quotagate.limiter import keys
-from quotagate.limiter.embedded import EmbeddedValkey, free_port
+from quotagate.limiter.embedded import EmbeddedValkey, free_port, free_ports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -128,7 +128,7 @@ def write_config(tmp: Path, up_port: int, store_url: str) -> tuple[Path, int, in
     envs["live"] = {"plan": "standard", **period,
                     "limits": {"realtime": LIVE_CAP, "qps": 100_000}}
     (tmp / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     up = f"http://127.0.0.1:{up_port}"
     gateway = {
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import free_port, free_ports
 from tests.deployed import hold_the_day
 from tests.helpers import PLANS, QUOTAGATE, wait_ready
 
@@ -59,7 +59,7 @@ def test_demo_walkthrough():
 
 
 def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, int]:
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     today = dt.date.today()
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import free_port, free_ports
 from tests.deployed import hold_the_day
 from tests.helpers import PLANS, QUOTAGATE, statuses, wait_ready
 
@@ -30,7 +30,7 @@ def cli(admin: int, *args: str, token: str = TOKEN) -> subprocess.CompletedProce
 
 @pytest.mark.deployed
 async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
         "store": {"url": valkey_url}, "plans_file": str(PLANS),

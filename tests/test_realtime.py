@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from quotagate.common.clock import StoreClock
 from quotagate.gateway.app import STATE
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import free_port, free_ports
 from tests.helpers import (
     PLANS,
     QUOTAGATE,
@@ -383,7 +383,7 @@ async def test_killed_instance_slots_return_within_the_lease(tmp_path, make_gate
                      "limits": {"realtime": 3}}}
     leases = {"ttl_ms": 1000, "renew_interval_ms": 250}
     routes = realtime_routes(f"http://127.0.0.1:{upstream.port}")
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
         "store": {"url": valkey_url}, "plans_file": str(PLANS), "leases": leases,
@@ -649,7 +649,6 @@ async def test_nothing_goes_upstream_before_login(make_gateway, connect, upstrea
 
 async def test_unnamed_sockets_on_shutdown_and_a_login_whose_upstream_fails(
         make_gateway, connect, upstream):
-    from quotagate.limiter.embedded import free_port
 
     routes = realtime_routes(f"http://127.0.0.1:{upstream.port}", login_timeout_ms=20_000)
     gw = await make_gateway({"shop": env()}, routes=routes)

@@ -16,7 +16,7 @@ import yaml
 
 from quotagate.common.metrics import RELOADS
 from quotagate.gateway.app import STATE
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import free_ports
 from tests.deployed import days
 from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
 
@@ -80,7 +80,7 @@ async def test_changed_file_is_picked_up_by_polling(make_gateway):
 
 @pytest.mark.deployed
 async def test_sighup_reloads_a_running_serve(tmp_path: Path, valkey_url: str, upstream):
-    port, admin = free_port(), free_port()
+    port, admin = free_ports(2)
     # serve runs on the real clock: a plan period around today, whatever today is.
     period = {"anchor": days(-40), "expires": days(400)}
     config = write_config(tmp_path, {"shop": env(limits={"calls": 0}, **period)},

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import free_ports
 
 #: The project's config directory (a source checkout; the container copies it to /app/config).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
@@ -52,8 +52,9 @@ def stage_shipped(directory: Path, upstream: str,
     shutil.copytree(shipped, directory, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("data"))
     gateway = shipped_gateway()
-    gateway.update(listen=f"127.0.0.1:{free_port()}",
-                   admin_listen=f"127.0.0.1:{free_port()}", routes=shipped_routes(upstream))
+    listen, admin = free_ports(2)  # (two calls of free_port may give one port twice)
+    gateway.update(listen=f"127.0.0.1:{listen}", admin_listen=f"127.0.0.1:{admin}",
+                   routes=shipped_routes(upstream))
     gateway.update(changes)
     (directory / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
     if environments is not None:

@@ -13,6 +13,7 @@ order) and is sent SIGTERM by the kernel when its parent dies (``PR_SET_PDEATHSI
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -145,9 +146,19 @@ class DataDirLock:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` ports free now, all different: each is held until all are chosen (one at a time,
+    the kernel may hand the port just let go of out again)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 class EmbeddedValkey:
