@@ -68,6 +68,18 @@ async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
                                       f"http://127.0.0.1:{free_port()}", "--token", TOKEN],
                                      capture_output=True, text=True, timeout=30)
         assert unreachable.returncode == 2 and "cannot reach" in unreachable.stderr
+        # Output into a pipe nobody reads (`| head -0`): not the admin API's fault, and no
+        # traceback either; 141 like any command killed by SIGPIPE.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            closed = subprocess.run([*QUOTAGATE, "env", "list", "--admin",
+                                     f"http://127.0.0.1:{admin}", "--token", TOKEN],
+                                    stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                    timeout=30)
+        finally:
+            os.close(write_end)
+        assert (closed.returncode, closed.stderr) == (141, "")
 
         url = f"http://127.0.0.1:{port}/functions/f"
         assert await statuses(url, "shop", 3) == [200, 200, 429]

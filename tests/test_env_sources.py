@@ -49,6 +49,9 @@ async def test_the_environment_from_host_parameter_header_and_their_agreement(
 
     before = await store_calls(store)
     bad = [({"Host": "shop.api.example.com"}, "?env=other", "names environment 'shop'"),
+           # the host does not win over the header (docs/operations.md): refused too
+           ({"Host": "shop.api.example.com", "X-CloudBase-Env": "other"}, "",
+            "names environment 'shop'"),
            ({"X-CloudBase-Env": "other"}, "?env=shop", "but X-CloudBase-Env names"),
            ({}, "?env=shop&env=shop", "more than one env query parameter"),
            ({}, "?env=Shop", "env parameter 'Shop' is not an environment id"),

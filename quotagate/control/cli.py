@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import io
 import json
 import os
@@ -54,6 +55,10 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
         except (ValueError, AttributeError):
             message = raw.decode(errors="replace")[:500]
         raise ApiError(exc.code, message) from None
+    except urllib.error.URLError:
+        raise
+    except (OSError, http.client.HTTPException) as exc:  # the API's socket, after urlopen
+        raise urllib.error.URLError(exc) from exc
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -286,9 +291,23 @@ def _cmd(sub: Any, name: str, help_: str, func: Any, *args: tuple[str, dict[str,
     return p
 
 
+#: Exit status when whoever reads the output goes away first (``| head``): 128 + SIGPIPE, what
+#: a command killed by SIGPIPE returns, so a pipeline sees the same as with any Unix tool.
+EXIT_PIPE_CLOSED = 141
+
+
 def _run(func: Any, args: argparse.Namespace) -> int:
     try:
         func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+    except BrokenPipeError:
+        # The reader of our output went away: not the admin API (urllib wraps the errors of its
+        # own socket in URLError). Nothing to say; stdout is pointed at /dev/null so that the
+        # interpreter's last flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_PIPE_CLOSED
     except ApiError as exc:
         print(f"refused ({exc.status}): {exc}", file=sys.stderr)
         return 1
