@@ -173,3 +173,48 @@ async def test_webhooks_are_signed_and_a_tampered_body_fails(make_gateway, monke
             Webhook(other).verify(body, headers)
     finally:
         await receiver.close()
+
+
+async def test_an_event_whose_read_reply_was_lost_is_delivered(redis_client):
+    """A read (XREADGROUP) whose reply never reached the instance — its socket timed out on a
+    busy machine, a reconnect — has still made the event pending for that consumer. The
+    delivery reads its own pending events again at start and after each store error: the
+    event is POSTed now, not after the ten-minute reclaim."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from quotagate.control.events import GROUP, WebhookDelivery
+    from quotagate.settings.schema import EventSettings
+
+    received: list[dict] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = TestServer(app)
+    await receiver.start_server()
+    delivery = WebhookDelivery(redis_client, EventSettings(
+        webhook_url=str(receiver.make_url("/hook"))), "instance-a")
+    await delivery.ensure_group()
+    await redis_client.xadd(keys.EVENTS, {"type": "quota-alert", "env": "shop", "level": "80"})
+    # The read whose reply was lost: the event is now pending for instance-a.
+    await redis_client.xreadgroup(GROUP, "instance-a", {keys.EVENTS: ">"}, count=20)
+    task = asyncio.get_running_loop().create_task(delivery.run())
+    try:
+        for _ in range(150):
+            if received:
+                break
+            await asyncio.sleep(0.1)
+        assert [(e["env"], e["level"]) for e in received] == [("shop", "80")]
+        for _ in range(50):  # acknowledged once the POST succeeded
+            if (await redis_client.xpending(keys.EVENTS, GROUP))["pending"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await redis_client.xpending(keys.EVENTS, GROUP))["pending"] == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await receiver.close()

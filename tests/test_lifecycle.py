@@ -44,7 +44,8 @@ def schedulers(gw, clock, n: int) -> list[Scheduler]:
     state = gw.app[STATE]
     return [Scheduler(Environments(state.redis, lambda: state.config, clock), clock,
                       state.upstream_base, state.pool.session,
-                      forward=state.limiter.forward_events, admit=state.admit_replay)
+                      forward=state.limiter.forward_events, admit=state.admit_replay,
+                      forward_soon=state.limiter.forward_events_soon)
             for _ in range(n)]
 
 
@@ -191,3 +192,26 @@ async def test_the_queue_is_bounded(setup, store, monkeypatch):
     big = await gw.post("/functions/j", headers=h, data=b"x" * (lifecycle.QUEUE_MAX_BODY + 1))
     assert big.status == 413
     assert await store.llen(keys.queue("shop")) == 3
+
+
+async def test_an_event_whose_move_failed_is_moved_again_soon(setup, store):
+    """A claimed transition whose move to the global stream fails once (a store call that
+    timed out on a busy machine; here the store refuses the XADD) reaches the stream within a
+    few seconds, tried again in the background: not at the sweep's next pass (30 s), and not
+    never (the claim is taken: no later round writes the event again)."""
+    clock = at("2026-12-01T12:00:00")
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2026-12-01"})
+    await store.set(keys.EVENTS, "not a stream")  # every XADD to it fails (WRONGTYPE)
+    [sched] = schedulers(gw, clock, 1)
+    assert await sched.run_once() == 1  # claimed and written to the environment's stream
+    assert await store.xlen(keys.env_events("shop")) == 1
+    await store.delete(keys.EVENTS)  # the store takes the move again
+    assert await sched.run_once() == 0  # claimed already: no second event
+    deadline = asyncio.get_running_loop().time() + 15  # (the sweep's first pass: 30 s)
+    while not await store.exists(keys.EVENTS) or not await types(store, "shop"):
+        assert asyncio.get_running_loop().time() < deadline, "the event was not moved"
+        await asyncio.sleep(0.1)
+    assert await types(store, "shop") == ["environment-isolated"]
+    assert await store.xlen(keys.env_events("shop")) == 0

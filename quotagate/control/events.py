@@ -64,6 +64,12 @@ class WebhookDelivery:
         secret = os.environ.get(settings.webhook_secret_env, "") \
             if settings.webhook_secret_env else ""
         self.signer = Webhook(secret) if secret else None
+        #: Where to go on reading this consumer's own pending entries, or None when there is
+        #: nothing to look for. A read whose reply was lost (a socket timeout on a busy
+        #: machine, a reconnect) has still made its entries pending for this consumer: they
+        #: are read again from "0" at start and after every store error, not left for the
+        #: ten-minute reclaim.
+        self._own_pending: str | None = "0"
 
     async def ensure_group(self) -> None:
         with contextlib.suppress(aredis.ResponseError):  # BUSYGROUP: it exists
@@ -79,6 +85,7 @@ class WebhookDelivery:
                     await self.deliver_batch(session)
                 except (aredis.RedisError, OSError) as exc:
                     stop_if_cancelling(exc)
+                    self._own_pending = "0"  # a read's reply may have been lost
                     log.warning("event delivery paused: the store is unreachable (%s)", exc)
                     await pause(1.0)
 
@@ -86,9 +93,15 @@ class WebhookDelivery:
         claimed: Any = await self.redis.xautoclaim(keys.EVENTS, GROUP, self.consumer,
                                                    RECLAIM_MS, "0-0", count=20)
         entries: list[Any] = list(claimed[1]) if claimed else []
+        if not entries and self._own_pending is not None:
+            read: Any = await self.redis.xreadgroup(
+                GROUP, self.consumer, {keys.EVENTS: self._own_pending}, count=20)
+            entries = [e for _, batch in read for e in batch] if read else []
+            # Each entry once per look (one that fails all its attempts waits for the reclaim).
+            self._own_pending = entries[-1][0] if entries else None
         if not entries:
-            read: Any = await self.redis.xreadgroup(GROUP, self.consumer, {keys.EVENTS: ">"},
-                                                    count=20, block=1000)
+            read = await self.redis.xreadgroup(GROUP, self.consumer, {keys.EVENTS: ">"},
+                                               count=20, block=1000)
             entries = [e for _, batch in read for e in batch] if read else []
         done = 0
         for entry_id, fields in entries:

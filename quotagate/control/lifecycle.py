@@ -102,15 +102,17 @@ async def enqueue(redis: Any, env: str, method: str, path_qs: str, headers: dict
 class Scheduler:
     def __init__(self, envs: Environments, clock: Clock, upstream_for: Any = None,
                  session: aiohttp.ClientSession | None = None, forward: Any = None,
-                 admit: Any = None, carry: Any = None):
+                 admit: Any = None, carry: Any = None, forward_soon: Any = None):
         self.envs = envs
         self.redis = envs.redis
         self.clock = clock
         #: path -> upstream base URL for replaying queued invocations (the router's).
         self.upstream_for = upstream_for
         self.session = session
-        #: Moves an environment's stream to the global one (Limiter.forward_events).
+        #: Moves an environment's stream to the global one (Limiter.forward_events), and the
+        #: same in the background, tried again while the store fails (forward_events_soon).
         self.forward = forward
+        self.forward_soon = forward_soon
         #: Counts a replayed invocation like a request (Limiter.decide); False: not now.
         self.admit = admit
         #: Carries the capacity gauge into today's bill (a size kept for days is billed for
@@ -134,13 +136,30 @@ class Scheduler:
         args: list[str | int] = [_CLAIM_TTL_S, "type", kind]
         for k, v in fields.items():
             args += [k, str(v)]
-        done = await self.redis.eval(_CLAIM_EMIT, 2, keys.lifecycle_claim(env, what),
-                                     keys.env_events(env), *args)
+        try:
+            done = await self.redis.eval(_CLAIM_EMIT, 2, keys.lifecycle_claim(env, what),
+                                         keys.env_events(env), *args)
+        except Exception:
+            # The reply was lost, not necessarily the claim: if the store made it, its event
+            # is in the environment's stream and no later round claims it again — move it.
+            self._forward_later(env)
+            raise
         if done:
             metrics.EVENTS_EMITTED.labels(kind).inc()
         if done and self.forward is not None:
-            await self.forward(env)
+            try:
+                await self.forward(env)
+            except Exception as exc:  # (a store call timed out on a busy machine, say)
+                stop_if_cancelling(exc)
+                log.info("event %s of %s: moved in the background (%s)", kind, env, exc)
+                self._forward_later(env)
         return bool(done)
+
+    def _forward_later(self, env: str) -> None:
+        """Claimed events never wait for the sweep's next pass (30 s) because one store call
+        failed: they are moved in the background, tried again while the store fails."""
+        if self.forward_soon is not None:
+            self.forward_soon(env)
 
     async def run(self, every_s: float) -> None:
         while True:

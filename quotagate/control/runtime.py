@@ -360,7 +360,8 @@ class Runtime:
         self.scheduler = Scheduler(
             Environments(self.redis, lambda: self.config, self.limiter.clock),  # type: ignore[arg-type]
             self.limiter.clock, upstream_base, session,
-            forward=self.limiter.forward_events, admit=admit, carry=self.carry_capacity)
+            forward=self.limiter.forward_events, admit=admit, carry=self.carry_capacity,
+            forward_soon=self.limiter.forward_events_soon)
         tasks.append(loop.create_task(self._once_synced(self._recover_journals)))
         if gw.lifecycle_interval_ms:
             # Not before the clock is sampled: its dates are the store's.

@@ -5,6 +5,7 @@ move is the limiter's, right after a reply says there are events (``Flag.EVENTS`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 
@@ -21,6 +22,12 @@ _DEL_IF_MINE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call
                 "end return 0")
 
 
+#: A move the store refused or let time out is tried again after these pauses (seconds); after
+#: the last, the events wait for the sweep (``control.events.sweep_forever``, every 30 s).
+#: An event must not wait the sweep out for one slow store call (a busy machine, a failover).
+RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
 class EventForwarder:
     def __init__(self, calls: ScriptCalls, instance: str):
         self.calls = calls
@@ -29,6 +36,8 @@ class EventForwarder:
         self._forwarding: set[str] = set()
         self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set at shutdown: moves under way finish, no more retries wait.
+        self._closing = asyncio.Event()
 
     def soon(self, env: str) -> None:
         """Forward ``env``'s events in the background (one pass at a time per env)."""
@@ -41,14 +50,30 @@ class EventForwarder:
         task.add_done_callback(self._tasks.discard)
 
     async def _forward_task(self, env: str) -> None:
+        retries = iter(RETRY_PAUSES_S)
         try:
             while True:
                 self._forward_again.discard(env)
-                await self.forward(env)
+                try:
+                    await self.forward(env)
+                except StoreError as exc:
+                    delay = next(retries, None)
+                    if delay is None or self._closing.is_set():
+                        log.warning("events of %s stay in its stream until the next sweep "
+                                    "(%s)", env, exc)
+                        return
+                    log.info("events of %s not moved yet (%s): again in %.1f s", env, exc,
+                             delay)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):  # (a shutdown ends the wait)
+                            await self._closing.wait()
+                    if self._closing.is_set():
+                        log.warning("events of %s stay in its stream until a sweep (%s)",
+                                    env, exc)
+                        return
+                    self._forward_again.add(env)
                 if env not in self._forward_again:
                     return
-        except StoreError as exc:
-            log.warning("events of %s stay in its stream for now (%s)", env, exc)
         finally:
             self._forwarding.discard(env)
             self._forward_again.discard(env)
@@ -90,6 +115,7 @@ class EventForwarder:
                                     key_slot)
 
     async def finish(self) -> None:
-        """Wait for the moves under way (at shutdown)."""
+        """Wait for the moves under way (at shutdown); none waits to be tried again."""
+        self._closing.set()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)

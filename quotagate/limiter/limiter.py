@@ -322,6 +322,10 @@ class Limiter:
     async def forward_events(self, env: str) -> int:
         return await self._events.forward(env)
 
+    def forward_events_soon(self, env: str) -> None:
+        """Move ``env``'s events in the background, tried again if the store fails."""
+        self._events.soon(env)
+
     async def ingest(self, env: str, record_id: str, meter: str, amount: int, at_ms: int
                      ) -> int:
         """Count one ingested usage record once, whatever the retries: 0 counted, 4 no such

@@ -208,7 +208,7 @@ class EventSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     #: POST every event of the qg:events stream here as JSON ("" : no webhook).
     webhook_url: str = ""
     webhook_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=120_000)] = 5_000
-    #: Attempts per event before it is left pending (claimed again a minute later).
+    #: Attempts per event before it is left pending (claimed again ten minutes later).
     webhook_max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 8
     #: First retry delay, doubled each attempt (at most 30 s).
     webhook_retry_ms: Annotated[int, msgspec.Meta(ge=10, le=60_000)] = 500
