@@ -165,7 +165,8 @@ async def measure(seconds: float, instances: list[Instance], rate: int) -> dict[
     total_shaped = sum(n for _, n in shaped)
     worst = max(windows, key=lambda b: abs(b - rate))
     return {
-        "seconds": seconds, "rate": rate, "windows": len(windows), "by_window": windows,
+        "seconds": seconds, "warmup_s": WARMUP_S, "rate": rate, "windows": len(windows),
+        "by_window": windows,
         "by_100ms": [sum(n for t, n in shaped if t0 + k / 10 <= t < t0 + (k + 1) / 10)
                      for k in range(int((t1 - t0) * 10))],
         "window_min": min(windows), "window_max": max(windows),
