@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aredis
 
+from quotagate.control.events import GROUP, WebhookDelivery
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import MBMS_PER_GBS
+from quotagate.settings.schema import EventSettings
 from tests.helpers import at, env, local, write_config
 
 NOON = "2026-11-26T12:00:00"
@@ -175,18 +178,10 @@ async def test_webhooks_are_signed_and_a_tampered_body_fails(make_gateway, monke
         await receiver.close()
 
 
-async def test_an_event_whose_read_reply_was_lost_is_delivered(redis_client):
-    """A read (XREADGROUP) whose reply never reached the instance — its socket timed out on a
-    busy machine, a reconnect — has still made the event pending for that consumer. The
-    delivery reads its own pending events again at start and after each store error: the
-    event is POSTed now, not after the ten-minute reclaim."""
+async def _receiver(received: list[dict]) -> Any:
+    """A webhook receiver on a real socket, appending each event it is POSTed."""
     from aiohttp import web
     from aiohttp.test_utils import TestServer
-
-    from quotagate.control.events import GROUP, WebhookDelivery
-    from quotagate.settings.schema import EventSettings
-
-    received: list[dict] = []
 
     async def hook(request: web.Request) -> web.Response:
         received.append(await request.json())
@@ -196,6 +191,16 @@ async def test_an_event_whose_read_reply_was_lost_is_delivered(redis_client):
     app.router.add_post("/hook", hook)
     receiver = TestServer(app)
     await receiver.start_server()
+    return receiver
+
+
+async def test_an_event_whose_read_reply_was_lost_is_delivered(redis_client):
+    """A read (XREADGROUP) whose reply never reached the instance — its socket timed out on a
+    busy machine, a reconnect — has still made the event pending for that consumer. The
+    delivery reads its own pending events again at start and after each store error: the
+    event is POSTed now, not after the ten-minute reclaim."""
+    received: list[dict] = []
+    receiver = await _receiver(received)
     delivery = WebhookDelivery(redis_client, EventSettings(
         webhook_url=str(receiver.make_url("/hook"))), "instance-a")
     await delivery.ensure_group()
@@ -217,4 +222,80 @@ async def test_an_event_whose_read_reply_was_lost_is_delivered(redis_client):
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await receiver.close()
+
+
+async def test_a_move_made_again_adds_no_copy(tmp_path: Path, noon_limiter, redis_client,
+                                              store_url):
+    """A move that appended its events but did not delete them from the environment's stream
+    (its reply lost to a timeout, or the instance died in between) is made again — by a retry
+    or the sweep — without a second copy on the global stream. Here the first mover's user
+    may not XDEL (an ACL), so its move stops exactly there."""
+    from urllib.parse import urlsplit
+
+    from quotagate.common.addresses import StoreAddress
+    from quotagate.limiter.limiter import Limiter
+    from quotagate.limiter.store import PipelinedStore
+
+    config = write_config(tmp_path, {"shop": env()})
+    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
+    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "90"})
+    await redis_client.execute_command("ACL", "SETUSER", "no-xdel", "on", ">pw", "~*", "&*",
+                                       "+@all", "-xdel")
+    try:
+        url = urlsplit(store_url)
+        store = PipelinedStore(StoreAddress.from_url(
+            f"redis://no-xdel:pw@{url.hostname}:{url.port}"), timeout_ms=2000,
+            connect_timeout_ms=2000, retry_interval_ms=100)
+        mover = Limiter(store, clock=at(NOON))
+        try:
+            with pytest.raises(Exception, match=r"NOPERM|no permissions"):
+                await mover.forward_events("shop")
+        finally:
+            await mover.close(give_back=False)
+        assert len(await events(redis_client)) == 2  # appended...
+        assert await redis_client.xlen(keys.env_events("shop")) == 2  # ...not deleted
+        lim = await noon_limiter(config)
+        assert await lim.forward_events("shop") == 2  # made again
+        got = await events(redis_client)
+        assert sorted(e["level"] for e in got) == ["80", "90"], got  # no copies
+        assert await redis_client.xlen(keys.env_events("shop")) == 0
+    finally:
+        await redis_client.execute_command("ACL", "DELUSER", "no-xdel")
+
+
+async def test_a_post_whose_acknowledgement_failed_is_not_posted_again(redis_client,
+                                                                        store_url):
+    """The POST went through, the XACK did not (here the delivery's user may not XACK until
+    the test allows it): the event is read again as this consumer's own pending entry and
+    acknowledged when the store lets it — the receiver gets it once."""
+    received: list[dict] = []
+    receiver = await _receiver(received)
+    await redis_client.execute_command("ACL", "SETUSER", "no-xack", "on", ">pw", "~*", "&*",
+                                       "+@all", "-xack")
+    delivery_client = aredis.Redis.from_url(store_url, username="no-xack", password="pw")
+    delivery = WebhookDelivery(delivery_client, EventSettings(
+        webhook_url=str(receiver.make_url("/hook"))), "instance-b")
+    await delivery.ensure_group()
+    await redis_client.xadd(keys.EVENTS, {"type": "quota-alert", "env": "shop", "level": "90"})
+    task = asyncio.get_running_loop().create_task(delivery.run())
+    try:
+        for _ in range(150):
+            if received:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.5)  # rounds that find it pending again, unacknowledged
+        assert (await redis_client.xpending(keys.EVENTS, GROUP))["pending"] == 1
+        await redis_client.execute_command("ACL", "SETUSER", "no-xack", "+xack")
+        for _ in range(100):
+            if (await redis_client.xpending(keys.EVENTS, GROUP))["pending"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await redis_client.xpending(keys.EVENTS, GROUP))["pending"] == 0
+        assert [(e["env"], e["level"]) for e in received] == [("shop", "90")]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await delivery_client.aclose()
+        await redis_client.execute_command("ACL", "DELUSER", "no-xack")
         await receiver.close()

@@ -70,6 +70,9 @@ class WebhookDelivery:
         #: are read again from "0" at start and after every store error, not left for the
         #: ten-minute reclaim.
         self._own_pending: str | None = "0"
+        #: Entries POSTed whose acknowledgement failed: acknowledged when seen again, not
+        #: POSTed twice.
+        self._posted: set[bytes] = set()
 
     async def ensure_group(self) -> None:
         with contextlib.suppress(aredis.ResponseError):  # BUSYGROUP: it exists
@@ -109,10 +112,18 @@ class WebhookDelivery:
             if fields is None:  # trimmed away while pending
                 await self.redis.xack(keys.EVENTS, GROUP, entry_id)
                 continue
+            if entry_id in self._posted:  # POSTed; its acknowledgement had failed
+                await self.redis.xack(keys.EVENTS, GROUP, entry_id)
+                self._posted.discard(entry_id)
+                continue
             event = _decode(fields)
             event.setdefault("event_id", entry_id.decode())
             if await self.post(session, event):
+                if len(self._posted) >= 10_000:  # bounded (each is normally seen at once)
+                    self._posted.clear()
+                self._posted.add(entry_id)
                 await self.redis.xack(keys.EVENTS, GROUP, entry_id)
+                self._posted.discard(entry_id)
                 done += 1
         return done
 

@@ -20,6 +20,17 @@ log = logging.getLogger("quotagate.limiter")
 
 _DEL_IF_MINE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
                 "end return 0")
+#: Append one event to the global stream unless it was appended before (KEYS[2], set in the
+#: same script once the append went through — an append the store refuses marks nothing): a
+#: move whose reply was lost (a timeout), or that stopped before the events were deleted from
+#: their environment's stream (a crash), is made again without a copy.
+_MOVE_ONCE = ("if redis.call('EXISTS', KEYS[2]) == 1 then return false end "
+              "local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', "
+              "unpack(ARGV, 3)) "
+              "redis.call('SET', KEYS[2], '1', 'EX', ARGV[1]) return id")
+#: How long a moved event is remembered: far longer than any retry, or an instance's death
+#: before a sweep (every 30 s) moves what it left.
+MOVED_TTL_S = 86_400
 
 
 #: A move the store refused or let time out is tried again after these pauses (seconds); after
@@ -80,9 +91,10 @@ class EventForwarder:
 
     async def forward(self, env: str) -> int:
         """Move the events the scripts wrote to the environment's stream onto the global
-        stream. One instance at a time per environment (a short lock), so each event is
-        moved once; only a crash between the two writes can move one twice — consumers can
-        tell by ``event_id`` (``<env>/<stream id>``)."""
+        stream. One instance at a time per environment (a short lock); each event is
+        appended once (``_MOVE_ONCE``), however often a move is tried again after a lost
+        reply or a crash between the append and the delete. ``event_id``
+        (``<env>/<stream id>``) names it for consumers."""
         source, lock = keys.env_events(env), keys.forward_lock(env)
         key_slot, events_slot = self.calls.key_slot(env), slot_of(keys.EVENTS)
         token = f"{self.instance}:{secrets.token_hex(4)}"
@@ -102,9 +114,10 @@ class EventForwarder:
                 if not entries:
                     return moved
                 for entry_id, fields in entries:
+                    event_id = f"{env}/{entry_id.decode()}"
                     await self.store.submit(pack_command(
-                        "XADD", keys.EVENTS, "MAXLEN", "~", 1_000_000, "*",
-                        "event_id", f"{env}/{entry_id.decode()}", "env", env, *fields),
+                        "EVAL", _MOVE_ONCE, 2, keys.EVENTS, keys.moved(event_id),
+                        MOVED_TTL_S, 1_000_000, "event_id", event_id, "env", env, *fields),
                         events_slot)
                 await self.store.submit(pack_command("XDEL", source, *(e[0] for e in entries)),
                                         key_slot)

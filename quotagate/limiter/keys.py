@@ -85,6 +85,13 @@ def forward_lock(env: str) -> str:
 EVENTS = f"{PREFIX}:events"
 
 
+def moved(event_id: str) -> str:
+    """String, kept a day: this environment event (``<env>/<stream id>``) is on ``EVENTS``
+    already. Its hash tag is the global stream's whole name, so it lives in that stream's
+    slot (a key without braces hashes whole) and one script sets it with the move."""
+    return f"{PREFIX}:moved:{{{EVENTS}}}:{event_id}"
+
+
 def decision_keys(env: str) -> list[str]:
     """KEYS of decide.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
