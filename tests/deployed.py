@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import zoneinfo
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -173,16 +173,17 @@ def shipped_config(directory: Path, upstream: str, **changes: Any) -> dict[str, 
 
 
 async def serve(directory: Path, gateway: dict[str, Any], *args: str,
-                nofile: int | None = None) -> Deployed:
-    """``nofile``: start it with this soft descriptor limit (the hard one stays), as a
-    distribution's default of 1,024 would."""
+                nofile: int | None = None, nofile_hard: int | None = None) -> Deployed:
+    """``nofile``: start it with this soft descriptor limit (the hard one stays, unless
+    ``nofile_hard`` lowers it too: nothing to raise the soft one to), as a distribution's
+    default of 1,024 would."""
     # Its log goes to a file: a pipe nobody reads until the end would fill and block it.
     log = open(directory / f"serve-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115
 
     def limit() -> None:
         if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE,
-                               (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile_hard or resource.getrlimit(
+                resource.RLIMIT_NOFILE)[1]))
 
     proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(directory / "gateway.yaml"),
                              *args], stdout=subprocess.DEVNULL, stderr=log, preexec_fn=limit,
@@ -220,6 +221,24 @@ def start_upstream() -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("the demo upstream did not start")
+
+
+@contextlib.contextmanager
+def upstream_process() -> Iterator[str]:
+    """``start_upstream()``'s origin, the process killed after."""
+    proc, origin = start_upstream()
+    try:
+        yield origin
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def raise_descriptor_limit() -> None:
+    """For a test process that holds thousands of sockets itself: its soft limit to the hard."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def live_env(**limits: Any) -> dict[str, Any]:

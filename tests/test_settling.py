@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aredis
 
 from quotagate.common.calendar import day_number
@@ -52,4 +53,94 @@ async def test_usage_the_store_cannot_take_is_kept_for_write_back(tmp_path: Path
         assert parts.writeback.backlog.pending == {
             ("shop", METER_PREFIX + "gbs", passed - passed % SLOT_MS): 700}
     finally:
+        await parts.close()
+
+
+MAX = 2**53 - 1
+
+
+async def test_a_settle_out_of_bounds_is_refused_whole(tmp_path: Path, valkey_url: str,
+                                                       caplog: pytest.LogCaptureFixture):
+    """settle.lua checks every count and amount (0 to 2^53 − 1: exact in Lua's doubles) and
+    every counter it adds to (never past 2^62) before its first write: a call out of bounds
+    writes nothing at all — no plan part, no slot, no seen key — and is logged."""
+    clock = at(NOON)
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env(overage=True)}), clock)
+    client = aredis.Redis.from_url(valkey_url)
+    seen = keys.seen("shop", "done:p:1")
+    names = [*keys.settle_keys("shop"), seen]
+    now = clock.now_ms()
+
+    async def settle(*args: object) -> list[int]:
+        return list(await parts.calls.settle("shop", names, [now, "p:1", "enforce", *args]))
+
+    async def stored() -> list[object]:
+        return [*[await client.hgetall(k("shop")) for k in (keys.usage, keys.pack_usage,
+                                                            keys.payg, keys.slots)],
+                await client.exists(seen)]
+
+    try:
+        await parts.calls.load_scripts()
+        # A slot its holder holds, as decide.lua leaves it, and a call charged today.
+        await client.hset(keys.slots("shop"), mapping={"p:1|fn:f": 1, "=fn:f": 1})
+        await client.hset(keys.usage("shop"), f"{CYCLE}:calls", 5)
+        before = await stored()
+        slot = (1, "fn:f", 1)
+        for args in (
+                # GBs past 2^63 (4 GB × 2^53 − 1 ms): HINCRBY refused them after the plan's part
+                (*slot, "gbs", 4096 * MAX),
+                (*slot, "gbs", MAX + 1),
+                (*slot, "gbs", 1000, "storage_traffic_bytes", 2**53),  # the second pair
+                (*slot, f"-calls@{now}", 1, "gbs", 2**60),
+                (*slot, "gbs", -5), (*slot, "gbs", "1.5"), (*slot, "gbs", "nan"),
+                (*slot, "gbs", "inf"), (*slot, "gbs", "x"), (*slot, "capacity_bytes", 2**53),
+                (*slot, "gbs", 1000, 0),  # a seen key kept 0 ms
+                (1, "fn:f", -1), (1, "fn:f", "1e300"), (2, "fn:f", 1), ("x",)):
+            assert await settle(*args) == [16, 0], args
+            assert await stored() == before, args
+        # A counter that would pass 2^62 (HINCRBY stops at 2^63 − 1): refused, whole — the
+        # plan's, or today's beyond plan and packs.
+        await client.hset(keys.usage("shop"), f"{CYCLE}:gbs", 2**63 - 2**53)
+        before = await stored()
+        assert await settle(*slot, "storage_traffic_bytes", 10, "gbs", 1) == [16, 0]
+        assert await stored() == before
+        await client.hdel(keys.usage("shop"), f"{CYCLE}:gbs")
+        await client.hset(keys.payg("shop"), f"{CYCLE + 25}:gbs", 2**62)
+        before = await stored()
+        assert await settle(*slot, "gbs", MAX) == [16, 0]
+        assert await stored() == before
+        assert caplog.text.count("refused by the store") == 17, caplog.text
+
+        # In bounds: written whole (plan, then pay-as-you-go), the slot given back and the id
+        # seen for as long as asked, in the same call; the same call again writes nothing.
+        await client.hset(keys.payg("shop"), f"{CYCLE + 25}:gbs", 2**61)
+        assert (await settle(*slot, "gbs", MAX, f"-calls@{now}", 2, 3_600_000))[0] == 0
+        usage, _, payg, slots, _ = await stored()
+        gbs = int(usage[f"{CYCLE}:gbs".encode()]) + int(payg[f"{CYCLE + 25}:gbs".encode()])
+        assert gbs == MAX + 2**61 and int(usage[f"{CYCLE}:calls".encode()]) == 3
+        assert slots == {} and 0 < await client.pttl(seen) <= 3_600_000
+        assert await settle(*slot, "gbs", 1000, f"-calls@{now}", 2, 3_600_000) == [8, 0]
+        assert await stored() == [usage, {}, payg, {}, 1]
+    finally:
+        await client.aclose()
+        await parts.close()
+
+
+async def test_a_batch_the_store_refuses_is_logged_not_kept(tmp_path: Path, valkey_url: str,
+                                                            caplog: pytest.LogCaptureFixture):
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env()}), at(NOON))
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        await parts.calls.load_scripts()
+        parts.settler.queue("shop", None, "gbs", 2**53)
+        for _ in range(300):
+            if "refused by the store" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        assert "settle of shop refused by the store" in caplog.text
+        assert await client.hgetall(keys.usage("shop")) == {}
+        assert await client.hgetall(keys.payg("shop")) == {}
+        assert not parts.writeback.backlog.pending  # never written back: it would be again
+    finally:
+        await client.aclose()
         await parts.close()

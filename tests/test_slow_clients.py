@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import resource
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.deployed import Deployed, days, serve, shipped_config, start_upstream
+from tests.deployed import (
+    Deployed,
+    days,
+    raise_descriptor_limit,
+    serve,
+    shipped_config,
+    upstream_process,
+)
 
 pytestmark = pytest.mark.deployed
 
@@ -25,17 +31,13 @@ HEADER_TIMEOUT_MS = 3000
 @pytest.fixture(autouse=True)
 def _enough_descriptors() -> None:
     """This test process holds thousands of sockets itself."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_descriptor_limit()
 
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[str]:
-    proc, origin = start_upstream()
-    yield origin
-    proc.kill()
-    proc.wait()
+    with upstream_process() as origin:
+        yield origin
 
 
 async def gateway(tmp_path: Path, origin: str, nofile: int | None = None,

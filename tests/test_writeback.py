@@ -52,3 +52,40 @@ async def test_flush_empties_the_backlog_and_reports_a_missing_environment(
     finally:
         await client.aclose()
         await parts.close()
+
+
+async def test_an_entry_the_store_refuses_does_not_hold_back_the_others(
+        tmp_path: Path, valkey_url: str):
+    """One environment's keys answer with an error (here its QPS key is of the wrong type, so
+    decide.lua stops with WRONGTYPE before it writes anything): the other environments'
+    usage is written back all the same; the refused entry stays, in doubt under its id, and
+    is written once its keys are right again."""
+    import pytest
+
+    from quotagate.limiter.errors import StoreError
+
+    clock = at(NOON)
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env(), "bad": env()}),
+                        clock)
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        await client.hset(keys.qps("bad"), "x", "1")
+        passed = clock.now_ms()
+        slot = passed - passed % SLOT_MS
+        backlog = parts.writeback.backlog
+        assert backlog.admit(("bad", "function", slot), 3)  # first: tried first
+        assert backlog.admit(("shop", "function", slot), 5)
+        with pytest.raises(StoreError, match="1 usage entries refused"):
+            await parts.writeback.flush()
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:calls")) == 5
+        assert list(backlog.in_doubt) == [("bad", "function", slot)]
+        assert await client.hget(keys.usage("bad"), f"{CYCLE}:calls") is None
+        await client.delete(keys.qps("bad"))
+        assert await parts.writeback.flush() == 1
+        assert await parts.writeback.flush() == 0  # nothing twice
+        assert int(await client.hget(keys.usage("bad"), f"{CYCLE}:calls")) == 3
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:calls")) == 5
+        assert not backlog.pending and not backlog.in_doubt
+    finally:
+        await client.aclose()
+        await parts.close()

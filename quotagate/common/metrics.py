@@ -56,6 +56,11 @@ BACKLOG = Gauge(
     "Usage entries admitted while the store was down and not yet written back.",
     multiprocess_mode="sum",
 )
+JOURNAL_LINES_SKIPPED = Counter(
+    "quotagate_journal_lines_skipped_total",
+    "Lines of stopped gateways' fail-open journals skipped when written back: not a line the "
+    "journal writes (cut by a crash, or damaged); each is logged with its file and line.",
+)
 CLOCK_SKEW = Gauge(
     "quotagate_clock_skew_seconds",
     "This host's wall clock minus the store's TIME at the last sample (dates follow the "
@@ -87,6 +92,18 @@ CLIENT_CONNECTIONS = Gauge(
 CONNECTIONS_REFUSED = Counter(
     "quotagate_connections_refused_total",
     "Client connections answered 503 and closed at clients.max_connections.",
+)
+LISTENER_CONNECTIONS = Gauge(
+    "quotagate_listener_connections",
+    "Open connections per listener (public, authz, grpc, admin).",
+    ["listener"],
+    multiprocess_mode="livesum",
+)
+LISTENER_REFUSED = Counter(
+    "quotagate_listener_connections_refused_total",
+    "Connections refused at a listener's connection cap (HTTP: 503; gRPC: GOAWAY), per "
+    "listener (public, authz, grpc, admin).",
+    ["listener"],
 )
 INVALID_REQUESTS = Counter(
     "quotagate_invalid_requests_total",

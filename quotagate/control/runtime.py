@@ -51,7 +51,8 @@ STOP_WAIT_S = 10.0
 #: Settings a reload cannot change in a running process (logged when they differ).
 RESTART_ONLY = ("listen", "admin_listen", "store", "upstream", "leases", "events",
                 "lifecycle_interval_ms", "reload_poll_ms")
-RESTART_ONLY_CLIENTS = ("header_timeout_ms", "max_connections")
+RESTART_ONLY_CLIENTS = ("header_timeout_ms", "max_connections", "authz_max_connections",
+                        "grpc_max_connections", "admin_max_connections", "grpc_idle_timeout_ms")
 
 
 def _mtimes(files: tuple[Path, ...]) -> dict[str, float]:

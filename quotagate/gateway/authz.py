@@ -12,7 +12,9 @@ platforms already run, and the done endpoint they call after each response.
   A refusal is the answer itself.
 - ``POST /authz/v1/done`` — after the response: ``decision`` (the ``X-Quotagate-Decision``
   ticket), ``answered``, ``duration_ms``, ``bytes``, ``stream`` or ``content_type``, as query
-  parameters or a JSON object. Gives the request's function slot back and meters what it ran, once.
+  parameters or a JSON object. Gives the request's function slot back and meters what it ran,
+  once: the first done call the store takes for a ticket decides, whatever it carries (later
+  ones change nothing); figures out of bounds are refused (400) before anything is written.
 
 An admitted request is answered 200 (nginx: 204) with the RateLimit headers and, when it must
 be finished, the ticket.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +33,7 @@ from quotagate.common import metrics
 from quotagate.common.server import SERVER
 from quotagate.gateway.plugin import (
     DECISION_HEADER,
+    MAX_AMOUNT,
     Described,
     Done,
     Tickets,
@@ -37,15 +41,19 @@ from quotagate.gateway.plugin import (
     decide_described,
     finish,
 )
-from quotagate.gateway.problems import Problem, invalid_decision, store_unavailable
+from quotagate.gateway.problems import Problem, invalid_decision
 from quotagate.gateway.state import GatewayState
 from quotagate.gateway.streams import is_stream_type
+from quotagate.limiter.calls import SettleRefused
 from quotagate.limiter.errors import StoreError
+
+log = logging.getLogger("quotagate.gateway")
 
 #: The largest body a proxy may send along (Envoy with_request_body, Traefik forwardBody).
 MAX_BODY = 64 * 1024 * 1024
-#: Values of the done call's figures: non-negative, exact in the store.
-MAX_FIGURE = 2**53 - 1
+#: Values of the done call's figures: non-negative, exact in the store (what they meter is
+#: bounded too: plugin.settlement).
+MAX_FIGURE = MAX_AMOUNT
 ENVOY_PREFIX = "/authz/envoy"
 
 
@@ -207,16 +215,52 @@ class AuthzService:
             return problem.response()
         try:
             await finish(self.state, ticket, figures)
-        except StoreError:
+        except Problem as problem:  # an amount out of bounds: nothing was sent
+            metrics.DONE_CALLS.labels("invalid").inc()
+            return problem.response()
+        except SettleRefused:  # out of the store's bounds (logged): nothing was written
+            metrics.DONE_CALLS.labels("invalid").inc()
+            return invalid_decision(
+                "the store refused these figures whole (an amount beyond "
+                f"{MAX_FIGURE}, or a count of {ticket.env} that would overflow): nothing was "
+                "changed").response()
+        except StoreError as exc:
+            log.error("done call of %s (%s) not taken by the store: %s", ticket.env,
+                      ticket.holder, exc)
             metrics.DONE_CALLS.labels("unavailable").inc()
-            return store_unavailable(ticket.env).response()
+            return Problem(503, "store-unavailable", "Quota store unavailable",
+                           f"the quota store did not take the done call ({str(exc)[:200]}); "
+                           "send it again: a decision's done call counts once", ticket.env,
+                           retry_after_s=1).response()
         metrics.DONE_CALLS.labels("done").inc()
         return web.Response(status=204)
 
 
 def authz_server(state: GatewayState, tickets: Tickets | None = None) -> web.Server:
-    """The decision listener's server (``web.ServerRunner(authz_server(...))``)."""
+    """The decision listener's server (``web.ServerRunner(authz_server(...))``), bounded as
+    the public listener is (gateway.yaml ``clients``): a request head within
+    ``header_timeout_ms`` of the connection's start or of its previous response, a body within
+    ``body_timeout_ms`` (else 408 and the connection closed); its connection cap is
+    server.py's."""
+    from quotagate.gateway.clients import server_kwargs
+    from quotagate.gateway.problems import request_timeout
+
     service = AuthzService(state, tickets)
+
+    async def bounded(request: web.BaseRequest) -> web.StreamResponse:
+        # A body still coming is read here, in time (the service's read then has it at once):
+        # one trickled would hold the handler, and its connection, for ever.
+        if request.body_exists and not request.content.is_eof():
+            limit_ms = state.config.gateway.clients.body_timeout_ms
+            try:
+                async with asyncio.timeout(limit_ms / 1000):
+                    await request.read()
+            except TimeoutError:
+                response = request_timeout(limit_ms, None).response()
+                response.headers["Server"] = SERVER
+                response.force_close()
+                return response
+        return await service(request)
 
     def request_factory(message: Any, payload: Any, protocol: Any, writer: Any,
                         task: Any) -> web.BaseRequest:
@@ -224,5 +268,6 @@ def authz_server(state: GatewayState, tickets: Tickets | None = None) -> web.Ser
                                asyncio.get_running_loop(), client_max_size=MAX_BODY)
 
     # A request head as long as nginx's (large_client_header_buffers) is still described.
-    return web.Server(service, request_factory=request_factory, access_log=None,
-                      max_line_size=32768, max_field_size=32768)
+    return web.Server(bounded, request_factory=request_factory, access_log=None,
+                      max_line_size=32768, max_field_size=32768,
+                      **server_kwargs(state.config.gateway.clients))

@@ -148,10 +148,11 @@ def request_timeout(limit_ms: int, env: str | None) -> Problem:
                    "the gateway reads it to count the request", env)
 
 
-def too_many_connections(limit: int) -> Problem:
+def too_many_connections(limit: int, setting: str = "clients.max_connections",
+                         what: str = "client connections") -> Problem:
     return Problem(503, "too-many-connections", "Too many connections",
-                   f"this gateway instance holds its limit of {limit} client connections "
-                   "(clients.max_connections): retry shortly", None, None, 1)
+                   f"this gateway instance holds its limit of {limit} {what} ({setting}): "
+                   "retry shortly", None, None, 1)
 
 
 def queue_full(env: str) -> Problem:

@@ -21,17 +21,29 @@ serializing in C: half the CPU per decision of pure-Python messages).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import time
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import grpclib.const
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import ProtocolError as H2ProtocolError
 from multidict import CIMultiDict
 
 from quotagate.common.envids import ENV_ID
+from quotagate.gateway.clients import REFUSED_LINGER_S, Listener
 from quotagate.gateway.headers import request_id
 from quotagate.gateway.plugin import (
     Described,
@@ -108,7 +120,16 @@ class RateLimitService:
                                               RateLimitRequest, RateLimitResponse)}
 
     async def _rpc(self, stream: Stream[Any, Any]) -> None:
-        request = await stream.recv_message()
+        # The call's request message comes within clients.header_timeout_ms (a call whose
+        # message is trickled, or never sent, would hold its stream, and its connection, for
+        # ever).
+        limit_ms = self.state.config.gateway.clients.header_timeout_ms
+        try:
+            async with asyncio.timeout(limit_ms / 1000):
+                request = await stream.recv_message()
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, f"the request message did not come "
+                            f"within {limit_ms} ms (clients.header_timeout_ms)") from None
         assert request is not None
         await stream.send_message(await self.should_rate_limit(request))
 
@@ -192,5 +213,136 @@ class RateLimitService:
         return response
 
 
-def grpc_server(state: GatewayState, tickets: Tickets) -> Server:
-    return Server([RateLimitService(state, tickets)])
+#: A connection with a call open is pinged when it has been so for the idle timeout; one whose
+#: ping goes unanswered for this long is closed (a peer gone without a word).
+KEEPALIVE_TIMEOUT_S = 20.0
+#: While a call is open on a connection, it is looked at this often (its idle time starts when
+#: no call is open any more).
+BUSY_POLL_S = 1.0
+
+
+class _Bounded(asyncio.Protocol):
+    """One connection of ``authz.grpc_listen``: grpclib's own protocol, within the listener's
+    bounds (grpclib has no max-connection-idle nor handshake timeout of its own):
+
+    - beyond the listener's cap, the server's SETTINGS and a GOAWAY (ENHANCE_YOUR_CALM, "too
+      many connections") are sent and the connection closed, nothing of it read;
+    - a connection that opens no call (the HTTP/2 preface, then a complete HEADERS frame)
+      within the header timeout of its start, or has had no call open for the idle timeout
+      since its last one, is sent GOAWAY (NO_ERROR: calls it sent meanwhile are known
+      unprocessed, for the client to send again on a new connection) and closed a moment
+      later. Idle sockets and slowloris senders alike: partial frames, pings and SETTINGS
+      reset nothing. (A call whose request message does not come is ended by
+      RateLimitService._rpc.)"""
+
+    def __init__(self, inner: H2Protocol, listener: Listener, header_s: float,
+                 idle_s: float):
+        self.inner = inner
+        self.listener = listener
+        self.header_s = header_s
+        self.idle_s = idle_s
+        self.transport: asyncio.Transport | None = None
+        self.refused = False
+        self._timer: asyncio.TimerHandle | None = None
+        #: When a call was last seen open (or the connection began), monotonic.
+        self._busy_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's: no subclass)
+        if self.listener.full():
+            self.refused = True
+            self.inner.handler.close()  # (never used: the server forgets it)
+            conn = H2Connection(H2Configuration(client_side=False))
+            conn.initiate_connection()
+            conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, last_stream_id=0,
+                                  additional_data=(
+                                      f"too many connections: this gateway instance holds its "
+                                      f"limit of {self.listener.limit} {self.listener.what} "
+                                      f"({self.listener.setting})").encode())
+            self.listener.refuse(self.transport, conn.data_to_send())
+            return
+        self.listener.opened()
+        self.inner.connection_made(self.transport)
+        self._busy_at = time.monotonic()
+        self._timer = asyncio.get_running_loop().call_later(self.header_s, self._check)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # (closed: grpclib's own protocol does the same)
+
+    def pause_writing(self) -> None:
+        if not self.refused:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self.refused:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.listener.closed()
+        self.inner.connection_lost(exc)
+
+    def _check(self) -> None:
+        self._timer = None
+        connection = self.inner.connection
+        if connection.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        if self.inner.processor.streams:  # a call open: idle only once none is
+            self._busy_at = now
+            self._timer = loop.call_later(min(BUSY_POLL_S, self.idle_s), self._check)
+            return
+        started = connection.streams_started > 0
+        since = max(self._busy_at, connection.last_stream_created or 0.0)
+        due = since + (self.idle_s if started else self.header_s)
+        if now < due:
+            self._timer = loop.call_later(due - now, self._check)
+            return
+        log.debug("closing a gRPC connection: %s", "idle" if started else "no call opened")
+        # (grpclib keeps its H2Connection to itself; GOAWAY is the polite close)
+        h2_connection: H2Connection | None = getattr(connection, "_connection", None)
+        if h2_connection is not None:
+            with contextlib.suppress(H2ProtocolError):
+                h2_connection.close_connection(ErrorCodes.NO_ERROR)
+                connection.flush()
+        transport = self.transport
+        assert transport is not None
+        loop.call_later(REFUSED_LINGER_S, transport.close)
+
+
+class BoundedServer(Server):
+    """grpclib's server, each of its connections within ``listener``'s bounds (``_Bounded``)."""
+
+    def __init__(self, handlers: list[Any], *, listener: Listener, header_s: float,
+                 idle_s: float):
+        super().__init__(handlers, config=Configuration(
+            _keepalive_time=idle_s, _keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            _keepalive_permit_without_calls=False,
+            _http2_min_sent_ping_interval_without_data=idle_s))
+        self.listener = listener
+        self.header_s = header_s
+        self.idle_s = idle_s
+
+    def _protocol_factory(self) -> H2Protocol:  # (grpclib's: each connection's protocol)
+        inner = super()._protocol_factory()
+        return _Bounded(inner, self.listener, self.header_s,  # type: ignore[return-value]
+                        self.idle_s)
+
+
+def grpc_server(state: GatewayState, tickets: Tickets, listener: Listener) -> Server:
+    """``authz.grpc_listen``'s server: at most ``listener.limit`` connections, each within
+    gateway.yaml ``clients.header_timeout_ms`` and ``grpc_idle_timeout_ms``."""
+    clients = state.config.gateway.clients
+    header_s = clients.header_timeout_ms / 1000
+    return BoundedServer([RateLimitService(state, tickets)], listener=listener,
+                         header_s=header_s,
+                         idle_s=(clients.grpc_idle_timeout_ms / 1000) or header_s)

@@ -24,7 +24,15 @@ from quotagate.common.logs import TEXT_FORMAT, configure
 from quotagate.control.admin import init_admin_app
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
 from quotagate.gateway.authz import authz_server
-from quotagate.gateway.clients import ConnectionCap, connection_cap, raise_nofile, server_kwargs
+from quotagate.gateway.clients import (
+    PUBLIC,
+    ConnectionCap,
+    Listener,
+    connection_caps,
+    descriptors_needed,
+    raise_nofile,
+    server_kwargs,
+)
 from quotagate.gateway.plugin import KEY_ENV, Tickets
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.settings import Config, load_config
@@ -91,15 +99,26 @@ async def run_gateway(
     """Serve the public (and optionally the admin) listener until ``stop`` is set or a signal."""
     gw = config.gateway
     nofile = raise_nofile()
+    # Each listener's connection cap is its own share of the descriptor limit (clients.py):
+    # a flood on one of them cannot take the descriptors another needs.
+    caps = connection_caps(gw.clients, nofile, [name for name, on in (
+        ("authz", gw.authz_listen), ("grpc", gw.authz.grpc_listen), ("admin", admin)) if on])
+    listeners = {name: Listener(name, cap) for name, cap in caps.items()}
     app = init_app(config, store_url)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            **SERVER_KWARGS, **server_kwargs(gw.clients))
     await runner.setup()
     assert runner.server is not None
-    cap = ConnectionCap(runner.server, connection_cap(gw.clients, nofile))
-    log.info("client limits: request head within %d ms, bodies read within %d ms, at most %d "
+    ConnectionCap(runner.server, listeners[PUBLIC])
+    log.info("client limits: request head within %d ms, bodies read within %d ms, at most %s "
              "connections (descriptor limit %d)", gw.clients.header_timeout_ms,
-             gw.clients.body_timeout_ms, cap.limit, nofile)
+             gw.clients.body_timeout_ms, ", ".join(
+                 f"{cap} {name}" for name, cap in caps.items()), nofile)
+    if (needed := descriptors_needed(caps)) > nofile:
+        log.warning("the listeners' connection caps (%s) may hold %d descriptors, more than "
+                    "the limit of %d: a flood on one listener may leave another unable to "
+                    "accept; lower clients.*max_connections or raise the limit", ", ".join(
+                        f"{name} {cap}" for name, cap in caps.items()), needed, nofile)
     admin_runner = None
     authz_runner: web.ServerRunner | None = None
     grpc: GrpcServer | None = None
@@ -110,12 +129,14 @@ async def run_gateway(
             authz_runner = web.ServerRunner(authz_server(app[STATE], tickets),
                                             handle_signals=False)
             await authz_runner.setup()
+            assert authz_runner.server is not None
+            ConnectionCap(authz_runner.server, listeners["authz"])
             await _listen(authz_runner, gw.authz_listen, "authz_listen",
                           reuse_port=reuse_port, backlog=2048)
         if gw.authz.grpc_listen:  # plugin mode: Envoy's rate limit service
             from quotagate.gateway.rls import grpc_server  # (gRPC stack loaded only here)
 
-            grpc = grpc_server(app[STATE], tickets)
+            grpc = grpc_server(app[STATE], tickets, listeners["grpc"])
             host, port = _split(gw.authz.grpc_listen)
             try:
                 await grpc.start(host, port, reuse_port=reuse_port)
@@ -124,9 +145,11 @@ async def run_gateway(
                                  f"(authz.grpc_listen): {exc.strerror or exc}") from None
         if admin:
             admin_runner = web.AppRunner(
-                init_admin_app(app[STATE].runtime, registry), access_log=None, handle_signals=False
-            )
+                init_admin_app(app[STATE].runtime, registry), access_log=None,
+                handle_signals=False, **server_kwargs(gw.clients))
             await admin_runner.setup()
+            assert admin_runner.server is not None
+            ConnectionCap(admin_runner.server, listeners["admin"])
             await _listen(admin_runner, gw.admin_listen, "admin_listen")
     except StartError:
         await _close_grpc(grpc)

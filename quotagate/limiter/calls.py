@@ -29,6 +29,20 @@ LOAD_LIBRARY = pack_command("FUNCTION", "LOAD", LIBRARY)
 RELOAD_LOG_INTERVAL_S = 60.0
 #: Environments whose packed keys are cached (then the cache starts again).
 KEY_CACHE = 65536
+#: settle.lua's reply status when it refuses a call whole (an amount beyond 2^53 - 1, a
+#: counter that would pass 2^62): nothing written.
+SETTLE_REFUSED = 16
+
+
+class SettleRefused(StoreError):
+    """The store refused a settle call whole (``SETTLE_REFUSED``): nothing of it written."""
+
+
+def log_refused_settle(env: str, args: Iterable[str | int]) -> None:
+    """A settle call the store refused whole (settle.lua's status 16): nothing of it counted."""
+    log.error("settle of %s refused by the store (an amount beyond 2^53 - 1 or a counter "
+              "that would pass 2^62): nothing of it was counted; arguments %s", env,
+              [str(a)[:40] for a in args][:24])
 
 
 def _already_loaded(exc: BaseException | None) -> bool:
@@ -91,8 +105,11 @@ class ScriptCalls:
             return await self.reload(script, names, key_slot, args, exc)
 
     async def settle(self, env: str, names: list[str], args: list[str | int]) -> list:
-        """One settle.lua call, awaited."""
-        return await self.run(SETTLE, env, names, args)
+        """One settle.lua call, awaited (one the store refuses whole is logged here)."""
+        reply = await self.run(SETTLE, env, names, args)
+        if reply[0] == SETTLE_REFUSED:
+            log_refused_settle(env, args)
+        return reply
 
     def reload(self, script: Script, names: list[str], key_slot: int | None,
                args: Iterable[str | int], exc: NoScript) -> asyncio.Future:

@@ -20,6 +20,16 @@ On start, every journal whose lock is free belongs to a process that is gone: it
 written back under an id derived from the file and the entry — the store remembers ids for 40
 days (decide.lua / settle.lua ``seen``), so an entry written back before a crash, or by an
 earlier claim, is not counted again. Then the files are removed.
+
+Nothing in a journal is trusted: each line is checked against what ``_write`` writes (the
+fields of one of the three forms above and nothing else; integers, amounts 0 to 2^53 - 1 as
+everywhere else; the key an environment id of the grammar, a known route kind or
+``meter:<meter>``, a slot's start). A line that is not (cut by a crash, a disk's garbage, a
+hand's edit) is skipped — logged with its file and line number, counted in
+``quotagate_journal_lines_skipped_total`` — and the rest goes on. A store error on one entry
+(an error reply for its keys) is tried again a few times, then the entry is kept in its
+journal (rewritten to hold only what is left, under the same ids) for a later attempt while
+the other entries and journals go on; only the store being away stops a pass.
 """
 
 from __future__ import annotations
@@ -30,8 +40,16 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, get_args
+
+from quotagate.common import metrics
+from quotagate.common.aio import stop_if_cancelling
+from quotagate.common.envids import ENV_ID
+from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
+from quotagate.settings.schema import MAX_EXACT, Meter, RouteKind
 
 log = logging.getLogger("quotagate.journal")
 
@@ -39,6 +57,115 @@ SYNC_S = 1.0
 COMPACT_BYTES = 64 * 1024 * 1024
 
 Key = tuple[str, str, int]
+
+#: What a key's second part may be: a route kind (decide.lua) or ``meter:<meter>``
+#: (settle.lua; backlog.METER_PREFIX).
+KNOWN_WHAT = frozenset([*get_args(RouteKind), *(f"meter:{m}" for m in get_args(Meter))])
+#: A key's third part is the start of a slot of this length (backlog.SLOT_MS: backlog.py
+#: imports this module, not the other way round).
+SLOT_MS = 15 * 60 * 1000
+#: The longest line read (the journal's own are under 400 bytes); longer ones are skipped
+#: without being held in memory whole.
+MAX_LINE = 4096
+#: Record ids: the journal's own are ``<instance>.<n>`` (new_instance_id: letters, digits,
+#: ``-`` and ``.``) and ``<file>.<what>.<slot>``.
+MAX_RECORD_ID = 256
+#: Skipped lines logged one by one per journal; beyond, one line says how many more.
+LOGGED_PER_FILE = 20
+#: Attempts at writing back one entry in one pass, the first RETRY_S after the one before,
+#: doubling; then it is kept for a later pass.
+ATTEMPTS = 4
+RETRY_S = 0.25
+
+_FORMS = (frozenset({"k", "v"}), frozenset({"k", "v", "d"}), frozenset({"k", "w", "id"}))
+
+
+class BadLine(ValueError):
+    """A journal line that is not one the journal writes (its reason)."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise BadLine(f"{name} is not a number the journal writes")
+
+
+def _reject_float(text: str) -> Any:
+    raise BadLine(f"{text[:40]} is not an integer")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    line = dict(pairs)
+    if len(line) != len(pairs):
+        raise BadLine("a field given twice")
+    return line
+
+
+def _amount(line: dict[str, Any], name: str, low: int) -> int:
+    n = line[name]
+    if type(n) is not int or not low <= n <= MAX_EXACT:
+        raise BadLine(f"{name}: not an integer from {low} to 2^53 - 1")
+    return n
+
+
+def _record_id(line: dict[str, Any], name: str) -> str:
+    rid = line[name]
+    if (not isinstance(rid, str) or not 0 < len(rid) <= MAX_RECORD_ID
+            or not all(c.isalnum() or c in "-._:" for c in rid)):
+        raise BadLine(f"{name}: not a record id")
+    return rid
+
+
+def parse_line(raw: bytes) -> tuple[Key, dict[str, Any]]:
+    """One journal line, checked: its key and its fields (``v``, ``w`` ints, ``d``, ``id``
+    record ids). Raises BadLine (its reason) for anything ``Journal._write`` does not write."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadLine("not UTF-8") from None
+    try:
+        line = json.loads(text, parse_constant=_reject_constant, parse_float=_reject_float,
+                          object_pairs_hook=_no_duplicates)
+    except RecursionError:
+        raise BadLine("nested too deep") from None
+    except BadLine:
+        raise
+    except ValueError as exc:  # (JSONDecodeError; an integer of too many digits)
+        raise BadLine(f"not JSON ({str(exc)[:80]})") from None
+    if not isinstance(line, dict) or frozenset(line) not in _FORMS:
+        raise BadLine("not a journal line (unknown or missing fields)")
+    k = line["k"]
+    if not isinstance(k, list) or len(k) != 3:
+        raise BadLine("k: not [env, what, slot]")
+    env, what, slot = k
+    if not isinstance(env, str) or not ENV_ID.fullmatch(env):
+        raise BadLine("k: not an environment id")
+    if not isinstance(what, str) or what not in KNOWN_WHAT:
+        raise BadLine("k: not a route kind or meter:<meter>")
+    if type(slot) is not int or not 0 <= slot <= MAX_EXACT or slot % SLOT_MS:
+        raise BadLine("k: not the start of a slot")
+    fields: dict[str, Any] = {}
+    if "v" in line:
+        fields["v"] = _amount(line, "v", 0)
+        if "d" in line:
+            fields["d"] = _record_id(line, "d")
+    else:
+        fields["w"] = _amount(line, "w", 1)
+        fields["id"] = _record_id(line, "id")
+    return (env, what, slot), fields
+
+
+def _lines(f: IO[bytes]) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line, whole): a line longer than MAX_LINE is given cut (whole False),
+    the rest of it read past."""
+    number = 0
+    while raw := f.readline(MAX_LINE + 1):
+        number += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            rest = raw
+            while rest and not rest.endswith(b"\n"):
+                rest = f.readline(64 * 1024)
+            yield number, raw, False
+        else:
+            yield number, raw, True
 
 
 def _lock(path: Path) -> int | None:
@@ -160,44 +287,96 @@ _abandoned: list[int | None] = []
 def replay(path: Path) -> list[tuple[Key, int, str]]:
     """What a journal still holds: (key, amount, record id) to write back. An intent its
     answer (``d``) never closed is sent again under its own id (it may have been written
-    already: the id tells the store); the rest under an id of the file and entry."""
+    already: the id tells the store); the rest under an id of the file and entry. A line
+    that is not one the journal writes is skipped (logged, counted)."""
+    return _replay(path)[0]
+
+
+def _replay(path: Path) -> tuple[list[tuple[Key, int, str]], int]:
+    """``replay``, and how many lines were skipped."""
     values: dict[Key, int] = {}
     intents: dict[Key, tuple[int, str]] = {}
+    skipped = 0
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw, whole in _lines(f):
+            if not raw.strip():
+                continue
             try:
-                line = json.loads(raw)
-                key = (str(line["k"][0]), str(line["k"][1]), int(line["k"][2]))
-                if "v" in line:
-                    value = int(line["v"])
-                    values[key] = value
-                    if "d" in line and intents.get(key, (0, ""))[1] == line["d"]:
-                        intents.pop(key)  # answered
-                elif "w" in line:
-                    intents[key] = (int(line["w"]), str(line["id"]))
-            except (ValueError, KeyError, IndexError, TypeError):
-                log.warning("journal %s: a line that cannot be read is skipped: %r",
-                            path.name, raw[:200])  # cut by the crash
+                if not whole:
+                    raise BadLine(f"longer than {MAX_LINE} bytes")
+                key, line = parse_line(raw)
+            except Exception as exc:  # whatever a line holds, the next ones are read
+                skipped += 1
+                if skipped <= LOGGED_PER_FILE:
+                    reason = str(exc) if isinstance(exc, BadLine) else repr(exc)
+                    log.warning("journal %s, line %d: skipped, %s: %r", path, number,
+                                reason, raw[:200])
+                continue
+            if "v" in line:
+                values[key] = line["v"]
+                if "d" in line and intents.get(key, (0, ""))[1] == line["d"]:
+                    intents.pop(key)  # answered
+            else:
+                intents[key] = (line["w"], line["id"])
+    if skipped:
+        metrics.JOURNAL_LINES_SKIPPED.inc(skipped)
+        if skipped > LOGGED_PER_FILE:
+            log.warning("journal %s: %d more lines skipped", path, skipped - LOGGED_PER_FILE)
     out: list[tuple[Key, int, str]] = []
     for key, (n, record_id) in intents.items():
         out.append((key, n, record_id))  # it may have run: the same id tells the store
         values[key] = values.get(key, 0) - n  # the entry's value still includes it
     for key, n in values.items():
         if n > 0:
-            out.append((key, n, f"{path.stem}.{key[1]}.{key[2]}"))
-    return out
+            out.append((key, n, _derived_id(path, key)))
+    return out, skipped
+
+
+def _derived_id(path: Path, key: Key) -> str:
+    """The record id of what a journal holds beyond its open intents."""
+    return f"{path.stem}.{key[1]}.{key[2]}"
+
+
+def _keep(path: Path, entries: list[tuple[Key, int, str]]) -> None:
+    """Rewrite ``path`` to hold just ``entries``, each replayed under its own id again: an
+    entry's value line (the sum of what is left of it) and its open intent, if any."""
+    totals: dict[Key, int] = {}
+    lines: list[dict[str, Any]] = []
+    for key, n, record_id in entries:
+        totals[key] = totals.get(key, 0) + n
+        if record_id != _derived_id(path, key):
+            lines.append({"k": key, "w": n, "id": record_id})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for line in [*({"k": key, "v": n} for key, n in totals.items()), *lines]:
+            f.write(json.dumps(line, separators=(",", ":")) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 WriteBack = Callable[[str, str, int, int, str], Awaitable[bool]]
 
 
-async def recover(directory: Path, own: str, write_back: WriteBack) -> int:
+@dataclass
+class Recovered:
+    """What a recovery pass did: entries written back, entries kept for a later pass (a
+    store error on each, tried ATTEMPTS times), lines skipped."""
+
+    written: int = 0
+    kept: int = 0
+    skipped: int = 0
+
+
+async def recover(directory: Path, own: str, write_back: WriteBack, *,
+                  attempts: int = ATTEMPTS, retry_s: float = RETRY_S) -> Recovered:
     """Claim and write back every journal in ``directory`` whose process is gone (not
-    ``own``); returns the entries written. Raises what ``write_back`` raises (the store is
-    away: the file stays, for the next attempt)."""
+    ``own``). An entry the store answers with an error is tried ``attempts`` times, then kept
+    in its journal for a later pass; the others and the other journals go on. Raises
+    StoreUnavailable when the store is away (what is left stays, for the next attempt)."""
+    done = Recovered()
     if not directory.is_dir():
-        return 0
-    written = 0
+        return done
     stems = {p.stem for p in directory.iterdir() if p.suffix in (".journal", ".lock", ".tmp")}
     for stem in sorted(stems - {own}):
         path = directory / f"{stem}.journal"
@@ -211,15 +390,16 @@ async def recover(directory: Path, own: str, write_back: WriteBack) -> int:
         try:
             (directory / f"{stem}.tmp").unlink(missing_ok=True)  # a compaction cut short
             try:
-                entries = replay(path) if path.exists() else []
+                entries, skipped = _replay(path) if path.exists() else ([], 0)
             except OSError as exc:
                 log.error("journal %s cannot be read (%s): left as it is", path.name, exc)
                 continue
-            for (env, what, slot_ms), n, record_id in entries:
-                if not await write_back(env, what, n, slot_ms, record_id):
-                    log.error("journal %s: usage of %s (%d %s) lost: the store has no such "
-                              "environment", path.name, env, n, what)
-                written += 1
+            done.skipped += skipped
+            left = await _write_back(path, entries, skipped, write_back, attempts, retry_s)
+            done.written += len(entries) - len(left)
+            done.kept += len(left)
+            if left:
+                continue
             path.unlink(missing_ok=True)
             (directory / f"{stem}.lock").unlink(missing_ok=True)
             if entries:
@@ -227,4 +407,52 @@ async def recover(directory: Path, own: str, write_back: WriteBack) -> int:
                             "%d usage entries written back", path.name, len(entries))
         finally:
             os.close(lock)
-    return written
+    return done
+
+
+async def _write_back(path: Path, entries: list[tuple[Key, int, str]], skipped: int,
+                      write_back: WriteBack, attempts: int, retry_s: float
+                      ) -> list[tuple[Key, int, str]]:
+    """Write back one journal's ``entries``; returns those kept (the journal rewritten to
+    hold just them, and without the lines skipped, when anything changed)."""
+    left = dict(enumerate(entries))
+    failed: dict[int, BaseException] = {}
+    try:
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(retry_s * 2 ** (attempt - 1))
+            failed = {}
+            for i, ((env, what, slot_ms), n, record_id) in list(left.items()):
+                try:
+                    found = await write_back(env, what, n, slot_ms, record_id)
+                except StoreUnavailable:
+                    raise  # the store is away: every entry waits for it alike
+                except Exception as exc:  # an error reply for this entry's keys
+                    stop_if_cancelling(exc)
+                    if isinstance(exc, StoreError):
+                        count_store_error(exc)
+                    failed[i] = exc
+                    continue
+                if not found:
+                    log.error("journal %s: usage of %s (%d %s) lost: the store has no such "
+                              "environment", path.name, env, n, what)
+                del left[i]
+            if not left:
+                break
+    finally:
+        if len(left) < len(entries) or skipped:
+            try:
+                if left:
+                    _keep(path, list(left.values()))
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.error("journal %s cannot be rewritten (%s): left as it was (what was "
+                          "written back is not counted again: its ids tell the store)",
+                          path.name, exc)
+    for i, ((env, what, slot_ms), n, record_id) in left.items():
+        log.error("journal %s: usage of %s (%d %s of the slot at %d ms, record %s) not "
+                  "written back after %d attempts (%r): kept in the journal for a later "
+                  "attempt", path.name, env, n, what, slot_ms, record_id, attempts,
+                  failed.get(i))
+    return list(left.values())

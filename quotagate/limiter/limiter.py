@@ -29,7 +29,7 @@ from quotagate.common.clock import Clock, StoreClock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import SLOT_MS, Backlog, BacklogKey
 from quotagate.limiter.bandwidth import Bandwidth
-from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.calls import SETTLE_REFUSED, ScriptCalls, SettleRefused
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.decision import BYPASSED, BYPASSED_HOLDING, Decider, Decision
@@ -244,30 +244,41 @@ class Limiter:
 
     # ------------------------------------------------------------------- after a response
 
-    async def finish(self, env: str, holder: str, slot: str, meters: dict[str, int]) -> None:
+    async def finish(self, env: str, holder: str, slot: str, meters: dict[str, int],
+                     once_ms: int = 0) -> bool:
         """Plugin mode, the proxy's done call for a decision made with ``holder``: its slot
-        given back and ``meters`` charged (a refund as "-<meter>@<ms>"), in one settle call,
-        once whatever the retries (the holder names the decision: the store remembers it).
+        given back and ``meters`` charged (a refund as "-<meter>@<ms>"), in one settle call.
+        ``once_ms`` > 0: the decision's done call, once — the first the store takes marks the
+        decision seen (kept ``once_ms``) in the same script call, whatever it carries (meters
+        or none), so a retry, a replay or another instance's copy changes nothing.
         A store that cannot take it now: the same call is sent again in the background
-        (under the same id) until taken; raises only for another store error."""
+        (under the same id) until taken. False when the store had seen the decision's done
+        call before (nothing written), else True. Raises ``SettleRefused`` when the store
+        refuses it whole (out of bounds: nothing written, logged), ``StoreError`` for another
+        error."""
         names = keys.settle_keys(env)
-        if meters:
+        if once_ms > 0:
             names = [*names, keys.seen(env, "done:" + holder)]
         args: list[str | int] = [script_arg(self.clock.script_time()), holder, self._mode,
                                  1 if slot else 0, *((slot, 1) if slot else ())]
         for meter, amount in meters.items():
             args += (meter, amount)
+        if once_ms > 0:
+            args.append(once_ms)  # (settle.lua: one last value, how long it is seen)
         what = f"done call of {env} ({holder}): its usage"
         try:
             reply = await self._calls.settle(env, names, args)
         except StoreUnavailable:
             self._settler.send_again(env, names, lambda: args, what, until_snapshot=True)
-            return
+            return True
+        if reply[0] == SETTLE_REFUSED:
+            raise SettleRefused(f"the store refused the {what} whole: nothing was written")
         if reply[0] == 4 and meters:  # no snapshot (yet): the store lost its data?
             self._missing(env)
             self._settler.send_again(env, names, lambda: args, what, until_snapshot=True)
         elif reply[1] & Flag.EVENTS:
             self._events.soon(env)
+        return reply[0] != 8  # (8: seen before)
 
     def _release_for(self, env: str, holder: str, slot: str) -> None:
         """Give back ``holder``'s slot (a decision whose caller is gone), in the background."""

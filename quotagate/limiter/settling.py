@@ -18,7 +18,7 @@ from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
-from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.calls import SETTLE_REFUSED, ScriptCalls, log_refused_settle
 from quotagate.limiter.codes import Flag
 from quotagate.limiter.errors import (
     NoScript,
@@ -113,6 +113,9 @@ class Settler:
             count_store_error(exc)
         if exc is None:
             reply = fut.result()
+            if reply[0] == SETTLE_REFUSED:  # refused whole (out of bounds): never again
+                log_refused_settle(env, args)
+                return
             if reply[1] & Flag.EVENTS:
                 self.on_events(env)
             if reply[0] != 4 or not meters:
@@ -175,7 +178,7 @@ class Settler:
                     stop_if_cancelling(exc)
                     continue
                 if not (until_snapshot and reply[0] == 4):
-                    return
+                    return  # (taken, seen before, or refused whole: logged by calls.settle)
             log.error("%s dropped after %d attempts", what, REFUND_ATTEMPTS)
 
         task = asyncio.get_running_loop().create_task(again())

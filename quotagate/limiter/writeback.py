@@ -18,12 +18,17 @@ from quotagate.limiter import keys
 from quotagate.limiter.backlog import MAX_MISSING_ATTEMPTS, METER_PREFIX, Backlog
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.decision import Decider
-from quotagate.limiter.errors import StoreError
-from quotagate.limiter.journal import Journal
+from quotagate.limiter.errors import StoreError, StoreUnavailable
+from quotagate.limiter.journal import Journal, Key
 from quotagate.limiter.journal import recover as recover_journals
 from quotagate.limiter.scripts import DECIDE
 
 log = logging.getLogger("quotagate.limiter")
+
+#: Journal entries the store refused (journal.recover) are tried again after this, doubling
+#: up to LATER_MAX_S.
+LATER_S = 60.0
+LATER_MAX_S = 3600.0
 
 
 class WriteBack:
@@ -55,10 +60,8 @@ class WriteBack:
                 await self.flush()
             except StoreError as exc:
                 stop_if_cancelling(exc)
-                log.warning(
-                    "store still unavailable (%s); %d usage entries held for write-back",
-                    exc, len(self.backlog),
-                )
+                log.warning("write-back not done (%s); %d usage entries held for it",
+                            exc, len(self.backlog))
             delay = (min(delay * 2, 5.0) if self.backlog.pending or self.backlog.in_doubt
                      else store.retry_interval)
 
@@ -71,6 +74,9 @@ class WriteBack:
         async with self._flush_lock:
             written = 0
             backlog = self.backlog
+            #: Entries the store answered with an error (their keys, not the store, at
+            #: fault): left in doubt, sent again under their ids next time, while the rest go.
+            refused: list[tuple[Key, StoreError]] = []
             for key in list({**backlog.pending, **backlog.in_doubt}):
                 env, what, slot_ms = key
                 # Under an id the store remembers: a write-back that timed out (it may have
@@ -85,7 +91,14 @@ class WriteBack:
                                                      cost)
                     backlog.note_intent(key, *doubt)
                 record_id, cost = doubt
-                found = await self.write_back(env, what, cost, slot_ms, record_id)
+                try:
+                    found = await self.write_back(env, what, cost, slot_ms, record_id)
+                except StoreUnavailable:
+                    raise  # the store is away: every entry waits for it alike
+                except StoreError as exc:
+                    stop_if_cancelling(exc)
+                    refused.append((key, exc))
+                    continue
                 del backlog.in_doubt[key]
                 if not found:
                     attempts = backlog.missing_attempts.get(key, 0) + 1
@@ -105,6 +118,10 @@ class WriteBack:
             if written:
                 log.info("wrote back %d usage entries admitted while the store was down",
                          written)
+            if refused:
+                (env, what, _), first = refused[0]
+                raise StoreError(f"{len(refused)} usage entries refused by the store, kept "
+                                 f"for another attempt (the first: {env} {what}: {first})")
             return written
 
     async def write_back(self, env: str, what: str, amount: int, at_ms: int,
@@ -130,8 +147,21 @@ class WriteBack:
         self.backlog.journal = Journal(directory, self.instance).open()
 
     async def recover_journals(self, directory: Path) -> int:
-        """Write back what gateways that stopped during an outage left in their journals."""
-        return await recover_journals(directory, self.instance, self.write_back)
+        """Write back what gateways that stopped during an outage left in their journals;
+        returns the entries written. Entries the store answered with an error (each tried a
+        few times) stay in their journals and are tried again later, LATER_S and then less
+        and less often (and at the next start); the store being away raises (StoreError)."""
+        written = 0
+        delay = LATER_S
+        while True:
+            done = await recover_journals(directory, self.instance, self.write_back)
+            written += done.written
+            if not done.kept:
+                return written
+            log.warning("%d usage entries of stopped gateways' journals could not be written "
+                        "back: tried again in %.0f s", done.kept, delay)
+            await pause(delay)
+            delay = min(delay * 2, LATER_MAX_S)
 
     async def stop(self) -> None:
         """No new write-back from here on; the one running is cancelled."""

@@ -398,6 +398,9 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         path = Path(value) if Path(value).is_absolute() else base / value
         if not path.is_file():
             issues.append(ConfigIssue(file, f"$.store.tls.{key}", f"no such file: {path}"))
+    if 0 < gw.clients.grpc_idle_timeout_ms < 1000:
+        issues.append(ConfigIssue(file, "$.clients.grpc_idle_timeout_ms",
+                                  "must be 0 (header_timeout_ms) or at least 1000"))
     if gw.leases.renew_interval_ms * 2 > gw.leases.ttl_ms:
         issues.append(ConfigIssue(file, "$.leases.renew_interval_ms",
                                   f"must be at most half of ttl_ms ({gw.leases.ttl_ms}), so one "

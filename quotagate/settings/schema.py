@@ -121,11 +121,14 @@ class UpstreamSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields
 
 
 class ClientSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """What the public listener allows each client connection (slow and idle clients)."""
+    """What each listener allows a client connection (slow and idle clients): the public
+    listener, and the private ones (``authz_listen``, ``authz.grpc_listen``,
+    ``admin_listen``)."""
 
     #: A connection must send a complete request head within this long of opening or of the
     #: end of its previous response, else it is closed: this bounds idle keep-alive sockets and
-    #: slow (slowloris) header senders alike.
+    #: slow (slowloris) header senders alike, on every listener. On ``authz.grpc_listen``: the
+    #: HTTP/2 preface and the first call's headers, and each call's request message.
     header_timeout_ms: Annotated[int, msgspec.Meta(ge=100, le=3_600_000)] = 15_000
     #: A body the gateway reads before deciding (action endpoints, stream probes, queued
     #: invocations) must arrive within this long, else 408.
@@ -134,6 +137,19 @@ class ClientSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=T
     #: closed. 0: derived from the descriptor limit (half of it, less 64 in reserve: each
     #: client may need an upstream socket too).
     max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: Open connections on ``authz_listen`` per instance (each worker); one more is answered
+    #: 503 and closed. 0: an eighth of the descriptor budget (the limit less 64), at least 16.
+    authz_max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: Open connections on ``authz.grpc_listen`` per instance (each worker); one more is sent
+    #: GOAWAY and closed. 0: an eighth of the descriptor budget, at least 16.
+    grpc_max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: Open connections on ``admin_listen`` (worker 0); one more is answered 503 and closed.
+    #: 0: a thirty-second of the descriptor budget, at least 16.
+    admin_max_connections: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 0
+    #: ``authz.grpc_listen``: a connection with no call open for this long is sent GOAWAY and
+    #: closed (gRPC's max-connection-idle); one with a call open is pinged at this pace and
+    #: closed when a ping goes unanswered for 20 s. 0: ``header_timeout_ms``.
+    grpc_idle_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
 
 
 #: Meters the gateway counts itself after a response (SPEC §3): a route's ``meter``.

@@ -4,46 +4,121 @@ slots given back and metered usage (bytes served, GBs run) charged after the res
 KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
         (as in decide.lua)
 KEYS[7] alerts, KEYS[8] events (as in decide.lua)
-KEYS[9] (ingestion only) seen: string, set once per ingested record id; a record seen before
-        is not counted again (reply status 8)
+KEYS[9] (optional) seen: string, set once per id — an ingested record, a write-back, refunds
+        sent again, a plugin-mode done call ("done:<holder>"): a call whose id was seen before
+        changes nothing at all (reply status 8). Set by the call that applies, in the same
+        script, whatever it carries (slots only, meters, refunds, nothing).
 ARGV[1] now_ms    when the usage happened, ms since the epoch; "0" = the store's clock
 ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
 ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs;
-                  a meter named "-<meter>@<ms>" gives back that amount charged at <ms>
+                  a meter named "-<meter>@<ms>" gives back that amount charged at <ms>;
+                  then, optionally, one last value: how long KEYS[9] is kept (ms; default
+                  40 days, longer than any retry of a record)
+
+Checked before anything is written: every count and amount is a whole number from 0 to
+2^53 - 1 (exact in Lua's doubles), and no counter this call adds to may pass 2^62 (HINCRBY
+stops at 2^63 - 1). Anything else is refused whole — reply status 16, nothing written, not
+even the seen key or a slot — so an error can never leave half a settle behind.
 
 Metered usage never refuses (the request has been served): it goes plan -> packs ->
 pay-as-you-go with overage on, else it is recorded beyond the quota, unbilled; the next
 request that needs the meter is then refused by decide.lua.
 
-Reply: {status, flags}; status 4 = no snapshot (usage not written: the caller keeps it),
-8 = an ingested record seen before (nothing written); flags 2 = pay-as-you-go used, 16 events
-written.
+Reply: {status, flags}; status 4 = no snapshot (slots given back, usage not written: the
+caller keeps it; the seen key is not set), 8 = an id seen before (nothing written), 16 =
+refused (out of bounds: nothing written); flags 2 = pay-as-you-go used, 16 events written.
 ]]
 
-local store_ms = store_clock_ms()
-local now_ms = tonumber(ARGV[1])
-if now_ms <= 0 then now_ms = store_ms + EPOCH_2020_MS end
-local inst, mode = ARGV[2], ARGV[3]
-local n = tonumber(ARGV[4])
+local MAX_AMOUNT = 9007199254740991   -- 2^53 - 1
+local MAX_COUNTER = 4611686018427387904  -- 2^62
 
-local i = 5
-for _ = 1, n do
-  release_held(KEYS[5], inst, ARGV[i], tonumber(ARGV[i + 1]))
-  i = i + 2
+-- A whole number from 0 to 2^53 - 1, or nil.
+local function whole(s)
+  local v = tonumber(s)
+  if v and v >= 0 and v <= MAX_AMOUNT and v == math.floor(v) then return v end
+  return nil
 end
-if i > #ARGV then return {0, 0} end
+
+-- 1. The arguments, before anything is read or written.
+local now_ms, n = whole(ARGV[1]), whole(ARGV[4])
+if not now_ms or not n or 4 + 2 * n > #ARGV then return {16, 0} end
+local inst, mode = ARGV[2], ARGV[3]
+local first = 5 + 2 * n  -- the first (meter, amount) pair
+for j = 5, first - 1, 2 do
+  if not whole(ARGV[j + 1]) then return {16, 0} end
+end
+local last = #ARGV  -- the last argument of a pair
+local keep_ms = 40 * 86400000  -- longer than any retry of a record
+if (last - first) % 2 == 0 then  -- one last value: how long the seen key is kept
+  keep_ms = whole(ARGV[last])
+  if not keep_ms or keep_ms < 1 then return {16, 0} end
+  last = last - 1
+end
+local charged = {}  -- meter -> what this call adds to its counters
+for j = first, last, 2 do
+  local amount = whole(ARGV[j + 1])
+  if not amount then return {16, 0} end
+  local meter = ARGV[j]
+  if meter ~= 'capacity_bytes' and string.sub(meter, 1, 1) ~= '-' then
+    charged[meter] = (charged[meter] or 0) + amount
+  end
+end
+
+-- 2. Once per id: a call seen before writes nothing.
+if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 1 then return {8, 0} end
+
+local function give_slots_back()
+  for j = 5, first - 1, 2 do
+    release_held(KEYS[5], inst, ARGV[j], tonumber(ARGV[j + 1]))
+  end
+end
+local function seen()
+  if KEYS[9] then redis.call('SET', KEYS[9], '1', 'PX', keep_ms) end
+end
+
+if first > last then  -- slots only (or nothing): no snapshot needed
+  seen()
+  give_slots_back()
+  return {0, 0}
+end
 
 local ent = snapshot(KEYS[1])
-if not ent then return {4, 0} end
-if KEYS[9] then
-  if redis.call('EXISTS', KEYS[9]) == 1 then return {8, 0} end
-  redis.call('SET', KEYS[9], '1', 'PX', 40 * 86400000)  -- longer than any retry
+if not ent then
+  give_slots_back()
+  return {4, 0}
 end
+if now_ms == 0 then now_ms = store_clock_ms() + EPOCH_2020_MS end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
-if mode == 'off' then return {0, 0} end
+if mode == 'off' then
+  seen()
+  give_slots_back()
+  return {0, 0}
+end
 calendar_at(ent, now_ms)
 local cycle_day = cycle_now()
+
+-- 3. No counter may overflow: every one this call may add to (the plan's, each valid pack's,
+-- today's beyond plan + packs) is read first, before the first write.
+for meter, amount in pairs(charged) do
+  local room = MAX_COUNTER - amount
+  local function full(key, field)
+    return (tonumber(redis.call('HGET', key, field)) or 0) > room
+  end
+  if amount > MAX_COUNTER or full(KEYS[2], cycle_day .. ':' .. meter)
+      or full(KEYS[4], (over_field(meter, mode))) then
+    return {16, 0}
+  end
+  for _, p in ipairs(ENT.packs) do
+    if p.meter == meter and p.from <= TODAY and TODAY < p.to and full(KEYS[3], p.id) then
+      return {16, 0}
+    end
+  end
+end
+
+-- 4. Written: the seen key, the slots, the meters.
+seen()
+give_slots_back()
 
 local flags = 0
 
@@ -98,7 +173,7 @@ local function refund(meter, amount, at)
   if amount > 0 then give(KEYS[2], cycle_day .. ':' .. meter) end
 end
 
-while i < #ARGV do
+for i = first, last, 2 do
   local meter, amount = ARGV[i], tonumber(ARGV[i + 1])
   if meter == 'capacity_bytes' then
     gauge(meter, amount)
@@ -108,6 +183,5 @@ while i < #ARGV do
   else
     cumulative(meter, amount)
   end
-  i = i + 2
 end
 return {0, flags}
