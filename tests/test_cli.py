@@ -56,6 +56,13 @@ def test_demo_walkthrough():
     assert "→ 10 INIT_EVENT, 2 ERROR REALTIME_CONNECTION_LIMIT_EXCEEDED" in text
     assert "then INIT_WATCH w12 → INIT_EVENT" in text
     assert "→ 2 passed, 2 refused with concurrency-exceeded" in text
+    # The access log is out of the walk-through, in the file it names at the end.
+    assert '"logger":"quotagate.access"' not in text + out.stderr
+    named = next(line for line in text.splitlines() if line.startswith("Access log"))
+    logged = [json.loads(line) for line in
+              Path(named.rsplit(": ", 1)[1]).read_text().splitlines()]
+    assert {"demo-shop", "demo-free", "demo-live"} <= {e["env"] for e in logged}
+    assert {e["logger"] for e in logged} == {"quotagate.access"}
 
 
 def write_serve_config(tmp_path: Path, upstream_port: int) -> tuple[Path, int, int]:

@@ -9,6 +9,8 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 from quotagate.common.logs import JsonFormatter
 from quotagate.gateway.app import STATE
 from tests.helpers import env
@@ -206,3 +208,55 @@ async def test_with_the_access_log_a_refusal_is_logged_once(make_gateway, caplog
     lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()
              if line.startswith("{")]
     assert [e["decision"] for e in lines] == ["quota-exceeded"]
+
+
+@pytest.mark.deployed
+async def test_the_access_log_goes_to_a_file_reopened_at_each_reload(tmp_path: Path):
+    """`quotagate serve` with access_log_file: the lines go to the file, not stderr; after
+    the file is moved away (a rotation) and the gateway is sent SIGHUP, new lines go to a new
+    file at the same path and none is lost. A path that cannot be written (a directory) is
+    said in the log and the lines go to stderr; requests are answered all the same."""
+    import signal
+
+    from tests.deployed import live_env, served
+
+    envs = {"logged": live_env()}
+    async with served(tmp_path, envs, access_log_file="access.log") as (gw, _):
+        url = gw.route("function") + "f"
+        log_path = tmp_path / "access.log"
+
+        async def logged(path: Path, n: int) -> list[dict]:
+            for _ in range(100):  # lines are written every 50 ms
+                lines = path.read_text().splitlines() if path.exists() else []
+                if len(lines) >= n:
+                    break
+                await asyncio.sleep(0.05)
+            return [json.loads(line) for line in lines]
+
+        assert await gw.get(url, "logged", 3) == [200] * 3
+        before = await logged(log_path, 3)
+        assert [(e["env"], e["status"]) for e in before] == [("logged", 200)] * 3
+        log_path.rename(tmp_path / "access.log.1")
+        reloads = gw.log_text().count("config reloaded")
+        gw.proc.send_signal(signal.SIGHUP)
+        for _ in range(300):
+            if gw.log_text().count("config reloaded") > reloads:
+                break
+            await asyncio.sleep(0.05)
+        assert await gw.get(url, "logged", 2) == [200] * 2
+        assert len(await logged(log_path, 2)) == 2  # the new file
+        assert len(await logged(tmp_path / "access.log.1", 3)) == 3  # the rotated one, whole
+        assert '"logger":"quotagate.access"' not in gw.log_text()
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "access.log").mkdir()  # a directory where the file should be
+    async with served(blocked, envs, access_log_file="access.log") as (gw, _):
+        assert await gw.get(gw.route("function") + "f", "logged") == [200]
+        for _ in range(100):
+            if '"logger":"quotagate.access"' in gw.log_text():
+                break
+            await asyncio.sleep(0.05)
+        text = gw.log_text()
+        assert "access_log_file" in text and "cannot be written" in text, text[-2000:]
+        assert '"logger":"quotagate.access"' in text  # to stderr instead

@@ -21,13 +21,18 @@ from quotagate.gateway.server import StartError, run_gateway
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.settings import load_config
 
+#: The demo's access log: out of the walk-through (a newcomer reads the story), named at the
+#: end, kept after the demo (its own temporary directory is not).
+ACCESS_LOG = Path(tempfile.gettempdir()) / "quotagate-demo-access.log"
+
 
 def write_demo_config(directory: Path, port: int, admin_port: int, upstream_port: int,
-                      today: dt.date) -> Path:
+                      today: dt.date, access_log: Path = ACCESS_LOG) -> Path:
     shipped = shipped_gateway()
     gateway = {
         "listen": f"127.0.0.1:{port}",
         "admin_listen": f"127.0.0.1:{admin_port}",
+        "access_log_file": str(access_log),
         "store": {"url": "", "data_dir": str(directory / "valkey")},
         "on_store_failure": "open",
         "timezone": "Asia/Shanghai",
@@ -212,6 +217,7 @@ async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -
     tz = zoneinfo.ZoneInfo("Asia/Shanghai")
     with tempfile.TemporaryDirectory(prefix="quotagate-demo-") as tmp:
         directory = Path(tmp)
+        ACCESS_LOG.unlink(missing_ok=True)  # this run's requests only
         config_path = write_demo_config(directory, port, admin_port, upstream_port,
                                         dt.datetime.now(tz).date())
         config = load_config(config_path)
@@ -239,6 +245,7 @@ async def run_demo(port: int, admin_port: int, upstream_port: int, once: bool) -
                  f"gateway {base}, admin http://127.0.0.1:{admin_port}")
             seen = await walkthrough(base)
             _say(f"\nMetrics: curl -s http://127.0.0.1:{admin_port}/metrics | grep quotagate_")
+            _say(f"Access log (one JSON line per request above): {ACCESS_LOG}")
             if not once:
                 _say(f"\nThe gateway keeps running. Try:\n"
                      f"  curl -i -H 'X-CloudBase-Env: demo-free' {base}/functions/hello\n"

@@ -1,5 +1,6 @@
 """The access log: one JSON line per request on the public listener (``access_log``, on by
-default), to stderr — as Kong, APISIX and Envoy operators read theirs.
+default), to stderr — as Kong, APISIX and Envoy operators read theirs — or appended to
+``access_log_file`` (opened again at each reload: SIGHUP after a rotation).
 
 Each line: ``ts``, ``level``, ``logger`` (``quotagate.access``), ``msg`` (the members of every
 ``--log-format json`` line), ``request_id``, ``method``, ``path`` (no query: it may carry
@@ -17,10 +18,14 @@ line; a stopping gateway writes what is left.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
+from pathlib import Path
 
 import msgspec
+
+log = logging.getLogger("quotagate.server")
 
 #: Lines are written in pieces no larger than this (POSIX: writes up to PIPE_BUF bytes to a
 #: pipe are atomic).
@@ -57,13 +62,36 @@ FLUSH_BYTES = 64 * 1024
 
 
 class AccessLog:
-    def __init__(self, fd: int = 2):
+    def __init__(self, fd: int = 2, path: Path | None = None):
         self.fd = fd
+        #: The file it appends to (its descriptor its own), or None for stderr.
+        self.path = path
         self._lines: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._second = -1
         self._second_text = ""
+
+    @classmethod
+    def to(cls, path: Path | None) -> AccessLog:
+        """To stderr, or appended to ``path`` (created; O_APPEND: workers sharing it never
+        write over each other's lines)."""
+        if path is None:
+            return cls()
+        try:
+            return cls(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640), path)
+        except OSError as exc:  # a request is never refused for its log line
+            log.error("access_log_file %s cannot be written (%s): the access log goes to "
+                      "stderr", path, exc.strerror or exc)
+            return cls()
+
+    def close(self) -> None:
+        """Write what is left; close the file, if it is one of its own."""
+        self.flush()
+        if self.path is not None:
+            os.close(self.fd)
+            self.path = None
+            self.fd = -1
 
     def _now(self) -> str:
         """ISO 8601 UTC with milliseconds; the date and time formatted once a second."""

@@ -69,7 +69,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await state.runtime.stop()
     await state.pool.close()
     if state.access_log is not None:
-        state.access_log.flush()
+        state.access_log.close()
 
 
 async def _close_sockets(app: web.Application) -> None:

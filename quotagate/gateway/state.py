@@ -69,12 +69,13 @@ class GatewayState:
         self.env_modes = {env_id: env.mode
                           for env_id, env in config.environments.environments.items()
                           if env.mode is not None}
-        if not gw.access_log:
-            if self.access_log is not None:
-                self.access_log.flush()
+        if self.access_log is not None and (not gw.access_log or gw.access_log_file
+                                            or self.access_log.path):
+            self.access_log.close()  # off, or a file opened again (after a rotation)
             self.access_log = None
-        elif self.access_log is None:
-            self.access_log = AccessLog()
+        if gw.access_log and self.access_log is None:
+            self.access_log = AccessLog.to(
+                config.resolve(gw.access_log_file) if gw.access_log_file else None)
 
     def upstream_base(self, path_qs: str) -> str | None:
         """Where a queued invocation of this path goes (its route's upstream)."""

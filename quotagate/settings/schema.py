@@ -297,6 +297,9 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     metrics_auth: bool = False
     #: One JSON line per request on the public listener, to stderr (gateway/accesslog.py).
     access_log: bool = True
+    #: Where those lines go instead of stderr: a file, appended to (relative to gateway.yaml),
+    #: opened again at every reload (SIGHUP after a rotation). "": stderr.
+    access_log_file: str = ""
     #: The lifecycle scheduler's round (reminders, isolation and release events, replay of
     #: queued invocations); 0: off on this instance.
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
