@@ -104,6 +104,29 @@ async def test_the_lower_qps_applies_and_the_headers_say_which(gw: Deployed) -> 
         assert headers["RateLimit-Policy"].startswith(policy), (env, headers)
 
 
+async def test_the_usage_report_tells_the_qps_in_force_and_which_cap(gw: Deployed) -> None:
+    """`quotagate env usage` and the admin API report the QPS the store enforces — the lower
+    of plan (with promos) and version — and the cap that decides it, for each state of a
+    version, and on a promo day: the same figure as the RateLimit-Policy header."""
+    gw.put_env("gv-promo", yaml.safe_dump(_env(gateway=_grant("test", -3, 1))))
+    gw.put_env("gv-promo-free", yaml.safe_dump(_env()))
+    gw.put_env("gv-pending", yaml.safe_dump(_env(gateway=_grant("basic", 5, 1))))
+    for env in ("gv-promo", "gv-promo-free"):
+        gw.ok("promo", "buy", env, "db-3k", "--days", "1")
+    expect = {"gv-active": (100, "gateway-version"), "gv-plan-lower": (50, "plan"),
+              "gv-expired": (VERSIONS["test"]["qps"], "gateway-version"),
+              "gv-auto": (500, "plan"), "gv-none": (500, "plan"),
+              "gv-promo": (100, "gateway-version"),  # db-3k's 10,000 capped by test
+              "gv-promo-free": (10_000, "promo"), "gv-pending": (500, "plan")}
+    for env, (qps, by) in expect.items():
+        usage = gw.json("env", "usage", env)
+        assert (usage["qps_limit"], usage["qps_limit_by"]) == (qps, by), env
+        assert f"QPS {qps} (by {by})" in gw.ok("env", "usage", env)
+        status, headers = await _headers(gw, env)
+        assert status == 200, env
+        assert headers["RateLimit-Policy"].startswith(f'"qps";q={qps};w=1'), (env, headers)
+
+
 async def test_a_refusal_by_the_version_says_so(gw: Deployed) -> None:
     async with aiohttp.ClientSession() as s:
         async def one() -> tuple[int, dict]:

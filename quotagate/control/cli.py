@@ -107,7 +107,8 @@ def env_usage(args: argparse.Namespace) -> None:
                      "payg": m["payg"], "remaining": m["remaining"]})
     head = (f"{data['env']}  plan {data['plan']}  overage {'on' if data['overage'] else 'off'}"
             f"  cycle {data['cycle']['start']} .. {data['cycle']['end']}  "
-            f"QPS {data['qps_limit']}  watches {data['realtime']['open']}/"
+            f"QPS {data['qps_limit']} (by {data.get('qps_limit_by', 'plan')})  "
+            f"watches {data['realtime']['open']}/"
             f"{data['realtime']['cap']}")
     _out(args, data, head + "\n" + table(rows, ["meter", "unit", "quota", "used",
                                                 "packs left", "payg", "remaining"]))

@@ -1,12 +1,14 @@
 """Usage of one environment, per meter, read from the store: plan quota, used from the plan,
 each pack's remaining and expiry, pay-as-you-go so far this cycle, the cycle, the QPS limit in
-force and the open slots."""
+force (and which cap decides it: the plan, a promo pack or the gateway version) and the open
+slots."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
+from quotagate.billing import versions
 from quotagate.common import calendar as cal
 from quotagate.control.envs import Environments, Record
 from quotagate.limiter import keys
@@ -80,14 +82,20 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
     capacity.update(used=current, current=current, plan_remaining=max(0, capacity["quota"]
                     - current), with_packs=room, remaining=max(0, room - current))
 
-    qps = limits["qps"]
+    qps, qps_by = limits["qps"], "plan"
     rt_cap, fc_cap = limits["realtime"], limits["function_concurrency"]
     for promo in env.promos:
         promo_spec = config.plans.promo_packs[promo.pack]
         if promo.start <= today < promo.start + dt.timedelta(days=promo.days):
-            qps = max(qps, promo_spec.qps or 0)
+            if (promo_spec.qps or 0) > qps:
+                qps, qps_by = promo_spec.qps or 0, "promo"
             rt_cap = max(rt_cap, promo_spec.realtime or 0)
             fc_cap = max(fc_cap, promo_spec.function_concurrency or 0)
+    # The gateway version caps what plan and promos allow (SPEC §15), as decide.lua does: the
+    # lower of the two, from the day it was bought; the lowest version's once it has expired.
+    version = versions.status(env.gateway, config.plans, today) if env.gateway else None
+    if version is not None and version.in_effect and version.qps < qps:
+        qps, qps_by = version.qps, "gateway-version"
     functions = {f.decode()[4:]: int(v) for f, v in slots.items()
                  if f.startswith(b"=fn:")}
     return {
@@ -96,6 +104,7 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
         "cycle": {"start": start.isoformat(), "end": end.isoformat()},
         "expires": env.expires.isoformat(),
         "qps_limit": qps,
+        "qps_limit_by": qps_by,
         "realtime": {"open": num(slots, "=rt:"), "cap": rt_cap},
         "function_concurrency": {"in_flight": functions, "cap": fc_cap},
         "meters": meters,

@@ -57,6 +57,9 @@ LEASE_MIN_S, LEASE_START_S, LEASE_MAX_S = 0.05, 0.25, 1.0
 PIECE_S = 0.01
 HORIZON_S = 0.02
 OFFSET_KEEP_S = 10.0
+#: Beyond what two samples' round trips explain, a difference of offsets this large is the
+#: store's clock stepping, not a reply read late (clock_offset).
+STEP_SLACK_S = 0.005
 MIN_PIECE = 1024
 
 
@@ -228,11 +231,15 @@ class Bandwidth:
     def clock_offset(self, env: str, store_now: float, sent: float, back: float) -> float:
         """Slots are in the store's time; sending is in ours. A reply read late (a busy
         event loop) would shift a slot by the delay, so the sample with the shortest round
-        trip of the last OFFSET_KEEP_S wins (the two clocks run at the same pace)."""
+        trip of the last OFFSET_KEEP_S wins (the two clocks run at the same pace) — unless
+        the store's clock stepped (NTP, a failover to a node whose clock differs): a sample
+        further from the kept one than both round trips can explain (each is off by at most
+        half its own) replaces it at once, so a step costs at most the slot in flight."""
         rtt = back - sent
         sample = store_now - (sent + back) / 2
         best = self._offsets.get(env)
-        if best is None or rtt <= best[1] or back - best[2] > OFFSET_KEEP_S:
+        if (best is None or rtt <= best[1] or back - best[2] > OFFSET_KEEP_S
+                or abs(sample - best[0]) > (rtt + best[1]) / 2 + STEP_SLACK_S):
             self._offsets[env] = best = (sample, rtt, back)
         return best[0]
 

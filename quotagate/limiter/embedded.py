@@ -175,8 +175,12 @@ class EmbeddedValkey:
         port: int | None = None,
         appendonly: bool = True,
         binary: str | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
+        #: Variables added to the server's environment (tests: libfaketime's, to move the
+        #: store's clock and with it every notion of now of the deployment).
+        self.env = env or {}
         self.port = port
         self.appendonly = appendonly
         self.binary = binary or valkey_binary()
@@ -222,6 +226,7 @@ class EmbeddedValkey:
             self.process = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE, pass_fds=(lock_fd,), process_group=0,
+                env={**os.environ, **self.env} if self.env else None,
                 preexec_fn=lambda: die_with_parent(parent),
             )
         except BaseException:

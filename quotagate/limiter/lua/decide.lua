@@ -110,6 +110,16 @@ end
 local interval = 1000 / qps_limit
 local tat = tonumber(redis.call('GET', KEYS[2])) or store_ms
 if tat < store_ms then tat = store_ms end
+-- An admission puts the TAT at most burst + interval ahead of now: one further ahead is the
+-- store's clock stepping back (NTP, a failover to a node whose clock differs), not clients.
+-- It is taken as a full burst (the clamp kept, whatever this request's answer): the step
+-- refuses nothing of its own, and admits at most one request more than a steady clock would.
+if tat > store_ms + burst + interval then
+  tat = store_ms + burst
+  if mode ~= 'record' then  -- kept even if this request is refused (for QPS or else)
+    redis.call('SET', KEYS[2], string.format('%.4f', tat), 'PX', math.ceil(tat - store_ms) + 1000)
+  end
+end
 local qps_ok = mode == 'record' or (tat - store_ms) <= burst
 local new_tat = tat + interval
 local qps_retry, qps_remaining, qps_reset

@@ -1,0 +1,126 @@
+"""The store's clock steps (NTP, a failover to a node whose clock differs) under traffic, with
+`quotagate serve` as shipped: the store runs under libfaketime (scripts/faketime), so the
+whole deployment — which takes every notion of now from the store — lives through the step.
+Real clock otherwise: no date is fixed, none depends on the day the test runs.
+
+A step costs at most one slot of shaping and one interval of QPS, never its own length."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
+from tests.deployed import Deployed, days, live_env, serve, shipped_config, upstream_process
+
+pytestmark = pytest.mark.deployed
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+#: 1 Mbps, gateway version `test`.
+RATE = 125_000
+#: However busy the machine, a response the step does not hold ends within this long (the
+#: steps below are 20 s, 30 s and an hour).
+PROMPT_S = 8.0
+
+
+class StoreClock:
+    """The faked store's offset from the real clock, in seconds (libfaketime reads the file at
+    each call: FAKETIME_NO_CACHE)."""
+
+    def __init__(self, directory: Path):
+        self.file = directory / "faketime"
+        self.offset = 0
+        self.file.write_text("+0\n")
+
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME_TIMESTAMP_FILE": str(self.file),
+                "FAKETIME_NO_CACHE": "1", "DONT_FAKE_MONOTONIC": "1"}
+
+    def step(self, seconds: int) -> None:
+        self.offset += seconds
+        self.file.write_text(f"{self.offset:+d}\n")
+
+
+@pytest.fixture
+def store_clock(tmp_path: Path) -> StoreClock:
+    assert LIBFAKETIME.exists(), "libfaketime is missing: scripts/faketime installs it"
+    return StoreClock(tmp_path)
+
+
+@pytest.fixture
+def upstream() -> Iterator[str]:
+    with upstream_process() as origin:
+        yield origin
+
+
+@pytest.fixture
+async def deployment(tmp_path: Path, store_clock: StoreClock, upstream: str
+                     ) -> AsyncIterator[Deployed]:
+    store = EmbeddedValkey(tmp_path / "valkey", port=free_port(), env=store_clock.env()).start()
+    config = shipped_config(tmp_path, upstream, store={"url": store.url, "timeout_ms": 500})
+    versioned = {**live_env(), "gateway": {"version": "test", "purchased": days(-3),
+                                           "months": 1}}
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        "steps-bw": versioned, "steps-qps": live_env(qps=5)}}))
+    gateway = await serve(tmp_path, config)
+    try:
+        yield gateway
+    finally:
+        log = gateway.stop()
+        store.stop()
+        assert "Traceback" not in log, log[-3000:]
+
+
+async def download(gw: Deployed, n: int) -> float:
+    """Seconds one `steps-bw` download of ``n`` bytes takes (shaped at RATE)."""
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as s, s.get(
+            gw.route("storage") + f"x/bytes?n={n}", headers={"X-CloudBase-Env": "steps-bw"},
+            timeout=aiohttp.ClientTimeout(total=120)) as r:
+        body = await r.read()
+    assert (r.status, len(body)) == (200, n)
+    return time.monotonic() - started
+
+
+async def test_a_forward_step_costs_shaped_responses_one_slot(deployment: Deployed,
+                                                             store_clock: StoreClock):
+    """Before the fix, a +20 s step held the next shaped response for 20 s (the instance kept
+    the old store-to-local offset for 10 s and mapped the new slot 20 s into the future), and
+    after +1 h none completed."""
+    gw = deployment
+    # Paced before the step: 125,000 B at 125,000 B/s (the first piece goes at once).
+    assert await download(gw, RATE) >= 0.9
+    for step in (20, 3600):
+        store_clock.step(step)
+        took = [await download(gw, 12_500) for _ in range(3)]
+        assert max(took) < PROMPT_S, (step, took)
+    # Still shaped to the version after the steps, not let through unpaced.
+    assert await download(gw, RATE) >= 0.9
+
+
+async def test_a_backward_step_refuses_no_recent_traffic(deployment: Deployed,
+                                                        store_clock: StoreClock):
+    """Before the fix, after a -30 s step every environment with a request just before got
+    429 qps-exceeded for 30 s (the stored GCRA TAT was 30 s ahead of the new TIME), and a
+    shaped response waited for the timeline 30 s ahead."""
+    gw = deployment
+    url = gw.route("function") + "f"
+    # 5 QPS: a burst at once fills the TAT (some refused: that is the limit).
+    assert 200 in await gw.get(url, "steps-qps", 10, concurrent=True)
+    assert await download(gw, 25_000) < PROMPT_S
+    store_clock.step(-30)
+    stepped = time.monotonic()
+    statuses: list[int] = []
+    while time.monotonic() - stepped < 3:  # a request every 0.4 s, below the limit
+        statuses += await gw.get(url, "steps-qps")
+        await asyncio.sleep(0.4)
+    # Below the limit after the step: every one passes (the step is the clock's, not theirs).
+    assert statuses == [200] * len(statuses), statuses
+    took = await download(gw, 12_500)
+    assert took < PROMPT_S, took
