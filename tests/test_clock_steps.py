@@ -8,6 +8,7 @@ A step costs at most one slot of shaping and one interval of QPS, never its own 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -124,3 +125,50 @@ async def test_a_backward_step_refuses_no_recent_traffic(deployment: Deployed,
     assert statuses == [200] * len(statuses), statuses
     took = await download(gw, 12_500)
     assert took < PROMPT_S, took
+
+
+async def test_capacity_is_billed_for_a_day_no_instance_ran(tmp_path: Path,
+                                                           store_clock: StoreClock,
+                                                           upstream: str):
+    """The last size reported is carried into each day's bill by the scheduler's rounds; a
+    day on which no instance ran (here: the gateway stopped, the store's clock two days on, a
+    gateway started again) is billed the size kept, once, like any other day."""
+    store = EmbeddedValkey(tmp_path / "valkey", port=free_port(), env=store_clock.env()).start()
+    config = shipped_config(tmp_path, upstream, store={"url": store.url, "timeout_ms": 500},
+                            lifecycle_interval_ms=300)
+    envs = {"steps-cap": {**live_env(capacity_gb=1), "overage": True}}
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": envs}))
+
+    def capacity_lines(gw: Deployed, day: dt.date) -> list[dict]:
+        return [line for line in gw.json("bill", "--date", day.isoformat())["lines"]
+                if line["env"] == "steps-cap" and line["meter"] == "capacity_bytes"]
+
+    gw = await serve(tmp_path, config)
+    try:
+        reported = dt.date.fromisoformat(gw.json("env", "usage", "steps-cap")["today"])
+        status, body = await gw.admin_api("POST", "/usage", {"records": [{
+            "id": "size-1", "env": "steps-cap", "meter": "capacity_bytes",
+            "amount": 3 * 2**30, "at": dt.datetime.now(dt.UTC).isoformat()}]})
+        assert status == 200 and body["counted"] == 1, body
+        [first] = capacity_lines(gw, reported)  # 2 GB over the plan's 1 GB
+        assert first["amount"] == "0.20", first
+    finally:
+        assert "Traceback" not in gw.stop()
+    store_clock.step(2 * 86_400)  # nobody runs for a whole day
+    gw = await serve(tmp_path, config)
+    try:
+        today = dt.date.fromisoformat(gw.json("env", "usage", "steps-cap")["today"])
+        assert today == reported + dt.timedelta(days=2)
+        for _ in range(100):  # the first round carries the size into today
+            if capacity_lines(gw, today):
+                break
+            await asyncio.sleep(0.1)
+        assert [line["amount"] for line in capacity_lines(gw, today)] == ["0.20"]
+        skipped = capacity_lines(gw, reported + dt.timedelta(days=1))
+        assert [(line["quantity"], line["amount"]) for line in skipped] == [
+            (first["quantity"], "0.20")], skipped
+        assert capacity_lines(gw, reported) == [first]  # billed once, unchanged
+    finally:
+        log = gw.stop()
+        store.stop()
+        assert "Traceback" not in log, log[-3000:]

@@ -100,18 +100,24 @@ end
 
 -- A gauge meter (capacity_bytes): what plan quota + valid packs leave above the last reported
 -- value (negative: over). The value is kept in the usage hash as "gauge:<meter>".
-local function gauge_left(usage_key, meter)
-  local value = tonumber(redis.call('HGET', usage_key, 'gauge:' .. meter)) or 0
+-- A gauge's room on a local day: the plan's quota and the packs valid that day.
+local function gauge_room(meter, day)
   local room = ENT.quota[meter] or 0
   for _, p in ipairs(ENT.packs) do
-    if p.meter == meter and p.from <= TODAY and TODAY < p.to then room = room + p.amount end
+    if p.meter == meter and p.from <= day and day < p.to then room = room + p.amount end
   end
-  return room - value, value
+  return room
 end
 
--- Where usage beyond plan + packs goes: pay-as-you-go (overage on), else recorded unbilled.
-local function over_field(meter, mode)
-  local field = TODAY .. ':' .. meter
+local function gauge_left(usage_key, meter)
+  local value = tonumber(redis.call('HGET', usage_key, 'gauge:' .. meter)) or 0
+  return gauge_room(meter, TODAY) - value, value
+end
+
+-- Where usage beyond plan + packs goes on a local day (today by default): pay-as-you-go
+-- (overage on), else recorded unbilled.
+local function over_field(meter, mode, day)
+  local field = (day or TODAY) .. ':' .. meter
   if ENT.overage == 1 then return field, true end
   if mode == 'shadow' then return field .. ':shadow', false end
   return field .. ':unbilled', false

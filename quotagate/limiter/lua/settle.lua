@@ -31,6 +31,7 @@ refused (out of bounds: nothing written); flags 2 = pay-as-you-go used, 16 event
 ]]
 
 local MAX_AMOUNT = 9007199254740991   -- 2^53 - 1
+local GAUGE_GAP_DAYS = 400  -- the furthest back a gauge's days nobody carried are billed
 local MAX_COUNTER = 4611686018427387904  -- 2^62
 
 -- A whole number from 0 to 2^53 - 1, or nil.
@@ -124,19 +125,32 @@ local flags = 0
 
 -- A gauge: the reported size replaces the last one; the day's pay-as-you-go is the largest
 -- excess over plan + packs seen that day (billed per GB and day).
+-- A day's excess of a gauge is the largest seen that day: kept if larger than what is there.
+local function gauge_over(meter, size, day)
+  local over = size - gauge_room(meter, day)
+  if over <= 0 then return end
+  local field, billed = over_field(meter, mode, day)
+  if billed and flags % 4 < 2 then flags = flags + 2 end
+  if (tonumber(redis.call('HGET', KEYS[4], field)) or 0) < over then
+    redis.call('HSET', KEYS[4], field, over)
+  end
+end
+
 local function gauge(meter, value)
   -- A report older than the one kept (a late retry) changes nothing.
   local kept_at = tonumber(redis.call('HGET', KEYS[2], 'gauge_at:' .. meter)) or 0
   if now_ms < kept_at then return end
-  redis.call('HSET', KEYS[2], 'gauge:' .. meter, value, 'gauge_at:' .. meter, now_ms)
-  local left = gauge_left(KEYS[2], meter)
-  if left < 0 then
-    local field, billed = over_field(meter, mode)
-    if billed and flags % 4 < 2 then flags = flags + 2 end
-    if (tonumber(redis.call('HGET', KEYS[4], field)) or 0) < -left then
-      redis.call('HSET', KEYS[4], field, -left)
-    end
+  if kept_at > 0 then
+    -- Days since the size was last reported or carried on which nobody carried it (no
+    -- instance ran a scheduler round: an outage of a whole day, a deployment scaled to zero
+    -- overnight) are billed the size kept, as a carry would have billed them: once each (a
+    -- day's excess is its largest), active days only, at most GAUGE_GAP_DAYS back.
+    local kept = tonumber(redis.call('HGET', KEYS[2], 'gauge:' .. meter)) or 0
+    local from = math.max(local_day(kept_at) + 1, TODAY - GAUGE_GAP_DAYS, ENT.cycles[1])
+    for day = from, math.min(TODAY, ENT.expire_day) - 1 do gauge_over(meter, kept, day) end
   end
+  redis.call('HSET', KEYS[2], 'gauge:' .. meter, value, 'gauge_at:' .. meter, now_ms)
+  gauge_over(meter, value, TODAY)
 end
 
 local function cumulative(meter, amount)
