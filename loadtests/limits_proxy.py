@@ -28,9 +28,9 @@ from limits.aio.strategies import (
     SlidingWindowCounterRateLimiter,
 )
 
-from quotagate.gateway.proxy import UpstreamPool
 from quotagate.gateway.routing import compile_route
 from quotagate.gateway.server import tune_gc
+from quotagate.gateway.upstream import UpstreamPool
 from quotagate.settings.schema import Route, UpstreamSettings
 
 STRATEGIES: dict[str, type[FixedWindowRateLimiter | MovingWindowRateLimiter

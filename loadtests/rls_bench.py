@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench
 
-from quotagate.gateway.rls import METHOD, OK, RateLimitRequest, RateLimitResponse
+from quotagate.gateway.plugin.rls import METHOD, OK, RateLimitRequest, RateLimitResponse
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 HERE = Path(__file__).resolve().parent

@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from quotagate.common.envids import ENV_ID
-from quotagate.gateway import realtime
 from quotagate.gateway.envid import all_domains, environment_of
 from quotagate.gateway.problems import Problem
+from quotagate.gateway.realtime import frames
 from quotagate.gateway.routing import Router
 from quotagate.settings import load_config
 from tests.deployed import TOKEN, Deployed, days, serve, shipped_config, start_upstream
@@ -112,7 +112,7 @@ def test_the_router_matches_the_longest_prefix_that_fits(path, method, accept):
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8),
                          st.floats(allow_nan=False))
-MSG_TYPES = st.sampled_from([*sorted(realtime.CLIENT_TYPES), "init_watch", "", "NEXT_EVENT"])
+MSG_TYPES = st.sampled_from([*sorted(frames.CLIENT_TYPES), "init_watch", "", "NEXT_EVENT"])
 
 
 def _spelled(text: str, escapes: list[bool]) -> str:
@@ -151,11 +151,11 @@ def test_no_frame_the_upstream_reads_as_a_watch_passes_as_something_else(frame):
         upstream_sees = json.loads(as_read)
     except (ValueError, RecursionError):
         upstream_sees = None
-    seen = realtime._frame(as_read)
+    seen = frames.read_frame(as_read)
     a_message = (isinstance(upstream_sees, dict)
-                 and upstream_sees.get("msgType") in realtime.CLIENT_TYPES)
+                 and upstream_sees.get("msgType") in frames.CLIENT_TYPES)
     # The gateway either reads the same message or refuses the frame unread.
-    if a_message and seen is not realtime._UNREADABLE:
+    if a_message and seen is not frames.UNREADABLE:
         assert isinstance(seen, dict)
         assert seen["msgType"] == upstream_sees["msgType"]
         assert seen.get("watchId") == upstream_sees.get("watchId")

@@ -73,7 +73,8 @@ def test_troubleshooting_covers_every_problem_and_error_code() -> None:
     assert problems == set(CODES), "every problem type has its code"
     for suffix in problems:
         assert f"### `{suffix}` (" in page and f"— `{CODES[suffix]}`" in page, suffix
-    realtime = (ROOT / "quotagate/gateway/realtime.py").read_text()
+    realtime = "".join(p.read_text() for p in sorted(
+        (ROOT / "quotagate/gateway/realtime").glob("*.py")))
     codes = set(re.findall(r'"([A-Z][A-Z_]{5,})"', realtime)) - {
         "INIT_WATCH", "REBUILD_WATCH", "CLOSE_WATCH", "CHECK_LAST", "INIT_EVENT", "NEXT_EVENT",
         "CHECK_EVENT", "LOGIN", "ERROR", "WATCH", "REFUSED"}

@@ -166,14 +166,17 @@ async def test_the_environment_from_the_host_and_none_is_never_uncounted(service
 
 
 def test_the_descriptor_set_is_what_envoys_protos_compile_to(tmp_path: Path):
-    """gateway/rls.py builds its messages from envoy_api/rls.binpb: it must be the vendored
-    protos compiled (scripts/protos), not an edited or stale file."""
+    """gateway/plugin/rls.py builds its messages from the rls.binpb beside it: it must be the
+    protos vendored in third_party/envoy compiled (scripts/protos), not an edited or stale
+    file."""
     import subprocess
     import sys
 
-    api = Path(__file__).resolve().parents[1] / "quotagate" / "gateway" / "envoy_api"
+    root = Path(__file__).resolve().parents[1]
+    api = root / "third_party" / "envoy"
     out = tmp_path / "rls.binpb"
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(api),
                     "--include_imports", f"--descriptor_set_out={out}",
                     "envoy/service/ratelimit/v3/rls.proto"], check=True, timeout=60)
-    assert out.read_bytes() == (api / "rls.binpb").read_bytes()
+    shipped = root / "quotagate" / "gateway" / "plugin" / "rls.binpb"
+    assert out.read_bytes() == shipped.read_bytes()

@@ -549,7 +549,7 @@ async def test_any_upstream_error_for_a_watch_frees_it(make_gateway, connect, up
 
 
 def test_close_codes_never_put_on_the_wire():
-    from quotagate.gateway.realtime import wire_close_code
+    from quotagate.gateway.realtime.frames import wire_close_code
 
     assert wire_close_code(3001, lost=1011) == 3001
     assert wire_close_code(0, lost=1011) == 1000  # a close frame without a code (aiohttp: 0)

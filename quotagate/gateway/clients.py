@@ -4,11 +4,11 @@
   of the end of its previous response (aiohttp's keep-alive timer, which runs from the
   connection's start and is not reset by partial data: idle sockets and slowloris header
   senders are closed alike), on the public, ``authz_listen`` and ``admin_listen`` listeners;
-  ``authz.grpc_listen`` (rls.py) closes a connection that opens no call within it, a call
+  ``authz.grpc_listen`` (plugin/rls.py) closes a connection that opens no call within it, a call
   whose request message does not come within it, and a connection with no call open for
   ``grpc_idle_timeout_ms``;
-- bodies the gateway reads before deciding come within ``body_timeout_ms`` (app.py and
-  authz.py, 408);
+- bodies the gateway reads before deciding come within ``body_timeout_ms`` (proxy/handler.py
+  and plugin/authz.py, 408);
 - each listener holds at most its own cap of open connections (``connection_caps``): one more
   is refused at once (HTTP: ``503 too-many-connections``; gRPC: GOAWAY) and closed before
   anything of it is read;

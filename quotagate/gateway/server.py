@@ -1,5 +1,9 @@
 """``quotagate serve``: the embedded store (if no URL is configured), N worker processes sharing
-the public port with SO_REUSEPORT, the admin listener in worker 0."""
+the public port with SO_REUSEPORT, the admin listener in worker 0.
+
+The gateway's composition with ``app.py``: each worker serves the public application
+(``app.init_app``: the HTTP and realtime doors) and, on its state, plugin mode's listeners
+(``plugin/authz.py``, ``plugin/rls.py``) and the admin listener (control/admin.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +27,6 @@ from prometheus_client import CollectorRegistry
 from quotagate.common.logs import TEXT_FORMAT, configure
 from quotagate.control.admin import init_admin_app
 from quotagate.gateway.app import SERVER_KWARGS, STATE, init_app
-from quotagate.gateway.authz import authz_server
 from quotagate.gateway.clients import (
     PUBLIC,
     ConnectionCap,
@@ -33,7 +36,8 @@ from quotagate.gateway.clients import (
     raise_nofile,
     server_kwargs,
 )
-from quotagate.gateway.plugin import KEY_ENV, Tickets
+from quotagate.gateway.plugin.authz import authz_server
+from quotagate.gateway.plugin.tickets import KEY_ENV, Tickets
 from quotagate.limiter.embedded import EmbeddedValkey, die_with_parent
 from quotagate.settings import Config, load_config
 
@@ -134,7 +138,7 @@ async def run_gateway(
             await _listen(authz_runner, gw.authz_listen, "authz_listen",
                           reuse_port=reuse_port, backlog=2048)
         if gw.authz.grpc_listen:  # plugin mode: Envoy's rate limit service
-            from quotagate.gateway.rls import grpc_server  # (gRPC stack loaded only here)
+            from quotagate.gateway.plugin.rls import grpc_server  # (gRPC stack loaded only here)
 
             grpc = grpc_server(app[STATE], tickets, listeners["grpc"])
             host, port = _split(gw.authz.grpc_listen)

@@ -1,5 +1,7 @@
-"""The state the gateway's front doors share: the HTTP proxy (``app.py``) and the realtime
-relay (``realtime.py``) import it from here, and neither owns it.
+"""The state the gateway's front doors share: the HTTP proxy (``gateway/proxy/``), the
+realtime relay (``gateway/realtime/``) and plugin mode (``gateway/plugin/``) import it from
+here, and none of them owns it. The public listener's composition (``gateway/app.py``) makes
+it and keeps it under ``STATE``.
 
 It is small on purpose: what a request needs to be routed, decided and forwarded. Reloading,
 syncing and the control plane's background work are the ``Runtime``'s (control/runtime.py),
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis.asyncio as aredis
+from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
 from quotagate.control.runtime import Runtime
@@ -20,8 +23,8 @@ from quotagate.gateway.accesslog import AccessLog
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import all_domains
 from quotagate.gateway.problems import Problem
-from quotagate.gateway.proxy import UpstreamPool
 from quotagate.gateway.routing import CompiledRoute, Router
+from quotagate.gateway.upstream import UpstreamPool
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings import Config
 
@@ -32,6 +35,16 @@ class Socket(Protocol):
     def end_environment(self, status: str) -> None: ...
 
     def shutdown(self) -> Awaitable[None]: ...
+
+
+class Upgrade(Protocol):
+    """A WebSocket upgrade on a realtime route, handed by the HTTP door to the realtime door
+    (``realtime.upgrade.handle_upgrade``, set by ``app.init_app``: neither door imports the
+    other)."""
+
+    def __call__(self, request: web.Request, state: GatewayState, route: CompiledRoute,
+                 env: str | None, path_qs: str, request_id: str
+                 ) -> Awaitable[web.StreamResponse]: ...
 
 
 @dataclass
@@ -52,6 +65,9 @@ class GatewayState:
     unnamed_sockets: set[Socket] = field(default_factory=set)
     #: One JSON line per request (``access_log``); None when off.
     access_log: AccessLog | None = None
+    #: Where the HTTP door sends a WebSocket upgrade on a realtime route (the realtime door's
+    #: handler, set by the composition: ``app.init_app``).
+    upgrade: Upgrade | None = None
 
     def __post_init__(self) -> None:
         self.limiter = self.runtime.limiter
@@ -116,3 +132,8 @@ class GatewayState:
             status = "not-found"
         for sock in list(self.sockets.get(env, ())):
             sock.end_environment(status)
+
+
+#: The public application's key for its state (``app.init_app`` sets it; each front door's
+#: handler reads it from its request's application).
+STATE = web.AppKey("state", GatewayState)

@@ -1,5 +1,10 @@
-"""Streaming HTTP proxying to the upstreams: pooled connections, hop-by-hop headers handled as
-RFC 9110 §7.6.1 asks, bodies streamed both ways (never buffered), SSE flushed per chunk."""
+"""The upstreams, as every front door on the public port reaches them: pooled connections, the
+request headers forwarded (hop-by-hop ones dropped as RFC 9110 §7.6.1 asks), and streaming
+HTTP proxying — bodies streamed both ways (never buffered), SSE flushed per chunk.
+
+Shared core: the HTTP door (``gateway/proxy/handler.py``) forwards through
+``UpstreamPool.forward``; the realtime door (``gateway/realtime/upgrade.py``) opens its
+upstream sockets on ``UpstreamPool.ws_session`` with ``forward_request_headers``."""
 
 from __future__ import annotations
 

@@ -31,16 +31,9 @@ from aiohttp import web
 
 from quotagate.common import metrics
 from quotagate.common.server import SERVER
-from quotagate.gateway.plugin import (
-    DECISION_HEADER,
-    MAX_AMOUNT,
-    Described,
-    Done,
-    Tickets,
-    Verdict,
-    decide_described,
-    finish,
-)
+from quotagate.gateway.plugin.decision import Described, Verdict, decide_described
+from quotagate.gateway.plugin.done import MAX_AMOUNT, Done, finish
+from quotagate.gateway.plugin.tickets import DECISION_HEADER, Tickets
 from quotagate.gateway.problems import Problem, invalid_decision
 from quotagate.gateway.state import GatewayState
 from quotagate.gateway.streams import is_stream_type
@@ -52,7 +45,7 @@ log = logging.getLogger("quotagate.gateway")
 #: The largest body a proxy may send along (Envoy with_request_body, Traefik forwardBody).
 MAX_BODY = 64 * 1024 * 1024
 #: Values of the done call's figures: non-negative, exact in the store (what they meter is
-#: bounded too: plugin.settlement).
+#: bounded too: done.settlement).
 MAX_FIGURE = MAX_AMOUNT
 ENVOY_PREFIX = "/authz/envoy"
 
@@ -241,7 +234,7 @@ def authz_server(state: GatewayState, tickets: Tickets | None = None) -> web.Ser
     the public listener is (gateway.yaml ``clients``): a request head within
     ``header_timeout_ms`` of the connection's start or of its previous response, a body within
     ``body_timeout_ms`` (else 408 and the connection closed); its connection cap is
-    server.py's."""
+    gateway/server.py's."""
     from quotagate.gateway.clients import server_kwargs
     from quotagate.gateway.problems import request_timeout
 

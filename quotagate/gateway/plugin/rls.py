@@ -15,8 +15,9 @@ with the ``X-Quotagate-Decision`` request header's ticket), and GBs and bytes ar
 The stack: grpclib (HTTP/2 gRPC on asyncio, so the service runs on the gateway's own event
 loop and shares its limiter and pipelined store connection; grpcio's asyncio server cost more
 CPU per decision here), with message classes built at import from Envoy's own protos
-(``envoy_api/``, compiled into ``rls.binpb``) by protobuf's upb runtime (parsing and
-serializing in C: half the CPU per decision of pure-Python messages).
+(vendored in ``third_party/envoy/``, compiled by ``scripts/protos`` into ``rls.binpb`` beside
+this module) by protobuf's upb runtime (parsing and serializing in C: half the CPU per
+decision of pure-Python messages).
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ from multidict import CIMultiDict
 from quotagate.common.envids import ENV_ID
 from quotagate.gateway.clients import REFUSED_LINGER_S, Listener
 from quotagate.gateway.headers import request_id
-from quotagate.gateway.plugin import (
+from quotagate.gateway.plugin.decision import (
     Described,
-    Tickets,
     Verdict,
     decide_described,
     decide_on_route,
 )
+from quotagate.gateway.plugin.tickets import Tickets
 from quotagate.gateway.problems import invalid_environment, route_not_found
 from quotagate.gateway.state import GatewayState
 from quotagate.limiter.codes import Outcome
@@ -66,7 +67,7 @@ def _messages() -> dict[str, Any]:
     """Envoy's messages, from the descriptor set of its protos (a pool of our own: nothing
     registered globally)."""
     files = descriptor_pb2.FileDescriptorSet.FromString(
-        resources.files("quotagate.gateway").joinpath("envoy_api/rls.binpb").read_bytes())
+        resources.files("quotagate.gateway.plugin").joinpath("rls.binpb").read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for file in files.file:
         pool.Add(file)

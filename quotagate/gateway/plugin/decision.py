@@ -1,7 +1,7 @@
 """Plugin mode's one decision: a request a proxy describes (nginx ``auth_request``, Traefik
 ForwardAuth, Envoy ``ext_authz`` or its rate limit service) decided as quotagate's own proxy
-decides it — environment, route, function slot, stream price, one ``decide`` — and, after
-the response, finished by the proxy's done call with a signed ticket.
+decides it — environment, route, function slot, stream price, one ``decide`` — and, when the
+response must be finished, a signed ticket (tickets.py) for the proxy's done call (done.py).
 
 What differs from the proxy, because the proxy moves the bytes:
 
@@ -16,14 +16,9 @@ What differs from the proxy, because the proxy moves the bytes:
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import os
 import secrets
 from dataclasses import dataclass, field
 
-import msgspec
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from yarl import URL
 
@@ -33,10 +28,10 @@ from quotagate.gateway.actions import classify_action
 from quotagate.gateway.decisions import decide
 from quotagate.gateway.envid import environment_from, missing_environment
 from quotagate.gateway.headers import ratelimit_headers, request_id
+from quotagate.gateway.plugin.tickets import DECISION_HEADER, TICKET_GRACE_MS, Ticket, Tickets
 from quotagate.gateway.problems import (
     Problem,
     body_too_large,
-    invalid_decision,
     invalid_function,
     invalid_path,
     proxy_required,
@@ -48,77 +43,7 @@ from quotagate.gateway.state import GatewayState
 from quotagate.limiter.codes import Flag
 from quotagate.limiter.decision import Decision
 
-#: The header that carries the ticket of a decision the proxy must finish (done call).
-DECISION_HEADER = "X-Quotagate-Decision"
-#: A ticket is good for its route's max_duration_ms and this long after (a done call that
-#: comes later is refused); its seen key (the done call taken) is kept that long and this
-#: long again, so a replay never outlives it.
-TICKET_GRACE_MS = 3_600_000
-#: The most a done call may meter of anything — ``bytes``, and a function's memory x
-#: ``duration_ms`` (GBs, in MB·ms) — as the admin API's and ingestion's amounts: exact in the
-#: store's Lua (doubles) and far from its 64-bit counters. (``duration_ms`` is also bounded by
-#: the ticket's life.)
-MAX_AMOUNT = 2**53 - 1
-#: The environment variable with the key that signs tickets. Instances that share it accept
-#: each other's tickets; without it each process has its own (``serve`` gives its workers
-#: one).
-KEY_ENV = "QUOTAGATE_AUTHZ_KEY"
-
 _NO_QUERY: MultiDictProxy[str] = MultiDictProxy(MultiDict())
-
-
-class Ticket(msgspec.Struct, array_like=True, frozen=True):
-    """What the done call needs to finish a decision."""
-
-    env: str
-    #: Holds the slot (if any) and names the decision: the done call counts once per holder.
-    holder: str
-    slot: str
-    #: The route's meter after the response ("" none) and a function's memory for GBs.
-    meter: str
-    memory_mb: int
-    #: Calls charged up front; the stream difference to charge after a stream nobody asked
-    #: for (``after``), or to give back after a response that was no stream when the intent
-    #: could not be read (``back``).
-    cost: int
-    after: int
-    back: int
-    decided_at: int
-    #: decide.lua charged the calls (so a call never answered may be given back).
-    charged: bool
-    #: A done call after this (ms since the epoch) is refused: the ticket has expired.
-    expires_at: int
-
-
-_ENCODER = msgspec.json.Encoder()
-_DECODER = msgspec.json.Decoder(Ticket)
-
-
-class Tickets:
-    """Tickets signed with HMAC-SHA256 (so a done call cannot release or meter what no
-    decision of ours made)."""
-
-    def __init__(self, key: bytes | None = None):
-        given = os.environ.get(KEY_ENV, "")
-        self.key = key or (given.encode() if given else secrets.token_bytes(32))
-
-    def sign(self, ticket: Ticket) -> str:
-        body = base64.urlsafe_b64encode(_ENCODER.encode(ticket)).rstrip(b"=")
-        mac = hmac.new(self.key, body, hashlib.sha256).digest()[:16]
-        return (body + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
-
-    def open(self, text: str) -> Ticket:
-        """The ticket, or a 400 Problem when it is malformed or not ours."""
-        body, _, mac = text.encode(errors="replace").partition(b".")
-        try:
-            given = base64.urlsafe_b64decode(mac + b"=" * (-len(mac) % 4))
-            want = hmac.new(self.key, body, hashlib.sha256).digest()[:16]
-            if not body or not hmac.compare_digest(given, want):
-                raise invalid_decision("the decision token is not one this deployment signed "
-                                       f"(instances must share {KEY_ENV})")
-            return _DECODER.decode(base64.urlsafe_b64decode(body + b"=" * (-len(body) % 4)))
-        except (ValueError, msgspec.DecodeError) as exc:
-            raise invalid_decision(f"the decision token cannot be read ({exc})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,73 +200,3 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
             decided_at + route.route.max_duration_ms + TICKET_GRACE_MS))
         verdict.headers[DECISION_HEADER] = verdict.ticket
     return verdict
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """What the proxy reports after the response."""
-
-    #: The upstream answered (nginx: ``$upstream_bytes_received`` > 0); False: the proxy's
-    #: own 502/504, and a charged call is given back.
-    answered: bool = True
-    #: Milliseconds the request was with the upstream (GBs of a function).
-    duration_ms: int = 0
-    #: Response body bytes (a bytes meter).
-    bytes: int = 0
-    #: The response was a stream (``text/event-stream``).
-    stream: bool = False
-
-
-def settlement(ticket: Ticket, done: Done) -> tuple[dict[str, int], str]:
-    """What a done call changes: the meters to charge (a refund as "-calls@<ms>") and what
-    to count it as ("refund", "after" or ""). Its figures are checked first, the amounts they
-    make included: a 400 Problem naming the figure when one is out of bounds, and then nothing
-    is sent to the store (the ticket stays good for a done call that is right)."""
-    life = ticket.expires_at - ticket.decided_at
-    if done.duration_ms > life:
-        raise invalid_decision(
-            f"duration_ms {done.duration_ms} is longer than the decision's ticket lives "
-            f"({life} ms: the route's max_duration_ms and an hour), so no request it admitted "
-            "ran that long")
-    if done.bytes > MAX_AMOUNT:
-        raise invalid_decision(f"bytes must be a whole number from 0 to {MAX_AMOUNT}")
-    meters: dict[str, int] = {}
-    if ticket.meter == "gbs":
-        gbs = ticket.memory_mb * done.duration_ms
-        if gbs > MAX_AMOUNT:
-            raise invalid_decision(
-                f"duration_ms {done.duration_ms} x the function's {ticket.memory_mb} MB is "
-                f"beyond {MAX_AMOUNT} MB·ms of GBs")
-        if gbs > 0:
-            meters["gbs"] = gbs
-    elif ticket.meter and done.bytes > 0:
-        meters[ticket.meter] = done.bytes
-    counted = ""
-    if not done.answered:
-        if ticket.charged and ticket.cost:
-            meters[f"-calls@{ticket.decided_at}"] = ticket.cost
-            counted = "refund"
-    elif ticket.after and done.stream:
-        meters["calls"] = ticket.after
-        counted = "after"
-    elif ticket.back and not done.stream and ticket.charged:
-        meters[f"-calls@{ticket.decided_at}"] = ticket.back
-    return meters, counted
-
-
-async def finish(state: GatewayState, ticket: Ticket, done: Done) -> bool:
-    """Give the ticket's slot back and charge what the response decides, once: the first done
-    call the store takes for a ticket decides everything — whatever it carries, nothing to
-    meter included — and marks the ticket seen in the same settle call; every later one (a
-    retry, a replay, another instance's) changes nothing (False). Raises a 400 Problem when
-    a figure is out of bounds (``settlement``: nothing sent)."""
-    meters, counted = settlement(ticket, done)
-    # Seen for as long as the ticket is good, and an hour more (instances' clocks differ).
-    once_ms = max(0, ticket.expires_at - state.limiter.clock.now_ms()) + TICKET_GRACE_MS
-    applied = await state.limiter.finish(ticket.env, ticket.holder, ticket.slot, meters,
-                                         once_ms)
-    if applied and counted == "refund":
-        metrics.REFUNDS.inc()
-    elif applied and counted == "after":
-        metrics.STREAMS_CHARGED_AFTER.inc()
-    return applied
