@@ -32,7 +32,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench
+from benchkit.common import ENV_OK, LOADTESTS, PATH, PLAIN_PATH, PY, write_configs
+from benchkit.procs import Children, wait_http
+from benchkit.wrk import parse_wrk, run_wrk
 
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
@@ -156,7 +158,7 @@ async def open_loop(url: str, rate: float, seconds: float, conns: int, warmup: f
     just accepted the connections)."""
     parts = urlsplit(url)
     request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-               f"X-CloudBase-Env: {bench.ENV_OK}\r\n\r\n").encode()
+               f"X-CloudBase-Env: {ENV_OK}\r\n\r\n").encode()
     pool = _Pool(parts.hostname or "127.0.0.1", parts.port or 80, request)
     await pool.open(conns)
     total = int(rate * (seconds + warmup))
@@ -195,32 +197,32 @@ def main(argv: list[str] | None = None) -> int:
 
     os.sched_setaffinity(0, {0})
     tmp = Path(tempfile.mkdtemp(prefix="qg-latency-"))
-    children = bench.Children(tmp)
+    children = Children(tmp)
     try:
         up_port = free_port()
-        children.start("upstream", [bench.PY, str(bench.HERE / "upstream_proc.py"),
+        children.start("upstream", [PY, str(LOADTESTS / "upstream_proc.py"),
                                     str(up_port)], "0")
-        bench.wait_http(up_port, None, 20, "upstream", children)
+        wait_http(up_port, None, 20, "upstream", children)
         valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False)
         children.valkey = valkey.start()
         assert valkey.process is not None
         os.sched_setaffinity(valkey.process.pid, {0})
-        configs = bench.write_configs(tmp, up_port, valkey.url)
+        configs = write_configs(tmp, up_port, valkey.url)
         ports = {"A": up_port}
         for arm, mode in (("B", "off"), ("C", "enforce")):
             ports[arm] = int(yaml.safe_load(configs[mode].read_text())["listen"].rsplit(":")[1])
-            children.start(f"gateway-{mode}", [bench.PY, str(bench.HERE / "gateway_proc.py"),
+            children.start(f"gateway-{mode}", [PY, str(LOADTESTS / "gateway_proc.py"),
                                                str(configs[mode]), valkey.url], "1")
-            bench.wait_http(ports[arm], bench.ENV_OK, 30, f"gateway {mode}", children)
+            wait_http(ports[arm], ENV_OK, 30, f"gateway {mode}", children)
 
         def saturation(samples: int) -> float:
             """B's saturation rate: the median of ``samples`` 2 s wrk runs."""
             rates = []
             for _ in range(samples):
-                out = bench.run_wrk(["taskset", "-c", "0", "wrk", "-t1", "-c64", "-d2s",
-                                     "--latency", "-H", f"X-CloudBase-Env: {bench.ENV_OK}",
-                                     f"http://127.0.0.1:{ports['B']}{bench.PATH}"], 2)
-                rates.append(bench.parse_wrk(out).rps)
+                out = run_wrk(["taskset", "-c", "0", "wrk", "-t1", "-c64", "-d2s",
+                               "--latency", "-H", f"X-CloudBase-Env: {ENV_OK}",
+                               f"http://127.0.0.1:{ports['B']}{PATH}"], 2)
+                rates.append(parse_wrk(out).rps)
             return statistics.median(rates)
 
         # The machine's speed drifts by tens of percent within a minute: without --rate, B's
@@ -228,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.rate
         # arm -> (port, path): C is BENCH.md's C (enforced, one script call per request);
         # Cfn adds a function concurrency slot and GBs metering.
-        targets = {"A": (ports["A"], bench.PATH), "B": (ports["B"], bench.PATH),
-                   "C": (ports["C"], bench.PLAIN_PATH), "Cfn": (ports["C"], bench.PATH)}
+        targets = {"A": (ports["A"], PATH), "B": (ports["B"], PATH),
+                   "C": (ports["C"], PLAIN_PATH), "Cfn": (ports["C"], PATH)}
         arms = list(targets)
         results: dict[str, list[dict[str, float]]] = {arm: [] for arm in arms}
         #: every latency of every run, per arm: (from schedule, from send)

@@ -26,7 +26,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench
+from benchkit.common import ENV_OK, write_configs
 
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from quotagate.limiter.limiter import Limiter
@@ -50,7 +50,7 @@ async def measure(url: str, config_path: Path, decisions: int, runs: int
     await client.aclose()
     limiter = Limiter(PipelinedStore(StoreAddress.from_url(url)), mode="enforce")
     await limiter.load_scripts()
-    env = bench.ENV_OK
+    env = ENV_OK
 
     async def worker(n: int, slot: str) -> None:
         for _ in range(n):
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if (os.cpu_count() or 1) > 1:
             os.sched_setaffinity(valkey.process.pid, {1})
             os.sched_setaffinity(0, {0})
-        config_path = bench.write_configs(tmp, 1, valkey.url)["enforce"]
+        config_path = write_configs(tmp, 1, valkey.url)["enforce"]
         results = uvloop.run(measure(valkey.url, config_path, args.decisions, args.runs))
         print(f"limiter CPU per decision, µs (median of {args.runs} runs of "
               f"{args.decisions:,} decisions, {CONCURRENCY} at a time):")

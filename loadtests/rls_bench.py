@@ -30,7 +30,7 @@ from grpclib.client import Channel, UnaryUnaryMethod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench
+from benchkit.common import ENV_OK, PLAIN_PATH, write_configs
 
 from quotagate.gateway.plugin.rls import METHOD, OK, RateLimitRequest, RateLimitResponse
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
@@ -47,7 +47,7 @@ async def load(port: int, seconds: float, concurrency: int) -> tuple[int, int]:
     """(decisions answered OK, other answers) in ``seconds``."""
     request = RateLimitRequest(domain="quotagate")
     descriptor = request.descriptors.add()
-    for key, value in (("env", bench.ENV_OK), ("path", bench.PLAIN_PATH), ("method", "GET")):
+    for key, value in (("env", ENV_OK), ("path", PLAIN_PATH), ("method", "GET")):
         descriptor.entries.add(key=key, value=value)
     ok = other = 0
     async with Channel("127.0.0.1", port) as channel:
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         if two_cores:
             os.sched_setaffinity(valkey.process.pid, {0})
             os.sched_setaffinity(0, {0})
-        config = yaml.safe_load(bench.write_configs(tmp, 1, valkey.url)["enforce"].read_text())
+        config = yaml.safe_load(write_configs(tmp, 1, valkey.url)["enforce"].read_text())
         port = free_port()
         config["authz"] = {"grpc_listen": f"127.0.0.1:{port}",
                            "ratelimit": {"domain": "quotagate"}}

@@ -27,7 +27,7 @@ import redis.asyncio as aredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench
+from benchkit.common import ENV_OK, write_configs
 
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
@@ -56,7 +56,7 @@ def measure(r: redis.Redis, command: str, name: str, script: str, names: list[st
     while done < calls:
         # The slot case would reach the function cap (1,000) and be refused from then on:
         # every batch starts with no slot held (DEL is not counted in the Lua's figures).
-        r.delete(*keys.decision_keys(bench.ENV_OK)[5:7])
+        r.delete(*keys.decision_keys(ENV_OK)[5:7])
         pipe = r.pipeline(transaction=False)
         for _ in range(min(1000, calls - done)):
             if command == "fcall":
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         assert valkey.process is not None
         os.sched_setaffinity(valkey.process.pid, {1 if (os.cpu_count() or 1) > 1 else 0})
         os.sched_setaffinity(0, {0})
-        config = load_config(str(bench.write_configs(tmp, 1, valkey.url)["enforce"]))
+        config = load_config(str(write_configs(tmp, 1, valkey.url)["enforce"]))
 
         async def sync() -> None:
             client = aredis.Redis.from_url(valkey.url)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             r.script_load(loaded.body)
         results: dict[tuple[str, str], list[float]] = {}
         for run in range(args.runs):
-            for name, (script, names, call_args) in cases(bench.ENV_OK).items():
+            for name, (script, names, call_args) in cases(ENV_OK).items():
                 for command in ("fcall", "evalsha"):
                     value = measure(r, command, name, script, names, call_args, args.calls)
                     results.setdefault((name, command), []).append(value)
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.runs} runs of {args.calls:,} calls; Valkey "
               f"{r.info('server').get('valkey_version') or r.info('server')['redis_version']}):")
         print(f"  {'call':<28} {'FCALL':>8} {'EVALSHA':>8}  ratio")
-        for name in cases(bench.ENV_OK):
+        for name in cases(ENV_OK):
             f = statistics.median(results[(name, "fcall")])
             e = statistics.median(results[(name, "evalsha")])
             print(f"  {name:<28} {f:8.2f} {e:8.2f}  {e / f:5.2f}")
