@@ -28,7 +28,7 @@ from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.embedded import EmbeddedValkey
 from quotagate.limiter.scripts import BANDWIDTH
 from quotagate.limiter.store import PipelinedStore
-from tests.deployed import days, live_env, serve, shipped_config, start_upstream
+from tests.deployed import Deployed, days, live_env, serve, shipped_config, start_upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 125_000
@@ -50,7 +50,7 @@ async def test_slots_follow_each_other_whoever_leases(store_url: str) -> None:
         replies = []
         for calls in (a, b, a, b):
             replies.append(await calls.run(BANDWIDTH, "shop", key, [RATE, 25_000, ""]))
-        bounds = [(int(s), int(e)) for s, e, _ in replies]
+        bounds = [(int(s), int(e)) for s, e, *_ in replies]
         for (start, end), reply in zip(bounds, replies, strict=True):
             assert end - start == 200_000  # 25,000 B at 125,000 B/s: 0.2 s, in µs
             assert start >= int(reply[2])  # never in the past
@@ -214,3 +214,66 @@ async def test_a_version_is_shaped_by_an_instance_that_never_heard_of_it_from_th
             deployed.stop()
         upstream.kill()
         upstream.wait()
+
+
+@pytest.mark.deployed
+async def test_a_version_change_reaches_responses_in_flight(tmp_path: Path,
+                                                           own_valkey: EmbeddedValkey) -> None:
+    """Two `quotagate serve` on one store; an API-owned environment on `starter` (20 Mbps)
+    with 8 large downloads running through both. `quotagate gateway change ENV test` (1 Mbps):
+    the downloads in flight follow it within 2 s, as every response of the environment must
+    (SPEC §15) - each lease reads the rate in force from the store. Changed back to starter:
+    they speed up again. (Before: they kept 20 x the new cap until they ended, and after the
+    upgrade stayed at 1 Mbps.)"""
+    upstream, origin = start_upstream()
+    gateways = []
+    try:
+        for n in range(2):
+            directory = tmp_path / f"gw{n}"
+            directory.mkdir()
+            gateways.append(await serve(directory, shipped_config(
+                directory, origin, store={"url": own_valkey.url}, access_log=False)))
+        a = gateways[0]
+        a.put_env("bw-change", yaml.safe_dump({**live_env(), "gateway": {
+            "version": "starter", "purchased": days(-3), "months": 1}}))
+        seen: list[tuple[float, int]] = []
+
+        async def download(gw: Deployed) -> None:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                    total=None, sock_read=30)) as s, s.get(
+                    gw.route("storage") + "x/bytes?n=20000000",
+                    headers={"X-CloudBase-Env": "bw-change"}) as r:
+                assert r.status == 200
+                async for chunk in r.content.iter_any():
+                    seen.append((time.monotonic(), len(chunk)))
+
+        def sent(since: float, until: float) -> int:
+            return sum(n for t, n in seen if since <= t < until)
+
+        loads = [asyncio.create_task(download(gateways[i % 2])) for i in range(8)]
+        try:
+            await asyncio.sleep(3)
+            assert sent(time.monotonic() - 1, time.monotonic()) > 1_000_000  # ~2.5 MB/s
+            a.ok("gateway", "change", "bw-change", "test")  # 1 Mbps = 125,000 B/s
+            changed = time.monotonic()
+            await asyncio.sleep(5)
+            # From 2 s after the change: the new cap (a busy machine can only send less).
+            down = sent(changed + 2, changed + 5)
+            assert down <= 1.3 * RATE * 3, down
+            a.ok("gateway", "change", "bw-change", "starter")
+            changed = time.monotonic()
+            await asyncio.sleep(5)
+            up = sent(changed + 2, changed + 5)
+            assert up >= 4 * RATE * 3, up  # far above 1 Mbps again (20 Mbps idle)
+            assert not any(load.done() for load in loads)  # all still in flight
+        finally:
+            for load in loads:
+                load.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
+        print(f"\n8 downloads through 2 instances: {down / 3:,.0f} B/s 2-5 s after the change "
+              f"to test, {up / 3:,.0f} B/s after the change back to starter")
+    finally:
+        for gw in gateways:
+            log = gw.stop()
+            assert "Traceback" not in log, log[-3000:]
+        upstream.kill()

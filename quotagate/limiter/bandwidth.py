@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from quotagate.common import metrics
+from quotagate.common.clock import STORE_TIME, ScriptTime, script_arg
 from quotagate.limiter import keys
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
@@ -81,8 +82,8 @@ class Pacer:
     """One environment's shaping on this instance, shared by all its responses here."""
 
     def __init__(self, owner: Bandwidth, env: str, rate: int):
-        self.owner, self.env, self.rate = owner, env, rate
-        self.piece = max(MIN_PIECE, int(rate * PIECE_S))
+        self.owner, self.env = owner, env
+        self.set_rate(rate)
         self.slots: deque[Slot] = deque()
         self.cursor = 0.0
         self.lease_s = LEASE_START_S
@@ -92,9 +93,17 @@ class Pacer:
         self._lock = asyncio.Lock()
         self._fetch: asyncio.Task[None] | None = None
 
+    def set_rate(self, rate: int) -> None:
+        """The rate in force now (a decision told it, or the store at a lease): every
+        response being sent follows it from its next piece; 0: not shaped any more."""
+        self.rate = rate
+        self.piece = max(MIN_PIECE, int(rate * PIECE_S)) if rate else 64 * 1024
+
     async def take(self, n: int) -> None:
         """Wait until ``n`` bytes (at most ``piece``) may go."""
         while True:
+            if not self.rate:  # the version is no longer in force: sent as it comes
+                return
             async with self._lock:
                 at = await self._book(n)
             if at is not None:
@@ -170,7 +179,8 @@ class Pacer:
             sent = time.monotonic()
             try:
                 reply = await self.owner.calls.run(
-                    BANDWIDTH, self.env, [keys.bandwidth(self.env)], [self.rate, want, ""])
+                    BANDWIDTH, self.env, [keys.bandwidth(self.env), keys.entitlements(self.env)],
+                    [self.rate, want, "", self.owner.mode(), script_arg(self.owner.script_time())])
             except StoreError as exc:
                 count_store_error(exc)
                 if self.owner.policy() == "closed":
@@ -182,7 +192,11 @@ class Pacer:
                 return
             back = time.monotonic()
             self.rtt = back - sent
-            start_us, end_us, now_us = (int(x) for x in reply)
+            start_us, end_us, now_us, rate = (int(x) for x in reply)
+            if rate != self.rate:  # a version changed, expired or renewed: from now on
+                self.owner.rate_changed(self, rate)
+            if not rate:
+                return
             offset = self.owner.clock_offset(self.env, now_us / 1e6, sent, back)
             metrics.BANDWIDTH_LEASES.labels("leased").inc()
             slot = Slot(start_us / 1e6 - offset, end_us / 1e6 - offset,
@@ -214,11 +228,18 @@ class Pacer:
 class Bandwidth:
     """The pacers of this instance, by environment and rate."""
 
-    def __init__(self, calls: ScriptCalls, on_failure: Callable[[], str] = lambda: "open"):
+    def __init__(self, calls: ScriptCalls, on_failure: Callable[[], str] = lambda: "open",
+                 mode: Callable[[], str] = lambda: "enforce",
+                 script_time: Callable[[], ScriptTime] = lambda: STORE_TIME):
         self.calls = calls
         #: The failure policy now ("open" / "closed"; it may change at a reload).
         self.policy = on_failure
-        self.pacers: dict[tuple[str, int], Pacer] = {}
+        #: The instance's enforcement mode and the time the scripts are told (the limiter's):
+        #: a lease reads the rate in force from the environment's snapshot, as a decision does.
+        self.mode = mode
+        self.script_time = script_time
+        #: One pacer per environment, shared by all its responses here, at the rate in force.
+        self.pacers: dict[str, Pacer] = {}
         #: Each environment's rate (used while the store is away): the last a decision told,
         #: or what environments.yaml gives one it declares (control/runtime.py).
         self.rates: dict[str, int] = {}
@@ -254,12 +275,23 @@ class Bandwidth:
             self.rates.pop(env, None)
         return told
 
+    def rate_changed(self, pacer: Pacer, rate: int) -> None:
+        """The store leased at another rate than the pacer's (or none): a change reached it."""
+        pacer.set_rate(rate)
+        if rate:
+            self.rates[pacer.env] = rate
+        else:
+            self.rates.pop(pacer.env, None)
+
     @contextlib.asynccontextmanager
     async def shaping(self, env: str, rate: int) -> AsyncIterator[Pacer]:
-        key = (env, rate)
-        pacer = self.pacers.get(key)
+        """The environment's pacer, at ``rate`` (what a decision just told: every response
+        of the environment here follows it)."""
+        pacer = self.pacers.get(env)
         if pacer is None:
-            pacer = self.pacers[key] = Pacer(self, env, rate)
+            pacer = self.pacers[env] = Pacer(self, env, rate)
+        elif pacer.rate != rate:
+            pacer.set_rate(rate)
         pacer.users += 1
         try:
             yield pacer
@@ -271,8 +303,8 @@ class Bandwidth:
                     self.forget(pacer)
 
     def forget(self, pacer: Pacer) -> None:
-        if self.pacers.get((pacer.env, pacer.rate)) is pacer:
-            del self.pacers[(pacer.env, pacer.rate)]
+        if self.pacers.get(pacer.env) is pacer:
+            del self.pacers[pacer.env]
 
     def give_back(self, env: str, rate: int, amount: int, end_key: str) -> None:
         async def send() -> None:

@@ -93,7 +93,9 @@ class Limiter:
         #: Slots of plugin-mode holders being given back.
         self._background: set[asyncio.Task[None]] = set()
         #: Response bandwidth of environments with a gateway version, shaped across instances.
-        self.bandwidth = Bandwidth(self._calls, lambda: self.on_failure)
+        self.bandwidth = Bandwidth(self._calls, lambda: self.on_failure,
+                                   mode=lambda: self._mode,
+                                   script_time=lambda: self.clock.script_time())
 
     def _missing(self, env: str) -> None:
         if self.on_missing is not None:
