@@ -4,6 +4,8 @@ checks it against these)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hmac
 import json
@@ -24,7 +26,7 @@ from quotagate.common import metrics
 from quotagate.common.clock import StoreClock
 from quotagate.common.envids import ENV_ID
 from quotagate.common.problem import problem_response
-from quotagate.control.envs import ControlError, Environments, Invalid
+from quotagate.control.envs import STATES, ControlError, Environments, Filters, Invalid
 from quotagate.control.usage import usage_report
 from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
@@ -189,17 +191,84 @@ def _date(value: str | None, name: str) -> dt.date | None:
 # --------------------------------------------------------------------------------- routes
 
 
-async def list_envs(request: web.Request) -> web.Response:
-    envs = request.app[ENVS]
-    out = []
-    for env_id, owner in (await envs.ids()).items():
+#: Environments per page of ``GET /envs``: by default, and at most.
+LIST_LIMIT = 100
+LIST_LIMIT_MAX = 1000
+#: The query parameters ``GET /envs`` takes (any other is refused: a typo must not list all).
+LIST_PARAMS = ("limit", "cursor", "state", "plan", "owner", "gateway", "expiring_before")
+_CURSOR_VERSION = "1"
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def encode_cursor(after: str) -> str:
+    """Opaque to clients: the last environment id looked at, versioned, base64url."""
+    return base64.urlsafe_b64encode(f"{_CURSOR_VERSION}:{after}".encode()).decode().rstrip("=")
+
+
+def _bad_parameter(name: str, message: str) -> ControlError:
+    return ControlError(f"{name}: {message}", parameter=name)
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, ValueError):
+        text = ""
+    version, _, after = text.partition(":")
+    if version != _CURSOR_VERSION or not ENV_ID.fullmatch(after):
+        raise _bad_parameter("cursor", "not a cursor this API gave (pass next_cursor as "
+                             "given, with no other change)")
+    return after
+
+
+def _list_query(request: web.Request) -> tuple[str, int, Filters]:
+    """Every parameter checked before anything is read: 400 naming the first bad one."""
+    query = request.query
+    for name in query:
+        if name not in LIST_PARAMS:
+            raise _bad_parameter(name, f"unknown parameter (parameters: {', '.join(LIST_PARAMS)})")
+        if len(query.getall(name)) > 1:
+            raise _bad_parameter(name, "given more than once")
+    limit = LIST_LIMIT
+    if "limit" in query:
+        text = query["limit"]
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= LIST_LIMIT_MAX):
+            raise _bad_parameter("limit", f"an integer from 1 to {LIST_LIMIT_MAX} (default "
+                                 f"{LIST_LIMIT})")
+        limit = int(text)
+    after = decode_cursor(query["cursor"]) if "cursor" in query else ""
+    plans = request.app[ENVS].config.plans
+
+    def one_of(name: str, allowed: Any) -> str | None:
+        value = query.get(name)
+        if value is not None and value not in allowed:
+            raise _bad_parameter(name, f"unknown value {value[:80]!r} (one of: "
+                                 f"{', '.join(allowed) or 'none'})")
+        return value
+
+    expiring_before = query.get("expiring_before")
+    day = None
+    if expiring_before is not None:
         try:
-            record = await envs.get(env_id)
-        except ControlError:
-            continue
-        out.append({"env": env_id, "owner": owner, "plan": record.env.plan,
-                    "expires": record.env.expires.isoformat(), "overage": record.env.overage})
-    return web.json_response({"environments": out})
+            if not _DAY.fullmatch(expiring_before):
+                raise ValueError
+            day = dt.date.fromisoformat(expiring_before)
+        except ValueError:
+            raise _bad_parameter("expiring_before", "a date YYYY-MM-DD") from None
+    return after, limit, Filters(
+        state=one_of("state", STATES), plan=one_of("plan", list(plans.plans)),
+        owner=one_of("owner", ("file", "api")),
+        gateway=one_of("gateway", [*plans.gateway_versions, "none"]), expiring_before=day)
+
+
+async def list_envs(request: web.Request) -> web.Response:
+    """One page, in id order: ``environments`` and ``next_cursor`` (null: the end)."""
+    after, limit, filters = _list_query(request)
+    records, reached = await request.app[ENVS].page(after, limit, filters)
+    out = [{"env": r.env_id, "owner": r.owner, "plan": r.env.plan,
+            "expires": r.env.expires.isoformat(), "overage": r.env.overage} for r in records]
+    return web.json_response({"environments": out, "next_cursor":
+                              None if reached is None else encode_cursor(reached)})
 
 
 async def get_env(request: web.Request) -> web.Response:

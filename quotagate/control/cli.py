@@ -1,9 +1,10 @@
 """Operator commands over the admin API: ``quotagate env|pack|promo|plan|bill …``.
 
 Each command is one HTTP call to ``/admin/v1`` (``--admin`` URL, ``--token``; defaults from
-QUOTAGATE_ADMIN_URL and QUOTAGATE_ADMIN_TOKEN). ``--json`` prints the API's JSON for scripts;
-otherwise a readable table. Exit status: 0 done, 1 refused by the API (its reason on stderr),
-2 the API could not be reached.
+QUOTAGATE_ADMIN_URL and QUOTAGATE_ADMIN_TOKEN), but ``env list``, which pages through the
+listing and prints each page as it comes. ``--json`` prints the API's JSON for scripts (for
+``env list``: one environment per line, NDJSON); otherwise a readable table. Exit status: 0
+done, 1 refused by the API (its reason on stderr), 2 the API could not be reached.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,42 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
 # ---------------------------------------------------------------------------- commands
 
 
+ENV_COLUMNS = ["env", "owner", "plan", "expires", "overage"]
+#: ``env list`` filters: option -> the API's parameter.
+LIST_FILTERS = {"state": "state", "plan": "plan", "owner": "owner", "gateway": "gateway",
+                "expiring_before": "expiring_before"}
+
+
 def env_list(args: argparse.Namespace) -> None:
-    data = call(args, "GET", "/envs")
-    _out(args, data, table(data["environments"], ["env", "owner", "plan", "expires", "overage"]))
+    """Every page in turn, each printed (and flushed) as it arrives: memory is one page,
+    whatever the number of environments. The table's widths are the first page's (a longer
+    cell later only pushes its row)."""
+    query: dict[str, Any] = {"limit": args.limit}
+    query.update({param: getattr(args, opt) for opt, param in LIST_FILTERS.items()
+                  if getattr(args, opt) is not None})
+    widths: list[int] | None = None
+    while True:
+        data = call(args, "GET", "/envs?" + urllib.parse.urlencode(query))
+        rows = data["environments"]
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+        elif rows:
+            cells = [[str(r.get(c, "")) for c in ENV_COLUMNS] for r in rows]
+            if widths is None:
+                widths = [max(len(c), *(len(row[i]) for row in cells))
+                          for i, c in enumerate(ENV_COLUMNS)]
+                print("  ".join(c.ljust(w) for c, w in zip(ENV_COLUMNS, widths, strict=True)))
+                print("  ".join("-" * w for w in widths))
+            for row in cells:
+                print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+        sys.stdout.flush()
+        cursor = data.get("next_cursor")
+        if not cursor:
+            break
+        query["cursor"] = cursor
+    if widths is None and not args.json:
+        print("(none)")
 
 
 def env_show(args: argparse.Namespace) -> None:
@@ -327,7 +362,17 @@ ENV = ("env", {"help": "environment id"})
 def add_commands(sub: Any) -> None:
     env = sub.add_parser("env", help="environments: list, show, put, usage, overage")
     es = env.add_subparsers(dest="env_command", required=True)
-    _cmd(es, "list", "list environments and who owns them", env_list)
+    el = _cmd(es, "list", "list environments and who owns them, in id order, page by page "
+              "(printed as each page arrives; --json: one environment per line)", env_list)
+    el.add_argument("--limit", type=int, default=500,
+                    help="environments per page, 1-1000 (%(default)s); every page is listed")
+    el.add_argument("--state", choices=["active", "isolated", "released-pending",
+                                        "not-started"], help="by its dates today")
+    el.add_argument("--plan", help="on this plan")
+    el.add_argument("--owner", choices=["file", "api"], help="environments.yaml or the API")
+    el.add_argument("--gateway", help="with this gateway version bought, or none")
+    el.add_argument("--expiring-before", dest="expiring_before", metavar="YYYY-MM-DD",
+                    help="expiring before this date")
     _cmd(es, "show", "an environment's definition", env_show, ENV)
     _cmd(es, "put", "create or replace an API-owned environment from a YAML/JSON file",
          env_put, ENV, ("file", {"help": "the definition (keys of environments.yaml)"}))

@@ -4,12 +4,16 @@ scripts read, in one optimistic transaction.
 
 Ownership is explicit: an environment declared in environments.yaml is owned by the file
 (changes through the API are refused, ``Conflict``); any other is owned by the API, its record
-kept in the store (``qg:{env}:def``) and listed in ``qg:envs:api``.
+kept in the store (``qg:{env}:def``) and listed in ``qg:envs:api`` (and, for listing in id
+order from a position, in the index ``{qg:envs:api}:by-id``: see ``Environments.page``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import datetime as dt
+import logging
 import secrets
 import zoneinfo
 from collections.abc import Callable
@@ -56,6 +60,49 @@ MAX_PROMO_DAYS = 366
 DOWNGRADE_METERS = ("calls", "gbs", "outbound_bytes", "storage_traffic_bytes",
                     "cdn_origin_bytes", "ai_tokens")
 
+log = logging.getLogger("quotagate.control")
+
+#: Sorted set, every score 0 so ordered by id: the API-owned ids, for listing in id order from
+#: a position (``qg:envs:api`` is a set: no order). Its hash tag is the set's own name, so both
+#: are in one hash slot on a cluster and one script reads them together. It is an index: the
+#: set says what exists; an id here no longer in the set (released, taken over by the file) is
+#: skipped, and dropped, by the listing.
+API_ENV_INDEX = "{" + keys.API_OWNED_ENVS + "}:by-id"
+#: States of an environment by its dates today, as decide.lua and the scheduler see them.
+STATES = ("not-started", "active", "isolated", "released-pending")
+#: Most records one listing call looks at (filters may keep few of them): each page costs at
+#: most this much, whatever the number of environments; a page can then hold fewer than asked.
+SCAN_BUDGET = 5_000
+#: Records read from the store at once while filtering.
+FILTER_BATCH = 200
+
+#: The next live API-owned ids after ARGV[1] ("" = from the first) in id order: at most
+#: ARGV[2] of them, looking at no more than ARGV[3] entries of the index; entries whose id has
+#: left the set are removed from the index on the way (atomically with the check, so an id
+#: created again meanwhile is never dropped). Returns {exhausted (1: nothing after the last
+#: entry looked at), the last id looked at, live ids...}.
+_API_AFTER = """
+local from = '-'
+if ARGV[1] ~= '' then from = '(' .. ARGV[1] end
+local want, most = tonumber(ARGV[2]), tonumber(ARGV[3])
+local got = redis.call('ZRANGEBYLEX', KEYS[2], from, '+', 'LIMIT', 0, most)
+local out, stale, last, looked = {0, ''}, {}, '', 0
+for _, id in ipairs(got) do
+  looked = looked + 1
+  last = id
+  if redis.call('SISMEMBER', KEYS[1], id) == 1 then
+    out[#out + 1] = id
+    if #out - 2 >= want then break end
+  else
+    stale[#stale + 1] = id
+  end
+end
+if #stale > 0 then redis.call('ZREM', KEYS[2], unpack(stale)) end
+if looked == #got and #got < most then out[1] = 1 end
+out[2] = last
+return out
+"""
+
 
 class ControlError(Exception):
     """A refused operation: ``status`` is the HTTP status the admin API answers with."""
@@ -86,6 +133,37 @@ class Record:
     env: Environment
 
 
+def lifecycle_state(env: Environment, today: dt.date) -> str:
+    """The environment's state on its local ``today``, as decide.lua decides it: released
+    (``released-pending``: from 00:00 of day 16 after expiry, until the scheduler removes an
+    API-owned record; a file-owned one stays until the file drops it), ``isolated`` from the
+    expiry day, ``not-started`` before the anchor, else ``active``."""
+    if today >= env.expires + dt.timedelta(days=ISOLATION_DAYS):
+        return "released-pending"
+    if today >= env.expires:
+        return "isolated"
+    if today < env.anchor:
+        return "not-started"
+    return "active"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What a listing keeps; None: any."""
+
+    state: str | None = None
+    plan: str | None = None
+    owner: str | None = None
+    #: A gateway version bought (whatever its state), or "none": no gateway version.
+    gateway: str | None = None
+    #: Expiring strictly before this date.
+    expiring_before: dt.date | None = None
+
+    def any(self) -> bool:
+        return any(v is not None for v in (self.state, self.plan, self.owner, self.gateway,
+                                           self.expiring_before))
+
+
 def _tz(config: Config, env: Environment) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(env.timezone or config.gateway.timezone)
 
@@ -111,6 +189,13 @@ class Environments:
         self.redis = redis
         self._config = config
         self.clock = clock
+        #: The file's ids in order, for the EnvironmentsFile they were taken from (kept so its
+        #: identity is not reused): sorted once per (re)load, not per page.
+        self._file_sorted: tuple[EnvironmentsFile, list[str]] | None = None
+        #: The API-owned ids stored before the index existed are put in it once per process,
+        #: before its first listing.
+        self._indexed = False
+        self._indexing = asyncio.Lock()
 
     @property
     def config(self) -> Config:
@@ -129,6 +214,138 @@ class Environments:
         out = {e: "api" for e in sorted(api)}
         out.update({e: "file" for e in self.config.environments.environments})
         return dict(sorted(out.items()))
+
+    # --------------------------------------------------------------------------- listing
+
+    def _file_ids(self) -> list[str]:
+        declared = self.config.environments
+        if self._file_sorted is None or self._file_sorted[0] is not declared:
+            self._file_sorted = (declared, sorted(declared.environments))
+        return self._file_sorted[1]
+
+    async def _ensure_index(self) -> None:
+        """Put the API-owned ids in the listing's index, a batch at a time (SSCAN): those
+        written before it existed. Once per process; an id released meanwhile is only a stale
+        entry, which the listing skips."""
+        if self._indexed:
+            return
+        async with self._indexing:
+            if self._indexed:
+                return
+            cursor: int = 0
+            while True:
+                cursor, batch = await self.redis.sscan(keys.API_OWNED_ENVS, cursor, count=1000)
+                if batch:
+                    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in batch]
+                    await self.redis.zadd(API_ENV_INDEX, dict.fromkeys(ids, 0), nx=True)
+                if not cursor:
+                    break
+            self._indexed = True
+
+    async def _api_after(self, after: str, want: int) -> tuple[list[str], str, bool]:
+        """Up to ``want`` API-owned ids after ``after`` in order; the last id looked at (all
+        up to it were seen) and whether none follow it."""
+        reply = await self.redis.eval(_API_AFTER, 2, keys.API_OWNED_ENVS, API_ENV_INDEX,
+                                      after, want, want * 4)
+        text = [m.decode() if isinstance(m, bytes) else str(m) for m in reply[1:]]
+        return text[1:], text[0], int(reply[0]) == 1
+
+    async def _ids_after(self, after: str, n: int) -> tuple[list[tuple[str, str]], str | None]:
+        """The next (at most ``n``) ids after ``after`` with their owner, file and API merged
+        in id order (an id the file declares is the file's, once); and the position reached:
+        every id up to it has been looked at (None: nothing follows). Memory: O(n)."""
+        file_ids = self._file_ids()
+        i = bisect.bisect_right(file_ids, after)
+        files = file_ids[i:i + n]
+        files_done = i + n >= len(file_ids)
+        api, api_last, api_done = await self._api_after(after, n)
+        bounds = ([] if files_done else [files[-1]]) + ([] if api_done else [api_last])
+        bound = min(bounds) if bounds else None
+        declared = self.config.environments.environments
+        merged = sorted({*files, *(e for e in api if e not in declared)})
+        if bound is not None:
+            merged = [e for e in merged if e <= bound]
+        taken = merged[:n]
+        out = [(e, "file" if e in declared else "api") for e in taken]
+        if len(merged) > n:
+            return out, taken[-1]
+        return out, bound  # all up to the bound seen (None: to the end)
+
+    async def _records(self, ids: list[tuple[str, str]]) -> list[Record | None]:
+        """The records of ``ids`` (None: gone meanwhile, or unreadable); the API-owned ones in
+        one round trip."""
+        declared = self.config.environments.environments
+        api = [e for e, owner in ids if owner == "api"]
+        raw: dict[str, Any] = {}
+        if api:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for env_id in api:
+                    pipe.get(keys.definition(env_id))
+                raw = dict(zip(api, await pipe.execute(), strict=True))
+        out: list[Record | None] = []
+        for env_id, owner in ids:
+            if owner == "file":
+                out.append(Record(env_id, "file", declared[env_id]))
+                continue
+            blob = raw.get(env_id)
+            if blob is None:
+                out.append(None)
+                continue
+            try:
+                out.append(Record(env_id, "api", msgspec.json.decode(blob, type=Environment)))
+            except msgspec.ValidationError as exc:  # e.g. stored before a bound existed
+                log.warning("listing: the stored record of %s is unreadable: %s", env_id, exc)
+                out.append(None)
+        return out
+
+    def state(self, env: Environment, now_ms: int) -> str:
+        return lifecycle_state(env, local_today(self.config, env, now_ms))
+
+    def _keeps(self, filters: Filters, now_ms: int) -> Callable[[Record], bool]:
+        def keep(record: Record) -> bool:
+            env = record.env
+            if filters.owner is not None and record.owner != filters.owner:
+                return False
+            if filters.plan is not None and env.plan != filters.plan:
+                return False
+            if filters.gateway is not None and (
+                    (env.gateway.version if env.gateway is not None else "none")
+                    != filters.gateway):
+                return False
+            if filters.expiring_before is not None and not env.expires < filters.expiring_before:
+                return False
+            return filters.state is None or self.state(env, now_ms) == filters.state
+        return keep
+
+    async def page(self, after: str, limit: int, filters: Filters | None = None,
+                   budget: int = SCAN_BUDGET) -> tuple[list[Record], str | None]:
+        """One page of the listing: the environments after id ``after`` ("" = from the first)
+        in id order that ``filters`` keep, at most ``limit``; and the position to go on from
+        (the last id looked at; None: the end). An environment present for the whole listing
+        is on exactly one page, whatever is created or removed meanwhile (the position is an
+        id, not an offset). Bounded whatever the number of environments: records are read
+        ``limit`` (filtering: ``FILTER_BATCH``) at a time, at most ``budget`` per page — with
+        filters a page may then hold fewer than ``limit``, even none, before the end."""
+        filters = filters or Filters()
+        await self._ensure_index()
+        keep = self._keeps(filters, self.clock.now_ms()) if filters.any() else None
+        out: list[Record] = []
+        pos, looked = after, 0
+        while True:
+            need = limit - len(out)
+            n = need + 1 if keep is None else max(need + 1, FILTER_BATCH)
+            batch, reached = await self._ids_after(pos, min(n, budget - looked + 1))
+            for (env_id, _), record in zip(batch, await self._records(batch), strict=True):
+                if len(out) == limit:
+                    return out, pos  # another follows
+                pos, looked = env_id, looked + 1
+                if record is not None and (keep is None or keep(record)):
+                    out.append(record)
+            if reached is None:
+                return out, None
+            pos = reached
+            if len(out) == limit or looked >= budget:
+                return out, pos
 
     async def get(self, env_id: str) -> Record:
         declared = self.config.environments.environments.get(env_id)
@@ -159,7 +376,12 @@ class Environments:
         async with self.redis.pipeline(transaction=True) as pipe:  # one hash slot: {env}
             self._write(pipe, env_id, env)
             await pipe.execute()
-        await self.redis.sadd(keys.API_OWNED_ENVS, env_id)  # another slot on a cluster
+        # Another slot on a cluster: the set and the listing's index share one (its hash tag),
+        # so an id is in both or in neither.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.API_OWNED_ENVS, env_id)
+            pipe.zadd(API_ENV_INDEX, {env_id: 0})
+            await pipe.execute()
         return Record(env_id, "api", env)
 
     def _refuse_file_owned(self, env_id: str) -> None:
