@@ -19,6 +19,7 @@ from tests.parts import build
     (Decision(Outcome.ADMITTED, flags=Flag.DATABASE_FREE), "database", False),
     (Decision(Outcome.NOT_FOUND, flags=Flag.SHADOW_REFUSAL), "function", False),
     (Decision(Outcome.ISOLATED, flags=Flag.SHADOW_REFUSAL), "function", False),
+    (Decision(Outcome.ISOLATED, flags=Flag.WHILE_ISOLATED), "auth", False),  # at no cost
     (Decision(Outcome.ADMITTED), "sms", False),  # charged to SMS packs first: no refund path
 ])
 def test_charged_calls(decision: Decision, kind: str, charged: bool):

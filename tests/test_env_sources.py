@@ -8,6 +8,7 @@ import json
 
 import redis.asyncio as aredis
 
+from quotagate.limiter import keys
 from tests.helpers import assert_problem, env, routes_to, script_calls
 
 DOMAINS = ["api.example.com", "tcb-api.example.net"]
@@ -95,6 +96,45 @@ async def test_an_action_request_is_counted_as_its_action(make_gateway, upstream
     assert (await gw.post("/web", data=query)).status == 200
     after = calls_left(await gw.get("/functions/x", headers={"X-CloudBase-Env": "shop"}))
     assert before - after == 2  # the database action and this call: one each
+
+
+async def test_only_the_sign_call_passes_while_isolated_at_no_cost(make_gateway, upstream,
+                                                                   store):
+    """``pass_while_isolated`` (the shipped /web: js-sdk's realtime sign call): while the
+    environment is isolated that action passes, uncharged, and so do the route's preflights;
+    nothing else of it passes, and a released environment's sign call gets 404."""
+    origin = f"http://127.0.0.1:{upstream.port}"
+    gw = await make_gateway(
+        {"shop": env(expires="2026-11-20"),  # isolated since 11-20
+         "gone": env(anchor="2026-10-01", expires="2026-11-01")},  # released since 11-17
+        routes=action_routes(origin, pass_while_isolated=["auth.wsWebSign"]))
+
+    def action(name: str, env_id: str = "shop", **members: str) -> bytes:
+        return json.dumps({"action": name, "env": env_id, **members}).encode()
+
+    resp = await gw.post("/web?env=shop&demo=echo", data=action("auth.wsWebSign"))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["body"] == action("auth.wsWebSign").decode()  # forwarded
+    refused = [action("auth.signInAnonymously"), action("auth.getJwt"),
+               action("functions.invokeFunction", function_name="sum"),
+               action("database.queryDocument"), action("storage.getDownloadUrl")]
+    for body in refused:
+        resp = await gw.post("/web?env=shop", data=body)
+        assert (await assert_problem(resp, 403))["code"] == "ENVIRONMENT_ISOLATED", body
+    # /admin does not list it: refused there.
+    resp = await gw.post("/admin?env=shop", data=action("auth.wsWebSign"))
+    assert (await assert_problem(resp, 403))["code"] == "ENVIRONMENT_ISOLATED"
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "X-CloudBase-Env": "shop"}
+    assert (await gw.options("/web", headers=preflight)).status == 200
+    for path in ("/admin", "/functions/f"):  # routes that pass nothing while isolated
+        resp = await gw.options(path, headers=preflight)
+        assert (await assert_problem(resp, 403))["code"] == "ENVIRONMENT_ISOLATED", path
+    assert await store.hgetall(keys.usage("shop")) == {}  # nothing charged
+    resp = await gw.post("/web?env=gone", data=action("auth.wsWebSign", "gone"))
+    assert (await assert_problem(resp, 404))["code"] == "ENVIRONMENT_NOT_FOUND"
+    resp = await gw.options("/web", headers={**preflight, "X-CloudBase-Env": "gone"})
+    assert (await assert_problem(resp, 404))["code"] == "ENVIRONMENT_NOT_FOUND"
 
 
 async def test_action_requests_that_cannot_be_counted_are_refused(make_gateway, upstream,

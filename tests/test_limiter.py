@@ -269,6 +269,52 @@ async def test_lifecycle_by_date(tmp_path: Path, make_limiter, when, outcome):
     assert (await lim.decide("shop", "function", 1)).outcome is outcome
 
 
+@pytest.mark.parametrize("call", ["function", "script", "flushed"])
+async def test_a_pass_while_isolated_costs_nothing_and_only_auth_passes(
+        tmp_path: Path, make_limiter, redis_client, call):
+    """``while_isolated`` (a route's pass_while_isolated: js-sdk's realtime sign call): the
+    store lets an auth request through while the environment is isolated or not started, at
+    no cost and counted in QPS; nothing else passes, and a released environment is refused.
+    The same through FCALL, EVALSHA and the EVAL after the store lost the code."""
+    config = write_config(tmp_path, {"shop": env(), "tight": env(limits={"qps": 1})})
+    clock = at("2027-11-05T12:00:00")  # isolated since 11-01
+    lim = await make_limiter(config, clock)
+    if call == "script":
+        lim._calls.no_functions(RuntimeError("scripts for this test"))
+    elif call == "flushed":
+        await lim.decide("shop", "function", 1)  # connected, the code loaded: then lost
+        await redis_client.function_flush()
+        await redis_client.script_flush()
+    passed = await lim.decide("shop", "auth", 1, while_isolated=True)
+    assert passed.outcome is Outcome.ISOLATED and passed.flags & Flag.WHILE_ISOLATED
+    assert passed.admitted and not passed.charged_calls("auth")
+    assert passed.qps_limit == 500  # decided past the lifecycle: QPS applies
+    assert lim.functions is (call != "script") and bool(lim.script_reloads) is (call == "flushed")
+    for kind, pass_it in (("function", True), ("database", True), ("auth", False)):
+        refused = await lim.decide("shop", kind, 1, while_isolated=pass_it)
+        assert refused.outcome is Outcome.ISOLATED and not refused.admitted, kind
+        assert not refused.flags & Flag.WHILE_ISOLATED
+    assert await redis_client.hgetall(keys.usage("shop")) == {}  # nothing charged
+    # Counted in QPS: at 1 QPS, a second one within the second is refused for it.
+    assert (await lim.decide("tight", "auth", 1, while_isolated=True)).admitted
+    again = await lim.decide("tight", "auth", 1, while_isolated=True)
+    assert again.outcome is Outcome.QPS_EXCEEDED and not again.admitted
+    clock.set(local("2026-10-31T12:00:00"))  # the plan starts tomorrow: the same
+    early = await lim.decide("shop", "auth", 1, while_isolated=True)
+    assert early.outcome is Outcome.NOT_STARTED and early.admitted
+    assert early.flags & Flag.WHILE_ISOLATED
+    clock.set(local("2027-11-16T00:00:00"))  # released
+    gone = await lim.decide("shop", "auth", 1, while_isolated=True)
+    assert gone.outcome is Outcome.NOT_FOUND and not gone.admitted
+    assert await redis_client.hgetall(keys.usage("shop")) == {}
+    clock.set(local("2027-10-20T12:00:00"))  # active: it costs its call as ever
+    active = await lim.decide("shop", "auth", 1, while_isolated=True)
+    assert active.outcome is Outcome.ADMITTED and not active.flags & Flag.WHILE_ISOLATED
+    assert active.charged_calls("auth")
+    usage = await redis_client.hgetall(keys.usage("shop"))
+    assert sum(int(v) for v in usage.values()) == 1
+
+
 async def test_resync_keeps_usage_and_pack_consumption(
     tmp_path: Path, make_limiter, store_url, redis_client
 ):

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from quotagate.limiter.embedded import free_port
-from tests.deployed import Deployed, live_env, served
+from tests.deployed import Deployed, days, live_env, served
 
 pytestmark = pytest.mark.deployed
 
@@ -56,7 +56,8 @@ async def authz(tmp_path: Path) -> AsyncIterator[Authz]:
     port = free_port()
     async with served(tmp_path / "config", {
             "shop": live_env(calls=3, qps=1000),
-            "fn": live_env(function_concurrency=1, qps=1000)},
+            "fn": live_env(function_concurrency=1, qps=1000),
+            "lapsed": {"plan": "standard", "anchor": days(-40), "expires": days(-1)}},
             authz_listen=f"127.0.0.1:{port}") as (deployed, _):
         yield Authz(deployed, port)
 
@@ -98,6 +99,26 @@ async def test_envoy_ext_authz_with_the_body_counts_an_action(authz: Authz):
     assert gbs_used(authz.deployed) == once
     status, _, _ = await authz.envoy("POST", "/web", env="fn", data=body)
     assert status == 200
+
+
+async def test_an_isolated_environments_sign_call_passes_as_on_the_proxy(authz: Authz):
+    """The shipped /web's pass_while_isolated: the same decision in plugin mode."""
+    json_body = {"Content-Type": "application/json"}
+    sign = json.dumps({"action": "auth.wsWebSign", "env": "lapsed"})
+    status, _, _ = await authz.envoy("POST", "/web", env="lapsed", data=sign, headers=json_body)
+    assert status == 200
+    invoke = json.dumps({"action": "functions.invokeFunction", "function_name": "f"})
+    status, _, body = await authz.envoy("POST", "/web", env="lapsed", data=invoke,
+                                        headers=json_body)
+    assert status == 403 and json.loads(body)["code"] == "ENVIRONMENT_ISOLATED"
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "x-envoy-auth-partial-body": "false"}
+    status, _, _ = await authz.envoy("OPTIONS", "/web", env="lapsed", headers=preflight)
+    assert status == 200
+    status, _, body = await authz.envoy("OPTIONS", "/functions/f", env="lapsed",
+                                        headers=preflight)
+    assert status == 403 and json.loads(body)["code"] == "ENVIRONMENT_ISOLATED"
+    assert authz.deployed.json("env", "usage", "lapsed")["meters"]["calls"]["used"] == 0
 
 
 def gbs_used(deployed: Deployed) -> float:

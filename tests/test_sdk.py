@@ -27,7 +27,7 @@ from tests.helpers import ROOT
 pytestmark = pytest.mark.deployed
 
 SDK = ROOT / "tests" / "sdk"
-ENVS = ("shop", "spent", "live", "lapse", "slow")
+ENVS = ("shop", "spent", "live", "lapse", "slow", "expiring", "released")
 HOSTS = [f"{e}.api.tcloudbasegateway.com" for e in ENVS] + \
         [f"{e}.tcb-api.tencentcloudapi.com" for e in ENVS] + \
         [f"{e}.ap-shanghai.tcb-api.tencentcloudapi.com" for e in ENVS]
@@ -81,6 +81,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory, platform: tuple[int,
   spent: {{plan: standard, {period}, limits: {{calls: 0}}}}
   live:  {{plan: standard, {period}, limits: {{realtime: 3}}}}
   slow:  {{plan: standard, {period}, gateway: {{version: test, purchased: {days(-3)}, months: 1}}}}
+  released: {{plan: standard, anchor: {days(-60)}, expires: {days(-20)}}}
 """)
     served = await serve(directory, config)
     yield served
@@ -219,3 +220,81 @@ async def test_a_watch_on_a_1_mbps_version_is_paced_not_cut(gateway: Deployed, n
     # of slack for when the clock starts; unpaced, it all takes milliseconds.
     assert seen["seconds"] >= (flooded - 10_400) / 125_000, (seen["seconds"], flooded)
     print(f"\n{flooded} B in {seen['seconds']} s")
+
+
+def post_action(gateway: Deployed, env: str, action: str, **members: str) -> tuple[int, dict]:
+    """One action request to /web, as js-sdk sends it (its env in the query and the body)."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{gateway.port}/web?env={env}", method="POST",
+        data=json.dumps({"action": action, "env": env, **members}).encode(),
+        headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_an_isolated_environments_new_watch_learns_it(gateway: Deployed, node: str,
+                                                            hosts_file: Path, platform):
+    """An app signed in, then its environment isolated, then its first watch: js-sdk asks
+    for the realtime sign (auth.wsWebSign on /web) before it opens the socket. The shipped
+    /web route lets that one action through while isolated, at no cost, so the SDK opens the
+    socket, where the gateway tells it (3050) and its onError fires. Without it the sign call
+    is refused (403) and retried every 10 s (7 tries over about 50 s), and meanwhile the watch
+    hears nothing. Everything else of the environment stays refused; a released one gets
+    404."""
+    definition = Path(tempfile.mkdtemp()) / "expiring.yaml"
+    definition.write_text(f"plan: standard\nanchor: {days(-40)}\nexpires: {days(30)}\n")
+    gateway.ok("env", "put", "expiring", str(definition))
+    proc = drive(node, hosts_file, "lapsed", env="expiring", port=gateway.port, pause=True,
+                 wait=20_000)
+    assert proc.stderr is not None and proc.stdin is not None
+    deadline = time.monotonic() + 60
+    while "READY" not in proc.stderr.readline():
+        assert time.monotonic() < deadline and proc.poll() is None
+    used = gateway.json("env", "usage", "expiring")["meters"]["calls"]["used"]  # the sign-in
+    before = len(platform_saw(platform[0])["requests"])
+    definition.write_text(f"plan: standard\nanchor: {days(-40)}\nexpires: {days(-1)}\n")
+    gateway.ok("env", "put", "expiring", str(definition))  # expired yesterday: isolated
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    seen = result(proc, timeout=120)
+    print(f"\nwatch of an isolated environment: {seen['watch']}")
+    # The watch is told, within the bound (20 s; the SDK's retries alone take 50 s).
+    assert seen["watch"]["outcome"] == "error" and not seen["watch"]["timeout"], seen
+    assert any("code 3050" in e and "ENVIRONMENT_ISOLATED" in e
+               for e in seen["watch"]["errors"]), seen
+    # Only the sign calls reached the platform, and they cost nothing.
+    reached = [r for r in platform_saw(platform[0])["requests"][before:]
+               if r["env"] == "expiring"]
+    assert reached and all(r["path"].startswith("/web") and
+                           json.loads(r["body"])["action"] == "auth.wsWebSign"
+                           for r in reached), reached
+    assert gateway.json("env", "usage", "expiring")["meters"]["calls"]["used"] == used
+    # Its function calls and database requests are refused as ever, in both endpoint modes.
+    gw = seen["gateway"]
+    assert gw["fn"]["resolved"]["code"] == "ENVIRONMENT_ISOLATED", gw
+    assert gw["db"]["resolved"]["code"] == "ENVIRONMENT_ISOLATED", gw
+    # (js-sdk's add() keeps only the requestId of the refusal: docs/troubleshooting.md.)
+    assert "code" not in gw["add"]["resolved"] and gw["add"]["resolved"]["requestId"], gw
+    for call in ("fn", "add"):  # CLOUD_API mode: any non-200 is "network request error"
+        assert seen["cloudApi"][call]["rejected"]["message"] == "network request error", seen
+    # Through /web itself: the sign passes, another auth action does not.
+    assert post_action(gateway, "expiring", "auth.wsWebSign")[0] == 200
+    status, body = post_action(gateway, "expiring", "auth.signInAnonymously")
+    assert (status, body["code"]) == (403, "ENVIRONMENT_ISOLATED"), body
+    status, body = post_action(gateway, "expiring", "functions.invokeFunction",
+                               function_name="sum")
+    assert (status, body["code"]) == (403, "ENVIRONMENT_ISOLATED"), body
+    assert gateway.json("env", "usage", "expiring")["meters"]["calls"]["used"] == used
+    # A released environment's sign call is refused (404), its calls too.
+    status, body = post_action(gateway, "released", "auth.wsWebSign")
+    assert (status, body["code"]) == (404, "ENVIRONMENT_NOT_FOUND"), body
+    gone = result(drive(node, hosts_file, "lapsed", env="released", port=gateway.port))
+    assert gone["gateway"]["fn"]["resolved"]["code"] == "ENVIRONMENT_NOT_FOUND", gone
+    assert gone["gateway"]["db"]["resolved"]["code"] == "ENVIRONMENT_NOT_FOUND", gone
+    assert not [r for r in platform_saw(platform[0])["requests"] if r["env"] == "released"]

@@ -16,7 +16,8 @@ from quotagate import __version__
 
 DECISIONS = Counter(
     "quotagate_decisions_total",
-    "Requests decided, by result (admitted, refused, shadow_refused, bypassed, off) and reason.",
+    "Requests decided, by result (admitted, refused, shadow_refused, passed — let through at "
+    "no cost while isolated —, bypassed, off) and reason.",
     ["result", "reason"],
 )
 DECISION_SECONDS = Histogram(

@@ -7,6 +7,11 @@ than guessed), decoded once, and counted as the kind its ``action`` names (ACTIO
 functions, database, storage, auth) exactly as a path route of that kind would be —
 an invocation with its function's concurrency slot and GBs. The bytes go to the upstream
 unchanged. Only requests on action routes pay for this.
+
+An action the route lists in ``pass_while_isolated`` (the shipped ``/web``:
+``auth.wsWebSign``, js-sdk's realtime sign call) is marked so: the store lets it through, at
+no cost, while the environment is isolated — so the SDK opens its realtime socket, where the
+gateway tells it the state (3050) — and refuses the rest.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class ActionRequest:
     env: str | None
     #: The function an invocation runs ("" for other actions).
     function: str
+    #: The route lets this action through while the environment is isolated (at no cost).
+    while_isolated: bool = False
 
 
 async def read_body(request: web.Request, limit: int) -> bytes | None:
@@ -124,5 +131,6 @@ def classify_action(route: CompiledRoute, body: bytes, content_encoding: str,
             raise invalid_function(f"function_name {str(name)[:100]!r} of {action}",
                                    env or "")
         function = name
-    return ActionRequest(route.actions[kind], body, env, function)
+    return ActionRequest(route.actions[kind], body, env, function,
+                         action in route.route.pass_while_isolated)
 

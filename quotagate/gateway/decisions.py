@@ -20,16 +20,18 @@ _ADMITTED = metrics.DECISIONS.labels("admitted", "")
 
 
 async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "",
-                 needs: str = "", holder: str = "", holder_lease_ms: int = 0
-                 ) -> Decision | Problem:
+                 needs: str = "", holder: str = "", holder_lease_ms: int = 0,
+                 while_isolated: bool = False) -> Decision | Problem:
     """One decision, counted in the metrics; a Problem when the store fails closed.
 
     A refused decision is returned as it is (the caller words the refusal). ``holder``:
-    plugin mode's slot holder (``Limiter.decide``).
+    plugin mode's slot holder; ``while_isolated``: the request may pass, at no cost, while
+    the environment is isolated (``Limiter.decide``).
     """
     started = time.perf_counter()
     try:
-        decision = await limiter.decide(env, kind, cost, slot, needs, holder, holder_lease_ms)
+        decision = await limiter.decide(env, kind, cost, slot, needs, holder, holder_lease_ms,
+                                        while_isolated)
     except StoreUnavailable:  # (counted in quotagate_store_errors_total by the limiter)
         metrics.DECISIONS.labels("refused", "store-unavailable").inc()
         return store_unavailable(env)
@@ -48,6 +50,9 @@ async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "
     elif decision.flags & Flag.SHADOW_REFUSAL:
         result = "shadow_refused"
         metrics.DECISIONS.labels("shadow_refused", _REASONS[decision.outcome]).inc()
+    elif decision.flags & Flag.WHILE_ISOLATED:
+        result = "passed"  # at no cost: the SDK's sign call, so it learns the state
+        metrics.DECISIONS.labels("passed", _REASONS[decision.outcome]).inc()
     else:
         result = "admitted"
         _ADMITTED.inc()

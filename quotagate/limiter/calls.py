@@ -56,8 +56,10 @@ class ScriptCalls:
                        OptionalSetup(LOAD_LIBRARY))
         #: Call the function library (FCALL); False once the store refused it: scripts.
         self.functions = True
-        #: decide.lua's command up to its KEYS (the hot path packs the rest by hand).
+        #: decide.lua's command up to its KEYS (the hot path packs the rest by hand); and
+        #: the same with one argument more (ARGV[10], a pass while isolated).
         self.decide_head = b""
+        self.decide_head_pass = b""
         self._set_heads()
         self._library_loading = False
         self._reload_logged_at = -RELOAD_LOG_INTERVAL_S
@@ -65,13 +67,16 @@ class ScriptCalls:
         self.script_reloads = 0
 
     def _set_heads(self) -> None:
-        if self.functions:
-            name = DECIDE.function.encode()
-            self.decide_head = b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$1\r\n9\r\n" % (
-                3 + 9 + 9, len(name), name)
-        else:
-            self.decide_head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (
-                3 + 9 + 9, DECIDE.sha.encode())
+        def head(args: int) -> bytes:
+            if self.functions:
+                name = DECIDE.function.encode()
+                return b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$1\r\n9\r\n" % (
+                    3 + 9 + args, len(name), name)
+            return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (
+                3 + 9 + args, DECIDE.sha.encode())
+
+        self.decide_head = head(9)
+        self.decide_head_pass = head(10)
 
     def keys_packed(self, env: str) -> tuple[bytes, int]:
         """decide.lua's KEYS part of the command and their cluster slot, cached per env

@@ -31,3 +31,7 @@ class Flag:
     MODE_OFF = 8
     #: The script wrote events (alerts) to the environment's stream.
     EVENTS = 16
+    #: Isolated or not started (the outcome says which), and let through at no cost: a
+    #: request the gateway marked as passing while isolated (a route's
+    #: ``pass_while_isolated``), counted in QPS only.
+    WHILE_ISOLATED = 64

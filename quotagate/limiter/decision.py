@@ -19,8 +19,13 @@ from quotagate.limiter.errors import NoScript, OutOfMemory, StoreError, StoreTim
 from quotagate.limiter.scripts import DECIDE
 from quotagate.limiter.store import pack_command
 
-#: Outcomes decide.lua returns before charging anything (shadow mode admits them).
+#: Outcomes decide.lua returns without charging anything (shadow mode admits them; an
+#: isolated or not-started environment's request marked to pass goes through uncharged).
 UNCHARGED = frozenset({Outcome.ISOLATED, Outcome.NOT_FOUND, Outcome.NOT_STARTED})
+#: Flags that let a refusing outcome through: shadow mode, a pass while isolated.
+_LET_THROUGH = Flag.SHADOW_REFUSAL | Flag.WHILE_ISOLATED
+#: decide.lua's ARGV[10] for a request that may pass while isolated.
+_PASS = b"$4\r\npass\r\n"
 
 
 class Decision(NamedTuple):
@@ -55,14 +60,16 @@ class Decision(NamedTuple):
 
     @property
     def admitted(self) -> bool:
-        """Let through: admitted, or refused only in shadow mode."""
-        return self.outcome is Outcome.ADMITTED or bool(self.flags & Flag.SHADOW_REFUSAL)
+        """Let through: admitted, refused only in shadow mode, or isolated and let through
+        at no cost (``Flag.WHILE_ISOLATED``)."""
+        return self.outcome is Outcome.ADMITTED or bool(self.flags & _LET_THROUGH)
 
     def charged_calls(self, kind: str) -> bool:
         """Whether decide.lua charged this request's calls, so a refund may give them back:
         not a bypassed one (its cost is in the write-back backlog), not one a database promo
-        made free, not an early outcome shadow mode let through, not SMS (their cost went
-        to SMS packs first)."""
+        made free, not an early outcome shadow mode let through nor one let through while
+        isolated (``Flag.WHILE_ISOLATED``: at no cost), not SMS (their cost went to SMS packs
+        first)."""
         return not (self.store_bypassed or self.flags & Flag.DATABASE_FREE
                     or self.outcome in UNCHARGED or kind == "sms")
 
@@ -110,26 +117,31 @@ class Decider:
             holder.encode(), str(lease_ms).encode()))
 
     def _packed(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime, slot: str,
-                needs: str, tail: bytes | None) -> bytes:
-        parts = [self.calls.decide_head, self.calls.keys_packed(env)[0]]
+                needs: str, tail: bytes | None, while_isolated: bool) -> bytes:
+        head = self.calls.decide_head_pass if while_isolated else self.calls.decide_head
+        parts = [head, self.calls.keys_packed(env)[0]]
         for arg in (script_arg(at).encode(), kind.encode(), str(cost).encode(), mode.encode(),
                     self._burst, slot.encode()):
             parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
         parts.append(self._tail if tail is None else tail)
         parts.append(b"$%d\r\n%s\r\n" % (len(needs), needs.encode()))
+        if while_isolated:
+            parts.append(_PASS)
         return b"".join(parts)
 
     async def run(self, env: str, kind: str, cost: int, mode: str, at: ScriptTime,
                   late: Told | None = None, slot: str = "", needs: str = "",
                   abandoned: Told | None = None, holder: str = "",
-                  holder_lease_ms: int = 0) -> Decision:
+                  holder_lease_ms: int = 0, while_isolated: bool = False) -> Decision:
         """One decision. ``late``: told the outcome of a command that timed out, if it ran.
         ``abandoned``: told the outcome of a call whose caller was cancelled meanwhile.
-        ``holder``: the slot is held by it for ``holder_lease_ms``, not by this instance."""
+        ``holder``: the slot is held by it for ``holder_lease_ms``, not by this instance.
+        ``while_isolated``: an ``auth`` request that passes, at no cost, while the environment
+        is isolated or not started (decide.lua's ARGV[10])."""
         key_slot = self.calls.keys_packed(env)[1]
         tail = self.holder_tail(holder, holder_lease_ms) if holder else None
-        fut = self.store.submit(self._packed(env, kind, cost, mode, at, slot, needs, tail),
-                                key_slot)
+        fut = self.store.submit(self._packed(env, kind, cost, mode, at, slot, needs, tail,
+                                             while_isolated), key_slot)
         try:
             if abandoned is None:  # the plain path: one coroutine frame less than _reply
                 try:
@@ -148,7 +160,8 @@ class Decider:
                 raise
             reply = await self._decide_again(env, key_slot, (
                 script_arg(at), kind, cost, mode, self.burst_ms, slot, holder or self.instance,
-                holder_lease_ms if holder else self.lease_ms, needs), late, abandoned, exc)
+                holder_lease_ms if holder else self.lease_ms, needs,
+                *(("pass",) if while_isolated else ())), late, abandoned, exc)
         decision = Decision.from_reply(reply)
         if decision.outcome is Outcome.NOT_FOUND:
             self.on_missing(env)

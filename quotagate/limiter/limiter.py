@@ -160,16 +160,18 @@ class Limiter:
     # ------------------------------------------------------------------------ decisions
 
     async def decide(self, env: str, kind: str, cost: int, slot: str = "",
-                     needs: str = "", holder: str = "", holder_lease_ms: int = 0
-                     ) -> Decision:
+                     needs: str = "", holder: str = "", holder_lease_ms: int = 0,
+                     while_isolated: bool = False) -> Decision:
         """Admit or refuse one request; on an unreachable store apply the failure policy.
 
         ``slot`` ("rt:" or "fn:<name>"): also take a leased concurrency slot, given back with
         ``release``. ``needs``: a metered meter the request will use (refused once used up).
         ``holder`` (plugin mode): the slot is held by it — one request's own lease of
         ``holder_lease_ms``, given back by ``finish`` or ending with its lease — not by this
-        instance (which never renews it). Raises ``StoreUnavailable`` only when the policy is
-        ``closed``.
+        instance (which never renews it). ``while_isolated``: an ``auth`` request that the
+        store lets through, at no cost, while the environment is isolated or not started
+        (``Flag.WHILE_ISOLATED``; a route's ``pass_while_isolated``). Raises
+        ``StoreUnavailable`` only when the policy is ``closed``.
         """
         key: BacklogKey | None = None
         finish: Callable[[Decision], bool] | None = None
@@ -210,7 +212,8 @@ class Limiter:
         try:
             decision = await self._decider.run(env, kind, cost, self._mode,
                                                self.clock.script_time(), late, slot, needs,
-                                               abandoned, holder, holder_lease_ms)
+                                               abandoned, holder, holder_lease_ms,
+                                               while_isolated)
         except StoreUnavailable as exc:
             count_store_error(exc)
             if self.on_failure == "closed":

@@ -438,6 +438,9 @@ def check_gateway(gw: GatewaySettings, file: str) -> list[ConfigIssue]:
         if route.kind != "action" and route.max_body_bytes != 6 * 1024 * 1024:
             issues.append(ConfigIssue(file, f"{where}.max_body_bytes",
                                       "only action routes take this key"))
+        if route.kind != "action" and route.pass_while_isolated:
+            issues.append(ConfigIssue(file, f"{where}.pass_while_isolated",
+                                      "only action routes take this key (it names actions)"))
         realtime_only = [k for k, default in (("strict", False), ("realtime_unit", "watch"),
                                               ("login_timeout_ms", 10_000))
                          if getattr(route, k) != default]

@@ -156,6 +156,9 @@ class ClientSettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=T
 RouteMeter = Literal["gbs", "storage_traffic_bytes", "outbound_bytes", "cdn_origin_bytes", "none"]
 #: The function name from the path: the segment after the route's prefix.
 FUNCTION_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+#: An action that may pass while the environment is isolated: a sign call of the ``auth``
+#: group (nothing that runs, reads or writes the environment's resources).
+IsolatedAction = Annotated[str, msgspec.Meta(pattern=r"^auth\.[A-Za-z][A-Za-z0-9_]{0,63}$")]
 
 
 class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -194,6 +197,13 @@ class Route(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
     #: Action routes: the largest body read to find its ``action`` (a larger one is refused
     #: with 413 rather than guessed).
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 6 * 1024 * 1024
+    #: Action routes: ``auth.*`` actions that pass while the environment is isolated (or its
+    #: plan has not started), at no cost and counted in QPS only — the store decides it
+    #: (decide.lua) — and the route's free CORS preflights with them. Shipped:
+    #: ``[auth.wsWebSign]``, js-sdk's realtime sign call: it opens nothing, and without it the
+    #: SDK never opens the socket on which the gateway tells it the state (3050). Everything
+    #: else of the environment stays refused (403); a released one too (404).
+    pass_while_isolated: Annotated[tuple[IsolatedAction, ...], msgspec.Meta(max_length=16)] = ()
     #: What a request costs when it is a stream (SSE): decided on the request's intent
     #: (``Accept: text/event-stream``, ``"stream": true`` in its JSON body, ``?stream=true``),
     #: and if the response is a stream anyway the difference is charged after it. Default:

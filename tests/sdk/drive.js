@@ -78,11 +78,11 @@ async function platformStats () {
   return r.json()
 }
 
-/** One watch: resolves on its first change or error. */
-function watch (db, id, coll = 'todos') {
+/** One watch: resolves on its first change or error (or after `wait` ms). */
+function watch (db, id, coll = 'todos', wait = 8000) {
   const seen = { id, changes: 0, errors: [] }
   return new Promise(resolve => {
-    const timer = setTimeout(() => resolve({ ...seen, listener, timeout: true }), 8000)
+    const timer = setTimeout(() => resolve({ ...seen, listener, timeout: true }), wait)
     const listener = db.collection(coll).doc(id).watch({
       onChange: () => { seen.changes++; clearTimeout(timer); resolve({ ...seen, listener }) },
       onError: e => {
@@ -158,6 +158,40 @@ async function isolated () {
   return { first: outcome(w), errors: w.seen.errors, loginsAfter: (await platformStats()).logins - logins }
 }
 
+/** An app whose environment is isolated (or released): it signs in (args.pause: then waits
+ * for a line on stdin, while the test isolates the environment), opens a watch (args.wait ms
+ * for its onChange or onError, and how long it took), then makes a function call, a query and
+ * an add in both endpoint modes, each as the app sees it. */
+async function lapsed () {
+  const app = gatewayApp(args.env)
+  const db = app.database()
+  const out = {}
+  out.signIn = await app.auth.signInAnonymously().then(() => ({ resolved: true }),
+    e => ({ rejected: fields(e) }))
+  if (args.pause) {
+    process.stderr.write('READY\n')
+    await waitLine()
+  }
+  if (args.wait) {
+    const started = Date.now()
+    const w = await watch(db, 'x', 'todos', args.wait)
+    out.watch = { outcome: outcome(w), errors: w.seen.errors, timeout: Boolean(w.timeout), ms: Date.now() - started }
+    try { w.listener.close() } catch (e) { out.watch.closeError = String(e).slice(0, 200) }
+  }
+  out.gateway = {
+    fn: await settle(app.callFunction({ name: 'sum', data: { a: 1, b: 2 } })),
+    db: await settle(db.collection('todos').where({}).get()),
+    add: await settle(db.collection('todos').add({ n: 1 }))
+  }
+  const capp = gatewayApp(args.env, 'CLOUD_API')
+  out.cloudApi = {
+    fn: await settle(capp.callFunction({ name: 'sum', data: { a: 3, b: 4 } })),
+    add: await settle(capp.database().collection('todos').add({ n: 2 }))
+  }
+  out.unhandled = unhandled
+  return out
+}
+
 /** One watch of "flood-<events>": every snapshot's document number, and the seconds from
  * the first snapshot (INIT) to the last. */
 async function flood () {
@@ -186,7 +220,7 @@ async function flood () {
   return seen
 }
 
-const scenarios = { calls: () => calls(args.env), watches, isolated, flood }
+const scenarios = { calls: () => calls(args.env), watches, isolated, lapsed, flood }
 
 scenarios[scenario]().then(result => {
   process.stdout.write('RESULT ' + JSON.stringify(result) + '\n')

@@ -114,8 +114,10 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
                  and route.route.preflight == "free" and req.has_body is False
                  and is_preflight(req.headers, bool(
                      req.headers.get("Content-Length", "0").strip("0"))))
+    while_isolated = False  # passes at no cost while isolated (as the proxy decides it)
     if preflight and route is not None and route.actions is not None:
         route = route.actions["auth"]
+        while_isolated = bool(route.route.pass_while_isolated)
     if route is not None and route.actions is not None:
         if req.body is None:
             return _refused_early(verdict, proxy_required(
@@ -129,6 +131,7 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
         except Problem as problem:
             return _refused_early(verdict, problem)
         route, env, function = action.route, action.env, action.function
+        while_isolated = action.while_isolated
         verdict.env = env
     elif route is not None and route.kind == "function":
         function = route.function_name(path) or ""
@@ -143,15 +146,17 @@ async def decide_described(state: GatewayState, tickets: Tickets, req: Described
             intent = streams.asks_by_body(req.body[:route.route.stream_probe_bytes])
     return await decide_on_route(state, tickets, verdict, env, route, function,
                                  req.method, 0 if preflight else route.cost * req.cost_factor,
-                                 path=path, intent=intent, preflight=preflight)
+                                 path=path, intent=intent, preflight=preflight,
+                                 while_isolated=while_isolated)
 
 
 async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdict, env: str,
                           route: CompiledRoute, function: str, method: str, cost: int, *,
                           path: str = "", intent: bool | None = None,
-                          preflight: bool = False) -> Verdict:
+                          preflight: bool = False, while_isolated: bool = False) -> Verdict:
     """The decision of a request of ``route`` at ``cost`` (its slot leased to the request
-    itself, its stream price by ``intent``: None when it could not be read)."""
+    itself, its stream price by ``intent``: None when it could not be read;
+    ``while_isolated``: it passes, at no cost, while the environment is isolated)."""
     verdict.env = env
     gw = state.config.gateway
     if state.env_modes.get(env, gw.enforcement) == "off":
@@ -177,7 +182,7 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
     holder = "p:" + secrets.token_hex(8) if (slot or route.meter or after or back) else ""
     decided_at = state.limiter.clock.now_ms()
     decision = await decide(state.limiter, env, route.kind, cost, slot, needs, holder,
-                            route.route.max_duration_ms)
+                            route.route.max_duration_ms, while_isolated)
     if isinstance(decision, Problem):
         verdict.problem = decision
         return verdict

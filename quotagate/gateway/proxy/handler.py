@@ -165,8 +165,13 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
     preflight = (route is not None and request.method == "OPTIONS"
                  and route.route.preflight == "free"
                  and is_preflight(request.headers, request.body_exists))
+    # Passes, at no cost, while the environment is isolated (the store decides): an action
+    # the route lists in pass_while_isolated, and that route's free preflights (a browser
+    # sends the action only after its preflight passed).
+    while_isolated = False
     if preflight and route is not None and route.actions is not None:
         route = route.actions["auth"]  # no body to name an action yet: counted as nothing
+        while_isolated = bool(route.route.pass_while_isolated)
     if route is not None and route.actions is not None:
         try:  # the operation is in the body: read, classify, and check its env
             action = await _read_in_time(read_action(request, route, env), gw, env)
@@ -174,6 +179,7 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
             return _refused_early(problem, request_id, entry)
         route, body, env, function = action.route, action.body, action.env, action.function
         entry.env, entry.kind = env, route.kind
+        while_isolated = action.while_isolated
     elif route is not None and route.kind == "function":
         function = route.function_name(request.path) or ""
     if env is None:
@@ -222,7 +228,8 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
         else:
             after = route.stream_extra
     decided_at = state.limiter.clock.now_ms()
-    decision = await decide(state.limiter, env, route.kind, cost, slot, needs)
+    decision = await decide(state.limiter, env, route.kind, cost, slot, needs,
+                            while_isolated=while_isolated)
     if isinstance(decision, Problem):
         entry.decision = decision.type_suffix
         return decision.response(request_id=request_id)
@@ -250,13 +257,16 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
                             extra={"env": env, "route": route.route.name or route.route.prefix,
                                    "reason": "bypassed" if decision.store_bypassed else
                                    "shadow" if decision.flags & Flag.SHADOW_REFUSAL else
-                                   "admitted", "request_id": request_id})
+                                   "passed-isolated" if decision.flags & Flag.WHILE_ISOLATED
+                                   else "admitted", "request_id": request_id})
     if decision.store_bypassed:
         extra["X-Quotagate-Bypass"] = "store-unavailable"
         entry.decision = "bypassed"
     elif decision.flags & Flag.SHADOW_REFUSAL:
         extra["X-Quotagate-Shadow"] = "would-refuse"
         entry.decision = "shadow-refused"
+    elif decision.flags & Flag.WHILE_ISOLATED:
+        entry.decision = "passed-isolated"  # at no cost: the SDK learns the state from it
     else:
         entry.decision = "admitted"
     extra.update(ratelimit_headers(decision))

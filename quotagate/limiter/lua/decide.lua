@@ -31,6 +31,11 @@ ARGV[7] instance  the gateway instance taking the slot
 ARGV[8] lease_ms  how long the instance's slots are held without a renewal
 ARGV[9] needs     metered or ingested meters the route uses, comma-separated ("" none): refused
                   once one is used up (hard stop)
+ARGV[10] (optional) "pass": the request may pass while the environment is isolated or not
+                  started (the route's ``pass_while_isolated``: the SDK's realtime sign call,
+                  or the preflight of its endpoint), if it is of kind auth: then it costs
+                  nothing, takes no slot and needs no meter, and only QPS can refuse it. A
+                  released or unknown environment is refused as ever.
 
 Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
         reset_ms, retry_after_ms, window_s, meter, cap, in_use, qps_by, bandwidth}
@@ -38,7 +43,8 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
          4 database free, 8 mode off (nothing counted), 16 events written, 32 (record mode
-         with KEYS[10]) an entry written back before: nothing written now
+         with KEYS[10]) an entry written back before: nothing written now, 64 (with code 3
+         or 5) let through by ARGV[10] at no cost: counted in QPS only
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
   reset_ms           until the billing cycle resets; window_s the cycle's length
   meter              the meter that refused ("" when admitted)
@@ -68,9 +74,19 @@ if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
 if mode == 'off' then return {0, 8, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0} end
 
 calendar_at(ent, now_ms)
+-- Isolated or not started, a request marked "pass" (an auth one) goes on at no cost: the
+-- SDK's realtime sign call, so that the SDK opens its socket and is told the state (3050).
+local lifecycle_status = 0
 if mode ~= 'record' then  -- usage that already passed is recorded whatever the status now
-  local status = lifecycle()
-  if status ~= 0 then return early(status) end
+  lifecycle_status = lifecycle()
+  if lifecycle_status ~= 0 then
+    if (lifecycle_status == 3 or lifecycle_status == 5) and ARGV[10] == 'pass'
+        and kind == 'auth' then
+      cost, slot, needs = 0, '', ''
+    else
+      return early(lifecycle_status)
+    end
+  end
 else
   slot = ''
 end
@@ -206,6 +222,9 @@ if slot ~= '' then
 end
 if mode == 'record' and KEYS[10] then  -- last: only a write-back that counted is marked
   redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
+end
+if code == 0 and lifecycle_status ~= 0 then  -- let through while isolated (ARGV[10])
+  code, flags = lifecycle_status, flags + 64
 end
 return {code, flags, qps_limit, qps_remaining, qps_reset, quota, held - consumed, reset_ms,
         retry, window_s, meter, cap, in_use, qps_by, bandwidth}
