@@ -66,10 +66,18 @@ class Webhook:
     events: list[dict[str, Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
+    #: Deliveries of an event already received (the same webhook-id), dropped as a receiver
+    #: should: delivery is at least once, and a POST this receiver answered late (its loop
+    #: blocked by a test's CLI call) is sent again.
+    redelivered: int = 0
 
     async def start(self) -> Webhook:
         async def receive(request: web.Request) -> web.Response:
-            self.events.append(await request.json())
+            event = await request.json()
+            if any(e.get("event_id") == event.get("event_id") for e in self.events):
+                self.redelivered += 1
+            else:
+                self.events.append(event)
             return web.Response(status=204)
 
         app = web.Application()

@@ -338,10 +338,15 @@ async def test_lifecycle_events_of_versions(gw: Deployed, webhook: Webhook) -> N
     assert renewed == {**renewed, "auto": "1", "months": "1", "amount": "8999.00",
                        "expires": add_months_clamped(bought, 2).isoformat()}
     await asyncio.sleep(1.0)  # more scheduler rounds: each event once
-    kinds = [(e["env"], e["type"], e.get("auto")) for e in webhook.events
-             if e["env"].startswith("gv-")]
-    for key in set(kinds):
-        assert kinds.count(key) == 1, (key, kinds)
+    # Once each: one event id per kind. A webhook is delivered at least once - a POST this
+    # receiver answered late (its loop busy with the test's CLI calls) is sent again with the
+    # same id, which a receiver drops (docs/operations.md).
+    ids: dict[tuple[str, str, str | None], set[str]] = {}
+    for e in webhook.events:
+        if e["env"].startswith("gv-"):
+            ids.setdefault((e["env"], e["type"], e.get("auto")), set()).add(e["event_id"])
+    for key, seen in ids.items():
+        assert len(seen) == 1, (key, seen)
 
 
 def test_config_check_refuses_a_bad_grant(tmp_path: Path) -> None:

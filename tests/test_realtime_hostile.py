@@ -143,10 +143,15 @@ async def test_sockets_that_never_log_in_never_reach_the_upstream(gateway, platf
         now = saw(platform)
         assert now["openSockets"] == before["openSockets"]
         assert now["logins"] == before["logins"] and now["inits"] == before["inits"]
-        # At the login deadline (2 s here) each is told why and closed, 1008.
+        # At the login deadline (2 s here) each is told why and closed, 1008: the code of the
+        # close frame the gateway sent (the client's own close_code turns 1006 when its reply
+        # to that frame cannot be written any more, as on a busy machine it may not be).
         async with asyncio.timeout(10):
+            codes = set()
             for ws in sockets:
                 [told] = await answers(ws, 1)
                 assert told["msgData"]["code"] == "ENVIRONMENT_REQUIRED", told
-                assert (await ws.receive()).type is aiohttp.WSMsgType.CLOSE
-        assert {ws.close_code for ws in sockets} == {1008}
+                closing = await ws.receive()
+                assert closing.type is aiohttp.WSMsgType.CLOSE, closing
+                codes.add(closing.data)
+        assert codes == {1008}
