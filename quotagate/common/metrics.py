@@ -52,6 +52,11 @@ STORE_ERRORS = Counter(
     "Store calls that failed, by kind (unavailable, timeout, error).",
     ["kind"],
 )
+LOOP_STALL_SECONDS = Counter(
+    "quotagate_loop_stall_seconds_total",
+    "Time the event loop was found blocked (the store watchdog ran late: a reload, a GC "
+    "pause, a slow disk); not counted against store deadlines.",
+)
 BACKLOG = Gauge(
     "quotagate_failopen_backlog_entries",
     "Usage entries admitted while the store was down and not yet written back.",

@@ -10,7 +10,14 @@ sync, admin, tests) uses redis-py.
 Failure handling:
 - every command has a deadline (``timeout_ms``); a watchdog checks the oldest reply every
   ``timeout_ms / 4``, so a hung server (SIGSTOP, network black hole) costs each request at most
-  about 1.25 x ``timeout_ms``. The stalled connection is then set aside, not closed: if the
+  about 1.25 x ``timeout_ms``. Only time the loop could wait counts, never the gateway's own
+  stall (a reload parsing a big file on the loop, a GC pause, a slow disk): a command's time
+  starts when it is written, not when it is queued; the watchdog measures how late it fires
+  and every such stall is taken off the time of the commands it caught (``loop_stalls``);
+  and a deadline found missed is acted on only after the loop has read its sockets once
+  more, so a reply that came in during a stall is never taken for a timeout. A hung store is
+  still found: the loop's own lateness is all that is discounted, each watchdog tick still
+  counts in full. The stalled connection is then set aside, not closed: if the
   server comes back, the late replies still arrive there and ``when_late`` callbacks learn
   which timed-out commands did run (the limiter uses this so fail-open write-back does not
   count them twice). Closing it instead would let a resumed server run commands whose outcome
@@ -36,6 +43,7 @@ from typing import Any
 
 import hiredis
 
+from quotagate.common import metrics
 from quotagate.common.addresses import StoreAddress
 from quotagate.limiter.errors import (
     NoFunctions,
@@ -51,6 +59,14 @@ _NOT_ENOUGH = object()
 
 #: Stalled connections kept open to learn the fate of timed-out commands.
 MAX_STALLED = 8
+
+#: The longest stall of the gateway's own loop taken off one command's time (a loop that
+#: stops for longer than this is an outage of its own; the replies it did get still count).
+MAX_STALL_CREDIT_S = 60.0
+#: Loop lateness below this is timer granularity, not a stall (nothing is recorded).
+STALL_NOISE_S = 0.002
+#: Stalls remembered (the ones that overlap a command in flight are needed; older ones go).
+MAX_STALLS = 1024
 
 #: Error replies that mean "the store cannot serve right now", not "the command is wrong".
 _UNAVAILABLE = ("LOADING", "BUSY", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN",
@@ -86,14 +102,43 @@ def pack_command(*args: bytes | str | int) -> bytes:
     return hiredis.pack_command(args)  # type: ignore[arg-type]  # (its stub says a 1-tuple)
 
 
+async def _patiently(awaitable: Any, seconds: float) -> Any:
+    """Await ``awaitable`` for ``seconds`` of time the loop could wait: what it was late by
+    (a stall of the gateway's own) does not count, and before giving up the loop reads its
+    sockets once more. Then it is cancelled and TimeoutError raised."""
+    fut = asyncio.ensure_future(awaitable)
+    left = seconds
+    step = max(seconds / 4, 0.005)
+    try:
+        while True:
+            wait = min(step, left)
+            started = time.monotonic()
+            await asyncio.wait((fut,), timeout=wait)
+            if fut.done():
+                return fut.result()
+            left -= min(time.monotonic() - started, wait)  # the lateness is the loop's
+            if left <= 0:
+                await asyncio.sleep(0)  # what came in meanwhile is read first
+                await asyncio.sleep(0)
+                if fut.done():
+                    return fut.result()
+                raise TimeoutError
+    finally:
+        if not fut.done():
+            fut.cancel()
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, owner: PipelinedStore):
         self._owner = owner
         self._reader = hiredis.Reader(notEnoughData=_NOT_ENOUGH)
         self.transport: asyncio.Transport | None = None
-        #: (future, deadline) per command in flight, in send order.
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        #: (future, write time) per command in flight, in send order. The write time is a
+        #: one-item list shared by the commands of one write; 0.0 until it is written.
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], list[float]]] = (
+            collections.deque())
         self._out: list[bytes] = []
+        self._batch: list[float] = [0.0]
         self._flush_scheduled = False
         self.closed = False
         self.stalled = False
@@ -101,11 +146,11 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
-    def send(self, data: bytes, fut: asyncio.Future[Any], deadline: float) -> None:
+    def send(self, data: bytes, fut: asyncio.Future[Any]) -> None:
         if self.closed or self.stalled:
             fut.set_exception(StoreUnavailable("store connection closed"))
             return
-        self.waiting.append((fut, deadline))
+        self.waiting.append((fut, self._batch))
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -117,6 +162,8 @@ class _Protocol(asyncio.Protocol):
             data = b"".join(self._out)
             self._out.clear()
             self.transport.write(data)
+            self._batch[0] = time.monotonic()  # their time starts now, not when queued
+            self._batch = [0.0]
             self._owner.writes += 1
 
     def data_received(self, data: bytes) -> None:
@@ -189,7 +236,17 @@ class PipelinedStore:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._down_until = 0.0
         self._last_error = ""
-        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog: asyncio.Handle | None = None
+        #: When the watchdog's callback is due (to measure how late the loop runs it).
+        self._watchdog_due = 0.0
+        #: The loop's own stalls as (start, end) in monotonic time, oldest first: time no
+        #: command can have been waiting for the store (see ``_store_time``).
+        self._loop_stalls: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=MAX_STALLS)
+        #: Seconds the loop was found stalled (late watchdog ticks), and deadlines the
+        #: watchdog would have failed but for that (a reply read after the stall instead).
+        self.loop_stalled_s = 0.0
+        self.timeouts_spared = 0
         self._stalled: collections.deque[_Protocol] = collections.deque()
         #: Timed-out futures -> the callback waiting for their late reply (None: not yet set).
         self._late: dict[asyncio.Future[Any], LateCallback | None] = {}
@@ -223,7 +280,7 @@ class PipelinedStore:
         fut: asyncio.Future[Any] = loop.create_future()
         proto = self._proto
         if proto is not None and not proto.closed and not proto.stalled:
-            proto.send(packed, fut, time.monotonic() + self.timeout)
+            proto.send(packed, fut)
         else:
             task = loop.create_task(self._send_when_connected(packed, fut))
             self._tasks.add(task)
@@ -238,7 +295,7 @@ class PipelinedStore:
                 fut.set_exception(exc)
             return
         if not fut.done():  # also fails at once if the connection closed meanwhile
-            proto.send(packed, fut, time.monotonic() + self.timeout)
+            proto.send(packed, fut)
 
     def when_late(self, fut: asyncio.Future[Any], callback: LateCallback) -> None:
         """Call ``callback(reply)`` if the timed-out ``fut``'s command is answered after all,
@@ -274,8 +331,7 @@ class PipelinedStore:
             task = loop.create_task(self._open())
             task.add_done_callback(self._connected)
         try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(self._connecting)
+            return await _patiently(asyncio.shield(self._connecting), self.timeout)
         except TimeoutError:
             raise StoreTimeout("store connection did not complete in time") from None
 
@@ -296,48 +352,15 @@ class PipelinedStore:
         self._arm_watchdog()
 
     async def _open(self) -> _Protocol:
-        loop = asyncio.get_running_loop()
-        addr = self.address
-        proto: _Protocol | None = None
+        made: list[_Protocol] = []
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                if addr.unix_path:
-                    _, proto = await loop.create_unix_connection(
-                        lambda: _Protocol(self), addr.unix_path
-                    )
-                else:
-                    ctx = addr.ssl_context()
-                    _, proto = await loop.create_connection(
-                        lambda: _Protocol(self), addr.host, addr.port, ssl=ctx
-                    )
-                setup = []
-                if addr.password:
-                    auth = ["AUTH", addr.username, addr.password] if addr.username else [
-                        "AUTH", addr.password]
-                    setup.append(pack_command(*auth))
-                if addr.db:
-                    setup.append(pack_command("SELECT", addr.db))
-                setup.append(pack_command("CLIENT", "SETNAME", "quotagate-hot"))
-                setup.extend(self.setup)
-                futs = []
-                for cmd in setup:
-                    fut: asyncio.Future[Any] = loop.create_future()
-                    proto.send(cmd, fut, time.monotonic() + self.connect_timeout)
-                    futs.append(fut)
-                for cmd, fut in zip(setup, futs, strict=True):
-                    try:
-                        await fut
-                    except StoreError:
-                        # An optional one may fail for any reason (refused, OOM, already
-                        # there); a store that cannot serve fails the required ones too.
-                        if not isinstance(cmd, OptionalSetup):
-                            raise
-                        self.optional_failures += 1
+            return await _patiently(self._open_steps(made), self.connect_timeout)
         except BaseException as exc:
             # A connection that was made but not set up (a hung store accepts TCP and never
             # answers) is closed here, or every attempt during a hang would keep its socket.
-            if proto is not None and proto.transport is not None:
-                proto.transport.abort()
+            for proto in made:
+                if proto.transport is not None:
+                    proto.transport.abort()
             if isinstance(exc, TimeoutError):
                 raise StoreTimeout("store connection timed out") from None
             if isinstance(exc, OSError):
@@ -346,29 +369,117 @@ class PipelinedStore:
             if isinstance(exc, StoreError):
                 raise StoreUnavailable(f"store refused the connection setup: {exc}") from None
             raise
+
+    async def _open_steps(self, made: list[_Protocol]) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        addr = self.address
+        proto: _Protocol
+        if addr.unix_path:
+            _, proto = await loop.create_unix_connection(lambda: _Protocol(self), addr.unix_path)
+        else:
+            ctx = addr.ssl_context()
+            _, proto = await loop.create_connection(
+                lambda: _Protocol(self), addr.host, addr.port, ssl=ctx
+            )
+        made.append(proto)
+        setup = []
+        if addr.password:
+            auth = ["AUTH", addr.username, addr.password] if addr.username else [
+                "AUTH", addr.password]
+            setup.append(pack_command(*auth))
+        if addr.db:
+            setup.append(pack_command("SELECT", addr.db))
+        setup.append(pack_command("CLIENT", "SETNAME", "quotagate-hot"))
+        setup.extend(self.setup)
+        futs = []
+        for cmd in setup:
+            fut: asyncio.Future[Any] = loop.create_future()
+            proto.send(cmd, fut)
+            futs.append(fut)
+        for cmd, fut in zip(setup, futs, strict=True):
+            try:
+                await fut
+            except StoreError:
+                # An optional one may fail for any reason (refused, OOM, already there); a
+                # store that cannot serve fails the required ones too.
+                if not isinstance(cmd, OptionalSetup):
+                    raise
+                self.optional_failures += 1
         return proto
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
             tick = max(self.timeout / 4, 0.005)
+            self._watchdog_due = time.monotonic() + tick
             self._watchdog = asyncio.get_running_loop().call_later(tick, self._check_deadlines)
+
+    def _note_lateness(self) -> float:
+        """How late the loop ran the watchdog: that much of the time since it was armed, the
+        loop could not read a reply (it was busy elsewhere), so it is not the store's."""
+        now = time.monotonic()
+        late = now - self._watchdog_due
+        if late > STALL_NOISE_S:
+            self._loop_stalls.append((self._watchdog_due, now))
+            self.loop_stalled_s += late
+            metrics.LOOP_STALL_SECONDS.inc(late)
+        return now
+
+    def _store_time(self, written: float, now: float) -> float:
+        """How long the loop could wait for a reply written at ``written``: the time since,
+        less the loop's own stalls in it (at most ``MAX_STALL_CREDIT_S`` of them)."""
+        stalls = self._loop_stalls
+        while stalls and stalls[0][1] <= written:  # over before it was written: of no use
+            stalls.popleft()
+        stalled = 0.0
+        for start, end in stalls:
+            stalled += end - max(start, written)
+        return now - written - min(stalled, MAX_STALL_CREDIT_S)
+
+    def _overdue(self, proto: _Protocol, now: float) -> bool:
+        if not proto.waiting:
+            return False
+        written = proto.waiting[0][1][0]  # the oldest: the longest wait of all
+        return written > 0.0 and self._store_time(written, now) > self.timeout
 
     def _check_deadlines(self) -> None:
         self._watchdog = None
+        now = self._note_lateness()
         proto = self._proto
         if proto is None:
             return
-        if proto.waiting and proto.waiting[0][1] < time.monotonic():
-            self._last_error = "store did not answer in time"
-            self._down_until = time.monotonic() + self.retry_interval
-            self._proto = None
-            proto.stall(StoreTimeout(f"store did not answer within {self.timeout * 1000:.0f} ms"))
-            self._stalled.append(proto)
-            while len(self._stalled) > MAX_STALLED:
-                oldest = self._stalled.popleft()
-                oldest.abort(StoreTimeout("too many stalled store connections"))
+        if not proto.waiting:  # nothing in flight: no stall so far can matter to a command
+            self._loop_stalls.clear()
+        elif self._overdue(proto, now):
+            # Missed, it seems; but the reply may be in the socket, unread (the loop runs
+            # timers before it reads, and after a stall it has a backlog to read). Let the
+            # loop read once more (two turns: a callback a timer schedules may run before
+            # the next read), then decide.
+            self._watchdog_due = now
+            loop = asyncio.get_running_loop()
+            self._watchdog = loop.call_soon(self._confirm_soon, proto)
             return
         self._arm_watchdog()
+
+    def _confirm_soon(self, proto: _Protocol) -> None:
+        self._watchdog = asyncio.get_running_loop().call_soon(self._confirm, proto)
+
+    def _confirm(self, proto: _Protocol) -> None:
+        self._watchdog = None
+        now = self._note_lateness()
+        if self._proto is not proto:
+            return
+        if not self._overdue(proto, now):
+            self.timeouts_spared += 1  # answered after all (or the loop was what stalled)
+            self._arm_watchdog()
+            return
+        self._last_error = "store did not answer in time"
+        self._down_until = now + self.retry_interval
+        self._proto = None
+        proto.stall(StoreTimeout(f"store did not answer within {self.timeout * 1000:.0f} ms"))
+        self._stalled.append(proto)
+        while len(self._stalled) > MAX_STALLED:
+            oldest = self._stalled.popleft()
+            oldest.abort(StoreTimeout("too many stalled store connections"))
 
     def _forget(self, proto: _Protocol) -> None:
         if self._proto is proto:
