@@ -172,3 +172,42 @@ async def test_capacity_is_billed_for_a_day_no_instance_ran(tmp_path: Path,
         log = gw.stop()
         store.stop()
         assert "Traceback" not in log, log[-3000:]
+
+
+async def test_anchor_31_resets_on_the_last_day_of_february(tmp_path: Path,
+                                                           store_clock: StoreClock,
+                                                           upstream: str):
+    """A plan bought on the 31st resets on the last day of a month without one (SPEC §4): the
+    store's clock is put ten seconds before 00:00 (Asia/Shanghai) of the last day of next
+    February, a hard stop is reached, and at midnight the new cycle admits again - through
+    `quotagate serve`, every date taken from the store."""
+    import zoneinfo
+
+    tz = zoneinfo.ZoneInfo("Asia/Shanghai")
+    year = dt.date.today().year + 1
+    last = dt.date(year, 3, 1) - dt.timedelta(days=1)  # 28 or 29
+    reset = dt.datetime.combine(last, dt.time(), tz)
+    store_clock.step(int((reset - dt.timedelta(seconds=10)).timestamp() - time.time()))
+    store = EmbeddedValkey(tmp_path / "valkey", port=free_port(), env=store_clock.env()).start()
+    config = shipped_config(tmp_path, upstream, store={"url": store.url, "timeout_ms": 500})
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        "steps-31": {"plan": "standard", "anchor": f"{year}-01-31",
+                     "expires": f"{year + 1}-01-31", "limits": {"calls": 3}}}}))
+    gw = await serve(tmp_path, config)
+    try:
+        url = gw.route("function") + "f"
+        assert await gw.get(url, "steps-31", 4) == [200, 200, 200, 429]  # the cycle's 3
+        # Ten seconds later it is 00:00 on the last day of February: a new cycle (20 s at most).
+        for _ in range(200):
+            if await gw.get(url, "steps-31") == [200]:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("no new cycle at the end of February")
+        usage = gw.json("env", "usage", "steps-31")
+        assert usage["cycle"]["start"] == last.isoformat(), usage["cycle"]
+        assert usage["meters"]["calls"]["used"] == 1
+    finally:
+        log = gw.stop()
+        store.stop()
+        assert "Traceback" not in log, log[-3000:]
