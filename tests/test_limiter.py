@@ -396,3 +396,26 @@ async def test_reset_where_dst_starts_at_midnight(tmp_path: Path, make_limiter):
     d = await lim.decide("cl", "function", 1)
     first_instant = dt.datetime(2026, 9, 6, 0, 0, tzinfo=tz)  # resolves to 01:00 -03
     assert d.reset_ms == int((first_instant.timestamp() - now.timestamp()) * 1000) == 7_200_000
+
+
+@pytest.mark.parametrize("limit", [600, 35_000])
+async def test_qps_bound_holds_for_limits_whose_interval_rounds(tmp_path: Path, make_limiter,
+                                                                 limit: int):
+    """1000 / limit does not fit the TAT's 4 stored decimals for 600 or 35,000 QPS: an
+    admission can leave the TAT a hair beyond burst + interval, which must not be taken for
+    the store's clock stepping back (that clamp would admit every request of the same
+    millisecond). Offered in bursts of many decisions at once, far above the limit."""
+    burst_ms = 100
+    config = write_config(tmp_path, {"shop": env(limits={"qps": limit})}, qps_burst_ms=burst_ms)
+    lim = await make_limiter(config, at("2026-11-26T12:00:00"))
+    loop = asyncio.get_running_loop()
+    per_round = max(400, limit // 20)
+    start = loop.time()
+    results = []
+    for _ in range(10):
+        results += await asyncio.gather(*(lim.decide("shop", "function", 0)
+                                          for _ in range(per_round)))
+        await asyncio.sleep(0.05)
+    elapsed = loop.time() - start
+    admitted = sum(r.outcome is Outcome.ADMITTED for r in results)
+    assert admitted <= limit * elapsed + limit * burst_ms / 1000 + 2, (admitted, elapsed)

@@ -130,7 +130,10 @@ if tat < store_ms then tat = store_ms end
 -- store's clock stepping back (NTP, a failover to a node whose clock differs), not clients.
 -- It is taken as a full burst (the clamp kept, whatever this request's answer): the step
 -- refuses nothing of its own, and admits at most one request more than a steady clock would.
-if tat > store_ms + burst + interval then
+-- (1 ms of slack: a TAT is stored to 4 decimals, and an interval such as 1000/600 rounds up,
+-- so an admission can leave it a hair beyond burst + interval; taking that for a step would
+-- admit every request of that millisecond.)
+if tat > store_ms + burst + interval + 1 then
   tat = store_ms + burst
   if mode ~= 'record' then  -- kept even if this request is refused (for QPS or else)
     redis.call('SET', KEYS[2], string.format('%.4f', tat), 'PX', math.ceil(tat - store_ms) + 1000)
