@@ -277,3 +277,22 @@ async def test_a_version_change_reaches_responses_in_flight(tmp_path: Path,
             log = gw.stop()
             assert "Traceback" not in log, log[-3000:]
         upstream.kill()
+
+
+async def test_a_response_waiting_for_a_slot_goes_on_when_no_version_is_in_force(
+        tmp_path: Path, store_url: str) -> None:
+    """A response is waiting for its pacer's lease when the store answers that no version
+    is in force any more (here: the environment is not enforcing): it is sent on, unpaced,
+    not held for ever; the store is not asked again and again."""
+    from tests.helpers import at, env, synced_limiter, write_config
+
+    config = write_config(tmp_path, {"shop": env(gateway={
+        "version": "test", "purchased": "2026-11-20", "months": 1})})
+    lim = await synced_limiter(store_url, config, at("2026-11-26T12:00:00"), mode="shadow")
+    try:
+        async with lim.bandwidth.shaping("shop", RATE) as pacer:
+            await asyncio.wait_for(pacer.take(pacer.piece), 10)  # (hung before)
+            assert pacer.rate == 0
+            await asyncio.wait_for(pacer.take(pacer.piece), 1)  # unpaced from now on
+    finally:
+        await lim.close(give_back=False)

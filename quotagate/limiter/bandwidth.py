@@ -129,6 +129,8 @@ class Pacer:
                 self._spent(done)
             if not self.slots:
                 await self._next_slot()
+                if not self.rate:  # the lease said no version is in force any more
+                    return time.monotonic()
                 continue
             slot = self.slots[0]
             at = max(self.cursor, slot.start + self._debt, now)
@@ -175,6 +177,8 @@ class Pacer:
 
     async def _lease(self) -> None:
         try:
+            if not self.rate:  # not shaped now: nothing to lease
+                return
             want = max(self.piece, int(self.rate * self.lease_s))
             sent = time.monotonic()
             try:

@@ -33,6 +33,10 @@ local rate, bytes = tonumber(ARGV[1]), tonumber(ARGV[2])
 -- A slot lasts what the instance asked for at the rate it knew (at most a second or so): the
 -- rate in force (below) is what it sends at in it. A change never books the timeline for the
 -- old request's bytes at the new rate (2.5 MB at 125,000 B/s would hold it for 20 s).
+if not rate or rate <= 0 then  -- (a lease at no rate has no length: refused, nothing written)
+  if bytes > 0 then return {'0', '0', '0', '0'} end
+  return 0
+end
 local slot_us = bytes * 1000000 / rate
 local raw = redis.call('GET', KEYS[1])
 local end_text = raw and (string.match(raw, '^([^:]+):') or raw)
