@@ -299,3 +299,28 @@ async def test_a_post_whose_acknowledgement_failed_is_not_posted_again(redis_cli
         await delivery_client.aclose()
         await redis_client.execute_command("ACL", "DELUSER", "no-xack")
         await receiver.close()
+
+
+async def test_a_retry_holds_the_lock_its_failed_move_left(tmp_path: Path, noon_limiter,
+                                                          redis_client):
+    """A move whose reply was lost (a store timeout) cannot release its lock; its retry, on
+    the same instance, takes the events on under that lock at once instead of waiting out
+    the lock's 30 s (and the sweep after). Another instance's lock is waited for, then the
+    move is tried again later (an error, not "nothing to move")."""
+    from quotagate.limiter.errors import StoreError
+
+    config = write_config(tmp_path, {"shop": env()})
+    lim = await noon_limiter(config)
+    forwarder = lim._events  # (the lock a failed move of this instance left behind)
+    forwarder._tokens["shop"] = "this-instance:left"
+    await redis_client.set(keys.forward_lock("shop"), "this-instance:left", px=30_000)
+    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
+    assert await lim.forward_events("shop") == 1
+    assert [e["level"] for e in await events(redis_client)] == ["80"]
+    assert not await redis_client.exists(keys.forward_lock("shop"))  # released now
+
+    await redis_client.set(keys.forward_lock("shop"), "another-instance", px=30_000)
+    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "90"})
+    with pytest.raises(StoreError, match="being moved by another instance"):
+        await lim.forward_events("shop")
+    assert await redis_client.xlen(keys.env_events("shop")) == 1  # left for the retry

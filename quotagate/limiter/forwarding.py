@@ -18,6 +18,11 @@ from quotagate.limiter.store import pack_command
 
 log = logging.getLogger("quotagate.limiter")
 
+#: Take the move's lock, or keep it if it is ours already: a move of ours that failed (its
+#: reply lost to a timeout) could not release it, and its retry must not wait it out.
+_TAKE_LOCK = ("if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) "
+              "or redis.call('GET', KEYS[1]) == ARGV[1] then "
+              "redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end return 0")
 _DEL_IF_MINE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) "
                 "end return 0")
 #: Append one event to the global stream unless it was appended before (KEYS[2], set in the
@@ -47,6 +52,9 @@ class EventForwarder:
         self._forwarding: set[str] = set()
         self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: This instance's lock token per environment, kept until the lock is released: a
+        #: retry after a failed move holds the lock the failed one left (``_TAKE_LOCK``).
+        self._tokens: dict[str, str] = {}
         #: Set at shutdown: moves under way finish, no more retries wait.
         self._closing = asyncio.Event()
 
@@ -97,15 +105,15 @@ class EventForwarder:
         (``<env>/<stream id>``) names it for consumers."""
         source, lock = keys.env_events(env), keys.forward_lock(env)
         key_slot, events_slot = self.calls.key_slot(env), slot_of(keys.EVENTS)
-        token = f"{self.instance}:{secrets.token_hex(4)}"
+        token = self._tokens.setdefault(env, f"{self.instance}:{secrets.token_hex(4)}")
         for _ in range(10):
             got = await self.store.submit(
-                pack_command("SET", lock, token, "NX", "PX", 30_000), key_slot)
-            if got is not None:
+                pack_command("EVAL", _TAKE_LOCK, 1, lock, token, 30_000), key_slot)
+            if got == 1:
                 break
             await asyncio.sleep(0.2)  # another instance is moving them; look again after
-        else:
-            return 0
+        else:  # (tried again later, like a store error: its move may fail too)
+            raise StoreError(f"the events of {env} are being moved by another instance")
         moved = 0
         try:
             while True:
@@ -126,6 +134,7 @@ class EventForwarder:
         finally:  # only our own lock (one that expired may be another instance's now)
             await self.store.submit(pack_command("EVAL", _DEL_IF_MINE, 1, lock, token),
                                     key_slot)
+            self._tokens.pop(env, None)  # released (if the release failed, it stays ours)
 
     async def finish(self) -> None:
         """Wait for the moves under way (at shutdown); none waits to be tried again."""
