@@ -57,6 +57,12 @@ LOOP_STALL_SECONDS = Counter(
     "Time the event loop was found blocked (the store watchdog ran late: a reload, a GC "
     "pause, a slow disk); not counted against store deadlines.",
 )
+LOOP_LAG_SECONDS = Histogram(
+    "quotagate_event_loop_lag_seconds",
+    "How late the event loop ran a callback due every 100 ms: the time no request of this "
+    "process was served (a reload, a GC pause, a slow disk, CPU starvation).",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 BACKLOG = Gauge(
     "quotagate_failopen_backlog_entries",
     "Usage entries admitted while the store was down and not yet written back.",

@@ -28,7 +28,7 @@ from redis.asyncio.cluster import RedisCluster
 from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.addresses import StoreAddress
-from quotagate.common.aio import pause, stop_if_cancelling
+from quotagate.common.aio import off_loop, pause, stop_if_cancelling
 from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments, local_today
@@ -39,15 +39,25 @@ from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore
-from quotagate.limiter.sync import check_store_version, sync_environments
+from quotagate.limiter.sync import (
+    CHUNK,
+    check_store_version,
+    snapshots,
+    sync_environments,
+    write_snapshots,
+)
 from quotagate.settings import Config, ConfigError, load_config
-from quotagate.settings.load import check_environments
+from quotagate.settings.load import check_environments, gc_paused
 from quotagate.settings.schema import BYTES_PER_MBPS, Environment, EnvironmentsFile
 
 log = logging.getLogger("quotagate.gateway")
 
 #: How long a stopping gateway waits for its background tasks.
 STOP_WAIT_S = 10.0
+#: The event loop's lag is probed this often; a lag this long is logged.
+LAG_PROBE_S = 0.1
+LAG_LOG_S = 0.02
+LAG_LOG_EVERY_S = 10.0
 #: Settings a reload cannot change in a running process (logged when they differ).
 RESTART_ONLY = ("listen", "admin_listen", "store", "upstream", "leases", "events",
                 "lifecycle_interval_ms", "reload_poll_ms")
@@ -63,6 +73,55 @@ def _mtimes(files: tuple[Path, ...]) -> dict[str, float]:
         except OSError:
             out[str(f)] = -1.0
     return out
+
+
+@dataclass
+class ReloadChange:
+    """What a reload changes in the store, worked out off the event loop."""
+
+    #: plans.yaml or the time zone changed: every snapshot (file and API-owned) is rewritten.
+    everything: bool
+    #: The environments whose snapshot is (re)written -> it, encoded.
+    blobs: dict[str, str]
+    #: File-owned environments the file no longer declares.
+    removed: list[str]
+
+
+def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
+    """Load the config files and compare their environments with ``current``'s: CPU-bound
+    (10^5 environments: seconds), run in a thread. Raises ConfigError."""
+    with gc_paused():  # (a collection would hold the event loop's thread as long as it walks)
+        return _prepare_reload(path, current)
+
+
+def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
+    config = load_config(path)
+    new, old = config.environments.environments, current.environments.environments
+    everything = (config.plans != current.plans
+                  or config.gateway.timezone != current.gateway.timezone)
+    changed = []
+    for env_id, env in new.items():
+        before = old.get(env_id)
+        if before is not None and before == env:
+            # The one in force is kept (this copy is freed here, a little at a time): when
+            # the config in force is dropped, on the event loop, its environments live on.
+            new[env_id] = before
+            if everything:
+                changed.append(env_id)
+        else:
+            changed.append(env_id)
+    removed = [env_id for env_id in old if env_id not in new]
+    config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
+    return config, ReloadChange(everything, snapshots(config, changed), removed)
+
+
+def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
+    """API-owned records that the new plans would make invalid."""
+    return [f"{env_id}: {issue.path}: {issue.reason}"
+            for env_id, env in records.items()
+            for issue in check_environments(
+                EnvironmentsFile(environments={env_id: env}), config.plans,
+                "store (API-owned)")]
 
 
 @dataclass
@@ -93,8 +152,12 @@ class Runtime:
     async def reload(self, why: str = "requested") -> bool:
         """Load the config files again; apply them if valid, else keep the last good config.
 
-        Routes, environments, plans, modes and the failure policy apply at once; listeners,
-        the store and worker count need a restart (logged). Returns whether it was applied.
+        The files are parsed, checked and compared with the config in force in a thread, off
+        the event loop (requests are answered meanwhile); what changed is then applied: the
+        snapshots of the environments that changed, were added or removed, or all of them
+        (and the API-owned ones) when plans.yaml or the time zone changed. Routes,
+        environments, plans, modes and the failure policy apply at once; listeners, the
+        store and worker count need a restart (logged). Returns whether it was applied.
         """
         async with self.reload_lock:
             path = self.config.files[0] if self.config.files else None
@@ -102,25 +165,23 @@ class Runtime:
                 return False
             self.mtimes = _mtimes(self.config.files)
             try:
-                config = load_config(path)
+                config, change = await off_loop(prepare_reload, path, self.config)
             except ConfigError as exc:
                 metrics.RELOADS.labels("failure").inc()
                 for issue in exc.issues:
                     log.error("config reload (%s) refused, the last good config stays: %s",
                               why, issue)
                 return False
-            api_owned = await self._api_records()
-            broken = [f"{env_id}: {issue.path}: {issue.reason}"
-                      for env_id, env in api_owned.items()
-                      for issue in check_environments(
-                          EnvironmentsFile(environments={env_id: env}), config.plans,
-                          "store (API-owned)")]
-            if broken:
-                metrics.RELOADS.labels("failure").inc()
-                for line in broken:
-                    log.error("config reload (%s) refused, the last good config stays: an "
-                              "API-owned environment would be invalid: %s", why, line)
-                return False
+            api_owned: dict[str, Environment] = {}
+            if change.everything:  # API-owned snapshots depend on plans.yaml too
+                api_owned = await self._api_records()
+                broken = await off_loop(_broken_records, api_owned, config)
+                if broken:
+                    metrics.RELOADS.labels("failure").inc()
+                    for line in broken:
+                        log.error("config reload (%s) refused, the last good config stays: "
+                                  "an API-owned environment would be invalid: %s", why, line)
+                    return False
             old = self.config.gateway
             new = config.gateway
             for key in RESTART_ONLY:
@@ -136,18 +197,26 @@ class Runtime:
             for listener in self.on_config:
                 listener(config)
             self.mtimes = _mtimes(config.files)
-            self.synced = False
-            try:
-                await sync_environments(self.redis, config)
-                await self._rewrite_api_snapshots(api_owned, config)
-                self.synced = True
-                self._declared_bandwidth(config)
-            except (aredis.RedisError, OSError, StoreError) as exc:
-                log.warning("config reload: environments not written yet (%s); retrying", exc)
-                self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
+            if not self.synced:  # the last write has not finished: it writes this config
+                self._sync_soon()
+            else:
+                try:
+                    if change.everything:
+                        await sync_environments(self.redis, config, change.blobs)
+                        await self._rewrite_api_snapshots(api_owned, config)
+                    else:
+                        await write_snapshots(self.redis, change.blobs, change.removed)
+                    self._declared_bandwidth(config)
+                except (aredis.RedisError, OSError, StoreError) as exc:
+                    log.warning("config reload: environments not written yet (%s); the "
+                                "whole file is written again", exc)
+                    self.synced = False
+                    self._sync_soon()
             metrics.RELOADS.labels("success").inc()
-            log.info("config reloaded (%s): %d routes, %d environments", why, len(new.routes),
-                     len(config.environments.environments))
+            log.info("config reloaded (%s): %d routes, %d environments (%s)", why,
+                     len(new.routes), len(config.environments.environments),
+                     "all written again" if change.everything else
+                     f"{len(change.blobs)} written, {len(change.removed)} removed")
             return True
 
     def _apply_to_limiter(self, config: Config) -> None:
@@ -168,7 +237,7 @@ class Runtime:
         with each sample of the store's clock (a version that starts or ends today)."""
         rates = self.limiter.bandwidth.rates
         gw = config.gateway
-        declared = config.environments.environments
+        declared = config.versioned  # (only those with a version: never every environment)
         # The file's environments, now and before (one may have left it or lost its version).
         for env_id in self._declared_rates | declared.keys():
             rates.pop(env_id, None)
@@ -220,11 +289,19 @@ class Runtime:
 
     async def _rewrite_api_snapshots(self, records: dict[str, Environment],
                                      config: Config) -> None:
-        for env_id, env in records.items():
-            if env_id in config.environments.environments:
-                continue  # the file owns it now
-            await self.redis.set(keys.entitlements(env_id), encode(
-                build_snapshot(env, config.plans, config.gateway.timezone)))
+        declared = config.environments.environments
+
+        def build() -> list[tuple[str, str]]:
+            return [(env_id, encode(build_snapshot(env, config.plans, config.gateway.timezone)))
+                    for env_id, env in records.items()
+                    if env_id not in declared]  # (else the file owns it now)
+
+        blobs = await off_loop(build)
+        for start in range(0, len(blobs), CHUNK):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for env_id, blob in blobs[start:start + CHUNK]:
+                    pipe.set(keys.entitlements(env_id), blob)
+                await pipe.execute()
 
     async def _sync_until_done(self) -> None:
         delay = 0.2
@@ -233,7 +310,10 @@ class Runtime:
             try:
                 await check_store_version(self.redis)
                 await self.sync_store_clock()
-                await sync_environments(self.redis, self.config)
+                config = self.config
+                await sync_environments(self.redis, config)
+                if config is not self.config:
+                    continue  # reloaded meanwhile: write the config now in force
                 await self.limiter.load_scripts()
                 await self.learn_api_owned()
                 self.synced = True
@@ -244,6 +324,12 @@ class Runtime:
                 log.warning("store not ready for the environment sync (%s); retrying", exc)
                 await pause(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _sync_soon(self) -> None:
+        """Write the whole config in force to the store in the background, retrying until
+        it is done (unless that is already under way: it reads the config in force)."""
+        if self.sync_task is None or self.sync_task.done():
+            self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
 
     def resync_if_declared(self, env: str) -> None:
         """The store has no snapshot of an environment the file declares: it lost its data
@@ -299,6 +385,25 @@ class Runtime:
                 log.warning("could not sample the store's clock (%r); dates run on the last "
                             "sample", exc)
             self._declared_bandwidth(self.config)  # the store away too: the day may change
+
+    async def _watch_loop_lag(self) -> None:
+        """How late the event loop runs a callback due every LAG_PROBE_S (a metric; a log
+        line when it held every request for LAG_LOG_S or more)."""
+        loop = asyncio.get_running_loop()
+        logged_at, times, longest = 0.0, 0, 0.0
+        while True:
+            due = loop.time() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            now = loop.time()
+            lag = max(now - due, 0.0)
+            metrics.LOOP_LAG_SECONDS.observe(lag)
+            if lag >= LAG_LOG_S:
+                times, longest = times + 1, max(longest, lag)
+            if times and now - logged_at >= LAG_LOG_EVERY_S:  # (a line at most so often)
+                log.warning("the event loop was blocked %d time(s) for %.0f ms or more "
+                            "(longest %.0f ms): no request of this process was served "
+                            "meanwhile", times, LAG_LOG_S * 1000, longest * 1000)
+                logged_at, times, longest = now, 0, 0.0
 
     # --------------------------------------------------------------------------- journals
 
@@ -358,6 +463,7 @@ class Runtime:
         self.sync_task = loop.create_task(self._sync_until_done())
         tasks.append(loop.create_task(control_events.sweep_forever(self.redis, self.limiter)))
         tasks.append(loop.create_task(self._follow_store_clock()))
+        tasks.append(loop.create_task(self._watch_loop_lag()))
         self.scheduler = Scheduler(
             Environments(self.redis, lambda: self.config, self.limiter.clock),  # type: ignore[arg-type]
             self.limiter.clock, upstream_base, session,

@@ -82,9 +82,7 @@ class GatewayState:
         self.config = config
         self.router = Router(gw.routes)
         self.env_suffixes = all_domains(gw.domains, gw.domain)
-        self.env_modes = {env_id: env.mode
-                          for env_id, env in config.environments.environments.items()
-                          if env.mode is not None}
+        self.env_modes = config.modes
         if self.access_log is not None and (not gw.access_log or gw.access_log_file
                                             or self.access_log.path):
             self.access_log.close()  # off, or a file opened again (after a rotation)

@@ -7,8 +7,10 @@ never usage or pack consumption (packs keep their ids), so re-applying the file 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+from quotagate.common.aio import off_loop
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
@@ -45,33 +47,56 @@ async def check_store_version(redis: Any) -> str:
     return ", ".join(sorted(set(described)))
 
 
-def snapshots(config: Config) -> dict[str, str]:
+def snapshots(config: Config, only: Iterable[str] | None = None) -> dict[str, str]:
+    """The encoded snapshot of each of the file's environments (``only`` these). CPU-bound:
+    run off the event loop (``off_loop``) when there are many."""
+    declared = config.environments.environments
     return {
-        env_id: encode(build_snapshot(env, config.plans, config.gateway.timezone))
-        for env_id, env in config.environments.environments.items()
+        env_id: encode(build_snapshot(declared[env_id], config.plans, config.gateway.timezone))
+        for env_id in (declared if only is None else only)
     }
 
 
-async def sync_environments(redis: Any, config: Config) -> tuple[int, int]:
-    """Apply the file's environments; forget file-owned ones the file no longer declares.
+#: Commands per pipelined round trip when many snapshots are written: the event loop packs
+#: and reads one chunk at a time, and answers requests between chunks.
+CHUNK = 1000
 
-    Returns (written, removed). ``redis`` is a redis-py asyncio client (plain or cluster).
-    """
-    wanted = snapshots(config)
+
+async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[str] = ()
+                          ) -> None:
+    """Write these file-owned environments' snapshots (owned by the file from now on,
+    whoever created them) and forget ``removed`` ones (the snapshot goes, requests get 404;
+    usage stays for billing), a chunk of pipelined commands at a time."""
+    items = list(blobs.items())
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start:start + CHUNK]
+        ids = [env_id for env_id, _ in chunk]
+        async with redis.pipeline(transaction=False) as pipe:
+            for env_id, blob in chunk:
+                pipe.set(keys.entitlements(env_id), blob)
+            pipe.sadd(keys.FILE_OWNED_ENVS, *ids)
+            pipe.srem(keys.API_OWNED_ENVS, *ids)
+            await pipe.execute()
+    gone = list(removed)
+    for start in range(0, len(gone), CHUNK):
+        batch = gone[start:start + CHUNK]
+        async with redis.pipeline(transaction=False) as pipe:
+            for env_id in batch:
+                pipe.delete(keys.entitlements(env_id))
+            pipe.srem(keys.FILE_OWNED_ENVS, *batch)
+            await pipe.execute()
+
+
+async def sync_environments(redis: Any, config: Config,
+                            blobs: dict[str, str] | None = None) -> tuple[int, int]:
+    """Apply the whole file (at start, and when the store lost its data): every
+    environment's snapshot written (``blobs``, else built off the event loop), file-owned
+    ones the file no longer declares forgotten. Returns (written, removed). ``redis`` is a
+    redis-py asyncio client (plain or cluster)."""
+    wanted = blobs if blobs is not None else await off_loop(snapshots, config)
     previous = {m.decode() if isinstance(m, bytes) else m
                 for m in await redis.smembers(keys.FILE_OWNED_ENVS)}
     removed = sorted(previous - set(wanted))
-    async with redis.pipeline(transaction=False) as pipe:
-        for env_id, blob in wanted.items():
-            pipe.set(keys.entitlements(env_id), blob)
-        if wanted:
-            pipe.sadd(keys.FILE_OWNED_ENVS, *wanted)
-            # Declared in the file: owned by the file from now on, whoever created it.
-            pipe.srem(keys.API_OWNED_ENVS, *wanted)
-        for env_id in removed:
-            # The snapshot goes (requests get 404); usage stays for billing.
-            pipe.delete(keys.entitlements(env_id))
-            pipe.srem(keys.FILE_OWNED_ENVS, env_id)
-        await pipe.execute()
+    await write_snapshots(redis, wanted, removed)
     log.info("environments applied: %d written, %d removed", len(wanted), len(removed))
     return len(wanted), len(removed)

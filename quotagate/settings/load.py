@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import difflib
+import functools
+import gc
 import re
 import zoneinfo
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -23,6 +26,7 @@ from quotagate.settings.schema import (
     FUNCTION_NAME,
     GATEWAY_TERMS,
     PAYG_METERS,
+    Environment,
     EnvironmentsFile,
     GatewayGrant,
     GatewaySettings,
@@ -55,8 +59,33 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(i) for i in issues))
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2-ish booleans: only true/false, so ``enforcement: off`` stays the string "off"."""
+#: Plain scalars whose tag a load remembers (the first ones seen: keys, plan names, dates).
+_MEMO = 4096
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser (``CSafeLoader``: PyYAML's C binding, present in its wheels) with
+    YAML 1.2-ish booleans: only true/false, so ``enforcement: off`` stays the string "off".
+
+    A file of 10^5 environments is ~10^6 scalars and 10^5 mappings, each resolved and
+    constructed in Python: plain scalars' tags are memoized per load (the same plan names,
+    dates and keys recur), and ``_load`` builds the common tags itself (docs/benchmarks.md,
+    "Loading a big environments file")."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._tags: dict[tuple[str, tuple[bool, bool]], str] = {}
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and not self.yaml_path_resolvers:
+            key = (value, implicit)
+            tag = self._tags.get(key)
+            if tag is None:
+                tag = super().resolve(kind, value, implicit)
+                if len(self._tags) < _MEMO:  # (ids and numbers of each environment never
+                    self._tags[key] = tag   # recur: a memo of them would only be freed)
+            return tag
+        return super().resolve(kind, value, implicit)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -69,19 +98,19 @@ _Loader.add_implicit_resolver(
 
 
 def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, Hashable):
             raise yaml.constructor.ConstructorError(
                 None, None, "a key must be a scalar, not a list or mapping", key_node.start_mark
             )
-        if key in seen:
+        if key in mapping:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
@@ -99,6 +128,92 @@ def _timestamp(loader: _Loader, node: yaml.ScalarNode) -> Any:
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp)
 
 
+#: Deeper than this, a file is refused (a config nests a few levels; an alias to its own
+#: ancestor nests for ever).
+MAX_DEPTH = 64
+_STR, _INT, _MAP, _SEQ = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "map", "seq"))
+_NULL, _BOOL, _TIMESTAMP = (f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "timestamp"))
+_TRUE = frozenset(("true", "True", "TRUE"))
+
+
+def _load(text: str) -> Any:
+    """The document in ``text``, as ``yaml.load(text, Loader=_Loader)`` would build it, in
+    half the time: the common tags are built here directly, anything else by the loader's
+    constructors. Each alias is built anew where it is used (no object at two paths)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            return _build(loader, node, 0)
+        finally:
+            release(node)
+    finally:
+        loader.dispose()
+
+
+#: A list or mapping longer than this is taken apart an item at a time by ``release``.
+_BIG = 64
+
+
+def release(root: Any) -> None:
+    """Free a big tree (YAML nodes, or the dicts and lists parsed from them) an item at a
+    time instead of all at once when its last reference goes: freeing 10^6 objects in one
+    go is one long C call that holds the interpreter lock (~0.3 s for 10^5 environments),
+    and any other thread (the event loop's) waits for all of it. Only for trees nothing else
+    refers to any more."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        items = node.value if isinstance(node, yaml.Node) else node
+        if isinstance(items, dict):
+            while items:
+                _, item = items.popitem()
+                if isinstance(item, dict | list) and len(item) > _BIG:
+                    stack.append(item)
+        elif isinstance(items, list):
+            while items:
+                item = items.pop()
+                for child in item if isinstance(item, tuple) else (item,):
+                    inner = child.value if isinstance(child, yaml.Node) else child
+                    if isinstance(inner, dict | list) and len(inner) > _BIG:
+                        stack.append(child)
+
+
+def _build(loader: _Loader, node: yaml.Node, depth: int) -> Any:
+    if depth > MAX_DEPTH:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
+    tag = node.tag
+    if tag == _STR:
+        return node.value
+    if tag == _MAP:
+        mapping: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = _build(loader, key_node, depth + 1)
+            if not isinstance(key, Hashable):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a scalar, not a list or mapping",
+                    key_node.start_mark)
+            if key in mapping:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            mapping[key] = _build(loader, value_node, depth + 1)
+        return mapping
+    if tag == _INT and node.value.isascii() and node.value.isdigit():
+        return int(node.value)
+    if tag == _TIMESTAMP:
+        return _timestamp(loader, node)
+    if tag == _NULL:
+        return None
+    if tag == _BOOL:
+        return node.value in _TRUE
+    if tag == _SEQ:
+        return [_build(loader, item, depth + 1) for item in node.value]
+    return loader.construct_object(node, deep=True)
+
+
 _MSGSPEC_PATH = re.compile(r"^(?P<reason>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -114,6 +229,31 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
 
 def read_yaml(path: Path, kind: type[T]) -> tuple[T | None, list[ConfigIssue]]:
     """One YAML file converted to ``kind`` as far as it goes, and every issue found."""
+    raw, issues = _read_raw(path)
+    if raw is None:
+        return None, issues
+    try:
+        return convert_all(raw, kind, str(path))
+    finally:
+        release(raw)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while a file is parsed: a big file's millions of
+    new objects set off collections that each walk every object alive, and cost more than
+    the parse itself (5x on 10^5 environments). Nothing it makes is cyclic garbage."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
+    """One YAML file's top-level mapping as parsed, or the issue that it is not one."""
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -122,7 +262,8 @@ def read_yaml(path: Path, kind: type[T]) -> tuple[T | None, list[ConfigIssue]]:
     except UnicodeDecodeError as exc:
         return None, [ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})")]
     try:
-        raw = yaml.load(text, Loader=_Loader)
+        with gc_paused():
+            raw = _load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
@@ -132,7 +273,7 @@ def read_yaml(path: Path, kind: type[T]) -> tuple[T | None, list[ConfigIssue]]:
         raw = {}
     if not isinstance(raw, dict):
         return None, [ConfigIssue(name, "$", "expected a mapping at the top level")]
-    return convert_all(raw, kind, name)
+    return raw, []
 
 
 #: A file with more shape errors than this is reported up to here.
@@ -145,6 +286,10 @@ def convert_all(raw: dict, kind: type[T], name: str) -> tuple[T | None, list[Con
     (or list item) is taken out of a copy and the rest converted again. A required key taken out
     that way is not reported a second time as missing; its owner is taken out instead. Returns
     the conversion of what is left (None if nothing converts) and the issues."""
+    try:
+        return _convert(raw, kind), []  # (valid: nothing taken out)
+    except msgspec.ValidationError:
+        pass
     data = _unshared(raw)
     issues: list[ConfigIssue] = []
     removed: set[tuple[Any, ...]] = set()
@@ -167,6 +312,21 @@ def convert_all(raw: dict, kind: type[T], name: str) -> tuple[T | None, list[Con
                 break
             removed.add(tuple(as_in_file))
     return None, issues
+
+
+def _convert(raw: dict, kind: type[T]) -> T:
+    """``msgspec.convert``; a big environments file a thousand environments at a time (one
+    call of 10^5 holds the interpreter lock, and the event loop's thread, for 0.1-0.4 s)."""
+    envs = raw.get("environments")
+    if kind is not EnvironmentsFile or not isinstance(envs, dict) or len(envs) <= 1000:
+        return msgspec.convert(raw, kind, strict=True)
+    rest = msgspec.convert({**raw, "environments": {}}, EnvironmentsFile, strict=True)
+    items = list(envs.items())
+    converted: dict[str, Environment] = {}
+    for start in range(0, len(items), 1000):
+        converted.update(msgspec.convert(dict(items[start:start + 1000]),
+                                         dict[str, Environment], strict=True))
+    return msgspec.structs.replace(rest, environments=converted)  # type: ignore[return-value]
 
 
 def _unshared(node: Any) -> Any:
@@ -341,6 +501,21 @@ class Config:
     def resolve(self, relative: str) -> Path:
         p = Path(relative)
         return p if p.is_absolute() else self.base_dir / p
+
+    # What the running gateway asks of the file's environments again and again, derived once
+    # (where the config is loaded: off the event loop) instead of walking every environment.
+
+    @functools.cached_property
+    def modes(self) -> dict[str, str]:
+        """Environments with an enforcement mode of their own -> that mode."""
+        return {env_id: env.mode for env_id, env in self.environments.environments.items()
+                if env.mode is not None}
+
+    @functools.cached_property
+    def versioned(self) -> dict[str, Environment]:
+        """Environments with a gateway version (bought, or held as a grant)."""
+        return {env_id: env for env_id, env in self.environments.environments.items()
+                if env.gateway is not None}
 
 
 def valid_timezone(name: str) -> bool:
@@ -652,28 +827,19 @@ def check_files(paths: list[str]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     for name in paths:
         path = Path(name)
-        try:
-            text = path.read_text(encoding="utf-8")
-            head = yaml.load(text, Loader=_Loader)
-        except OSError as exc:
-            issues.append(ConfigIssue(name, "$", f"cannot read: {exc.strerror}"))
+        head, read_issues = _read_raw(path)
+        if head is None and any(i.reason.startswith("cannot read") for i in read_issues):
+            issues += read_issues
             continue
-        except UnicodeDecodeError as exc:
-            issues.append(ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})"))
-            continue
-        except yaml.YAMLError:
-            head = None
         if isinstance(head, dict) and "plans" in head:
-            try:
-                issues += check_plans(parse_yaml(path, PlansFile), name)
-            except ConfigError as exc:
-                issues += exc.issues
+            plans, plan_issues = convert_all(head, PlansFile, name)
+            issues += plan_issues or check_plans(plans, name)  # type: ignore[arg-type]
         elif isinstance(head, dict) and "environments" in head:
-            try:
-                envs = parse_yaml(path, EnvironmentsFile)
-            except ConfigError as exc:
-                issues += exc.issues
+            envs, env_issues = convert_all(head, EnvironmentsFile, name)
+            if env_issues:
+                issues += env_issues
                 continue
+            assert envs is not None
             plans_path = path.parent / "plans.yaml"
             if not plans_path.exists():
                 issues.append(ConfigIssue(

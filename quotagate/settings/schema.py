@@ -73,8 +73,11 @@ OptionalHostPort = Annotated[
     str, msgspec.Meta(pattern=r"^$|^[^:\s]+:\d{1,5}$|^\[[0-9a-fA-F:]+\]:\d{1,5}$")]
 
 
-class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    pass
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True,
+              gc=False):
+    """Config data: frozen, and untracked by the cyclic garbage collector (``gc=False``: a
+    tree of values never forms a cycle), so that 10^5 environments are not walked by every
+    full collection of a running gateway (~0.1 s each, with every request waiting)."""
 
 
 # ---------------------------------------------------------------------------- gateway.yaml
