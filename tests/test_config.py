@@ -362,3 +362,37 @@ def test_cli_config_check_json() -> None:
     assert report["ok"] is False and report["files"] == [str(bad)]
     assert report["issues"] == [{"file": str(bad), "path": "$.store.timout_ms",
                                  "reason": "unknown key (did you mean 'timeout_ms'?)"}]
+
+
+#: YAML whose value PyYAML's constructors decide in ways a fast path could get wrong: YAML 1.1
+#: octal, explicit tags, tags on the wrong kind of node, aliases, keys that are not scalars.
+YAML_EDGES = ["a: 0100", "a: !!int '0100'", "a: 0", "a: -5", "a: 1_000", "a: 0x1f", "a: 1.5",
+              "a: !!bool yes", "a: !!bool on", "a: true", "a: off", "a: ~", "a: !!null x",
+              "a: 2026-01-31", "a: !!str 5", "a: &x [1, {b: 2}]\nc: *x", "a: !!int [1]",
+              "a: !!bool [1]", "a: !!seq {b: 1}", "a: !!null [1]", "a: !!str [1]",
+              "? [1]\n: 2", "a: 1\na: 2", "", "a:\n  - 1\n  - b: [x, {c: d}]"]
+
+
+@pytest.mark.parametrize("text", YAML_EDGES)
+def test_the_fast_yaml_build_is_pyyamls(text):
+    """settings.load._load builds what yaml.load with the same loader builds, or fails as it
+    does (issue 24: the fast path of a big environments file)."""
+    from quotagate.settings.load import _load, _Loader
+
+    def outcome(load):
+        try:
+            return "value", load(text)
+        except yaml.YAMLError as exc:
+            return "error", type(exc).__name__
+    assert outcome(_load) == outcome(lambda t: yaml.load(t, Loader=_Loader))
+
+
+def test_a_tag_pyyaml_cannot_build_is_an_issue_not_a_crash(tmp_path):
+    """``!!bool maybe`` raised KeyError out of PyYAML (not a YAMLError): a reload would have
+    died with it. It is a config issue like any other."""
+    bad = tmp_path / "environments.yaml"
+    bad.write_text("environments:\n  e1: {plan: !!bool maybe}\n")
+    out = subprocess.run([sys.executable, "-m", "quotagate", "config", "check", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "cannot build a value" in out.stdout + out.stderr, out
+    assert "Traceback" not in out.stderr, out.stderr

@@ -107,8 +107,10 @@ async def test_the_gateways_own_stall_bypasses_nothing_and_refuses_nothing(tmp_p
         assert traffic.statuses and set(traffic.statuses) == {200}, traffic.statuses
         for _ in range(STALLS):
             deployed.proc.send_signal(signal.SIGSTOP)  # requests in flight, replies coming
-            await asyncio.sleep(STALL_S)
-            deployed.proc.send_signal(signal.SIGCONT)
+            try:
+                await asyncio.sleep(STALL_S)
+            finally:
+                deployed.proc.send_signal(signal.SIGCONT)
             await asyncio.sleep(1.0)
         await traffic.finish()
         bypassed = await metric_total(s, deployed.admin, BYPASSED) - bypassed

@@ -146,6 +146,9 @@ class Runtime:
     _background: set[asyncio.Task[None]] = field(default_factory=set)
     #: The environments whose bandwidth rate the file set (``_declared_bandwidth``).
     _declared_rates: set[str] = field(default_factory=set)
+    #: A reload changed plans.yaml or the time zone and the API-owned environments'
+    #: snapshots are still to be written again (by ``_sync_until_done``).
+    api_plans_changed: bool = False
 
     # ------------------------------------------------------------------------- reload
 
@@ -193,10 +196,14 @@ class Runtime:
                     log.warning("config reload: clients.%s changed; it takes effect at the "
                                 "next restart", key)
             self.config = config
+            for env_id in change.blobs:  # (a rate learned while API-owned, say: the file's
+                self.limiter.bandwidth.rates.pop(env_id, None)  # version decides now)
             self._apply_to_limiter(config)
             for listener in self.on_config:
                 listener(config)
             self.mtimes = _mtimes(config.files)
+            if change.everything:
+                self.api_plans_changed = True
             if not self.synced:  # the last write has not finished: it writes this config
                 self._sync_soon()
             else:
@@ -204,6 +211,7 @@ class Runtime:
                     if change.everything:
                         await sync_environments(self.redis, config, change.blobs)
                         await self._rewrite_api_snapshots(api_owned, config)
+                        self.api_plans_changed = False
                     else:
                         await write_snapshots(self.redis, change.blobs, change.removed)
                     self._declared_bandwidth(config)
@@ -312,10 +320,13 @@ class Runtime:
                 await self.sync_store_clock()
                 config = self.config
                 await sync_environments(self.redis, config)
-                if config is not self.config:
-                    continue  # reloaded meanwhile: write the config now in force
+                if self.api_plans_changed:  # (a reload changed plans while this ran)
+                    self.api_plans_changed = False
+                    await self._rewrite_api_snapshots(await self._api_records(), config)
                 await self.limiter.load_scripts()
                 await self.learn_api_owned()
+                if config is not self.config:
+                    continue  # reloaded meanwhile (it left the writing to this task): again
                 self.synced = True
                 self._declared_bandwidth(self.config)
                 return

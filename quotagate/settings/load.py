@@ -134,6 +134,7 @@ MAX_DEPTH = 64
 _STR, _INT, _MAP, _SEQ = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "map", "seq"))
 _NULL, _BOOL, _TIMESTAMP = (f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "timestamp"))
 _TRUE = frozenset(("true", "True", "TRUE"))
+_BOOLS = _TRUE | {"false", "False", "FALSE"}
 
 
 def _load(text: str) -> Any:
@@ -182,13 +183,28 @@ def release(root: Any) -> None:
 
 
 def _build(loader: _Loader, node: yaml.Node, depth: int) -> Any:
+    """Only what is certain to build as PyYAML's constructors would is built here (plain
+    decimal ints without a leading zero: ``0100`` is YAML 1.1's octal; ``true``/``false``
+    only: an explicit ``!!bool yes`` is true); the rest, and a tag on the wrong kind of node,
+    goes to them."""
     if depth > MAX_DEPTH:
         raise yaml.constructor.ConstructorError(
             None, None, f"nested deeper than {MAX_DEPTH} levels", node.start_mark)
     tag = node.tag
-    if tag == _STR:
-        return node.value
-    if tag == _MAP:
+    if isinstance(node, yaml.ScalarNode):
+        value = node.value
+        if tag == _STR:
+            return value
+        if (tag == _INT and value.isascii() and value.isdigit()
+                and (value == "0" or value[0] != "0")):
+            return int(value)
+        if tag == _TIMESTAMP:
+            return _timestamp(loader, node)
+        if tag == _NULL:
+            return None
+        if tag == _BOOL and value in _BOOLS:
+            return value in _TRUE
+    elif isinstance(node, yaml.MappingNode) and tag == _MAP:
         mapping: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = _build(loader, key_node, depth + 1)
@@ -201,15 +217,7 @@ def _build(loader: _Loader, node: yaml.Node, depth: int) -> Any:
                     None, None, f"duplicate key {key!r}", key_node.start_mark)
             mapping[key] = _build(loader, value_node, depth + 1)
         return mapping
-    if tag == _INT and node.value.isascii() and node.value.isdigit():
-        return int(node.value)
-    if tag == _TIMESTAMP:
-        return _timestamp(loader, node)
-    if tag == _NULL:
-        return None
-    if tag == _BOOL:
-        return node.value in _TRUE
-    if tag == _SEQ:
+    elif isinstance(node, yaml.SequenceNode) and tag == _SEQ:
         return [_build(loader, item, depth + 1) for item in node.value]
     return loader.construct_object(node, deep=True)
 
@@ -269,6 +277,11 @@ def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
         problem = getattr(exc, "problem", None) or str(exc)
         return None, [ConfigIssue(name, where, f"invalid YAML: {problem}")]
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's own constructors on explicit tags they cannot build (``!!bool maybe``,
+        # ``!!int [1]``): not a YAMLError, and never a reason to stop the reloader.
+        return None, [ConfigIssue(name, "$", f"invalid YAML: cannot build a value "
+                                  f"({type(exc).__name__}: {exc})")]
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
