@@ -444,3 +444,27 @@ async def test_a_write_back_that_times_out_and_runs_late_is_not_counted_twice(se
     await lim.flush_backlog()  # sent again under the same id: not counted again
     assert not lim.backlog.pending and not lim.backlog.in_doubt
     assert await settled_at(server.url, 1 + 3 + 1 + 4) == 1 + 3 + 1 + 4
+
+
+async def test_api_owned_environments_are_read_at_start_a_bounded_number(
+        make_gateway, store, monkeypatch):
+    """The API-owned environments admitted fail-open are read once, when the environments
+    are written, by SSCAN and at most KNOWN_AT_START of them (issue 24: 10^6 ids read into
+    every process every 30 s before); the clock's follower reads them no more."""
+    from quotagate.control import runtime
+    from quotagate.gateway.app import STATE
+
+    ids = [f"api-{i:04d}" for i in range(2500)]
+    await store.sadd(keys.API_OWNED_ENVS, *ids)
+    monkeypatch.setattr(runtime, "KNOWN_AT_START", 2000)
+    monkeypatch.setattr(runtime, "SYNC_INTERVAL_S", 0.05)  # the clock's follower, 20 x a second
+    gw = await make_gateway({"shop": env()})
+    rt = gw.app[STATE].runtime
+    assert rt.synced
+    learned = rt.limiter.known & set(ids)
+    assert len(learned) == 2000, len(learned)  # (all 2,500 with no bound)
+    assert "shop" in rt.limiter.known
+    await store.config_resetstat()
+    await asyncio.sleep(0.5)  # ~10 rounds of the clock's follower
+    stats = await store.info("commandstats")
+    assert not {"cmdstat_smembers", "cmdstat_sscan"} & set(stats), stats

@@ -54,6 +54,8 @@ log = logging.getLogger("quotagate.gateway")
 
 #: How long a stopping gateway waits for its background tasks.
 STOP_WAIT_S = 10.0
+#: At most this many API-owned environments are read at start to be admitted fail-open.
+KNOWN_AT_START = 100_000
 #: The event loop's lag is probed this often; a lag this long is logged.
 LAG_PROBE_S = 0.1
 LAG_LOG_S = 0.02
@@ -272,9 +274,21 @@ class Runtime:
     # ------------------------------------------------------------ environments in the store
 
     async def learn_api_owned(self) -> None:
-        """The API-owned environments exist: admitted fail-open like the declared ones."""
-        ids = await self.redis.smembers(keys.API_OWNED_ENVS)
-        self.limiter.known.update(m.decode() if isinstance(m, bytes) else m for m in ids)
+        """The API-owned environments exist: admitted fail-open like the declared ones. Read
+        when the environments are written (at start, after the store lost its data), a
+        thousand at a time (``SSCAN``: no reply of 10^6 ids that holds the store up), at
+        most KNOWN_AT_START of them; any other is known once this instance has seen its
+        snapshot in the store (its first decision) or put it. Never read periodically: that
+        walked every API-owned environment every 30 s in every process."""
+        known = self.limiter.known
+        learned = 0
+        async for member in self.redis.sscan_iter(keys.API_OWNED_ENVS, count=1000):
+            known.add(member.decode() if isinstance(member, bytes) else member)
+            learned += 1
+            if learned >= KNOWN_AT_START:
+                log.info("%d API-owned environments read at start; the others are known "
+                         "once this instance has seen them in the store", learned)
+                return
 
     async def _api_records(self) -> dict[str, Environment]:
         """API-owned environments' records (their snapshots depend on plans.yaml too)."""
@@ -390,7 +404,6 @@ class Runtime:
             await pause(SYNC_INTERVAL_S)
             try:
                 await self.sync_store_clock()
-                await self.learn_api_owned()  # put by the admin API of any instance since
             except Exception as exc:  # never the end of following it
                 stop_if_cancelling(exc)
                 log.warning("could not sample the store's clock (%r); dates run on the last "
