@@ -63,15 +63,17 @@ class Children:
             self.valkey = None
 
 
-def wait_http(port: int, env: str | None, timeout: float, what: str, children: Children) -> None:
-    """Until GET PATH on the port answers 200 (the gateway has synced its environments)."""
+def wait_http(port: int, env: str | None, timeout: float, what: str, children: Children,
+              path: str = PATH, every: float = 0.1) -> None:
+    """Until GET ``path`` on the port answers 200 (the gateway has synced its environments),
+    asked every ``every`` seconds."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         children.check_alive()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", PATH, headers={"X-CloudBase-Env": env} if env else {})
+            conn.request("GET", path, headers={"X-CloudBase-Env": env} if env else {})
             resp = conn.getresponse()
             body = resp.read()
             conn.close()
@@ -80,7 +82,7 @@ def wait_http(port: int, env: str | None, timeout: float, what: str, children: C
             last = f"HTTP {resp.status} {body[:200]!r}"
         except OSError as exc:
             last = str(exc)
-        time.sleep(0.1)
+        time.sleep(every)
     raise RuntimeError(f"{what} on port {port} not ready after {timeout:.0f} s: {last}")
 
 
