@@ -43,7 +43,8 @@ Then ``quotagate serve --config <staged>/gateway.yaml`` (one process) and, in th
    request's time and until a probe shows it;
 6. **list**: ``GET /admin/v1/envs`` for every environment (following ``next_cursor`` when the
    API pages, ``--list-limit`` per page, default the API's own); the seconds and the count;
-7. the gateway's peak RSS (VmHWM, start and reload included); the gateway stopped;
+7. the gateway's peak RSS (VmHWM, start and reload included); the gateway stopped, then
+   started again with the files as they are (the store holds them all): time to ready;
 8. with ``--workers-rss``: ``serve --workers 2`` on the same store: time to ready and the
    RSS of the serve process and its workers;
 9. **store cost per decision**: ``FCALL decide`` (the plain decision of
@@ -560,6 +561,15 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
         result["rss_peak_mb"] = rss_kb([gateway.pid], "VmHWM") / 1024
         stop_proc(children, gateway)
 
+        # A restart with the files as they are now (the store has them all: its digest).
+        t = time.perf_counter()
+        gateway = start_gateway(children, "gateway-restarted", cfg)
+        wait_readyz(children, admin_port, args.ready_timeout)
+        result["restart_ready_s"] = time.perf_counter() - t
+        print(f"  restarted, same files: /readyz 200 after {result['restart_ready_s']:.1f} s",
+              flush=True)
+        stop_proc(children, gateway)
+
         if args.workers_rss:
             t = time.perf_counter()
             workers = start_gateway(children, "gateway-workers", cfg, workers=2)
@@ -616,6 +626,7 @@ def med(runs: list[dict[str, Any]], path: str) -> Any:
 ROWS: list[tuple[str, Any]] = [
     ("build N environments (this script)", lambda m: fmt_s(m("build_s"))),
     ("`serve` to `/readyz`", lambda m: fmt_s(m("ready_s"))),
+    ("restarted with the same files: to `/readyz`", lambda m: fmt_s(m("restart_ready_s"))),
     ("gateway RSS after ready / peak (`--workers 2`)", lambda m: (
         f"{m('rss_mb'):.0f} / {m('rss_peak_mb'):.0f} MB"
         + (f" ({m('workers2.rss_mb'):.0f} MB)" if m("workers2.rss_mb") is not None else ""))),

@@ -148,3 +148,38 @@ async def test_reload_rewrites_api_owned_snapshots_and_guards_them(make_gateway,
         assert (await gw.get("/functions/f", headers=h)).status == 200
     finally:
         await admin.close()
+
+
+async def test_a_start_with_the_files_already_written_writes_nothing(make_gateway, store,
+                                                                      caplog):
+    """Issue 24: a restart (or another instance) with the very files whose snapshots are all
+    in the store builds and writes none of them (the store keeps the files' digest); changed
+    files are written; and a snapshot missing from the store is written again whatever the
+    digest says."""
+    from quotagate.limiter import keys
+
+    caplog.set_level(logging.INFO, "quotagate.sync")
+    envs = {"shop": env(limits={"calls": 5}), "other": env()}
+    await make_gateway(envs)
+    assert "environments applied: 2 written, 0 removed" in caplog.text
+    await store.set(keys.entitlements("other"), "left as it was")  # a mark: written or not?
+    caplog.clear()
+    gw = await make_gateway(envs)  # the same files (another directory)
+    assert "unchanged since they were last written whole (2;" in caplog.text, caplog.text
+    assert await store.get(keys.entitlements("other")) == b"left as it was"
+    caplog.clear()
+    await make_gateway({**envs, "shop": env(limits={"calls": 6})})  # a change: all written
+    assert "environments applied: 2 written, 0 removed" in caplog.text, caplog.text
+    assert await store.get(keys.entitlements("other")) != b"left as it was"
+    # The store lost one snapshot (the files' digest is still there): a request for it
+    # has the environments written again, forced.
+    await make_gateway(envs)  # the first files again: written (the digest was the change's)
+    await store.delete(keys.entitlements("shop"))
+    caplog.clear()
+    for _ in range(100):
+        await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})
+        if await store.exists(keys.entitlements("shop")):
+            break
+        await asyncio.sleep(0.05)
+    assert await store.exists(keys.entitlements("shop")), caplog.text
+    assert "environments applied: 2 written" in caplog.text, caplog.text

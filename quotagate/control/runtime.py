@@ -42,6 +42,7 @@ from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import (
     CHUNK,
     check_store_version,
+    file_digest,
     snapshots,
     sync_environments,
     write_snapshots,
@@ -87,6 +88,8 @@ class ReloadChange:
     blobs: dict[str, str]
     #: File-owned environments the file no longer declares.
     removed: list[str]
+    #: The new config's ``sync.file_digest``.
+    digest: str
 
 
 def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
@@ -114,7 +117,8 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
             changed.append(env_id)
     removed = [env_id for env_id in old if env_id not in new]
     config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
-    return config, ReloadChange(everything, snapshots(config, changed), removed)
+    return config, ReloadChange(everything, snapshots(config, changed), removed,
+                                file_digest(config))
 
 
 def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
@@ -151,6 +155,8 @@ class Runtime:
     #: A reload changed plans.yaml or the time zone and the API-owned environments'
     #: snapshots are still to be written again (by ``_sync_until_done``).
     api_plans_changed: bool = False
+    #: The next sync writes every snapshot, whatever the store's digest says.
+    _force_sync: bool = False
 
     # ------------------------------------------------------------------------- reload
 
@@ -215,7 +221,9 @@ class Runtime:
                         await self._rewrite_api_snapshots(api_owned, config)
                         self.api_plans_changed = False
                     else:
+                        await self.redis.delete(keys.FILE_DIGEST)
                         await write_snapshots(self.redis, change.blobs, change.removed)
+                        await self.redis.set(keys.FILE_DIGEST, change.digest)
                     self._declared_bandwidth(config)
                 except (aredis.RedisError, OSError, StoreError) as exc:
                     log.warning("config reload: environments not written yet (%s); the "
@@ -332,8 +340,10 @@ class Runtime:
             try:
                 await check_store_version(self.redis)
                 await self.sync_store_clock()
-                config = self.config
-                await sync_environments(self.redis, config)
+                config, force = self.config, self._force_sync
+                await sync_environments(self.redis, config, force=force)
+                if force:
+                    self._force_sync = False
                 if self.api_plans_changed:  # (a reload changed plans while this ran)
                     self.api_plans_changed = False
                     await self._rewrite_api_snapshots(await self._api_records(), config)
@@ -366,6 +376,7 @@ class Runtime:
             return
         self.resync_at = now
         log.warning("store has no snapshot of %s: writing the environments again", env)
+        self._force_sync = True  # (its digest may have outlived a snapshot)
         self.synced = False
         self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
 

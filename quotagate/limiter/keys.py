@@ -124,6 +124,9 @@ def env_keys(env: str) -> list[str]:
 
 #: Set: environments whose entitlements were written from environments.yaml (not env-scoped).
 FILE_OWNED_ENVS = f"{PREFIX}:envs:file"
+#: String: the digest of the file's environments (and plans, time zone, snapshot format)
+#: whose snapshots are all written (sync.file_digest); absent while a write is under way.
+FILE_DIGEST = f"{PREFIX}:envs:file:digest"
 #: Set: environments created through the admin API (their records live in the store).
 API_OWNED_ENVS = f"{PREFIX}:envs:api"
 

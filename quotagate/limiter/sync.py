@@ -6,13 +6,17 @@ never usage or pack consumption (packs keep their ids), so re-applying the file 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from typing import Any
 
+import msgspec
+
+from quotagate import __version__
 from quotagate.common.aio import off_loop
 from quotagate.limiter import keys
-from quotagate.limiter.entitlements import build_snapshot, encode
+from quotagate.limiter.entitlements import SNAPSHOT_VERSION, build_snapshot, encode
 from quotagate.limiter.errors import StoreError
 from quotagate.settings import Config
 
@@ -87,16 +91,39 @@ async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[s
             await pipe.execute()
 
 
-async def sync_environments(redis: Any, config: Config,
-                            blobs: dict[str, str] | None = None) -> tuple[int, int]:
+def file_digest(config: Config) -> str:
+    """What the file's snapshots are built from — its environments, the plans, the time
+    zone — and the code that builds them (quotagate's version, the snapshot format), hashed.
+    CPU-bound (10^5 environments: ~0.1 s): off the event loop."""
+    h = hashlib.sha256()
+    h.update(f"{__version__}\0{SNAPSHOT_VERSION}\0{config.gateway.timezone}\0".encode())
+    h.update(msgspec.json.encode(config.plans))
+    h.update(msgspec.json.encode(config.environments))
+    return h.hexdigest()
+
+
+async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | None = None,
+                            *, force: bool = False) -> tuple[int, int]:
     """Apply the whole file (at start, and when the store lost its data): every
     environment's snapshot written (``blobs``, else built off the event loop), file-owned
     ones the file no longer declares forgotten. Returns (written, removed). ``redis`` is a
-    redis-py asyncio client (plain or cluster)."""
+    redis-py asyncio client (plain or cluster).
+
+    Unless ``force``d, nothing is built or written when the store says this very file was
+    written whole already (``FILE_DIGEST``: a restart, or another instance, with the same
+    files): a start with 10^5 unchanged environments skips seconds of work. The digest is
+    removed before a write and set after it, so a write cut short is never taken for done."""
+    digest = await off_loop(file_digest, config)
+    if not force and await redis.get(keys.FILE_DIGEST) == digest.encode():
+        log.info("environments applied: unchanged since they were last written whole "
+                 "(%d; digest %s)", len(config.environments.environments), digest[:12])
+        return 0, 0
+    await redis.delete(keys.FILE_DIGEST)
     wanted = blobs if blobs is not None else await off_loop(snapshots, config)
     previous = {m.decode() if isinstance(m, bytes) else m
                 for m in await redis.smembers(keys.FILE_OWNED_ENVS)}
     removed = sorted(previous - set(wanted))
     await write_snapshots(redis, wanted, removed)
+    await redis.set(keys.FILE_DIGEST, digest)
     log.info("environments applied: %d written, %d removed", len(wanted), len(removed))
     return len(wanted), len(removed)
