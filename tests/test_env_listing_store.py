@@ -61,6 +61,22 @@ async def test_ids_stored_before_the_index_are_listed_and_stale_entries_dropped(
     assert await store.zrange(API_ENV_INDEX, 0, -1) == [b"b-old", b"z-old"]
 
 
+async def test_the_ids_before_the_index_are_walked_once_per_store(
+        tmp_path: Path, store: aredis.Redis) -> None:
+    """Issue 24: the backfill of the index walks the API-owned set (SSCAN) once for the
+    store, not once in each process: another process's first listing only asks."""
+    config = write_config(tmp_path, {"m-file": env()})
+    for e in ("z-old", "b-old"):  # as a version without the index wrote them
+        await store.set(keys.definition(e), msgspec.json.encode(record()))
+        await store.sadd(keys.API_OWNED_ENVS, e)
+    first = Environments(store, lambda: config, at("2026-11-26T12:00:00"))
+    assert await everything(first, 10) == [["b-old", "m-file", "z-old"]]
+    await store.config_resetstat()
+    other = Environments(store, lambda: config, at("2026-11-26T12:00:00"))  # another process
+    assert await everything(other, 10) == [["b-old", "m-file", "z-old"]]
+    assert "cmdstat_sscan" not in await store.info("commandstats")
+
+
 async def test_listing_on_a_cluster(cluster: list[int], tmp_path: Path) -> None:  # noqa: F811
     config = write_config(tmp_path, {"m-filed": env(), "zz-filed": env()})
     rc = RedisCluster(host="127.0.0.1", port=cluster[0])

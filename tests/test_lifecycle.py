@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aredis
 
 from quotagate.common.calendar import day_number
-from quotagate.control.envs import Environments
+from quotagate.control.envs import API_ENV_INDEX, Environments
 from quotagate.control.lifecycle import Scheduler
 from quotagate.gateway.app import STATE
 from quotagate.limiter import keys
@@ -75,6 +75,7 @@ async def test_transitions_once_each_across_schedulers(setup, store):
     assert (await types(store, "shop")).count("environment-released") == 1
     assert not await store.exists(keys.definition("shop"), keys.entitlements("shop"),
                                   keys.usage("shop"))
+    assert await store.zscore(API_ENV_INDEX, "shop") is None  # out of the listing's index too
     assert (await admin.get("/admin/v1/envs/shop", headers=AUTH)).status == 404
     assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status == 404
 

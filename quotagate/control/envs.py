@@ -68,6 +68,9 @@ log = logging.getLogger("quotagate.control")
 #: set says what exists; an id here no longer in the set (released, taken over by the file) is
 #: skipped, and dropped, by the listing.
 API_ENV_INDEX = "{" + keys.API_OWNED_ENVS + "}:by-id"
+#: Set once the index holds every id written before it existed (``_ensure_index``): then no
+#: process walks the set again.
+API_ENV_INDEX_COMPLETE = API_ENV_INDEX + ":complete"
 #: States of an environment by its dates today, as decide.lua and the scheduler see them.
 STATES = ("not-started", "active", "isolated", "released-pending")
 #: Most records one listing call looks at (filters may keep few of them): each page costs at
@@ -225,12 +228,17 @@ class Environments:
 
     async def _ensure_index(self) -> None:
         """Put the API-owned ids in the listing's index, a batch at a time (SSCAN): those
-        written before it existed. Once per process; an id released meanwhile is only a stale
-        entry, which the listing skips."""
+        written before it existed (every put since writes its id there too). Once per store:
+        the first process to list does it and says so in the store (API_ENV_INDEX_COMPLETE);
+        any other only asks. An id released meanwhile is only a stale entry, which the listing
+        skips."""
         if self._indexed:
             return
         async with self._indexing:
             if self._indexed:
+                return
+            if await self.redis.exists(API_ENV_INDEX_COMPLETE):
+                self._indexed = True
                 return
             cursor: int = 0
             while True:
@@ -240,6 +248,7 @@ class Environments:
                     await self.redis.zadd(API_ENV_INDEX, dict.fromkeys(ids, 0), nx=True)
                 if not cursor:
                     break
+            await self.redis.set(API_ENV_INDEX_COMPLETE, 1)
             self._indexed = True
 
     async def _api_after(self, after: str, want: int) -> tuple[list[str], str, bool]:

@@ -30,8 +30,8 @@ from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock
+from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
-from quotagate.control.envs import ControlError, Environments, Record
 from quotagate.control.events import emit as events_emit
 from quotagate.limiter import keys
 from quotagate.limiter.entitlements import ISOLATION_DAYS
@@ -303,6 +303,7 @@ class Scheduler:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.delete(*state)
             pipe.srem(keys.API_OWNED_ENVS, env_id)
+            pipe.zrem(API_ENV_INDEX, env_id)  # (the listing would drop it; not left to it)
             await pipe.execute()
         log.info("environment %s released: its state is deleted", env_id)
         return True
