@@ -90,6 +90,8 @@ class ReloadChange:
     removed: list[str]
     #: The new config's ``sync.file_digest``.
     digest: str
+    #: Environments the file declares now and did not before.
+    added: list[str]
 
 
 def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
@@ -117,8 +119,9 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
             changed.append(env_id)
     removed = [env_id for env_id in old if env_id not in new]
     config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
+    added = [env_id for env_id in changed if env_id not in old]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
-                                file_digest(config))
+                                file_digest(config), added)
 
 
 def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
@@ -206,6 +209,7 @@ class Runtime:
             self.config = config
             for env_id in change.blobs:  # (a rate learned while API-owned, say: the file's
                 self.limiter.bandwidth.rates.pop(env_id, None)  # version decides now)
+            self.limiter.known.update(change.added)  # (the others were known already)
             self._apply_to_limiter(config)
             for listener in self.on_config:
                 listener(config)
@@ -217,13 +221,13 @@ class Runtime:
             else:
                 try:
                     if change.everything:
-                        await sync_environments(self.redis, config, change.blobs)
+                        await sync_environments(self.redis, config, change.blobs,
+                                                digest=change.digest)
                         await self._rewrite_api_snapshots(api_owned, config)
                         self.api_plans_changed = False
                     else:
-                        await self.redis.delete(keys.FILE_DIGEST)
-                        await write_snapshots(self.redis, change.blobs, change.removed)
-                        await self.redis.set(keys.FILE_DIGEST, change.digest)
+                        await write_snapshots(self.redis, change.blobs, change.removed,
+                                              change.digest)
                     self._declared_bandwidth(config)
                 except (aredis.RedisError, OSError, StoreError) as exc:
                     log.warning("config reload: environments not written yet (%s); the "
@@ -239,7 +243,6 @@ class Runtime:
 
     def _apply_to_limiter(self, config: Config) -> None:
         gw = config.gateway
-        self.limiter.known.update(config.environments.environments)
         self.limiter.on_failure = gw.on_store_failure
         metrics.label_envs(gw.metrics_envs)
         self.limiter.set_burst_ms(gw.qps_burst_ms)

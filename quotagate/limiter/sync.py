@@ -66,11 +66,14 @@ def snapshots(config: Config, only: Iterable[str] | None = None) -> dict[str, st
 CHUNK = 1000
 
 
-async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[str] = ()
-                          ) -> None:
+async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[str],
+                          digest: str) -> None:
     """Write these file-owned environments' snapshots (owned by the file from now on,
     whoever created them) and forget ``removed`` ones (the snapshot goes, requests get 404;
-    usage stays for billing), a chunk of pipelined commands at a time."""
+    usage stays for billing), a chunk of pipelined commands at a time; the store then holds
+    the file whose ``file_digest`` is ``digest``. The digest is removed before the writes
+    and set after them, so a write cut short is never taken for done."""
+    await redis.delete(keys.FILE_DIGEST)
     items = list(blobs.items())
     for start in range(0, len(items), CHUNK):
         chunk = items[start:start + CHUNK]
@@ -89,6 +92,7 @@ async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[s
                 pipe.delete(keys.entitlements(env_id))
             pipe.srem(keys.FILE_OWNED_ENVS, *batch)
             await pipe.execute()
+    await redis.set(keys.FILE_DIGEST, digest)
 
 
 def file_digest(config: Config) -> str:
@@ -103,7 +107,8 @@ def file_digest(config: Config) -> str:
 
 
 async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | None = None,
-                            *, force: bool = False) -> tuple[int, int]:
+                            *, digest: str | None = None, force: bool = False
+                            ) -> tuple[int, int]:
     """Apply the whole file (at start, and when the store lost its data): every
     environment's snapshot written (``blobs``, else built off the event loop), file-owned
     ones the file no longer declares forgotten. Returns (written, removed). ``redis`` is a
@@ -111,19 +116,18 @@ async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | 
 
     Unless ``force``d, nothing is built or written when the store says this very file was
     written whole already (``FILE_DIGEST``: a restart, or another instance, with the same
-    files): a start with 10^5 unchanged environments skips seconds of work. The digest is
-    removed before a write and set after it, so a write cut short is never taken for done."""
-    digest = await off_loop(file_digest, config)
+    files): a start with 10^5 unchanged environments skips seconds of work. ``digest``: the
+    config's ``file_digest``, if already worked out."""
+    if digest is None:
+        digest = await off_loop(file_digest, config)
     if not force and await redis.get(keys.FILE_DIGEST) == digest.encode():
         log.info("environments applied: unchanged since they were last written whole "
                  "(%d; digest %s)", len(config.environments.environments), digest[:12])
         return 0, 0
-    await redis.delete(keys.FILE_DIGEST)
     wanted = blobs if blobs is not None else await off_loop(snapshots, config)
     previous = {m.decode() if isinstance(m, bytes) else m
                 for m in await redis.smembers(keys.FILE_OWNED_ENVS)}
     removed = sorted(previous - set(wanted))
-    await write_snapshots(redis, wanted, removed)
-    await redis.set(keys.FILE_DIGEST, digest)
+    await write_snapshots(redis, wanted, removed, digest)
     log.info("environments applied: %d written, %d removed", len(wanted), len(removed))
     return len(wanted), len(removed)

@@ -9,7 +9,7 @@ import functools
 import gc
 import re
 import zoneinfo
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -97,10 +97,12 @@ _Loader.add_implicit_resolver(
 )
 
 
-def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+def _mapping(pairs: list[tuple[yaml.Node, yaml.Node]], build: Callable[[yaml.Node], Any]
+             ) -> dict:
+    """A mapping's pairs built by ``build``; keys must be scalars, and unique."""
     mapping: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
+    for key_node, value_node in pairs:
+        key = build(key_node)
         if not isinstance(key, Hashable):
             raise yaml.constructor.ConstructorError(
                 None, None, "a key must be a scalar, not a list or mapping", key_node.start_mark
@@ -109,8 +111,12 @@ def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
             )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
+        mapping[key] = build(value_node)
     return mapping
+
+
+def _no_duplicate_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    return _mapping(node.value, lambda n: loader.construct_object(n, deep=deep))
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
@@ -205,18 +211,7 @@ def _build(loader: _Loader, node: yaml.Node, depth: int) -> Any:
         if tag == _BOOL and value in _BOOLS:
             return value in _TRUE
     elif isinstance(node, yaml.MappingNode) and tag == _MAP:
-        mapping: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = _build(loader, key_node, depth + 1)
-            if not isinstance(key, Hashable):
-                raise yaml.constructor.ConstructorError(
-                    None, None, "a key must be a scalar, not a list or mapping",
-                    key_node.start_mark)
-            if key in mapping:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark)
-            mapping[key] = _build(loader, value_node, depth + 1)
-        return mapping
+        return _mapping(node.value, lambda n: _build(loader, n, depth + 1))
     elif isinstance(node, yaml.SequenceNode) and tag == _SEQ:
         return [_build(loader, item, depth + 1) for item in node.value]
     return loader.construct_object(node, deep=True)
