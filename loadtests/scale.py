@@ -21,8 +21,11 @@ refused), built fast:
 Then ``quotagate serve --config <staged>/gateway.yaml`` (one process) and, in this order:
 
 1. **ready**: seconds from starting ``serve`` to ``/readyz`` 200;
-2. **idle**: the gateway's CPU (utime + stime of its process tree) over ``--idle`` seconds
-   (default 10) with no traffic, right after ready; the store's commands per second over
+2. **idle**: where the due index exists (``quotagate.limiter.due``), first the seconds
+   until the lifecycle scheduler's first round has worked through every environment just
+   made (all are due at once; nothing due is left in the index); then the gateway's CPU
+   (utime + stime of its process tree) over ``--idle`` seconds
+   (default 10) with no traffic; the store's commands per second over
    the same seconds (``INFO commandstats`` delta, less the one INFO of the probe itself) and
    the store's own CPU; then the gateway's **RSS**;
 3. **steady load before**: ``--rate`` requests per second (default 200) for ``--load``
@@ -99,6 +102,11 @@ from quotagate.control.envs import Environments
 from quotagate.demo.staging import shipped_gateway, stage_shipped
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
+
+try:
+    from quotagate.limiter import due
+except ImportError:  # (measuring a commit from before the due index)
+    due = None  # type: ignore[assignment]
 from quotagate.limiter.scripts import DECIDE
 from quotagate.settings import load_config
 from quotagate.settings.schema import Environment, Limits
@@ -200,7 +208,11 @@ async def build_api(cfg: Path, store_url: str, n: int) -> None:
                 pipe.sadd(keys.API_OWNED_ENVS, *batch)
                 if index is not None:  # the listing's index, where put() keeps one
                     pipe.zadd(index, dict.fromkeys(batch, 0))
+                if due is not None:  # due at once, as put() makes them
+                    due.queue_marks(pipe, batch, envs.clock.now_ms())
                 await pipe.execute()
+        if due is not None:
+            await client.set(keys.DUE_COMPLETE, 1)  # (put() keeps the index: nothing to add)
     finally:
         await client.aclose()
 
@@ -529,6 +541,18 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
         print(f"  /readyz 200 after {result['ready_s']:.1f} s", flush=True)
 
         r = redis.Redis.from_url(valkey.url)
+        if due is not None:  # the first round works through every environment just made
+            t = time.perf_counter()
+            while time.perf_counter() - t < args.ready_timeout:
+                now_ms = int(time.time() * 1000)
+                waiting = sum(int(r.zcount(keys.due(s), "-inf", now_ms))
+                              for s in range(keys.DUE_SHARDS))
+                if not waiting:
+                    break
+                time.sleep(0.5)
+            result["first_round_s"] = time.perf_counter() - t
+            print(f"  first lifecycle round done {result['first_round_s']:.1f} s after ready",
+                  flush=True)
         pids = tree_pids(gateway.pid)
         before = commandstats(r)
         g0, v0, w0 = cpu_ticks(pids), cpu_ticks([valkey.process.pid]), time.perf_counter()

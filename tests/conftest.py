@@ -156,6 +156,10 @@ async def make_gateway(tmp_path: Path, valkey_url: str, upstream: TestServer):
         counter += 1
         origin = f"http://127.0.0.1:{upstream.port}"
         gateway.setdefault("routes", routes_to(origin))
+        # No lifecycle rounds unless asked for (tests drive them with run_once): a first
+        # round at start works through every environment just written, and would race the
+        # tests that count what the store was asked.
+        gateway.setdefault("lifecycle_interval_ms", 0)
         config = write_config(tmp_path / f"gw{counter}", environments, **gateway)
         app = init_app(config, store_url or valkey_url, clock or at("2026-11-26T12:00:00"))
         return await _started(made, app, **SERVER_KWARGS)

@@ -54,7 +54,7 @@ async def build(store_url: str, config: Config | None, clock: Clock,
     calls = ScriptCalls(store)
     missing: list[str] = []
     with_events: list[str] = []
-    events = EventForwarder(calls, instance)
+    events = EventForwarder(calls, instance, clock)
     decider = Decider(calls, instance, 15_000, 100, missing.append, with_events.append)
     writeback = WriteBack(calls, decider, missing.append)
     settler = Settler(calls, clock, instance, "enforce", writeback, with_events.append)

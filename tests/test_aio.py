@@ -22,25 +22,24 @@ from tests.helpers import at, env
 
 
 class HidesItsCancellation:
-    """Environments whose listing is interrupted like a redis command can be: the
-    CancelledError comes out as a ConnectionError."""
-
-    redis = None
+    """A store whose first call of a round (is the due index to be filled?) is interrupted
+    like a redis command can be: the CancelledError comes out as a ConnectionError."""
 
     def __init__(self) -> None:
         self.started = asyncio.Event()  # each its own (a class one stays set for the next)
+        self.redis = self  # (the Environments' store, as the scheduler reads it)
 
-    async def ids(self) -> dict[str, str]:
+    async def set(self, *_: object, **__: object) -> bool:
         self.started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
             raise ConnectionError("connection closed by the cancellation") from None
-        return {}
+        return False
 
 
 async def stops_when_cancelled_in_its_listing(envs: HidesItsCancellation) -> None:
-    """A scheduler (rounds an hour apart) cancelled while it lists the environments ends."""
+    """A scheduler (rounds an hour apart) cancelled while it reads the store ends."""
     scheduler = Scheduler(envs, StoreClock())  # type: ignore[arg-type]
     task = asyncio.get_running_loop().create_task(scheduler.run(every_s=3600))
     await envs.started.wait()
@@ -54,14 +53,14 @@ async def test_the_scheduler_stops_when_its_cancellation_is_hidden():
 
 
 class SwallowsItsCancellation(HidesItsCancellation):
-    """Environments whose listing finishes as the cancel comes, and returns its result: what
+    """A store read that finishes as the cancel comes, and returns its result: what
     ``asyncio.wait_for`` does on Python 3.11."""
 
-    async def ids(self) -> dict[str, str]:
+    async def set(self, *_: object, **__: object) -> bool:
         self.started.set()
         with contextlib.suppress(asyncio.CancelledError):  # lost; the task stays cancelling
             await asyncio.sleep(30)
-        return {}
+        return False
 
 
 async def test_the_scheduler_stops_when_its_cancellation_is_swallowed():
@@ -84,7 +83,7 @@ async def stops_wherever_cancelled(loop: Callable[[], Coroutine[Any, Any, None]]
 
 async def test_store_loops_stop_wherever_the_cancel_lands(make_gateway):
     """The loops that talk to a real store through redis-py: the lifecycle scheduler (its
-    rounds read every environment and its pack usage) and the webhook delivery."""
+    first round reads every environment, all due) and the webhook delivery."""
     clock = at("2026-11-26T12:00:00")
     gw = await make_gateway({f"e{i}": env(expires="2026-11-30") for i in range(5)},
                             clock=clock, lifecycle_interval_ms=0)

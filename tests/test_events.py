@@ -114,19 +114,6 @@ async def test_webhook_receiver_down_and_back(make_gateway, valkey_url):
         await receiver.close()
 
 
-async def test_sweep_moves_events_an_instance_left_behind(tmp_path: Path, noon_limiter,
-                                                          redis_client):
-    from quotagate.control.events import sweep_env_streams
-
-    config = write_config(tmp_path, {"shop": env()})
-    lim = await noon_limiter(config)
-    await redis_client.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
-    assert await sweep_env_streams(redis_client, lim) == 1
-    got = await events(redis_client)
-    assert len(got) == 1 and got[0]["env"] == "shop" and got[0]["event_id"].startswith("shop/")
-    assert await sweep_env_streams(redis_client, lim) == 0
-
-
 async def test_webhooks_are_signed_and_a_tampered_body_fails(make_gateway, monkeypatch):
     """Standard Webhooks: a receiver verifies with its own library (the reference one here);
     the same delivery with a changed body, or signed with another secret, is refused."""

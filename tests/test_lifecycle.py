@@ -15,8 +15,8 @@ from quotagate.common.calendar import day_number
 from quotagate.control.envs import API_ENV_INDEX, Environments
 from quotagate.control.lifecycle import Scheduler
 from quotagate.gateway.app import STATE
-from quotagate.limiter import keys
-from tests.helpers import at, local
+from quotagate.limiter import due, keys
+from tests.helpers import at, env, local
 
 TOKEN = "t"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -27,8 +27,12 @@ async def stream(store: aredis.Redis) -> list[dict[str, str]]:
             for _, f in await store.xrange(keys.EVENTS)]
 
 
-async def types(store: aredis.Redis, env: str) -> list[str]:
-    return [e["type"] for e in await stream(store) if e.get("env") == env]
+async def types(store: aredis.Redis, env_id: str) -> list[str]:
+    return [e["type"] for e in await stream(store) if e.get("env") == env_id]
+
+
+def local_ms(text: str) -> int:
+    return int(local(text).timestamp() * 1000)
 
 
 @pytest.fixture
@@ -47,6 +51,17 @@ def schedulers(gw, clock, n: int) -> list[Scheduler]:
                       forward=state.limiter.forward_events, admit=state.admit_replay,
                       forward_soon=state.limiter.forward_events_soon)
             for _ in range(n)]
+
+
+async def shop_with_scheduler(setup, when: str, expires: str, **extra):
+    """A gateway at ``when`` with the API-owned environment "shop" (plan personal), and one
+    scheduler: (clock, scheduler)."""
+    clock = at(when)
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": expires, **extra})
+    [sched] = schedulers(gw, clock, 1)
+    return clock, sched
 
 
 async def test_transitions_once_each_across_schedulers(setup, store):
@@ -216,3 +231,160 @@ async def test_an_event_whose_move_failed_is_moved_again_soon(setup, store):
         await asyncio.sleep(0.1)
     assert await types(store, "shop") == ["environment-isolated"]
     assert await store.xlen(keys.env_events("shop")) == 0
+
+
+async def commands(store: aredis.Redis) -> dict[str, int]:
+    stats = await store.info("commandstats")
+    return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+
+
+async def test_a_round_reads_what_is_due_not_every_environment(make_gateway, store):
+    """The due index: a first round works through every environment (all written just now),
+    then scores each with the next day something happens to it; a round before that day
+    reads no environment at all - a few commands per shard whatever their number - and
+    the day's round does that day's work."""
+    clock = at("2026-11-20T12:00:00")
+    many = {f"e{i:04d}": env(expires="2026-12-01") for i in range(1500)}
+    gw = await make_gateway(many, clock=clock, lifecycle_interval_ms=0)
+    [sched] = schedulers(gw, clock, 1)
+    assert await sched.run_once() == 0  # 11 days before expiry: nothing yet
+    reminder = local_ms("2026-11-24T00:00:00")  # expiry - 7 days, local midnight
+    scores = {score for shard in range(keys.DUE_SHARDS)
+              for _, score in await store.zrange(keys.due(shard), 0, -1, withscores=True)}
+    assert scores == {reminder}
+    before = await commands(store)
+    clock.set(local("2026-11-23T23:59:00"))
+    assert await sched.run_once() == 0
+    after = await commands(store)
+    spent = {c: after[c] - before.get(c, 0) for c in after if after[c] != before.get(c, 0)}
+    # One look per shard (the test's own INFO calls aside): nothing per environment.
+    assert spent.pop("zrangebyscore") == keys.DUE_SHARDS, spent
+    assert set(spent) <= {"info"}, spent
+    clock.set(local("2026-11-24T00:00:00"))
+    assert await sched.run_once() == 1500  # each its plan-expiring, once
+    assert await sched.run_once() == 0
+
+
+async def test_a_change_is_due_at_once_and_a_pack_is_used_up_by_its_request(setup, store):
+    clock = at("2026-11-23T12:00:00")
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2027-06-01",
+        "limits": {"calls": 1}})
+    [sched] = schedulers(gw, clock, 1)
+    await sched.run_once()
+    shard = keys.due(due.shard_of("shop"))
+    assert await store.zscore(shard, "shop") == local_ms("2027-05-25T00:00:00")
+    # A pack bought today that ends in 30 days: due at once, then at its reminder.
+    await admin.post("/admin/v1/envs/shop/packs", headers=AUTH,
+                     json={"meter": "calls", "amount": 2, "id": "tiny"})
+    assert await store.zscore(shard, "shop") <= clock.now_ms()
+    await sched.run_once()
+    assert await store.zscore(shard, "shop") == local_ms("2026-12-16T00:00:00")
+    # The request that spends the pack writes pack-used-up: no round is needed.
+    for _ in range(3):
+        assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status == 200
+    for _ in range(100):
+        if "pack-used-up" in await types(store, "shop"):
+            break
+        await asyncio.sleep(0.05)
+    got = [t for t in await types(store, "shop") if t != "quota-alert"]  # (the plan's 1 call)
+    assert got == ["pack-purchased", "pack-used-up"]
+    await sched.run_once()
+    assert (await types(store, "shop")).count("pack-used-up") == 1
+
+
+async def test_events_an_instance_left_in_a_stream_are_moved_by_the_next_round(setup, store):
+    """An instance marks the environment due before it moves the events a script wrote; if
+    it dies before moving them, the next round does (no keyspace scan finds them)."""
+    clock, sched = await shop_with_scheduler(setup, "2026-11-23T12:00:00", "2027-06-01")
+    await sched.run_once()
+    await store.xadd(keys.env_events("shop"), {"type": "quota-alert", "level": "80"})
+    await due.mark(store, ["shop"], clock.now_ms())  # (what the dead instance had done)
+    await sched.run_once()
+    for _ in range(100):
+        if await types(store, "shop"):
+            break
+        await asyncio.sleep(0.05)
+    got = [e for e in await stream(store) if e.get("env") == "shop"]
+    assert [e["type"] for e in got] == ["quota-alert"]
+    assert got[0]["event_id"].startswith("shop/")
+    assert await store.xlen(keys.env_events("shop")) == 0
+
+
+async def test_environments_stored_before_the_index_are_put_in_it_once(setup, store):
+    clock = at("2026-11-24T12:00:00")
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2026-12-01"})
+    # As a store written by a version without the index holds it:
+    await store.delete(*(keys.due(s) for s in range(keys.DUE_SHARDS)), keys.DUE_COMPLETE)
+    [sched] = schedulers(gw, clock, 1)
+    assert await sched.run_once() == 1
+    assert await types(store, "shop") == ["plan-expiring"]
+    assert await store.exists(keys.DUE_COMPLETE)
+    await store.delete(keys.due(due.shard_of("shop")))  # (another scheduler: no walk again)
+    [other] = schedulers(gw, clock, 1)
+    before = await commands(store)
+    await other.run_once()
+    assert (await commands(store)).get("sscan", 0) == before.get("sscan", 0)
+
+
+async def test_every_mark_changes_the_score_so_a_round_that_read_it_looks_again(store):
+    """Two marks in one millisecond (a change's before and after its write) leave different
+    scores: the compare-and-set of a round that read the first fails."""
+    shard = keys.due(due.shard_of("shop"))
+    await due.mark(store, ["shop"], 1_000)
+    first = await store.zscore(shard, "shop")
+    await due.mark(store, ["shop"], 1_000)
+    second = await store.zscore(shard, "shop")
+    assert first == 999.5 and second != first and 998.5 < second < first
+    assert await store.eval(due.SETTLE, 1, shard, "shop", repr(first), 5_000) == 0
+    assert await store.zscore(shard, "shop") == second
+    assert await store.eval(due.SETTLE, 1, shard, "shop", repr(second), 5_000) == 1
+    assert await store.zscore(shard, "shop") == 5_000
+    await due.mark(store, ["shop"], 2_000, only_new=True)  # in the index: kept as it is
+    assert await store.zscore(shard, "shop") == 5_000
+
+
+async def test_a_pack_spent_by_a_smaller_size_is_told_once_and_not_reminded(setup, store):
+    """A pack whose size is lowered below what was used is spent without a take: the round
+    writes pack-used-up (with the scripts' own mark: once), and no pack-expiring for it."""
+    clock = at("2026-11-23T12:00:00")
+    gw, admin = await setup(clock)
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2027-06-01",
+        "packs": [{"id": "p", "meter": "calls", "amount": 10, "purchased": "2026-11-20"}]})
+    await store.hset(keys.pack_usage("shop"), "p", 5)  # (5 of 10 used)
+    [sched] = schedulers(gw, clock, 1)
+    await sched.run_once()
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2027-06-01",
+        "packs": [{"id": "p", "meter": "calls", "amount": 4, "purchased": "2026-11-20"}]})
+    assert await sched.run_once() == 1
+    clock.set(local("2026-12-15T00:00:00"))  # within 7 days of the pack's end (12-20)
+    await sched.run_once()
+    await sched.run_once()
+    for _ in range(100):
+        if "pack-used-up" in await types(store, "shop"):
+            break
+        await asyncio.sleep(0.05)
+    assert await types(store, "shop") == ["pack-used-up"]
+
+
+async def test_an_environment_missing_from_the_index_is_put_back(setup, store, monkeypatch):
+    """A shard the store lost (or ids an earlier version wrote without the index): the
+    next check (once a day per store) puts every environment back."""
+    from quotagate.control import lifecycle
+
+    _, sched = await shop_with_scheduler(setup, "2026-11-24T12:00:00", "2026-12-01")
+    await sched.run_once()
+    assert await types(store, "shop") == ["plan-expiring"]
+    await store.delete(*(keys.due(s) for s in range(keys.DUE_SHARDS)))
+    await sched.run_once()  # (checked within the hour: nothing read)
+    assert not await store.zscore(keys.due(due.shard_of("shop")), "shop")
+    monkeypatch.setattr(lifecycle, "INDEX_CHECK_S", 0)
+    await store.delete(keys.DUE_COMPLETE)  # (a day later)
+    await sched.run_once()
+    assert await store.zscore(keys.due(due.shard_of("shop")), "shop") == local_ms(
+        "2026-12-01T00:00:00")

@@ -28,6 +28,7 @@ from quotagate.common.envids import ENV_ID
 from quotagate.common.problem import problem_response
 from quotagate.control.envs import STATES, ControlError, Environments, Filters, Invalid
 from quotagate.control.usage import usage_report
+from quotagate.limiter import due
 from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import GATEWAY_TERMS, MAX_EXACT, PACK_METERS, Environment
@@ -402,7 +403,8 @@ async def ingest_usage(request: web.Request) -> web.Response:
         raise Invalid("records must be a non-empty list")
     if len(records) > MAX_BATCH:
         raise Invalid(f"at most {MAX_BATCH} records per batch")
-    known = await envs.ids()
+    known = await envs.existing({rec["env"] for rec in records if isinstance(rec, dict)
+                                 and isinstance(rec.get("env"), str)})
     now_ms = envs.clock.now_ms()
     problems: list[dict[str, Any]] = []
     checked: list[tuple[str, str, str, int, int]] = []
@@ -454,6 +456,16 @@ async def ingest_usage(request: web.Request) -> web.Response:
     if problems:
         metrics.INGESTED_RECORDS.labels("invalid").inc(len(records))
         raise Invalid(f"{len(problems)} invalid record(s); nothing counted", issues=problems)
+    sizes = sorted({env_id for _, env_id, meter, amount, _ in checked
+                    if meter in GAUGES and amount > 0})
+    try:  # a size kept is carried into each day's bill by the scheduler: due by tomorrow
+        for env_id in sizes:  # (first: a batch cut short by the store is sent again)
+            record = await envs.get(env_id)
+            await due.due_by(envs.redis, env_id, now_ms, envs.midnight_ms(
+                record.env, envs.today(record.env) + dt.timedelta(days=1)))
+    except (redis_errors.RedisError, OSError) as exc:
+        return _error(503, f"the store cannot be reached ({exc}); retry the batch: nothing "
+                      "was counted")
     limiter = request.app[LIMITER]
     results = []
     try:

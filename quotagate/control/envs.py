@@ -30,7 +30,7 @@ from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
 from quotagate.common import calendar as cal
 from quotagate.common.clock import Clock
 from quotagate.control.events import emit
-from quotagate.limiter import keys
+from quotagate.limiter import due, keys
 from quotagate.limiter.entitlements import (
     ISOLATION_DAYS,
     build_snapshot,
@@ -208,7 +208,22 @@ class Environments:
         """The environment's local date now."""
         return local_today(self.config, env, self.clock.now_ms())
 
+    def midnight_ms(self, env: Environment, day: dt.date) -> int:
+        """Epoch ms of 00:00 of ``day`` where the environment is."""
+        return cal.local_midnight_ms(day, _tz(self.config, env))
+
     # --------------------------------------------------------------------------- reading
+
+    async def existing(self, env_ids: set[str]) -> set[str]:
+        """Those of ``env_ids`` that exist (declared by the file or API-owned): one round
+        trip for those the file does not declare, whatever the number of environments."""
+        declared = self.config.environments.environments
+        ask = sorted(e for e in env_ids if e not in declared)
+        out = {e for e in env_ids if e in declared}
+        if ask:
+            found = await self.redis.smismember(keys.API_OWNED_ENVS, ask)
+            out.update(e for e, yes in zip(ask, found, strict=True) if yes)
+        return out
 
     async def ids(self) -> dict[str, str]:
         """Every environment: id -> owner."""
@@ -382,6 +397,7 @@ class Environments:
         """Create or replace an API-owned environment (usage and pack consumption stay)."""
         self._refuse_file_owned(env_id)
         self.validate(env_id, env)
+        await self._due_now(env_id)
         async with self.redis.pipeline(transaction=True) as pipe:  # one hash slot: {env}
             self._write(pipe, env_id, env)
             await pipe.execute()
@@ -391,7 +407,14 @@ class Environments:
             pipe.sadd(keys.API_OWNED_ENVS, env_id)
             pipe.zadd(API_ENV_INDEX, {env_id: 0})
             await pipe.execute()
+        await self._due_now(env_id)
         return Record(env_id, "api", env)
+
+    async def _due_now(self, env_id: str) -> None:
+        """The scheduler looks at the environment at its next round (the due index). Before
+        a write (a crash after it still leaves the change looked at) and after it (a round
+        that read the record before the write looks again)."""
+        await due.mark(self.redis, [env_id], self.clock.now_ms())
 
     def _refuse_file_owned(self, env_id: str) -> None:
         if env_id in self.config.environments.environments:
@@ -433,9 +456,11 @@ class Environments:
                                 used[f"{key}|{name}"] = int(v)
                     new = edit(current, used)
                     self.validate(env_id, new)
+                    await self._due_now(env_id)  # (another connection: not watched)
                     pipe.multi()
                     self._write(pipe, env_id, new)
                     await pipe.execute()
+                    await self._due_now(env_id)
                     return new
                 except WatchError:
                     continue

@@ -25,7 +25,6 @@ from standardwebhooks.webhooks import Webhook
 from quotagate.common import metrics
 from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.limiter import keys
-from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import EventSettings
 
 log = logging.getLogger("quotagate.events")
@@ -155,25 +154,3 @@ class WebhookDelivery:
                 await pause(delay)
                 delay = min(delay * 2, 30.0)
         return False  # stays pending: claimed again after RECLAIM_MS
-
-
-async def sweep_env_streams(redis: Any, limiter: Limiter) -> int:
-    """Move events left in environments' streams (their instance died before moving them)."""
-    moved = 0
-    async for key in redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:events", count=500):
-        stop_if_cancelling()
-        name = key.decode() if isinstance(key, bytes) else key
-        env = name[len(keys.PREFIX) + 2:name.index("}")]
-        if await redis.xlen(name):
-            moved += await limiter.forward_events(env)
-    return moved
-
-
-async def sweep_forever(redis: Any, limiter: Limiter, every_s: float = 30.0) -> None:
-    while True:
-        await pause(every_s)
-        try:
-            await sweep_env_streams(redis, limiter)
-        except Exception as exc:  # keep sweeping whatever one round hit
-            stop_if_cancelling(exc)
-            log.warning("event sweep failed: %s", exc)

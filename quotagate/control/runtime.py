@@ -33,7 +33,7 @@ from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import events as control_events
 from quotagate.control.envs import Environments, local_today
 from quotagate.control.lifecycle import Scheduler
-from quotagate.limiter import keys
+from quotagate.limiter import due, keys
 from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.entitlements import build_snapshot, encode
 from quotagate.limiter.errors import StoreError
@@ -221,13 +221,17 @@ class Runtime:
             else:
                 try:
                     if change.everything:
+                        # Forced: another instance that reloaded first wrote this digest,
+                        # but this one's due times may have been worked out from the old
+                        # plans in the meantime (a pack's days): all are due again.
                         await sync_environments(self.redis, config, change.blobs,
-                                                digest=change.digest)
+                                                digest=change.digest, force=True,
+                                                now_ms=self.limiter.clock.now_ms())
                         await self._rewrite_api_snapshots(api_owned, config)
                         self.api_plans_changed = False
                     else:
                         await write_snapshots(self.redis, change.blobs, change.removed,
-                                              change.digest)
+                                              change.digest, self.limiter.clock.now_ms())
                     self._declared_bandwidth(config)
                 except (aredis.RedisError, OSError, StoreError) as exc:
                     log.warning("config reload: environments not written yet (%s); the "
@@ -330,10 +334,12 @@ class Runtime:
                     if env_id not in declared]  # (else the file owns it now)
 
         blobs = await off_loop(build)
+        now_ms = self.limiter.clock.now_ms()  # (a pack's days may have changed: when due)
         for start in range(0, len(blobs), CHUNK):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for env_id, blob in blobs[start:start + CHUNK]:
                     pipe.set(keys.entitlements(env_id), blob)
+                due.queue_marks(pipe, [e for e, _ in blobs[start:start + CHUNK]], now_ms)
                 await pipe.execute()
 
     async def _sync_until_done(self) -> None:
@@ -344,7 +350,8 @@ class Runtime:
                 await check_store_version(self.redis)
                 await self.sync_store_clock()
                 config, force = self.config, self._force_sync
-                await sync_environments(self.redis, config, force=force)
+                await sync_environments(self.redis, config, force=force,
+                                        now_ms=self.limiter.clock.now_ms())
                 if force:
                     self._force_sync = False
                 if self.api_plans_changed:  # (a reload changed plans while this ran)
@@ -383,11 +390,14 @@ class Runtime:
         self.synced = False
         self.sync_task = asyncio.get_running_loop().create_task(self._sync_until_done())
 
-    async def carry_capacity(self, env: str) -> None:
-        """Report the last capacity size again for today (its excess is billed per day)."""
+    async def carry_capacity(self, env: str) -> bool:
+        """Report the last capacity size again for today (its excess is billed per day);
+        whether there is one (then it is carried again tomorrow)."""
         size = await self.redis.hget(keys.usage(env), "gauge:capacity_bytes")
         if size is not None and int(size) > 0:
             self.limiter.meter(env, "capacity_bytes", int(size))
+            return True
+        return False
 
     def renewed(self, env: str) -> None:
         """An environment was renewed: replay its queued invocations now."""
@@ -499,7 +509,6 @@ class Runtime:
         if gw.reload_poll_ms:
             tasks.append(loop.create_task(self._watch_files()))
         self.sync_task = loop.create_task(self._sync_until_done())
-        tasks.append(loop.create_task(control_events.sweep_forever(self.redis, self.limiter)))
         tasks.append(loop.create_task(self._follow_store_clock()))
         tasks.append(loop.create_task(self._watch_loop_lag()))
         self.scheduler = Scheduler(

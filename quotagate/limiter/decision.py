@@ -147,10 +147,10 @@ class Decider:
                 try:
                     reply = await fut
                 except StoreTimeout:
-                    self._watch_late(fut, late)
+                    self._watch_late(env, fut, late)
                     raise
             else:
-                reply = await self._reply(fut, late, abandoned)
+                reply = await self._reply(env, fut, late, abandoned)
         except (NoScript, OutOfMemory) as exc:
             # OutOfMemory: at maxmemory a function (which may write) is refused before it
             # runs; a script runs until it writes. So as a script a refusal, which writes
@@ -175,39 +175,48 @@ class Decider:
         lost the code (NoScript), or is at maxmemory (OutOfMemory)."""
         names = keys.decision_keys(env)
         if isinstance(exc, NoScript):
-            return await self._reply(self.calls.reload(DECIDE, names, key_slot, args, exc),
-                                     late, abandoned)
+            return await self._reply(env, self.calls.reload(DECIDE, names, key_slot, args,
+                                                            exc), late, abandoned)
         fut = self.store.submit(pack_command("EVALSHA", DECIDE.sha, 9, *names, *args),
                                 key_slot)
         try:
-            return await self._reply(fut, late, abandoned)
+            return await self._reply(env, fut, late, abandoned)
         except NoScript as missing:
-            return await self._reply(self.calls.reload(DECIDE, names, key_slot, args, missing),
-                                     late, abandoned)
+            return await self._reply(env, self.calls.reload(DECIDE, names, key_slot, args,
+                                                            missing), late, abandoned)
 
-    async def _reply(self, fut: asyncio.Future, late: Told | None,
+    async def _reply(self, env: str, fut: asyncio.Future, late: Told | None,
                      abandoned: Told | None) -> list:
         try:
             # Shielded when the outcome matters after a cancellation (a slot): the reply is
             # then handed to ``abandoned``.
             return await (fut if abandoned is None else asyncio.shield(fut))
         except StoreTimeout:
-            self._watch_late(fut, late)
+            self._watch_late(env, fut, late)
             raise
         except asyncio.CancelledError:
             if abandoned is not None:
                 def told(f: asyncio.Future) -> None:
                     ok = not f.cancelled() and f.exception() is None
-                    abandoned(Decision.from_reply(f.result()) if ok else None)
+                    decision = Decision.from_reply(f.result()) if ok else None
+                    self._events_of(env, decision)
+                    abandoned(decision)
                 fut.add_done_callback(told)
             raise
 
-    def _watch_late(self, fut: asyncio.Future, late: Told | None) -> None:
-        if late is None:
-            return
+    def _events_of(self, env: str, decision: Decision | None) -> None:
+        if decision is not None and decision.flags & Flag.EVENTS:
+            self.on_events(env)
 
+    def _watch_late(self, env: str, fut: asyncio.Future, late: Told | None) -> None:
+        """A reply that comes after its timeout: told to ``late``, and the events it wrote
+        moved like any other's (else they would wait for the environment's next lifecycle
+        work, maybe months away)."""
         def told(reply: object) -> None:
             ok = isinstance(reply, list)
-            late(Decision.from_reply(reply) if ok else None)  # type: ignore[arg-type]
+            decision = Decision.from_reply(reply) if ok else None  # type: ignore[arg-type]
+            self._events_of(env, decision)
+            if late is not None:
+                late(decision)
 
         self.store.when_late(fut, told)

@@ -10,7 +10,8 @@ import logging
 import secrets
 
 from quotagate.common import metrics
-from quotagate.limiter import keys
+from quotagate.common.clock import Clock
+from quotagate.limiter import due, keys
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.cluster import slot_of
 from quotagate.limiter.errors import StoreError
@@ -34,21 +35,22 @@ _MOVE_ONCE = ("if redis.call('EXISTS', KEYS[2]) == 1 then return false end "
               "unpack(ARGV, 3)) "
               "redis.call('SET', KEYS[2], '1', 'EX', ARGV[1]) return id")
 #: How long a moved event is remembered: far longer than any retry, or an instance's death
-#: before a sweep (every 30 s) moves what it left.
+#: before the scheduler's next round moves what it left.
 MOVED_TTL_S = 86_400
 
 
 #: A move the store refused or let time out is tried again after these pauses (seconds); after
-#: the last, the events wait for the sweep (``control.events.sweep_forever``, every 30 s).
-#: An event must not wait the sweep out for one slow store call (a busy machine, a failover).
+#: the last, the events wait for the scheduler's next round (the environment is due: ``due``).
+#: An event must not wait a round out for one slow store call (a busy machine, a failover).
 RETRY_PAUSES_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 class EventForwarder:
-    def __init__(self, calls: ScriptCalls, instance: str):
+    def __init__(self, calls: ScriptCalls, instance: str, clock: Clock):
         self.calls = calls
         self.store = calls.store
         self.instance = instance
+        self.clock = clock
         self._forwarding: set[str] = set()
         self._forward_again: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -68,9 +70,19 @@ class EventForwarder:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _mark_due(self, env: str) -> None:
+        """The environment is due (``due``): should this instance die before the events are
+        moved, or give up on moving them, the scheduler's next round moves them."""
+        shard = keys.due(due.shard_of(env))
+        with contextlib.suppress(StoreError):  # (then only this instance's retries)
+            await self.store.submit(pack_command(
+                "EVAL", due.MARK, 1, shard, repr(due.changed_score(self.clock.now_ms())), "",
+                env), slot_of(shard))
+
     async def _forward_task(self, env: str) -> None:
         retries = iter(RETRY_PAUSES_S)
         try:
+            await self._mark_due(env)
             while True:
                 self._forward_again.discard(env)
                 try:
@@ -78,8 +90,8 @@ class EventForwarder:
                 except StoreError as exc:
                     delay = next(retries, None)
                     if delay is None or self._closing.is_set():
-                        log.warning("events of %s stay in its stream until the next sweep "
-                                    "(%s)", env, exc)
+                        log.warning("events of %s stay in its stream until the "
+                                    "scheduler's next round (%s)", env, exc)
                         return
                     log.info("events of %s not moved yet (%s): again in %.1f s", env, exc,
                              delay)
@@ -87,7 +99,7 @@ class EventForwarder:
                         async with asyncio.timeout(delay):  # (a shutdown ends the wait)
                             await self._closing.wait()
                     if self._closing.is_set():
-                        log.warning("events of %s stay in its stream until a sweep (%s)",
+                        log.warning("events of %s stay in its stream until a scheduler round (%s)",
                                     env, exc)
                         return
                     self._forward_again.add(env)

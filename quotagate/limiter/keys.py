@@ -134,3 +134,24 @@ API_OWNED_ENVS = f"{PREFIX}:envs:api"
 def definition(env: str) -> str:
     """String, JSON: an API-owned environment's record (the Environment of the config schema)."""
     return f"{PREFIX}:{{{env}}}:def"
+
+
+#: Shards of the due index: an environment's shard by ``zlib.crc32`` of its id.
+DUE_SHARDS = 16
+
+
+def due(shard: int) -> str:
+    """Sorted set, one per shard: environment -> the store-clock epoch ms it next has
+    lifecycle work (a reminder, an expiry, a renewal, a queued invocation, a day's capacity,
+    events left in its stream). Its hash tag is the shard's, so shards spread over a
+    cluster's nodes and one script reads and writes one of them."""
+    return f"{PREFIX}:due:{{d{shard}}}"
+
+
+def due_claim(shard: int) -> str:
+    """String: the instance working through a shard of the due index right now."""
+    return f"{PREFIX}:due:{{d{shard}}}:claim"
+
+
+#: String: every API-owned environment stored before the due index existed is in it.
+DUE_COMPLETE = f"{PREFIX}:due:complete"

@@ -82,7 +82,7 @@ class Limiter:
         self.known: set[str] = set()
         self._mode = mode
         self._calls = ScriptCalls(store)
-        self._events = EventForwarder(self._calls, self.instance)
+        self._events = EventForwarder(self._calls, self.instance, self.clock)
         self._decider = Decider(self._calls, self.instance, lease_ms, burst_ms,
                                 self._missing, self._events.soon)
         self._writeback = WriteBack(self._calls, self._decider, self._missing)

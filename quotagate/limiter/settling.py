@@ -137,6 +137,8 @@ class Settler:
         if isinstance(exc, StoreTimeout):
             # It may still run: its late reply decides (never both the call and a retry).
             def late(reply: object) -> None:
+                if isinstance(reply, list) and reply[1] & Flag.EVENTS:
+                    self.on_events(env)  # (moved like any other's)
                 if isinstance(reply, list) and reply[0] == 0:  # it ran: not twice
                     for key, amount in entries:
                         backlog.remove(key, amount)

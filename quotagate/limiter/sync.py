@@ -15,7 +15,7 @@ import msgspec
 
 from quotagate import __version__
 from quotagate.common.aio import off_loop
-from quotagate.limiter import keys
+from quotagate.limiter import due, keys
 from quotagate.limiter.entitlements import SNAPSHOT_VERSION, build_snapshot, encode
 from quotagate.limiter.errors import StoreError
 from quotagate.settings import Config
@@ -67,12 +67,13 @@ CHUNK = 1000
 
 
 async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[str],
-                          digest: str) -> None:
+                          digest: str, now_ms: int = 0) -> None:
     """Write these file-owned environments' snapshots (owned by the file from now on,
     whoever created them) and forget ``removed`` ones (the snapshot goes, requests get 404;
     usage stays for billing), a chunk of pipelined commands at a time; the store then holds
     the file whose ``file_digest`` is ``digest``. The digest is removed before the writes
-    and set after them, so a write cut short is never taken for done."""
+    and set after them, so a write cut short is never taken for done. The environments
+    written are due (``due``) at ``now_ms``, the removed ones leave the due index."""
     await redis.delete(keys.FILE_DIGEST)
     items = list(blobs.items())
     for start in range(0, len(items), CHUNK):
@@ -83,6 +84,7 @@ async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[s
                 pipe.set(keys.entitlements(env_id), blob)
             pipe.sadd(keys.FILE_OWNED_ENVS, *ids)
             pipe.srem(keys.API_OWNED_ENVS, *ids)
+            due.queue_marks(pipe, ids, now_ms)
             await pipe.execute()
     gone = list(removed)
     for start in range(0, len(gone), CHUNK):
@@ -91,6 +93,7 @@ async def write_snapshots(redis: Any, blobs: dict[str, str], removed: Iterable[s
             for env_id in batch:
                 pipe.delete(keys.entitlements(env_id))
             pipe.srem(keys.FILE_OWNED_ENVS, *batch)
+            due.queue_removals(pipe, batch)
             await pipe.execute()
     await redis.set(keys.FILE_DIGEST, digest)
 
@@ -107,8 +110,8 @@ def file_digest(config: Config) -> str:
 
 
 async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | None = None,
-                            *, digest: str | None = None, force: bool = False
-                            ) -> tuple[int, int]:
+                            *, digest: str | None = None, force: bool = False,
+                            now_ms: int = 0) -> tuple[int, int]:
     """Apply the whole file (at start, and when the store lost its data): every
     environment's snapshot written (``blobs``, else built off the event loop), file-owned
     ones the file no longer declares forgotten. Returns (written, removed). ``redis`` is a
@@ -117,7 +120,8 @@ async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | 
     Unless ``force``d, nothing is built or written when the store says this very file was
     written whole already (``FILE_DIGEST``: a restart, or another instance, with the same
     files): a start with 10^5 unchanged environments skips seconds of work. ``digest``: the
-    config's ``file_digest``, if already worked out."""
+    config's ``file_digest``, if already worked out; ``now_ms``: when those written are
+    due."""
     if digest is None:
         digest = await off_loop(file_digest, config)
     if not force and await redis.get(keys.FILE_DIGEST) == digest.encode():
@@ -128,6 +132,6 @@ async def sync_environments(redis: Any, config: Config, blobs: dict[str, str] | 
     previous = {m.decode() if isinstance(m, bytes) else m
                 for m in await redis.smembers(keys.FILE_OWNED_ENVS)}
     removed = sorted(previous - set(wanted))
-    await write_snapshots(redis, wanted, removed, digest)
+    await write_snapshots(redis, wanted, removed, digest, now_ms)
     log.info("environments applied: %d written, %d removed", len(wanted), len(removed))
     return len(wanted), len(removed)

@@ -218,11 +218,22 @@ local ALERT_METERS = {calls = true, gbs = true, outbound_bytes = true,
                       storage_traffic_bytes = true, cdn_origin_bytes = true}
 local ALERT_LEVELS = {80, 90, 100}
 
--- `takes` as allocate() builds them: returns how many events were written.
+-- `takes` as allocate() builds them: returns how many events were written. A take from a
+-- pack that spends it writes `pack-used-up`, once per pack (its mark in the alerts hash).
 local function alert_on(takes, usage_key, alerts_key, events_key, cycle_day, now_ms)
   local written = 0
   for _, tk in ipairs(takes) do
-    if tk[1] == usage_key then
+    if tk[1] ~= usage_key then
+      local after = tonumber(redis.call('HGET', tk[1], tk[2])) or 0
+      for _, p in ipairs(ENT.packs) do
+        if p.id == tk[2] and after - tk[3] < p.amount and after >= p.amount
+            and redis.call('HSETNX', alerts_key, 'pack:' .. p.id, now_ms) == 1 then
+          redis.call('XADD', events_key, 'MAXLEN', '~', 10000, '*',
+                     'type', 'pack-used-up', 'pack_id', p.id, 'at_ms', now_ms)
+          written = written + 1
+        end
+      end
+    else
       local cycle, meter = string.match(tk[2], '^(%d+):(.+)$')
       local quota = ENT.quota[meter] or 0
       if ALERT_METERS[meter] and quota > 0 then
