@@ -376,3 +376,51 @@ def test_config_check_refuses_a_bad_grant(tmp_path: Path) -> None:
     issues = check({"bad-two": _env(gateway={"version": "test", "purchased": days(0),
                                              "months": 0})})
     assert issues == {("$.environments.bad-two.gateway.months", "Expected `int` >= 1")}
+
+
+async def test_declared_rates_are_worked_out_again_only_when_a_version_starts_or_ends(
+        make_gateway, monkeypatch):
+    """The rates the file's versions declare are worked out once and hold until the next
+    midnight a version starts or ends: the clock's follower (every 30 s in every process)
+    does not walk the versioned environments again before that (10^5: ~2 s on the loop)."""
+    from quotagate.billing import versions
+    from quotagate.gateway.app import STATE
+    from quotagate.settings.schema import BYTES_PER_MBPS
+    from tests.helpers import at, env, local
+
+    clock = at("2026-11-26T12:00:00")
+    gw = await make_gateway({
+        "ends": {**env(), "gateway": {"version": "starter", "purchased": "2026-10-05",
+                                      "months": 2}},  # to 2026-12-05
+        "later": {**env(), "gateway": {"version": "basic", "purchased": "2026-12-10",
+                                       "months": 1}},
+        "renews": {**env(), "gateway": {"version": "basic", "purchased": "2026-10-01",
+                                        "months": 1, "auto_renew": True}}}, clock=clock)
+    rt = gw.app[STATE].runtime
+    rates = rt.limiter.bandwidth.rates
+    lowest = 1 * BYTES_PER_MBPS  # ("test", the lowest version's 1 Mbps, once one ends)
+    assert (rates["ends"], rates["renews"], "later" in rates) == (
+        20 * BYTES_PER_MBPS, 100 * BYTES_PER_MBPS, False)
+    assert rt._rates_between[1] == int(local("2026-12-05T00:00:00").timestamp() * 1000)
+    calls = 0
+    status = versions.status
+
+    def counted(*args, **kw):
+        nonlocal calls
+        calls += 1
+        return status(*args, **kw)
+
+    monkeypatch.setattr(versions, "status", counted)
+    clock.set(local("2026-12-04T23:59:00"))
+    assert not rt._rates_changed()  # (the follower asks this, and stops there)
+    clock.set(local("2026-12-05T00:00:00"))
+    assert rt._rates_changed()
+    await rt._declared_bandwidth(rt.config)
+    assert calls == 3 and rates["ends"] == lowest and "later" not in rates
+    assert rt._rates_between[1] == int(local("2026-12-10T00:00:00").timestamp() * 1000)
+    clock.set(local("2026-12-10T00:00:00"))
+    await rt._declared_bandwidth(rt.config)
+    assert rates["later"] == 100 * BYTES_PER_MBPS and rates["renews"] == 100 * BYTES_PER_MBPS
+    assert rt._rates_between[1] == int(local("2027-01-10T00:00:00").timestamp() * 1000)
+    clock.set(local("2026-12-01T00:00:00"))  # the store's clock stepped back
+    assert rt._rates_changed()
