@@ -32,11 +32,15 @@ async def test_usage_admitted_during_an_outage_survives_kill_9_exactly_once(
     upstream, origin = start_upstream()
     journal = tmp_path / "journal"
     store = {"url": own_valkey.url, "timeout_ms": 200, "journal_dir": str(journal)}
-    configs = [shipped_config(tmp_path / name, origin, store=store) for name in "ab"]
-    gateways = [await serve(tmp_path / name, cfg) for name, cfg in zip("ab", configs,
-                                                                        strict=True)]
+    configs: list[dict] = []
+    gateways: list[Deployed] = []
     restarted: list[Deployed] = []
     try:
+        # Each is staged once the one before listens, so the free ports it is given are not
+        # that one's (staged together, both could be given one port).
+        for name in "ab":
+            configs.append(shipped_config(tmp_path / name, origin, store=store))
+            gateways.append(await serve(tmp_path / name, configs[-1]))
         gateways[0].put_env("jr", f"plan: standard\nanchor: {days(-2)}\nexpires: {days(300)}\n")
         for gw in gateways:  # each has seen the environment in the store: known to exist
             assert [s for s, _ in await calls(gw, "jr", 2)] == [200, 200]
@@ -65,8 +69,9 @@ async def test_usage_admitted_during_an_outage_survives_kill_9_exactly_once(
         left = {p.name for p in journal.glob("*.journal")}
         assert len(left) == 2, left  # only the new instances' own (empty) journals
     finally:
-        for gw in restarted:
-            gw.stop()
+        for gw in [*gateways, *restarted]:
+            if gw.proc.poll() is None:  # (those the test killed are stopped already)
+                gw.stop()
         upstream.kill()
         upstream.wait()
 
