@@ -16,7 +16,7 @@ import datetime as dt
 import logging
 import secrets
 import zoneinfo
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -28,6 +28,7 @@ from redis.exceptions import WatchError
 from quotagate.billing import versions
 from quotagate.billing.pricing import Quote, downgrade_refund, upgrade_fee
 from quotagate.common import calendar as cal
+from quotagate.common.aio import stop_if_cancelling
 from quotagate.common.clock import Clock
 from quotagate.control.events import emit
 from quotagate.limiter import due, keys
@@ -185,6 +186,19 @@ def renewed_expiry(anchor: dt.date, expires: dt.date, months: int) -> dt.date:
     return cal.add_months_clamped(expires, months)
 
 
+async def api_id_batches(redis: aredis.Redis) -> AsyncIterator[list[str]]:
+    """Every API-owned id, a thousand at a time (``SSCAN``: no reply of 10^6 ids that holds
+    the store up)."""
+    cursor: int = 0
+    while True:
+        stop_if_cancelling()
+        cursor, batch = await redis.sscan(keys.API_OWNED_ENVS, cursor, count=1000)
+        if batch:
+            yield [m.decode() if isinstance(m, bytes) else str(m) for m in batch]
+        if not cursor:
+            return
+
+
 class Environments:
     """Reads and changes environments; ``config`` is read through a callable (hot reload)."""
 
@@ -255,14 +269,8 @@ class Environments:
             if await self.redis.exists(API_ENV_INDEX_COMPLETE):
                 self._indexed = True
                 return
-            cursor: int = 0
-            while True:
-                cursor, batch = await self.redis.sscan(keys.API_OWNED_ENVS, cursor, count=1000)
-                if batch:
-                    ids = [m.decode() if isinstance(m, bytes) else str(m) for m in batch]
-                    await self.redis.zadd(API_ENV_INDEX, dict.fromkeys(ids, 0), nx=True)
-                if not cursor:
-                    break
+            async for ids in api_id_batches(self.redis):
+                await self.redis.zadd(API_ENV_INDEX, dict.fromkeys(ids, 0), nx=True)
             await self.redis.set(API_ENV_INDEX_COMPLETE, 1)
             self._indexed = True
 

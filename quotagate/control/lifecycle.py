@@ -42,7 +42,7 @@ from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock
-from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record
+from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record, api_id_batches
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.events import emit as events_emit
 from quotagate.limiter import due, keys
@@ -266,15 +266,8 @@ class Scheduler:
             self._indexed_at = time.monotonic()
             return
         now = self.clock.now_ms()
-        cursor: int = 0
-        while True:
-            stop_if_cancelling()
-            cursor, batch = await self.redis.sscan(keys.API_OWNED_ENVS, cursor, count=1000)
-            if batch:
-                await due.mark(self.redis, [m.decode() if isinstance(m, bytes) else str(m)
-                                            for m in batch], now, only_new=True)
-            if not cursor:
-                break
+        async for ids in api_id_batches(self.redis):
+            await due.mark(self.redis, ids, now, only_new=True)
         declared = list(self.envs.config.environments.environments)
         for start in range(0, len(declared), 1000):
             stop_if_cancelling()
