@@ -263,6 +263,14 @@ async def test_alerts_and_pack_reminders_on_the_real_clock(deployed: Deployed,
              deployed.json("env", "usage", "packdue")["meters"]["calls"]["packs"]}
     assert packs == {"due": 2, "tiny": 0}
 
+    # The request whose take spends a pack writes pack-used-up (the scripts', not a round).
+    deployed.put_env("spent", env_yaml(
+        anchor=-3, limits="{calls: 1}",
+        packs=f"[{{id: small, meter: calls, amount: 2, purchased: {days(0)}}}]"))
+    assert await deployed.get(url, "spent", 3) == [200] * 3
+    spent = await webhook.wait_for("spent", "pack-used-up")
+    assert spent["pack_id"] == "small"
+
 
 async def test_an_invocation_queued_while_isolated_runs_once_renewed(deployed: Deployed):
     deployed.put_env("asleep", env_yaml(plan="standard", anchor=-40, expires=-2))
