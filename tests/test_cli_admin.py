@@ -117,3 +117,84 @@ async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+def ndjson_line(env_id: str, anchor: dt.date, calls: int, plan: str = "personal") -> str:
+    return json.dumps({"id": env_id, "environment": {
+        "plan": plan, "anchor": anchor.isoformat(),
+        "expires": (anchor + dt.timedelta(days=400)).isoformat(), "limits": {"calls": calls}}})
+
+
+@pytest.mark.deployed
+async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_url: str,
+                                                         upstream):
+    """`env import` through `quotagate serve`: a refused batch stops the import with the
+    file's line numbers and the lines before it imported; fixed, `--resume` goes on from
+    there; `env export` writes what imports back unchanged."""
+    port, admin = free_ports(2)
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"url": valkey_url}, "plans_file": str(PLANS),
+        "routes": [{"prefix": "/functions/", "kind": "function",
+                    "upstream": f"http://127.0.0.1:{upstream.port}"}]}))
+    today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
+    anchor = today.replace(day=1)
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        "filed": {"plan": "standard", "anchor": anchor.isoformat(),
+                  "expires": (today + dt.timedelta(days=300)).isoformat()}}}))
+    lines = [ndjson_line(f"imp-{i:05d}", anchor, 100 + i) for i in range(1, 2501)]
+    lines[1799] = ndjson_line("imp-01800", anchor, 1, plan="gold")  # file line 1800: refused
+    lines.insert(900, "")  # a blank line (file line 901) is skipped, and counted
+    source = tmp_path / "envs.ndjson"
+    source.write_text("\n".join(lines))  # (no newline after the last line)
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
+    try:
+        await wait_ready(admin, proc)
+        out = cli(admin, "env", "import", str(source), "--batch", "1000")
+        assert out.returncode == 1, out.stderr
+        assert "lines 1001-2000" in out.stderr and "line 1801 (imp-01800)" in out.stderr
+        assert "gold" in out.stderr and "--resume" in out.stderr
+        state = json.loads((tmp_path / "envs.ndjson.import-state").read_text())
+        assert state["lines"] == 1000 and state["created"] == 999
+        listed = cli(admin, "env", "list", "--owner", "api", "--json")
+        assert len(listed.stdout.splitlines()) == 999  # the first batch, nothing of the second
+
+        # Fixed after the lines imported: --resume goes on from line 1001.
+        text = source.read_text().replace('"plan": "gold"', '"plan": "personal"')
+        source.write_text(text)
+        out = cli(admin, "env", "import", str(source), "--batch", "1000", "--resume", "--json")
+        assert out.returncode == 0, out.stderr
+        assert "resuming after line 1000" in out.stderr
+        assert json.loads(out.stdout) == {"received": 2500, "created": 2500, "updated": 0,
+                                          "unchanged": 0}
+        assert not (tmp_path / "envs.ndjson.import-state").exists()
+        ok = await statuses(f"http://127.0.0.1:{port}/functions/hello", "imp-02500", 1)
+        assert ok == [200]
+
+        # A change before the lines imported: --resume refuses (the progress is not this file's).
+        _save = source.read_text()
+        cli(admin, "env", "import", str(source), "--batch", "2000")  # (all unchanged)
+        broken = tmp_path / "broken.ndjson"
+        broken.write_text(_save.replace("imp-02100", "Bad_Id"))
+        assert cli(admin, "env", "import", str(broken), "--batch", "2000").returncode == 1
+        broken.write_text(_save.replace("imp-00001", "imp-99999"))
+        out = cli(admin, "env", "import", str(broken), "--resume")
+        assert out.returncode == 1 and "are not those imported" in out.stderr
+
+        exported = tmp_path / "export.ndjson"
+        out = cli(admin, "env", "export", "--owner", "api", "--output", str(exported))
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(x) for x in exported.read_text().splitlines()]
+        assert [r["id"] for r in rows] == [f"imp-{i:05d}" for i in range(1, 2501)]
+        assert rows[41]["environment"]["limits"]["calls"] == 142
+        out = cli(admin, "env", "import", str(exported), "--json")
+        assert json.loads(out.stdout)["unchanged"] == 2500, out.stderr
+        everything = cli(admin, "env", "export")
+        assert [json.loads(x)["id"] for x in everything.stdout.splitlines()][-1] == "imp-02500"
+        assert "filed" in everything.stdout
+        assert cli(admin, "env", "import", str(tmp_path / "missing.ndjson")).returncode == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

@@ -4,6 +4,7 @@ checks it against these)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -64,6 +65,7 @@ _ADMIN_PROBLEMS = {
     405: ("method-not-allowed", "Method not allowed"),
     409: ("conflict", "Refused"),
     413: ("body-too-large", "Request body too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
     422: ("invalid", "Invalid values"),
     500: ("internal-error", "Internal error"),
     503: ("store-unavailable", "Store unavailable"),
@@ -289,6 +291,162 @@ async def put_env(request: web.Request) -> web.Response:
     request.app[LIMITER].known.add(env_id)  # it exists: admitted fail-open from now on
     return web.json_response({"env": env_id, "owner": record.owner,
                               "definition": _plain(record.env)})
+
+
+# ----------------------------------------------------------- bulk import and export (NDJSON)
+
+NDJSON = "application/x-ndjson"
+#: Most lines, and bytes, one import request takes (the CLI sends 5,000 lines at a time).
+IMPORT_MAX_LINES = 10_000
+IMPORT_MAX_BYTES = 16 * 1024 * 1024
+#: Most bad lines told in one refusal (each is still checked).
+IMPORT_MAX_ISSUES = 100
+#: Lines decoded and checked between two yields to the event loop.
+IMPORT_SLICE = 200
+#: Environments read per page while exporting.
+EXPORT_PAGE = 1000
+EXPORT_PARAMS = ("owner", "after")
+
+
+def _refusal(status: int, message: str) -> ControlError:
+    exc = ControlError(message)
+    exc.status = status
+    return exc
+
+
+class ImportLine(msgspec.Struct, forbid_unknown_fields=True):
+    """One line of an import, as the export writes it (``owner`` is the exporter's; what is
+    imported is owned by the API)."""
+    id: str
+    environment: Environment
+    owner: str | None = None
+
+
+_IMPORT_LINE = msgspec.json.Decoder(ImportLine, strict=False)
+
+
+async def _ndjson_body(request: web.Request) -> bytes:
+    if request.content_type != NDJSON:
+        raise _refusal(415, f"the body must be {NDJSON} (one environment per line, as "
+                           f"GET {PREFIX}/envs:export writes them), not "
+                           f"{request.content_type or 'untyped'}")
+    if (request.content_length or 0) > IMPORT_MAX_BYTES:
+        raise _refusal(413, f"at most {IMPORT_MAX_BYTES} bytes per request: send the lines "
+                           "in several requests")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > IMPORT_MAX_BYTES:
+            raise _refusal(413, f"at most {IMPORT_MAX_BYTES} bytes per request: send the "
+                               "lines in several requests")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def import_envs(request: web.Request) -> web.Response:
+    """Create or replace API-owned environments, one per NDJSON line (``{"id", "environment"}``,
+    ``owner`` ignored: what the export writes). Every line is checked first, as ``PUT
+    /envs/{env}`` checks its body; one bad line and nothing is written (422 with every bad
+    line's number, up to ``IMPORT_MAX_ISSUES``). Idempotent: a line whose environment is
+    stored as it is changes nothing (``unchanged``), so a client may send a request again after
+    any failure, and go on from the first line it has no answer for."""
+    if request.query:
+        raise _bad_parameter(next(iter(request.query)), "this route takes no parameters")
+    body = await _ndjson_body(request)
+    envs = request.app[ENVS]
+    declared = envs.config.environments.environments
+    items: list[tuple[str, Environment]] = []
+    issues: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    bad = 0
+
+    def refuse(line: int, env_id: str, reason: str) -> None:
+        nonlocal bad
+        bad += 1
+        if len(issues) < IMPORT_MAX_ISSUES:
+            issues.append({"line": line, "env": env_id, "path": f"line {line}"
+                           + (f" ({env_id})" if env_id else ""), "reason": reason})
+
+    lines = body.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        if number % IMPORT_SLICE == 0:
+            await asyncio.sleep(0)
+        if not raw.strip():
+            continue
+        if len(seen) + bad >= IMPORT_MAX_LINES:
+            raise _refusal(413, f"at most {IMPORT_MAX_LINES} lines per request: send the "
+                               "lines in several requests")
+        try:
+            line = _IMPORT_LINE.decode(raw)
+        except msgspec.ValidationError as exc:
+            refuse(number, "", f"invalid: {exc}")
+            continue
+        except msgspec.DecodeError as exc:
+            refuse(number, "", f"not a JSON object: {exc}")
+            continue
+        env_id = line.id
+        if not ENV_ID.fullmatch(env_id):
+            refuse(number, env_id[:80], "not an environment id ([a-z0-9][a-z0-9-]{0,62})")
+            continue
+        if env_id in seen:
+            refuse(number, env_id, f"given already on line {seen[env_id]}")
+            continue
+        seen[env_id] = number
+        if env_id in declared:
+            refuse(number, env_id, "owned by environments.yaml: change the file instead")
+            continue
+        try:
+            envs.validate(env_id, line.environment)
+        except Invalid as exc:
+            refuse(number, env_id, str(exc))
+            continue
+        items.append((env_id, line.environment))
+    if bad:
+        raise Invalid(f"{bad} of {len(seen) + bad} lines refused; nothing was written",
+                      issues=issues, refused=bad)
+    # (Not added to the limiter's ``known``, as PUT adds one: a million ids would be held
+    # by every gateway whether used or not. Each is known once a request has seen it.)
+    counts = await envs.put_many(items)
+    return web.json_response({"received": len(items), **counts})
+
+
+async def export_envs(request: web.Request) -> web.StreamResponse:
+    """Every environment (``owner``: only the file's or the API's) after id ``after`` in id
+    order, one NDJSON line each (``{"id", "owner", "environment"}``: the import reads the
+    same), streamed page by page: memory is one page on both sides, whatever the number. A
+    stream cut short (the store lost midway) ends without its last chunk, so the client sees
+    an error, not a short export; it goes on with ``after`` = the last id it received."""
+    query = request.query
+    for name in query:
+        if name not in EXPORT_PARAMS:
+            raise _bad_parameter(name, "unknown parameter (parameters: "
+                                 f"{', '.join(EXPORT_PARAMS)})")
+    owner = query.get("owner")
+    if owner is not None and owner not in ("file", "api"):
+        raise _bad_parameter("owner", "file or api")
+    after = query.get("after", "")
+    if after and not ENV_ID.fullmatch(after):
+        raise _bad_parameter("after", "an environment id (the last one received)")
+    envs = request.app[ENVS]
+    filters = Filters(owner=owner)
+    records, reached = await envs.page(after, EXPORT_PAGE, filters)  # errors still answered
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    await response.prepare(request)
+    try:
+        while True:
+            await response.write(b"".join(
+                msgspec.json.encode({"id": r.env_id, "owner": r.owner, "environment": r.env})
+                + b"\n" for r in records))
+            if reached is None:
+                break
+            records, reached = await envs.page(reached, EXPORT_PAGE, filters)
+    except Exception as exc:  # (the status is sent: only cutting the stream tells the client)
+        log.warning("admin export cut short: %s", exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
 
 
 async def get_usage(request: web.Request) -> web.Response:
@@ -573,6 +731,8 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/envs/{env}/renew", renew),
     ("POST", "/usage", ingest_usage),
     ("GET", "/envs", list_envs),
+    ("POST", "/envs:import", import_envs),
+    ("GET", "/envs:export", export_envs),
     ("GET", "/envs/{env}", get_env),
     ("PUT", "/envs/{env}", put_env),
     ("GET", "/envs/{env}/usage", get_usage),

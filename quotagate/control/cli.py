@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import http.client
 import io
 import json
@@ -31,22 +32,27 @@ from quotagate.settings.schema import Environment
 DEFAULT_URL = "http://127.0.0.1:9090"
 
 
+class Refused(Exception):
+    """A command that cannot go on (a file missing, a resume that does not fit): exit 1."""
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, problem: dict[str, Any] | None = None):
         super().__init__(message)
         self.status = status
+        self.problem = problem or {}
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+def _open(args: argparse.Namespace, method: str, path: str, data: bytes | None = None,
+          content_type: str = "application/json", timeout: float | None = None) -> Any:
+    """The admin API's response, open (read it, then close it); a refusal as ApiError."""
     url = args.admin.rstrip("/") + "/admin/v1" + path
-    data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Authorization", f"Bearer {args.token}")
     if data is not None:
-        request.add_header("Content-Type", "application/json")
+        request.add_header("Content-Type", content_type)
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as resp:
-            return json.loads(resp.read() or b"null")
+        return urllib.request.urlopen(request, timeout=timeout or args.timeout)
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
@@ -55,11 +61,22 @@ def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> 
             for issue in problem.get("issues") or ():  # one line per bad value
                 message += f"\n  {issue.get('path', '')}: {issue.get('reason', '')}"
         except (ValueError, AttributeError):
-            message = raw.decode(errors="replace")[:500]
-        raise ApiError(exc.code, message) from None
+            problem, message = None, raw.decode(errors="replace")[:500]
+        raise ApiError(exc.code, message, problem if isinstance(problem, dict) else None
+                       ) from None
     except urllib.error.URLError:
         raise
     except (OSError, http.client.HTTPException) as exc:  # the API's socket, after urlopen
+        raise urllib.error.URLError(exc) from exc
+
+
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    response = _open(args, method, path, data)
+    try:
+        with response:
+            return json.loads(response.read() or b"null")
+    except (OSError, http.client.HTTPException) as exc:
         raise urllib.error.URLError(exc) from exc
 
 
@@ -131,6 +148,176 @@ def env_put(args: argparse.Namespace) -> None:
     definition = parse_yaml(Path(args.file), Environment)
     data = call(args, "PUT", f"/envs/{args.env}", msgspec.to_builtins(definition))
     _out(args, data, f"{data['env']}: written (owned by {data['owner']})")
+
+
+NDJSON = "application/x-ndjson"
+#: Lines per import request (the API takes up to 10,000, and 16 MiB).
+IMPORT_BATCH = 5000
+#: Bytes of an import request beyond which a batch is sent before it has IMPORT_BATCH lines.
+IMPORT_BATCH_BYTES = 8 * 1024 * 1024
+
+
+class _Exported(msgspec.Struct):
+    id: str
+
+
+def _state_path(path: Path) -> Path:
+    return path.with_name(path.name + ".import-state")
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def _resume(source: Any, state_file: Path) -> tuple[dict[str, Any], Any]:
+    """The saved progress, once the file's first ``offset`` bytes are checked to be those
+    imported (a line fixed after them is fine; one before them is not)."""
+    try:
+        state = json.loads(state_file.read_text())
+        offset, lines = int(state["offset"]), int(state["lines"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Refused(f"{state_file}: no progress to resume from (start without "
+                          "--resume: lines already imported are reported unchanged)") from None
+    digest = hashlib.sha256()
+    left = offset
+    while left:
+        chunk = source.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        digest.update(chunk)
+        left -= len(chunk)
+    if left or digest.hexdigest() != state.get("sha256"):
+        raise Refused(f"{state_file}: the file's first {lines} lines are not those "
+                          "imported; start again without --resume (lines already imported "
+                          "are reported unchanged)")
+    return state, digest
+
+
+def env_import(args: argparse.Namespace) -> None:
+    """Send the file's lines (NDJSON, as ``env export`` writes them) ``--batch`` at a time.
+    After each batch the API took, the progress is saved beside the file (FILE.import-state:
+    the lines and bytes done and the SHA-256 of those bytes), so ``--resume`` goes on from the
+    first line without an answer, after a refusal, a lost connection or a Ctrl-C. Every batch
+    is safe to send again: a line stored as it is changes nothing."""
+    if not 1 <= args.batch <= 10_000:
+        raise Refused(f"--batch: from 1 to 10000 lines, not {args.batch}")
+    path = Path(args.file)
+    state_file = _state_path(path)
+    counts = {"received": 0, "created": 0, "updated": 0, "unchanged": 0}
+    try:
+        source = path.open("rb")
+    except OSError as exc:
+        raise Refused(f"{path}: {exc.strerror}") from None
+    with source:
+        if args.resume:
+            state, digest = _resume(source, state_file)
+            counts.update({k: int(state.get(k, 0)) for k in counts})
+            offset, done = int(state["offset"]), int(state["lines"])
+        else:
+            digest, offset, done = hashlib.sha256(), 0, 0
+        if done:
+            print(f"resuming after line {done}", file=sys.stderr)
+        batch: list[bytes] = []
+        size = 0
+
+        def send() -> None:
+            nonlocal offset, done, batch, size
+            first, last = done + 1, done + len(batch)
+            try:
+                body = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for raw in batch)
+                got = call_ndjson(args, "POST", "/envs:import", body)
+            except ApiError as exc:
+                issues = exc.problem.get("issues") or []
+                message = str(exc.problem.get("detail", exc)) if issues else str(exc)
+                for issue in issues:  # the request's line numbers, as the file's
+                    number = first - 1 + int(issue.get("line", 0))
+                    name = f" ({issue['env']})" if issue.get("env") else ""
+                    message += f"\n  line {number}{name}: {issue.get('reason', '')}"
+                raise ApiError(exc.status, f"lines {first}-{last}: {message}"
+                               + _resume_hint(args, done)) from None
+            except (urllib.error.URLError, OSError) as exc:
+                print(f"lines {first}-{last} have no answer ({exc}).{_resume_hint(args, done)}",
+                      file=sys.stderr)
+                raise
+            for key in counts:
+                counts[key] += int(got.get(key, 0))
+            for raw in batch:
+                digest.update(raw)
+                offset += len(raw)
+            done = last
+            _save_state(state_file, {"file": str(path.resolve()), "lines": done,
+                                     "offset": offset, "sha256": digest.hexdigest(), **counts})
+            print(f"lines {first}-{last}: {got.get('created', 0)} created, "
+                  f"{got.get('updated', 0)} updated, {got.get('unchanged', 0)} unchanged",
+                  file=sys.stderr)
+            batch, size = [], 0
+
+        for raw in source:
+            batch.append(raw)
+            size += len(raw)
+            if len(batch) >= args.batch or size >= IMPORT_BATCH_BYTES:
+                send()
+        if batch:
+            send()
+    state_file.unlink(missing_ok=True)
+    _out(args, counts, f"{path}: {counts['received']} environments: {counts['created']} "
+         f"created, {counts['updated']} updated, {counts['unchanged']} unchanged")
+
+
+def _resume_hint(args: argparse.Namespace, done: int) -> str:
+    if not done:
+        return "\nnothing of the file is imported yet"
+    return (f"\nlines 1-{done} are imported; go on with: quotagate env import "
+            f"{args.file} --resume")
+
+
+def call_ndjson(args: argparse.Namespace, method: str, path: str, data: bytes) -> Any:
+    response = _open(args, method, path, data, content_type=NDJSON)
+    try:
+        with response:
+            return json.loads(response.read() or b"null")
+    except (OSError, http.client.HTTPException) as exc:
+        raise urllib.error.URLError(exc) from exc
+
+
+def env_export(args: argparse.Namespace) -> None:
+    """Every environment as NDJSON (what ``env import`` reads), streamed to stdout or
+    ``--output`` as it arrives: memory is one line, whatever the number. Cut short, it says
+    the last environment written, to go on from with ``--after`` (``--output`` then appends)."""
+    query = {k: v for k, v in (("owner", args.owner), ("after", args.after)) if v}
+    path = "/envs:export" + ("?" + urllib.parse.urlencode(query) if query else "")
+    try:
+        out = (open(args.output, "ab" if args.after else "wb")  # noqa: SIM115
+               if args.output else sys.stdout.buffer)
+    except OSError as exc:
+        raise Refused(f"{args.output}: {exc.strerror}") from None
+    try:
+        response = _open(args, "GET", path)
+    except BaseException:
+        if args.output:
+            out.close()
+        raise
+    last, count = args.after or "", 0
+    decode = msgspec.json.Decoder(_Exported).decode
+    try:
+        with response:
+            for raw in response:
+                out.write(raw)
+                last = decode(raw).id
+                count += 1
+    except (OSError, http.client.HTTPException, msgspec.DecodeError) as exc:
+        out.flush()
+        where = f"after {last}" if last else "before the first"
+        print(f"the export was cut short {where} ({exc!r}): go on with --after {last}"
+              if last else f"the export was cut short ({exc!r})", file=sys.stderr)
+        raise urllib.error.URLError(f"export cut short {where}") from None
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        print(f"{count} environments written to {args.output}", file=sys.stderr)
 
 
 def env_usage(args: argparse.Namespace) -> None:
@@ -347,7 +534,7 @@ def _run(func: Any, args: argparse.Namespace) -> int:
     except ApiError as exc:
         print(f"refused ({exc.status}): {exc}", file=sys.stderr)
         return 1
-    except ConfigError as exc:
+    except (ConfigError, Refused) as exc:
         print(exc, file=sys.stderr)
         return 1
     except (urllib.error.URLError, OSError) as exc:
@@ -360,7 +547,8 @@ ENV = ("env", {"help": "environment id"})
 
 
 def add_commands(sub: Any) -> None:
-    env = sub.add_parser("env", help="environments: list, show, put, usage, overage")
+    env = sub.add_parser("env", help="environments: list, show, put, import, export, usage, "
+                         "overage")
     es = env.add_subparsers(dest="env_command", required=True)
     el = _cmd(es, "list", "list environments and who owns them, in id order, page by page "
               "(printed as each page arrives; --json: one environment per line)", env_list)
@@ -376,6 +564,20 @@ def add_commands(sub: Any) -> None:
     _cmd(es, "show", "an environment's definition", env_show, ENV)
     _cmd(es, "put", "create or replace an API-owned environment from a YAML/JSON file",
          env_put, ENV, ("file", {"help": "the definition (keys of environments.yaml)"}))
+    ei = _cmd(es, "import", "create or replace API-owned environments from an NDJSON file "
+              "(one {\"id\", \"environment\"} per line, as env export writes), a batch at "
+              "a time; idempotent, and resumable with --resume", env_import,
+              ("file", {"help": "the NDJSON file"}))
+    ei.add_argument("--batch", type=int, default=IMPORT_BATCH,
+                    help="lines per request, 1-10000 (%(default)s)")
+    ei.add_argument("--resume", action="store_true", help="go on after the last batch the API "
+                    "took (FILE.import-state)")
+    ei.set_defaults(timeout=120.0)
+    ee = _cmd(es, "export", "every environment as NDJSON, in id order, streamed", env_export)
+    ee.add_argument("--owner", choices=["file", "api"], help="only the file's or the API's")
+    ee.add_argument("--after", metavar="ENV", help="start after this id (go on from a cut)")
+    ee.add_argument("--output", "-o", help="write to this file (with --after: append)")
+    ee.set_defaults(timeout=120.0)
     _cmd(es, "usage", "usage per meter: quota, used, packs, pay-as-you-go, cycle, QPS",
          env_usage, ENV)
     _cmd(es, "overage", "switch overage (pay-as-you-go past the quota) on or off",
