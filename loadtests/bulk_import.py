@@ -14,8 +14,10 @@ and ``quotagate serve`` (one process). Then, in this order, each timed from outs
 3. **again**: the same command on the same file (every line ``unchanged``);
 4. **export**: ``quotagate env export --owner api --output OUT``: seconds, lines, the CLI's
    peak RSS;
-5. the store's ``used_memory`` and keys per environment (INFO delta over the import);
-6. **restart**: the gateway stopped and started again on the store as it is: seconds to
+5. **list**: ``quotagate env list --owner api --limit 1000 --json`` (the CLI paging through
+   the listing): seconds, lines, the CLI's peak RSS; then the gateway's peak RSS (VmHWM);
+6. the store's ``used_memory`` and keys per environment (INFO delta over the import);
+7. **restart**: the gateway stopped and started again on the store as it is: seconds to
    ``/readyz`` 200, and its RSS once ready.
 
 The lifecycle scheduler runs as shipped: the imported environments are due at once, so its
@@ -128,6 +130,12 @@ def measure(args: argparse.Namespace, n: int, tmp: Path) -> dict[str, Any]:
         assert lines == n, lines
         result.update(export_s=s, export_cli_rss_mb=peak / 1024)
         print(f"  export: {s:.1f} s, CLI peak {peak / 1024:.0f} MB", flush=True)
+        s, peak, out, _ = peak_rss_of([*base, "env", "list", "--owner", "api", "--limit",
+                                       "1000", "--json", *auth])
+        listed = out.count("\n")
+        assert listed == n, listed
+        result.update(list_s=s, list_cli_rss_mb=peak / 1024)
+        print(f"  env list --json: {s:.1f} s, CLI peak {peak / 1024:.0f} MB", flush=True)
         result["gateway_peak_rss_mb"] = rss_kb([gateway.pid], "VmHWM") / 1024
 
         stop_proc(children, gateway)

@@ -11,6 +11,9 @@ route to the demo upstream, ``store.url`` set, ``access_log`` off), and N enviro
 refused), built fast:
 
 - ``--owner file``: written to environments.yaml (text, one line each);
+- ``--owner dir``: written to files of ``--per-file`` environments (default 1,000) in
+  ``environments_dir: environments.d`` (environments.yaml empty); the reload changes one of
+  those files;
 - ``--owner api``: written into the store as ``PUT /admin/v1/envs/{env}`` writes them
   (``Environments._write``: the record and its entitlement snapshot, then the id added to
   ``qg:envs:api`` and, where ``put`` keeps one, to the listing's index
@@ -89,6 +92,7 @@ import msgspec
 import redis
 import redis.asyncio as aredis
 import uvloop
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -180,15 +184,35 @@ def rss_kb(pids: list[int], field_name: str = "VmRSS") -> int:
 # ------------------------------------------------------------------------------ building
 
 
-def build_file(cfg: Path, n: int) -> Path:
+def build_file(cfg: Path, n: int) -> tuple[Path, Path]:
     """environments.yaml with N environments; returns the same file with environment 0's QPS
-    changed (moved over the original at the reload)."""
+    changed, and the file it is moved over at the reload."""
     lines = [env_line(env_id(i), QPS) for i in range(n)]
     (cfg / "environments.yaml").write_text("environments:\n" + "".join(lines))
     lines[0] = env_line(env_id(0), QPS + 1)
     changed = cfg / "environments.changed.yaml"
     changed.write_text("environments:\n" + "".join(lines))
-    return changed
+    return changed, cfg / "environments.yaml"
+
+
+def build_dir(cfg: Path, n: int, per_file: int) -> tuple[Path, Path]:
+    """N environments in ``environments_dir: environments.d``, ``per_file`` a file
+    (environments.yaml empty); returns the first file with environment 0's QPS changed, and
+    that file (the change is moved over it at the reload)."""
+    d = cfg / "environments.d"
+    d.mkdir()
+    for start in range(0, n, per_file):
+        lines = [env_line(env_id(i), QPS) for i in range(start, min(n, start + per_file))]
+        (d / f"part-{start // per_file:05d}.yaml").write_text("environments:\n" + "".join(lines))
+    (cfg / "environments.yaml").write_text("environments: {}\n")
+    gateway = yaml.safe_load((cfg / "gateway.yaml").read_text())
+    gateway["environments_dir"] = "environments.d"
+    (cfg / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+    lines = [env_line(env_id(i), QPS) for i in range(min(n, per_file))]
+    lines[0] = env_line(env_id(0), QPS + 1)
+    changed = cfg / ".part-00000.changed.yaml"  # (hidden: not one of the directory's files)
+    changed.write_text("environments:\n" + "".join(lines))
+    return changed, d / "part-00000.yaml"
 
 
 async def build_api(cfg: Path, store_url: str, n: int) -> None:
@@ -217,11 +241,11 @@ async def build_api(cfg: Path, store_url: str, n: int) -> None:
         await client.aclose()
 
 
-def build_api_file(cfg: Path) -> Path:
+def build_api_file(cfg: Path) -> tuple[Path, Path]:
     (cfg / "environments.yaml").write_text("environments:\n" + env_line(FILE_ENV, QPS))
     changed = cfg / "environments.changed.yaml"
     changed.write_text("environments:\n" + env_line(FILE_ENV, QPS + 1))
-    return changed
+    return changed, cfg / "environments.yaml"
 
 
 # ----------------------------------------------------------------------------- processes
@@ -394,13 +418,13 @@ def readyz_figures(seen: list[tuple[float, int]], t0: float, t_end: float) -> di
 
 
 async def traffic(args: argparse.Namespace, owner: str, n: int, gateway_pid: int,
-                  log_path: Path, port: int, admin_port: int, changed_file: Path,
-                  cfg: Path) -> dict[str, Any]:
+                  log_path: Path, port: int, admin_port: int,
+                  changed_file: tuple[Path, Path]) -> dict[str, Any]:
     """Steps 3 to 6: load before, reload under load, (api) one PUT, list."""
     out: dict[str, Any] = {}
     rng = random.Random(n)
     load_ids = [env_id(i) for i in range(n)]
-    reload_env = env_id(0) if owner == "file" else FILE_ENV
+    reload_env = FILE_ENV if owner == "api" else env_id(0)
     big = aiohttp.ClientTimeout(total=args.reload_timeout)
     async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256),
                                       timeout=big) as session,
@@ -418,7 +442,7 @@ async def traffic(args: argparse.Namespace, owner: str, n: int, gateway_pid: int
         await asyncio.sleep(1.0)
         offset = log_path.stat().st_size
         t0 = time.perf_counter()
-        os.replace(changed_file, cfg / "environments.yaml")
+        os.replace(*changed_file)
         os.kill(gateway_pid, signal.SIGHUP)
         effect, done = await asyncio.gather(
             probe_until(probes, port, reload_env, QPS + 1, t0, args.reload_timeout),
@@ -527,6 +551,8 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
         t = time.perf_counter()
         if owner == "file":
             changed = build_file(cfg, n)
+        elif owner == "dir":
+            changed = build_dir(cfg, n, args.per_file)
         else:
             changed = build_api_file(cfg)
             uvloop.run(build_api(cfg, valkey.url, n))
@@ -575,7 +601,7 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
               f"{result['rss_mb']:.0f} MB", flush=True)
 
         result.update(uvloop.run(traffic(args, owner, n, gateway.pid, tmp / "gateway.log",
-                                         port, admin_port, changed, cfg)))
+                                         port, admin_port, changed)))
         rl = result["reload"]
         print(f"  reload: effect {fmt_s(rl['effect_s'])}, done {fmt_s(rl['done_s'])}, "
               f"p99 {fmt_ms(rl['load']['p99_ms'])} (before "
@@ -710,8 +736,11 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--envs", default="1000,10000",
                    help="N[,N...]: environment counts (1k, 100k, 1M allowed); default %(default)s")
-    p.add_argument("--owner", choices=["file", "api", "both"], default="file",
-                   help="who owns the N environments (default %(default)s)")
+    p.add_argument("--owner", choices=["file", "api", "dir", "both"], default="file",
+                   help="who owns the N environments (default %(default)s; dir: the file's, "
+                   "in environments_dir, --per-file a file; both: file and api)")
+    p.add_argument("--per-file", type=int, default=1000,
+                   help="--owner dir: environments per file (default %(default)s)")
     p.add_argument("--runs", type=int, default=1, help="runs per N and owner (medians)")
     p.add_argument("--json", type=Path, help="write every run's figures here")
     p.add_argument("--rate", type=float, default=200.0, help="steady load, requests/s")

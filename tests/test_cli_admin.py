@@ -28,14 +28,20 @@ def cli(admin: int, *args: str, token: str = TOKEN) -> subprocess.CompletedProce
                            "--token", token], capture_output=True, text=True, timeout=30)
 
 
+def stage_gateway(directory: Path, store_url: str, upstream_port: int) -> tuple[int, int]:
+    """gateway.yaml for `quotagate serve` on free ports (public, admin), which it returns."""
+    port, admin = free_ports(2)
+    (directory / "gateway.yaml").write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
+        "store": {"url": store_url}, "plans_file": str(PLANS),
+        "routes": [{"prefix": "/functions/", "kind": "function",
+                    "upstream": f"http://127.0.0.1:{upstream_port}"}]}))
+    return port, admin
+
+
 @pytest.mark.deployed
 async def test_operator_commands(tmp_path: Path, valkey_url: str, upstream):
-    port, admin = free_ports(2)
-    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
-        "store": {"url": valkey_url}, "plans_file": str(PLANS),
-        "routes": [{"prefix": "/functions/", "kind": "function",
-                    "upstream": f"http://127.0.0.1:{upstream.port}"}]}))
+    port, admin = stage_gateway(tmp_path, valkey_url, upstream.port)
     hold_the_day()  # anchored on the 1st: the whole test on one date
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
     (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
@@ -131,12 +137,7 @@ async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_
     """`env import` through `quotagate serve`: a refused batch stops the import with the
     file's line numbers and the lines before it imported; fixed, `--resume` goes on from
     there; `env export` writes what imports back unchanged."""
-    port, admin = free_ports(2)
-    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}",
-        "store": {"url": valkey_url}, "plans_file": str(PLANS),
-        "routes": [{"prefix": "/functions/", "kind": "function",
-                    "upstream": f"http://127.0.0.1:{upstream.port}"}]}))
+    port, admin = stage_gateway(tmp_path, valkey_url, upstream.port)
     today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
     anchor = today.replace(day=1)
     (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {

@@ -132,14 +132,14 @@ def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
 
 
 def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
-    config = load_config(path)
+    config = load_config(path, current.sources)  # (files unchanged since: not parsed again)
     new, old = config.environments.environments, current.environments.environments
     everything = (config.plans != current.plans
                   or config.gateway.timezone != current.gateway.timezone)
     changed = []
     for env_id, env in new.items():
         before = old.get(env_id)
-        if before is not None and before == env:
+        if before is not None and (before is env or before == env):
             # The one in force is kept (this copy is freed here, a little at a time): when
             # the config in force is dropped, on the event loop, its environments live on.
             new[env_id] = before
@@ -272,10 +272,12 @@ class Runtime:
                     self.synced = False
                     self._sync_soon()
             metrics.RELOADS.labels("success").inc()
-            log.info("config reloaded (%s): %d routes, %d environments (%s)", why,
-                     len(new.routes), len(config.environments.environments),
+            parsed = config.sources.parsed if config.sources is not None else []
+            log.info("config reloaded (%s): %d routes, %d environments (%s; %d environments "
+                     "file%s parsed)", why, len(new.routes), len(config.environments.environments),
                      "all written again" if change.everything else
-                     f"{len(change.blobs)} written, {len(change.removed)} removed")
+                     f"{len(change.blobs)} written, {len(change.removed)} removed",
+                     len(parsed), "" if len(parsed) == 1 else "s")
             return True
 
     def _apply_to_limiter(self, config: Config) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import difflib
 import functools
 import gc
+import hashlib
 import re
 import zoneinfo
 from collections.abc import Callable, Hashable, Iterator
@@ -496,6 +497,89 @@ def _split(exc: msgspec.ValidationError) -> tuple[str, str, Any]:
     return path, reason, None
 
 
+#: Environments encoded per call while hashing them (``environments_digest``).
+DIGEST_CHUNK = 1000
+
+
+def environments_digest(envs: dict[str, Environment]) -> bytes:
+    """SHA-256 of the environments, encoded ``DIGEST_CHUNK`` at a time: one
+    ``msgspec.json.encode`` of 10^5 of them is a single C call that holds the interpreter
+    lock 80-200 ms, in which the event loop's thread could not answer a request."""
+    h = hashlib.sha256()
+    items = list(envs.items())
+    for start in range(0, len(items), DIGEST_CHUNK):
+        h.update(msgspec.json.encode(items[start:start + DIGEST_CHUNK]))
+    return h.digest()
+
+
+@dataclass
+class EnvFile:
+    """One environments file as last parsed."""
+
+    #: (mtime ns, size, inode, device) when it was read.
+    stat: tuple[int, int, int, int]
+    #: Its environments (None: it has shape errors, in ``issues``).
+    envs: EnvironmentsFile | None
+    issues: list[ConfigIssue]
+    #: ``environments_digest`` of its environments.
+    digest: bytes = b""
+    #: The plans it was last checked against, and what that check found.
+    checked: PlansFile | None = None
+    check_issues: list[ConfigIssue] = field(default_factory=list)
+
+
+class EnvSources:
+    """The environments files as last parsed, by path: a load parses again only a file whose
+    stat (mtime in ns, size, inode, device) changed, and checks it against the plans again
+    only if it or the plans changed. A reload after one environment changed in a directory of
+    many files then costs that file, not every environment (issue 24). Used by one load at a
+    time (the reload lock)."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, EnvFile] = {}
+        #: Files parsed by the last load (the others were taken as they were).
+        self.parsed: list[str] = []
+
+    def read(self, path: Path) -> EnvFile:
+        name = str(path)
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return EnvFile((0, 0, 0, 0), None, [ConfigIssue(name, "$",
+                                                            f"cannot read: {exc.strerror}")])
+        key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+        hit = self.files.get(name)
+        if hit is not None and hit.stat == key:
+            return hit
+        envs, issues = read_yaml(path, EnvironmentsFile)  # (read after the stat: a write
+        entry = EnvFile(key, None if issues else envs, issues)  # meanwhile shows next time)
+        if entry.envs is not None:
+            entry.digest = environments_digest(entry.envs.environments)
+        self.files[name] = entry
+        self.parsed.append(name)
+        return entry
+
+    def check(self, path: Path, entry: EnvFile, plans: PlansFile) -> list[ConfigIssue]:
+        assert entry.envs is not None
+        if entry.checked is None or not (entry.checked is plans or entry.checked == plans):
+            entry.check_issues = check_environments(entry.envs, plans, str(path))
+            entry.checked = plans
+        return entry.check_issues
+
+    def keep_only(self, paths: list[Path]) -> None:
+        names = {str(p) for p in paths}
+        for name in [n for n in self.files if n not in names]:
+            del self.files[name]
+
+
+def environment_files(directory: Path) -> list[Path]:
+    """The environments files of ``environments_dir``, in name order: ``*.yaml`` and
+    ``*.yml``, not hidden (an editor's ``.name.swp``, a ``.tmp`` being written)."""
+    return sorted(p for p in directory.iterdir()
+                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+                  and p.is_file())
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated, consistent set of the three files."""
@@ -505,6 +589,11 @@ class Config:
     environments: EnvironmentsFile
     base_dir: Path
     files: tuple[Path, ...] = field(default=())
+    #: The environments files as parsed (for the next reload to reuse what did not change).
+    sources: EnvSources | None = field(default=None, compare=False, repr=False)
+    #: SHA-256 of the environments, file by file (``environments_digest``); empty: not
+    #: worked out (``sync.file_digest`` then hashes them itself).
+    env_digest: bytes = b""
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative)
@@ -786,10 +875,13 @@ def check_gateway_grant(grant: GatewayGrant, plans: PlansFile, file: str, where:
     return issues
 
 
-def load_config(gateway_file: str | Path) -> Config:
+def load_config(gateway_file: str | Path, sources: EnvSources | None = None) -> Config:
     """Load gateway.yaml and the plans and environments files it names; all or nothing.
     Every shape error of every file is reported, and a gateway.yaml with some is still
-    followed to the files it names."""
+    followed to the files it names. ``sources``: the environments files as a previous load
+    parsed them (a reload's): those unchanged since are not parsed again."""
+    sources = sources if sources is not None else EnvSources()
+    sources.parsed = []
     gw_path = Path(gateway_file)
     gw, issues = read_yaml(gw_path, GatewaySettings)
     if gw is None:
@@ -803,7 +895,6 @@ def load_config(gateway_file: str | Path) -> Config:
     base = gw_path.parent
     plans_path, envs_path = base / gw.plans_file, base / gw.environments_file  # abs stays abs
     plans: PlansFile | None = None
-    envs: EnvironmentsFile | None = None
     follow = {key: path for key, path in (("plans_file", plans_path),
                                              ("environments_file", envs_path))
               if f"$.{key}" not in broken}
@@ -818,16 +909,57 @@ def load_config(gateway_file: str | Path) -> Config:
         # environment of a plan that had an error of its own).
         plans = plans if not plan_issues else None
         issues += plan_issues
+    env_paths: list[Path] = []
     if "environments_file" in follow and envs_path.is_file():
-        envs, env_issues = read_yaml(envs_path, EnvironmentsFile)
-        envs = envs if not env_issues else None
-        issues += env_issues
-    if plans is not None and envs is not None:
-        issues += check_environments(envs, plans, str(envs_path))
+        env_paths.append(envs_path)
+    watched: list[Path] = []
+    if gw.environments_dir is not None and "$.environments_dir" not in broken:
+        env_dir = base / gw.environments_dir
+        if env_dir.is_dir():
+            watched.append(env_dir)  # (a file added or removed changes its mtime)
+            env_paths += environment_files(env_dir)
+        else:
+            issues.append(ConfigIssue(str(gw_path), "$.environments_dir",
+                                      f"no such directory: {env_dir}"))
+    entries = [(path, sources.read(path)) for path in env_paths]
+    sources.keep_only(env_paths)
+    for _, entry in entries:
+        issues += entry.issues
+    envs: EnvironmentsFile | None = None
+    if (plans is not None and env_paths and env_paths[0] == envs_path
+            and "environments_file" in follow and all(not e.issues for _, e in entries)):
+        for path, entry in entries:
+            issues += sources.check(path, entry, plans)
+        envs, merge_issues = _merged(entries)
+        issues += merge_issues
     if issues:
         raise ConfigError(issues)
     assert plans is not None and envs is not None
-    return Config(gw, plans, envs, base, (gw_path, plans_path, envs_path))
+    digest = hashlib.sha256()
+    for _, entry in entries:
+        digest.update(entry.digest)
+    return Config(gw, plans, envs, base, (gw_path, plans_path, envs_path, *watched,
+                                          *env_paths[1:]), sources, digest.digest())
+
+
+def _merged(entries: list[tuple[Path, EnvFile]]) -> tuple[EnvironmentsFile, list[ConfigIssue]]:
+    """The environments of every file as one (the first file's own object when it is the only
+    one); an id declared by two files is an issue naming both."""
+    files = [(path, entry.envs) for path, entry in entries if entry.envs is not None]
+    if len(files) == 1:
+        return files[0][1], []
+    merged: dict[str, Environment] = {}
+    issues: list[ConfigIssue] = []
+    for i, (path, envs) in enumerate(files):
+        declared = envs.environments
+        if not merged.keys().isdisjoint(declared):  # (rare: then find who declared each)
+            for env_id in sorted(declared.keys() & merged.keys()):
+                owner = next(p for p, e in files[:i] if env_id in e.environments)
+                issues.append(ConfigIssue(str(path), f"$.environments.{env_id}",
+                                          f"declared already in {owner}"))
+            declared = {k: v for k, v in declared.items() if k not in merged}
+        merged.update(declared)
+    return EnvironmentsFile(environments=merged), issues
 
 
 def check_files(paths: list[str]) -> list[ConfigIssue]:

@@ -1,0 +1,181 @@
+"""``environments_dir`` (issue 24, item 2): environments spread over the files of a directory,
+merged with environments.yaml; an id in two files is refused naming both; a reload parses
+again only the files that changed, so one changed environment costs its file, not every
+environment; and ``quotagate serve`` picks up a file changed, added or removed there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from quotagate.gateway.app import STATE
+from quotagate.limiter.embedded import free_ports
+from quotagate.limiter.sync import file_digest
+from quotagate.settings import ConfigError, check_files, load_config
+from quotagate.settings.load import EnvSources
+from tests.deployed import days
+from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
+
+
+def put(directory: Path, name: str, envs: dict) -> Path:
+    """A file written whole and moved in, as an operator (or a config tool) does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.tmp"
+    tmp.write_text(yaml.safe_dump({"environments": envs}))
+    os.replace(tmp, directory / name)
+    return directory / name
+
+
+def staged(tmp_path: Path, **gateway: object) -> Path:
+    write_config(tmp_path, {"main": env()}, **gateway)
+    return tmp_path / "gateway.yaml"
+
+
+def test_the_directory_is_merged_and_an_id_in_two_files_refused(tmp_path: Path) -> None:
+    d = tmp_path / "environments.d"
+    put(d, "a.yaml", {"a1": env(), "a2": env(plan="personal")})
+    put(d, "b.yml", {"b1": env()})
+    (d / "notes.txt").write_text("not an environments file")
+    (d / ".editor.swp").write_text("{{{ not yaml")
+    gateway = staged(tmp_path, environments_dir="environments.d")
+    config = load_config(gateway)
+    assert sorted(config.environments.environments) == ["a1", "a2", "b1", "main"]
+    assert config.environments.environments["a2"].plan == "personal"
+    assert d in config.files and d / "a.yaml" in config.files  # watched for changes
+
+    put(d, "c.yaml", {"c1": env(), "a2": env()})
+    with pytest.raises(ConfigError) as info:
+        load_config(gateway)
+    assert [(Path(i.file).name, i.path, i.reason) for i in info.value.issues] == [
+        ("c.yaml", "$.environments.a2", f"declared already in {d / 'a.yaml'}")]
+    put(d, "c.yaml", {"c1": env(limits={"calls": "many"})})
+    issues = check_files([str(gateway)])  # `quotagate config check` sees the same
+    assert [(Path(i.file).name, i.path) for i in issues] == [
+        ("c.yaml", "$.environments.c1.limits.calls")]
+    shutil.rmtree(d)
+    with pytest.raises(ConfigError) as info:
+        load_config(gateway)
+    assert [i.path for i in info.value.issues] == ["$.environments_dir"]
+
+
+def test_a_load_parses_again_only_the_files_that_changed(tmp_path: Path) -> None:
+    d = tmp_path / "environments.d"
+    for n in range(5):
+        put(d, f"part-{n}.yaml", {f"e{n}-{i}": env(limits={"calls": i + 1}) for i in range(20)})
+    put(d, "personal.yaml", {"on-personal": env(plan="personal")})
+    shutil.copy(PLANS, tmp_path / "plans.yaml")
+    gateway = staged(tmp_path, environments_dir="environments.d", plans_file="plans.yaml")
+    sources = EnvSources()
+    first = load_config(gateway, sources)
+    assert len(sources.parsed) == 7  # environments.yaml and the six
+    again = load_config(gateway, sources)
+    assert sources.parsed == []
+    assert file_digest(again) == file_digest(first)
+
+    put(d, "part-3.yaml", {**{f"e3-{i}": env(limits={"calls": i + 1}) for i in range(20)},
+                           "e3-0": env(limits={"calls": 999})})
+    changed = load_config(gateway, sources)
+    assert sources.parsed == [str(d / "part-3.yaml")]
+    assert changed.environments.environments["e3-0"].limits.calls == 999
+    # The other files' environments are the very objects loaded before: not parsed again.
+    assert changed.environments.environments["e1-5"] is first.environments.environments["e1-5"]
+    assert file_digest(changed) != file_digest(first)
+
+    (d / "part-0.yaml").unlink()
+    put(d, "part-9.yaml", {"new-one": env()})
+    changed = load_config(gateway, sources)
+    assert sources.parsed == [str(d / "part-9.yaml")]
+    assert "e0-1" not in changed.environments.environments
+    assert "new-one" in changed.environments.environments
+    assert str(d / "part-0.yaml") not in sources.files  # forgotten with its file
+
+    # plans.yaml changed: every file checked against the new plans, those not parsed again
+    # too (a plan gone is named where it is used).
+    plans = yaml.safe_load(PLANS.read_text())
+    del plans["plans"]["personal"]
+    (tmp_path / "plans.yaml").write_text(yaml.safe_dump(plans))
+    with pytest.raises(ConfigError) as info:
+        load_config(gateway, sources)
+    assert sources.parsed == []
+    assert [(Path(i.file).name, i.path) for i in info.value.issues] == [
+        ("personal.yaml", "$.environments.on-personal.plan")]
+
+
+async def test_a_reload_applies_one_changed_file(make_gateway, tmp_path: Path) -> None:
+    d = tmp_path / "envs.d"
+    for n in range(3):
+        put(d, f"p{n}.yaml", {f"shop-{n}-{i}": env(limits={"calls": 1}) for i in range(10)})
+    gw = await make_gateway({"main": env()}, environments_dir=str(d), reload_poll_ms=0)
+    state = gw.app[STATE]
+    h = {"X-CloudBase-Env": "shop-1-4"}
+    assert (await gw.get("/functions/f", headers=h)).status == 200
+    assert (await gw.get("/functions/f", headers=h)).status == 429
+    before = state.config.environments.environments
+
+    put(d, "p1.yaml", {**{f"shop-1-{i}": env(limits={"calls": 1}) for i in range(10)},
+                       "shop-1-4": env(limits={"calls": 5})})
+    assert await state.runtime.reload("test") is True
+    assert state.config.sources is not None
+    assert state.config.sources.parsed == [str(d / "p1.yaml")]
+    assert state.config.environments.environments["shop-2-0"] is before["shop-2-0"]
+    assert (await gw.get("/functions/f", headers=h)).status == 200  # 2 of 5 used
+
+    (d / "p2.yaml").unlink()
+    assert await state.runtime.reload("test") is True
+    assert (await gw.get("/functions/f",
+                         headers={"X-CloudBase-Env": "shop-2-0"})).status == 404
+
+
+@pytest.mark.deployed
+async def test_serve_picks_up_a_file_changed_added_or_removed(tmp_path: Path, valkey_url: str,
+                                                              upstream) -> None:
+    port, admin = free_ports(2)
+    period = {"anchor": days(-40), "expires": days(400)}  # the real clock, whatever today is
+    d = tmp_path / "environments.d"
+    put(d, "a.yaml", {"shop-a": env(limits={"calls": 0}, **period)})
+    write_config(tmp_path, {"main": env(**period)}, listen=f"127.0.0.1:{port}",
+                 admin_listen=f"127.0.0.1:{admin}", store={"url": valkey_url},
+                 plans_file=str(PLANS), reload_poll_ms=100, environments_dir="environments.d",
+                 routes=[{"prefix": "/functions/", "kind": "function",
+                          "upstream": f"http://127.0.0.1:{upstream.port}"}])
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/functions/f"
+
+    async def status(s: aiohttp.ClientSession, env_id: str) -> int:
+        async with s.get(url, headers={"X-CloudBase-Env": env_id}) as r:
+            return r.status
+
+    async def until(s: aiohttp.ClientSession, env_id: str, want: int) -> None:
+        for _ in range(100):
+            if await status(s, env_id) == want:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{env_id} never answered {want}")
+
+    try:
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as s:
+            assert await status(s, "shop-a") == 429
+            assert await status(s, "shop-b") == 404
+            put(d, "a.yaml", {"shop-a": env(limits={"calls": 10}, **period)})
+            await until(s, "shop-a", 200)
+            put(d, "b.yaml", {"shop-b": env(**period)})
+            await until(s, "shop-b", 200)
+            (d / "a.yaml").unlink()
+            await until(s, "shop-a", 404)
+            put(d, "b.yaml", {"shop-b": env(**period), "main": env(**period)})  # twice: refused
+            await asyncio.sleep(1)
+            assert await status(s, "shop-b") == 200  # the last good config stays
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert "declared already in" in err and "last good config stays" in err
