@@ -179,3 +179,47 @@ async def test_serve_picks_up_a_file_changed_added_or_removed(tmp_path: Path, va
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "declared already in" in err and "last good config stays" in err
+
+
+def test_a_big_file_is_parsed_by_a_child_process_to_the_same_config(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """Past PARSE_ELSEWHERE_BYTES a file is parsed by ``python -m quotagate.settings.child``
+    (its parse's memory peak stays there): the same environments, digest and issues as a
+    parse here."""
+    from quotagate.settings import load as load_module
+
+    d = tmp_path / "environments.d"
+    put(d, "a.yaml", {f"a{i}": env(limits={"calls": i + 1}, overage=bool(i % 2))
+                      for i in range(2500)})
+    put(d, "b.yaml", {"b1": env(plan="personal", packs=[
+        {"id": "p1", "meter": "calls", "amount": 10, "purchased": "2026-11-02"}])})
+    gateway = staged(tmp_path, environments_dir="environments.d")
+    here = EnvSources()
+    expected = load_config(gateway, here)
+    assert not any(e.elsewhere for e in here.files.values())
+
+    monkeypatch.setattr(load_module, "PARSE_ELSEWHERE_BYTES", 0)
+    there = EnvSources()
+    got = load_config(gateway, there)
+    assert all(e.elsewhere for e in there.files.values()) and len(there.files) == 3
+    assert got.environments == expected.environments
+    assert got.environments.environments["b1"].packs == expected.environments.environments[
+        "b1"].packs
+    assert file_digest(got) == file_digest(expected)
+
+    put(d, "a.yaml", {"bad": env(limits={"calls": "many"})})
+    with pytest.raises(ConfigError) as child_says:
+        load_config(gateway, there)
+    monkeypatch.setattr(load_module, "PARSE_ELSEWHERE_BYTES", 1 << 40)
+    with pytest.raises(ConfigError) as here_says:
+        load_config(gateway, EnvSources())
+    assert child_says.value.issues == here_says.value.issues
+    assert [i.path for i in child_says.value.issues] == ["$.environments.bad.limits.calls"]
+    # No child to be had: parsed here, said in the log, nothing else changes.
+    monkeypatch.setattr(load_module, "PARSE_ELSEWHERE_BYTES", 0)
+    monkeypatch.setattr(load_module.sys, "executable", str(tmp_path / "no-such-python"))
+    fallback = EnvSources()
+    with pytest.raises(ConfigError) as fallback_says:
+        load_config(gateway, fallback)
+    assert fallback_says.value.issues == here_says.value.issues
+    assert not any(e.elsewhere for e in fallback.files.values())

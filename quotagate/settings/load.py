@@ -8,7 +8,10 @@ import difflib
 import functools
 import gc
 import hashlib
+import logging
 import re
+import subprocess
+import sys
 import zoneinfo
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -499,6 +502,12 @@ def _split(exc: msgspec.ValidationError) -> tuple[str, str, Any]:
 
 #: Environments encoded per call while hashing them (``environments_digest``).
 DIGEST_CHUNK = 1000
+#: An environments file at least this big is parsed by a child process (``child.py``).
+PARSE_ELSEWHERE_BYTES = 4 * 1024 * 1024
+#: Longest a child may take to parse one file (then it is parsed here).
+PARSE_ELSEWHERE_TIMEOUT_S = 900.0
+
+log = logging.getLogger("quotagate.config")
 
 
 def environments_digest(envs: dict[str, Environment]) -> bytes:
@@ -526,6 +535,47 @@ class EnvFile:
     #: The plans it was last checked against, and what that check found.
     checked: PlansFile | None = None
     check_issues: list[ConfigIssue] = field(default_factory=list)
+    #: Parsed by a child process (a big file), not by this one.
+    elsewhere: bool = False
+
+
+class ChildReply(msgspec.Struct):
+    """What ``python -m quotagate.settings.child FILE`` writes (msgpack) on stdout."""
+
+    #: (file, key path, reason) of each issue; none: ``chunks`` hold the environments.
+    issues: list[tuple[str, str, str]]
+    #: The environments, a msgpack map of up to a thousand each.
+    chunks: list[bytes]
+    #: ``environments_digest`` of them.
+    digest: bytes
+
+
+def _parse_elsewhere(path: Path, key: tuple[int, int, int, int]) -> EnvFile | None:
+    """``path`` parsed by ``python -m quotagate.settings.child`` and handed back a thousand
+    environments at a time: the parse's peak memory and CPU stay in the child. None (parse it
+    here) if the child could not do it."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "quotagate.settings.child", str(path)],
+                             capture_output=True, timeout=PARSE_ELSEWHERE_TIMEOUT_S,
+                             check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("%s: parsed here, the child process could not (%s)", path, exc)
+        return None
+    if out.returncode != 0:
+        log.warning("%s: parsed here, the child process failed (%s): %s", path,
+                    out.returncode, out.stderr.decode(errors="replace")[-500:])
+        return None
+    try:
+        reply = msgspec.msgpack.decode(out.stdout, type=ChildReply)
+        if reply.issues:
+            return EnvFile(key, None, [ConfigIssue(*i) for i in reply.issues], elsewhere=True)
+        envs: dict[str, Environment] = {}
+        for chunk in reply.chunks:
+            envs.update(msgspec.msgpack.decode(chunk, type=dict[str, Environment]))
+    except msgspec.DecodeError as exc:
+        log.warning("%s: parsed here, the child's reply was unreadable (%s)", path, exc)
+        return None
+    return EnvFile(key, EnvironmentsFile(environments=envs), [], reply.digest, elsewhere=True)
 
 
 class EnvSources:
@@ -551,10 +601,15 @@ class EnvSources:
         hit = self.files.get(name)
         if hit is not None and hit.stat == key:
             return hit
-        envs, issues = read_yaml(path, EnvironmentsFile)  # (read after the stat: a write
-        entry = EnvFile(key, None if issues else envs, issues)  # meanwhile shows next time)
-        if entry.envs is not None:
-            entry.digest = environments_digest(entry.envs.environments)
+        # (Read after the stat: a write meanwhile shows at the next load.)
+        child = _parse_elsewhere(path, key) if st.st_size >= PARSE_ELSEWHERE_BYTES else None
+        if child is not None:
+            entry = child
+        else:
+            envs, issues = read_yaml(path, EnvironmentsFile)
+            entry = EnvFile(key, None if issues else envs, issues)
+            if entry.envs is not None:
+                entry.digest = environments_digest(entry.envs.environments)
         self.files[name] = entry
         self.parsed.append(name)
         return entry
