@@ -11,6 +11,8 @@ route to the demo upstream, ``store.url`` set, ``access_log`` off), and N enviro
 refused), built fast:
 
 - ``--owner file``: written to environments.yaml (text, one line each);
+- ``--format json``: those files are JSON (``environments.json`` named by gateway.yaml, or
+  ``*.json`` in the directory);
 - ``--owner dir``: written to files of ``--per-file`` environments (default 1,000) in
   ``environments_dir: environments.d`` (environments.yaml empty); the reload changes one of
   those files;
@@ -184,35 +186,56 @@ def rss_kb(pids: list[int], field_name: str = "VmRSS") -> int:
 # ------------------------------------------------------------------------------ building
 
 
-def build_file(cfg: Path, n: int) -> tuple[Path, Path]:
-    """environments.yaml with N environments; returns the same file with environment 0's QPS
+def env_json(name: str, qps: int) -> str:
+    anchor, expires = dates()
+    return (f'"{name}": {{"plan": "enterprise", "anchor": "{anchor}", "expires": "{expires}", '
+            f'"overage": false, "limits": {{"qps": {qps}, "calls": {CALLS}}}}}')
+
+
+def environments_text(ids: list[str], changed: str | None, fmt: str) -> str:
+    """An environments file of ``ids`` (``changed``: that one at QPS + 1), YAML or JSON."""
+    if fmt == "json":
+        return ('{"environments": {\n' + ",\n".join(
+            env_json(e, QPS + 1 if e == changed else QPS) for e in ids) + "\n}}\n")
+    return "environments:\n" + "".join(env_line(e, QPS + 1 if e == changed else QPS)
+                                       for e in ids)
+
+
+def build_file(cfg: Path, n: int, fmt: str = "yaml") -> tuple[Path, Path]:
+    """An environments file with N environments (``fmt``: environments.yaml, or
+    environments.json named by gateway.yaml); returns the same file with environment 0's QPS
     changed, and the file it is moved over at the reload."""
-    lines = [env_line(env_id(i), QPS) for i in range(n)]
-    (cfg / "environments.yaml").write_text("environments:\n" + "".join(lines))
-    lines[0] = env_line(env_id(0), QPS + 1)
-    changed = cfg / "environments.changed.yaml"
-    changed.write_text("environments:\n" + "".join(lines))
-    return changed, cfg / "environments.yaml"
+    ids = [env_id(i) for i in range(n)]
+    target = cfg / f"environments.{fmt}"
+    target.write_text(environments_text(ids, None, fmt))
+    if fmt != "yaml":
+        set_gateway(cfg, environments_file=target.name)
+    changed = cfg / f".environments.changed.{fmt}"
+    changed.write_text(environments_text(ids, env_id(0), fmt))
+    return changed, target
 
 
-def build_dir(cfg: Path, n: int, per_file: int) -> tuple[Path, Path]:
+def set_gateway(cfg: Path, **keys: Any) -> None:
+    gateway = yaml.safe_load((cfg / "gateway.yaml").read_text())
+    gateway.update(keys)
+    (cfg / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+
+
+def build_dir(cfg: Path, n: int, per_file: int, fmt: str = "yaml") -> tuple[Path, Path]:
     """N environments in ``environments_dir: environments.d``, ``per_file`` a file
     (environments.yaml empty); returns the first file with environment 0's QPS changed, and
     that file (the change is moved over it at the reload)."""
     d = cfg / "environments.d"
     d.mkdir()
     for start in range(0, n, per_file):
-        lines = [env_line(env_id(i), QPS) for i in range(start, min(n, start + per_file))]
-        (d / f"part-{start // per_file:05d}.yaml").write_text("environments:\n" + "".join(lines))
+        ids = [env_id(i) for i in range(start, min(n, start + per_file))]
+        (d / f"part-{start // per_file:05d}.{fmt}").write_text(environments_text(ids, None, fmt))
     (cfg / "environments.yaml").write_text("environments: {}\n")
-    gateway = yaml.safe_load((cfg / "gateway.yaml").read_text())
-    gateway["environments_dir"] = "environments.d"
-    (cfg / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
-    lines = [env_line(env_id(i), QPS) for i in range(min(n, per_file))]
-    lines[0] = env_line(env_id(0), QPS + 1)
-    changed = cfg / ".part-00000.changed.yaml"  # (hidden: not one of the directory's files)
-    changed.write_text("environments:\n" + "".join(lines))
-    return changed, d / "part-00000.yaml"
+    set_gateway(cfg, environments_dir="environments.d")
+    ids = [env_id(i) for i in range(min(n, per_file))]
+    changed = cfg / f".part-00000.changed.{fmt}"  # (hidden: not one of the directory's files)
+    changed.write_text(environments_text(ids, env_id(0), fmt))
+    return changed, d / f"part-00000.{fmt}"
 
 
 async def build_api(cfg: Path, store_url: str, n: int) -> None:
@@ -550,9 +573,9 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
 
         t = time.perf_counter()
         if owner == "file":
-            changed = build_file(cfg, n)
+            changed = build_file(cfg, n, args.format)
         elif owner == "dir":
-            changed = build_dir(cfg, n, args.per_file)
+            changed = build_dir(cfg, n, args.per_file, args.format)
         else:
             changed = build_api_file(cfg)
             uvloop.run(build_api(cfg, valkey.url, n))
@@ -741,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
                    "in environments_dir, --per-file a file; both: file and api)")
     p.add_argument("--per-file", type=int, default=1000,
                    help="--owner dir: environments per file (default %(default)s)")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml",
+                   help="file-owned environments written as YAML or JSON (default %(default)s)")
     p.add_argument("--runs", type=int, default=1, help="runs per N and owner (medians)")
     p.add_argument("--json", type=Path, help="write every run's figures here")
     p.add_argument("--rate", type=float, default=200.0, help="steady load, requests/s")

@@ -8,6 +8,7 @@ import difflib
 import functools
 import gc
 import hashlib
+import json
 import logging
 import re
 import subprocess
@@ -259,8 +260,27 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (as YAML's mappings are)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
 def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
-    """One YAML file's top-level mapping as parsed, or the issue that it is not one."""
+    """One YAML file's top-level mapping as parsed (a ``.json`` file's as JSON: a key given
+    twice is refused there too), or the issue that it is not one."""
     name = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -268,19 +288,31 @@ def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
         return None, [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]
     except UnicodeDecodeError as exc:
         return None, [ConfigIssue(name, "$", f"cannot read: not UTF-8 (byte {exc.start})")]
-    try:
-        with gc_paused():
-            raw = _load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
-        problem = getattr(exc, "problem", None) or str(exc)
-        return None, [ConfigIssue(name, where, f"invalid YAML: {problem}")]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
-        # PyYAML's own constructors on explicit tags they cannot build (``!!bool maybe``,
-        # ``!!int [1]``): not a YAMLError, and never a reason to stop the reloader.
-        return None, [ConfigIssue(name, "$", f"invalid YAML: cannot build a value "
-                                  f"({type(exc).__name__}: {exc})")]
+    if path.suffix == ".json":
+        try:
+            with gc_paused():
+                raw = json.loads(text, object_pairs_hook=_json_object)
+        except json.JSONDecodeError as exc:
+            return None, [ConfigIssue(name, f"line {exc.lineno}, column {exc.colno}",
+                                      f"invalid JSON: {exc.msg}")]
+        except _DuplicateKey as exc:
+            return None, [ConfigIssue(name, "$", f"invalid JSON: duplicate key {exc.key!r}")]
+        except RecursionError:
+            return None, [ConfigIssue(name, "$", "invalid JSON: nested too deep")]
+    else:
+        try:
+            with gc_paused():
+                raw = _load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "$"
+            problem = getattr(exc, "problem", None) or str(exc)
+            return None, [ConfigIssue(name, where, f"invalid YAML: {problem}")]
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # PyYAML's own constructors on explicit tags they cannot build (``!!bool maybe``,
+            # ``!!int [1]``): not a YAMLError, and never a reason to stop the reloader.
+            return None, [ConfigIssue(name, "$", f"invalid YAML: cannot build a value "
+                                      f"({type(exc).__name__}: {exc})")]
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -628,10 +660,11 @@ class EnvSources:
 
 
 def environment_files(directory: Path) -> list[Path]:
-    """The environments files of ``environments_dir``, in name order: ``*.yaml`` and
-    ``*.yml``, not hidden (an editor's ``.name.swp``, a ``.tmp`` being written)."""
+    """The environments files of ``environments_dir``, in name order: ``*.yaml``, ``*.yml``
+    and ``*.json`` (parsed as JSON: many times faster than YAML), not hidden (an editor's
+    ``.name.swp``, a ``.tmp`` being written)."""
     return sorted(p for p in directory.iterdir()
-                  if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+                  if p.suffix in (".yaml", ".yml", ".json") and not p.name.startswith(".")
                   and p.is_file())
 
 
