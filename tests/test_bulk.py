@@ -48,6 +48,7 @@ async def test_import_writes_what_put_writes_and_again_changes_nothing(
     assert put.status == 200
     record, snapshot = await stored(store, "bulk-0007")
     assert (record, snapshot) == await stored(store, "by-put")
+    _, snapshot = await stored(store, "bulk-0003")
     assert await store.scard(keys.API_OWNED_ENVS) == 1201
     assert await store.zscore(API_ENV_INDEX, "bulk-1199") == 0
     due_shard = keys.due(due.shard_of("bulk-0500"))
@@ -71,6 +72,12 @@ async def test_import_writes_what_put_writes_and_again_changes_nothing(
     record, _ = await stored(store, "bulk-0500")
     assert msgspec.json.decode(record)["limits"]["calls"] == 9
     assert await store.zscore(due_shard, "bulk-0500") is not None
+    # A snapshot the store lost is written again, though the record is as it was.
+    await store.delete(keys.entitlements("bulk-0003"))
+    resp = await admin.post("/admin/v1/envs:import", data=changed, headers=NDJSON)
+    assert await resp.json() == {"received": 1200, "created": 0, "updated": 1,
+                                 "unchanged": 1199}
+    assert await store.get(keys.entitlements("bulk-0003")) == snapshot
 
 
 async def test_one_bad_line_and_nothing_is_written(make_gateway, admin_for, store):
@@ -90,7 +97,8 @@ async def test_one_bad_line_and_nothing_is_written(make_gateway, admin_for, stor
     before = await store.dbsize()
     resp = await admin.post("/admin/v1/envs:import", data=b"".join(lines), headers=NDJSON)
     problem = await assert_problem(resp, 422)
-    assert problem["refused"] == 7 and "nothing was written" in problem["detail"]
+    assert problem["refused"] == 7
+    assert problem["detail"] == "7 of 12 lines refused; nothing was written"
     assert [i["line"] for i in problem["issues"]] == [2, 3, 4, 5, 6, 7, 9]
     reasons = {i["line"]: i["reason"] for i in problem["issues"]}
     assert "given already on line 1" in reasons[5]
@@ -189,3 +197,41 @@ async def test_an_export_cut_short_ends_without_its_last_chunk(make_gateway, adm
     else:
         raise AssertionError("a cut export read as complete")
     assert calls == 2
+
+
+async def test_an_import_is_built_from_the_plans_in_force(tmp_path: Path, store) -> None:
+    """plans.yaml reloaded between the check of the lines and their write: each batch is built
+    from the plans in force when it is written, checked against them again (a plan gone is
+    refused, nothing of that batch written)."""
+    import shutil
+
+    import yaml
+
+    from quotagate.control.envs import Invalid
+    from quotagate.settings import load_config
+    from tests.helpers import PLANS
+
+    shutil.copy(PLANS, tmp_path / "plans.yaml")
+    before = write_config(tmp_path, {}, plans_file="plans.yaml")
+    plans = yaml.safe_load(PLANS.read_text())
+    plans["plans"]["personal"]["calls"] = 777
+    (tmp_path / "plans.yaml").write_text(yaml.safe_dump(plans))
+    after = load_config(tmp_path / "gateway.yaml")
+    held = [after]
+    envs = Environments(store, lambda: held[0], at("2026-11-26T12:00:00"))
+    definition = msgspec.convert(env(plan="personal"), Environment)
+    assert await envs.put_many([("late-1", definition)], checked_with=before.plans) == {
+        "created": 1, "updated": 0, "unchanged": 0}
+    snapshot = json.loads(await store.get(keys.entitlements("late-1")))
+    assert snapshot["quota"]["calls"] == 777  # the plans in force, not those checked
+
+    del plans["plans"]["personal"]
+    (tmp_path / "plans.yaml").write_text(yaml.safe_dump(plans))
+    held[0] = load_config(tmp_path / "gateway.yaml")
+    try:
+        await envs.put_many([("late-2", definition)], checked_with=before.plans)
+    except Invalid as exc:
+        assert "unknown plan 'personal'" in str(exc)
+    else:
+        raise AssertionError("a plan gone was not refused")
+    assert not await store.exists(keys.definition("late-2"))

@@ -192,6 +192,9 @@ async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_
         assert rows[41]["environment"]["limits"]["calls"] == 142
         out = cli(admin, "env", "import", str(exported), "--json")
         assert json.loads(out.stdout)["unchanged"] == 2500, out.stderr
+        refused = cli(admin, "env", "export", "--output", str(exported), token="wrong")
+        assert refused.returncode == 1
+        assert len(exported.read_text().splitlines()) == 2500  # left as it was
         everything = cli(admin, "env", "export")
         assert [json.loads(x)["id"] for x in everything.stdout.splitlines()][-1] == "imp-02500"
         assert "filed" in everything.stdout

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -25,17 +26,24 @@ from tests.deployed import days
 from tests.helpers import PLANS, QUOTAGATE, env, wait_ready, write_config
 
 
-def put(directory: Path, name: str, envs: dict) -> Path:
-    """A file written whole and moved in, as an operator (or a config tool) does."""
+def put(directory: Path, name: str, envs: dict, settled: bool = True) -> Path:
+    """A file written whole and moved in, as an operator (or a config tool) does; ``settled``:
+    dated a minute back (a file changed within the last 2 s is read again at the next load,
+    in case a write in the same clock tick left its stat as it was)."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tmp"
     tmp.write_text(yaml.safe_dump({"environments": envs}))
+    if settled:
+        back = time.time() - 60
+        os.utime(tmp, (back, back))
     os.replace(tmp, directory / name)
     return directory / name
 
 
 def staged(tmp_path: Path, **gateway: object) -> Path:
     write_config(tmp_path, {"main": env()}, **gateway)
+    back = time.time() - 60
+    os.utime(tmp_path / "environments.yaml", (back, back))  # (settled: see put)
     return tmp_path / "gateway.yaml"
 
 
@@ -124,7 +132,9 @@ async def test_a_reload_applies_one_changed_file(make_gateway, tmp_path: Path) -
                        "shop-1-4": env(limits={"calls": 5})})
     assert await state.runtime.reload("test") is True
     assert state.config.sources is not None
-    assert state.config.sources.parsed == [str(d / "p1.yaml")]
+    # (environments.yaml, written by the fixture just now, is read again too: see put)
+    assert [p for p in state.config.sources.parsed if p.startswith(str(d))] == [
+        str(d / "p1.yaml")]
     assert state.config.environments.environments["shop-2-0"] is before["shop-2-0"]
     assert (await gw.get("/functions/f", headers=h)).status == 200  # 2 of 5 used
 
@@ -175,10 +185,19 @@ async def test_serve_picks_up_a_file_changed_added_or_removed(tmp_path: Path, va
             put(d, "b.yaml", {"shop-b": env(**period), "main": env(**period)})  # twice: refused
             await asyncio.sleep(1)
             assert await status(s, "shop-b") == 200  # the last good config stays
+            put(d, "b.yaml", {"shop-b": env(**period)}, settled=False)
+            # A new file refused, then fixed in place (the directory's mtime stays): seen.
+            put(d, "c.yaml", {"shop-c": env(plan="gold", **period)}, settled=False)
+            await asyncio.sleep(1)
+            assert await status(s, "shop-c") == 404
+            (d / "c.yaml").write_text(yaml.safe_dump({"environments": {
+                "shop-c": env(**period)}}))
+            await until(s, "shop-c", 200)
     finally:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert "declared already in" in err and "last good config stays" in err
+    assert "unknown plan 'gold'" in err
 
 
 def test_a_big_file_is_parsed_by_a_child_process_to_the_same_config(tmp_path: Path,
@@ -253,8 +272,27 @@ def test_json_environments_files(tmp_path: Path) -> None:
         '"expires": "2027-11-01", "overage": "yes"}}}':
             ("$.environments.j1.overage", "Expected `bool`, got `str`"),
     }
+    huge = '{"environments": {"j1": {"plan": "personal", "limits": {"calls": 1' + "0" * 5000
+    cases[huge + "}}}}"] = ("$", "invalid JSON: Exceeds the limit (4300 digits) for integer "
+                                 "string conversion: value has 5001 digits; use "
+                                 "sys.set_int_max_str_digits() to increase the limit")
+    # A lone surrogate escape: JSON allows it, no text does (the digest cannot encode it).
+    cases['{"environments": {"j1": {"plan": "personal", "anchor": "2026-11-01", '
+          '"expires": "2027-11-01", "timezone": "\\ud800"}}}'] = (
+        "$", "invalid text: 'utf-8' codec can't encode character '\\ud800' in position 0: "
+             "surrogates not allowed")
     for text, (path, reason) in cases.items():
         (d / "a.json").write_text(text)
         with pytest.raises(ConfigError) as info:
             load_config(gateway)
         assert [(i.path, i.reason) for i in info.value.issues] == [(path, reason)], text
+
+
+def test_a_directory_holding_the_config_files_is_refused(tmp_path: Path) -> None:
+    gateway = staged(tmp_path)
+    settings = yaml.safe_load(gateway.read_text())
+    gateway.write_text(yaml.safe_dump({**settings, "environments_dir": "."}))
+    with pytest.raises(ConfigError) as info:
+        load_config(gateway)
+    assert [i.path for i in info.value.issues] == ["$.environments_dir"]
+    assert "one of the config's own files" in info.value.issues[0].reason

@@ -355,10 +355,11 @@ async def import_envs(request: web.Request) -> web.Response:
     body = await _ndjson_body(request)
     envs = request.app[ENVS]
     declared = envs.config.environments.environments
-    items: list[tuple[str, Environment]] = []
+    plans = envs.config.plans  # (what the lines are checked against; put_many checks again
+    items: list[tuple[str, Environment]] = []  # if a reload changes it meanwhile)
     issues: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    bad = 0
+    lines = bad = 0
 
     def refuse(line: int, env_id: str, reason: str) -> None:
         nonlocal bad
@@ -367,15 +368,15 @@ async def import_envs(request: web.Request) -> web.Response:
             issues.append({"line": line, "env": env_id, "path": f"line {line}"
                            + (f" ({env_id})" if env_id else ""), "reason": reason})
 
-    lines = body.split(b"\n")
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in enumerate(body.split(b"\n"), start=1):
         if number % IMPORT_SLICE == 0:
             await asyncio.sleep(0)
         if not raw.strip():
             continue
-        if len(seen) + bad >= IMPORT_MAX_LINES:
+        lines += 1
+        if lines > IMPORT_MAX_LINES:
             raise _refusal(413, f"at most {IMPORT_MAX_LINES} lines per request: send the "
-                               "lines in several requests")
+                           "lines in several requests")
         try:
             line = _IMPORT_LINE.decode(raw)
         except msgspec.ValidationError as exc:
@@ -402,11 +403,11 @@ async def import_envs(request: web.Request) -> web.Response:
             continue
         items.append((env_id, line.environment))
     if bad:
-        raise Invalid(f"{bad} of {len(seen) + bad} lines refused; nothing was written",
+        raise Invalid(f"{bad} of {lines} lines refused; nothing was written",
                       issues=issues, refused=bad)
     # (Not added to the limiter's ``known``, as PUT adds one: a million ids would be held
     # by every gateway whether used or not. Each is known once a request has seen it.)
-    counts = await envs.put_many(items)
+    counts = await envs.put_many(items, checked_with=plans)
     return web.json_response({"received": len(items), **counts})
 
 

@@ -288,17 +288,13 @@ def env_export(args: argparse.Namespace) -> None:
     the last environment written, to go on from with ``--after`` (``--output`` then appends)."""
     query = {k: v for k, v in (("owner", args.owner), ("after", args.after)) if v}
     path = "/envs:export" + ("?" + urllib.parse.urlencode(query) if query else "")
+    response = _open(args, "GET", path)  # (first: a refusal leaves --output as it was)
     try:
         out = (open(args.output, "ab" if args.after else "wb")  # noqa: SIM115
                if args.output else sys.stdout.buffer)
     except OSError as exc:
+        response.close()
         raise Refused(f"{args.output}: {exc.strerror}") from None
-    try:
-        response = _open(args, "GET", path)
-    except BaseException:
-        if args.output:
-            out.close()
-        raise
     last, count = args.after or "", 0
     decode = msgspec.json.Decoder(_Exported).decode
     try:

@@ -423,32 +423,44 @@ class Environments:
         await self._due_now(env_id)
         return Record(env_id, "api", env)
 
-    async def put_many(self, items: list[tuple[str, Environment]]) -> dict[str, int]:
+    async def put_many(self, items: list[tuple[str, Environment]],
+                       checked_with: Any = None) -> dict[str, int]:
         """``put`` for many (a bulk import), each already ``validate``d: what ``put`` writes,
         ``PUT_MANY_BATCH`` at a time in a few round trips, not four per environment. An
         environment whose stored record is the same, byte for byte, and which is listed as
         API-owned is left alone (``unchanged``: a repeated import writes nothing and makes
-        nothing due), so importing the same lines again, or again after a failure, is safe.
+        nothing due; unless its snapshot is missing), so importing the same lines again, or
+        again after a failure, is safe. Each batch is built from the config in force when it
+        is written: if plans.yaml changed since the environments were checked, they are
+        checked again (``Invalid``: the batches before are written; the client sends the
+        request again once it is fixed).
         Each record and its snapshot are written together (MSET, one hash slot); ids are
         listed, and marked due before and after, as ``put`` does. Returns the counts of
-        ``created``, ``updated`` and ``unchanged``."""
+        ``created``, ``updated`` and ``unchanged``. ``checked_with``: the plans the items were
+        validated against (default: those in force now)."""
         counts = {"created": 0, "updated": 0, "unchanged": 0}
-        plans, tz = self.config.plans, self.config.gateway.timezone
+        checked_with = checked_with if checked_with is not None else self.config.plans
         for start in range(0, len(items), PUT_MANY_BATCH):
             part = items[start:start + PUT_MANY_BATCH]
-            for env_id, _ in part:  # (the file may have been reloaded since the check)
-                self._refuse_file_owned(env_id)
+            config = self.config  # (a reload meanwhile: this batch is built from the new one)
+            plans, tz = config.plans, config.gateway.timezone
+            for env_id, env in part:
+                self._refuse_file_owned(env_id)  # (the file may have been reloaded since)
+                if plans is not checked_with:  # ... and plans.yaml with it
+                    self.validate(env_id, env)
             ids = [env_id for env_id, _ in part]
             blobs = [msgspec.json.encode(env) for _, env in part]
             async with self.redis.pipeline(transaction=False) as pipe:
                 for env_id in ids:
                     pipe.get(keys.definition(env_id))
+                    pipe.exists(keys.entitlements(env_id))
                 pipe.smismember(keys.API_OWNED_ENVS, ids)
                 *stored, listed = await pipe.execute()
             changed: list[tuple[str, Environment, bytes]] = []
-            for (env_id, env), blob, old, member in zip(part, blobs, stored, listed,
-                                                       strict=True):
-                if member and old == blob:
+            for i, ((env_id, env), blob, member) in enumerate(zip(part, blobs, listed,
+                                                                 strict=True)):
+                old, has_snapshot = stored[2 * i], stored[2 * i + 1]
+                if member and old == blob and has_snapshot:
                     counts["unchanged"] += 1
                     continue
                 counts["updated" if member else "created"] += 1

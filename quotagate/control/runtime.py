@@ -51,7 +51,7 @@ from quotagate.limiter.sync import (
     write_snapshots,
 )
 from quotagate.settings import Config, ConfigError, load_config
-from quotagate.settings.load import check_environments, gc_paused
+from quotagate.settings.load import check_environments, environment_files, gc_paused
 from quotagate.settings.schema import BYTES_PER_MBPS, Environment, EnvironmentsFile
 
 log = logging.getLogger("quotagate.gateway")
@@ -71,7 +71,14 @@ RESTART_ONLY_CLIENTS = ("header_timeout_ms", "max_connections", "authz_max_conne
                         "grpc_max_connections", "admin_max_connections", "grpc_idle_timeout_ms")
 
 
-def _mtimes(files: tuple[Path, ...]) -> dict[str, float]:
+def _mtimes(config: Config) -> dict[str, float]:
+    """Modification times of the config's files, and of every file now in its
+    ``environments_dir`` (one added since the config was loaded — a reload refused because of
+    it, say — is watched too, so fixing it in place is seen)."""
+    files: list[Path] = list(config.files)
+    if config.gateway.environments_dir is not None:
+        with contextlib.suppress(OSError):  # (gone, unreadable: its own mtime says so)
+            files += environment_files(config.resolve(config.gateway.environments_dir))
     out = {}
     for f in files:
         try:
@@ -209,7 +216,7 @@ class Runtime:
             path = self.config.files[0] if self.config.files else None
             if path is None:
                 return False
-            self.mtimes = _mtimes(self.config.files)
+            self.mtimes = await self._watched()
             try:
                 config, change = await off_loop(prepare_reload, path, self.config)
             except ConfigError as exc:
@@ -217,6 +224,10 @@ class Runtime:
                 for issue in exc.issues:
                     log.error("config reload (%s) refused, the last good config stays: %s",
                               why, issue)
+                return False
+            except Exception:  # a bug, or a failure no check foresaw: never the reloader's end
+                metrics.RELOADS.labels("failure").inc()
+                log.exception("config reload (%s) failed, the last good config stays", why)
                 return False
             api_owned: dict[str, Environment] = {}
             if change.everything:  # API-owned snapshots depend on plans.yaml too
@@ -246,7 +257,7 @@ class Runtime:
             await self._declared_bandwidth(config)
             for listener in self.on_config:
                 listener(config)
-            self.mtimes = _mtimes(config.files)
+            self.mtimes = await self._watched()
             if change.everything:
                 self.api_plans_changed = True
             if not self.synced:  # the last write has not finished: it writes this config
@@ -319,14 +330,21 @@ class Runtime:
         now_ms = self.limiter.clock.now_ms()
         return now_ms >= until or now_ms < worked_at
 
-    def files_changed(self) -> bool:
-        return bool(self.config.files) and _mtimes(self.config.files) != self.mtimes
+    async def _watched(self) -> dict[str, float]:
+        """``_mtimes`` of the config in force: off the event loop when it has a directory of
+        environments files (one stat each)."""
+        if self.config.gateway.environments_dir is None:
+            return _mtimes(self.config)
+        return await off_loop(_mtimes, self.config)
+
+    async def files_changed(self) -> bool:
+        return bool(self.config.files) and await self._watched() != self.mtimes
 
     async def _watch_files(self) -> None:
         """Reload when a config file changes (polled every ``reload_poll_ms``)."""
         while True:
             await pause(self.config.gateway.reload_poll_ms / 1000)
-            if self.config.gateway.reload_poll_ms and self.files_changed():
+            if self.config.gateway.reload_poll_ms and await self.files_changed():
                 await self.reload("a config file changed")
 
     # ------------------------------------------------------------ environments in the store
@@ -546,7 +564,7 @@ class Runtime:
                           "back", exc)
         self.limiter.start_renewing()
         await self._declared_bandwidth(self.config)
-        self.mtimes = _mtimes(self.config.files)
+        self.mtimes = await self._watched()
         loop = asyncio.get_running_loop()
         gw = self.config.gateway
         tasks = self._tasks

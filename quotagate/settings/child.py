@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from quotagate.settings.load import ChildReply, environments_digest, read_yaml
+from quotagate.settings.load import ChildReply, ConfigIssue, environments_digest, read_yaml
 from quotagate.settings.schema import EnvironmentsFile
 
 #: Environments per chunk of the reply.
@@ -28,9 +28,12 @@ def main(argv: list[str]) -> int:
     digest = b""
     if envs is not None and not issues:
         items = list(envs.environments.items())
-        chunks = [msgspec.msgpack.encode(dict(items[i:i + CHUNK]))
-                  for i in range(0, len(items), CHUNK)]
-        digest = environments_digest(envs.environments)
+        try:
+            chunks = [msgspec.msgpack.encode(dict(items[i:i + CHUNK]))
+                      for i in range(0, len(items), CHUNK)]
+            digest = environments_digest(envs.environments)
+        except (UnicodeEncodeError, msgspec.EncodeError) as exc:
+            chunks, issues = [], [ConfigIssue(name, "$", f"invalid text: {exc}")]
     reply = ChildReply([(i.file, i.path, i.reason) for i in issues], chunks, digest)
     sys.stdout.buffer.write(msgspec.msgpack.encode(reply))
     return 0

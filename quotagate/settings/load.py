@@ -13,6 +13,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 import zoneinfo
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
@@ -299,6 +300,8 @@ def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
             return None, [ConfigIssue(name, "$", f"invalid JSON: duplicate key {exc.key!r}")]
         except RecursionError:
             return None, [ConfigIssue(name, "$", "invalid JSON: nested too deep")]
+        except ValueError as exc:  # e.g. an integer past the interpreter's digit limit
+            return None, [ConfigIssue(name, "$", f"invalid JSON: {exc}")]
     else:
         try:
             with gc_paused():
@@ -538,6 +541,8 @@ DIGEST_CHUNK = 1000
 PARSE_ELSEWHERE_BYTES = 4 * 1024 * 1024
 #: Longest a child may take to parse one file (then it is parsed here).
 PARSE_ELSEWHERE_TIMEOUT_S = 900.0
+#: A file read this soon after its last change is read again at the next load.
+RACY_NS = 2_000_000_000
 
 log = logging.getLogger("quotagate.config")
 
@@ -557,8 +562,8 @@ def environments_digest(envs: dict[str, Environment]) -> bytes:
 class EnvFile:
     """One environments file as last parsed."""
 
-    #: (mtime ns, size, inode, device) when it was read.
-    stat: tuple[int, int, int, int]
+    #: (mtime ns, ctime ns, size, inode, device) when it was read.
+    stat: tuple[int, int, int, int, int]
     #: Its environments (None: it has shape errors, in ``issues``).
     envs: EnvironmentsFile | None
     issues: list[ConfigIssue]
@@ -569,6 +574,9 @@ class EnvFile:
     check_issues: list[ConfigIssue] = field(default_factory=list)
     #: Parsed by a child process (a big file), not by this one.
     elsewhere: bool = False
+    #: Read within ``RACY_NS`` of its last change: a write in the same clock tick would leave
+    #: the stat as it was, so it is read again at the next load (as git treats such files).
+    racy: bool = False
 
 
 class ChildReply(msgspec.Struct):
@@ -582,12 +590,13 @@ class ChildReply(msgspec.Struct):
     digest: bytes
 
 
-def _parse_elsewhere(path: Path, key: tuple[int, int, int, int]) -> EnvFile | None:
+def _parse_elsewhere(path: Path, key: tuple[int, int, int, int, int]) -> EnvFile | None:
     """``path`` parsed by ``python -m quotagate.settings.child`` and handed back a thousand
     environments at a time: the parse's peak memory and CPU stay in the child. None (parse it
     here) if the child could not do it."""
     try:
-        out = subprocess.run([sys.executable, "-m", "quotagate.settings.child", str(path)],
+        # -I: nothing from the working directory or PYTHON* variables comes into the child.
+        out = subprocess.run([sys.executable, "-I", "-m", "quotagate.settings.child", str(path)],
                              capture_output=True, timeout=PARSE_ELSEWHERE_TIMEOUT_S,
                              check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -623,15 +632,19 @@ class EnvSources:
         self.parsed: list[str] = []
 
     def read(self, path: Path) -> EnvFile:
+        """The file as parsed, from the last load if its stat is unchanged. Only a file that
+        parsed without an issue is kept: one refused (or unreadable: a ``chmod`` changes no
+        content) is read again at the next load."""
         name = str(path)
         try:
             st = path.stat()
         except OSError as exc:
-            return EnvFile((0, 0, 0, 0), None, [ConfigIssue(name, "$",
-                                                            f"cannot read: {exc.strerror}")])
-        key = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+            self.files.pop(name, None)
+            return EnvFile((0, 0, 0, 0, 0), None,
+                           [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")])
+        key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
         hit = self.files.get(name)
-        if hit is not None and hit.stat == key:
+        if hit is not None and hit.stat == key and not hit.racy:
             return hit
         # (Read after the stat: a write meanwhile shows at the next load.)
         child = _parse_elsewhere(path, key) if st.st_size >= PARSE_ELSEWHERE_BYTES else None
@@ -641,9 +654,16 @@ class EnvSources:
             envs, issues = read_yaml(path, EnvironmentsFile)
             entry = EnvFile(key, None if issues else envs, issues)
             if entry.envs is not None:
-                entry.digest = environments_digest(entry.envs.environments)
-        self.files[name] = entry
+                try:
+                    entry.digest = environments_digest(entry.envs.environments)
+                except (UnicodeEncodeError, msgspec.EncodeError) as exc:
+                    entry = EnvFile(key, None, [ConfigIssue(name, "$", f"invalid text: {exc}")])
+        entry.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
         self.parsed.append(name)
+        if entry.issues:
+            self.files.pop(name, None)
+        else:
+            self.files[name] = entry
         return entry
 
     def check(self, path: Path, entry: EnvFile, plans: PlansFile) -> list[ConfigIssue]:
@@ -1005,7 +1025,20 @@ def load_config(gateway_file: str | Path, sources: EnvSources | None = None) -> 
         env_dir = base / gw.environments_dir
         if env_dir.is_dir():
             watched.append(env_dir)  # (a file added or removed changes its mtime)
-            env_paths += environment_files(env_dir)
+            try:
+                listed = environment_files(env_dir)
+            except OSError as exc:
+                listed = []
+                issues.append(ConfigIssue(str(gw_path), "$.environments_dir",
+                                          f"cannot list {env_dir}: {exc.strerror}"))
+            own = {p.resolve() for p in (gw_path, plans_path, envs_path)}
+            overlap = [p for p in listed if p.resolve() in own]
+            if overlap:
+                issues.append(ConfigIssue(
+                    str(gw_path), "$.environments_dir", f"{env_dir} holds {overlap[0].name}, "
+                    "one of the config's own files: give the environments their own "
+                    "directory"))
+            env_paths += [p for p in listed if p.resolve() not in own]
         else:
             issues.append(ConfigIssue(str(gw_path), "$.environments_dir",
                                       f"no such directory: {env_dir}"))

@@ -299,8 +299,8 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     qps_burst_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
     plans_file: str = "plans.yaml"
     environments_file: str = "environments.yaml"
-    #: A directory of more environments files (``*.yaml``, ``*.yml``), each of the
-    #: environments file's shape; a reload parses again only the files that changed.
+    #: A directory of more environments files (``*.yaml``, ``*.yml``, ``*.json``), each of
+    #: the environments file's shape; a reload parses again only the files that changed.
     environments_dir: str | None = None
     upstream: UpstreamSettings = msgspec.field(default_factory=UpstreamSettings)
     clients: ClientSettings = msgspec.field(default_factory=ClientSettings)
