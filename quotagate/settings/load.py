@@ -575,8 +575,10 @@ class EnvFile:
     #: Parsed by a child process (a big file), not by this one.
     elsewhere: bool = False
     #: Read within ``RACY_NS`` of its last change: a write in the same clock tick would leave
-    #: the stat as it was, so it is read again at the next load (as git treats such files).
+    #: the stat as it was, so the next load compares its content (as git treats such files).
     racy: bool = False
+    #: SHA-256 of its bytes, taken before it was parsed.
+    content: bytes = b""
 
 
 class ChildReply(msgspec.Struct):
@@ -619,6 +621,15 @@ def _parse_elsewhere(path: Path, key: tuple[int, int, int, int, int]) -> EnvFile
     return EnvFile(key, EnvironmentsFile(environments=envs), [], reply.digest, elsewhere=True)
 
 
+def _content_hash(path: Path) -> bytes:
+    """SHA-256 of the file's bytes (empty: it could not be read)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+    except OSError:
+        return b""
+
+
 class EnvSources:
     """The environments files as last parsed, by path: a load parses again only a file whose
     stat (mtime in ns, size, inode, device) changed, and checks it against the plans again
@@ -644,9 +655,16 @@ class EnvSources:
                            [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")])
         key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
         hit = self.files.get(name)
-        if hit is not None and hit.stat == key and not hit.racy:
-            return hit
-        # (Read after the stat: a write meanwhile shows at the next load.)
+        content = b""
+        if hit is not None and hit.stat == key:
+            if not hit.racy:
+                return hit
+            content = _content_hash(path)
+            if content and content == hit.content:
+                hit.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
+                return hit
+        # (Hashed and read after the stat: a write meanwhile shows at the next load.)
+        content = content or _content_hash(path)
         child = _parse_elsewhere(path, key) if st.st_size >= PARSE_ELSEWHERE_BYTES else None
         if child is not None:
             entry = child
@@ -659,6 +677,7 @@ class EnvSources:
                 except (UnicodeEncodeError, msgspec.EncodeError) as exc:
                     entry = EnvFile(key, None, [ConfigIssue(name, "$", f"invalid text: {exc}")])
         entry.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
+        entry.content = content
         self.parsed.append(name)
         if entry.issues:
             self.files.pop(name, None)
