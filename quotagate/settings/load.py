@@ -632,8 +632,9 @@ def _content_hash(path: Path) -> bytes:
 
 class EnvSources:
     """The environments files as last parsed, by path: a load parses again only a file whose
-    stat (mtime in ns, size, inode, device) changed, and checks it against the plans again
-    only if it or the plans changed. A reload after one environment changed in a directory of
+    stat (mtime and ctime in ns, size, inode, device) changed — or, read within ``RACY_NS`` of
+    its change, whose content did — and checks it against the plans again only if it or the
+    plans changed. A reload after one environment changed in a directory of
     many files then costs that file, not every environment (issue 24). Used by one load at a
     time (the reload lock)."""
 
