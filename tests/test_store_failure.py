@@ -204,6 +204,15 @@ async def test_concurrent_flushes_write_each_entry_once(setup):
     server.start()  # same port, same data directory (still this test's: it holds the lock)
     await asyncio.sleep(0.3)
     await asyncio.gather(lim.flush_backlog(), lim.flush_backlog(), lim.flush_backlog())
+    assert await used_calls(server.url) <= 1 + 7  # never twice
+    # A write-back that timed out (150 ms: a busy machine) stays in doubt and goes again
+    # under its id at the next flush, counted once; a loaded CI run left one so (7 of 8).
+    for _ in range(50):
+        if not lim.backlog.pending and not lim.backlog.in_doubt:
+            break
+        await asyncio.sleep(0.1)
+        await lim.flush_backlog()
+    assert not lim.backlog.pending and not lim.backlog.in_doubt
     assert await used_calls(server.url) == 1 + 7
 
 
