@@ -3,6 +3,7 @@ once, as a person (tables) and as a script (--json, csv)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
@@ -199,6 +200,25 @@ async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_
         assert [json.loads(x)["id"] for x in everything.stdout.splitlines()][-1] == "imp-02500"
         assert "filed" in everything.stdout
         assert cli(admin, "env", "import", str(tmp_path / "missing.ndjson")).returncode == 1
+
+        # Ctrl-C midway: it says which lines are in, and --resume goes on from there.
+        many = tmp_path / "many.ndjson"
+        many.write_text("".join(ndjson_line(f"int-{i:05d}", anchor, 1) + "\n"
+                                for i in range(6000)))
+        state = tmp_path / "many.ndjson.import-state"
+        running = subprocess.Popen(
+            [*QUOTAGATE, "env", "import", str(many), "--batch", "10", "--admin",
+             f"http://127.0.0.1:{admin}", "--token", TOKEN],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not state.exists() and running.poll() is None:
+            await asyncio.sleep(0.005)
+        running.send_signal(signal.SIGINT)
+        _, stopped = running.communicate(timeout=30)
+        assert running.returncode == 130, stopped
+        assert "interrupted" in stopped and "--resume" in stopped
+        out = cli(admin, "env", "import", str(many), "--resume", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["received"] == 6000
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

@@ -254,13 +254,17 @@ def env_import(args: argparse.Namespace) -> None:
                   file=sys.stderr)
             batch, size = [], 0
 
-        for raw in source:
-            batch.append(raw)
-            size += len(raw)
-            if len(batch) >= args.batch or size >= IMPORT_BATCH_BYTES:
+        try:
+            for raw in source:
+                batch.append(raw)
+                size += len(raw)
+                if len(batch) >= args.batch or size >= IMPORT_BATCH_BYTES:
+                    send()
+            if batch:
                 send()
-        if batch:
-            send()
+        except KeyboardInterrupt:
+            print(f"interrupted.{_resume_hint(args, done)}", file=sys.stderr)
+            raise SystemExit(130) from None
     state_file.unlink(missing_ok=True)
     _out(args, counts, f"{path}: {counts['received']} environments: {counts['created']} "
          f"created, {counts['updated']} updated, {counts['unchanged']} unchanged")
