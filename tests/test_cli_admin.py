@@ -206,10 +206,13 @@ async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_
         many.write_text("".join(ndjson_line(f"int-{i:05d}", anchor, 1) + "\n"
                                 for i in range(6000)))
         state = tmp_path / "many.ndjson.import-state"
+        # (SIGINT's default restored in the child: a suite run in the background, as CI may
+        # run it, has it ignored, and the child would inherit that.)
         running = subprocess.Popen(
             [*QUOTAGATE, "env", "import", str(many), "--batch", "10", "--admin",
              f"http://127.0.0.1:{admin}", "--token", TOKEN],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         while not state.exists() and running.poll() is None:
             await asyncio.sleep(0.005)
         running.send_signal(signal.SIGINT)
