@@ -70,9 +70,11 @@ def _open(args: argparse.Namespace, method: str, path: str, data: bytes | None =
         raise urllib.error.URLError(exc) from exc
 
 
-def call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    response = _open(args, method, path, data)
+def call(args: argparse.Namespace, method: str, path: str, body: Any = None, *,
+         raw: bytes | None = None, content_type: str = "application/json") -> Any:
+    """One call, its JSON answer; the body is ``body`` as JSON, or ``raw`` as it is."""
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    response = _open(args, method, path, data, content_type=content_type)
     try:
         with response:
             return json.loads(response.read() or b"null")
@@ -227,7 +229,7 @@ def env_import(args: argparse.Namespace) -> None:
             first, last = done + 1, done + len(batch)
             try:
                 body = b"".join(raw if raw.endswith(b"\n") else raw + b"\n" for raw in batch)
-                got = call_ndjson(args, "POST", "/envs:import", body)
+                got = call(args, "POST", "/envs:import", raw=body, content_type=NDJSON)
             except ApiError as exc:
                 issues = exc.problem.get("issues") or []
                 message = str(exc.problem.get("detail", exc)) if issues else str(exc)
@@ -275,15 +277,6 @@ def _resume_hint(args: argparse.Namespace, done: int) -> str:
         return "\nnothing of the file is imported yet"
     return (f"\nlines 1-{done} are imported; go on with: quotagate env import "
             f"{args.file} --resume")
-
-
-def call_ndjson(args: argparse.Namespace, method: str, path: str, data: bytes) -> Any:
-    response = _open(args, method, path, data, content_type=NDJSON)
-    try:
-        with response:
-            return json.loads(response.read() or b"null")
-    except (OSError, http.client.HTTPException) as exc:
-        raise urllib.error.URLError(exc) from exc
 
 
 def env_export(args: argparse.Namespace) -> None:

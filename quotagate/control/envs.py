@@ -47,6 +47,7 @@ from quotagate.settings.schema import (
     GatewayGrant,
     PackGrant,
     PackMeter,
+    PlansFile,
     PromoGrant,
 )
 
@@ -424,7 +425,7 @@ class Environments:
         return Record(env_id, "api", env)
 
     async def put_many(self, items: list[tuple[str, Environment]],
-                       checked_with: Any = None) -> dict[str, int]:
+                       checked_with: PlansFile | None = None) -> dict[str, int]:
         """``put`` for many (a bulk import), each already ``validate``d: what ``put`` writes,
         ``PUT_MANY_BATCH`` at a time in a few round trips, not four per environment. An
         environment whose stored record is the same, byte for byte, and which is listed as
