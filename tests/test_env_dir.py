@@ -6,6 +6,7 @@ environment; and ``quotagate serve`` picks up a file changed, added or removed t
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -195,6 +196,10 @@ async def test_serve_picks_up_a_file_changed_added_or_removed(tmp_path: Path, va
             await until(s, "shop-a", 200)
             put(d, "b.yaml", {"shop-b": env(**period)})
             await until(s, "shop-b", 200)
+            # A JSON file, as a program writes one.
+            (d / ".j.tmp").write_text(json.dumps({"environments": {"shop-j": env(**period)}}))
+            os.replace(d / ".j.tmp", d / "j.json")
+            await until(s, "shop-j", 200)
             (d / "a.yaml").unlink()
             await until(s, "shop-a", 404)
             refused = await failures(s)
