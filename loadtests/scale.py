@@ -59,7 +59,13 @@ Then ``quotagate serve --config <staged>/gateway.yaml`` (one process) and, in th
    ``loadtests/store_cost.py``) pipelined 1,000 at a time, ``--decisions`` calls (default
    20,000) on one environment, then spread over the N (a random sample; each environment
    at most once when N ≥ the calls), ``INFO commandstats`` usec_per_call, median of 3
-   alternations: spread ÷ one.
+   alternations: spread ÷ one;
+10. **function route under load** (in step 6's session, before the gateway stops):
+   ``--fn-concurrency`` requests (default 64) in flight to ``/functions/scale`` for
+   ``--fn-seconds`` (default 3, after 0.5 s not counted), first all to one environment, then
+   each to one of the N at random: the store's script calls (``FCALL``/``EVALSHA``/``EVAL``
+   in ``INFO commandstats``) per request answered 200 — the decision, and the settle after
+   the response (the concurrency slot given back, GBs charged), batched per store node.
 
 Prints a table (medians over ``--runs``) and, with ``--json``, every run's figures. Children
 (Valkey, upstream, gateways) run in their own process groups and are stopped on exit, on
@@ -442,8 +448,9 @@ def readyz_figures(seen: list[tuple[float, int]], t0: float, t_end: float) -> di
 
 async def traffic(args: argparse.Namespace, owner: str, n: int, gateway_pid: int,
                   log_path: Path, port: int, admin_port: int,
-                  changed_file: tuple[Path, Path]) -> dict[str, Any]:
-    """Steps 3 to 6: load before, reload under load, (api) one PUT, list."""
+                  changed_file: tuple[Path, Path], store_url: str) -> dict[str, Any]:
+    """Steps 3 to 6 and 10: load before, reload under load, (api) one PUT, list, the
+    function route's store calls per request."""
     out: dict[str, Any] = {}
     rng = random.Random(n)
     load_ids = [env_id(i) for i in range(n)]
@@ -515,7 +522,55 @@ async def traffic(args: argparse.Namespace, owner: str, n: int, gateway_pid: int
                 break
         out["list"] = {"seconds": time.perf_counter() - t0, "environments": listed,
                        "pages": pages}
+        if args.fn_seconds > 0:
+            out["fn_calls"] = {kind: await fn_store_calls(
+                session, port, [env_id(min(1, n - 1))] if kind == "one" else load_ids,
+                args, store_url, rng) for kind in ("one", "spread")}
     return out
+
+
+SCRIPT_COMMANDS = ("fcall", "fcall_ro", "evalsha", "evalsha_ro", "eval", "eval_ro")
+
+
+async def fn_store_calls(session: aiohttp.ClientSession, port: int, ids: list[str],
+                         args: argparse.Namespace, store_url: str, rng: random.Random
+                         ) -> dict[str, Any]:
+    """Step 10: the function route under a closed-loop load (``--fn-concurrency`` requests
+    in flight, each to one of ``ids`` at random) for ``--fn-seconds`` after half a second
+    not counted: the store's script calls (``INFO commandstats``) per answered request."""
+    counted = False
+    answered = failed = 0
+    stop = time.perf_counter() + 0.5 + args.fn_seconds
+
+    async def worker() -> None:
+        nonlocal answered, failed
+        while time.perf_counter() < stop:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}{LOAD_PATH}",
+                                       headers={"X-CloudBase-Env": rng.choice(ids)}) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
+            except (aiohttp.ClientError, TimeoutError):
+                ok = False
+            if counted:
+                answered += ok
+                failed += not ok
+
+    r = redis.Redis.from_url(store_url)
+    try:
+        workers = [asyncio.create_task(worker()) for _ in range(args.fn_concurrency)]
+        await asyncio.sleep(0.5)
+        before = commandstats(r)
+        counted, t0 = True, time.perf_counter()
+        await asyncio.gather(*workers)
+        seconds = time.perf_counter() - t0
+        await asyncio.sleep(0.2)  # the settles of the last responses
+        after = commandstats(r)
+    finally:
+        r.close()
+    calls = sum(after.get(c, 0) - before.get(c, 0) for c in SCRIPT_COMMANDS)
+    return {"requests": answered, "failed": failed, "per_s": answered / seconds,
+            "script_calls": calls, "per_request": calls / max(answered, 1)}
 
 
 # ---------------------------------------------------------------------------- store cost
@@ -624,7 +679,11 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
               f"{result['rss_mb']:.0f} MB", flush=True)
 
         result.update(uvloop.run(traffic(args, owner, n, gateway.pid, tmp / "gateway.log",
-                                         port, admin_port, changed)))
+                                         port, admin_port, changed, valkey.url)))
+        for kind, fc in result.get("fn_calls", {}).items():
+            print(f"  function route, {kind}: {fc['per_request']:.3f} store script calls per "
+                  f"request ({fc['requests']:,} answered, {fc['per_s']:,.0f}/s, "
+                  f"{fc['failed']} not 200)", flush=True)
         rl = result["reload"]
         print(f"  reload: effect {fmt_s(rl['effect_s'])}, done {fmt_s(rl['done_s'])}, "
               f"p99 {fmt_ms(rl['load']['p99_ms'])} (before "
@@ -724,6 +783,9 @@ ROWS: list[tuple[str, Any]] = [
     ("API PUT of one environment: request / in effect", lambda m: (
         "–" if m("api_put.request_s") is None else
         f"{fmt_s(m('api_put.request_s'))} / {fmt_s(m('api_put.effect_s'))}")),
+    ("function route under load: store script calls per request, one env / spread over N",
+     lambda m: (f"{m('fn_calls.one.per_request'):.3f} / "
+                f"{m('fn_calls.spread.per_request'):.3f}")),
     ("store µs per decision: one env → spread over N (spread ÷ one within a run)", lambda m: (
         f"{m('store_decision.one_us'):.1f} → {m('store_decision.spread_us'):.1f} "
         f"({m('store_decision.ratio'):.2f}×)")),
@@ -779,6 +841,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="also start `serve --workers 2`: time to ready and RSS")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--reload-timeout", type=float, default=600.0)
+    p.add_argument("--fn-seconds", type=float, default=3.0,
+                   help="step 10: seconds of closed-loop load per kind (0: skip)")
+    p.add_argument("--fn-concurrency", type=int, default=64,
+                   help="step 10: requests in flight")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     counts = [parse_count(x) for x in args.envs.split(",") if x.strip()]

@@ -10,6 +10,7 @@ import redis.asyncio as aredis
 from quotagate.common.addresses import StoreAddress
 from quotagate.common.clock import Clock
 from quotagate.limiter.calls import ScriptCalls
+from quotagate.limiter.cluster import ClusterStore
 from quotagate.limiter.decision import Decider
 from quotagate.limiter.forwarding import EventForwarder
 from quotagate.limiter.leases import Leases
@@ -42,15 +43,19 @@ class Parts:
 
 
 async def build(store_url: str, config: Config | None, clock: Clock,
-                instance: str = INSTANCE) -> Parts:
-    if config is not None:
+                instance: str = INSTANCE,
+                store: PipelinedStore | ClusterStore | None = None) -> Parts:
+    """The parts on the store at ``store_url`` (``config`` synced there first), or on the
+    cluster ``store`` given (its environments synced by the caller)."""
+    if config is not None and store is None:
         client = aredis.Redis.from_url(store_url)
         try:
             await sync_environments(client, config)
         finally:
             await client.aclose()
-    store = PipelinedStore(StoreAddress.from_url(store_url), timeout_ms=200,
-                           connect_timeout_ms=200, retry_interval_ms=100)
+    if store is None:
+        store = PipelinedStore(StoreAddress.from_url(store_url), timeout_ms=200,
+                               connect_timeout_ms=200, retry_interval_ms=100)
     calls = ScriptCalls(store)
     missing: list[str] = []
     with_events: list[str] = []

@@ -295,3 +295,66 @@ async def test_lease_renewal_is_one_write_per_node(cluster, tmp_path: Path, monk
               f"median {sorted(timings)[1] * 1000:.0f} ms")
     finally:
         await lim.close()
+
+
+async def test_settles_are_one_call_per_node_and_follow_a_moved_slot(cluster, tmp_path: Path,
+                                                                     monkeypatch):
+    """What finished in one loop iteration over 30 environments spread over the 3 primaries:
+    one settle_many call per primary. With a stale slot map (every slot on one node), that
+    node settles the environments it serves and answers "not here" for the others, which
+    are then sent on their own (MOVED followed): each counted exactly once."""
+    from quotagate.common.addresses import StoreAddress
+    from quotagate.common.calendar import day_number
+    from quotagate.limiter import cluster as cluster_module
+    from quotagate.limiter.cluster import ClusterStore
+    from tests.helpers import local
+    from tests.parts import build
+
+    monkeypatch.setattr(cluster_module, "REFRESH_EVERY_S", 3600.0)
+    ids = [f"settle-{i}" for i in range(30)]
+    config = write_config(tmp_path, {i: env() for i in ids})
+    rc = RedisCluster(host="127.0.0.1", port=cluster[0])
+    await sync_environments(rc, config)
+    nodes = [aredis.Redis(port=p) for p in cluster]
+    store = ClusterStore(StoreAddress(port=cluster[0]), timeout_ms=2000)
+    clock = at("2026-11-26T12:00:00")
+    parts = await build("", None, clock, store=store)
+    cycle = day_number(local("2026-11-26T12:00:00").date().replace(day=1))  # (as env() buys)
+    try:
+        await store.refresh()
+        await parts.calls.load_scripts()
+        true_map = list(store.slots)
+        serving = {store.node_of(parts.calls.key_slot(i)) for i in ids}
+        assert len(serving) == 3
+        for n in nodes:
+            await n.config_resetstat()
+        for n, env_id in enumerate(ids):
+            parts.settler.queue(env_id, None, "gbs", n + 1)
+        await asyncio.sleep(0.3)
+
+        async def fcalls() -> list[int]:
+            stats = [await n.info("commandstats") for n in nodes]
+            return [int(s.get("cmdstat_fcall", {}).get("calls", 0)) for s in stats]
+
+        assert await fcalls() == [1, 1, 1]
+        for n, env_id in enumerate(ids):
+            assert int(await rc.hget(keys.usage(env_id), f"{cycle}:gbs")) == n + 1, env_id
+
+        store.slots = [("127.0.0.1", cluster[0])] * len(store.slots)  # stale: all on node 0
+        for env_id in ids:
+            parts.settler.queue(env_id, None, "gbs", 100)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if all([int(await rc.hget(keys.usage(i), f"{cycle}:gbs")) > n + 1
+                    for n, i in enumerate(ids)]):
+                break
+        await asyncio.sleep(0.3)  # and nothing twice after that
+        for n, env_id in enumerate(ids):
+            assert int(await rc.hget(keys.usage(env_id), f"{cycle}:gbs")) == n + 101, env_id
+        assert not parts.writeback.backlog.pending
+        assert store.slots == true_map  # MOVED: the map read again
+    finally:
+        await parts.close()
+        await rc.aclose()
+        for n in nodes:
+            await n.aclose()

@@ -1,5 +1,6 @@
 """limiter/settling.py on its own: what finishes in one loop iteration leaves as one settle
-call per environment; what the store cannot take is kept for write-back."""
+call per store node (settle_many for several environments); what the store cannot take is
+kept for write-back."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import redis.asyncio as aredis
 from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.helpers import at, env, local, write_config
 from tests.parts import build, command_calls
 
@@ -20,8 +21,10 @@ NOON = "2026-11-26T12:00:00"
 CYCLE = day_number(local(NOON).date().replace(day=1))
 
 
-async def test_one_settle_call_per_environment_per_tick(tmp_path: Path, valkey_url: str):
-    config = write_config(tmp_path, {"shop": env(), "mall": env()})
+async def test_one_settle_call_per_store_node_per_tick(tmp_path: Path, valkey_url: str):
+    """What finished in one loop iteration: one settle per environment, and those of several
+    environments on one store node in one settle_many call."""
+    config = write_config(tmp_path, {"shop": env(), "mall": env(), "cafe": env()})
     parts = await build(valkey_url, config, at(NOON))
     client = aredis.Redis.from_url(valkey_url)
     try:
@@ -30,11 +33,108 @@ async def test_one_settle_call_per_environment_per_tick(tmp_path: Path, valkey_u
         for amount in (1000, 2000, 3000):
             parts.settler.queue("shop", None, "gbs", amount)
         parts.settler.queue("mall", None, "gbs", 500)
+        parts.settler.queue("cafe", "=fn:f", "gbs", 7)
         await asyncio.sleep(0.1)
-        assert await command_calls(client, "fcall") == 2  # shop's three in one, mall's
+        assert await command_calls(client, "fcall") == 1  # all three environments in one
         assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 6000
         assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 500
+        assert int(await client.hget(keys.usage("cafe"), f"{CYCLE}:gbs")) == 7
+        parts.settler.queue("mall", None, "gbs", 1)  # one environment alone: settle.lua
+        await asyncio.sleep(0.1)
+        assert await command_calls(client, "fcall") == 2
+        assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 501
+        assert not parts.writeback.backlog.pending
     finally:
+        await client.aclose()
+        await parts.close()
+
+
+async def test_each_call_of_a_batch_settles_as_it_would_alone(
+        tmp_path: Path, valkey_url: str, caplog: pytest.LogCaptureFixture):
+    """In one settle_many call: one environment's call refused whole (out of bounds), one
+    without a snapshot (its usage kept for write-back), one that goes through — each as in a
+    call of its own."""
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env(), "mall": env()}),
+                        at(NOON))
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        await parts.calls.load_scripts()
+        await client.config_resetstat()
+        parts.settler.queue("shop", None, "gbs", 700)
+        parts.settler.queue("mall", None, "gbs", 2**53)
+        parts.settler.queue("ghost", None, "gbs", 300)  # no snapshot in the store
+        for _ in range(100):
+            if parts.writeback.backlog.pending and "refused by the store" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert await command_calls(client, "fcall") == 1
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 700
+        assert await client.hgetall(keys.usage("mall")) == {}
+        assert "settle of mall refused by the store" in caplog.text
+        assert [(k[0], k[1], a) for k, a in parts.writeback.backlog.pending.items()] == [
+            ("ghost", METER_PREFIX + "gbs", 300)]
+    finally:
+        await client.aclose()
+        await parts.close()
+
+
+async def test_a_batch_after_the_library_was_flushed_goes_call_by_call(
+        tmp_path: Path, valkey_url: str):
+    """The store lost the function library (FUNCTION FLUSH): the batch ran nothing, so each
+    environment's call is sent on its own (which loads the library again): counted once."""
+    parts = await build(valkey_url, write_config(tmp_path, {"shop": env(), "mall": env()}),
+                        at(NOON))
+    client = aredis.Redis.from_url(valkey_url)
+    try:
+        await parts.calls.load_scripts()
+        await client.function_flush()
+        parts.settler.queue("shop", None, "gbs", 40)
+        parts.settler.queue("mall", None, "gbs", 2)
+        for _ in range(100):
+            if await client.hget(keys.usage("mall"), f"{CYCLE}:gbs"):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 40
+        assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 2
+        assert parts.calls.script_reloads >= 1 and parts.calls.functions
+        assert await parts.calls.scripts_loaded()
+    finally:
+        await client.aclose()
+        await parts.close()
+
+
+async def test_a_batch_that_times_out_and_runs_late_is_counted_once(
+        tmp_path: Path, own_valkey: EmbeddedValkey):
+    """A settle_many call stuck in a frozen store times out: each environment's usage is
+    kept for write-back; the store then runs the call after all, and its late reply takes
+    each environment's usage back out of the write-back: counted once, not twice."""
+    clock = at(NOON)
+    parts = await build(own_valkey.url, write_config(tmp_path, {"shop": env(), "mall": env()}),
+                        clock)
+    client = aredis.Redis.from_url(own_valkey.url)
+    try:
+        await parts.calls.load_scripts()
+        own_valkey.pause()
+        parts.settler.queue("shop", None, "gbs", 700)
+        parts.settler.queue("mall", None, "gbs", 500)
+        for _ in range(100):
+            if len(parts.writeback.backlog.pending) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert sorted((k[0], a) for k, a in parts.writeback.backlog.pending.items()) == [
+            ("mall", 500), ("shop", 700)]
+        own_valkey.resume()
+        for _ in range(200):
+            if not parts.writeback.backlog.pending:
+                break
+            await asyncio.sleep(0.05)
+        assert not parts.writeback.backlog.pending
+        await asyncio.sleep(0.3)
+        assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 700
+        assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 500
+    finally:
+        own_valkey.resume()
         await client.aclose()
         await parts.close()
 

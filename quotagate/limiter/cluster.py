@@ -187,6 +187,10 @@ class ClusterStore:
             self._refresh.add_done_callback(
                 lambda t: t.cancelled() or t.exception())  # a failed refresh is retried later
 
+    def node_of(self, slot: int) -> HostPort | None:
+        """The primary serving ``slot`` in the slot map as last read (None: not known yet)."""
+        return self.slots[slot]
+
     def _any(self) -> HostPort | None:
         for where in self.slots:
             if where is not None:

@@ -25,9 +25,15 @@ _NAMES = ("decide", "settle", "renew", "bandwidth")
 #: How each operation becomes a function of the library (``_library``).
 _WRAPPER = ("\nlocal function op_{name}(KEYS, ARGV)\n{code}\nend\n"
             "redis.register_function('{function}', op_{name})\n")
-#: Digest of all the code, the wrapper included: names the library and its functions.
+#: Functions of the library alone (no script form): their code defines ``op_<name>``, which
+#: is registered with these flags.
+_LIBRARY_ONLY = {"settle_many": ("allow-cross-slot-keys",)}
+_REGISTER = ("\nredis.register_function{{function_name='{function}', callback=op_{name}, "
+             "flags={{{flags}}}}}\n")
+#: Digest of all the code, the wrappers included: names the library and its functions.
 VERSION = hashlib.sha1(
-    "".join([_WRAPPER, _COMMON, *(_LUA.joinpath(f"{n}.lua").read_text() for n in _NAMES)]
+    "".join([_WRAPPER, _REGISTER, repr(_LIBRARY_ONLY), _COMMON,
+             *(_LUA.joinpath(f"{n}.lua").read_text() for n in (*_NAMES, *_LIBRARY_ONLY))]
             ).encode()
 ).hexdigest()[:12]
 LIBRARY_NAME = f"quotagate_{VERSION}"
@@ -53,6 +59,9 @@ SETTLE = Script.load("settle")
 RENEW = Script.load("renew")
 BANDWIDTH = Script.load("bandwidth")
 ALL = (DECIDE, SETTLE, RENEW, BANDWIDTH)
+#: settle.lua's calls of several environments on one node in one (lua/settle_many.lua): a
+#: function of the library only; where functions are refused, each call goes on its own.
+SETTLE_MANY = f"qg_settle_many_{VERSION}"
 
 
 def _library() -> bytes:
@@ -61,6 +70,10 @@ def _library() -> bytes:
     for script in ALL:
         code = _LUA.joinpath(f"{script.name}.lua").read_text()
         parts.append(_WRAPPER.format(name=script.name, code=code, function=script.function))
+    for name, flags in _LIBRARY_ONLY.items():
+        parts.append(_LUA.joinpath(f"{name}.lua").read_text())
+        parts.append(_REGISTER.format(function=f"qg_{name}_{VERSION}", name=name,
+                                      flags=", ".join(f"'{f}'" for f in flags)))
     return "".join(parts).encode()
 
 

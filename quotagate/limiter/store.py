@@ -287,6 +287,10 @@ class PipelinedStore:
             task.add_done_callback(self._tasks.discard)
         return fut
 
+    def node_of(self, slot: int) -> object:
+        """Which node serves ``slot`` (the cluster store's question): here, the one."""
+        return self.address
+
     async def _send_when_connected(self, packed: bytes, fut: asyncio.Future[Any]) -> None:
         try:
             proto = await self._connect()
