@@ -16,6 +16,8 @@ refused), built fast:
 - ``--owner dir``: written to files of ``--per-file`` environments (default 1,000) in
   ``environments_dir: environments.d`` (environments.yaml empty); the reload changes one of
   those files;
+- ``--owner api --file-envs K``: as ``--owner api``, and K file-owned environments more
+  (``scale-f0000000`` …) in ``environments_dir`` as ``--owner dir`` writes them;
 - ``--owner api``: written into the store as ``PUT /admin/v1/envs/{env}`` writes them
   (``Environments._write``: the record and its entitlement snapshot, then the id added to
   ``qg:envs:api`` and, where ``put`` keeps one, to the listing's index
@@ -91,6 +93,7 @@ import sys
 import tempfile
 import time
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,14 +230,20 @@ def set_gateway(cfg: Path, **keys: Any) -> None:
     (cfg / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
 
 
-def build_dir(cfg: Path, n: int, per_file: int, fmt: str = "yaml") -> tuple[Path, Path]:
+def file_env_id(i: int) -> str:
+    """--owner api --file-envs: the file-owned environments beside the API-owned ones."""
+    return f"{PREFIX}f{i:07d}"
+
+
+def build_dir(cfg: Path, n: int, per_file: int, fmt: str = "yaml",
+              name: Callable[[int], str] = env_id) -> tuple[Path, Path]:
     """N environments in ``environments_dir: environments.d``, ``per_file`` a file
     (environments.yaml empty); returns the first file with environment 0's QPS changed, and
     that file (the change is moved over it at the reload)."""
     d = cfg / "environments.d"
     d.mkdir()
     for start in range(0, n, per_file):
-        ids = [env_id(i) for i in range(start, min(n, start + per_file))]
+        ids = [name(i) for i in range(start, min(n, start + per_file))]
         (d / f"part-{start // per_file:05d}.{fmt}").write_text(environments_text(ids, None, fmt))
     (cfg / "environments.yaml").write_text("environments: {}\n")
     set_gateway(cfg, environments_dir="environments.d")
@@ -615,6 +624,8 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
             tmp: Path) -> dict[str, Any]:
     children = Children(tmp)
     result: dict[str, Any] = {"envs": n, "owner": owner}
+    if owner == "api" and args.file_envs:
+        result["owner"] = f"api + {short(args.file_envs)} dir"
     try:
         valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False).start()
         children.valkey = valkey
@@ -632,6 +643,8 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
         elif owner == "dir":
             changed = build_dir(cfg, n, args.per_file, args.format)
         else:
+            if args.file_envs:
+                build_dir(cfg, args.file_envs, args.per_file, args.format, file_env_id)
             changed = build_api_file(cfg)
             uvloop.run(build_api(cfg, valkey.url, n))
         result["build_s"] = time.perf_counter() - t
@@ -841,6 +854,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also start `serve --workers 2`: time to ready and RSS")
     p.add_argument("--ready-timeout", type=float, default=900.0)
     p.add_argument("--reload-timeout", type=float, default=600.0)
+    p.add_argument("--file-envs", type=parse_count, default=0,
+                   help="--owner api: this many file-owned environments more, in "
+                        "environments_dir (--per-file a file, --format)")
     p.add_argument("--fn-seconds", type=float, default=3.0,
                    help="step 10: seconds of closed-loop load per kind (0: skip)")
     p.add_argument("--fn-concurrency", type=int, default=64,

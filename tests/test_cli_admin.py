@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import zoneinfo
 from pathlib import Path
 
@@ -222,6 +223,78 @@ async def test_bulk_import_resumes_and_export_reads_back(tmp_path: Path, valkey_
         out = cli(admin, "env", "import", str(many), "--resume", "--json")
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["received"] == 6000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+
+
+@pytest.mark.deployed
+async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, upstream):
+    """`quotagate token` against `quotagate serve` (real clock): a viewer reads and is
+    refused a purchase (403, nothing bought), a billing token buys, an environment token
+    reads its own environment only; rotated and revoked tokens stop at once; the listing
+    never shows a secret, and a token's time is the store's (today's) clock."""
+    _, admin = stage_gateway(tmp_path, valkey_url, upstream.port)
+    today = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date()
+    anchor = today.replace(day=1)
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        name: {"plan": "standard", "anchor": anchor.isoformat(),
+               "expires": (anchor + dt.timedelta(days=400)).isoformat()}
+        for name in ("mall",)}}))
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
+    try:
+        await wait_ready(admin, proc)
+        definition = tmp_path / "shop.yaml"  # owned by the API: it can buy packs
+        definition.write_text(yaml.safe_dump({
+            "plan": "personal", "anchor": anchor.isoformat(),
+            "expires": (anchor + dt.timedelta(days=400)).isoformat()}))
+        assert cli(admin, "env", "put", "shop", str(definition)).returncode == 0
+
+        def made(*args: str) -> dict:
+            out = cli(admin, "token", "create", *args, "--json")
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+
+        viewer = made("support desk", "--role", "viewer")
+        billing = made("billing team", "--role", "billing")
+        tenant = made("shop's owner", "--role", "env", "--env", "shop")
+        now_ms = json.loads(subprocess.run(  # (the machine's clock: the store's is the same)
+            [sys.executable, "-c", "import time; print(int(time.time() * 1000))"],
+            capture_output=True, text=True, check=True).stdout)
+        assert abs(viewer["created_ms"] - now_ms) < 600_000
+
+        assert cli(admin, "env", "list", token=viewer["token"]).returncode == 0
+        refused = cli(admin, "pack", "buy", "shop", "calls-10m", token=viewer["token"])
+        assert refused.returncode == 1 and "refused (403)" in refused.stderr
+        assert "needs money" in refused.stderr
+        packs = json.loads(cli(admin, "pack", "list", "shop", "--json").stdout)["packs"]
+        assert packs == []
+        out = cli(admin, "pack", "buy", "shop", "calls-10m", "--id", "p1",
+                  token=billing["token"])
+        assert out.returncode == 0 and "pack p1 bought" in out.stdout
+
+        out = cli(admin, "whoami", token=tenant["token"])
+        assert out.returncode == 0 and "env of shop" in out.stdout
+        assert cli(admin, "env", "usage", "shop", token=tenant["token"]).returncode == 0
+        other = cli(admin, "env", "usage", "mall", token=tenant["token"])
+        assert other.returncode == 1 and "refused (403)" in other.stderr
+
+        listed = cli(admin, "token", "list")
+        assert listed.returncode == 0
+        assert {"support", "billing", "shop's"} <= {line.split()[1] for line in
+                                                      listed.stdout.splitlines()[2:]}
+        assert not any(t["token"] in listed.stdout for t in (viewer, billing, tenant))
+        assert cli(admin, "token", "list", token=billing["token"]).returncode == 1
+
+        rotated = json.loads(cli(admin, "token", "rotate", viewer["id"], "--json").stdout)
+        assert cli(admin, "env", "list", token=viewer["token"]).returncode == 1
+        assert cli(admin, "env", "list", token=rotated["token"]).returncode == 0
+        out = cli(admin, "token", "revoke", viewer["id"])
+        assert out.returncode == 0 and f"revoked {viewer['id']}" in out.stdout
+        gone = cli(admin, "env", "list", token=rotated["token"])
+        assert gone.returncode == 1 and "refused (401)" in gone.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

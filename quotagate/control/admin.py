@@ -13,6 +13,7 @@ from quotagate.common.server import name_the_server
 from quotagate.control import api as control_api
 from quotagate.control.envs import Environments
 from quotagate.control.runtime import Runtime
+from quotagate.control.tokens import READ
 from quotagate.limiter.errors import StoreError
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -49,7 +50,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_view(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if runtime.config.gateway.metrics_auth:
-        refused = control_api.refuse_without_token(request)
+        refused = await control_api.refuse_unless(request, READ)
         if refused is not None:
             return refused
     metrics.BACKLOG.set(len(runtime.limiter.backlog))

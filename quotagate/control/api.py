@@ -27,7 +27,25 @@ from quotagate.common import metrics
 from quotagate.common.clock import StoreClock
 from quotagate.common.envids import ENV_ID
 from quotagate.common.problem import problem_response
-from quotagate.control.envs import STATES, ControlError, Environments, Filters, Invalid
+from quotagate.control.envs import (
+    STATES,
+    ControlError,
+    Environments,
+    Filters,
+    Invalid,
+    NotFound,
+)
+from quotagate.control.tokens import (
+    ADMIN,
+    LEAST_ROLE,
+    MONEY,
+    OPERATOR,
+    READ,
+    SETTINGS,
+    Principal,
+    Token,
+    Tokens,
+)
 from quotagate.control.usage import usage_report
 from quotagate.limiter import due
 from quotagate.limiter.errors import StoreError, StoreUnavailable
@@ -40,6 +58,9 @@ PREFIX = "/admin/v1"
 TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
 ENVS = web.AppKey("control_envs", Environments)
 TOKEN = web.AppKey("admin_token", str)
+TOKENS = web.AppKey("admin_tokens", Tokens)
+#: The request's Principal (who made it), set by the guard.
+PRINCIPAL = web.RequestKey("quotagate_principal", Principal)
 LIMITER = web.AppKey("control_limiter", Limiter)
 RenewedHook = Callable[[str], None]
 RENEWED: web.AppKey[RenewedHook] = web.AppKey("control_renewed")
@@ -61,6 +82,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _ADMIN_PROBLEMS = {
     400: ("bad-request", "Malformed request"),
     401: ("unauthorized", "Missing or wrong bearer token"),
+    403: ("forbidden", "Not allowed for this token"),
     404: ("not-found", "Not found"),
     405: ("method-not-allowed", "Method not allowed"),
     409: ("conflict", "Refused"),
@@ -99,35 +121,94 @@ def _not_synced() -> web.Response:
     return response
 
 
-def refuse_without_token(request: web.Request) -> web.Response | None:
-    """The 401 problem for a request without the admin bearer token (None: it has it)."""
+def _unauthorized(message: str) -> web.Response:
+    response = _error(401, message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="quotagate-admin"'
+    return response
+
+
+async def authenticate(request: web.Request) -> Principal | web.Response:
+    """Who the bearer token is (the operator's QUOTAGATE_ADMIN_TOKEN, compared in constant
+    time without the store, or a scoped token looked up in it), or the 401 problem."""
     expected = request.app[TOKEN]
-    given = request.headers.get("Authorization", "")
-    if not expected:
-        return _error(401, f"the admin API is off: set {TOKEN_ENV} for the gateway",
-                      headers_hint="Authorization: Bearer <token>")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
-        response = _error(401, "missing or wrong bearer token")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="quotagate-admin"'
-        return response
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return _unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    if expected and hmac.compare_digest(given.encode(), expected.encode()):
+        return OPERATOR
+    principal = await request.app[TOKENS].identify(given)
+    if principal is None:
+        return _unauthorized("wrong bearer token" + (
+            "" if expected else f" ({TOKEN_ENV} is not set for this gateway: only scoped "
+            "tokens are taken)"))
+    return principal
+
+
+async def refuse_unless(request: web.Request, permission: str) -> web.Response | None:
+    """For a route outside /admin/v1 behind the same tokens (``/metrics`` with
+    ``metrics_auth``): the 401 / 403 / 503 problem, or None when the token may
+    (``permission``, over every environment: never an environment token)."""
+    try:
+        who = await authenticate(request)
+    except STORE_AWAY as exc:
+        return _store_down(exc)
+    if isinstance(who, web.Response):
+        return who
+    if who.role == "env" or not who.may(permission):
+        return _error(403, f"token {who.id} ({who.name!r}) is a {who.role} token: "
+                      f"{request.path} needs {permission} over every environment (role "
+                      f"{LEAST_ROLE[permission]} or admin)", role=who.role, needs=permission)
     return None
+
+
+def forbidden(request: web.Request, who: Principal) -> web.Response | None:
+    """The 403 problem when ``who`` may not call this route (None: it may)."""
+    route = request.match_info.route.resource
+    if route is None:  # no such route: the handler answers 404 / 405
+        return None
+    key = (request.method, route.canonical)
+    need = PERMISSION.get(key)
+    if need is None:  # (a method the resource has not: 405)
+        return None
+    if who.role == "env":
+        if key in ENV_TOKEN_ROUTES:
+            if "{env}" in route.canonical:
+                own = request.match_info.get("env") == who.env
+            elif key == ("GET", PREFIX + "/bills"):  # its own lines only
+                own = request.query.get("env") == who.env
+            else:  # who it is, the catalog of versions
+                own = True
+            if own:
+                return None
+        return _error(403, f"token {who.id} ({who.name!r}) reads environment {who.env} "
+                      f"only: not {request.method} {request.path}", role=who.role,
+                      env=who.env)
+    if who.may(need):
+        return None
+    return _error(403, f"token {who.id} ({who.name!r}) is a {who.role} token: "
+                  f"{request.method} {route.canonical} needs {need} (role "
+                  f"{LEAST_ROLE[need]} or admin)", role=who.role, needs=need)
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer token on every /admin/v1 route; every refusal as problem+json: ControlError ->
+    """Bearer token on every /admin/v1 route (401 without one, 403 where its role may not);
+    every refusal as problem+json: ControlError ->
     its status, an unreachable store -> 503, aiohttp's own (404, 405, 413) kept, anything
     else -> 500 without a traceback (logged)."""
     if not request.path.startswith(PREFIX):
         return await handler(request)
-    refused = refuse_without_token(request)
-    if refused is not None:
-        return refused
-    clock = request.app[ENVS].clock
-    if isinstance(clock, StoreClock) and not clock.synced:
-        return _not_synced()
     try:
+        who = await authenticate(request)
+        if isinstance(who, web.Response):
+            return who
+        refused = forbidden(request, who)
+        if refused is not None:
+            return refused
+        request[PRINCIPAL] = who
+        clock = request.app[ENVS].clock
+        if isinstance(clock, StoreClock) and not clock.synced:
+            return _not_synced()
         return await handler(request)
     except ControlError as exc:
         return _error(exc.status, str(exc), **exc.detail)
@@ -728,33 +809,90 @@ async def renew(request: web.Request) -> web.Response:
                               "paid": env.paid})
 
 
-ROUTES: list[tuple[str, str, Handler]] = [
-    ("POST", "/envs/{env}/renew", renew),
-    ("POST", "/usage", ingest_usage),
-    ("GET", "/envs", list_envs),
-    ("POST", "/envs:import", import_envs),
-    ("GET", "/envs:export", export_envs),
-    ("GET", "/envs/{env}", get_env),
-    ("PUT", "/envs/{env}", put_env),
-    ("GET", "/envs/{env}/usage", get_usage),
-    ("PUT", "/envs/{env}/overage", put_overage),
-    ("GET", "/envs/{env}/packs", list_packs),
-    ("POST", "/envs/{env}/packs", buy_pack),
-    ("DELETE", "/envs/{env}/packs/{pack_id}", refund_pack),
-    ("GET", "/envs/{env}/promos", list_promos),
-    ("POST", "/envs/{env}/promos", buy_promo),
-    ("POST", "/envs/{env}/plan/quote", quote_plan),
-    ("POST", "/envs/{env}/plan", change_plan),
-    ("GET", "/bills", get_bill),
-    ("GET", "/gateway/versions", gateway_versions),
-    ("POST", "/gateway/quote", quote_gateway),
-    ("GET", "/envs/{env}/gateway", get_gateway),
-    ("POST", "/envs/{env}/gateway", buy_gateway),
-    ("POST", "/envs/{env}/gateway/renew", renew_gateway),
-    ("PUT", "/envs/{env}/gateway/auto-renew", gateway_auto_renew),
-    ("POST", "/envs/{env}/gateway/change/quote", quote_gateway_change),
-    ("POST", "/envs/{env}/gateway/change", change_gateway),
+# ---------------------------------------------------------------------------------- tokens
+
+
+def _token_body(record: Token, secret: str | None = None) -> dict[str, Any]:
+    body = record.public()
+    if secret is not None:
+        body["token"] = secret  # shown this once: the store keeps its digest only
+    return body
+
+
+async def whoami(request: web.Request) -> web.Response:
+    who = request[PRINCIPAL]
+    return web.json_response({"id": who.id, "name": who.name, "role": who.role,
+                              "env": who.env})
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    return web.json_response({"tokens": [t.public() for t in
+                                         await request.app[TOKENS].list()]})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    body = await _body(request)
+    unknown = sorted(set(body) - {"name", "role", "env"})
+    if unknown:
+        raise Invalid(f"unknown fields: {', '.join(unknown)} (fields: name, role, env)")
+    name, role, env = Tokens.check(body.get("name"), body.get("role"), body.get("env"))
+    if env is not None and not await request.app[ENVS].existing({env}):
+        raise NotFound(f"no environment {env}")
+    record, secret = await request.app[TOKENS].create(name, role, env)
+    return web.json_response(_token_body(record, secret), status=201)
+
+
+async def rotate_token(request: web.Request) -> web.Response:
+    record, secret = await request.app[TOKENS].rotate(request.match_info["token"])
+    return web.json_response(_token_body(record, secret))
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    record = await request.app[TOKENS].revoke(request.match_info["token"])
+    return web.json_response({**_token_body(record), "revoked": True})
+
+
+#: Every route of /admin/v1: method, path, handler, and the permission it needs
+#: (control/tokens.py: read, settings, money, admin).
+ROUTES: list[tuple[str, str, Handler, str]] = [
+    ("GET", "/me", whoami, READ),
+    ("POST", "/envs/{env}/renew", renew, MONEY),
+    ("POST", "/usage", ingest_usage, MONEY),
+    ("GET", "/envs", list_envs, READ),
+    ("POST", "/envs:import", import_envs, ADMIN),
+    ("GET", "/envs:export", export_envs, READ),
+    ("GET", "/envs/{env}", get_env, READ),
+    ("PUT", "/envs/{env}", put_env, ADMIN),
+    ("GET", "/envs/{env}/usage", get_usage, READ),
+    ("PUT", "/envs/{env}/overage", put_overage, SETTINGS),
+    ("GET", "/envs/{env}/packs", list_packs, READ),
+    ("POST", "/envs/{env}/packs", buy_pack, MONEY),
+    ("DELETE", "/envs/{env}/packs/{pack_id}", refund_pack, MONEY),
+    ("GET", "/envs/{env}/promos", list_promos, READ),
+    ("POST", "/envs/{env}/promos", buy_promo, MONEY),
+    ("POST", "/envs/{env}/plan/quote", quote_plan, READ),
+    ("POST", "/envs/{env}/plan", change_plan, MONEY),
+    ("GET", "/bills", get_bill, READ),
+    ("GET", "/gateway/versions", gateway_versions, READ),
+    ("POST", "/gateway/quote", quote_gateway, READ),
+    ("GET", "/envs/{env}/gateway", get_gateway, READ),
+    ("POST", "/envs/{env}/gateway", buy_gateway, MONEY),
+    ("POST", "/envs/{env}/gateway/renew", renew_gateway, MONEY),
+    ("PUT", "/envs/{env}/gateway/auto-renew", gateway_auto_renew, SETTINGS),
+    ("POST", "/envs/{env}/gateway/change/quote", quote_gateway_change, READ),
+    ("POST", "/envs/{env}/gateway/change", change_gateway, MONEY),
+    ("GET", "/tokens", list_tokens, ADMIN),
+    ("POST", "/tokens", create_token, ADMIN),
+    ("POST", "/tokens/{token}/rotate", rotate_token, ADMIN),
+    ("DELETE", "/tokens/{token}", revoke_token, ADMIN),
 ]
+PERMISSION = {(method, PREFIX + path): need for method, path, _, need in ROUTES}
+#: What an environment token may call: the reads of its own environment ({env}, or ?env=
+#: on /bills), and the catalog of gateway versions, and who it is.
+ENV_TOKEN_ROUTES = frozenset(
+    {(m, PREFIX + p) for m, p, _, need in ROUTES if need == READ and "{env}" in p}
+    | {("GET", PREFIX + "/bills"), ("GET", PREFIX + "/gateway/versions"),
+       ("GET", PREFIX + "/me")})
 
 
 def install(app: web.Application, envs: Environments, limiter: Limiter,
@@ -764,6 +902,7 @@ def install(app: web.Application, envs: Environments, limiter: Limiter,
     app[LIMITER] = limiter
     app[RENEWED] = on_renewed or (lambda env: None)
     app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    app[TOKENS] = Tokens(envs.redis, envs.clock.now_ms)
     app.middlewares.append(guard)
-    for method, path, handler in ROUTES:
+    for method, path, handler, _ in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)

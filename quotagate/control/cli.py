@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime as dt
 import hashlib
 import http.client
 import io
@@ -26,6 +27,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from quotagate.control.tokens import ROLES
 from quotagate.settings.load import ConfigError, parse_yaml
 from quotagate.settings.schema import Environment
 
@@ -485,6 +487,57 @@ def bill(args: argparse.Namespace) -> None:
         print(f"total {data['total']} {data['currency']}")
 
 
+TOKEN_COLUMNS = ["id", "name", "role", "env", "created", "rotated"]
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _token_row(token: dict[str, Any]) -> dict[str, Any]:
+    return {**token, "env": token.get("env") or "", "created": _when(token["created_ms"]),
+            "rotated": _when(token.get("rotated_ms"))}
+
+
+def _token_text(data: dict[str, Any]) -> str:
+    text = table([_token_row(data)], TOKEN_COLUMNS)
+    if "token" in data:
+        text += ("\n\ntoken (shown this once; the gateway keeps only its SHA-256):\n"
+                 + data["token"])
+    return text
+
+
+def token_list(args: argparse.Namespace) -> None:
+    data = call(args, "GET", "/tokens")
+    _out(args, data, table([_token_row(t) for t in data["tokens"]], TOKEN_COLUMNS))
+
+
+def token_create(args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"name": args.name, "role": args.role}
+    if args.env:
+        body["env"] = args.env
+    data = call(args, "POST", "/tokens", body)
+    _out(args, data, _token_text(data))
+
+
+def token_rotate(args: argparse.Namespace) -> None:
+    data = call(args, "POST", f"/tokens/{args.id}/rotate")
+    _out(args, data, _token_text(data))
+
+
+def token_revoke(args: argparse.Namespace) -> None:
+    data = call(args, "DELETE", f"/tokens/{args.id}")
+    _out(args, data, f"revoked {data['id']} ({data['name']!r}, {data['role']})")
+
+
+def whoami(args: argparse.Namespace) -> None:
+    data = call(args, "GET", "/me")
+    _out(args, data, f"{data['id']} ({data['name']!r}): {data['role']}"
+         + (f" of {data['env']}" if data.get("env") else ""))
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -638,3 +691,20 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--date", required=True, help="YYYY-MM-DD (each environment's local day)")
     b.add_argument("--env", help="one environment only")
     b.add_argument("--format", choices=["table", "json", "csv"], default="table")
+
+    tok = sub.add_parser("token", help="scoped tokens of the admin API: list, create, rotate, "
+                         "revoke (role admin)")
+    ts = tok.add_subparsers(dest="token_command", required=True)
+    _cmd(ts, "list", "every token: id, name, role, environment (never a secret)", token_list)
+    tc = _cmd(ts, "create", "a new token; its secret is printed this once", token_create,
+              ("name", {"help": "who or what holds it, e.g. 'support desk'"}))
+    tc.add_argument("--role", required=True, choices=list(ROLES),
+                    help="viewer: read; support: read + overage and auto-renewal; billing: "
+                    "read + everything that moves money; admin: everything; env: one "
+                    "environment's reads (with --env)")
+    tc.add_argument("--env", help="the environment an env token reads")
+    _cmd(ts, "rotate", "a new secret (printed this once); the old one stops at once",
+         token_rotate, ("id", {"help": "token id (8 hex digits)"}))
+    _cmd(ts, "revoke", "revoke a token, at once on every instance", token_revoke,
+         ("id", {"help": "token id (8 hex digits)"}))
+    _cmd(sub, "whoami", "who the token given is: id, name, role", whoami)

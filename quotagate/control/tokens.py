@@ -1,0 +1,207 @@
+"""Scoped tokens of the admin API: who may do what, stored hashed in the store.
+
+A token is ``qg_<id>_<secret>``: ``id`` (8 hex digits) names it in listings and in the audit
+of what it did; ``secret`` (32 random bytes, base64url) is shown once, when the token is
+created or rotated. The store keeps its SHA-256 only (a random 256-bit secret needs no slow
+hash: nothing can be guessed from the digest), so a copy of the store lets nobody in.
+
+Roles, and what each grants (``GRANTS``; each route of ``/admin/v1`` needs one permission,
+``control.api.ROUTES``):
+
+- ``viewer``: read everything (environments, usage, packs, promos, versions, bills, quotes);
+- ``support``: read, and the settings that move no money (overage on or off, a gateway
+  version's auto-renewal);
+- ``billing``: read, and every action that moves money (packs, promos, plans, versions,
+  renewals, refunds, usage records);
+- ``admin``: everything, including environments' definitions, imports and tokens;
+- ``env``: an environment token, for a tenant: read its own environment only (its
+  definition, usage, packs, promos, version, quotes and bills).
+
+``QUOTAGATE_ADMIN_TOKEN`` keeps working as ``admin`` (checked without the store). The
+others are looked up in the store on every request (one ``HGET``): a token created, rotated
+or revoked on one instance is in effect on every instance at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from collections.abc import Callable
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from quotagate.common.envids import ENV_ID
+from quotagate.control.envs import ControlError, Invalid, NotFound
+from quotagate.limiter.keys import PREFIX
+
+#: Token records by id, and the same records by their secret's digest (one hash slot).
+RECORDS = f"{PREFIX}:{{tokens}}:records"
+DIGESTS = f"{PREFIX}:{{tokens}}:digests"
+
+READ, SETTINGS, MONEY, ADMIN = "read", "settings", "money", "admin"
+PERMISSIONS = (READ, SETTINGS, MONEY, ADMIN)
+GRANTS: dict[str, frozenset[str]] = {
+    "viewer": frozenset({READ}),
+    "support": frozenset({READ, SETTINGS}),
+    "billing": frozenset({READ, MONEY}),
+    "admin": frozenset(PERMISSIONS),
+    "env": frozenset({READ}),  # its own environment's only
+}
+ROLES = tuple(GRANTS)
+#: The least role a permission needs (docs/openapi.yaml's ``x-quotagate-role``).
+LEAST_ROLE = {READ: "viewer", SETTINGS: "support", MONEY: "billing", ADMIN: "admin"}
+#: Most tokens kept (a listing is one read).
+MAX_TOKENS = 10_000
+MAX_NAME = 64
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+_TOKEN = re.compile(r"qg_([0-9a-f]{8})_[A-Za-z0-9_-]{43}")
+
+
+class Token(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    name: str
+    role: str
+    #: The environment an ``env`` token reads (None for the others).
+    env: str | None
+    #: Milliseconds since the epoch on the store's clock.
+    created_ms: int
+    rotated_ms: int | None = None
+    #: SHA-256 of its secret, hex (kept with the record by id only).
+    digest: str = ""
+
+    def public(self) -> dict[str, object]:
+        return {"id": self.id, "name": self.name, "role": self.role, "env": self.env,
+                "created_ms": self.created_ms, "rotated_ms": self.rotated_ms}
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who made a request: a token's id, name, role and (``env`` role) environment."""
+    id: str
+    name: str
+    role: str
+    env: str | None = None
+
+    def may(self, permission: str) -> bool:
+        return permission in GRANTS[self.role]
+
+
+#: The operator's token from the environment (QUOTAGATE_ADMIN_TOKEN).
+OPERATOR = Principal("admin-token", "QUOTAGATE_ADMIN_TOKEN", "admin")
+
+_encode = msgspec.json.encode
+_decode = msgspec.json.Decoder(Token).decode
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _secret(token_id: str) -> str:
+    return f"qg_{token_id}_{secrets.token_urlsafe(32)}"
+
+
+class Tokens:
+    def __init__(self, redis: Redis, now_ms: Callable[[], int]):
+        self.redis = redis
+        self.now_ms = now_ms
+
+    async def identify(self, token: str) -> Principal | None:
+        """The token's principal, or None: not a token of this shape, or none the store has
+        (revoked, rotated, never made)."""
+        if not _TOKEN.fullmatch(token):
+            return None
+        raw = await self.redis.hget(DIGESTS, digest(token))
+        if raw is None:
+            return None
+        record = _decode(raw)
+        return Principal(record.id, record.name, record.role, record.env)
+
+    async def list(self) -> list[Token]:
+        records = [_decode(raw) for raw in (await self.redis.hgetall(RECORDS)).values()]
+        return sorted(records, key=lambda t: (t.created_ms, t.id))
+
+    @staticmethod
+    def check(name: object, role: object, env: object) -> tuple[str, str, str | None]:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise Invalid(f"name must be 1 to {MAX_NAME} printable characters")
+        if role not in GRANTS:
+            raise Invalid(f"role must be one of: {', '.join(ROLES)}")
+        assert isinstance(role, str)
+        if role == "env":
+            if not isinstance(env, str) or not ENV_ID.fullmatch(env):
+                raise Invalid("an env token needs env, an environment id "
+                              "([a-z0-9][a-z0-9-]{0,62})")
+            return name, role, env
+        if env is not None:
+            raise Invalid(f"only an env token has an env (this one's role is {role})")
+        return name, role, None
+
+    async def create(self, name: str, role: str, env: str | None) -> tuple[Token, str]:
+        """A new token: its record and its secret (shown this once)."""
+        if await self.redis.hlen(RECORDS) >= MAX_TOKENS:
+            raise ControlError(f"at most {MAX_TOKENS} tokens: revoke some first")
+        while True:
+            token_id = secrets.token_hex(4)
+            if not await self.redis.hexists(RECORDS, token_id):
+                break
+        record = Token(token_id, name, role, env, self.now_ms())
+        secret = _secret(token_id)
+        await self._write(record, secret, None)
+        return record, secret
+
+    async def rotate(self, token_id: str) -> tuple[Token, str]:
+        """A new secret for the token (the old one stops working at once)."""
+        secret = _secret(token_id)
+        record = await self._change(token_id, secret)
+        assert record is not None
+        return record, secret
+
+    async def revoke(self, token_id: str) -> Token:
+        record = await self._change(token_id, None)
+        assert record is not None
+        return record
+
+    async def _write(self, record: Token, secret: str, old_digest: str | None) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: {tokens}
+            self._queue_write(pipe, record, secret, old_digest)
+            await pipe.execute()
+
+    @staticmethod
+    def _queue_write(pipe: Pipeline, record: Token, secret: str,
+                     old_digest: str | None) -> None:
+        new = digest(secret)
+        if old_digest is not None:
+            pipe.hdel(DIGESTS, old_digest)
+        record.digest = new
+        pipe.hset(RECORDS, record.id, _encode(record))
+        pipe.hset(DIGESTS, new, _encode(msgspec.structs.replace(record, digest="")))
+
+    async def _change(self, token_id: str, secret: str | None) -> Token | None:
+        """Rotate (a new ``secret``) or revoke (None) the token, against its record as read:
+        a change of it meanwhile (WATCH) makes this read it again."""
+        if not re.fullmatch(r"[0-9a-f]{8}", token_id):
+            raise NotFound(f"no token {token_id[:40]!r} (a token id is 8 hex digits)")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(RECORDS)
+                    raw = await pipe.hget(RECORDS, token_id)
+                    if raw is None:
+                        raise NotFound(f"no token {token_id!r}")
+                    record = _decode(raw)
+                    old = record.digest
+                    pipe.multi()
+                    if secret is None:
+                        pipe.hdel(RECORDS, token_id)
+                        pipe.hdel(DIGESTS, old)
+                    else:
+                        record.rotated_ms = self.now_ms()
+                        self._queue_write(pipe, record, secret, old)
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
