@@ -549,21 +549,26 @@ async def fn_store_calls(session: aiohttp.ClientSession, port: int, ids: list[st
     not counted: the store's script calls (``INFO commandstats``) per answered request."""
     counted = False
     answered = failed = 0
+    refused: dict[str, int] = {}  # what the requests not answered 200 got
     stop = time.perf_counter() + 0.5 + args.fn_seconds
 
     async def worker() -> None:
         nonlocal answered, failed
         while time.perf_counter() < stop:
+            what = "200"
             try:
                 async with session.get(f"http://127.0.0.1:{port}{LOAD_PATH}",
                                        headers={"X-CloudBase-Env": rng.choice(ids)}) as resp:
-                    await resp.read()
-                    ok = resp.status == 200
-            except (aiohttp.ClientError, TimeoutError):
-                ok = False
+                    body = await resp.read()
+                    if resp.status != 200:
+                        what = f"{resp.status} {body[:160]!r}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                what = type(exc).__name__
             if counted:
-                answered += ok
-                failed += not ok
+                answered += what == "200"
+                failed += what != "200"
+                if what != "200":
+                    refused[what] = refused.get(what, 0) + 1
 
     r = redis.Redis.from_url(store_url)
     try:
@@ -578,7 +583,8 @@ async def fn_store_calls(session: aiohttp.ClientSession, port: int, ids: list[st
     finally:
         r.close()
     calls = sum(after.get(c, 0) - before.get(c, 0) for c in SCRIPT_COMMANDS)
-    return {"requests": answered, "failed": failed, "per_s": answered / seconds,
+    return {"requests": answered, "failed": failed, "refused": refused,
+            "per_s": answered / seconds,
             "script_calls": calls, "per_request": calls / max(answered, 1)}
 
 
@@ -697,6 +703,8 @@ def measure(args: argparse.Namespace, n: int, owner: str, upstream_port: int,
             print(f"  function route, {kind}: {fc['per_request']:.3f} store script calls per "
                   f"request ({fc['requests']:,} answered, {fc['per_s']:,.0f}/s, "
                   f"{fc['failed']} not 200)", flush=True)
+            for what, count in sorted(fc["refused"].items(), key=lambda kv: -kv[1])[:5]:
+                print(f"    {count} × {what}", flush=True)
         rl = result["reload"]
         print(f"  reload: effect {fmt_s(rl['effect_s'])}, done {fmt_s(rl['done_s'])}, "
               f"p99 {fmt_ms(rl['load']['p99_ms'])} (before "

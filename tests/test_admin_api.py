@@ -69,8 +69,9 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
         ("DELETE", "/admin/v1/envs/shop", None, 405),  # aiohttp's own refusals too
         ("GET", "/admin/v1/no-such-route", None, 404),
     ]
-    async def everything() -> dict[bytes, bytes]:
-        return {k: await store.dump(k) for k in sorted(await store.keys("*"))}
+    async def everything() -> dict[bytes, bytes]:  # (but the audit: refusals are recorded)
+        return {k: await store.dump(k) for k in sorted(await store.keys("*"))
+                if not k.startswith(b"qg:{audit}:")}
 
     before = await everything()
     for method, path, body, status in cases:
@@ -78,6 +79,11 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
         assert resp.status == status, (path, body, await resp.text())
         await assert_problem(resp, status)
     assert await everything() == before  # keys and values
+    # Each refused change recorded as refused (not the reads, nor routes that do not exist).
+    recorded = await store.xrange("qg:{audit}:log")
+    assert [int(f[b"status"]) for _, f in recorded] == [
+        status for method, path, _, status in cases
+        if method in ("PUT", "POST") and "no-such" not in path]
 
 
 async def test_api_owned_env_overage_switch_on_every_instance(make_gateway, admin_for):

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from quotagate.control import audit
 from quotagate.control.api import ENV_TOKEN_ROUTES, PREFIX, ROUTES
-from quotagate.control.tokens import GRANTS, ROLES
+from quotagate.control.tokens import GRANTS, READ, ROLES
 from tests.helpers import ADMIN_TOKEN, assert_problem, env
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -29,7 +30,9 @@ async def make_token(admin, role: str, env_id: str | None = None, name: str | No
 
 
 async def everything(store) -> dict[bytes, bytes]:
-    return {k: await store.dump(k) for k in sorted(await store.keys("*"))}
+    """Every key and value but the audit trail's (a refusal is recorded there)."""
+    return {k: await store.dump(k) for k in sorted(await store.keys("*"))
+            if not k.startswith(b"qg:{audit}:")}
 
 
 def request_for(method: str, path: str, env_id: str) -> tuple[str, str, dict | None]:
@@ -56,6 +59,7 @@ async def test_every_route_with_every_role(make_gateway, admin_for, store):
                        (m, PREFIX + path) in ENV_TOKEN_ROUTES and (
                            env_id == "shop" or ("{env}" not in path and path != "/bills")))
                 before = None if may else await everything(store)
+                recorded = await store.xlen(audit.STREAM)
                 resp = await admin.request(m, url, json=body, headers=bearer(tokens[role]))
                 if may:
                     allowed += 1
@@ -66,6 +70,12 @@ async def test_every_route_with_every_role(make_gateway, admin_for, store):
                 problem = await assert_problem(resp, 403)
                 assert problem["role"] == role and "admin/forbidden" in problem["type"]
                 assert await everything(store) == before, (role, m, url)
+                if need != READ:  # a change refused: recorded once, as refused
+                    assert await store.xlen(audit.STREAM) == recorded + 1
+                    last = (await store.xrevrange(audit.STREAM, count=1))[0][1]
+                    assert (last[b"status"], last[b"role"]) == (b"403", role.encode())
+                else:
+                    assert await store.xlen(audit.STREAM) == recorded
     assert refused > 50 and allowed > 50  # (both sides walked)
 
 

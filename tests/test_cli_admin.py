@@ -295,6 +295,22 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
         assert out.returncode == 0 and f"revoked {viewer['id']}" in out.stdout
         gone = cli(admin, "env", "list", token=rotated["token"])
         assert gone.returncode == 1 and "refused (401)" in gone.stderr
+
+        # The audit trail: who did what to shop, refused or not, on the store's clock.
+        out = cli(admin, "audit", "--env", "shop", "--json")
+        assert out.returncode == 0, out.stderr
+        rows = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [(r["action"], r["actor"], r["status"]) for r in rows] == [
+            ("buy_pack", billing["id"], 201), ("buy_pack", viewer["id"], 403),
+            ("put_env", "admin-token", 200)]
+        assert all(abs(r["at_ms"] - now_ms) < 600_000 for r in rows)
+        out = cli(admin, "audit", "--by", viewer["id"])  # what the viewer's token did
+        assert out.returncode == 0 and out.stdout.count("\n") == 3  # head, rule, one row
+        assert "buy_pack" in out.stdout and "403" in out.stdout
+        out = cli(admin, "audit", "--action", "revoke_token", "--json")
+        assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == [
+            f"/admin/v1/tokens/{viewer['id']}"]
+        assert cli(admin, "audit", token=tenant["token"]).returncode == 1  # not a tenant's
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

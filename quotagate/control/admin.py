@@ -69,7 +69,8 @@ def init_admin_app(
     app.on_response_prepare.append(name_the_server)
     envs = Environments(runtime.redis, lambda: runtime.config,  # type: ignore[arg-type]
                         runtime.limiter.clock)
-    control_api.install(app, envs, runtime.limiter, token, on_renewed=runtime.renewed)
+    control_api.install(app, envs, runtime.limiter, token, on_renewed=runtime.renewed,
+                        trail=runtime.audit)
     if registry is not None:
         app[METRICS_REGISTRY] = registry
     app.router.add_get("/healthz", healthz)

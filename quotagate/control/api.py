@@ -8,11 +8,13 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import hmac
 import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -27,6 +29,7 @@ from quotagate.common import metrics
 from quotagate.common.clock import StoreClock
 from quotagate.common.envids import ENV_ID
 from quotagate.common.problem import problem_response
+from quotagate.control import audit
 from quotagate.control.envs import (
     STATES,
     ControlError,
@@ -59,6 +62,7 @@ TOKEN_ENV = "QUOTAGATE_ADMIN_TOKEN"
 ENVS = web.AppKey("control_envs", Environments)
 TOKEN = web.AppKey("admin_token", str)
 TOKENS = web.AppKey("admin_tokens", Tokens)
+AUDIT = web.AppKey("admin_audit", audit.Audit)
 #: The request's Principal (who made it), set by the guard.
 PRINCIPAL = web.RequestKey("quotagate_principal", Principal)
 LIMITER = web.AppKey("control_limiter", Limiter)
@@ -193,19 +197,66 @@ def forbidden(request: web.Request, who: Principal) -> web.Response | None:
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer token on every /admin/v1 route (401 without one, 403 where its role may not);
-    every refusal as problem+json: ControlError ->
-    its status, an unreachable store -> 503, aiohttp's own (404, 405, 413) kept, anything
-    else -> 500 without a traceback (logged)."""
+    every change (a route that needs more than read) recorded in the audit trail with its
+    answer's status, refused or not; the request id (``X-Request-Id``, given or made) on
+    the answer."""
     if not request.path.startswith(PREFIX):
         return await handler(request)
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    response = await _answer(request, handler)
+    if not response.prepared:
+        response.headers["X-Request-Id"] = request_id
+    who = request.get(PRINCIPAL)
+    route = request.match_info.route
+    if who is not None and route.resource is not None:
+        need = PERMISSION.get((request.method, route.resource.canonical))
+        if need is not None and need != READ:
+            await request.app[AUDIT].record({
+                "actor": who.id, "actor_name": who.name, "role": who.role,
+                "action": getattr(route.handler, "__name__", "?"),
+                "method": request.method, "path": request.path,
+                "env": request.match_info.get("env", ""),
+                "body": await _audit_body(request), "status": str(response.status),
+                "request_id": request_id})
+    return response
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: What an audit entry keeps of a body another handler read as a stream (NDJSON imports).
+AUDIT_BODY = web.RequestKey("quotagate_audit_body", str)
+
+
+async def _audit_body(request: web.Request) -> str:
+    """The request's body as the audit keeps it: JSON as sent (at most audit.MAX_BODY
+    characters), anything else by its size and type."""
+    summary = request.get(AUDIT_BODY)
+    if summary is not None:
+        return summary
+    if not request.body_exists:
+        return ""
+    if request.content_type != "application/json":
+        return f"({request.content_length or '?'} bytes of {request.content_type})"
+    try:
+        raw = await request.read()  # (read already by the handler: kept by aiohttp)
+    except (web.HTTPException, OSError, asyncio.CancelledError):
+        return f"(unreadable: {request.content_length or '?'} bytes of JSON)"
+    text = raw.decode(errors="replace")
+    return text if len(text) <= audit.MAX_BODY else text[:audit.MAX_BODY] + "…"
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every refusal as problem+json: ControlError -> its status, an unreachable store ->
+    503, aiohttp's own (404, 405, 413) kept, anything else -> 500 without a traceback
+    (logged)."""
     try:
         who = await authenticate(request)
         if isinstance(who, web.Response):
             return who
+        request[PRINCIPAL] = who
         refused = forbidden(request, who)
         if refused is not None:
             return refused
-        request[PRINCIPAL] = who
         clock = request.app[ENVS].clock
         if isinstance(clock, StoreClock) and not clock.synced:
             return _not_synced()
@@ -305,21 +356,26 @@ def decode_cursor(cursor: str) -> str:
     return after
 
 
+def _paging(request: web.Request, known: tuple[str, ...]) -> int:
+    """The query's parameters are ``known`` ones, each given once (else 400 naming it); its
+    ``limit`` (1 to LIST_LIMIT_MAX; LIST_LIMIT if not given)."""
+    query = request.query
+    for name in query:
+        if name not in known:
+            raise _bad_parameter(name, f"unknown parameter (parameters: {', '.join(known)})")
+        if len(query.getall(name)) > 1:
+            raise _bad_parameter(name, "given more than once")
+    text = query.get("limit", str(LIST_LIMIT))
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= LIST_LIMIT_MAX):
+        raise _bad_parameter("limit", f"an integer from 1 to {LIST_LIMIT_MAX} (default "
+                             f"{LIST_LIMIT})")
+    return int(text)
+
+
 def _list_query(request: web.Request) -> tuple[str, int, Filters]:
     """Every parameter checked before anything is read: 400 naming the first bad one."""
     query = request.query
-    for name in query:
-        if name not in LIST_PARAMS:
-            raise _bad_parameter(name, f"unknown parameter (parameters: {', '.join(LIST_PARAMS)})")
-        if len(query.getall(name)) > 1:
-            raise _bad_parameter(name, "given more than once")
-    limit = LIST_LIMIT
-    if "limit" in query:
-        text = query["limit"]
-        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= LIST_LIMIT_MAX):
-            raise _bad_parameter("limit", f"an integer from 1 to {LIST_LIMIT_MAX} (default "
-                                 f"{LIST_LIMIT})")
-        limit = int(text)
+    limit = _paging(request, LIST_PARAMS)
     after = decode_cursor(query["cursor"]) if "cursor" in query else ""
     plans = request.app[ENVS].config.plans
 
@@ -434,6 +490,8 @@ async def import_envs(request: web.Request) -> web.Response:
     if request.query:
         raise _bad_parameter(next(iter(request.query)), "this route takes no parameters")
     body = await _ndjson_body(request)
+    request[AUDIT_BODY] = (f"({len(body)} bytes of NDJSON, sha256 "
+                           f"{hashlib.sha256(body).hexdigest()})")
     envs = request.app[ENVS]
     declared = envs.config.environments.environments
     plans = envs.config.plans  # (what the lines are checked against; put_many checks again
@@ -852,6 +910,46 @@ async def revoke_token(request: web.Request) -> web.Response:
     return web.json_response({**_token_body(record), "revoked": True})
 
 
+AUDIT_PARAMS = ("env", "token", "action", "since", "until", "limit", "cursor")
+_ENTRY_ID = re.compile(r"\d{1,15}-\d{1,15}")
+
+
+def _instant_ms(name: str, text: str) -> int:
+    """A time given as ms since the epoch, a date (00:00 UTC) or an ISO 8601 date-time with
+    its offset."""
+    if text.isascii() and text.isdigit() and len(text) <= 15:
+        return int(text)
+    try:
+        if _DAY.fullmatch(text):
+            when = dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
+        else:
+            when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                raise ValueError
+    except ValueError:
+        raise _bad_parameter(name, "ms since the epoch, YYYY-MM-DD (UTC), or an ISO 8601 "
+                             "date-time with its offset (2026-12-07T10:00:00+08:00)") from None
+    return int(when.timestamp() * 1000)
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    """Audit entries, newest first: ``entries`` and ``next_cursor`` (null: no more)."""
+    query = request.query
+    limit = _paging(request, AUDIT_PARAMS)
+    cursor = query.get("cursor")
+    if cursor is not None and not _ENTRY_ID.fullmatch(cursor):
+        raise _bad_parameter("cursor", "not a cursor this API gave (pass next_cursor as given)")
+    env = query.get("env")
+    if env is not None and not ENV_ID.fullmatch(env):
+        raise _bad_parameter("env", "not an environment id ([a-z0-9][a-z0-9-]{0,62})")
+    filters = audit.Filters(
+        env=env, actor=query.get("token"), action=query.get("action"),
+        since_ms=_instant_ms("since", query["since"]) if "since" in query else None,
+        until_ms=_instant_ms("until", query["until"]) if "until" in query else None)
+    entries, after = await request.app[AUDIT].page(filters, limit, cursor)
+    return web.json_response({"entries": entries, "next_cursor": after})
+
+
 #: Every route of /admin/v1: method, path, handler, and the permission it needs
 #: (control/tokens.py: read, settings, money, admin).
 ROUTES: list[tuple[str, str, Handler, str]] = [
@@ -881,6 +979,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("PUT", "/envs/{env}/gateway/auto-renew", gateway_auto_renew, SETTINGS),
     ("POST", "/envs/{env}/gateway/change/quote", quote_gateway_change, READ),
     ("POST", "/envs/{env}/gateway/change", change_gateway, MONEY),
+    ("GET", "/audit", get_audit, READ),
     ("GET", "/tokens", list_tokens, ADMIN),
     ("POST", "/tokens", create_token, ADMIN),
     ("POST", "/tokens/{token}/rotate", rotate_token, ADMIN),
@@ -896,13 +995,17 @@ ENV_TOKEN_ROUTES = frozenset(
 
 
 def install(app: web.Application, envs: Environments, limiter: Limiter,
-            token: str | None = None, on_renewed: Callable[[str], None] | None = None) -> None:
-    """Mount the admin API on the admin application."""
+            token: str | None = None, on_renewed: Callable[[str], None] | None = None,
+            trail: audit.Audit | None = None) -> None:
+    """Mount the admin API on the admin application (``trail``: the runtime's audit)."""
     app[ENVS] = envs
     app[LIMITER] = limiter
     app[RENEWED] = on_renewed or (lambda env: None)
     app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
     app[TOKENS] = Tokens(envs.redis, envs.clock.now_ms)
+    app[AUDIT] = trail or audit.Audit(envs.redis, envs.clock.now_ms,
+                                      lambda: envs.config.gateway.audit_retention_days,
+                                      limiter.instance)
     app.middlewares.append(guard)
     for method, path, handler, _ in ROUTES:
         app.router.add_route(method, PREFIX + path, handler)

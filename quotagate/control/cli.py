@@ -532,6 +532,37 @@ def token_revoke(args: argparse.Namespace) -> None:
     _out(args, data, f"revoked {data['id']} ({data['name']!r}, {data['role']})")
 
 
+AUDIT_COLUMNS = ["at", "actor", "role", "action", "env", "status", "request_id"]
+
+
+def audit(args: argparse.Namespace) -> None:
+    """The newest ``--max`` entries (0: all), a page at a time, printed as they come."""
+    params = {k: v for k, v in (("env", args.env), ("token", args.actor),
+                                ("action", args.action), ("since", args.since),
+                                ("until", args.until)) if v}
+    left = args.max or None
+    cursor = None
+    while True:
+        limit = min(1000, left) if left is not None else 1000
+        query = urllib.parse.urlencode({**params, "limit": limit,
+                                        **({"cursor": cursor} if cursor else {})})
+        data = call(args, "GET", f"/audit?{query}")
+        rows = data["entries"]
+        if args.json:
+            for row in rows:
+                print(json.dumps(row, ensure_ascii=False))
+        elif rows:
+            print(table([{**r, "actor": f"{r['actor']} ({r['actor_name']})",
+                          "env": r.get("env") or r.get("envs", "")[:40]} for r in rows],
+                        AUDIT_COLUMNS))
+        sys.stdout.flush()
+        if left is not None:
+            left -= len(rows)
+        cursor = data["next_cursor"]
+        if not cursor or (left is not None and left <= 0):
+            return
+
+
 def whoami(args: argparse.Namespace) -> None:
     data = call(args, "GET", "/me")
     _out(args, data, f"{data['id']} ({data['name']!r}): {data['role']}"
@@ -708,3 +739,13 @@ def add_commands(sub: Any) -> None:
     _cmd(ts, "revoke", "revoke a token, at once on every instance", token_revoke,
          ("id", {"help": "token id (8 hex digits)"}))
     _cmd(sub, "whoami", "who the token given is: id, name, role", whoami)
+    au = _cmd(sub, "audit", "the audit trail, newest first: every change through the admin "
+              "API (refused or not) and every config reload", audit)
+    au.add_argument("--env", help="of this environment")
+    au.add_argument("--by", dest="actor", metavar="TOKEN_ID", help="made with this token id "
+                    "(admin-token: QUOTAGATE_ADMIN_TOKEN; config: reloads)")
+    au.add_argument("--action", help="e.g. buy_pack, change_plan, config_reload")
+    au.add_argument("--since", help="from: YYYY-MM-DD (UTC), ISO 8601 with offset, or ms")
+    au.add_argument("--until", help="until (exclusive), as --since")
+    au.add_argument("--max", type=int, default=100, help="entries at most (%(default)s; 0: "
+                    "all)")

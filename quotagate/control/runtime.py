@@ -34,6 +34,7 @@ from quotagate.common.addresses import StoreAddress
 from quotagate.common.aio import off_loop, pause, stop_if_cancelling
 from quotagate.common.clock import SYNC_INTERVAL_S, Clock, StoreClock
 from quotagate.control import events as control_events
+from quotagate.control.audit import Audit
 from quotagate.control.envs import Environments, local_today
 from quotagate.control.lifecycle import Scheduler
 from quotagate.limiter import due, keys
@@ -129,6 +130,9 @@ class ReloadChange:
     digest: str
     #: Environments the file declares now and did not before.
     added: list[str]
+    #: The ``sync.file_digest`` of the config in force before (the audit's claim of the
+    #: change: every instance going from the same files to the same files records it once).
+    previous: str = ""
 
 
 def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
@@ -158,7 +162,7 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
     config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
     added = [env_id for env_id in changed if env_id not in old]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
-                                file_digest(config), added)
+                                file_digest(config), added, file_digest(current))
 
 
 def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
@@ -199,6 +203,16 @@ class Runtime:
     api_plans_changed: bool = False
     #: The next sync writes every snapshot, whatever the store's digest says.
     _force_sync: bool = False
+    _audit: Audit | None = None
+
+    @property
+    def audit(self) -> Audit:
+        """The audit trail (control/audit.py): admin changes, and the reloads applied here."""
+        if self._audit is None:
+            self._audit = Audit(self.redis, self.limiter.clock.now_ms,
+                                lambda: self.config.gateway.audit_retention_days,
+                                self.limiter.instance)
+        return self._audit
 
     # ------------------------------------------------------------------------- reload
 
@@ -283,6 +297,10 @@ class Runtime:
                     self.synced = False
                     self._sync_soon()
             metrics.RELOADS.labels("success").inc()
+            if change.blobs or change.removed:  # (once across instances: by the digest)
+                await self.audit.record_reload(f"{change.previous}>{change.digest}", why,
+                                               list(change.blobs), change.removed,
+                                               change.everything)
             parsed = config.sources.parsed if config.sources is not None else []
             log.info("config reloaded (%s): %d routes, %d environments (%s; %d environments "
                      "file%s parsed)", why, len(new.routes), len(config.environments.environments),

@@ -1,0 +1,145 @@
+"""The audit trail (control/audit.py) over a real admin listener and a real Valkey: every change
+recorded once with who, what, the result and the request id, refused ones too; reads and
+quotes never; filters and pages; retention; a config reload recorded once however many
+instances apply it."""
+
+from __future__ import annotations
+
+import yaml
+
+from quotagate.control import audit
+from quotagate.gateway.app import STATE
+from tests.helpers import ADMIN_TOKEN, assert_problem, env
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def api_env() -> dict:
+    return {"plan": "personal", "anchor": "2026-11-01", "expires": "2027-11-01"}
+
+
+async def entries(admin, query: str = "") -> list[dict]:
+    resp = await admin.get(f"/admin/v1/audit{query}", headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["entries"]
+
+
+async def test_every_change_is_recorded_once_with_who_and_the_result(
+        make_gateway, admin_for, store):
+    admin = await admin_for(await make_gateway({}))
+    made = await admin.post("/admin/v1/tokens", json={"name": "billing desk", "role": "billing"},
+                            headers={**AUTH, "X-Request-Id": "req-1"})
+    billing = await made.json()
+    viewer = await (await admin.post("/admin/v1/tokens", json={"name": "auditor",
+                                                                "role": "viewer"},
+                                      headers=AUTH)).json()
+    put = await admin.put("/admin/v1/envs/shop", json=api_env(), headers=AUTH)
+    assert put.status == 200
+    bought = await admin.post("/admin/v1/envs/shop/packs", json={"pack": "calls-10m"},
+                              headers={"Authorization": f"Bearer {billing['token']}"})
+    assert bought.status == 201, await bought.text()
+    refused = await admin.post("/admin/v1/envs/shop/packs", json={"pack": "calls-10m"},
+                               headers={"Authorization": f"Bearer {viewer['token']}"})
+    await assert_problem(refused, 403)
+    invalid = await admin.put("/admin/v1/envs/shop/overage", json={"overage": "yes"},
+                              headers=AUTH)
+    assert invalid.status == 422
+    # Reads and quotes change nothing: not recorded.
+    for url in ("/admin/v1/envs", "/admin/v1/envs/shop/usage", "/admin/v1/audit"):
+        assert (await admin.get(url, headers=AUTH)).status == 200
+    assert (await admin.post("/admin/v1/envs/shop/plan/quote", json={"plan": "standard"},
+                             headers=AUTH)).status == 200
+
+    got = await entries(admin)
+    assert [(e["action"], e["actor"], e["status"]) for e in got] == [
+        ("put_overage", "admin-token", 422),
+        ("buy_pack", viewer["id"], 403),
+        ("buy_pack", billing["id"], 201),
+        ("put_env", "admin-token", 200),
+        ("create_token", "admin-token", 201),
+        ("create_token", "admin-token", 201)]
+    first = got[-1]
+    assert first["request_id"] == "req-1" and made.headers["X-Request-Id"] == "req-1"
+    buy = got[2]
+    assert buy["request_id"] == bought.headers["X-Request-Id"] and len(buy["request_id"]) == 32
+    assert buy["actor_name"] == "billing desk" and buy["role"] == "billing"
+    assert buy["env"] == "shop" and buy["path"] == "/admin/v1/envs/shop/packs"
+    assert '"calls-10m"' in buy["body"] and buy["method"] == "POST"
+    store_ms = int((await store.time())[0]) * 1000
+    assert abs(buy["at_ms"] - store_ms) < 60_000  # the store's clock
+    assert buy["at"].endswith("Z") and buy["id"].startswith(str(buy["at_ms"]))
+    # Never a secret: not in any entry, nor anywhere in the stream.
+    raw = str(await store.xrange(audit.STREAM))
+    assert billing["token"] not in raw and viewer["token"] not in raw
+
+
+async def test_filters_and_pages(make_gateway, admin_for):
+    admin = await admin_for(await make_gateway({}))
+    for name in ("shop", "mall"):
+        assert (await admin.put(f"/admin/v1/envs/{name}", json=api_env(),
+                                headers=AUTH)).status == 200
+    for i in range(12):
+        name = "shop" if i % 3 else "mall"
+        resp = await admin.put(f"/admin/v1/envs/{name}/overage",
+                               json={"overage": bool(i % 2)}, headers=AUTH)
+        assert resp.status == 200
+    everything = await entries(admin, "?limit=1000")
+    assert len(everything) == 14
+    shop = [e for e in everything if e["env"] == "shop"]
+    paged, cursor = [], None
+    while True:
+        query = "?env=shop&limit=3" + (f"&cursor={cursor}" if cursor else "")
+        page = await (await admin.get(f"/admin/v1/audit{query}", headers=AUTH)).json()
+        assert len(page["entries"]) <= 3
+        paged += page["entries"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert [e["id"] for e in paged] == [e["id"] for e in shop] and len(shop) == 9
+    assert [e["id"] for e in paged] == sorted((e["id"] for e in paged),
+                                              key=lambda i: tuple(map(int, i.split("-"))),
+                                              reverse=True)
+    assert {e["action"] for e in await entries(admin, "?action=put_env")} == {"put_env"}
+    assert len(await entries(admin, "?action=put_env")) == 2
+    assert await entries(admin, "?token=nobody") == []
+    middle = everything[7]["at_ms"]
+    since = await entries(admin, f"?since={middle}&limit=1000")
+    until = await entries(admin, f"?until={middle}&limit=1000")
+    assert len(since) + len(until) == 14 and all(e["at_ms"] >= middle for e in since)
+    assert await entries(admin, "?since=2000-01-01&until=2000-01-02") == []
+    for query, name in [("?limit=0", "limit"), ("?cursor=abc", "cursor"), ("?env=Bad_Id", "env"),
+                        ("?since=yesterday", "since"), ("?colour=red", "colour"),
+                        ("?until=2026-12-07T10:00:00", "until")]:
+        resp = await admin.get(f"/admin/v1/audit{query}", headers=AUTH)
+        problem = await assert_problem(resp, 400)
+        assert problem["parameter"] == name, query
+
+
+async def test_entries_older_than_the_retention_are_trimmed(make_gateway, admin_for, store):
+    admin = await admin_for(await make_gateway({}, audit_retention_days=1))
+    for i in range(300):  # three days ago (the store's stream nodes hold 100 entries)
+        await store.xadd(audit.STREAM, {"actor": "old", "action": "x"},
+                         id=f"{1_700_000_000_000 + i}-0")
+    assert (await admin.put("/admin/v1/envs/shop", json=api_env(), headers=AUTH)).status == 200
+    assert await store.xlen(audit.STREAM) < 150  # whole nodes of old entries trimmed
+    assert next(e["action"] for e in await entries(admin)) == "put_env"
+
+
+async def test_a_config_reload_is_recorded_once_across_instances(tmp_path, make_gateway,
+                                                                 admin_for, store):
+    one = await make_gateway({"shop": env(), "mall": env()})
+    other = await make_gateway({"shop": env(), "mall": env()})
+    admin = await admin_for(one)
+    for gw in (one, other):
+        runtime = gw.app[STATE].runtime
+        path = runtime.config.files[0].parent / "environments.yaml"
+        data = yaml.safe_load(path.read_text())
+        data["environments"]["shop"]["overage"] = True
+        del data["environments"]["mall"]
+        path.write_text(yaml.safe_dump(data))
+        assert await runtime.reload("test")
+    reloads = await entries(admin, "?action=config_reload")
+    assert len(reloads) == 1
+    assert set(reloads[0]["envs"].split()) == {"shop", "mall"} and reloads[0]["envs_count"] == 2
+    assert reloads[0]["actor"] == "config" and "1 written, 1 removed" in reloads[0]["body"]
+    assert [e["id"] for e in await entries(admin, "?env=mall")] == [reloads[0]["id"]]
