@@ -1,0 +1,114 @@
+"""deploy/kubernetes/ checked without a cluster (none runs here): every manifest against the
+Kubernetes API schemas (kubernetes-validate, strict: no unknown field), and the quotagate
+configs its ConfigMaps carry, loaded as `quotagate serve` loads them (with the repository's
+plans.yaml, which the quotagate-plans ConfigMap is made from); the probes, ports and mounts
+agree with those configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from quotagate.settings.load import load_config
+from tests.helpers import ROOT
+
+DEPLOY = ROOT / "deploy" / "kubernetes"
+#: The oldest Kubernetes the manifests are for (policy/v1 PDBs, seccompProfile).
+VERSION = "1.29"
+MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def everything() -> list[dict[str, Any]]:
+    return [d for path in MANIFESTS for d in documents(path)]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_each_manifest_is_valid_kubernetes(path: Path) -> None:
+    for doc in documents(path):
+        kubernetes_validate.validate(doc, VERSION, strict=True)
+
+
+def test_a_manifest_with_a_mistake_is_refused() -> None:
+    """(The check can fail: an unknown field, a wrong type.)"""
+    deployment = next(d for d in everything() if d["kind"] == "Deployment")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"][
+        "paht"] = "/readyz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSION, strict=True)
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSION, strict=True)
+
+
+def quotagate_containers() -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(workload, its quotagate container, the ConfigMap its config comes from)."""
+    docs = everything()
+    maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    found = []
+    for workload in (d for d in docs if d["kind"] == "Deployment"):
+        spec = workload["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            if "quotagate" not in container["image"]:
+                continue
+            config = next(v for v in spec["volumes"] if v["name"] == "config")
+            sources = [s["configMap"]["name"] for s in config["projected"]["sources"]]
+            assert "quotagate-plans" in sources  # made from config/plans.yaml
+            found.append((workload, container,
+                          next(maps[n] for n in sources if n != "quotagate-plans")))
+    return found
+
+
+def test_the_configs_load_as_serve_loads_them(tmp_path: Path) -> None:
+    found = quotagate_containers()
+    assert {w["metadata"]["name"] for w, _, _ in found} == {"quotagate", "reports"}
+    for workload, container, config_map in found:
+        etc = tmp_path / workload["metadata"]["name"]
+        etc.mkdir()
+        for name, text in config_map["data"].items():
+            (etc / name).write_text(text)
+        (etc / "plans.yaml").write_text((ROOT / "config" / "plans.yaml").read_text())
+        args = container["args"]
+        assert args[:2] == ["serve", "--config"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+        assert Path(args[2]).parent == Path(mount["mountPath"])
+        config = load_config(str(etc / Path(args[2]).name))
+        gw = config.gateway
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert int(gw.listen.rsplit(":", 1)[1]) == ports["http"]
+        admin_port = int(gw.admin_listen.rsplit(":", 1)[1])
+        for probe in ("readinessProbe", "livenessProbe"):
+            check = container[probe]
+            if "httpGet" in check:  # on the pod's IP: the admin listener must listen there
+                assert check["httpGet"]["port"] == "admin" and ports["admin"] == admin_port
+                assert not gw.admin_listen.startswith("127.")
+            else:  # from inside the pod: its loopback
+                assert f"127.0.0.1:{admin_port}" in " ".join(check["exec"]["command"])
+        assert container["readinessProbe"].get("httpGet", {}).get("path", "/readyz") \
+            == "/readyz" or "/readyz" in " ".join(container["readinessProbe"]["exec"]["command"])
+        token = next(e for e in container["env"] if e["name"] == "QUOTAGATE_ADMIN_TOKEN")
+        assert token["valueFrom"]["secretKeyRef"]["name"] == "quotagate-admin"
+        data = next(m for m in container["volumeMounts"] if m["name"] == "data")
+        assert gw.store.data_dir == data["mountPath"]  # the journal on a writable volume
+
+
+def test_a_disruption_budget_and_a_store() -> None:
+    docs = everything()
+    pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+    gateway = next(d for d in docs if d["kind"] == "Deployment"
+                   and d["metadata"]["name"] == "quotagate")
+    assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] < gateway["spec"]["replicas"]
+    valkey = next(d for d in docs if d["kind"] == "StatefulSet")
+    assert "--appendonly" in valkey["spec"]["template"]["spec"]["containers"][0]["args"]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert "QUOTAGATE_ADMIN_TOKEN" in secret["stringData"]
