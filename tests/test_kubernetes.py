@@ -112,3 +112,48 @@ def test_a_disruption_budget_and_a_store() -> None:
     assert "--appendonly" in valkey["spec"]["template"]["spec"]["containers"][0]["args"]
     secret = next(d for d in docs if d["kind"] == "Secret")
     assert "QUOTAGATE_ADMIN_TOKEN" in secret["stringData"]
+
+
+async def test_a_configmap_update_is_reloaded(make_gateway) -> None:
+    """The kubelet updates a mounted ConfigMap as its atomic writer does: the files are
+    symlinks through ``..data`` to a timestamped directory, and an update writes a new
+    directory and swaps ``..data`` in one rename. quotagate's poll sees it and reloads."""
+    import asyncio
+    import os
+
+    from quotagate.gateway.app import STATE
+    from tests.helpers import env
+
+    gw = await make_gateway({"shop": env()}, reload_poll_ms=100)
+    runtime = gw.app[STATE].runtime
+    etc = runtime.config.files[0].parent
+    names = [p.name for p in etc.iterdir() if p.suffix == ".yaml"]
+
+    def publish(version: str, overage: bool) -> None:
+        d = etc / f"..2026_12_07_{version}"
+        d.mkdir()
+        for name in names:
+            text = (etc / name).read_text()
+            if name == "environments.yaml":
+                data = yaml.safe_load(text)
+                data["environments"]["shop"]["overage"] = overage
+                text = yaml.safe_dump(data)
+            (d / name).write_text(text)
+        os.symlink(d.name, etc / "..data_tmp")
+        os.replace(etc / "..data_tmp", etc / "..data")  # the swap, atomic
+
+    publish("1", False)
+    for name in names:  # the mount's layout: each file a symlink through ..data
+        (etc / name).unlink()
+        os.symlink(f"..data/{name}", etc / name)
+    for _ in range(100):  # (the first poll sees new files with the same content)
+        await asyncio.sleep(0.05)
+        if not await runtime.files_changed():
+            break
+    assert runtime.config.environments.environments["shop"].overage is False
+    publish("2", True)
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if runtime.config.environments.environments["shop"].overage:
+            break
+    assert runtime.config.environments.environments["shop"].overage is True
