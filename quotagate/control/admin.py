@@ -3,6 +3,8 @@ the public port."""
 
 from __future__ import annotations
 
+from importlib import resources
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
@@ -47,6 +49,34 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+#: The console's files (control/console/): a page, its script and its style, no build step.
+CONSOLE = resources.files("quotagate.control").joinpath("console")
+CONSOLE_TYPES = {"console.js": "text/javascript", "console.css": "text/css"}
+#: Only this listener's own files, no inline script or style attribute, never in a frame.
+CONSOLE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache"}
+
+
+async def console_page(request: web.Request) -> web.Response:
+    """The console (docs/operations.md, *Console*): a page that signs in with a token of the
+    admin API and does everything through it; without a token it shows nothing but the
+    sign-in form."""
+    return web.Response(body=CONSOLE.joinpath("index.html").read_bytes(),
+                        content_type="text/html", charset="utf-8", headers=CONSOLE_HEADERS)
+
+
+async def console_file(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in CONSOLE_TYPES:
+        raise web.HTTPNotFound(text="no such file of the console")
+    return web.Response(body=CONSOLE.joinpath(name).read_bytes(),
+                        content_type=CONSOLE_TYPES[name], charset="utf-8",
+                        headers=CONSOLE_HEADERS)
+
+
 async def metrics_view(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     if runtime.config.gateway.metrics_auth:
@@ -73,6 +103,9 @@ def init_admin_app(
                         trail=runtime.audit)
     if registry is not None:
         app[METRICS_REGISTRY] = registry
+    app.router.add_get("/console", console_page)
+    app.router.add_get("/console/", console_page)
+    app.router.add_get("/console/{name}", console_file)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -180,7 +180,7 @@ def forbidden(request: web.Request, who: Principal) -> web.Response | None:
                 own = request.match_info.get("env") == who.env
             elif key == ("GET", PREFIX + "/bills"):  # its own lines only
                 own = request.query.get("env") == who.env
-            else:  # who it is, the catalog of versions
+            else:  # who it is, what is sold
                 own = True
             if own:
                 return None
@@ -792,6 +792,27 @@ async def gateway_versions(request: web.Request) -> web.Response:
         "currency": "CNY"})
 
 
+async def catalog(request: web.Request) -> web.Response:
+    """What is sold: plans, resource packs and promo packs, with their prices (CNY, exact)."""
+    plans = request.app[ENVS].config.plans
+
+    def money(value: Any) -> str | None:
+        return None if value is None else f"{Decimal(value):.2f}"
+
+    return web.json_response({
+        "currency": "CNY",
+        "plans": [{"plan": name, "monthly_price": money(p.price), "qps": p.qps,
+                   "calls": p.calls, "packs_allowed": p.packs_allowed}
+                  for name, p in plans.plans.items()],
+        "resource_packs": [{"pack": name, "meter": p.meter, "amount": p.amount,
+                            "price": money(p.price), "days": p.days}
+                           for name, p in plans.resource_packs.items()],
+        "promo_packs": [{"pack": name, "price_per_day": money(p.price_per_day), "qps": p.qps,
+                         "function_concurrency": p.function_concurrency,
+                         "realtime": p.realtime, "database_free": p.database_free}
+                        for name, p in plans.promo_packs.items()]})
+
+
 async def quote_gateway(request: web.Request) -> web.Response:
     body = await _body(request)
     version, months = _field(body, "version", str), _field(body, "months", int)
@@ -972,6 +993,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("POST", "/envs/{env}/plan", change_plan, MONEY),
     ("GET", "/bills", get_bill, READ),
     ("GET", "/gateway/versions", gateway_versions, READ),
+    ("GET", "/catalog", catalog, READ),
     ("POST", "/gateway/quote", quote_gateway, READ),
     ("GET", "/envs/{env}/gateway", get_gateway, READ),
     ("POST", "/envs/{env}/gateway", buy_gateway, MONEY),
@@ -991,7 +1013,7 @@ PERMISSION = {(method, PREFIX + path): need for method, path, _, need in ROUTES}
 ENV_TOKEN_ROUTES = frozenset(
     {(m, PREFIX + p) for m, p, _, need in ROUTES if need == READ and "{env}" in p}
     | {("GET", PREFIX + "/bills"), ("GET", PREFIX + "/gateway/versions"),
-       ("GET", PREFIX + "/me")})
+       ("GET", PREFIX + "/catalog"), ("GET", PREFIX + "/me")})
 
 
 def install(app: web.Application, envs: Environments, limiter: Limiter,
