@@ -143,3 +143,31 @@ async def test_a_config_reload_is_recorded_once_across_instances(tmp_path, make_
     assert set(reloads[0]["envs"].split()) == {"shop", "mall"} and reloads[0]["envs_count"] == 2
     assert reloads[0]["actor"] == "config" and "1 written, 1 removed" in reloads[0]["body"]
     assert [e["id"] for e in await entries(admin, "?env=mall")] == [reloads[0]["id"]]
+
+
+async def test_an_environments_events_through_the_api(make_gateway, admin_for, store):
+    """GET /envs/{env}/events: its own events only, newest first, paged — a quota alert its
+    decisions wrote, purchases — and an environment token reads its own."""
+    gw = await make_gateway({"shop": env(limits={"calls": 5}), "mall": env()})
+    admin = await admin_for(gw)
+    h = {"X-CloudBase-Env": "shop"}
+    assert [(await gw.get("/functions/f", headers=h)).status for _ in range(4)] == [200] * 4
+    for name in ("mall", "shop"):
+        await store.xadd("qg:events", {"type": "pack-bought", "env": name, "pack": "p-" + name})
+    resp = await admin.get("/admin/v1/envs/shop/events", headers=AUTH)
+    assert resp.status == 200, await resp.text()
+    events = (await resp.json())["events"]
+    assert {e["env"] for e in events} == {"shop"}
+    kinds = [e["type"] for e in events]
+    assert "pack-bought" in kinds and "quota-alert" in kinds  # 4 of 5 calls: the 80 % alert
+    alert = next(e for e in events if e["type"] == "quota-alert")
+    assert (alert["meter"], alert["level"]) == ("calls", "80")
+    first = await (await admin.get("/admin/v1/envs/shop/events?limit=1", headers=AUTH)).json()
+    assert len(first["events"]) == 1 and first["next_cursor"]
+    tenant = await (await admin.post("/admin/v1/tokens", json={
+        "name": "t", "role": "env", "env": "shop"}, headers=AUTH)).json()
+    mine = {"Authorization": f"Bearer {tenant['token']}"}
+    assert (await admin.get("/admin/v1/envs/shop/events", headers=mine)).status == 200
+    assert (await admin.get("/admin/v1/envs/mall/events", headers=mine)).status == 403
+    bad = await admin.get("/admin/v1/envs/shop/events?cursor=x", headers=AUTH)
+    await assert_problem(bad, 400)

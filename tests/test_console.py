@@ -186,6 +186,25 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         assert page.buttons("Refund") == 0
         page.shot("environment")
 
+        # Alerts: the plan's 3 calls used (80, 90, 100 %), once each.
+        alerts = [r["Details"] for r in page.table_after("Events and alerts")
+                  if r["Event"] == "quota-alert"]
+        assert sorted(a.split("level ")[1].split(",")[0] for a in alerts) == ["100", "80", "90"]
+
+        # A gateway version bought, then changed after reading the price of the change.
+        Select(browser.find_element(By.NAME, "version")).select_by_value("test")
+        Select(browser.find_element(By.NAME, "months")).select_by_value("1")
+        page.button("Buy version").click()
+        page.alert("Gateway test bought: done.")
+        change = json.loads(cli(admin, "gateway", "change", "shop", "starter", "--quote",
+                                "--json").stdout)
+        Select(browser.find_element(By.NAME, "change-version")).select_by_value("starter")
+        page.button("Quote change").click()
+        page.button(f"Confirm: change to starter for {change['amount']} CNY").click()
+        page.alert("Gateway changed to starter: done.")
+        page.wait.until(ec.text_to_be_present_in_element(
+            (By.XPATH, "//h2[.='Gateway version']/following-sibling::p[1]"), "starter (active)"))
+
         # A plan change: the quote first (the API's own figures), then the change.
         quote = json.loads(cli(admin, "plan", "quote", "shop", "standard", "--json").stdout)
         Select(browser.find_element(By.NAME, "plan")).select_by_value("standard")
@@ -204,11 +223,12 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
             return [...document.querySelectorAll('main tbody tr')].map(r =>
                 [...r.children].map(c => c.textContent));""")
         actions = [(r[3], r[5]) for r in rows]
-        assert actions[:4] == [("change_plan", "200"), ("refund_pack", "409"),
+        assert actions[:6] == [("change_plan", "200"), ("change_gateway", "200"),
+                               ("buy_gateway", "201"), ("refund_pack", "409"),
                                ("buy_pack", "201"), ("put_env", "200")]
-        assert all(r[1] == f"billing desk ({billing['id']})" for r in rows[:3])
+        assert all(r[1] == f"billing desk ({billing['id']})" for r in rows[:5])
         assert all(r[0].startswith(dt.datetime.now(dt.UTC).date().isoformat()[:7])
-                   for r in rows[:3])  # the store's clock: this month, UTC
+                   for r in rows[:5])  # the store's clock: this month, UTC
         page.shot("audit")
 
         # A viewer reads, and is offered no purchase.

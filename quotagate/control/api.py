@@ -50,7 +50,7 @@ from quotagate.control.tokens import (
     Tokens,
 )
 from quotagate.control.usage import usage_report
-from quotagate.limiter import due
+from quotagate.limiter import due, keys
 from quotagate.limiter.errors import StoreError, StoreUnavailable
 from quotagate.limiter.limiter import Limiter
 from quotagate.settings.schema import GATEWAY_TERMS, MAX_EXACT, PACK_METERS, Environment
@@ -595,6 +595,49 @@ async def get_usage(request: web.Request) -> web.Response:
     return web.json_response(await usage_report(envs, record))
 
 
+#: Entries of the global event stream looked at per call of ``GET /envs/{env}/events``.
+EVENTS_SCAN = 10_000
+
+
+async def list_events(request: web.Request) -> web.Response:
+    """The environment's events (quota alerts, packs used up, lifecycle, purchases), newest
+    first: those its scripts wrote and the gateway has not yet moved to the global stream,
+    then the global stream's, looking at no more than ``EVENTS_SCAN`` entries per call
+    (``next_cursor`` goes on from there; null: no more)."""
+    env_id = _env_id(request)
+    limit = _paging(request, ("limit", "cursor"))
+    cursor = request.query.get("cursor")
+    if cursor is not None and not _ENTRY_ID.fullmatch(cursor):
+        raise _bad_parameter("cursor", "not a cursor this API gave (pass next_cursor as given)")
+    redis: Any = request.app[ENVS].redis  # (bytes replies, a cluster's or not)
+
+    def entry(raw_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": raw_id.decode()}
+        out.update((k.decode(), v.decode(errors="replace")) for k, v in fields.items())
+        out["env"] = env_id
+        return out
+
+    found: list[dict[str, Any]] = []
+    if cursor is None:  # (not moved yet: a few at most, its own stream)
+        found += [entry(i, f) for i, f in await redis.xrevrange(keys.env_events(env_id),
+                                                               count=limit)]
+    top, scanned = (f"({cursor}" if cursor else "+"), 0
+    while len(found) < limit and scanned < EVENTS_SCAN:
+        batch = await redis.xrevrange(keys.EVENTS, top, "-", count=1000)
+        if not batch:
+            return web.json_response({"env": env_id, "events": found[:limit],
+                                      "next_cursor": None})
+        for raw_id, fields in batch:
+            scanned += 1
+            top = f"({raw_id.decode()}"
+            if fields.get(b"env") == env_id.encode():
+                found.append(entry(raw_id, fields))
+                if len(found) == limit:
+                    break
+    return web.json_response({"env": env_id, "events": found[:limit],
+                              "next_cursor": top[1:]})
+
+
 async def put_overage(request: web.Request) -> web.Response:
     env_id = _env_id(request)
     on = _field(await _body(request), "overage", bool)
@@ -983,6 +1026,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/envs/{env}", get_env, READ),
     ("PUT", "/envs/{env}", put_env, ADMIN),
     ("GET", "/envs/{env}/usage", get_usage, READ),
+    ("GET", "/envs/{env}/events", list_events, READ),
     ("PUT", "/envs/{env}/overage", put_overage, SETTINGS),
     ("GET", "/envs/{env}/packs", list_packs, READ),
     ("POST", "/envs/{env}/packs", buy_pack, MONEY),

@@ -253,13 +253,82 @@ async function envPage(main, envId) {
       el("button", {type: "submit", text: "Buy promo"})));
   }
 
-  // Gateway version
+  // Gateway version: bought, renewed, changed (its price shown before it is confirmed)
   main.append(el("h2", {text: "Gateway version"}));
-  const gw = await api("GET", `/envs/${envId}/gateway`);
-  main.append(el("p", {}, gw.gateway ? `${gw.gateway.version} (${gw.gateway.state}), `
-    + `bought ${gw.gateway.purchased}, runs to ${gw.gateway.expires}, `
-    + (gw.gateway.auto_renew ? "renewed automatically" : "renewed by hand")
-    : "None bought: the plan's limits apply."));
+  const [gw, versions] = await Promise.all([api("GET", `/envs/${envId}/gateway`),
+                                            api("GET", "/gateway/versions")]);
+  const g = gw.gateway;
+  main.append(el("p", {}, g ? `${g.version} (${g.state}), bought ${g.purchased}, runs to `
+    + `${g.expires}, ${g.auto_renew ? `renewed automatically by ${g.renew_months} month(s)`
+      : "renewed by hand"}; ${g.monthly_price} CNY a month; in effect: ${g.qps} QPS, `
+    + `${g.mbps} Mbps` : "None bought: the plan's limits apply."));
+  const terms = versions.terms.map(t => ({value: String(t), label: `${t} month(s)`}));
+  const names = versions.versions.map(v => ({value: v.version,
+    label: `${v.version}: ${v.qps} QPS, ${v.mbps} Mbps, ${v.monthly_price} CNY a month`}));
+  if (CAN.money(role) && usage.owner === "api" && !g) {
+    const version = select("version", names), months = select("months", terms);
+    main.append(el("form", {onsubmit: ev => { ev.preventDefault();
+      act(`Gateway ${version.value} bought`, () => api("POST", `/envs/${envId}/gateway`,
+        {version: version.value, months: Number(months.value)})); }},
+      field("Version", version), field("Term", months),
+      el("button", {type: "submit", text: "Buy version"})));
+  }
+  if (g && usage.owner === "api") {
+    if (CAN.money(role)) {
+      const months = select("renew-months", terms);
+      main.append(el("form", {onsubmit: ev => { ev.preventDefault();
+        act("Gateway version renewed", () => api("POST", `/envs/${envId}/gateway/renew`,
+          {months: Number(months.value)})); }},
+        field("Renew by", months), el("button", {type: "submit", text: "Renew version"})));
+      const target = select("change-version", names.filter(v => v.value !== g.version));
+      const box = el("div", {class: "quote", "aria-live": "polite"});
+      main.append(el("form", {onsubmit: async ev => {
+        ev.preventDefault();
+        box.replaceChildren();
+        try {
+          const q = await api("POST", `/envs/${envId}/gateway/change/quote`,
+                              {version: target.value});
+          box.append(el("p", {}, `${q.change} to ${q.version}: `, el("strong", {
+            text: `${q.amount} ${q.currency}`}), ` ${q.change === "upgrade" ? "to pay"
+            : "refunded"} (${q.days_left} days left)`),
+            el("button", {type: "button", onclick: () => act(`Gateway changed to ${q.version}`,
+              () => api("POST", `/envs/${envId}/gateway/change`, {version: q.version})),
+              text: `Confirm: change to ${q.version} for ${q.amount} ${q.currency}`}));
+        } catch (e) { say(e.message); }
+      }}, field("Change to", target), el("button", {type: "submit", class: "secondary",
+                                                     text: "Quote change"})), box);
+    }
+    if (CAN.settings(role)) {
+      main.append(el("button", {type: "button", class: "secondary", onclick: () => act(
+        `Auto-renewal ${g.auto_renew ? "off" : "on"}`, () => api("PUT",
+          `/envs/${envId}/gateway/auto-renew`, {on: !g.auto_renew})),
+        text: g.auto_renew ? "Turn auto-renewal off" : "Turn auto-renewal on"}));
+    }
+  }
+
+  // Mode (enforce, shadow, off): part of the definition, which an admin token changes
+  if (role === "admin" && usage.owner === "api") {
+    const record = await api("GET", `/envs/${envId}`);
+    const mode = select("mode", [{value: "", label: "as the gateway (default)"}, "enforce",
+                                 "shadow", "off"], record.definition.mode || "");
+    main.append(el("h2", {text: "Enforcement mode"}), el("form", {onsubmit: ev => {
+      ev.preventDefault();
+      const definition = {...record.definition};
+      if (mode.value) definition.mode = mode.value; else delete definition.mode;
+      act(`Mode ${mode.value || "default"}`, () => api("PUT", `/envs/${envId}`, definition));
+    }}, field("Mode", mode), el("button", {type: "submit", class: "secondary",
+                                           text: "Set mode"})));
+  }
+
+  // Events and alerts
+  main.append(el("h2", {text: "Events and alerts"}));
+  const events = await api("GET", `/envs/${envId}/events?limit=20`);
+  main.append(table([
+    {title: "When (UTC)", cell: e => new Date(Number(e.id.split("-")[0])).toISOString()},
+    {title: "Event", key: "type"},
+    {title: "Details", cell: e => Object.entries(e).filter(([k]) =>
+      !["id", "type", "env"].includes(k)).map(([k, v]) => `${k} ${v}`).join(", ")},
+  ], events.events, "the 20 newest"));
 
   // Plan change: its quote first, then the change
   main.append(el("h2", {text: "Change plan"}));
