@@ -160,6 +160,14 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         assert {"mall", "shop"} <= set(listed)
         assert page.unlabelled() == []
         page.shot("environments")
+        browser.find_element(By.NAME, "prefix").send_keys("sh", Keys.ENTER)  # a search
+        try:
+            page.wait.until(lambda d: d.execute_script(
+                "return [...document.querySelectorAll('main tbody a')].map(a => a.textContent)"
+            ) == ["shop"])
+        except TimeoutException:
+            raise AssertionError(f"{browser.current_url}: {browser.get_log('browser')}"
+                                 ) from None
         browser.find_element(By.LINK_TEXT, "shop").click()
         page.heading("Environment shop")
         assert page.unlabelled() == []
@@ -244,6 +252,8 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         page.open("/env/mall", None)
         assert "Refused (403)" in page.alert("Refused (403)")
         assert "mall" not in browser.find_element(By.TAG_NAME, "main").text
+        errors = [e for e in browser.get_log("browser") if e["source"] == "javascript"]
+        assert errors == []  # no script error on any page, in any role
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

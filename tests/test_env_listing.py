@@ -187,6 +187,8 @@ async def test_pages_of_37_hold_every_environment_once_in_id_order(listing: List
     {"expiring_before": "TODAY+100"},
     {"state": "active", "plan": "free", "owner": "api", "expiring_before": "TODAY+120"},
     {"state": "isolated", "gateway": "none", "owner": "file"},
+    {"prefix": "e"}, {"prefix": "e0"}, {"prefix": "eab"}, {"prefix": "ef"}, {"prefix": "x"},
+    {"prefix": "e7", "owner": "api", "state": "active"},
 ])
 async def test_each_filter_returns_exactly_its_set(listing: Listing, query: dict[str, str]
                                                    ) -> None:
@@ -201,8 +203,9 @@ async def test_each_filter_returns_exactly_its_set(listing: Listing, query: dict
             query.get("gateway") in (None, grant["version"] if grant else "none"),
             "expiring_before" not in query or env["expires"] < query["expiring_before"]])
 
-    wanted = sorted(e for e, (owner, env) in listing.expected.items() if keep(owner, env))
-    assert wanted or query == {"gateway": "pro"}
+    wanted = sorted(e for e, (owner, env) in listing.expected.items()
+                    if keep(owner, env) and e.startswith(query.get("prefix", "")))
+    assert wanted or query in ({"gateway": "pro"}, {"prefix": "x"})
     pages = await listing.pages(limit=37, **query)
     assert all(len(p) <= 37 for p in pages)
     assert [r["env"] for p in pages for r in p] == wanted
@@ -242,6 +245,7 @@ async def test_the_cli_pages_through_everything(listing: Listing) -> None:
     ("gateway=ultra", "gateway"), ("expiring_before=2027-13-01", "expiring_before"),
     ("expiring_before=20270101", "expiring_before"), ("expiring_before=", "expiring_before"),
     ("plans=standard", "plans"), ("offset=100", "offset"),
+    ("prefix=", "prefix"), ("prefix=Shop", "prefix"), ("prefix=-a", "prefix"),
 ])
 async def test_bad_parameters_are_400_naming_them(listing: Listing, query: str,
                                                   parameter: str) -> None:

@@ -330,7 +330,9 @@ def _date(value: str | None, name: str) -> dt.date | None:
 LIST_LIMIT = 100
 LIST_LIMIT_MAX = 1000
 #: The query parameters ``GET /envs`` takes (any other is refused: a typo must not list all).
-LIST_PARAMS = ("limit", "cursor", "state", "plan", "owner", "gateway", "expiring_before")
+LIST_PARAMS = ("limit", "cursor", "prefix", "state", "plan", "owner", "gateway",
+               "expiring_before")
+_PREFIX = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _CURSOR_VERSION = "1"
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -401,10 +403,26 @@ def _list_query(request: web.Request) -> tuple[str, int, Filters]:
         gateway=one_of("gateway", [*plans.gateway_versions, "none"]), expiring_before=day)
 
 
+def _before(prefix: str) -> str:
+    """An id position just before every id starting with ``prefix`` (ids are [a-z0-9-]: a
+    smaller last character, then "~", which sorts after all of them)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) - 1) + "~"
+
+
 async def list_envs(request: web.Request) -> web.Response:
-    """One page, in id order: ``environments`` and ``next_cursor`` (null: the end)."""
+    """One page, in id order: ``environments`` and ``next_cursor`` (null: the end).
+    ``prefix``: only ids starting with it (the listing starts there and ends past them)."""
     after, limit, filters = _list_query(request)
+    prefix = request.query.get("prefix")
+    if prefix is not None:
+        if not _PREFIX.fullmatch(prefix):
+            raise _bad_parameter("prefix", "the start of an environment id ([a-z0-9][a-z0-9-]*)")
+        after = max(after, _before(prefix))
     records, reached = await request.app[ENVS].page(after, limit, filters)
+    if prefix is not None:
+        records = [r for r in records if r.env_id.startswith(prefix)]
+        if reached is not None and not reached.startswith(prefix) and reached > prefix:
+            reached = None  # past every id with the prefix: the end
     out = [{"env": r.env_id, "owner": r.owner, "plan": r.env.plan,
             "expires": r.env.expires.isoformat(), "overage": r.env.overage} for r in records]
     return web.json_response({"environments": out, "next_cursor":

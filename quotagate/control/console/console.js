@@ -118,23 +118,27 @@ function loginPage(main) {
 
 async function envsPage(main, params) {
   main.append(heading("Environments"));
-  const go = el("input", {name: "goto", id: "goto", placeholder: "shop-1a2b", size: 24});
+  const byId = el("input", {name: "goto", id: "goto", placeholder: "shop-1a2b", size: 24});
   main.append(el("form", {onsubmit: ev => { ev.preventDefault();
-    if (go.value.trim()) location.hash = `#/env/${go.value.trim()}`; }},
-    field("Open an environment by id", go), el("button", {type: "submit", text: "Open"})));
+    if (byId.value.trim()) go(`#/env/${byId.value.trim()}`); }},
+    field("Open an environment by id", byId), el("button", {type: "submit", text: "Open"})));
   const state = select("state", [{value: "", label: "any"}, "active", "isolated",
                                  "released-pending", "not-started"], params.get("state") || "");
   const owner = select("owner", [{value: "", label: "any"}, "file", "api"],
                        params.get("owner") || "");
+  const prefix = el("input", {name: "prefix", value: params.get("prefix") || "", size: 20});
   main.append(el("form", {onsubmit: ev => { ev.preventDefault();
     const q = new URLSearchParams();
+    if (prefix.value.trim()) q.set("prefix", prefix.value.trim());
     if (state.value) q.set("state", state.value);
     if (owner.value) q.set("owner", owner.value);
-    location.hash = `#/envs?${q}`; }},
-    field("State", state), field("Owner", owner),
-    el("button", {type: "submit", class: "secondary", text: "Filter"})));
+    go(`#/envs?${q}`); }},
+    field("Ids starting with", prefix), field("State", state), field("Owner", owner),
+    el("button", {type: "submit", class: "secondary", text: "Search"})));
   const q = new URLSearchParams();
-  for (const k of ["state", "owner", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+  for (const k of ["prefix", "state", "owner", "cursor"]) {
+    if (params.get(k)) q.set(k, params.get(k));
+  }
   q.set("limit", "50");
   const page = await api("GET", `/envs?${q}`);
   main.append(table([
