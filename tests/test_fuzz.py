@@ -327,3 +327,19 @@ def test_no_ingestion_batch_is_a_500(served, records):
     status, answer = _admin(deployed, "POST", "/usage",
                             json.dumps({"records": records}).encode())
     assert status < 500, (status, answer)
+
+
+async def test_the_demo_upstream_reads_a_body_nested_past_the_stack_as_no_stream() -> None:
+    """The fuzz test's upstream (the demo's) parses an /ai/ body for {"stream": true}: a body
+    nested deeper than Python's stack (found by the fuzz test: a 500 of the upstream's own,
+    passed on) is no stream request, answered as any other."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from quotagate.demo.upstream import make_upstream_app
+
+    async with TestClient(TestServer(make_upstream_app())) as client:
+        for n in (981, 5000):
+            body = b'{"action":' + b"[" * n + b"]" * n + b"}"
+            resp = await client.post("/ai/f", data=body,
+                                     headers={"Content-Type": "application/json"})
+            assert resp.status == 200, n

@@ -209,8 +209,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     if path.startswith("/ai/") and request.can_read_body:  # OpenAI-style {"stream": true}
         try:
             asked = json.loads(await request.read()).get("stream") is True
-        except (ValueError, AttributeError):
-            asked = False
+        except (ValueError, AttributeError, RecursionError):  # (nested past the C stack: not
+            asked = False                                     # a stream request either)
         if asked:
             return await _sse(request)
     demo = request.query.get("demo")  # for fixed paths (the SDKs' /web, /admin)
