@@ -239,7 +239,7 @@ async def _audit_body(request: web.Request) -> str:
         return f"({request.content_length or '?'} bytes of {request.content_type})"
     try:
         raw = await request.read()  # (read already by the handler: kept by aiohttp)
-    except (web.HTTPException, OSError, asyncio.CancelledError):
+    except (web.HTTPException, OSError):
         return f"(unreadable: {request.content_length or '?'} bytes of JSON)"
     text = raw.decode(errors="replace")
     return text if len(text) <= audit.MAX_BODY else text[:audit.MAX_BODY] + "…"
