@@ -6,6 +6,7 @@ agree with those configs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ DEPLOY = ROOT / "deploy" / "kubernetes"
 #: The oldest Kubernetes the manifests are for (policy/v1 PDBs, seccompProfile).
 VERSION = "1.29"
 MANIFESTS = sorted(DEPLOY.glob("*.yaml"))
+#: The image's ENTRYPOINT (the repository's Dockerfile), what a container without a command
+#: runs.
+ENTRYPOINT = json.loads(next(
+    line for line in (ROOT / "Dockerfile").read_text().splitlines()
+    if line.startswith("ENTRYPOINT "))[len("ENTRYPOINT "):])
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -77,11 +83,13 @@ def test_the_configs_load_as_serve_loads_them(tmp_path: Path) -> None:
         for name, text in config_map["data"].items():
             (etc / name).write_text(text)
         (etc / "plans.yaml").write_text((ROOT / "config" / "plans.yaml").read_text())
-        args = container["args"]
-        assert args[:2] == ["serve", "--config"]
+        # What the container runs: its command, else the image's ENTRYPOINT, then its args
+        # (Kubernetes appends args to the ENTRYPOINT).
+        argv = [*(container.get("command") or ENTRYPOINT), *container.get("args", [])]
+        assert argv[:3] == ["quotagate", "serve", "--config"] and len(argv) == 4, argv
         mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
-        assert Path(args[2]).parent == Path(mount["mountPath"])
-        config = load_config(str(etc / Path(args[2]).name))
+        assert Path(argv[3]).parent == Path(mount["mountPath"])
+        config = load_config(str(etc / Path(argv[3]).name))
         gw = config.gateway
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert int(gw.listen.rsplit(":", 1)[1]) == ports["http"]
@@ -111,7 +119,7 @@ def test_a_disruption_budget_and_a_store() -> None:
     valkey = next(d for d in docs if d["kind"] == "StatefulSet")
     assert "--appendonly" in valkey["spec"]["template"]["spec"]["containers"][0]["args"]
     secret = next(d for d in docs if d["kind"] == "Secret")
-    assert "QUOTAGATE_ADMIN_TOKEN" in secret["stringData"]
+    assert secret["stringData"]["QUOTAGATE_ADMIN_TOKEN"] == ""  # no usable default token
 
 
 async def test_a_configmap_update_is_reloaded(make_gateway) -> None:
