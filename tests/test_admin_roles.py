@@ -124,6 +124,14 @@ async def test_a_tokens_life_on_two_instances(make_gateway, admin_for, store):
                             headers=bearer(secret))
     assert resp.status == 403
 
+    # A token pasted where its id goes: refused, and its secret never recorded.
+    pasted = await one.delete(f"/admin/v1/tokens/{secret}", headers=AUTH)
+    assert pasted.status == 404
+    assert (await other.get("/admin/v1/envs", headers=bearer(secret))).status == 200
+    recorded = await store.xrange(audit.STREAM)
+    assert recorded and not any(secret.encode() in value for _, fields in recorded
+                                for value in fields.values())
+    assert recorded[-1][1][b"path"] == f"/admin/v1/tokens/qg_{made['id']}_…".encode()
     rotated = await (await one.post(f"/admin/v1/tokens/{made['id']}/rotate",
                                     headers=AUTH)).json()
     assert rotated["id"] == made["id"] and rotated["token"] != secret

@@ -130,9 +130,11 @@ async def test_a_config_reload_is_recorded_once_across_instances(tmp_path, make_
     one = await make_gateway({"shop": env(), "mall": env()})
     other = await make_gateway({"shop": env(), "mall": env()})
     admin = await admin_for(one)
+    originals = {}
     for gw in (one, other):
         runtime = gw.app[STATE].runtime
         path = runtime.config.files[0].parent / "environments.yaml"
+        originals[gw] = path.read_text()
         data = yaml.safe_load(path.read_text())
         data["environments"]["shop"]["overage"] = True
         del data["environments"]["mall"]
@@ -140,9 +142,19 @@ async def test_a_config_reload_is_recorded_once_across_instances(tmp_path, make_
         assert await runtime.reload("test")
     reloads = await entries(admin, "?action=config_reload")
     assert len(reloads) == 1
+    changed = {gw: (gw.app[STATE].runtime.config.files[0].parent
+                    / "environments.yaml").read_text() for gw in (one, other)}
+    for text, total in ((originals, 2), (changed, 3)):  # undone, then made again
+        for gw in (one, other):
+            runtime = gw.app[STATE].runtime
+            (runtime.config.files[0].parent / "environments.yaml").write_text(text[gw])
+            assert await runtime.reload("test")
+        assert len(await entries(admin, "?action=config_reload")) == total
+    reloads = (await entries(admin, "?action=config_reload"))[2:]
     assert set(reloads[0]["envs"].split()) == {"shop", "mall"} and reloads[0]["envs_count"] == 2
     assert reloads[0]["actor"] == "config" and "1 written, 1 removed" in reloads[0]["body"]
-    assert [e["id"] for e in await entries(admin, "?env=mall")] == [reloads[0]["id"]]
+    assert [e["id"] for e in await entries(admin, "?env=mall")] == [
+        e["id"] for e in await entries(admin, "?action=config_reload")]  # in each of the three
 
 
 async def test_an_environments_events_through_the_api(make_gateway, admin_for, store):

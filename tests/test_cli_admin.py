@@ -288,6 +288,8 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
         assert not any(t["token"] in listed.stdout for t in (viewer, billing, tenant))
         assert cli(admin, "token", "list", token=billing["token"]).returncode == 1
 
+        pasted = cli(admin, "token", "revoke", viewer["token"])  # the token, not its id
+        assert pasted.returncode == 1 and "8 hex digits" in pasted.stderr
         rotated = json.loads(cli(admin, "token", "rotate", viewer["id"], "--json").stdout)
         assert cli(admin, "env", "list", token=viewer["token"]).returncode == 1
         assert cli(admin, "env", "list", token=rotated["token"]).returncode == 0

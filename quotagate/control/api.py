@@ -215,14 +215,21 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             await request.app[AUDIT].record({
                 "actor": who.id, "actor_name": who.name, "role": who.role,
                 "action": getattr(route.handler, "__name__", "?"),
-                "method": request.method, "path": request.path,
+                "method": request.method, "path": _redacted(request.path),
                 "env": request.match_info.get("env", ""),
-                "body": await _audit_body(request), "status": str(response.status),
+                "body": _redacted(await _audit_body(request)),
+                "status": str(response.status),
                 "request_id": request_id})
     return response
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+#: A token's secret where it should never be (a token pasted for its id): never recorded.
+_SECRET = re.compile(r"(qg_[0-9a-f]{8}_)[A-Za-z0-9_-]+")
+
+
+def _redacted(text: str) -> str:
+    return _SECRET.sub(r"\1…", text)
 #: What an audit entry keeps of a body another handler read as a stream (NDJSON imports).
 AUDIT_BODY = web.RequestKey("quotagate_audit_body", str)
 

@@ -18,35 +18,30 @@ secret: requests carry none in their bodies, and answers are not recorded.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
+from quotagate.common.aio import stop_if_cancelling
 from quotagate.limiter.keys import PREFIX
 
 log = logging.getLogger("quotagate.audit")
 
 STREAM = f"{PREFIX}:{{audit}}:log"
-#: A reload from the same files to the same files by several instances is recorded once:
-#: the first to claim the change (the digests before and after) here records it. Kept long
-#: enough for every instance's poll or signal; the same change made again after that is
-#: recorded again.
-RELOAD_CLAIM = f"{PREFIX}:{{audit}}:reload:"
-RELOAD_CLAIM_MS = 10 * 60_000
+#: The files' digest of the last reload recorded: a reload to the files recorded last is
+#: not recorded again, so the instances that apply the same change record it once (and a
+#: change made, undone and made again is recorded each time).
+LAST_RELOAD = f"{PREFIX}:{{audit}}:last-reload"
 MAX_BODY = 4096
 MAX_ENVS = 1000
 #: Entries read from the store per page at most (a filtered page may come back with fewer
 #: than asked, and a cursor to go on).
 SCAN_MAX = 5000
 _RECORD_RELOAD = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
-  return redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 3))
-end
-return false
+if redis.call('GET', KEYS[1]) == ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[1])
+return redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[2], '*', unpack(ARGV, 3))
 """
 
 
@@ -102,15 +97,17 @@ class Audit:
         try:
             entry = await self.redis.xadd(STREAM, {**fields, "instance": self.instance},
                                           minid=self._oldest_kept(), approximate=True)
-        except (RedisError, OSError) as exc:
-            log.error("audit entry not written (%s): %s", exc, fields)
+        except Exception as exc:  # (any: a cluster's errors are not all RedisErrors) the
+            # change is made; its answer must not become a 500 a client would retry
+            stop_if_cancelling(exc)
+            log.error("audit entry not written (%s: %s): %s", type(exc).__name__, exc, fields)
             return None
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
-    async def record_reload(self, change: str, why: str, changed: list[str],
+    async def record_reload(self, digest: str, why: str, changed: list[str],
                             removed: list[str], everything: bool) -> str | None:
-        """A config reload, once across the instances that apply the same ``change`` (the
-        files' digests before and after)."""
+        """A config reload to the files of ``digest``, unless the last one recorded was to
+        those files (another instance applying the same change recorded it)."""
         envs = [*changed, *removed]
         fields = {"actor": "config", "actor_name": "config files", "role": "",
                   "action": "config_reload", "method": "", "path": "", "env": "",
@@ -119,13 +116,15 @@ class Audit:
                                          "written again; " if everything else "")
                            + f"{len(changed)} written, {len(removed)} removed"),
                   "status": "200", "request_id": "", "instance": self.instance}
-        args = [RELOAD_CLAIM_MS, self._oldest_kept(),
+        args = [self._oldest_kept(),
                 *(x for kv in fields.items() for x in kv)]
         try:
-            claim = RELOAD_CLAIM + hashlib.sha256(change.encode()).hexdigest()[:32]
-            entry = await self.redis.eval(_RECORD_RELOAD, 2, claim, STREAM, *args)
-        except (RedisError, OSError) as exc:
-            log.error("audit entry of a config reload not written (%s)", exc)
+            entry = await self.redis.eval(_RECORD_RELOAD, 2, LAST_RELOAD, STREAM, digest,
+                                          *args)
+        except Exception as exc:  # (as in record)
+            stop_if_cancelling(exc)
+            log.error("audit entry of a config reload not written (%s: %s)",
+                      type(exc).__name__, exc)
             return None
         if entry is None:
             return None  # another instance recorded these files

@@ -522,13 +522,20 @@ def token_create(args: argparse.Namespace) -> None:
     _out(args, data, _token_text(data))
 
 
+def _token_id(text: str) -> str:
+    if not (len(text) == 8 and all(c in "0123456789abcdef" for c in text)):
+        raise Refused("a token id is 8 hex digits (quotagate token list), never the token "
+                      "itself")
+    return text
+
+
 def token_rotate(args: argparse.Namespace) -> None:
-    data = call(args, "POST", f"/tokens/{args.id}/rotate")
+    data = call(args, "POST", f"/tokens/{_token_id(args.id)}/rotate")
     _out(args, data, _token_text(data))
 
 
 def token_revoke(args: argparse.Namespace) -> None:
-    data = call(args, "DELETE", f"/tokens/{args.id}")
+    data = call(args, "DELETE", f"/tokens/{_token_id(args.id)}")
     _out(args, data, f"revoked {data['id']} ({data['name']!r}, {data['role']})")
 
 

@@ -130,9 +130,6 @@ class ReloadChange:
     digest: str
     #: Environments the file declares now and did not before.
     added: list[str]
-    #: The ``sync.file_digest`` of the config in force before (the audit's claim of the
-    #: change: every instance going from the same files to the same files records it once).
-    previous: str = ""
 
 
 def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
@@ -162,7 +159,7 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
     config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
     added = [env_id for env_id in changed if env_id not in old]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
-                                file_digest(config), added, file_digest(current))
+                                file_digest(config), added)
 
 
 def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
@@ -297,8 +294,8 @@ class Runtime:
                     self.synced = False
                     self._sync_soon()
             metrics.RELOADS.labels("success").inc()
-            if change.blobs or change.removed:  # (once across instances: by the digest)
-                await self.audit.record_reload(f"{change.previous}>{change.digest}", why,
+            if change.blobs or change.removed:  # (once across instances: by the files' digest)
+                await self.audit.record_reload(change.digest, why,
                                                list(change.blobs), change.removed,
                                                change.everything)
             parsed = config.sources.parsed if config.sources is not None else []

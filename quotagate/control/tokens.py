@@ -114,10 +114,16 @@ class Tokens:
         (revoked, rotated, never made)."""
         if not _TOKEN.fullmatch(token):
             return None
-        raw = await self.redis.hget(DIGESTS, digest(token))
+        secret_digest = digest(token)
+        raw = await self.redis.hget(DIGESTS, secret_digest)
         if raw is None:
             return None
         record = _decode(raw)
+        # The record by id must hold this digest too: a digest left behind by anything that
+        # went wrong between the two hashes never lets a token in that nobody can list.
+        current = await self.redis.hget(RECORDS, record.id)
+        if current is None or _decode(current).digest != secret_digest:
+            return None
         return Principal(record.id, record.name, record.role, record.env)
 
     async def list(self) -> list[Token]:
@@ -144,14 +150,22 @@ class Tokens:
         """A new token: its record and its secret (shown this once)."""
         if await self.redis.hlen(RECORDS) >= MAX_TOKENS:
             raise ControlError(f"at most {MAX_TOKENS} tokens: revoke some first")
-        while True:
-            token_id = secrets.token_hex(4)
-            if not await self.redis.hexists(RECORDS, token_id):
-                break
-        record = Token(token_id, name, role, env, self.now_ms())
-        secret = _secret(token_id)
-        await self._write(record, secret, None)
-        return record, secret
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:  # a new id, taken by nobody meanwhile (WATCH)
+                token_id = secrets.token_hex(4)
+                try:
+                    await pipe.watch(RECORDS)
+                    if await pipe.hexists(RECORDS, token_id):
+                        await pipe.unwatch()
+                        continue
+                    record = Token(token_id, name, role, env, self.now_ms())
+                    secret = _secret(token_id)
+                    pipe.multi()
+                    self._queue_write(pipe, record, secret, None)
+                    await pipe.execute()
+                    return record, secret
+                except WatchError:
+                    continue
 
     async def rotate(self, token_id: str) -> tuple[Token, str]:
         """A new secret for the token (the old one stops working at once)."""
@@ -164,11 +178,6 @@ class Tokens:
         record = await self._change(token_id, None)
         assert record is not None
         return record
-
-    async def _write(self, record: Token, secret: str, old_digest: str | None) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:  # one slot: {tokens}
-            self._queue_write(pipe, record, secret, old_digest)
-            await pipe.execute()
 
     @staticmethod
     def _queue_write(pipe: Pipeline, record: Token, secret: str,
