@@ -622,6 +622,9 @@ async def get_usage(request: web.Request) -> web.Response:
 
 #: Entries of the global event stream looked at per call of ``GET /envs/{env}/events``.
 EVENTS_SCAN = 10_000
+#: Above every entry id (the year 2286 in ms): the cursor of "the global stream from its
+#: newest", when a first page held only events not moved there yet.
+EVENTS_TOP = "9999999999999-0"
 
 
 async def list_events(request: web.Request) -> web.Response:
@@ -646,7 +649,7 @@ async def list_events(request: web.Request) -> web.Response:
     if cursor is None:  # (not moved yet: a few at most, its own stream)
         found += [entry(i, f) for i, f in await redis.xrevrange(keys.env_events(env_id),
                                                                count=limit)]
-    top, scanned = (f"({cursor}" if cursor else "+"), 0
+    top, scanned = (f"({cursor}" if cursor else f"({EVENTS_TOP}"), 0
     while len(found) < limit and scanned < EVENTS_SCAN:
         batch = await redis.xrevrange(keys.EVENTS, top, "-", count=1000)
         if not batch:

@@ -30,10 +30,16 @@ local function op_settle_many(KEYS, ARGV)
     if not na then return redis.error_reply('settle_many: bad ARGV count of call ' .. c) end
     for j = 1, na do a[j] = ARGV[i + j] end
     i = i + na + 1
-    -- Every key of one call carries its environment's hash tag: one slot, served or not.
-    local here = redis.pcall('EXISTS', k[1])
-    if type(here) == 'table' and here.err then
-      replies[c] = {32, here.err}
+    -- Every key of one call carries its environment's hash tag: one slot. Each key is asked
+    -- for all the same: while that slot migrates, some of its keys may have left this node
+    -- already (a single call's KEYS are checked before it runs; these are not).
+    local away = nil
+    for j = 1, nk do
+      local here = redis.pcall('EXISTS', k[j])
+      if type(here) == 'table' and here.err then away = here.err; break end
+    end
+    if away then
+      replies[c] = {32, away}
     else
       local ok, reply = pcall(op_settle, k, a)
       if ok then
