@@ -54,11 +54,14 @@ async function api(method, path, body) {
 
 // An action: run it, say what came of it (the problem's detail when refused), then redraw.
 async function act(what, run) {
+  const buttons = [...document.querySelectorAll("main button")];
+  buttons.forEach(b => { b.disabled = true; });  // one click, one call: no double purchase
   try {
     await run();
     say(`${what}: done.`, true);
   } catch (e) {
     say(e.message);
+    buttons.forEach(b => { b.disabled = false; });
     return false;
   }
   await route(false);
@@ -156,7 +159,7 @@ async function envsPage(main, params) {
 
 function position(m, overage) {  // where the next unit is drawn from (the waterfall)
   if (m.plan_remaining > 0) return "plan";
-  if (m.packs.some(p => p.valid && p.remaining > 0)) return "packs";
+  if (m.remaining > 0) return "packs";  // (capacity: room with packs, a gauge)
   return overage ? "pay-as-you-go" : "stopped (hard stop)";
 }
 
@@ -175,7 +178,7 @@ function packStatus(p, today) {
 
 function refundable(p, today) {  // SPEC: unused, within 7 days of its purchase
   const days = (Date.parse(today) - Date.parse(p.purchased)) / 86400000;
-  return p.valid && p.used === 0 && days <= 7;
+  return p.valid && p.used === 0 && days < 7;
 }
 
 async function envPage(main, envId) {
@@ -235,9 +238,10 @@ async function envPage(main, envId) {
   if (CAN.money(role)) {
     const pick = select("pack", catalog.resource_packs.map(p => ({value: p.pack,
       label: `${p.pack}: ${p.amount} ${p.meter}, ${p.days} days, ${p.price} ${catalog.currency}`})));
-    main.append(el("form", {onsubmit: ev => { ev.preventDefault();
+    const packId = `c${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 8)}`;
+    main.append(el("form", {onsubmit: ev => { ev.preventDefault();  // (sent again: refused)
       act(`Pack ${pick.value} bought`, () => api("POST", `/envs/${envId}/packs`,
-                                                 {pack: pick.value})); }},
+                                                 {pack: pick.value, id: packId})); }},
       field("Pack", pick), el("button", {type: "submit", text: "Buy pack"})));
   }
 
@@ -310,20 +314,6 @@ async function envPage(main, envId) {
     }
   }
 
-  // Mode (enforce, shadow, off): part of the definition, which an admin token changes
-  if (role === "admin" && usage.owner === "api") {
-    const record = await api("GET", `/envs/${envId}`);
-    const mode = select("mode", [{value: "", label: "as the gateway (default)"}, "enforce",
-                                 "shadow", "off"], record.definition.mode || "");
-    main.append(el("h2", {text: "Enforcement mode"}), el("form", {onsubmit: ev => {
-      ev.preventDefault();
-      const definition = {...record.definition};
-      if (mode.value) definition.mode = mode.value; else delete definition.mode;
-      act(`Mode ${mode.value || "default"}`, () => api("PUT", `/envs/${envId}`, definition));
-    }}, field("Mode", mode), el("button", {type: "submit", class: "secondary",
-                                           text: "Set mode"})));
-  }
-
   // Events and alerts
   main.append(el("h2", {text: "Events and alerts"}));
   const events = await api("GET", `/envs/${envId}/events?limit=20`);
@@ -371,11 +361,16 @@ async function envPage(main, envId) {
     try {
       const b = await api("GET", `/bills?date=${day.value}&env=${envId}`);
       const cols = ["env", "day", "meter", "quantity", "unit", "unit_price", "per", "amount"];
-      const csv = [cols.join(","), ...b.lines.map(l => cols.map(c => l[c]).join(","))].join("\n");
+      const cell = v => /[",\n]/.test(String(v ?? "")) ? `"${String(v).replace(/"/g, '""')}"`
+        : String(v ?? "");
+      const csv = [cols.join(","), ...b.lines.map(l => cols.map(c => cell(l[c])).join(","))]
+        .join("\n");
+      if (billBox.dataset.url) URL.revokeObjectURL(billBox.dataset.url);
       billBox.append(table(cols.map(c => ({title: c, key: c,
         num: ["quantity", "unit_price", "amount"].includes(c)})), b.lines),
         el("p", {}, `Total ${b.total} ${b.currency} · `, el("a", {
-          href: URL.createObjectURL(new Blob([csv + "\n"], {type: "text/csv"})),
+          href: (billBox.dataset.url = URL.createObjectURL(new Blob(["\ufeff" + csv + "\n"],
+            {type: "text/csv;charset=utf-8"}))),
           download: `bill-${envId}-${day.value}.csv`, text: "Download CSV"})));
     } catch (e) { say(e.message); }
   };
@@ -464,5 +459,9 @@ async function route(focus = true) {
   document.title = `${(main.querySelector("h1") || {}).textContent || "quotagate"} · quotagate console`;
 }
 
-window.addEventListener("hashchange", () => { say(""); route(); });
+window.addEventListener("hashchange", () => {
+  if (location.hash === "#main") return;  // the skip link: to the content, not a page
+  say("");
+  route();
+});
 window.addEventListener("DOMContentLoaded", () => route());
