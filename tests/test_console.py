@@ -1,5 +1,6 @@
 """The console (/console on the admin listener) in a real browser: Debian's Chromium driven by
-Selenium against `quotagate serve` as shipped, on the real clock. Each role signs in; a
+Selenium against `quotagate serve` as shipped, on the real clock. Each role signs in (admin,
+billing, support, viewer, an environment's own); a
 billing token buys a pack and sees usage move to it once the plan's quota is used, sees a
 refund refused for a pack used meanwhile, changes a plan after reading its quote (the
 figures the API gives, to the fen); a viewer sees no purchase; a tenant's token cannot see
@@ -149,6 +150,7 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
 
         billing = token("billing desk", "--role", "billing")
         viewer = token("auditor", "--role", "viewer")
+        support = token("support desk", "--role", "support")
         tenant = token("shop's owner", "--role", "env", "--env", "shop")
         page = Console(browser, admin, shots)
 
@@ -243,6 +245,20 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         page.sign_in(viewer["token"])
         page.open("/env/shop", "Environment shop")
         assert page.buttons("Buy pack") == 0 and page.buttons("Get quote") == 0
+
+        # Support switches overage (no money moves), and is offered no purchase.
+        page.sign_in(support["token"])
+        page.open("/env/shop", "Environment shop")
+        assert page.buttons("Buy pack") == 0
+        page.button("Turn overage on").click()
+        page.alert("Overage on: done.")
+        assert page.buttons("Turn overage off") == 1
+
+        # The operator's token (admin) may do everything: purchases offered too.
+        page.sign_in(TOKEN)
+        page.open("/env/shop", "Environment shop")
+        assert page.buttons("Buy pack") == 1 and page.buttons("Turn overage off") == 1
+        assert "QUOTAGATE_ADMIN_TOKEN (admin)" in browser.find_element(By.ID, "who").text
 
         # A tenant sees its own environment, and no other.
         page.sign_in(tenant["token"])
