@@ -26,6 +26,7 @@ from redis import exceptions as redis_errors
 from quotagate.billing import versions
 from quotagate.billing.bills import bill, billable_envs, total
 from quotagate.common import metrics
+from quotagate.common.aio import stop_if_cancelling
 from quotagate.common.clock import StoreClock
 from quotagate.common.envids import ENV_ID
 from quotagate.common.problem import problem_response
@@ -213,15 +214,25 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if who is not None and route.resource is not None:
         need = PERMISSION.get((request.method, route.resource.canonical))
         if need is not None and need != READ:
-            await request.app[AUDIT].record({
-                "actor": who.id, "actor_name": who.name, "role": who.role,
-                "action": getattr(route.handler, "__name__", "?"),
-                "method": request.method, "path": _redacted(request.path),
-                "env": request.match_info.get("env", ""),
-                "body": _redacted(await _audit_body(request)),
-                "status": str(response.status),
-                "request_id": request_id})
+            await _record(request, who, route, response, request_id)
     return response
+
+
+async def _record(request: web.Request, who: Principal, route: Any,
+                  response: web.StreamResponse, request_id: str) -> None:
+    """The change's audit entry; whatever fails here is logged (Audit.record logs the
+    store's failures), never the change's answer."""
+    try:
+        body = _redacted(await _audit_body(request))
+    except Exception as exc:  # (a body that cannot be read again: its size and type)
+        stop_if_cancelling(exc)
+        body = f"(unreadable: {type(exc).__name__})"
+    await request.app[AUDIT].record({
+        "actor": who.id, "actor_name": who.name, "role": who.role,
+        "action": getattr(route.handler, "__name__", "?"),
+        "method": request.method, "path": _redacted(request.path),
+        "env": request.match_info.get("env", ""), "body": body,
+        "status": str(response.status), "request_id": request_id})
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -231,6 +242,8 @@ _SECRET = re.compile(r"(qg_[0-9a-f]{8}_)[A-Za-z0-9_-]+")
 
 def _redacted(text: str) -> str:
     return _SECRET.sub(r"\1…", text)
+
+
 #: What an audit entry keeps of a body another handler read as a stream (NDJSON imports).
 AUDIT_BODY = web.RequestKey("quotagate_audit_body", str)
 
