@@ -18,7 +18,7 @@ Roles, and what each grants (``GRANTS``; each route of ``/admin/v1`` needs one p
   definition, usage, packs, promos, version, quotes and bills).
 
 ``QUOTAGATE_ADMIN_TOKEN`` keeps working as ``admin`` (checked without the store). The
-others are looked up in the store on every request (one ``HGET``): a token created, rotated
+others are looked up in the store on every request (two ``HGET``: by digest, then the record by id): a token created, rotated
 or revoked on one instance is in effect on every instance at once.
 """
 
