@@ -18,8 +18,9 @@ Roles, and what each grants (``GRANTS``; each route of ``/admin/v1`` needs one p
   definition, usage, packs, promos, version, quotes and bills).
 
 ``QUOTAGATE_ADMIN_TOKEN`` keeps working as ``admin`` (checked without the store). The
-others are looked up in the store on every request (two ``HGET``: by digest, then the record by id): a token created, rotated
-or revoked on one instance is in effect on every instance at once.
+others are looked up in the store on every request (two ``HGET``: by digest, then the
+record by id): a token created, rotated or revoked on one instance is in effect on every
+instance at once.
 """
 
 from __future__ import annotations
