@@ -11,7 +11,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import time
 import zoneinfo
 from pathlib import Path
 
@@ -28,6 +28,13 @@ TOKEN = "cli-token"
 def cli(admin: int, *args: str, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*QUOTAGATE, *args, "--admin", f"http://127.0.0.1:{admin}",
                            "--token", token], capture_output=True, text=True, timeout=30)
+
+
+def make_token(admin: int, name: str, role: str, *args: str) -> dict:
+    """``quotagate token create`` (with the operator's token): the API's answer."""
+    out = cli(admin, "token", "create", name, "--role", role, *args, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
 
 
 def stage_gateway(directory: Path, store_url: str, upstream_port: int) -> tuple[int, int]:
@@ -252,17 +259,10 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
             "expires": (anchor + dt.timedelta(days=400)).isoformat()}))
         assert cli(admin, "env", "put", "shop", str(definition)).returncode == 0
 
-        def made(*args: str) -> dict:
-            out = cli(admin, "token", "create", *args, "--json")
-            assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
-
-        viewer = made("support desk", "--role", "viewer")
-        billing = made("billing team", "--role", "billing")
-        tenant = made("shop's owner", "--role", "env", "--env", "shop")
-        now_ms = json.loads(subprocess.run(  # (the machine's clock: the store's is the same)
-            [sys.executable, "-c", "import time; print(int(time.time() * 1000))"],
-            capture_output=True, text=True, check=True).stdout)
+        viewer = make_token(admin, "support desk", "viewer")
+        billing = make_token(admin, "billing team", "billing")
+        tenant = make_token(admin, "shop's owner", "env", "--env", "shop")
+        now_ms = int(time.time() * 1000)  # (the machine's clock: the store's is the same)
         assert abs(viewer["created_ms"] - now_ms) < 600_000
 
         assert cli(admin, "env", "list", token=viewer["token"]).returncode == 0

@@ -29,7 +29,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.deployed import ZONE, hold_the_day
 from tests.helpers import QUOTAGATE, ROOT, statuses, wait_ready
-from tests.test_cli_admin import TOKEN, cli, stage_gateway
+from tests.test_cli_admin import TOKEN, cli, make_token, stage_gateway
 
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"
@@ -143,15 +143,10 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
             "limits": {"calls": 3}}))
         assert cli(admin, "env", "put", "shop", str(shop)).returncode == 0
 
-        def token(*args: str) -> dict:
-            out = cli(admin, "token", "create", *args, "--json")
-            assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
-
-        billing = token("billing desk", "--role", "billing")
-        viewer = token("auditor", "--role", "viewer")
-        support = token("support desk", "--role", "support")
-        tenant = token("shop's owner", "--role", "env", "--env", "shop")
+        billing = make_token(admin, "billing desk", "billing")
+        viewer = make_token(admin, "auditor", "viewer")
+        support = make_token(admin, "support desk", "support")
+        tenant = make_token(admin, "shop's owner", "env", "--env", "shop")
         page = Console(browser, admin, shots)
 
         # Billing: the list, then shop's page.

@@ -226,7 +226,8 @@ async def _record(request: web.Request, who: Principal, route: Any,
         body = _redacted(await _audit_body(request))
     except Exception as exc:  # (a body that cannot be read again: its size and type)
         stop_if_cancelling(exc)
-        body = f"(unreadable: {type(exc).__name__})"
+        body = (f"(unreadable, {type(exc).__name__}: {request.content_length or '?'} bytes "
+                f"of {request.content_type})")
     await request.app[AUDIT].record({
         "actor": who.id, "actor_name": who.name, "role": who.role,
         "action": getattr(route.handler, "__name__", "?"),
@@ -258,10 +259,7 @@ async def _audit_body(request: web.Request) -> str:
         return ""
     if request.content_type != "application/json":
         return f"({request.content_length or '?'} bytes of {request.content_type})"
-    try:
-        raw = await request.read()  # (read already by the handler: kept by aiohttp)
-    except (web.HTTPException, OSError):
-        return f"(unreadable: {request.content_length or '?'} bytes of JSON)"
+    raw = await request.read()  # (read already by the handler: kept by aiohttp)
     text = raw.decode(errors="replace")
     return text if len(text) <= audit.MAX_BODY else text[:audit.MAX_BODY] + "…"
 
@@ -653,31 +651,21 @@ async def list_events(request: web.Request) -> web.Response:
         raise _bad_parameter("cursor", "not a cursor this API gave (pass next_cursor as given)")
     redis: Any = request.app[ENVS].redis  # (bytes replies, a cluster's or not)
 
-    def entry(raw_id: bytes, fields: dict[bytes, bytes]) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": raw_id.decode()}
-        out.update((k.decode(), v.decode(errors="replace")) for k, v in fields.items())
-        out["env"] = env_id
-        return out
+    def entry(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+        return {"id": entry_id, **fields, "env": env_id}
 
     found: list[dict[str, Any]] = []
     if cursor is None:  # (not moved yet: a few at most, its own stream)
-        found += [entry(i, f) for i, f in await redis.xrevrange(keys.env_events(env_id),
-                                                               count=limit)]
-    top, scanned = (f"({cursor}" if cursor else f"({EVENTS_TOP}"), 0
-    while len(found) < limit and scanned < EVENTS_SCAN:
-        batch = await redis.xrevrange(keys.EVENTS, top, "-", count=1000)
-        if not batch:
-            return web.json_response({"env": env_id, "events": found[:limit],
-                                      "next_cursor": None})
-        for raw_id, fields in batch:
-            scanned += 1
-            top = f"({raw_id.decode()}"
-            if fields.get(b"env") == env_id.encode():
-                found.append(entry(raw_id, fields))
-                if len(found) == limit:
-                    break
-    return web.json_response({"env": env_id, "events": found[:limit],
-                              "next_cursor": top[1:]})
+        found += [entry(i.decode(), {k.decode(): v.decode(errors="replace")
+                                     for k, v in f.items()})
+                  for i, f in await redis.xrevrange(keys.env_events(env_id), count=limit)]
+    after: str | None = cursor or EVENTS_TOP
+    if len(found) < limit:
+        more, after = await audit.newest(
+            redis, keys.EVENTS, f"({after}", "-", lambda f: f.get("env") == env_id,
+            limit - len(found), EVENTS_SCAN)
+        found += [entry(i, f) for i, f in more]
+    return web.json_response({"env": env_id, "events": found, "next_cursor": after})
 
 
 async def put_overage(request: web.Request) -> web.Response:

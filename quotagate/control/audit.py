@@ -137,21 +137,30 @@ class Audit:
         top = f"({cursor}" if cursor else (
             f"({filters.until_ms}-0" if filters.until_ms is not None else "+")
         bottom = f"{filters.since_ms}-0" if filters.since_ms is not None else "-"
-        out: list[dict[str, object]] = []
-        scanned = 0
-        while scanned < SCAN_MAX:
-            batch = await self.redis.xrevrange(STREAM, top, bottom,
-                                               count=min(500, SCAN_MAX - scanned))
-            if not batch:
-                return out, None
-            for raw_id, raw_fields in batch:
-                scanned += 1
-                entry_id = raw_id.decode()
-                fields = {k.decode(): v.decode(errors="replace")
-                          for k, v in raw_fields.items()}
-                if filters.keep(fields):
-                    out.append(as_dict(entry_id, fields))
-                    if len(out) == limit:
-                        return out, entry_id
-                top = f"({entry_id}"
-        return out, top[1:]
+        found, after = await newest(self.redis, STREAM, top, bottom, filters.keep, limit,
+                                    SCAN_MAX)
+        return [as_dict(entry_id, fields) for entry_id, fields in found], after
+
+
+async def newest(redis: Any, stream: str, top: str, bottom: str,
+                 keep: Callable[[dict[str, str]], bool], limit: int, budget: int
+                 ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+    """The entries of ``stream`` from ``top`` down to ``bottom`` (XREVRANGE bounds) that
+    ``keep`` keeps, newest first, at most ``limit``, reading at most ``budget``; and the id
+    to go on after (the last one read; None: the stream's end was reached)."""
+    found: list[tuple[str, dict[str, str]]] = []
+    scanned = 0
+    while scanned < budget:
+        batch = await redis.xrevrange(stream, top, bottom, count=min(1000, budget - scanned))
+        if not batch:
+            return found, None
+        for raw_id, raw_fields in batch:
+            scanned += 1
+            entry_id = raw_id.decode()
+            top = f"({entry_id}"
+            fields = {k.decode(): v.decode(errors="replace") for k, v in raw_fields.items()}
+            if keep(fields):
+                found.append((entry_id, fields))
+                if len(found) == limit:
+                    return found, entry_id
+    return found, top[1:]

@@ -79,6 +79,21 @@ function table(columns, rows, caption) {
     }))) : el("tr", {}, el("td", {colspan: columns.length, class: "muted", text: "(none)"}))));
 }
 
+// A listing's query: the page's filters as given, and its cursor.
+function pageQuery(params, filters) {
+  const q = new URLSearchParams();
+  for (const k of [...filters, "cursor"]) if (params.get(k)) q.set(k, params.get(k));
+  return q;
+}
+
+// The link to the listing's next page (the same filters, the API's cursor), if any.
+function nextLink(page, q, cursor, text) {
+  if (!cursor) return [];
+  const next = new URLSearchParams(q);
+  next.set("cursor", cursor);
+  return [el("a", {href: `${page}?${next}`, text})];
+}
+
 function field(label, input) { return el("label", {}, label, input); }
 
 function select(name, options, value) {
@@ -138,23 +153,14 @@ async function envsPage(main, params) {
     go(`#/envs?${q}`); }},
     field("Ids starting with", prefix), field("State", state), field("Owner", owner),
     el("button", {type: "submit", class: "secondary", text: "Search"})));
-  const q = new URLSearchParams();
-  for (const k of ["prefix", "state", "owner", "cursor"]) {
-    if (params.get(k)) q.set(k, params.get(k));
-  }
-  q.set("limit", "50");
-  const page = await api("GET", `/envs?${q}`);
+  const q = pageQuery(params, ["prefix", "state", "owner"]);
+  const page = await api("GET", `/envs?${q}&limit=50`);
   main.append(table([
     {title: "Environment", cell: r => el("a", {href: `#/env/${r.env}`, text: r.env})},
     {title: "Owner", key: "owner"}, {title: "Plan", key: "plan"},
     {title: "Expires", key: "expires"}, {title: "Overage", cell: r => r.overage ? "on" : "off"},
   ], page.environments, "50 a page, in id order"));
-  if (page.next_cursor) {
-    const next = new URLSearchParams(q);
-    next.set("cursor", page.next_cursor);
-    next.delete("limit");
-    main.append(el("a", {href: `#/envs?${next}`, text: "Next page →"}));
-  }
+  main.append(...nextLink("#/envs", q, page.next_cursor, "Next page →"));
 }
 
 function position(m, overage) {  // where the next unit is drawn from (the waterfall)
@@ -393,22 +399,15 @@ async function auditPage(main, params) {
     field("Environment", inputs.env), field("Token id", inputs.token),
     field("Action", inputs.action), el("button", {type: "submit", class: "secondary",
                                                   text: "Filter"})));
-  const q = new URLSearchParams();
-  for (const k of ["env", "token", "action", "cursor"]) if (params.get(k)) q.set(k, params.get(k));
-  q.set("limit", "50");
-  const page = await api("GET", `/audit?${q}`);
+  const q = pageQuery(params, ["env", "token", "action"]);
+  const page = await api("GET", `/audit?${q}&limit=50`);
   main.append(table([
     {title: "When (UTC)", key: "at"}, {title: "Who", cell: e => `${e.actor_name} (${e.actor})`},
     {title: "Role", key: "role"}, {title: "Action", key: "action"},
     {title: "Environment", cell: e => e.env || e.envs || ""},
     {title: "Result", key: "status", num: true}, {title: "Request id", key: "request_id"},
   ], page.entries, "newest first"));
-  if (page.next_cursor) {
-    const next = new URLSearchParams(q);
-    next.set("cursor", page.next_cursor);
-    next.delete("limit");
-    main.append(el("a", {href: `#/audit?${next}`, text: "Older →"}));
-  }
+  main.append(...nextLink("#/audit", q, page.next_cursor, "Older →"));
 }
 
 // ------------------------------------------------------------------------------ routing
