@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +147,12 @@ async def assert_problem(resp: aiohttp.ClientResponse, status: int) -> dict[str,
     assert body["status"] == status and body["type"].startswith(TYPE_BASE)
     assert body["title"] and body["detail"], body
     return body
+
+
+async def until(check: Callable[[], Awaitable[bool]], seconds: float = 10) -> None:
+    """Until ``check()`` is true (polled every 20 ms; fails after ``seconds``): wait for an
+    outcome, not for a guess of how long it takes on a busy machine."""
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, f"not so after {seconds} s: {check}"
+        await asyncio.sleep(0.02)

@@ -307,7 +307,7 @@ async def test_settles_are_one_call_per_node_and_follow_a_moved_slot(cluster, tm
     from quotagate.common.calendar import day_number
     from quotagate.limiter import cluster as cluster_module
     from quotagate.limiter.cluster import ClusterStore
-    from tests.helpers import local
+    from tests.helpers import local, until
     from tests.parts import build
 
     monkeypatch.setattr(cluster_module, "REFRESH_EVERY_S", 3600.0)
@@ -330,7 +330,11 @@ async def test_settles_are_one_call_per_node_and_follow_a_moved_slot(cluster, tm
             await n.config_resetstat()
         for n, env_id in enumerate(ids):
             parts.settler.queue(env_id, None, "gbs", n + 1)
-        await asyncio.sleep(0.3)
+
+        async def all_settled() -> bool:
+            return all([await rc.hexists(keys.usage(i), f"{cycle}:gbs") for i in ids])
+
+        await until(all_settled)
 
         async def fcalls() -> list[int]:
             stats = [await n.info("commandstats") for n in nodes]

@@ -14,7 +14,7 @@ from quotagate.common.calendar import day_number
 from quotagate.limiter import keys
 from quotagate.limiter.backlog import METER_PREFIX, SLOT_MS
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
-from tests.helpers import at, env, local, write_config
+from tests.helpers import at, env, local, until, write_config
 from tests.parts import build, command_calls
 
 NOON = "2026-11-26T12:00:00"
@@ -34,13 +34,17 @@ async def test_one_settle_call_per_store_node_per_tick(tmp_path: Path, valkey_ur
             parts.settler.queue("shop", None, "gbs", amount)
         parts.settler.queue("mall", None, "gbs", 500)
         parts.settler.queue("cafe", "=fn:f", "gbs", 7)
-        await asyncio.sleep(0.1)
+        await until(lambda: client.hexists(keys.usage("cafe"), f"{CYCLE}:gbs"))
         assert await command_calls(client, "fcall") == 1  # all three environments in one
         assert int(await client.hget(keys.usage("shop"), f"{CYCLE}:gbs")) == 6000
         assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 500
         assert int(await client.hget(keys.usage("cafe"), f"{CYCLE}:gbs")) == 7
         parts.settler.queue("mall", None, "gbs", 1)  # one environment alone: settle.lua
-        await asyncio.sleep(0.1)
+
+        async def mall_501() -> bool:
+            return await client.hget(keys.usage("mall"), f"{CYCLE}:gbs") == b"501"
+
+        await until(mall_501)
         assert await command_calls(client, "fcall") == 2
         assert int(await client.hget(keys.usage("mall"), f"{CYCLE}:gbs")) == 501
         assert not parts.writeback.backlog.pending
