@@ -141,7 +141,7 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
 
         async def decide(env_id: str) -> Decision:
             async with gate:
-                reply = await rc.evalsha(DECIDE.sha, 9, *keys.decision_keys(env_id),
+                reply = await rc.evalsha(DECIDE.sha, 10, *keys.decision_keys(env_id),
                                          now, "function", 1, "enforce", 100, "fn:f", "i1",
                                          15000, "gbs")
             return Decision.from_reply(reply)

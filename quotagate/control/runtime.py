@@ -311,6 +311,7 @@ class Runtime:
         self.limiter.on_failure = gw.on_store_failure
         metrics.label_envs(gw.metrics_envs)
         self.limiter.set_burst_ms(gw.qps_burst_ms)
+        self.limiter.hot.rate = gw.hot_rate
         self.limiter.mode = "shadow" if gw.enforcement == "shadow" else "enforce"
 
     async def _declared_bandwidth(self, config: Config) -> None:
@@ -651,6 +652,7 @@ def build_runtime(config: Config, store_url: str, clock: Clock | None = None) ->
         store, clock=clock, mode=mode, burst_ms=gw.qps_burst_ms, on_failure=gw.on_store_failure,
         lease_ms=gw.leases.ttl_ms, renew_interval_ms=gw.leases.renew_interval_ms,
     )
+    limiter.hot.rate = gw.hot_rate
     timeout_s = max(gw.store.timeout_ms, gw.store.connect_timeout_ms) / 1000
     client_class = RedisCluster if gw.store.cluster else aredis.Redis
     # The control plane's client: the same TLS (the server verified by the URL's host).

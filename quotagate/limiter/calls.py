@@ -70,10 +70,10 @@ class ScriptCalls:
         def head(args: int) -> bytes:
             if self.functions:
                 name = DECIDE.function.encode()
-                return b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$1\r\n9\r\n" % (
-                    3 + 9 + args, len(name), name)
-            return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n9\r\n" % (
-                3 + 9 + args, DECIDE.sha.encode())
+                return b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$2\r\n10\r\n" % (
+                    3 + 10 + args, len(name), name)
+            return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$2\r\n10\r\n" % (
+                3 + 10 + args, DECIDE.sha.encode())
 
         self.decide_head = head(9)
         self.decide_head_pass = head(10)

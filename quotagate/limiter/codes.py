@@ -35,3 +35,8 @@ class Flag:
     #: request the gateway marked as passing while isolated (a route's
     #: ``pass_while_isolated``), counted in QPS only.
     WHILE_ISOLATED = 64
+    #: The environment is hot: instances decide it from leased budgets (hot.py); the one
+    #: that asked leases too.
+    HOT = 128
+    #: Decided in memory, from this instance's lease (never from the store's reply).
+    LEASED = 256

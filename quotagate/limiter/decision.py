@@ -177,7 +177,7 @@ class Decider:
         if isinstance(exc, NoScript):
             return await self._reply(env, self.calls.reload(DECIDE, names, key_slot, args,
                                                             exc), late, abandoned)
-        fut = self.store.submit(pack_command("EVALSHA", DECIDE.sha, 9, *names, *args),
+        fut = self.store.submit(pack_command("EVALSHA", DECIDE.sha, len(names), *names, *args),
                                 key_slot)
         try:
             return await self._reply(env, fut, late, abandoned)

@@ -369,15 +369,19 @@ class Recovered:
 
 
 async def recover(directory: Path, own: str, write_back: WriteBack, *,
-                  attempts: int = ATTEMPTS, retry_s: float = RETRY_S) -> Recovered:
+                  attempts: int = ATTEMPTS, retry_s: float = RETRY_S,
+                  leases: Callable[[Path, str], Awaitable[int]] | None = None) -> Recovered:
     """Claim and write back every journal in ``directory`` whose process is gone (not
     ``own``). An entry the store answers with an error is tried ``attempts`` times, then kept
     in its journal for a later pass; the others and the other journals go on. Raises
-    StoreUnavailable when the store is away (what is left stays, for the next attempt)."""
+    StoreUnavailable when the store is away (what is left stays, for the next attempt).
+    ``leases``: told each claimed ``<stem>.leases`` (hot.py's lease journal) and the stopped
+    instance's name, before the files go; a StoreError keeps them for a later pass."""
     done = Recovered()
     if not directory.is_dir():
         return done
-    stems = {p.stem for p in directory.iterdir() if p.suffix in (".journal", ".lock", ".tmp")}
+    stems = {p.stem for p in directory.iterdir()
+             if p.suffix in (".journal", ".lock", ".tmp", ".leases")}
     for stem in sorted(stems - {own}):
         path = directory / f"{stem}.journal"
         try:
@@ -400,6 +404,22 @@ async def recover(directory: Path, own: str, write_back: WriteBack, *,
             done.kept += len(left)
             if left:
                 continue
+            leased = directory / f"{stem}.leases"
+            if leases is not None and leased.exists():
+                try:
+                    told = await leases(leased, stem)
+                except StoreUnavailable:
+                    raise
+                except StoreError as exc:
+                    count_store_error(exc)
+                    log.error("lease journal %s not told to the store (%s): kept for a later "
+                              "pass", leased.name, exc)
+                    done.kept += 1
+                    continue
+                leased.unlink(missing_ok=True)
+                if told:
+                    log.warning("lease journal %s of a gateway that stopped: %d leases told "
+                                "to the store", leased.name, told)
             path.unlink(missing_ok=True)
             (directory / f"{stem}.lock").unlink(missing_ok=True)
             if entries:

@@ -54,6 +54,12 @@ def lease(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:lease"
 
 
+def hot(env: str) -> str:
+    """Hash: the leases of a hot environment's budget, instance -> its lease (JSON), and
+    ``x:<instance>|<id>`` -> a lease that ended without a word from its instance (common.lua)."""
+    return f"{PREFIX}:{{{env}}}:hot"
+
+
 def alerts(env: str) -> str:
     """Hash: ``<cycle_day>:<meter>:<level>`` -> when that quota alert fired (once a cycle)."""
     return f"{PREFIX}:{{{env}}}:alerts"
@@ -96,7 +102,7 @@ def decision_keys(env: str) -> list[str]:
     """KEYS of decide.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg",
-            tag + "slots", tag + "lease", tag + "alerts", tag + "events"]
+            tag + "slots", tag + "lease", tag + "alerts", tag + "events", tag + "hot"]
 
 
 def settle_keys(env: str) -> list[str]:

@@ -35,6 +35,7 @@ from quotagate.limiter.codes import Flag, Outcome
 from quotagate.limiter.decision import BYPASSED, BYPASSED_HOLDING, Decider, Decision
 from quotagate.limiter.errors import StoreError, StoreUnavailable, count_store_error
 from quotagate.limiter.forwarding import EventForwarder
+from quotagate.limiter.hot import Hot
 from quotagate.limiter.leases import Leases
 from quotagate.limiter.settling import Settler
 from quotagate.limiter.store import PipelinedStore
@@ -92,6 +93,9 @@ class Limiter:
                               renew_interval_ms, self._settler)
         #: Slots of plugin-mode holders being given back.
         self._background: set[asyncio.Task[None]] = set()
+        #: Hot environments, decided in memory from leased budgets (hot.py).
+        self.hot = Hot(self._calls, self.instance, lambda: self._mode,
+                       lambda: self.clock.script_time(), self._events.soon, self._missing)
         #: Response bandwidth of environments with a gateway version, shaped across instances.
         self.bandwidth = Bandwidth(self._calls, lambda: self.on_failure,
                                    mode=lambda: self._mode,
@@ -159,6 +163,15 @@ class Limiter:
 
     # ------------------------------------------------------------------------ decisions
 
+    def decide_now(self, env: str, kind: str, cost: int, needs: str = "") -> Decision | None:
+        """``decide`` for a request without a slot, if this instance can decide it in memory
+        now (a hot environment's lease); None: call ``decide``. (What ``decide`` does first,
+        for callers that would rather not start a coroutine: loadtests/hot_bench.py.)"""
+        if kind == "sms" or self._mode != "enforce":
+            return None
+        hot = self.hot.envs.get(env)
+        return None if hot is None else hot.decide(kind, cost, needs)
+
     async def decide(self, env: str, kind: str, cost: int, slot: str = "",
                      needs: str = "", holder: str = "", holder_lease_ms: int = 0,
                      while_isolated: bool = False) -> Decision:
@@ -173,6 +186,13 @@ class Limiter:
         (``Flag.WHILE_ISOLATED``; a route's ``pass_while_isolated``). Raises
         ``StoreUnavailable`` only when the policy is ``closed``.
         """
+        leasable = not slot and not while_isolated and kind != "sms"
+        if leasable:
+            hot = self.hot.envs.get(env)
+            if hot is not None and self._mode == "enforce":
+                local = hot.decide(kind, cost, needs)
+                if local is not None:
+                    return local
         key: BacklogKey | None = None
         finish: Callable[[Decision], bool] | None = None
         abandoned: Callable[[Decision | None], None] | None = None
@@ -243,6 +263,8 @@ class Limiter:
         if env not in self.known and decision.outcome is not Outcome.NOT_FOUND \
                 and len(self.known) < MAX_KNOWN:
             self.known.add(env)  # its snapshot is in the store: it exists
+        if leasable and self._mode == "enforce":
+            self.hot.note(env, bool(decision.flags & Flag.HOT))
         if finish is not None and finish(decision):
             return Decision._make((*decision[:-1], True))  # (_replace is slow)
         return decision
@@ -310,7 +332,10 @@ class Limiter:
     def refund(self, env: str, meter: str, amount: int, charged_at_ms: int) -> None:
         """Give back ``amount`` of ``meter`` that ``decide`` charged at ``charged_at_ms``
         (settle.lua: the last taken first; nothing if the environment's day has changed
-        since). Lost, not kept, if the store cannot take it: never written back later."""
+        since). Lost, not kept, if the store cannot take it: never written back later. Calls
+        admitted from a lease and not yet told to the store are taken off its count."""
+        if meter == "calls" and self.hot.refund(env, amount):
+            return
         self._settler.refund(env, meter, amount, charged_at_ms)
 
     # --------------------------------------------------------------------------- leases
@@ -364,6 +389,7 @@ class Limiter:
 
     def open_journal(self, directory: Path) -> None:
         self._writeback.open_journal(directory)
+        self.hot.open_journal(directory)
 
     async def recover_journals(self, directory: Path) -> int:
         return await self._writeback.recover_journals(directory)
@@ -373,6 +399,7 @@ class Limiter:
         # No new write-back or refund retry from here on (before the first await: a settle
         # failing meanwhile is logged as not sent); what is queued is settled now.
         self._settler.stop_retrying()
+        await self.hot.stop()  # leases ended: counts told, what they held given back
         await self._writeback.stop()
         await self._leases.stop()
         await self._settler.stop()
@@ -387,3 +414,4 @@ class Limiter:
         await asyncio.sleep(0)  # the callbacks of what the close failed (kept, journaled)
         self._settler.cancel_retries()
         self._writeback.close()
+        self.hot.close()

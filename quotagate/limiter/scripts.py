@@ -21,7 +21,7 @@ from importlib import resources
 
 _LUA = resources.files("quotagate.limiter").joinpath("lua")
 _COMMON = _LUA.joinpath("common.lua").read_text()
-_NAMES = ("decide", "settle", "renew", "bandwidth")
+_NAMES = ("decide", "settle", "renew", "bandwidth", "lease")
 #: How each operation becomes a function of the library (``_library``).
 _WRAPPER = ("\nlocal function op_{name}(KEYS, ARGV)\n{code}\nend\n"
             "redis.register_function('{function}', op_{name})\n")
@@ -58,7 +58,8 @@ DECIDE = Script.load("decide")
 SETTLE = Script.load("settle")
 RENEW = Script.load("renew")
 BANDWIDTH = Script.load("bandwidth")
-ALL = (DECIDE, SETTLE, RENEW, BANDWIDTH)
+LEASE = Script.load("lease")
+ALL = (DECIDE, SETTLE, RENEW, BANDWIDTH, LEASE)
 #: settle.lua's calls of several environments on one node in one (lua/settle_many.lua): a
 #: function of the library only; where functions are refused, each call goes on its own.
 SETTLE_MANY = f"qg_settle_many_{VERSION}"

@@ -19,6 +19,7 @@ from quotagate.limiter.backlog import MAX_MISSING_ATTEMPTS, METER_PREFIX, Backlo
 from quotagate.limiter.calls import ScriptCalls
 from quotagate.limiter.decision import Decider
 from quotagate.limiter.errors import StoreError, StoreUnavailable
+from quotagate.limiter.hot import recover as recover_leases
 from quotagate.limiter.journal import Journal, Key
 from quotagate.limiter.journal import recover as recover_journals
 from quotagate.limiter.scripts import DECIDE
@@ -142,6 +143,10 @@ class WriteBack:
             return False
         return True
 
+    async def recover_leases(self, path: Path, instance: str) -> int:
+        """A stopped gateway's lease journal (hot.py), told to the store."""
+        return await recover_leases(self.calls, path, instance)
+
     def open_journal(self, directory: Path) -> None:
         """Keep the backlog in a journal in ``directory`` too (journal.py)."""
         self.backlog.journal = Journal(directory, self.instance).open()
@@ -154,7 +159,8 @@ class WriteBack:
         written = 0
         delay = LATER_S
         while True:
-            done = await recover_journals(directory, self.instance, self.write_back)
+            done = await recover_journals(directory, self.instance, self.write_back,
+                                          leases=self.recover_leases)
             written += done.written
             if not done.kept:
                 return written

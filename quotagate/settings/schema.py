@@ -297,6 +297,10 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     timezone: str = "Asia/Shanghai"
     #: GCRA burst tolerance: an env may send limit x burst/1000 + 1 requests at once.
     qps_burst_ms: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+    #: Requests per second, on one instance, from which an environment is decided in memory
+    #: from budgets leased from the store (hot environments; two periods of 100 ms in a row);
+    #: 0: every request is decided by the store.
+    hot_rate: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 2_000
     plans_file: str = "plans.yaml"
     environments_file: str = "environments.yaml"
     #: A directory of more environments files (``*.yaml``, ``*.yml``, ``*.json``), each of

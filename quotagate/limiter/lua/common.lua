@@ -75,11 +75,13 @@ end
 
 -- Plan -> valid packs (earliest expiry first) for `amount` of `meter`. Appends the writes to
 -- `takes` ({key, field, n}); writes nothing. Returns what is left over (beyond plan + packs),
--- the plan quota, and what plan + packs held before this amount.
-local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount)
+-- the plan quota, and what plan + packs held before this amount. `reserved` (optional, see
+-- hot_state): what leases of hot environments hold of each field, not free to take.
+local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount, reserved)
   local field = cycle_day .. ':' .. meter
   local quota = ENT.quota[meter] or 0
   local plan_left = quota - (tonumber(redis.call('HGET', usage_key, field)) or 0)
+  if reserved then plan_left = plan_left - (reserved['u' .. field] or 0) end
   if plan_left < 0 then plan_left = 0 end
   local left = amount
   local take = math.min(left, plan_left)
@@ -88,6 +90,7 @@ local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount)
   for _, p in ipairs(ENT.packs) do
     if p.meter == meter and p.from <= TODAY and TODAY < p.to then
       local pack_left = p.amount - (tonumber(redis.call('HGET', packs_key, p.id)) or 0)
+      if reserved then pack_left = pack_left - (reserved['p' .. p.id] or 0) end
       if pack_left > 0 then
         held = held + pack_left
         take = math.min(left, pack_left)
@@ -258,4 +261,134 @@ local function alert_on(takes, usage_key, alerts_key, events_key, cycle_day, now
     redis.call('PEXPIRE', alerts_key, 400 * 86400000)  -- outlives any cycle
   end
   return written
+end
+
+--[[ Leases of hot environments (lease.lua). An instance deciding an environment in memory holds
+one lease record in the environment's `hot` hash, field "<instance>" -> JSON:
+  i  the lease's id (the instance's, kept while it leases the environment)
+  s  its share of the environment's QPS (requests/s); w what it wants (its demand)
+  c  calls it has committed (charged), cumulative; b calls granted, cumulative: it may admit
+     until its own count reaches b, and b - c is held for it
+  t  what of b - c is reserved, in waterfall order: {{"u"|"p", field or pack id, n}…} ("u":
+     the usage hash, "p": the packs hash); the rest of b - c (overage on) is pay-as-you-go
+  e  store-clock ms (since 2020) the lease ends at; d the local day it was granted on
+A lease past its end is reaped by the next script that reads the hash: what it held is charged
+as used (the instance may have admitted all of it, so nothing is over-admitted) and kept as
+"x:<instance>|<id>" -> {c, t, d, cy}, until the instance (or its journal, after a crash) tells what it did use:
+the rest is then given back (commit_lease). ]]
+
+local function reserve_of(tk)  -- a reserved take's {key, field, n} in the usage or packs hash
+  return tk[1] == 'u' and 1 or 2
+end
+
+-- Charge `n` of a lease's reserved takes (front first), appending the writes to `charged`
+-- ({key, field, n}, as allocate's) and shrinking `t`; returns what was beyond them.
+local function take_reserved(t, n, keys2, charged)
+  while n > 0 and #t > 0 do
+    local tk = t[1]
+    local m = math.min(n, tk[3])
+    charged[#charged + 1] = {keys2[reserve_of(tk)], tk[2], m}
+    tk[3] = tk[3] - m
+    n = n - m
+    if tk[3] <= 0 then table.remove(t, 1) end
+  end
+  return n
+end
+
+-- Write `charged` takes, and alerts for them; returns events written.
+local function charge_takes(charged, usage_key, alerts_key, events_key, cycle_day, now_ms)
+  for _, tk in ipairs(charged) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+  return alert_on(charged, usage_key, alerts_key, events_key, cycle_day, now_ms)
+end
+
+-- Calls of a lease beyond what it reserved (overage on: pay-as-you-go of the day it was
+-- granted on; else recorded unbilled).
+local function charge_beyond(payg_key, n, day)
+  if n <= 0 then return 0 end
+  local field, billed = over_field('calls', 'enforce', day)
+  redis.call('HINCRBY', payg_key, field, n)
+  return billed and 2 or 0
+end
+
+-- The leases of one environment: reaps the ones past their end (what they held charged, kept
+-- as "x:<instance>|<id>"), and returns the live ones (instance -> record), their QPS shares' sum, what
+-- they reserve per field ("u<field>" / "p<pack id>"), and events written. `K`: decide.lua's
+-- KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10).
+local function hot_state(K, store_ms, now_ms)
+  local all = redis.call('HGETALL', K[10])
+  local live, share, reserved, events = {}, 0, {}, 0
+  for i = 1, #all, 2 do
+    local f = all[i]
+    if string.sub(f, 1, 2) ~= 'x:' then
+      local rec = cjson.decode(all[i + 1])
+      if rec.e < store_ms then
+        -- Ended without a word from its instance: what it held is taken as used (it may
+        -- have admitted all of it) until the instance or its journal tells.
+        local charged = {}
+        local t = rec.t
+        local held = 0
+        for _, tk in ipairs(t) do held = held + tk[3] end
+        take_reserved(t, held, {K[3], K[4]}, charged)
+        events = events + charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
+        local kept = {}
+        for _, tk in ipairs(charged) do
+          kept[#kept + 1] = {tk[1] == K[3] and 'u' or 'p', tk[2], tk[3]}
+        end
+        redis.call('HSET', K[10], 'x:' .. f .. '|' .. rec.i, cjson.encode({c = rec.c, t = kept,
+                   d = rec.d, cy = rec.cy}))
+        redis.call('HDEL', K[10], f)
+        redis.call('PEXPIRE', K[10], 40 * 86400000)  -- kept until told (a journal replayed)
+      else
+        live[f] = rec
+        share = share + rec.s
+        for _, tk in ipairs(rec.t) do
+          local k = tk[1] .. tk[2]
+          reserved[k] = (reserved[k] or 0) + tk[3]
+        end
+      end
+    end
+  end
+  return live, share, reserved, events
+end
+
+-- An instance tells it has admitted `used` calls (cumulative) under lease `id`: the calls not
+-- charged yet are, from what the lease reserved (then pay-as-you-go). A lease reaped before
+-- (its held calls charged as used): what it did not use is given back, the last taken first.
+-- Returns the record when it is live (updated, not written), and flags (2 payg, 16 events).
+local function commit_lease(K, inst, id, used, now_ms)
+  local flags, events = 0, 0
+  local raw = redis.call('HGET', K[10], inst)
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.i == id then
+      local delta = used - rec.c
+      if delta > 0 then
+        local charged = {}
+        local beyond = take_reserved(rec.t, delta, {K[3], K[4]}, charged)
+        events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
+        flags = charge_beyond(K[5], beyond, rec.d)
+        rec.c = used
+      end
+      return rec, flags + (events > 0 and 16 or 0)
+    end
+  end
+  local orphan = 'x:' .. inst .. '|' .. id
+  raw = redis.call('HGET', K[10], orphan)
+  if raw then
+    local rec = cjson.decode(raw)
+    local delta = math.max(0, used - rec.c)
+    local held = 0
+    for _, tk in ipairs(rec.t) do held = held + tk[3] end
+    local back = held - math.min(delta, held)
+    for j = #rec.t, 1, -1 do  -- the last taken first
+      if back <= 0 then break end
+      local tk = rec.t[j]
+      local m = math.min(back, tk[3])
+      redis.call('HINCRBY', tk[1] == 'u' and K[3] or K[4], tk[2], -m)
+      back = back - m
+    end
+    flags = charge_beyond(K[5], delta - held, rec.d)
+    redis.call('HDEL', K[10], orphan)
+  end
+  return nil, flags
 end

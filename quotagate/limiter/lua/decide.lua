@@ -16,7 +16,10 @@ KEYS[6] slots  hash, leased concurrency slots (common.lua)
 KEYS[7] lease  zset, instance -> lease end (common.lua)
 KEYS[8] alerts hash "<cycle>:<meter>:<level>" -> when that alert fired (once per cycle)
 KEYS[9] events stream of this environment's events (the gateway moves them to qg:events)
-KEYS[10] (record mode, optional) seen: string set once per written-back entry id; an entry
+KEYS[10] hot   hash, leases of a hot environment's budget (common.lua, lease.lua): while
+               instances hold some, this decides what they leave — the QPS beyond their
+               shares, the quota beyond what they reserved — and says so (flags 128)
+KEYS[11] (record mode, optional) seen: string set once per written-back entry id; an entry
         seen before is not counted again (flags 32) — a journal replayed after a crash
 
 ARGV[1] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
@@ -44,7 +47,8 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
          4 database free, 8 mode off (nothing counted), 16 events written, 32 (record mode
          with KEYS[10]) an entry written back before: nothing written now, 64 (with code 3
-         or 5) let through by ARGV[10] at no cost: counted in QPS only
+         or 5) let through by ARGV[10] at no cost: counted in QPS only, 128 the
+         environment is hot: instances decide it from leases (the caller leases too)
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
   reset_ms           until the billing cycle resets; window_s the cycle's length
   meter              the meter that refused ("" when admitted)
@@ -67,7 +71,7 @@ end
 
 local ent = snapshot(KEYS[1])
 if not ent then return early(4) end
-if mode == 'record' and KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then
+if mode == 'record' and KEYS[11] and redis.call('EXISTS', KEYS[11]) == 1 then
   return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0}  -- written back before: not again
 end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
@@ -122,8 +126,21 @@ if gw and TODAY >= gw.from then
   if gq < qps_limit then qps_limit, qps_by = gq, 1 end
 end
 
+-- A hot environment: leases hold shares of its QPS and reserve calls; this request gets what
+-- they leave (and leases past their end are reaped).
+local reserved, leased_qps, hot_events = nil, 0, false
+if mode ~= 'record' and redis.call('EXISTS', KEYS[10]) == 1 then
+  local live, share, res, events = hot_state(KEYS, store_ms, now_ms)
+  if next(live) then flags = flags + 128 end
+  if events > 0 then flags, hot_events = flags + 16, true end
+  reserved, leased_qps = res, share
+end
+
 -- QPS: GCRA on the store's clock (instance clocks do not matter).
-local interval = 1000 / qps_limit
+-- (Leases holding all of it: refused, the TAT untouched; they renew within a fraction of a
+-- second, this instance's lease among them.)
+local free_qps = qps_limit - leased_qps
+local interval = 1000 / math.max(free_qps, 1)
 local tat = tonumber(redis.call('GET', KEYS[2])) or store_ms
 if tat < store_ms then tat = store_ms end
 -- An admission puts the TAT at most burst + interval ahead of now: one further ahead is the
@@ -139,7 +156,7 @@ if tat > store_ms + burst + interval + 1 then
     redis.call('SET', KEYS[2], string.format('%.4f', tat), 'PX', math.ceil(tat - store_ms) + 1000)
   end
 end
-local qps_ok = mode == 'record' or (tat - store_ms) <= burst
+local qps_ok = mode == 'record' or ((tat - store_ms) <= burst and free_qps >= 1)
 local new_tat = tat + interval
 local qps_retry, qps_remaining, qps_reset
 if qps_ok then
@@ -148,7 +165,7 @@ if qps_ok then
 else
   qps_remaining = 0
   qps_reset = math.ceil(tat - store_ms)
-  qps_retry = math.ceil(tat - burst - store_ms)
+  qps_retry = math.max(math.ceil(tat - burst - store_ms), free_qps >= 1 and 0 or 100)
 end
 if qps_remaining < 0 then qps_remaining = 0 end
 
@@ -157,12 +174,12 @@ local takes = {}
 local over, quota, held, consumed
 if kind == 'sms' then
   -- SMS packs -> plan calls (sms_calls each) -> call packs -> call pay-as-you-go.
-  local sms_left = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'sms', cost)
+  local sms_left = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'sms', cost, reserved)
   over, quota, held = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls',
-                               sms_left * ent.sms_calls)
+                               sms_left * ent.sms_calls, reserved)
   consumed = sms_left * ent.sms_calls - over
 else
-  over, quota, held = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls', cost)
+  over, quota, held = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls', cost, reserved)
   consumed = cost - over
 end
 
@@ -180,7 +197,7 @@ elseif mode ~= 'record' and ent.overage ~= 1 then
         meter_held = gauge_left(KEYS[3], need)
       else
         local _
-        _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, need, 0)
+        _, _, meter_held = allocate({}, KEYS[3], KEYS[4], cycle_day, need, 0, reserved)
       end
       if meter_held <= 0 then code, meter, retry = 2, need, reset_ms break end
     end
@@ -207,7 +224,9 @@ if code ~= 0 then
 end
 
 for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
-if alert_on(takes, KEYS[3], KEYS[8], KEYS[9], cycle_day, now_ms) > 0 then flags = flags + 16 end
+if alert_on(takes, KEYS[3], KEYS[8], KEYS[9], cycle_day, now_ms) > 0 and not hot_events then
+  flags = flags + 16
+end
 if over > 0 then
   local field, billed = over_field('calls', mode)
   if billed then flags = flags + 2 end
@@ -223,8 +242,8 @@ if slot ~= '' then
   in_use = redis.call('HINCRBY', KEYS[6], '=' .. slot, 1)
   hold_lease(KEYS[6], KEYS[7], inst, store_ms, tonumber(ARGV[8]), false)
 end
-if mode == 'record' and KEYS[10] then  -- last: only a write-back that counted is marked
-  redis.call('SET', KEYS[10], '1', 'PX', 40 * 86400000)  -- longer than any replay
+if mode == 'record' and KEYS[11] then  -- last: only a write-back that counted is marked
+  redis.call('SET', KEYS[11], '1', 'PX', 40 * 86400000)  -- longer than any replay
 end
 if code == 0 and lifecycle_status ~= 0 then  -- let through while isolated (ARGV[10])
   code, flags = lifecycle_status, flags + 64

@@ -1,0 +1,170 @@
+"""Hot environments decided from leased budgets (hot.py, lease.lua), against a real store: the
+store sees about one call per lease, and nothing is over-admitted, lost or charged unused."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aredis
+
+from quotagate.common.calendar import day_number
+from quotagate.limiter import hot as hot_module
+from quotagate.limiter import keys
+from quotagate.limiter.codes import Flag, Outcome
+from tests.helpers import at, env, script_calls, synced_limiter, until, write_config
+
+CYCLE = day_number(dt.date(2026, 11, 1))
+CALLS = f"{CYCLE}:calls".encode()
+
+
+@pytest.fixture
+async def limiters(store_url):
+    made = []
+
+    async def factory(config, clock=None, **kw):
+        kw.setdefault("timeout_ms", 5_000)  # a busy machine: no fail-open in these tests
+        lim = await synced_limiter(store_url, config, clock or at("2026-11-26T12:00:00"), **kw)
+        made.append(lim)
+        return lim
+
+    yield factory
+    for lim in made:
+        await lim.close()
+
+
+async def drive(lims, env_id: str, seconds: float, per_tick: int = 50,
+                kind: str = "database") -> Counter:
+    """Each limiter decides ``per_tick`` requests of ``env_id`` per loop tick, for ``seconds``:
+    outcomes counted, leased ones apart."""
+    seen: Counter = Counter()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        batch = [lim.decide(env_id, kind, 1) for lim in lims for _ in range(per_tick)]
+        for d in await asyncio.gather(*batch):
+            seen[(d.outcome, bool(d.flags & Flag.LEASED))] += 1
+        await asyncio.sleep(0)
+    return seen
+
+
+def admitted(seen: Counter) -> int:
+    return seen[(Outcome.ADMITTED, True)] + seen[(Outcome.ADMITTED, False)]
+
+
+async def used(client: aredis.Redis, env_id: str = "shop") -> int:
+    return int(await client.hget(keys.usage(env_id), CALLS) or 0)
+
+
+async def test_hot_environment_is_decided_in_memory(tmp_path: Path, limiters, redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10_000_000,
+                                                         "qps": 1_000_000})})
+    lim = await limiters(config)
+    before = script_calls(await redis_client.info("commandstats"))
+    seen = await drive([lim], "shop", 1.5)
+    calls = script_calls(await redis_client.info("commandstats")) - before
+    total = sum(seen.values())
+    assert seen[(Outcome.ADMITTED, True)] > total / 2, seen
+    assert calls / total < 0.1, (calls, total)
+    await lim.close()
+    # Every admission charged once, nothing held after the lease ended.
+    assert await used(redis_client) == admitted(seen)
+    assert await redis_client.exists(keys.hot("shop")) == 0
+
+
+async def test_hard_stop_is_exact_across_leases(tmp_path: Path, limiters, redis_client):
+    """Three instances at a hard stop crossed under load: exactly the quota admitted, the
+    last calls decided per request once leases may hold no more."""
+    quota = 20_000
+    config = write_config(tmp_path, {"shop": env(limits={"calls": quota,
+                                                         "qps": 1_000_000})})
+    lims = [await limiters(config) for _ in range(3)]
+    seen = await drive(lims, "shop", 3.0, per_tick=40)
+    assert seen[(Outcome.ADMITTED, True)] > 0, seen  # leases were used
+    assert admitted(seen) == quota, seen
+    assert seen[(Outcome.QUOTA_EXCEEDED, False)] > 0
+    for lim in lims:
+        await lim.close()
+    assert await used(redis_client) == quota
+
+
+async def test_qps_share_keeps_the_rate(tmp_path: Path, limiters):
+    """Two instances offered far more than the limit: admitted per second within the limit
+    plus the local burst, and both get a fair part."""
+    limit = 2_000
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10_000_000,
+                                                         "qps": limit})})
+    lims = [await limiters(config) for _ in range(2)]
+    per: list[Counter] = [Counter(), Counter()]
+    end = time.monotonic() + 4.0
+    start = time.monotonic()
+    while time.monotonic() < end:
+        for i, lim in enumerate(lims):
+            for d in await asyncio.gather(*(lim.decide("shop", "database", 1)
+                                            for _ in range(20))):
+                if d.admitted:
+                    per[i][int(time.monotonic() - start)] += 1
+        await asyncio.sleep(0)
+    for second in (1, 2, 3):  # (the first second: leases being taken)
+        total = per[0][second] + per[1][second]
+        assert total <= limit * 1.03, (second, total)
+        assert total >= limit * 0.8, (second, total)
+    assert min(per[0][3], per[1][3]) > limit * 0.25, per
+
+
+async def test_killed_instance_leases_are_told_by_its_journal(tmp_path: Path, limiters,
+                                                              redis_client, store_url):
+    """An instance that stops without ending its leases: the store charges what they held
+    when they expire (nothing over-admitted meanwhile), and the journal, read by the next
+    instance that starts, gives back what was not used — once."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1_000_000,
+                                                         "qps": 1_000_000})})
+    journal = tmp_path / "journal"
+    dead = await limiters(config)
+    dead.open_journal(journal)
+    seen = await drive([dead], "shop", 1.0)
+    assert seen[(Outcome.ADMITTED, True)] > 0
+    # Killed: its leases stay out, its journal on disk (nothing told to the store).
+    async def killed(h):  # the process is gone: nothing more reaches the store from it
+        return None
+
+    dead.hot._end = killed
+    for h in list(dead.hot.envs.values()):
+        h.task.cancel()
+    await asyncio.sleep(0.05)
+    record = await redis_client.hget(keys.hot("shop"), dead.instance)
+    assert record is not None
+    # The lease expires: what it held is charged, as used.
+    await asyncio.sleep(hot_module.LEASE_MS / 1000 + 0.1)
+    other = await limiters(config)
+    await other.decide("shop", "database", 1)  # reaps it
+    charged = await used(redis_client)
+    assert charged >= admitted(seen) + 1
+    # The next start reads the journal: what was not used goes back, exactly once.
+    dead._writeback.close()  # (its journal's lock released, as by the kill)
+    third = await limiters(config)
+    third.open_journal(journal)
+    await third.recover_journals(journal)
+    assert await used(redis_client) == admitted(seen) + 1
+    await third.recover_journals(journal)
+    assert await used(redis_client) == admitted(seen) + 1
+    assert not list(journal.glob(f"{dead.instance}*"))
+
+
+async def test_refunds_of_leased_calls(tmp_path: Path, limiters, redis_client):
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1_000_000,
+                                                         "qps": 1_000_000})})
+    lim = await limiters(config)
+    seen = await drive([lim], "shop", 1.0)
+    leased = [h for h in lim.hot.envs.values()]
+    assert leased
+    lim.refund("shop", "calls", 5, lim.clock.now_ms())
+    await lim.close()
+    await until(lambda: _equal(redis_client, admitted(seen) - 5))
+
+
+async def _equal(client: aredis.Redis, n: int) -> bool:
+    return await used(client) == n
