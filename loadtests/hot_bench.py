@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import os
 import statistics
 import sys
@@ -128,7 +129,7 @@ async def run(args: argparse.Namespace, url: str, config_path: Path, quota: int)
                 in_flight[at] += 1
                 task = asyncio.ensure_future(lim.decide(ENV, "database", 1))
                 pending.add(task)
-                task.add_done_callback(lambda t, s=second, a=at: done(t, s, a))
+                task.add_done_callback(functools.partial(done, second=second, i=at))
             else:  # a client waiting for its answer: not sent now
                 outcomes["not sent (in flight at the cap)"] += 1
         issued += max(due, 0)

@@ -128,6 +128,16 @@ BANDWIDTH_LEASES = Counter(
     "away, fail-open).",
     ["result"],
 )
+HOT_LEASE_CALLS = Counter(
+    "quotagate_hot_lease_calls_total",
+    "Store calls for hot environments' leases (hot.py), by what they answered: leased, "
+    "spent (plan and packs used up), ended (not leasable now: per request), error.",
+    ["result"],
+)
+HOT_ENVIRONMENTS = Gauge(
+    "quotagate_hot_environments",
+    "Environments this instance decides in memory from leased budgets now.",
+)
 BANDWIDTH_BYTES = Counter(
     "quotagate_bandwidth_shaped_bytes_total",
     "Response bytes sent through a bandwidth pacer (environments with a gateway version).",

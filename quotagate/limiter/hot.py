@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from quotagate.common import metrics
 from quotagate.common.clock import ScriptTime, script_arg
 from quotagate.common.envids import ENV_ID
 from quotagate.limiter import keys
@@ -352,6 +353,7 @@ class Hot:
         if record < 0:
             return
         h = self.envs[env] = HotEnv(env, self._lease_ids, record)
+        metrics.HOT_ENVIRONMENTS.set(len(self.envs))
         h.task = asyncio.get_running_loop().create_task(self._run(h))
 
     async def _run(self, h: HotEnv) -> None:
@@ -401,11 +403,13 @@ class Hot:
                 self.mode(), ",".join(sorted(h.needs))])
         except StoreError as exc:
             count_store_error(exc)
+            metrics.HOT_LEASE_CALLS.labels("error").inc()
             return time.monotonic() < h.valid_until  # holds until its end, then ends
         code, flags = int(r[0]), int(r[1])
         if flags & Flag.EVENTS:
             self.on_events(h.env)
         if code != 0:
+            metrics.HOT_LEASE_CALLS.labels("ended").inc()
             if code == Outcome.NOT_FOUND:
                 self.on_missing(h.env)
             self._cool[h.env] = time.monotonic() + COOL_S
@@ -426,6 +430,7 @@ class Hot:
         h.bandwidth, h.qps_by = int(r[11]), int(r[12]) == 1
         h.db_free = bool(flags & Flag.DATABASE_FREE)
         h.spent = bool(flags & SPENT)
+        metrics.HOT_LEASE_CALLS.labels("spent" if h.spent else "leased").inc()
         h.valid_until = sent_at + int(r[9]) / 1000
         h.leased = True
         return True
@@ -436,6 +441,7 @@ class Hot:
         h.ending = True
         if self.envs.get(h.env) is h:
             del self.envs[h.env]
+            metrics.HOT_ENVIRONMENTS.set(len(self.envs))
         delay = 0.05
         while True:
             try:
