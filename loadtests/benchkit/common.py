@@ -33,12 +33,14 @@ def write_configs(tmp: Path, upstream_port: int, store_url: str) -> dict[str, Pa
     }}
     (tmp / "environments.yaml").write_text(yaml.safe_dump(environments, sort_keys=False))
     paths = {}
-    for mode in ("off", "enforce"):
+    for mode in ("off", "enforce", "cold"):
         gateway = {
             "listen": f"127.0.0.1:{free_port()}",
             "admin_listen": f"127.0.0.1:{free_port()}",
             "store": {"url": store_url, "timeout_ms": 200},
-            "enforcement": mode,
+            "enforcement": "enforce" if mode == "cold" else mode,
+            # cold: every request decided by the store (no hot environment leases)
+            "hot_rate": 0 if mode == "cold" else 2_000,
             "timezone": "Asia/Shanghai",
             "plans_file": str(PLANS_FILE),
             "environments_file": str(tmp / "environments.yaml"),

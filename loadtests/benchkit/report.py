@@ -137,6 +137,11 @@ def report(args: argparse.Namespace, arms: list[Arm], results: Results,
                  for a, b in zip(results.samples["C"], results.samples["B"], strict=False)
                  if a.cpu_us_per_req and b.cpu_us_per_req]
         spread_line("limiter cost C-B, CPU µs/request", diffs, ".1f")
+    if {"B", "Ccold"} <= names:
+        ratio_line("Ccold/B req/s (every request to the store)", "Ccold", "B", rps)
+    if {"C", "Ccold"} <= names:
+        ratio_line("C/Ccold req/s (leases against a store call each)", "C", "Ccold", rps)
+        ratio_line("C/Ccold CPU µs per request", "C", "Ccold", cpu)
     if {"B", "Cfn"} <= names:
         ratio_line("Cfn/B req/s", "Cfn", "B", rps)
     if "Cfn" in names and "C" in names:

@@ -11,6 +11,7 @@ from ..arm import ArmDef
 from . import (
     a_upstream,
     b_gateway_off,
+    c_cold,
     c_enforce,
     cfn_function,
     creject,
@@ -23,13 +24,14 @@ ARMS: dict[str, ArmDef] = {arm.name: arm for arm in (
     a_upstream.ARM,
     b_gateway_off.ARM,
     c_enforce.ARM,
+    c_cold.ARM,
     cfn_function.ARM,
     creject.ARM,
     *d_limits.ARMS,
     n_nginx.ARM,
     p_plugin.ARM,
 )}
-MEASURE_ORDER = ("A", "N", "B", "C", "P", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
+MEASURE_ORDER = ("A", "N", "B", "C", "Ccold", "P", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
 DISPLAY_ORDER = tuple(ARMS)
 #: What --arms accepts by default: every arm, a group (D) once in place of its members.
 ALL_ARMS = tuple(dict.fromkeys(arm.group or arm.name for arm in ARMS.values()))
