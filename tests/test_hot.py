@@ -168,3 +168,68 @@ async def test_refunds_of_leased_calls(tmp_path: Path, limiters, redis_client):
 
 async def _equal(client: aredis.Redis, n: int) -> bool:
     return await used(client) == n
+
+
+async def lease(lim, op: str, lease_id: int, used: int, want: int = 500,
+                inst: str | None = None) -> list:
+    """One lease.lua call as hot.py makes it."""
+    from quotagate.common.clock import script_arg
+    from quotagate.limiter.scripts import LEASE
+    return await lim._calls.run(LEASE, "shop", keys.decision_keys("shop"), [
+        script_arg(lim.clock.script_time()), inst or lim.instance, op, lease_id, used,
+        "1000", want, 500, "enforce", ""])
+
+
+async def test_a_renewal_counts_its_own_commit_once(tmp_path: Path, limiters, redis_client):
+    """A grant used up and renewed: what the renewal commits is not also counted as held (it
+    would read as plan used up while half of it is left, and refuse)."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1000, "qps": 1_000_000})})
+    lim = await limiters(config)
+    first = await lease(lim, "lease", 1, 0, want=500)
+    assert (first[0], int(first[3])) == (0, 500)  # hard stop: half of what is free
+    again = await lease(lim, "lease", 1, 250, want=500)
+    assert again[0] == 0 and not int(again[1]) & 32, again  # not "used up"
+    assert int(again[6]) == 750, again  # plan + packs hold 750 for it: 1000 - 250
+    assert int(again[3]) == 750  # granted, cumulative: 250 more (half of the 500 free)
+    assert await used(redis_client) == 250
+    # The hash outlives any lease by far: a live record never goes with its expiry.
+    assert await redis_client.pttl(keys.hot("shop")) > 86_400_000
+    end = await lease(lim, "end", 1, 300)
+    assert end[0] == 8 and await used(redis_client) == 300
+    assert await redis_client.exists(keys.hot("shop")) == 0
+
+
+async def test_a_new_lease_of_an_instance_keeps_the_old_ones_count(tmp_path: Path, limiters,
+                                                                   redis_client):
+    """An instance leases again before the end of its last lease reached the store: the old
+    lease is kept as a note (what it held charged), and its end, when it comes, gives back
+    what it did not use — its admissions counted, nothing lost."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1000, "qps": 1_000_000})})
+    lim = await limiters(config)
+    assert (await lease(lim, "lease", 1, 0))[0] == 0          # holds 500
+    assert (await lease(lim, "lease", 2, 0))[0] == 0          # the old one: charged whole
+    assert await used(redis_client) == 500
+    assert (await lease(lim, "end", 1, 100))[0] == 8          # it used 100: 400 back
+    assert await used(redis_client) == 100
+    assert (await lease(lim, "end", 2, 10))[0] == 8
+    assert await used(redis_client) == 110
+
+
+async def test_a_late_renewal_of_a_reaped_lease_holds_what_it_did_not_use(tmp_path: Path,
+                                                                         limiters,
+                                                                         redis_client):
+    """A renewal that reaches the store after its lease ended (a slow store, a stalled
+    loop), once another decision reaped it: what it did not use is held for it again, not
+    given to others — the instance may still admit it until its own lease ends."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1000, "qps": 1_000_000})})
+    lim = await limiters(config)
+    assert int((await lease(lim, "lease", 1, 0))[3]) == 500
+    await asyncio.sleep(0.6)  # past the lease's end (500 ms)
+    other = await limiters(config)
+    await other.decide("shop", "database", 1)  # reaps it: 500 charged as used
+    assert await used(redis_client) == 501
+    again = await lease(lim, "lease", 1, 40)  # it had used 40
+    assert again[0] == 0
+    assert await used(redis_client) == 41  # 460 back from the usage, held for it again
+    await lease(lim, "end", 1, 500)  # it went on to use all it held
+    assert await used(redis_client) == 501

@@ -174,6 +174,7 @@ class HotEnv:
         "interval",
         "lease_id",
         "leased",
+        "map",
         "needs",
         "qps_by",
         "qps_limit",
@@ -193,8 +194,10 @@ class HotEnv:
         "window_s",
     )
 
-    def __init__(self, env: str, lease_id: int, record: int):
+    def __init__(self, env: str, lease_id: int, record: int, journal: mmap.mmap):
         self.env = env
+        #: The lease journal's map: the count is written at ``record`` + 1 per admission.
+        self.map = journal
         self.lease_id = lease_id
         self.record = record
         self.share = 0.0
@@ -252,8 +255,10 @@ class HotEnv:
         refused = "calls" if self.spent and charge else ""
         if needs:
             for need in needs.split(","):
-                if need not in self.needs:
+                if need not in self.needs:  # not asked about yet: the store, then ask
                     self.needs.add(need)
+                    self.wake.set()
+                    return None
                 if need in self.used_up and not refused:
                     refused = need
         if refused:  # as decide.lua: a quota refusal, nothing counted (not even the QPS)
@@ -272,7 +277,7 @@ class HotEnv:
         self.tat = new_tat
         if charge:
             self.used = used
-            _USED.pack_into(self.journal_map, self.record + 1, used)
+            _USED.pack_into(self.map, self.record + 1, used)
         left = (LOCAL_BURST_S - (new_tat - now)) * self.share
         return Decision(Outcome.ADMITTED, Flag.LEASED | (Flag.DATABASE_FREE if free else 0),
                         self.qps_limit, int(left) + 1 if left >= 0 else 0,
@@ -280,8 +285,6 @@ class HotEnv:
                         self.remaining - (used - self.sent),
                         max(0, int((self.reset_at - now) * 1000)), 0, self.window_s, "", 0, 0,
                         self.qps_by, self.bandwidth)
-
-    journal_map: mmap.mmap  # set by Hot (the journal's map: one attribute read per admission)
 
 
 class Hot:
@@ -298,7 +301,6 @@ class Hot:
         self.on_missing = on_missing
         self.envs: dict[str, HotEnv] = {}
         self.journal = LeaseJournal()
-        HotEnv.journal_map = self.journal._map
         #: Requests per environment this period (cold ones: the candidates).
         self._counts: dict[str, int] = {}
         self._period_end = 0.0
@@ -307,6 +309,9 @@ class Hot:
         self._stopping = False
         #: A lease could not be ended at shutdown: its journal record is kept.
         self._kept = False
+        #: Every lease task (those ending too), and environments whose end is on its way.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: set[str] = set()
         #: Store calls made for leases (what tests and benchmarks read).
         self.lease_calls = 0
         #: Requests/s from which an environment is leased; 0: never (``gateway.hot_rate``).
@@ -320,7 +325,6 @@ class Hot:
             raise RuntimeError("the lease journal is opened before any lease is taken")
         self.journal.close()
         self.journal = LeaseJournal(directory / f"{self.instance}{SUFFIX}")
-        HotEnv.journal_map = self.journal._map
 
     def note(self, env: str, joined: bool = False) -> None:
         """A request of a cold environment (``joined``: the store said others lease it)."""
@@ -343,6 +347,8 @@ class Hot:
     def start(self, env: str) -> None:
         if env in self.envs or self._stopping or not self.rate:
             return
+        if env in self._ending:  # its last lease's end not taken yet: not a new one
+            return
         cool = self._cool.get(env)
         if cool is not None:
             if time.monotonic() < cool:
@@ -352,9 +358,11 @@ class Hot:
         record = self.journal.open(env, self._lease_ids)
         if record < 0:
             return
-        h = self.envs[env] = HotEnv(env, self._lease_ids, record)
+        h = self.envs[env] = HotEnv(env, self._lease_ids, record, self.journal._map)
         metrics.HOT_ENVIRONMENTS.set(len(self.envs))
-        h.task = asyncio.get_running_loop().create_task(self._run(h))
+        h.task = task = asyncio.get_running_loop().create_task(self._run(h))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, h: HotEnv) -> None:
         """Lease, renew every period (or sooner when woken), end when idle or refused."""
@@ -368,7 +376,7 @@ class Hot:
     async def _renewing(self, h: HotEnv) -> None:
         """Every period (or sooner when woken) until idle or refused."""
         last = time.monotonic()
-        while not self._stopping:
+        while not self._stopping and self.rate:
             started = time.monotonic()
             demand, h.demand = h.demand, 0
             rate = demand / max(started - last, 0.001)
@@ -404,6 +412,9 @@ class Hot:
         except StoreError as exc:
             count_store_error(exc)
             metrics.HOT_LEASE_CALLS.labels("error").inc()
+            # (It may have run: the store's count may be `used` now, so refunds never take
+            # the count below it.)
+            h.sent = max(h.sent, used)
             return time.monotonic() < h.valid_until  # holds until its end, then ends
         code, flags = int(r[0]), int(r[1])
         if flags & Flag.EVENTS:
@@ -442,6 +453,13 @@ class Hot:
         if self.envs.get(h.env) is h:
             del self.envs[h.env]
             metrics.HOT_ENVIRONMENTS.set(len(self.envs))
+        self._ending.add(h.env)
+        try:
+            await self._send_end(h)
+        finally:
+            self._ending.discard(h.env)
+
+    async def _send_end(self, h: HotEnv) -> None:
         delay = 0.05
         while True:
             try:
@@ -472,10 +490,10 @@ class Hot:
     async def stop(self) -> None:
         """End every lease (a clean shutdown): counts told, what is held given back."""
         self._stopping = True
-        tasks = [h.task for h in self.envs.values() if h.task is not None]
         for h in self.envs.values():
             h.wake.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def close(self) -> None:
         """The journal's file goes unless a lease could not be ended (the next start tells

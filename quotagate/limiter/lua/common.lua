@@ -310,34 +310,47 @@ local function charge_beyond(payg_key, n, day)
   return billed and 2 or 0
 end
 
--- The leases of one environment: reaps the ones past their end (what they held charged, kept
--- as "x:<instance>|<id>"), and returns the live ones (instance -> record), their QPS shares' sum, what
--- they reserve per field ("u<field>" / "p<pack id>"), and events written. `K`: decide.lua's
--- KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10).
-local function hot_state(K, store_ms, now_ms)
+-- Keep the hash as long as a note of a lease may wait for its journal (a gateway killed and
+-- started again days later): a live lease's record must never go with the hash's expiry.
+local function keep_hot(K)
+  if redis.call('PTTL', K[10]) < 20 * 86400000 then
+    redis.call('PEXPIRE', K[10], 40 * 86400000)
+  end
+end
+
+-- A lease its instance no longer speaks for (past its end, or replaced by a newer one of the
+-- same instance): what it held is charged as used — it may have admitted all of it — and kept
+-- as "x:<instance>|<id>" until the instance or its journal tells. Returns events written.
+local function orphan_lease(K, f, rec, now_ms)
+  local charged = {}
+  local held = 0
+  for _, tk in ipairs(rec.t) do held = held + tk[3] end
+  take_reserved(rec.t, held, {K[3], K[4]}, charged)
+  local events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
+  local kept = {}
+  for _, tk in ipairs(charged) do
+    kept[#kept + 1] = {tk[1] == K[3] and 'u' or 'p', tk[2], tk[3]}
+  end
+  redis.call('HSET', K[10], 'x:' .. f .. '|' .. rec.i, cjson.encode({c = rec.c, t = kept,
+             b = rec.b, d = rec.d, cy = rec.cy}))
+  redis.call('HDEL', K[10], f)
+  keep_hot(K)
+  return events
+end
+
+-- The leases of one environment: reaps the ones past their end (orphan_lease) but `own`'s
+-- (the instance renewing now), and returns the live ones (instance -> record), their QPS
+-- shares' sum, what they reserve per field ("u<field>" / "p<pack id>"), and events written.
+-- `K`: decide.lua's KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10).
+local function hot_state(K, store_ms, now_ms, own)
   local all = redis.call('HGETALL', K[10])
   local live, share, reserved, events = {}, 0, {}, 0
   for i = 1, #all, 2 do
     local f = all[i]
     if string.sub(f, 1, 2) ~= 'x:' then
       local rec = cjson.decode(all[i + 1])
-      if rec.e < store_ms then
-        -- Ended without a word from its instance: what it held is taken as used (it may
-        -- have admitted all of it) until the instance or its journal tells.
-        local charged = {}
-        local t = rec.t
-        local held = 0
-        for _, tk in ipairs(t) do held = held + tk[3] end
-        take_reserved(t, held, {K[3], K[4]}, charged)
-        events = events + charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
-        local kept = {}
-        for _, tk in ipairs(charged) do
-          kept[#kept + 1] = {tk[1] == K[3] and 'u' or 'p', tk[2], tk[3]}
-        end
-        redis.call('HSET', K[10], 'x:' .. f .. '|' .. rec.i, cjson.encode({c = rec.c, t = kept,
-                   d = rec.d, cy = rec.cy}))
-        redis.call('HDEL', K[10], f)
-        redis.call('PEXPIRE', K[10], 40 * 86400000)  -- kept until told (a journal replayed)
+      if rec.e < store_ms and f ~= own then
+        events = events + orphan_lease(K, f, rec, now_ms)
       else
         live[f] = rec
         share = share + rec.s
@@ -352,10 +365,14 @@ local function hot_state(K, store_ms, now_ms)
 end
 
 -- An instance tells it has admitted `used` calls (cumulative) under lease `id`: the calls not
--- charged yet are, from what the lease reserved (then pay-as-you-go). A lease reaped before
--- (its held calls charged as used): what it did not use is given back, the last taken first.
--- Returns the record when it is live (updated, not written), and flags (2 payg, 16 events).
-local function commit_lease(K, inst, id, used, now_ms)
+-- charged yet are, from what the lease reserved (then pay-as-you-go). On a renewal, the
+-- instance's record of another id (a lease it left and took again before the end reached the
+-- store) becomes a note first. A lease noted before (its held calls charged as used): `revive` (a renewal:
+-- the instance may have admitted more since it sent this) restores what it did not use as
+-- held again and returns it as the live record; else (an end, a journal) that goes back, the
+-- last taken first. Returns the live record (updated, not written; nil: none), and flags (2
+-- payg, 16 events).
+local function commit_lease(K, inst, id, used, now_ms, revive)
   local flags, events = 0, 0
   local raw = redis.call('HGET', K[10], inst)
   if raw then
@@ -371,24 +388,34 @@ local function commit_lease(K, inst, id, used, now_ms)
       end
       return rec, flags + (events > 0 and 16 or 0)
     end
+    -- Another id: a renewal under a new one (the instance left the old lease and leases
+    -- again) makes the old one a note; the end of an older one leaves the live one be.
+    if revive then events = orphan_lease(K, inst, rec, now_ms) end
   end
   local orphan = 'x:' .. inst .. '|' .. id
   raw = redis.call('HGET', K[10], orphan)
+  local rec = nil
   if raw then
-    local rec = cjson.decode(raw)
-    local delta = math.max(0, used - rec.c)
+    local note = cjson.decode(raw)
+    local delta = math.max(0, used - note.c)
     local held = 0
-    for _, tk in ipairs(rec.t) do held = held + tk[3] end
+    for _, tk in ipairs(note.t) do held = held + tk[3] end
     local back = held - math.min(delta, held)
-    for j = #rec.t, 1, -1 do  -- the last taken first
+    local again = {}  -- (revive) what goes back, held again, in the order it was taken
+    for j = #note.t, 1, -1 do  -- the last taken first
       if back <= 0 then break end
-      local tk = rec.t[j]
+      local tk = note.t[j]
       local m = math.min(back, tk[3])
       redis.call('HINCRBY', tk[1] == 'u' and K[3] or K[4], tk[2], -m)
+      table.insert(again, 1, {tk[1], tk[2], m})
       back = back - m
     end
-    flags = charge_beyond(K[5], delta - held, rec.d)
+    flags = charge_beyond(K[5], delta - held, note.d)
     redis.call('HDEL', K[10], orphan)
+    if revive then
+      rec = {i = id, c = math.max(used, note.c), b = math.max(note.b or used, used), t = again,
+             s = 0, w = 0, e = 0, d = note.d, cy = note.cy}
+    end
   end
-  return nil, flags
+  return rec, flags + (events > 0 and 16 or 0)
 end

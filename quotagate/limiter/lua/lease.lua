@@ -58,8 +58,10 @@ end
 local ent = snapshot(KEYS[1])
 if not ent then return reply(4, 0) end
 calendar_at(ent, now_ms)
-local live, share, reserved, events = hot_state(KEYS, store_ms, now_ms)
-local rec, flags = commit_lease(KEYS, inst, id, used, now_ms)
+-- The count first, so that what it charged is no longer counted as held below.
+local rec, flags = commit_lease(KEYS, inst, id, used, now_ms, op == 'lease')
+if rec then redis.call('HSET', KEYS[10], inst, cjson.encode(rec)) end
+local live, share, reserved, events = hot_state(KEYS, store_ms, now_ms, inst)
 if flags >= 16 then flags = flags - 16; events = events + 1 end
 if events > 0 then flags = flags + 16 end
 
@@ -76,7 +78,7 @@ end
 -- No next period: what the lease holds stays held (the instance may have admitted more since
 -- it sent this call) until the instance ends it ("end", at once) or it expires.
 local function no_lease(code)
-  if rec then redis.call('HSET', KEYS[10], inst, cjson.encode(rec)) end
+  if rec then keep_hot(KEYS) end  -- (written above, with the count committed)
   return reply(code, flags)
 end
 
@@ -185,9 +187,7 @@ local capped = (my_share < want_qps) and 1 or 0
 redis.call('HSET', KEYS[10], inst, cjson.encode({
   i = id, s = my_share, w = want_qps, c = used, b = granted, t = t,
   e = store_ms + lease_ms, d = TODAY, cy = cycle_day}))
-if redis.call('PTTL', KEYS[10]) < 2 * lease_ms then
-  redis.call('PEXPIRE', KEYS[10], 2 * lease_ms)
-end
+keep_hot(KEYS)
 
 -- Meters the instance's requests need that are used up (hard stop: those are decided per
 -- request, refused exactly there).
