@@ -31,7 +31,8 @@ ARMS: dict[str, ArmDef] = {arm.name: arm for arm in (
     n_nginx.ARM,
     p_plugin.ARM,
 )}
-MEASURE_ORDER = ("A", "N", "B", "C", "Ccold", "P", "Cfn", "D-fixed", "D-moving", "D-sliding", "Creject")
+MEASURE_ORDER = ("A", "N", "B", "C", "Ccold", "P", "Cfn", "D-fixed", "D-moving", "D-sliding",
+                 "Creject")
 DISPLAY_ORDER = tuple(ARMS)
 #: What --arms accepts by default: every arm, a group (D) once in place of its members.
 ALL_ARMS = tuple(dict.fromkeys(arm.group or arm.name for arm in ARMS.values()))
