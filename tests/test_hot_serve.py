@@ -183,3 +183,73 @@ async def test_qps_limit_holds_across_two_leasing_instances(tmp_path: Path):
         assert steady <= 4 * limit * 1.02 + limit * 0.1 + 10, (per,)
         assert steady >= 4 * limit * 0.7, (per,)  # the limit is reached, not starved
         assert sum(per[0].values()) > 0 and sum(per[1].values()) > 0
+
+
+async def test_a_cycle_boundary_crossed_with_leases_out(tmp_path: Path):
+    """The store's clock (libfaketime) a few seconds before the environment's cycle ends, two
+    instances leasing it under load: the hard stop is reached in the old cycle — exactly its
+    quota charged to it — and after midnight the new cycle admits again, charged to the new
+    cycle, exactly its quota; every admission counted once, in one cycle."""
+    import datetime as dt
+    import zoneinfo
+
+    from quotagate.common.calendar import day_number
+    from tests.test_clock_steps import LIBFAKETIME, StoreClock
+
+    assert LIBFAKETIME.exists(), "libfaketime is missing: scripts/faketime installs it"
+    tz = zoneinfo.ZoneInfo("Asia/Shanghai")
+    year = dt.date.today().year + 1
+    anchor, reset_day = dt.date(year, 1, 15), dt.date(year, 2, 15)
+    reset = dt.datetime.combine(reset_day, dt.time(), tz).timestamp()
+    clock = StoreClock(tmp_path)
+    clock.step(int(reset - 120 - time.time()))  # started two minutes before the end
+    quota = 400
+    store = EmbeddedValkey(tmp_path / "valkey", port=free_port(), appendonly=False,
+                           env=clock.env()).start()
+    upstream, origin = start_upstream()
+    client = aredis.Redis.from_url(store.url)
+    gateways: list[Deployed] = []
+    try:
+        for i in range(2):
+            directory = tmp_path / f"gw{i}"
+            directory.mkdir()
+            settings = shipped_config(directory, origin, hot_rate=HOT_RATE, access_log=False,
+                                      store={"url": store.url, "timeout_ms": 2000})
+            (directory / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+                ENV: {"plan": "standard", "anchor": anchor.isoformat(),
+                      "expires": f"{year + 1}-01-15",
+                      "limits": {"calls": quota, "qps": 100_000}}}}))
+            gateways.append(await serve(directory, settings))
+        clock.step(int(reset - 4 - (time.time() + clock.offset)))  # now 4 s before the end
+        old, new = f"{day_number(anchor)}:calls".encode(), \
+            f"{day_number(reset_day)}:calls".encode()
+        stop = asyncio.Event()
+
+        async def until_new_cycle_spent() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.3)
+                if int(await client.hget(keys.usage(ENV), new) or 0) >= quota:
+                    await asyncio.sleep(1.0)
+                    break
+            stop.set()
+
+        watcher = asyncio.create_task(until_new_cycle_spent())
+        seen = await load(gateways, stop=stop)
+        await watcher
+        assert await lease_calls(gateways[0]) > 0 and await lease_calls(gateways[1]) > 0
+        for gw in gateways:
+            gw.stop()
+        usage = await client.hgetall(keys.usage(ENV))
+        assert int(usage.get(old, 0)) == quota, (usage, seen)
+        assert int(usage.get(new, 0)) == quota, (usage, seen)
+        assert seen[200] == 2 * quota, seen
+        assert seen[429] > 0, seen
+        assert await client.hlen(keys.hot(ENV)) == 0
+    finally:
+        for gw in gateways:
+            if gw.proc.poll() is None:
+                gw.stop()
+        await client.aclose()
+        upstream.kill()
+        store.stop()
