@@ -233,3 +233,23 @@ async def test_a_late_renewal_of_a_reaped_lease_holds_what_it_did_not_use(tmp_pa
     assert await used(redis_client) == 41  # 460 back from the usage, held for it again
     await lease(lim, "end", 1, 500)  # it went on to use all it held
     assert await used(redis_client) == 501
+
+
+async def test_a_needed_meter_used_up_is_refused_under_a_lease(tmp_path: Path, limiters):
+    """Hard stop on a meter a route needs (outbound bytes, quota 0): while the environment is
+    leased, every request needing it is still refused — by the store until a lease has been
+    asked about the meter, in memory after — and none admitted."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10_000_000, "qps": 1_000_000,
+                                                         "outbound_gb": 0})})
+    lim = await limiters(config)
+    await drive([lim], "shop", 1.0)  # leased, on requests needing nothing
+    assert lim.hot.envs
+    seen: Counter = Counter()
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        for d in await asyncio.gather(*(lim.decide("shop", "function", 1, needs="outbound_bytes")
+                                        for _ in range(50))):
+            seen[(d.outcome, d.meter, bool(d.flags & Flag.LEASED))] += 1
+        await asyncio.sleep(0)
+    assert not any(o is Outcome.ADMITTED for o, _, _ in seen), seen
+    assert seen[(Outcome.QUOTA_EXCEEDED, "outbound_bytes", True)] > 0, seen

@@ -163,6 +163,7 @@ class HotEnv:
     """This instance's lease of one environment, and its local GCRA."""
 
     __slots__ = (
+        "asked",
         "bandwidth",
         "capped",
         "db_free",
@@ -229,8 +230,10 @@ class HotEnv:
         #: Set to renew before the period ends (the share or the calls used up).
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        #: Meters requests of this environment here need (told to the store at each lease).
+        #: Meters requests of this environment here need (told to the store at each lease),
+        #: and those the last lease answered for (``used_up`` says which are used up).
         self.needs: set[str] = set()
+        self.asked: frozenset[str] = frozenset()
 
     def decide(self, kind: str, cost: int, needs: str) -> Decision | None:
         """Decide in memory, or None: ask the store."""
@@ -255,9 +258,10 @@ class HotEnv:
         refused = "calls" if self.spent and charge else ""
         if needs:
             for need in needs.split(","):
-                if need not in self.needs:  # not asked about yet: the store, then ask
-                    self.needs.add(need)
-                    self.wake.set()
+                if need not in self.asked:  # not asked about yet: the store, then ask
+                    if need not in self.needs:
+                        self.needs.add(need)
+                        self.wake.set()
                     return None
                 if need in self.used_up and not refused:
                     refused = need
@@ -403,12 +407,13 @@ class Hot:
         """One renewal; False when the lease is to end."""
         sent_at = time.monotonic()
         used = h.used
+        asked = frozenset(h.needs)
         self.lease_calls += 1
         try:
             r = await self.calls.run(LEASE, h.env, keys.decision_keys(h.env), [
                 script_arg(self.script_time()), self.instance, "lease", h.lease_id, used,
                 f"{want_qps:.3f}", max(MIN_CALLS, math.ceil(want_qps * CALLS_FOR_S)), LEASE_MS,
-                self.mode(), ",".join(sorted(h.needs))])
+                self.mode(), ",".join(sorted(asked))])
         except StoreError as exc:
             count_store_error(exc)
             metrics.HOT_LEASE_CALLS.labels("error").inc()
@@ -438,6 +443,7 @@ class Hot:
         h.reset_at = back + int(r[7]) / 1000
         h.window_s = int(r[8])
         h.used_up = frozenset(r[10].decode().split(",")) if r[10] else frozenset()
+        h.asked = asked
         h.bandwidth, h.qps_by = int(r[11]), int(r[12]) == 1
         h.db_free = bool(flags & Flag.DATABASE_FREE)
         h.spent = bool(flags & SPENT)
