@@ -42,6 +42,10 @@ import redis
 import uvloop
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit.store_stats import script_calls
+
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
@@ -130,12 +134,6 @@ class Client:
         return frame
 
 
-def script_calls(r: redis.Redis) -> int:
-    stats = r.info("commandstats")
-    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
-               for c in ("fcall", "fcall_ro", "evalsha", "eval"))
-
-
 def live_slots(r: redis.Redis) -> int:
     return int(r.hget(keys.slots(ENV), "=rt:") or 0)
 
@@ -161,9 +159,9 @@ async def close_watches(sockets: list, per_socket: int, n: int, tag: str) -> Non
 
 
 async def renewal_window(r: redis.Redis, seconds: float) -> int:
-    before = script_calls(r)
+    before = script_calls(r.info("commandstats"))
     await asyncio.sleep(seconds)
-    return script_calls(r) - before
+    return script_calls(r.info("commandstats")) - before
 
 
 def pct(values: list[float], q: float) -> float:

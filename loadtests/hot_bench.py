@@ -24,10 +24,8 @@ import argparse
 import asyncio
 import datetime as dt
 import functools
-import os
 import statistics
 import sys
-import tempfile
 import time
 import zoneinfo
 from collections import Counter
@@ -39,13 +37,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit.common import PLANS_FILE
+from benchkit.common import PLANS_FILE, store_beside
+from benchkit.store_stats import script_calls
 
 from quotagate.common.calendar import day_number
 from quotagate.common.clock import StoreClock
 from quotagate.limiter import keys
 from quotagate.limiter.codes import Flag
-from quotagate.limiter.embedded import EmbeddedValkey, free_port
+from quotagate.limiter.embedded import free_port
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore, StoreAddress
 from quotagate.limiter.sync import sync_environments
@@ -67,11 +66,6 @@ def write_config(tmp: Path, url: str, qps: int, quota: int) -> Path:
                "routes": []}
     (tmp / "gateway.yaml").write_text(yaml.safe_dump(gateway))
     return tmp / "gateway.yaml"
-
-
-def script_calls(stats: dict) -> int:
-    return sum(int(v["calls"]) for k, v in stats.items()
-               if k in ("cmdstat_fcall", "cmdstat_evalsha", "cmdstat_eval"))
 
 
 async def run(args: argparse.Namespace, url: str, config_path: Path, quota: int) -> int:
@@ -178,17 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="gateway.hot_rate of each instance (requests/s)")
     args = p.parse_args(argv)
     quota = int(args.qps * args.seconds * args.quota_at)
-    tmp = Path(tempfile.mkdtemp(prefix="qg-hot-bench-"))
-    valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False).start()
-    try:
-        assert valkey.process is not None
-        if (os.cpu_count() or 1) > 1:
-            os.sched_setaffinity(valkey.process.pid, {1})
-            os.sched_setaffinity(0, {0})
+    with store_beside("qg-hot-bench-") as (tmp, valkey):
         config = write_config(tmp, valkey.url, args.qps, quota)
         return uvloop.run(run(args, valkey.url, config, quota))
-    finally:
-        valkey.stop()
 
 
 if __name__ == "__main__":

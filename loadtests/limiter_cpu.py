@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +24,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit.common import ENV_OK, write_configs
+from benchkit.common import ENV_OK, store_beside, write_configs
 
-from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from quotagate.limiter.limiter import Limiter
 from quotagate.limiter.store import PipelinedStore
 from quotagate.limiter.sync import sync_environments
@@ -80,13 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decisions", type=int, default=20_000)
     p.add_argument("--runs", type=int, default=5)
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="qg-limiter-cpu-"))
-    valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False).start()
-    try:
-        assert valkey.process is not None
-        if (os.cpu_count() or 1) > 1:
-            os.sched_setaffinity(valkey.process.pid, {1})
-            os.sched_setaffinity(0, {0})
+    with store_beside("qg-limiter-cpu-") as (tmp, valkey):
         config_path = write_configs(tmp, 1, valkey.url)["enforce"]
         results = uvloop.run(measure(valkey.url, config_path, args.decisions, args.runs))
         print(f"limiter CPU per decision, µs (median of {args.runs} runs of "
@@ -95,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<4} {statistics.median(values):6.1f}   runs: "
                   + " ".join(f"{v:.1f}" for v in values))
         return 0
-    finally:
-        valkey.stop()
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import redis
@@ -27,10 +25,9 @@ import redis.asyncio as aredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchkit.common import ENV_OK, write_configs
+from benchkit.common import ENV_OK, store_beside, write_configs
 
 from quotagate.limiter import keys
-from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from quotagate.limiter.scripts import DECIDE, LIBRARY, SETTLE
 from quotagate.limiter.sync import sync_environments
 from quotagate.settings import load_config
@@ -75,12 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=20_000)
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="qg-store-cost-"))
-    valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False).start()
-    try:
-        assert valkey.process is not None
-        os.sched_setaffinity(valkey.process.pid, {1 if (os.cpu_count() or 1) > 1 else 0})
-        os.sched_setaffinity(0, {0})
+    with store_beside("qg-store-cost-") as (tmp, valkey):
         config = load_config(str(write_configs(tmp, 1, valkey.url)["enforce"]))
 
         async def sync() -> None:
@@ -109,8 +101,6 @@ def main(argv: list[str] | None = None) -> int:
             e = statistics.median(results[(name, "evalsha")])
             print(f"  {name:<28} {f:8.2f} {e:8.2f}  {e / f:5.2f}")
         return 0
-    finally:
-        valkey.stop()
 
 
 if __name__ == "__main__":

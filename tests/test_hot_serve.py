@@ -20,6 +20,7 @@ import yaml
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
 from tests.deployed import Deployed, hold_the_day, live_env, serve, shipped_config, start_upstream
+from tests.helpers import until
 
 pytestmark = pytest.mark.deployed
 
@@ -114,14 +115,8 @@ async def test_hard_stop_is_exact_through_leases_and_a_kill(tmp_path: Path):
     cut)."""
     quota = 6_000
     async with two_instances(tmp_path, calls=quota, qps=100_000) as (gws, client, restart):
-        first = await load(gws, seconds=2.0)
-        assert first[200] > 0, first
-        assert await lease_calls(gws[0]) > 0 and await lease_calls(gws[1]) > 0
-        assert await client.hlen(keys.hot(ENV)) >= 1  # leases out
-        gws[0].proc.kill()  # -9: its lease stays out, its journal on disk
-        gws[0].proc.wait()
-        gws[0].log.close()
-        # The other instance alone, until the hard stop refuses it.
+        # Under load, once both instances hold a lease, one is killed (-9): its lease stays
+        # out, its journal on disk; the other goes on alone until the hard stop refuses it.
         stop = asyncio.Event()
 
         async def until_refused() -> None:
@@ -132,12 +127,22 @@ async def test_hard_stop_is_exact_through_leases_and_a_kill(tmp_path: Path):
                     stop.set()
                     return
 
+        async def both_leasing() -> bool:
+            fields = await client.hkeys(keys.hot(ENV))
+            return sum(not f.startswith(b"x:") for f in fields) == 2
+
+        running = asyncio.create_task(load(gws, stop=stop))
+        await until(both_leasing, 20)
+        assert await lease_calls(gws[0]) > 0 and await lease_calls(gws[1]) > 0
+        gws[0].proc.kill()
+        gws[0].proc.wait()
+        gws[0].log.close()
         watcher = asyncio.create_task(until_refused())
-        second = await load([gws[1]], stop=stop)
+        first = await running
         await watcher
-        assert second[429] > 0, second
+        assert first[200] > 0 and first[429] > 0, first
         # The killed lease expired and was charged whole: fewer than the quota answered yet.
-        answered = first[200] + second[200]
+        answered = first[200]
         assert answered <= quota
         # Restarted: its journal is read, what its lease did not use goes back, once.
         await restart(0)
@@ -151,15 +156,15 @@ async def test_hard_stop_is_exact_through_leases_and_a_kill(tmp_path: Path):
             gw.stop()
         charged = await used_calls(client)
         cut = first["error"]  # in flight at the kill: perhaps admitted, never answered
-        assert charged == quota, (charged, answered, first, second, third)
-        assert quota - cut <= answered <= quota, (answered, cut, first, second, third)
+        assert charged == quota, (charged, answered, first, third)
+        assert quota - cut <= answered <= quota, (answered, cut, first, third)
         assert await client.hlen(keys.hot(ENV)) == 0
 
 
 async def test_qps_limit_holds_across_two_leasing_instances(tmp_path: Path):
     """Offered about three times the limit through two instances for 5 s: the admitted rate
-    over the seconds after the leases are taken stays within the limit (+2 %, plus the store's
-    burst tolerance once), and both instances admit."""
+    over the run stays within the limit (+2 %, plus the store's burst tolerance once), the
+    seconds after the leases are taken reach it, and both instances admit."""
     limit = 400
     async with two_instances(tmp_path, calls=10_000_000, qps=limit) as (gws, _client, _):
         per: list[Counter] = [Counter(), Counter()]
@@ -178,9 +183,13 @@ async def test_qps_limit_holds_across_two_leasing_instances(tmp_path: Path):
                 await asyncio.gather(*(one() for _ in range(8)))
 
         await asyncio.gather(count(0), count(1))
+        elapsed = time.monotonic() - start
         assert await lease_calls(gws[0]) > 0 and await lease_calls(gws[1]) > 0
+        # Every admission of the run lies between `start` and now, whenever its answer was
+        # read (a busy client reads some late, into the next second): the bound over the run.
+        admitted = sum(per[0].values()) + sum(per[1].values())
+        assert admitted <= elapsed * limit * 1.02 + limit * 0.1 + 10, (per, elapsed)
         steady = sum(per[0][s] + per[1][s] for s in (1, 2, 3, 4))
-        assert steady <= 4 * limit * 1.02 + limit * 0.1 + 10, (per,)
         assert steady >= 4 * limit * 0.7, (per,)  # the limit is reached, not starved
         assert sum(per[0].values()) > 0 and sum(per[1].values()) > 0
 

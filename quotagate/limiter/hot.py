@@ -112,9 +112,6 @@ class LeaseJournal:
         _RECORD.pack_into(self._map, at, 1, 0, lease_id, len(env), env.encode())
         return at
 
-    def used(self, at: int, n: int) -> None:
-        _USED.pack_into(self._map, at + 1, n)
-
     def close_record(self, at: int) -> None:
         self._map[at] = 0
         self._free.append(at // _RECORD.size)
@@ -490,7 +487,7 @@ class Hot:
         if h is None or h.ending or h.used - amount < h.sent:
             return False
         h.used -= amount
-        self.journal.used(h.record, h.used)
+        _USED.pack_into(h.map, h.record + 1, h.used)
         return True
 
     async def stop(self) -> None:

@@ -164,9 +164,10 @@ class Limiter:
     # ------------------------------------------------------------------------ decisions
 
     def decide_now(self, env: str, kind: str, cost: int, needs: str = "") -> Decision | None:
-        """``decide`` for a request without a slot, if this instance can decide it in memory
-        now (a hot environment's lease); None: call ``decide``. (What ``decide`` does first,
-        for callers that would rather not start a coroutine: loadtests/hot_bench.py.)"""
+        """``decide`` for a request without a slot (nor a pass while isolated), if this
+        instance can decide it in memory now (a hot environment's lease); None: call
+        ``decide``. (What ``decide`` does first, for callers that would rather not start a
+        coroutine: loadtests/hot_bench.py.)"""
         if kind == "sms" or self._mode != "enforce":
             return None
         hot = self.hot.envs.get(env)
@@ -186,13 +187,11 @@ class Limiter:
         (``Flag.WHILE_ISOLATED``; a route's ``pass_while_isolated``). Raises
         ``StoreUnavailable`` only when the policy is ``closed``.
         """
-        leasable = not slot and not while_isolated and kind != "sms"
+        leasable = not slot and not while_isolated
         if leasable:
-            hot = self.hot.envs.get(env)
-            if hot is not None and self._mode == "enforce":
-                local = hot.decide(kind, cost, needs)
-                if local is not None:
-                    return local
+            local = self.decide_now(env, kind, cost, needs)
+            if local is not None:
+                return local
         key: BacklogKey | None = None
         finish: Callable[[Decision], bool] | None = None
         abandoned: Callable[[Decision | None], None] | None = None
@@ -263,7 +262,7 @@ class Limiter:
         if env not in self.known and decision.outcome is not Outcome.NOT_FOUND \
                 and len(self.known) < MAX_KNOWN:
             self.known.add(env)  # its snapshot is in the store: it exists
-        if leasable and self._mode == "enforce":
+        if leasable and kind != "sms" and self._mode == "enforce":
             self.hot.note(env, bool(decision.flags & Flag.HOT))
         if finish is not None and finish(decision):
             return Decision._make((*decision[:-1], True))  # (_replace is slow)

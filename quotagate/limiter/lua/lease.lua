@@ -150,7 +150,9 @@ if ent.overage ~= 1 then
 end
 if add > 0 then
   local takes = {}
-  local beyond = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls', add, reserved)
+  -- (What plan + packs do not hold is pay-as-you-go: only with overage on, as a hard stop's
+  -- `add` is at most what is free.)
+  allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls', add, reserved)
   for _, tk in ipairs(takes) do
     local kind = (tk[1] == KEYS[3]) and 'u' or 'p'
     local last = t[#t]
@@ -161,7 +163,6 @@ if add > 0 then
     end
   end
   granted = granted + add
-  if beyond > 0 and ent.overage ~= 1 then granted = granted - beyond end  -- (cannot happen)
 end
 
 -- QPS: max-min fair over the live leases' wants, at most what the others leave now.
