@@ -174,6 +174,7 @@ class EmbeddedValkey:
         *,
         port: int | None = None,
         appendonly: bool = True,
+        appendfsync: str = "everysec",
         binary: str | None = None,
         env: dict[str, str] | None = None,
     ):
@@ -183,6 +184,10 @@ class EmbeddedValkey:
         self.env = env or {}
         self.port = port
         self.appendonly = appendonly
+        #: ``everysec`` (the default) may lose the last second of counts to a crash of the
+        #: machine, or to a kill -9 while a slow fsync holds the write back; tests that count
+        #: across a kill -9 ask for ``always``.
+        self.appendfsync = appendfsync
         self.binary = binary or valkey_binary()
         self.process: subprocess.Popen[bytes] | None = None
         self.lock: DataDirLock | None = None
@@ -212,7 +217,7 @@ class EmbeddedValkey:
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
             "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec",
+            "--appendfsync", self.appendfsync,
             "--save", "",
             "--daemonize", "no",
             "--protected-mode", "yes",
