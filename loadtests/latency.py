@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit.common import ENV_OK, LOADTESTS, PATH, PLAIN_PATH, PY, write_configs
 from benchkit.procs import Children, wait_http
+from benchkit.store_stats import StoreStats, script_calls
 from benchkit.wrk import parse_wrk, run_wrk
 
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=float, default=0.0, help="requests/s (default: B's / 2)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--hot-rate", type=int, default=None,
+                   help="C's gateway.hot_rate (default: the configs' 2,000): below the open "
+                        "loop's rate, C's environment is decided from leases")
     p.add_argument("--warmup", type=float, default=0.25,
                    help="seconds sent at the rate before each arm's measured seconds")
     args = p.parse_args(argv)
@@ -208,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         assert valkey.process is not None
         os.sched_setaffinity(valkey.process.pid, {0})
         configs = write_configs(tmp, up_port, valkey.url)
+        if args.hot_rate is not None:
+            enforce = yaml.safe_load(configs["enforce"].read_text())
+            configs["enforce"].write_text(yaml.safe_dump(dict(enforce, hot_rate=args.hot_rate),
+                                                         sort_keys=False))
+        stats = StoreStats(valkey.url)
+        #: C's requests and the store's script calls while C ran (leased: far below 1)
+        c_requests = c_scripts = 0
         ports = {"A": up_port}
         for arm, mode in (("B", "off"), ("C", "enforce")):
             ports[arm] = int(yaml.safe_load(configs[mode].read_text())["listen"].rsplit(":")[1])
@@ -248,8 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             for arm in arms[k:] + arms[:k]:
                 port, path = targets[arm]
                 url = f"http://127.0.0.1:{port}{path}"
+                before = stats.snapshot()
                 lat, service, failed = uvloop.run(
                     open_loop(url, rate, args.seconds, args.connections, args.warmup))
+                if arm == "C":
+                    c_requests += len(service)
+                    c_scripts += script_calls({f"cmdstat_{k}": {"calls": v} for k, v in
+                                               StoreStats.delta(before, stats.snapshot()).items()})
                 pooled[arm][0].extend(lat)
                 pooled[arm][1].extend(service)
                 row = {"p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "p999": pct(lat, 0.999),
@@ -272,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {arm:<4} {m(arm, 's50'):7.3f} {m(arm, 's99'):7.3f} {m(arm, 's999'):7.3f}"
                   f"                  {m(arm, 'p50'):7.3f} {m(arm, 'p99'):7.3f} "
                   f"{m(arm, 'p999'):7.3f}  {m(arm, 'failed'):.0f}")
+        print(f"  C: {c_scripts / max(c_requests, 1):.4f} store script calls per request "
+              "(1.0: decided by the store each; far below: from leases)")
         print("added latency (each from the two arms of the same run; median over runs, ms):")
         def added(arm: str, base: str, key: str) -> float:
             return statistics.median(

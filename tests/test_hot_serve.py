@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aredis
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from quotagate.limiter import keys
 from quotagate.limiter.embedded import EmbeddedValkey, free_port
@@ -99,12 +100,21 @@ async def load(gateways: list[Deployed], seconds: float | None = None, clients: 
     return seen
 
 
-async def lease_calls(gw: Deployed) -> float:
+async def metric(gw: Deployed, name: str, **labels: str) -> float:
+    """The sum of ``gw``'s /metrics samples of ``name`` that carry ``labels``."""
     async with aiohttp.ClientSession() as s, s.get(
             f"http://127.0.0.1:{gw.admin}/metrics") as r:
         text = await r.text()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("quotagate_hot_lease_calls_total{"))
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
+async def lease_calls(gw: Deployed) -> float:
+    return await metric(gw, "quotagate_hot_lease_calls_total")
 
 
 async def test_hard_stop_is_exact_through_leases_and_a_kill(tmp_path: Path):
@@ -192,6 +202,15 @@ async def test_qps_limit_holds_across_two_leasing_instances(tmp_path: Path):
         steady = sum(per[0][s] + per[1][s] for s in (1, 2, 3, 4))
         assert steady >= 4 * limit * 0.7, (per,)  # the limit is reached, not starved
         assert sum(per[0].values()) > 0 and sum(per[1].values()) > 0
+        for i, gw in enumerate(gws):
+            # Decisions made in memory are counted as the store's are; only the store's are
+            # timed (quotagate_decision_duration_seconds: "from asking the store").
+            admitted = await metric(gw, "quotagate_decisions_total", result="admitted")
+            refused = await metric(gw, "quotagate_decisions_total", result="refused",
+                                   reason="qps-exceeded")
+            timed = await metric(gw, "quotagate_decision_duration_seconds_count")
+            assert admitted == sum(per[i].values()), (i, admitted, per[i])
+            assert refused > 0 and timed < (admitted + refused) / 2, (i, refused, timed)
 
 
 async def test_a_cycle_boundary_crossed_with_leases_out(tmp_path: Path):

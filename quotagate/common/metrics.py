@@ -22,7 +22,8 @@ DECISIONS = Counter(
 )
 DECISION_SECONDS = Histogram(
     "quotagate_decision_duration_seconds",
-    "Time from asking the store to its answer (one EVALSHA, pipelined).",
+    "Time from asking the store to its answer (one EVALSHA, pipelined); decisions made in "
+    "memory from a hot environment's lease ask the store nothing and are not observed.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
 REQUESTS = Counter(

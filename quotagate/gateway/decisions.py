@@ -19,19 +19,31 @@ _REASONS = {o: o.name.lower().replace("_", "-") for o in Outcome}
 _ADMITTED = metrics.DECISIONS.labels("admitted", "")
 
 
+def decided_now(limiter: Limiter, env: str, kind: str, cost: int, needs: str = ""
+                ) -> Decision | None:
+    """A request without a slot decided in memory now (a hot environment's lease), counted
+    in the metrics; None: ask ``decide`` (with ``in_memory=False``: this was tried). No
+    coroutine and no store: the hot path of a hot environment."""
+    decision = limiter.decide_now(env, kind, cost, needs)
+    if decision is not None:
+        _count(env, decision, limiter)
+    return decision
+
+
 async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "",
                  needs: str = "", holder: str = "", holder_lease_ms: int = 0,
-                 while_isolated: bool = False) -> Decision | Problem:
+                 while_isolated: bool = False, in_memory: bool = True) -> Decision | Problem:
     """One decision, counted in the metrics; a Problem when the store fails closed.
 
     A refused decision is returned as it is (the caller words the refusal). ``holder``:
     plugin mode's slot holder; ``while_isolated``: the request may pass, at no cost, while
-    the environment is isolated (``Limiter.decide``).
+    the environment is isolated (``Limiter.decide``); ``in_memory=False``: ``decided_now``
+    was asked already.
     """
     started = time.perf_counter()
     try:
         decision = await limiter.decide(env, kind, cost, slot, needs, holder, holder_lease_ms,
-                                        while_isolated)
+                                        while_isolated, in_memory)
     except StoreUnavailable:  # (counted in quotagate_store_errors_total by the limiter)
         metrics.DECISIONS.labels("refused", "store-unavailable").inc()
         return store_unavailable(env)
@@ -39,7 +51,13 @@ async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "
         log.error("decision failed for %s: %s", env, exc)
         metrics.DECISIONS.labels("refused", "store-unavailable").inc()
         return store_unavailable(env)
-    metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    if not decision.flags & Flag.LEASED:  # (one from a lease asked the store nothing)
+        metrics.DECISION_SECONDS.observe(time.perf_counter() - started)
+    _count(env, decision, limiter)
+    return decision
+
+
+def _count(env: str, decision: Decision, limiter: Limiter) -> None:
     if decision.store_bypassed:
         result = "bypassed"
         metrics.DECISIONS.labels("bypassed", "store-unavailable").inc()
@@ -58,4 +76,3 @@ async def decide(limiter: Limiter, env: str, kind: str, cost: int, slot: str = "
         _ADMITTED.inc()
     if env in metrics.labelled_envs:
         metrics.ENV_DECISIONS.labels(env, result).inc()
-    return decision

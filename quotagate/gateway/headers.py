@@ -9,7 +9,6 @@ current state.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -20,15 +19,34 @@ from quotagate.limiter.limiter import Decision
 def ratelimit_headers(decision: Decision) -> dict[str, str]:
     if decision.qps_limit <= 0:  # bypassed or mode off: nothing known
         return {}
-    policy = f'"qps";q={decision.qps_limit};w=1'
-    if decision.qps_by_gateway:  # the gateway version's QPS, lower than the plan's, applies
-        policy += ';by="gateway-version"'
-    state = f'"qps";r={decision.qps_remaining};t={math.ceil(decision.qps_reset_ms / 1000)}'
+    # The policy is the same for every request of an environment until its plan changes.
+    policy_of = (decision.qps_limit, decision.qps_by_gateway, decision.quota, decision.window_s)
+    policy = _POLICIES.get(policy_of)
+    if policy is None:
+        policy = _policy(*policy_of)
+    state = f'"qps";r={decision.qps_remaining};t={-(-decision.qps_reset_ms // 1000)}'
     if decision.window_s > 0:
-        reset_s = max(0, math.ceil(decision.reset_ms / 1000))
-        policy += f', "calls";q={decision.quota};w={decision.window_s}'
-        state += f', "calls";r={max(0, decision.remaining)};t={reset_s}'
+        state += (f', "calls";r={max(0, decision.remaining)};'
+                  f't={max(0, -(-decision.reset_ms // 1000))}')
     return {"RateLimit-Policy": policy, "RateLimit": state}
+
+
+#: RateLimit-Policy values by (qps, by the gateway version, quota, window): bounded by the
+#: plans and limits in force, cleared when it grows past _POLICIES_MAX.
+_POLICIES: dict[tuple[int, bool, int, int], str] = {}
+_POLICIES_MAX = 4096
+
+
+def _policy(qps: int, by_gateway: bool, quota: int, window_s: int) -> str:
+    policy = f'"qps";q={qps};w=1'
+    if by_gateway:  # the gateway version's QPS, lower than the plan's, applies
+        policy += ';by="gateway-version"'
+    if window_s > 0:
+        policy += f', "calls";q={quota};w={window_s}'
+    if len(_POLICIES) >= _POLICIES_MAX:
+        _POLICIES.clear()
+    _POLICIES[qps, by_gateway, quota, window_s] = policy
+    return policy
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

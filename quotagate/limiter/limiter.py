@@ -175,7 +175,7 @@ class Limiter:
 
     async def decide(self, env: str, kind: str, cost: int, slot: str = "",
                      needs: str = "", holder: str = "", holder_lease_ms: int = 0,
-                     while_isolated: bool = False) -> Decision:
+                     while_isolated: bool = False, in_memory: bool = True) -> Decision:
         """Admit or refuse one request; on an unreachable store apply the failure policy.
 
         ``slot`` ("rt:" or "fn:<name>"): also take a leased concurrency slot, given back with
@@ -185,10 +185,11 @@ class Limiter:
         instance (which never renews it). ``while_isolated``: an ``auth`` request that the
         store lets through, at no cost, while the environment is isolated or not started
         (``Flag.WHILE_ISOLATED``; a route's ``pass_while_isolated``). Raises
-        ``StoreUnavailable`` only when the policy is ``closed``.
+        ``StoreUnavailable`` only when the policy is ``closed``. ``in_memory=False``: the
+        caller asked ``decide_now`` already (it counts the request's demand once).
         """
         leasable = not slot and not while_isolated
-        if leasable:
+        if leasable and in_memory:
             local = self.decide_now(env, kind, cost, needs)
             if local is not None:
                 return local

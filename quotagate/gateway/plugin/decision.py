@@ -25,7 +25,7 @@ from yarl import URL
 from quotagate.common import metrics
 from quotagate.gateway import streams
 from quotagate.gateway.actions import classify_action
-from quotagate.gateway.decisions import decide
+from quotagate.gateway.decisions import decide, decided_now
 from quotagate.gateway.envid import environment_from, missing_environment
 from quotagate.gateway.headers import ratelimit_headers, request_id
 from quotagate.gateway.plugin.tickets import DECISION_HEADER, TICKET_GRACE_MS, Ticket, Tickets
@@ -181,8 +181,13 @@ async def decide_on_route(state: GatewayState, tickets: Tickets, verdict: Verdic
             after = route.stream_extra
     holder = "p:" + secrets.token_hex(8) if (slot or route.meter or after or back) else ""
     decided_at = state.limiter.clock.now_ms()
-    decision = await decide(state.limiter, env, route.kind, cost, slot, needs, holder,
-                            route.route.max_duration_ms, while_isolated)
+    # A hot environment's request is decided in memory, without a coroutine or the store.
+    decision: Decision | Problem | None = (
+        decided_now(state.limiter, env, route.kind, cost, needs)
+        if not slot and not while_isolated else None)
+    if decision is None:
+        decision = await decide(state.limiter, env, route.kind, cost, slot, needs, holder,
+                                route.route.max_duration_ms, while_isolated, in_memory=False)
     if isinstance(decision, Problem):
         verdict.problem = decision
         return verdict

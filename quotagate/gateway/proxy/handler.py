@@ -26,7 +26,7 @@ from quotagate.control.lifecycle import QUEUE_MAX_BODY, enqueue
 from quotagate.gateway import streams
 from quotagate.gateway.accesslog import Entry
 from quotagate.gateway.actions import read_action, read_body
-from quotagate.gateway.decisions import decide
+from quotagate.gateway.decisions import decide, decided_now
 from quotagate.gateway.envid import environment_of, missing_environment
 from quotagate.gateway.headers import ratelimit_headers
 from quotagate.gateway.headers import request_id as request_id_of
@@ -228,8 +228,13 @@ async def _handle(request: web.Request, state: GatewayState, entry: Entry
         else:
             after = route.stream_extra
     decided_at = state.limiter.clock.now_ms()
-    decision = await decide(state.limiter, env, route.kind, cost, slot, needs,
-                            while_isolated=while_isolated)
+    # A hot environment's request is decided in memory, without a coroutine or the store.
+    in_memory = not slot and not while_isolated
+    decision: Decision | Problem | None = (
+        decided_now(state.limiter, env, route.kind, cost, needs) if in_memory else None)
+    if decision is None:
+        decision = await decide(state.limiter, env, route.kind, cost, slot, needs,
+                                while_isolated=while_isolated, in_memory=False)
     if isinstance(decision, Problem):
         entry.decision = decision.type_suffix
         return decision.response(request_id=request_id)
