@@ -1,7 +1,7 @@
 """Open-loop latency at a fixed rate: what quotagate adds to p50 / p99 at half of B's
 saturation rate (BENCH.md: no coordinated omission — latency counts from the scheduled send).
 
-    .venv/bin/python loadtests/latency.py [--runs 5] [--seconds 5] [--rate R]
+    .venv/bin/python loadtests/latency.py [--runs 5] [--seconds 5] [--rate R] [--hot-rate N]
 
 Processes as in bench.py: the demo upstream and Valkey on core 0 with this client, each gateway
 (B: enforcement off; C: enforced, on the plain route, and Cfn: on the function route with a

@@ -70,6 +70,14 @@ async def test_transitions_once_each_across_schedulers(setup, store):
     await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
         "plan": "personal", "anchor": "2026-01-01", "expires": "2026-12-01",
         "packs": [{"id": "p1", "pack": "calls-10m", "purchased": "2026-11-05"}]})
+    await admin.put("/admin/v1/envs/kept", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-01-01", "expires": "2027-12-01"})
+    tenant: dict[str, str] = {}  # an environment token of each
+    for env_id in ("shop", "kept"):
+        r = await admin.post("/admin/v1/tokens", headers=AUTH, json={
+            "name": f"tenant of {env_id}", "role": "env", "env": env_id})
+        assert r.status == 201, await r.text()
+        tenant[env_id] = (await r.json())["token"]
     many = schedulers(gw, clock, 3)
 
     async def round_() -> None:
@@ -93,6 +101,18 @@ async def test_transitions_once_each_across_schedulers(setup, store):
     assert await store.zscore(API_ENV_INDEX, "shop") is None  # out of the listing's index too
     assert (await admin.get("/admin/v1/envs/shop", headers=AUTH)).status == 404
     assert (await gw.get("/functions/f", headers={"X-CloudBase-Env": "shop"})).status == 404
+    # Released: its tenant's token is revoked (a "shop" made again is another tenant's); the
+    # other environment's token still works.
+    def bearer(env_id: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {tenant[env_id]}"}
+
+    assert (await admin.get("/admin/v1/me", headers=bearer("shop"))).status == 401
+    assert (await admin.get("/admin/v1/me", headers=bearer("kept"))).status == 200
+    await admin.put("/admin/v1/envs/shop", headers=AUTH, json={
+        "plan": "personal", "anchor": "2026-12-16", "expires": "2027-12-16"})
+    assert (await admin.get("/admin/v1/envs/shop/usage", headers=bearer("shop"))).status == 401
+    listed = await (await admin.get("/admin/v1/tokens", headers=AUTH)).json()
+    assert sorted(t["env"] for t in listed["tokens"] if t["role"] == "env") == ["kept"]
 
 
 async def test_plan_expiring_reminder_and_pack_used_up(setup, store):

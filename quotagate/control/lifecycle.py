@@ -45,6 +45,7 @@ from quotagate.common.clock import Clock
 from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record, api_id_batches
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.events import emit as events_emit
+from quotagate.control.tokens import Tokens
 from quotagate.limiter import due, keys
 from quotagate.limiter.entitlements import ISOLATION_DAYS
 from quotagate.settings.schema import Environment, PackGrant, PlansFile
@@ -466,6 +467,12 @@ class Scheduler:
             now = record
         if self.envs.today(now.env) < now.env.expires + dt.timedelta(days=ISOLATION_DAYS):
             return False
+        # Its environment tokens first (an id used again later is another tenant's): should
+        # the deletion below fail, the next round releases it again.
+        revoked = await Tokens(self.redis, self.clock.now_ms).revoke_env(env_id)
+        if revoked:
+            log.info("environment %s is released: its environment tokens %s are revoked",
+                     env_id, ", ".join(t.id for t in revoked))
         state = [k for k in (*keys.env_keys(env_id), keys.queue(env_id),
                              keys.queue(env_id) + ":bytes", keys.definition(env_id))
                  if k != keys.payg(env_id)]

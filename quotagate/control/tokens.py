@@ -180,6 +180,19 @@ class Tokens:
         assert record is not None
         return record
 
+    async def revoke_env(self, env_id: str) -> list[Token]:
+        """Revoke every environment token of ``env_id``: its environment was released, and
+        an id used again later is another tenant's. (Reads the token records: at most
+        MAX_TOKENS, whatever the number of environments.)"""
+        revoked = []
+        for record in await self.list():
+            if record.role == "env" and record.env == env_id:
+                try:
+                    revoked.append(await self.revoke(record.id))
+                except NotFound:  # revoked meanwhile
+                    continue
+        return revoked
+
     @staticmethod
     def _queue_write(pipe: Pipeline, record: Token, secret: str,
                      old_digest: str | None) -> None:
