@@ -4,7 +4,8 @@ billing, support, viewer, an environment's own); a
 billing token buys a pack and sees usage move to it once the plan's quota is used, sees a
 refund refused for a pack used meanwhile, changes a plan after reading its quote (the
 figures the API gives, to the fen); a viewer sees no purchase; a tenant's token cannot see
-another environment; the audit trail shows each action. Screenshots of the main pages are
+another environment; the audit trail shows each action; the list's next page holds the rest;
+text meets WCAG AA contrast and every field has a label. Screenshots of the main pages are
 taken (into docs/img with QUOTAGATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
@@ -113,6 +114,35 @@ class Console:
     def shot(self, name: str) -> None:
         self.d.save_screenshot(str(self.shots / f"console-{name}.png"))
 
+    def low_contrast(self) -> list[str]:
+        """Visible text whose contrast with the background it is drawn on is below WCAG AA
+        (4.5:1; 3:1 for large text): none. The background is the nearest opaque one of the
+        element and its ancestors."""
+        return self.d.execute_script("""
+            const rgba = s => { const m = s.match(/[\\d.]+/g).map(Number);
+                                return [m[0], m[1], m[2], m.length > 3 ? m[3] : 1]; };
+            const lum = c => { const [r, g, b] = c.slice(0, 3).map(v => { v /= 255;
+                return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+                return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+            const under = e => { for (; e; e = e.parentElement) {
+                const c = rgba(getComputedStyle(e).backgroundColor);
+                if (c[3] > 0) return c; } return [255, 255, 255, 1]; };
+            const bad = [];
+            for (const e of document.querySelectorAll('body *')) {
+              if (![...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()))
+                continue;
+              const st = getComputedStyle(e), box = e.getBoundingClientRect();
+              if (st.visibility === 'hidden' || box.width === 0 || box.right < 0) continue;
+              const a = lum(rgba(st.color)), b = lum(under(e));
+              const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+              const size = parseFloat(st.fontSize), bold = parseInt(st.fontWeight) >= 700;
+              const need = size >= 24 || (size >= 18.66 && bold) ? 3 : 4.5;
+              if (ratio < need) bad.push(`${e.tagName} "${e.textContent.trim().slice(0, 40)}"`
+                                        + ` ${st.color} on ${getComputedStyle(e).backgroundColor}`
+                                        + ` ${ratio.toFixed(2)}`);
+            }
+            return bad;""")
+
     def unlabelled(self) -> list[str]:
         """Form fields without a label (accessibility): none."""
         return self.d.execute_script("""
@@ -128,9 +158,11 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
     hold_the_day()
     today = dt.datetime.now(ZONE).date()
     anchor = today.replace(day=1)
-    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
-        "mall": {"plan": "standard", "anchor": anchor.isoformat(),
-                 "expires": (anchor + dt.timedelta(days=400)).isoformat()}}}))
+    # More environments than a page of the list (50): "zz-00".."zz-59" sort after the others.
+    declared = {"mall": {"plan": "standard", "anchor": anchor.isoformat(),
+                         "expires": (anchor + dt.timedelta(days=400)).isoformat()}}
+    declared.update({f"zz-{i:02d}": declared["mall"] for i in range(60)})
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": declared}))
     proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
@@ -155,8 +187,18 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         listed = browser.execute_script(
             "return [...document.querySelectorAll('main tbody a')].map(a => a.textContent)")
         assert {"mall", "shop"} <= set(listed)
-        assert page.unlabelled() == []
+        assert page.unlabelled() == [] and page.low_contrast() == []
         page.shot("environments")
+        # The next page (the API's cursor) holds the rest, none twice; the last has no link.
+        browser.find_element(By.LINK_TEXT, "Next page →").click()
+        page.wait.until(lambda d: "cursor=" in d.current_url and d.execute_script(
+            "return document.querySelectorAll('main tbody a').length") == 62 - len(listed))
+        rest = browser.execute_script(
+            "return [...document.querySelectorAll('main tbody a')].map(a => a.textContent)")
+        assert len(listed) == 50 and sorted(listed + rest) == sorted(
+            ["mall", "shop", *(f"zz-{i:02d}" for i in range(60))])
+        assert not browser.find_elements(By.LINK_TEXT, "Next page →")
+        page.open("/envs", "Environments")
         browser.find_element(By.NAME, "prefix").send_keys("sh", Keys.ENTER)  # a search
         try:
             page.wait.until(lambda d: d.execute_script(
@@ -182,7 +224,9 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         page.button("Refund").click()  # on the page drawn before: the pack is used now
         refused = page.alert("Refused (409)")
         assert "used" in refused
+        assert page.low_contrast() == []  # the refusal's alert too
         page.open("/env/shop", "Environment shop")
+        assert page.low_contrast() == []
         calls = next(r for r in page.table_after("Usage this cycle") if r["Meter"] == "calls")
         assert (calls["Used"], calls["Packs left"], calls["Drawing from"]) == (
             "3", "9999998", "packs")
@@ -232,6 +276,7 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
                                ("buy_gateway", "201"), ("refund_pack", "409"),
                                ("buy_pack", "201"), ("put_env", "200")]
         assert all(r[1] == f"billing desk ({billing['id']})" for r in rows[:5])
+        assert page.low_contrast() == []
         assert all(r[0].startswith(dt.datetime.now(dt.UTC).date().isoformat()[:7])
                    for r in rows[:5])  # the store's clock: this month, UTC
         page.shot("audit")
