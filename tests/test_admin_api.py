@@ -65,6 +65,11 @@ async def test_bad_input_changes_nothing(make_gateway, admin_for, store):
         ("GET", "/admin/v1/envs/nobody/usage", None, 404),
         ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": "yes"}', 422),
         ("PUT", "/admin/v1/envs/shop/overage", b'{"overage": true}', 409),
+        ("PUT", "/admin/v1/envs/shop/mode", b'{"mode": "strict"}', 422),
+        ("PUT", "/admin/v1/envs/shop/mode", b'{}', 422),
+        ("PUT", "/admin/v1/envs/shop/mode", b'{"mode": "off", "why": "sale"}', 422),
+        ("PUT", "/admin/v1/envs/shop/mode", b'{"mode": "off"}', 409),  # the file's
+        ("PUT", "/admin/v1/envs/nobody/mode", b'{"mode": "off"}', 404),
         ("GET", "/admin/v1/bills?date=yesterday", None, 422),
         ("DELETE", "/admin/v1/envs/shop", None, 405),  # aiohttp's own refusals too
         ("GET", "/admin/v1/no-such-route", None, 404),
@@ -108,6 +113,46 @@ async def test_api_owned_env_overage_switch_on_every_instance(make_gateway, admi
     listed = await (await admin.get("/admin/v1/envs", headers=AUTH)).json()
     assert {e["env"]: e["owner"] for e in listed["environments"]} == {"api-1": "api",
                                                                        "shop": "file"}
+
+
+async def test_api_owned_env_mode_on_every_instance(make_gateway, admin_for):
+    """shadow: past the quota, let through (and marked); off: not decided nor counted;
+    default: the gateway's enforcement again — on the next request of every instance."""
+    gws = [await make_gateway({}) for _ in range(2)]
+    admin = await admin_for(gws[0])
+    await admin.put("/admin/v1/envs/api-1", json=api_env(limits={"calls": 2}), headers=AUTH)
+    h = {"X-CloudBase-Env": "api-1"}
+
+    async def mode(value: str | None) -> dict:
+        resp = await admin.put("/admin/v1/envs/api-1/mode", json={"mode": value},
+                               headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+    async def used() -> int:
+        usage = await (await admin.get("/admin/v1/envs/api-1/usage", headers=AUTH)).json()
+        return usage["meters"]["calls"]["used"]
+
+    assert [(await gws[i % 2].get("/functions/f", headers=h)).status for i in range(3)] == \
+        [200, 200, 429]
+    assert await mode("shadow") == {"env": "api-1", "mode": "shadow", "effective": "shadow"}
+    for gw in gws:
+        resp = await gw.get("/functions/f", headers=h)
+        assert resp.status == 200 and resp.headers["X-Quotagate-Shadow"] == "would-refuse"
+    assert await mode("off") == {"env": "api-1", "mode": "off", "effective": "off"}
+    before = await used()
+    for gw in gws:
+        resp = await gw.get("/functions/f", headers=h)
+        assert resp.status == 200 and "RateLimit" not in resp.headers
+    assert await used() == before
+    usage = await (await admin.get("/admin/v1/envs/api-1/usage", headers=AUTH)).json()
+    assert (usage["mode"], usage["mode_by"]) == ("off", "environment")
+    assert await mode(None) == {"env": "api-1", "mode": "default", "effective": "enforce"}
+    assert [(await gw.get("/functions/f", headers=h)).status for gw in gws] == [429, 429]
+    usage = await (await admin.get("/admin/v1/envs/api-1/usage", headers=AUTH)).json()
+    assert (usage["mode"], usage["mode_by"]) == ("enforce", "gateway")
+    definition = await (await admin.get("/admin/v1/envs/api-1", headers=AUTH)).json()
+    assert definition.get("mode") is None
 
 
 async def test_packs_buy_list_refund(make_gateway, admin_for, store):

@@ -5,7 +5,8 @@ billing token buys a pack and sees usage move to it once the plan's quota is use
 refund refused for a pack used meanwhile, changes a plan after reading its quote (the
 figures the API gives, to the fen); a viewer sees no purchase; a tenant's token cannot see
 another environment; the audit trail shows each action; the list's next page holds the rest;
-text meets WCAG AA contrast and every field has a label. Screenshots of the main pages are
+text meets WCAG AA contrast and every field has a label; an admin sets the environment's
+enforcement mode. Screenshots of the main pages are
 taken (into docs/img with QUOTAGATE_SCREENSHOTS=1)."""
 
 from __future__ import annotations
@@ -289,7 +290,7 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         # Support switches overage (no money moves), and is offered no purchase.
         page.sign_in(support["token"])
         page.open("/env/shop", "Environment shop")
-        assert page.buttons("Buy pack") == 0
+        assert page.buttons("Buy pack") == 0 and page.buttons("Set mode") == 0
         page.button("Turn overage on").click()
         page.alert("Overage on: done.")
         assert page.buttons("Turn overage off") == 1
@@ -299,6 +300,20 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         page.open("/env/shop", "Environment shop")
         assert page.buttons("Buy pack") == 1 and page.buttons("Turn overage off") == 1
         assert "QUOTAGATE_ADMIN_TOKEN (admin)" in browser.find_element(By.ID, "who").text
+        # The admin sets the environment's enforcement to shadow in the console, then back to
+        # the gateway's default with the CLI (what each mode does: test_admin_api.py).
+        assert "the gateway's default" in browser.find_element(By.ID, "mode-text").text
+        Select(browser.find_element(By.NAME, "mode")).select_by_value("shadow")
+        page.button("Set mode").click()
+        page.alert("Mode shadow: done.")
+        page.wait.until(ec.text_to_be_present_in_element(
+            (By.ID, "mode-text"), "shadow: decided and counted, never refused (this "
+                                  "environment's own)"))
+        assert cli(admin, "env", "mode", "shop", "default").returncode == 0
+        page.open("/env/shop", "Environment shop")
+        assert "enforce: refused past its limits (the gateway's default)" in \
+            browser.find_element(By.ID, "mode-text").text
+        assert page.unlabelled() == [] and page.low_contrast() == []
 
         # A tenant sees its own environment, and no other.
         page.sign_in(tenant["token"])

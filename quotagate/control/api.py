@@ -675,6 +675,30 @@ async def put_overage(request: web.Request) -> web.Response:
     return web.json_response({"env": env_id, "overage": env.overage})
 
 
+#: PUT /envs/{env}/mode: "default" (or null) gives the environment back to the gateway's
+#: ``enforcement``.
+MODES = ("enforce", "shadow", "off", "default")
+
+
+async def put_mode(request: web.Request) -> web.Response:
+    env_id = _env_id(request)
+    body = await _body(request)
+    unknown = sorted(set(body) - {"mode"})
+    if unknown:
+        raise Invalid(f"unknown fields: {', '.join(unknown)} (fields: mode)")
+    if "mode" not in body:
+        raise Invalid(f"mode is required: one of {', '.join(MODES)}")
+    mode = body["mode"]
+    if mode is None:
+        mode = "default"
+    if mode not in MODES:
+        raise Invalid(f"mode must be one of {', '.join(MODES)}")
+    envs = request.app[ENVS]
+    env = await envs.set_mode(env_id, None if mode == "default" else mode)
+    return web.json_response({"env": env_id, "mode": env.mode or "default",
+                              "effective": env.mode or envs.config.gateway.enforcement})
+
+
 async def list_packs(request: web.Request) -> web.Response:
     envs = request.app[ENVS]
     report = await usage_report(envs, await envs.get(_env_id(request)))
@@ -1058,6 +1082,7 @@ ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/envs/{env}/usage", get_usage, READ),
     ("GET", "/envs/{env}/events", list_events, READ),
     ("PUT", "/envs/{env}/overage", put_overage, SETTINGS),
+    ("PUT", "/envs/{env}/mode", put_mode, ADMIN),
     ("GET", "/envs/{env}/packs", list_packs, READ),
     ("POST", "/envs/{env}/packs", buy_pack, MONEY),
     ("DELETE", "/envs/{env}/packs/{pack_id}", refund_pack, MONEY),

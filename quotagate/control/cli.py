@@ -322,7 +322,8 @@ def env_usage(args: argparse.Namespace) -> None:
         rows.append({"meter": meter, "unit": m["unit"], "quota": m["quota"], "used": m["used"],
                      "packs left": sum(p["remaining"] for p in m["packs"] if p["valid"]),
                      "payg": m["payg"], "remaining": m["remaining"]})
-    head = (f"{data['env']}  plan {data['plan']}  overage {'on' if data['overage'] else 'off'}"
+    head = (f"{data['env']}  plan {data['plan']}  mode {data['mode']}  "
+            f"overage {'on' if data['overage'] else 'off'}"
             f"  cycle {data['cycle']['start']} .. {data['cycle']['end']}  "
             f"QPS {data['qps_limit']} (by {data.get('qps_limit_by', 'plan')})  "
             f"watches {data['realtime']['open']}/"
@@ -334,6 +335,11 @@ def env_usage(args: argparse.Namespace) -> None:
 def env_overage(args: argparse.Namespace) -> None:
     data = call(args, "PUT", f"/envs/{args.env}/overage", {"overage": args.state == "on"})
     _out(args, data, f"{data['env']}: overage {'on' if data['overage'] else 'off'}")
+
+
+def env_mode(args: argparse.Namespace) -> None:
+    data = call(args, "PUT", f"/envs/{args.env}/mode", {"mode": args.mode})
+    _out(args, data, f"{data['env']}: mode {data['mode']} (in effect: {data['effective']})")
 
 
 def pack_list(args: argparse.Namespace) -> None:
@@ -666,6 +672,9 @@ def add_commands(sub: Any) -> None:
          env_usage, ENV)
     _cmd(es, "overage", "switch overage (pay-as-you-go past the quota) on or off",
          env_overage, ENV, ("state", {"choices": ["on", "off"]}))
+    _cmd(es, "mode", "the environment's enforcement: enforce, shadow (decided, never refused), "
+         "off (not decided), or default (the gateway's)", env_mode, ENV,
+         ("mode", {"choices": ["enforce", "shadow", "off", "default"]}))
 
     pack = sub.add_parser("pack", help="resource packs: list, buy, refund")
     ps = pack.add_subparsers(dest="pack_command", required=True)

@@ -42,6 +42,7 @@ from quotagate.settings import Config
 from quotagate.settings.load import check_environments
 from quotagate.settings.schema import (
     GATEWAY_TERMS,
+    EnforcementMode,
     Environment,
     EnvironmentsFile,
     GatewayGrant,
@@ -549,6 +550,10 @@ class Environments:
 
     async def set_overage(self, env_id: str, on: bool) -> Environment:
         return await self.change(env_id, lambda e, _: msgspec.structs.replace(e, overage=on))
+
+    async def set_mode(self, env_id: str, mode: EnforcementMode | None) -> Environment:
+        """The environment's enforcement (None: the gateway's ``enforcement`` applies)."""
+        return await self.change(env_id, lambda e, _: msgspec.structs.replace(e, mode=mode))
 
     async def buy_pack(self, env_id: str, pack: str = "", meter: PackMeter | None = None,
                        amount: int | None = None, pack_id: str | None = None) -> PackGrant:

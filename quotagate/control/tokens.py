@@ -25,6 +25,7 @@ instance at once.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import re
 import secrets
@@ -180,11 +181,11 @@ class Tokens:
         assert record is not None
         return record
 
-    async def revoke_env(self, env_id: str) -> list[Token]:
+    async def revoke_env(self, env_id: str) -> builtins.list[Token]:
         """Revoke every environment token of ``env_id``: its environment was released, and
         an id used again later is another tenant's. (Reads the token records: at most
         MAX_TOKENS, whatever the number of environments.)"""
-        revoked = []
+        revoked: builtins.list[Token] = []
         for record in await self.list():
             if record.role == "env" and record.env == env_id:
                 try:

@@ -100,6 +100,9 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
                  if f.startswith(b"=fn:")}
     return {
         "env": env_id, "owner": record.owner, "plan": env.plan, "overage": env.overage,
+        # The enforcement in effect, and whether it is the environment's own or the gateway's.
+        "mode": env.mode or config.gateway.enforcement,
+        "mode_by": "environment" if env.mode else "gateway",
         "today": today.isoformat(),
         "cycle": {"start": start.isoformat(), "end": end.isoformat()},
         "expires": env.expires.isoformat(),

@@ -201,8 +201,22 @@ async function envPage(main, envId) {
       text: "Audit trail of this environment"})));
   }
 
-  // Overage (hard stop or pay-as-you-go)
+  // Enforcement (enforce, shadow, off) and overage (hard stop or pay-as-you-go)
+  const MODES = {enforce: "enforce: refused past its limits",
+                 shadow: "shadow: decided and counted, never refused",
+                 off: "off: not decided nor counted"};
   main.append(el("h2", {text: "Mode"}),
+    el("p", {id: "mode-text"}, `Enforcement is ${MODES[usage.mode]} (${usage.mode_by
+      === "environment" ? "this environment's own" : "the gateway's default"}).`));
+  if (role === "admin" && usage.owner === "api") {
+    const mode = select("mode", [...Object.keys(MODES).map(m => ({value: m, label: m})),
+      {value: "default", label: "the gateway's default"}],
+      usage.mode_by === "environment" ? usage.mode : "default");
+    main.append(el("form", {onsubmit: ev => { ev.preventDefault();
+      act(`Mode ${mode.value}`, () => api("PUT", `/envs/${envId}/mode`, {mode: mode.value})); }},
+      field("Enforcement", mode), el("button", {type: "submit", text: "Set mode"})));
+  }
+  main.append(
     el("p", {}, `Overage is ${usage.overage ? "on: past the quota it keeps working, billed "
       + "the next day" : "off: hard stop when the quota is used"}.`));
   if (CAN.settings(role) && usage.owner === "api") {
