@@ -166,6 +166,22 @@ async def test_refunds_of_leased_calls(tmp_path: Path, limiters, redis_client):
     await until(lambda: _equal(redis_client, admitted(seen) - 5))
 
 
+async def test_a_refund_of_a_call_charged_before_the_lease_is_the_stores(tmp_path: Path,
+                                                                          limiters,
+                                                                          redis_client):
+    """A refund of a call the store charged yesterday, while the environment is leased
+    today: it is the store's to give back, and the store's day check keeps yesterday's charge
+    (it may be billed) — the lease's count of today's calls is not cut by it."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1_000_000,
+                                                         "qps": 1_000_000})})
+    lim = await limiters(config)
+    seen = await drive([lim], "shop", 1.0)
+    assert lim.hot.envs
+    lim.refund("shop", "calls", 5, lim.clock.now_ms() - 86_400_000)
+    await lim.close()
+    assert await used(redis_client) == admitted(seen)
+
+
 async def _equal(client: aredis.Redis, n: int) -> bool:
     return await used(client) == n
 
@@ -253,3 +269,55 @@ async def test_a_needed_meter_used_up_is_refused_under_a_lease(tmp_path: Path, l
         await asyncio.sleep(0)
     assert not any(o is Outcome.ADMITTED for o, _, _ in seen), seen
     assert seen[(Outcome.QUOTA_EXCEEDED, "outbound_bytes", True)] > 0, seen
+
+
+async def _payg_calls(client: aredis.Redis) -> int:
+    day = day_number(dt.date(2026, 11, 26))
+    return int(await client.hget(keys.payg("shop"), f"{day}:calls") or 0)
+
+
+@pytest.mark.parametrize("how", ["ingested", "written back"])
+async def test_usage_charged_beside_a_lease_takes_none_of_what_it_holds(
+        tmp_path: Path, limiters, redis_client, how):
+    """Overage on, a lease holding 500 of the plan's 1,000 calls: 600 calls charged beside it
+    (an ingested usage record through settle.lua; a fail-open write-back through decide.lua)
+    take the 500 it leaves and 100 of pay-as-you-go. When the lease tells it used all it held,
+    the plan reads exactly its quota and the 100 are billed — not 1,100 of plan and 0 billed
+    (the settle took the lease's calls, and the lease then charged them again)."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 1000, "qps": 1_000_000},
+                                                 overage=True)})
+    lim = await limiters(config)
+    first = await lease(lim, "lease", 1, 0, want=500)
+    assert (first[0], int(first[3])) == (0, 500), first
+    at_ms = lim.clock.now_ms()
+    if how == "ingested":
+        assert await lim.ingest("shop", "rec-1", "calls", 600, at_ms) == 0
+    else:
+        assert await lim.write_back("shop", "database", 600, at_ms, "wb-1")
+    assert await used(redis_client) == 500
+    assert await _payg_calls(redis_client) == 100
+    assert (await lease(lim, "end", 1, 500))[0] == 8
+    assert await used(redis_client) == 1000
+    assert await _payg_calls(redis_client) == 100
+
+
+async def test_a_lease_ended_after_its_environment_left_the_file_still_counts(
+        tmp_path: Path, limiters, redis_client):
+    """The environment is taken out of the file while leased (its snapshot deleted, its usage
+    kept for the bills): the lease's end still charges what it admitted — 100 from the plan it
+    reserved, 200 beyond as pay-as-you-go (overage on) — and gives the rest back. Before, the
+    end was answered "unknown" and the 300 calls were never counted."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 100, "qps": 1_000_000},
+                                                 overage=True)})
+    lim = await limiters(config)
+    first = await lease(lim, "lease", 1, 0, want=500)
+    assert (first[0], int(first[3])) == (0, 500), first
+    await redis_client.delete(keys.entitlements("shop"))  # as a reload does for a removed one
+    end = await lease(lim, "end", 1, 300)
+    assert end[0] == 4, end
+    assert await used(redis_client) == 100
+    assert await _payg_calls(redis_client) == 200
+    assert await redis_client.exists(keys.hot("shop")) == 0
+    # Told again (a retry, the journal): nothing more.
+    await lease(lim, "end", 1, 300)
+    assert (await used(redis_client), await _payg_calls(redis_client)) == (100, 200)

@@ -182,6 +182,7 @@ class HotEnv:
         "reset_at",
         "sent",
         "share",
+        "since_ms",
         "spent",
         "task",
         "tat",
@@ -192,8 +193,12 @@ class HotEnv:
         "window_s",
     )
 
-    def __init__(self, env: str, lease_id: int, record: int, journal: mmap.mmap):
+    def __init__(self, env: str, lease_id: int, record: int, journal: mmap.mmap,
+                 since_ms: int = 0):
         self.env = env
+        #: When (the limiter's clock, epoch ms) this instance began leasing it: calls charged
+        #: before that were decided by the store, and a refund of them goes there.
+        self.since_ms = since_ms
         #: The lease journal's map: the count is written at ``record`` + 1 per admission.
         self.map = journal
         self.lease_id = lease_id
@@ -293,8 +298,9 @@ class Hot:
 
     def __init__(self, calls: ScriptCalls, instance: str, mode: Callable[[], str],
                  script_time: Callable[[], ScriptTime], on_events: Callable[[str], None],
-                 on_missing: Callable[[str], None]):
+                 on_missing: Callable[[str], None], now_ms: Callable[[], int] | None = None):
         self.calls = calls
+        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.instance = instance
         self.mode = mode
         self.script_time = script_time
@@ -359,7 +365,8 @@ class Hot:
         record = self.journal.open(env, self._lease_ids)
         if record < 0:
             return
-        h = self.envs[env] = HotEnv(env, self._lease_ids, record, self.journal._map)
+        h = self.envs[env] = HotEnv(env, self._lease_ids, record, self.journal._map,
+                                        self.now_ms())
         metrics.HOT_ENVIRONMENTS.set(len(self.envs))
         h.task = task = asyncio.get_running_loop().create_task(self._run(h))
         self._tasks.add(task)
@@ -481,10 +488,13 @@ class Hot:
                 delay = min(delay * 2, 2.0)
         self.journal.close_record(h.record)
 
-    def refund(self, env: str, amount: int) -> bool:
-        """Give back ``amount`` calls admitted here and not yet told to the store."""
+    def refund(self, env: str, amount: int, charged_at_ms: int) -> bool:
+        """Give back ``amount`` calls admitted here and not yet told to the store. False
+        (the store's refund applies, with its day check) for calls charged before this
+        instance leased the environment: they were the store's, perhaps of another day."""
         h = self.envs.get(env)
-        if h is None or h.ending or h.used - amount < h.sent:
+        if (h is None or h.ending or charged_at_ms < h.since_ms
+                or h.used - amount < h.sent):
             return False
         h.used -= amount
         _USED.pack_into(h.map, h.record + 1, h.used)

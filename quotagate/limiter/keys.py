@@ -109,7 +109,7 @@ def settle_keys(env: str) -> list[str]:
     """KEYS of settle.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "usage", tag + "packs", tag + "payg", tag + "slots",
-            tag + "lease", tag + "alerts", tag + "events"]
+            tag + "lease", tag + "alerts", tag + "events", tag + "hot"]
 
 
 def seen(env: str, record_id: str) -> str:

@@ -95,7 +95,8 @@ class Limiter:
         self._background: set[asyncio.Task[None]] = set()
         #: Hot environments, decided in memory from leased budgets (hot.py).
         self.hot = Hot(self._calls, self.instance, lambda: self._mode,
-                       lambda: self.clock.script_time(), self._events.soon, self._missing)
+                       lambda: self.clock.script_time(), self._events.soon, self._missing,
+                       lambda: self.clock.now_ms())
         #: Response bandwidth of environments with a gateway version, shaped across instances.
         self.bandwidth = Bandwidth(self._calls, lambda: self.on_failure,
                                    mode=lambda: self._mode,
@@ -334,7 +335,7 @@ class Limiter:
         (settle.lua: the last taken first; nothing if the environment's day has changed
         since). Lost, not kept, if the store cannot take it: never written back later. Calls
         admitted from a lease and not yet told to the store are taken off its count."""
-        if meter == "calls" and self.hot.refund(env, amount):
+        if meter == "calls" and self.hot.refund(env, amount, charged_at_ms):
             return
         self._settler.refund(env, meter, amount, charged_at_ms)
 

@@ -46,7 +46,7 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
          4 database free, 8 mode off (nothing counted), 16 events written, 32 (record mode
-         with KEYS[10]) an entry written back before: nothing written now, 64 (with code 3
+         with KEYS[11]) an entry written back before: nothing written now, 64 (with code 3
          or 5) let through by ARGV[10] at no cost: counted in QPS only, 128 the
          environment is hot: instances decide it from leases (the caller leases too)
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
@@ -127,11 +127,12 @@ if gw and TODAY >= gw.from then
 end
 
 -- A hot environment: leases hold shares of its QPS and reserve calls; this request gets what
--- they leave (and leases past their end are reaped).
+-- they leave (and leases past their end are reaped). A write-back (record) takes no QPS, but
+-- its calls go where no lease has reserved them, as a decision's would.
 local reserved, leased_qps, hot_events = nil, 0, false
-if mode ~= 'record' and redis.call('EXISTS', KEYS[10]) == 1 then
+if redis.call('EXISTS', KEYS[10]) == 1 then
   local live, share, res, events = hot_state(KEYS, store_ms, now_ms)
-  if next(live) then flags = flags + 128 end
+  if next(live) and mode ~= 'record' then flags = flags + 128 end
   if events > 0 then flags, hot_events = flags + 16, true end
   reserved, leased_qps = res, share
 end

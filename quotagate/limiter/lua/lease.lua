@@ -26,7 +26,8 @@ shrink to their fair part at their own renewal: within a period or two the split
 
 Reply: {code, flags, share, granted, qps_limit, quota, remaining, reset_ms, window_s, until_ms,
         used_up, bandwidth, qps_by, capped}
-  code     0 leased; 3 isolated, 4 unknown/released, 5 not started, 7 not leasable now
+  code     0 leased; 3 isolated, 4 unknown/released (an "end" or "recover" commits the
+           count all the same: a file's environment removed keeps its usage), 5 not started, 7 not leasable now
            (shadow or off mode; a local-day or cycle boundary closer than the lease; the
            quota near its end): no next period — what the lease held stays held until the
            instance sends "end" with its last count, and decides per request from then; 8
@@ -56,7 +57,18 @@ local function reply(code, flags)
 end
 
 local ent = snapshot(KEYS[1])
-if not ent then return reply(4, 0) end
+if not ent then
+  if op == 'lease' then return reply(4, 0) end
+  -- No snapshot (an environment taken out of the file: its usage stays for the bills): an
+  -- end or a recovery still commits what the lease admitted, from what it reserved, the rest
+  -- as pay-as-you-go of the day it was granted on (beyond the reserved, a lease grants only
+  -- with overage on). No alert: no quota to read them against. The calendar is UTC; nothing
+  -- here reads it.
+  calendar_at({tz = {{0, 0}}, packs = {}, quota = {}, overage = 1}, now_ms)
+  local rec, flags = commit_lease(KEYS, inst, id, used, now_ms, false)
+  if rec then redis.call('HDEL', KEYS[10], inst) end
+  return reply(4, flags)
+end
 calendar_at(ent, now_ms)
 -- The count first, so that what it charged is no longer counted as held below.
 local rec, flags = commit_lease(KEYS, inst, id, used, now_ms, op == 'lease')

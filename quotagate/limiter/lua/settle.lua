@@ -3,8 +3,9 @@ slots given back and metered usage (bytes served, GBs run) charged after the res
 
 KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
         (as in decide.lua)
-KEYS[7] alerts, KEYS[8] events (as in decide.lua)
-KEYS[9] (optional) seen: string, set once per id — an ingested record, a write-back, refunds
+KEYS[7] alerts, KEYS[8] events, KEYS[9] hot (as in decide.lua: KEYS[8..10]); the calls that
+        leases of a hot environment hold are not taken by usage charged here
+KEYS[10] (optional) seen: string, set once per id — an ingested record, a write-back, refunds
         sent again, a plugin-mode done call ("done:<holder>"): a call whose id was seen before
         changes nothing at all (reply status 8). Set by the call that applies, in the same
         script, whatever it carries (slots only, meters, refunds, nothing).
@@ -13,7 +14,7 @@ ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
 ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs;
                   a meter named "-<meter>@<ms>" gives back that amount charged at <ms>;
-                  then, optionally, one last value: how long KEYS[9] is kept (ms; default
+                  then, optionally, one last value: how long KEYS[10] is kept (ms; default
                   40 days, longer than any retry of a record)
 
 Checked before anything is written: every count and amount is a whole number from 0 to
@@ -67,7 +68,7 @@ for j = first, last, 2 do
 end
 
 -- 2. Once per id: a call seen before writes nothing.
-if KEYS[9] and redis.call('EXISTS', KEYS[9]) == 1 then return {8, 0} end
+if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then return {8, 0} end
 
 local function give_slots_back()
   for j = 5, first - 1, 2 do
@@ -75,7 +76,7 @@ local function give_slots_back()
   end
 end
 local function seen()
-  if KEYS[9] then redis.call('SET', KEYS[9], '1', 'PX', keep_ms) end
+  if KEYS[10] then redis.call('SET', KEYS[10], '1', 'PX', keep_ms) end
 end
 
 if first > last then  -- slots only (or nothing): no snapshot needed
@@ -153,9 +154,29 @@ local function gauge(meter, value)
   gauge_over(meter, value, TODAY)
 end
 
+-- What the leases of a hot environment hold of each field ("u<field>" / "p<pack id>", as
+-- hot_state's), read once: theirs to admit, not free for usage charged here. A lease past its
+-- end counts too (the next decision charges it whole as used). Leases hold calls only.
+local reserved = nil
+local function held_by_leases()
+  if reserved then return reserved end
+  reserved = {}
+  local all = redis.call('HGETALL', KEYS[9])
+  for i = 1, #all, 2 do
+    if string.sub(all[i], 1, 2) ~= 'x:' then
+      for _, tk in ipairs(cjson.decode(all[i + 1]).t) do
+        local k = tk[1] .. tk[2]
+        reserved[k] = (reserved[k] or 0) + tk[3]
+      end
+    end
+  end
+  return reserved
+end
+
 local function cumulative(meter, amount)
   local takes = {}
-  local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount)
+  local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount,
+                        meter == 'calls' and held_by_leases() or nil)
   for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
   if alert_on(takes, KEYS[2], KEYS[7], KEYS[8], cycle_day, now_ms) > 0 then
     flags = flags + 16
