@@ -108,6 +108,24 @@ async def test_a_pack_bought_today_is_dated_today_and_used_first(deployed: Deplo
     assert "pack p2 refunded" in deployed.ok("pack", "refund", "packs", "p2")
 
 
+async def test_the_usage_report_counts_each_day_of_the_cycle(deployed: Deployed):
+    """Bought three days ago, used today only: the report's days are the cycle's four so far
+    on the real clock, today's holding today's calls (plan, then pay-as-you-go beyond it) and
+    ingested tokens, the others none."""
+    deployed.put_env("daily", env_yaml(anchor=-3, overage="true", limits="{calls: 3}"))
+    assert await deployed.get(deployed.route("function") + "hello", "daily", 5) == [200] * 5
+    status, body = await deployed.admin_api("POST", "/usage", {"records": [
+        {"id": "tok-1", "env": "daily", "meter": "ai_tokens", "amount": 777,
+         "at": dt.datetime.now(dt.UTC).isoformat()}]})
+    assert status == 200 and body["counted"] == 1, body
+    meters = deployed.json("env", "usage", "daily")["meters"]
+    expected = [{"date": days(n), "used": 0} for n in (-3, -2, -1)]
+    assert meters["calls"]["days"] == [*expected, {"date": days(0), "used": 5}]
+    assert (meters["calls"]["used"], meters["calls"]["payg"]) == (3, 2)
+    assert meters["ai_tokens"]["days"] == [*expected, {"date": days(0), "used": 777}]
+    assert "days" not in meters["capacity_bytes"]
+
+
 async def test_a_pack_bought_20_days_ago_cannot_be_refunded(deployed: Deployed):
     deployed.put_env("oldpack", env_yaml(
         anchor=-40, packs=f"[{{id: old, pack: calls-10m, purchased: {days(-20)}}}]"))

@@ -231,6 +231,18 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         calls = next(r for r in page.table_after("Usage this cycle") if r["Meter"] == "calls")
         assert (calls["Used"], calls["Packs left"], calls["Drawing from"]) == (
             "3", "9999998", "packs")
+        # The per-day chart: each day of the cycle so far, today's 5 calls the tallest bar.
+        chart = browser.execute_script("""
+            const c = document.getElementById('days-calls');
+            const rows = [...c.parentElement.querySelectorAll('details tbody tr')];
+            return {label: c.getAttribute('aria-label'),
+                    heights: [...c.children].map(b => b.style.height),
+                    rows: rows.map(r => [...r.children].map(x => x.textContent))};""")
+        assert chart["rows"] == [[(anchor + dt.timedelta(days=n)).isoformat(),
+                                  "5" if n == today.day - 1 else "0"]
+                                 for n in range(today.day)], chart
+        assert chart["heights"] == ["0%"] * (today.day - 1) + ["100%"], chart
+        assert chart["label"].startswith(f"calls per day this cycle: 5 calls in {today.day} days")
         packs = page.table_after("Resource packs")
         assert (packs[0]["Used"], packs[0]["Refund"]) == ("2", "not refundable: used")
         assert page.buttons("Refund") == 0

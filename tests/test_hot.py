@@ -59,6 +59,12 @@ async def used(client: aredis.Redis, env_id: str = "shop") -> int:
     return int(await client.hget(keys.usage(env_id), CALLS) or 0)
 
 
+async def day_used(client: aredis.Redis, env_id: str = "shop") -> int:
+    """The calls the day's count holds (the clock of these tests: 2026-11-26)."""
+    day = day_number(dt.date(2026, 11, 26))
+    return int(await client.hget(keys.usage(env_id), f"d:{day}:calls") or 0)
+
+
 async def test_hot_environment_is_decided_in_memory(tmp_path: Path, limiters, redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"calls": 10_000_000,
                                                          "qps": 1_000_000})})
@@ -70,8 +76,9 @@ async def test_hot_environment_is_decided_in_memory(tmp_path: Path, limiters, re
     assert seen[(Outcome.ADMITTED, True)] > total / 2, seen
     assert calls / total < 0.1, (calls, total)
     await lim.close()
-    # Every admission charged once, nothing held after the lease ended.
+    # Every admission charged once, nothing held after the lease ended; the day counts them.
     assert await used(redis_client) == admitted(seen)
+    assert await day_used(redis_client) == admitted(seen)
     assert await redis_client.exists(keys.hot("shop")) == 0
 
 
@@ -143,6 +150,7 @@ async def test_killed_instance_leases_are_told_by_its_journal(tmp_path: Path, li
     await other.decide("shop", "database", 1)  # reaps it
     charged = await used(redis_client)
     assert charged >= admitted(seen) + 1
+    assert await day_used(redis_client) == charged
     # The next start reads the journal: what was not used goes back, exactly once.
     dead._writeback.close()  # (its journal's lock released, as by the kill)
     third = await limiters(config)
@@ -151,6 +159,7 @@ async def test_killed_instance_leases_are_told_by_its_journal(tmp_path: Path, li
     assert await used(redis_client) == admitted(seen) + 1
     await third.recover_journals(journal)
     assert await used(redis_client) == admitted(seen) + 1
+    assert await day_used(redis_client) == admitted(seen) + 1
     assert not list(journal.glob(f"{dead.instance}*"))
 
 

@@ -136,6 +136,39 @@ async def test_overage_records_payg_per_local_day(tmp_path: Path, make_limiter, 
     assert payg == {f"{day26}:calls".encode(): b"2", f"{day26 + 1}:calls".encode(): b"50"}
 
 
+async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_client):
+    """The day's counts (the usage report's chart): every call charged counts on its local
+    day, from the plan and beyond (overage on); a refund takes off its day's; ingested usage
+    counts under its meter; refusals and free requests count nothing; a day's first charge
+    forgets the days older than 62."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 3, "qps": 1_000_000},
+                                                 overage=True),
+                                     "stop": env(limits={"calls": 2, "qps": 1_000_000})})
+    clock = at("2026-11-26T23:59:58")
+    lim = await make_limiter(config, clock)
+    day26 = day_number(__import__("datetime").date(2026, 11, 26))
+    stale = f"d:{day26 - 70}:calls"
+    await redis_client.hset(keys.usage("shop"), stale, 9)  # a day long gone
+    for _ in range(5):
+        assert (await lim.decide("shop", "function", 1)).admitted
+    assert (await lim.decide("shop", "ai", 50)).admitted
+    lim.refund("shop", "calls", 50, clock.now_ms())
+    assert await lim.ingest("shop", "rec-1", "ai_tokens", 1234, clock.now_ms()) == 0
+    clock.advance(seconds=3)  # local midnight: the 27th
+    for _ in range(2):
+        assert (await lim.decide("shop", "function", 1)).admitted
+    results = [await lim.decide("stop", "function", 1) for _ in range(4)]
+    assert [r.admitted for r in results] == [True, True, False, False]
+    await lim.close()
+    usage = await redis_client.hgetall(keys.usage("shop"))
+    days = {k.decode(): int(v) for k, v in usage.items() if k.startswith(b"d:")}
+    assert days == {f"d:{day26}:calls": 5, f"d:{day26}:ai_tokens": 1234,
+                    f"d:{day26 + 1}:calls": 2}
+    stop = await redis_client.hgetall(keys.usage("stop"))
+    assert {k: v for k, v in stop.items() if k.startswith(b"d:")} == {
+        f"d:{day26 + 1}:calls".encode(): b"2"}
+
+
 async def test_shadow_counts_and_never_refuses(tmp_path: Path, make_limiter, redis_client):
     config = write_config(tmp_path, {"shop": env(limits={"calls": 2})})
     lim = await make_limiter(config, at("2026-11-26T12:00:00"), mode="shadow")

@@ -1,5 +1,6 @@
 """Usage of one environment, per meter, read from the store: plan quota, used from the plan,
-each pack's remaining and expiry, pay-as-you-go so far this cycle, the cycle, the QPS limit in
+each pack's remaining and expiry, pay-as-you-go so far this cycle, what each day of the cycle
+used (plan, packs and beyond; counted by the scripts), the cycle, the QPS limit in
 force (and which cap decides it: the plan, a promo pack or the gateway version) and the open
 slots."""
 
@@ -71,6 +72,10 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
         }
         if meter == "gbs":
             entry["used_gbs"] = str(used_plan / MBMS_PER_GBS)
+        if meter != "capacity_bytes":  # (a gauge: no day's use to count)
+            entry["days"] = [{"date": cal.date_of(day).isoformat(),
+                              "used": num(usage, f"d:{day}:{meter}")}
+                             for day in range(first, min(cal.day_number(today), last - 1) + 1)]
         meters[meter] = entry
 
     # Capacity is a gauge: "used" is the size last reported; packs add room, none is spent.

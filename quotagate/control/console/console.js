@@ -177,6 +177,28 @@ function meterBar(m) {
     "aria-label": `${pct}% of the plan's quota`}, bar), `${pct}%`);
 }
 
+// A meter's use per day of the cycle: bars scaled to the busiest day, the figures themselves
+// in a table under it (exactly as the API gives them).
+function dayChart(m) {
+  const top = Math.max(1, ...m.days.map(d => d.used));
+  const total = m.days.reduce((a, d) => a + d.used, 0);
+  const bars = el("div", {class: "days", role: "img", id: `days-${m.name}`,
+    "aria-label": `${m.name} per day this cycle: ${total} ${m.unit} in ${m.days.length} days,`
+      + ` at most ${total === 0 ? 0 : top} a day`},
+    m.days.map(d => {
+      const bar = el("span", {class: "day", title: `${d.date}: ${d.used} ${m.unit}`});
+      bar.style.height = `${Math.max(0, Math.round(100 * d.used / top))}%`;
+      return bar;
+    }));
+  const span = m.days.length ? `${m.days[0].date} to ${m.days[m.days.length - 1].date}` : "";
+  return el("figure", {class: "chart"},
+    el("figcaption", {}, `${m.name} per day this cycle (${m.unit})`), bars,
+    el("p", {class: "muted", "aria-hidden": "true"},
+       `${span} · ${total} in all · the busiest day ${total === 0 ? 0 : top}`),
+    el("details", {}, el("summary", {text: `${m.name} per day as a table`}),
+      table([{title: "Day", key: "date"}, {title: "Used", key: "used", num: true}], m.days)));
+}
+
 function packStatus(p, today) {
   if (!p.valid) return p.purchased > today ? "not started" : "expired";
   return p.remaining > 0 ? "active" : "used up";
@@ -238,6 +260,12 @@ async function envPage(main, envId) {
     {title: "Pay-as-you-go", key: "payg", num: true},
     {title: "Drawing from", cell: m => position(m, usage.overage)},
   ], meters));
+  // Per day: calls always, other meters once they used something this cycle.
+  for (const m of meters) {
+    if (m.days && (m.name === "calls" || m.days.some(d => d.used !== 0))) {
+      main.append(dayChart(m));
+    }
+  }
 
   // Packs, as the seed's table
   main.append(el("h2", {text: "Resource packs"}));

@@ -101,6 +101,22 @@ local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount, r
   return left, quota, held
 end
 
+-- Per local day, what each cumulative meter charged (plan, packs and beyond: the day's use),
+-- in the usage hash as "d:<local day>:<meter>" (the console's chart; the usage report's
+-- "days"). A day's first charge of a meter forgets that meter's days older than DAY_KEEP
+-- (once a day: the hash holds at most DAY_KEEP + 1 of them per meter).
+local DAY_KEEP = 62
+local DAY_FORGET = 400  -- how far back a day's first charge looks for days to forget
+local function count_day(usage_key, meter, n, day)
+  if n == 0 then return end
+  local suffix = ':' .. meter
+  if redis.call('HINCRBY', usage_key, 'd:' .. day .. suffix, n) == n and n > 0 then
+    local old = {}
+    for d = day - DAY_FORGET, day - DAY_KEEP - 1 do old[#old + 1] = 'd:' .. d .. suffix end
+    redis.call('HDEL', usage_key, unpack(old))
+  end
+end
+
 -- A gauge meter (capacity_bytes): what plan quota + valid packs leave above the last reported
 -- value (negative: over). The value is kept in the usage hash as "gauge:<meter>".
 -- A gauge's room on a local day: the plan's quota and the packs valid that day.
@@ -327,6 +343,7 @@ local function orphan_lease(K, f, rec, now_ms)
   for _, tk in ipairs(rec.t) do held = held + tk[3] end
   take_reserved(rec.t, held, {K[3], K[4]}, charged)
   local events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
+  count_day(K[3], 'calls', held, rec.d)
   local kept = {}
   for _, tk in ipairs(charged) do
     kept[#kept + 1] = {tk[1] == K[3] and 'u' or 'p', tk[2], tk[3]}
@@ -384,6 +401,7 @@ local function commit_lease(K, inst, id, used, now_ms, revive)
         local beyond = take_reserved(rec.t, delta, {K[3], K[4]}, charged)
         events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
         flags = charge_beyond(K[5], beyond, rec.d)
+        count_day(K[3], 'calls', delta, rec.d)
         rec.c = used
       end
       return rec, flags + (events > 0 and 16 or 0)
@@ -411,6 +429,7 @@ local function commit_lease(K, inst, id, used, now_ms, revive)
       back = back - m
     end
     flags = charge_beyond(K[5], delta - held, note.d)
+    count_day(K[3], 'calls', delta - held, note.d)  -- (held was counted when charged whole)
     redis.call('HDEL', K[10], orphan)
     if revive then
       rec = {i = id, c = math.max(used, note.c), b = math.max(note.b or used, used), t = again,

@@ -173,12 +173,14 @@ if qps_remaining < 0 then qps_remaining = 0 end
 -- Waterfall plan -> valid packs; nothing is written yet.
 local takes = {}
 local over, quota, held, consumed
+local day_sms, day_calls = 0, cost  -- what this request adds to the day's counts
 if kind == 'sms' then
   -- SMS packs -> plan calls (sms_calls each) -> call packs -> call pay-as-you-go.
   local sms_left = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'sms', cost, reserved)
   over, quota, held = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls',
                                sms_left * ent.sms_calls, reserved)
   consumed = sms_left * ent.sms_calls - over
+  day_sms, day_calls = cost - sms_left, sms_left * ent.sms_calls
 else
   over, quota, held = allocate(takes, KEYS[3], KEYS[4], cycle_day, 'calls', cost, reserved)
   consumed = cost - over
@@ -225,6 +227,8 @@ if code ~= 0 then
 end
 
 for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+count_day(KEYS[3], 'calls', day_calls, TODAY)
+count_day(KEYS[3], 'sms', day_sms, TODAY)
 if alert_on(takes, KEYS[3], KEYS[8], KEYS[9], cycle_day, now_ms) > 0 and not hot_events then
   flags = flags + 16
 end

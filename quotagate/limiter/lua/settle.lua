@@ -178,6 +178,7 @@ local function cumulative(meter, amount)
   local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount,
                         meter == 'calls' and held_by_leases() or nil)
   for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
+  count_day(KEYS[2], meter, amount, TODAY)
   if alert_on(takes, KEYS[2], KEYS[7], KEYS[8], cycle_day, now_ms) > 0 then
     flags = flags + 16
   end
@@ -194,6 +195,7 @@ end
 -- charged (`at`, ms): a day later its excess may be billed and its cycle over, so it stays.
 local function refund(meter, amount, at)
   if not at or local_day(at) ~= TODAY then return end
+  local asked = amount
   local function give(key, field)
     local used = tonumber(redis.call('HGET', key, field)) or 0
     local n = math.min(amount, used)
@@ -202,10 +204,11 @@ local function refund(meter, amount, at)
   give(KEYS[4], (over_field(meter, mode)))
   for j = #ENT.packs, 1, -1 do
     local p = ENT.packs[j]
-    if amount <= 0 then return end
+    if amount <= 0 then break end
     if p.meter == meter and p.from <= TODAY and TODAY < p.to then give(KEYS[3], p.id) end
   end
   if amount > 0 then give(KEYS[2], cycle_day .. ':' .. meter) end
+  count_day(KEYS[2], meter, amount - asked, TODAY)
 end
 
 for i = first, last, 2 do
