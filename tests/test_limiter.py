@@ -140,15 +140,16 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     """The day's counts (the usage report's chart): every call charged counts on its local
     day, from the plan and beyond (overage on); a refund takes off its day's; ingested usage
     counts under its meter; refusals and free requests count nothing; a day's first charge
-    forgets the days older than 62."""
+    forgets the days older than 31 (a cycle's first day is at most 30 days back)."""
     config = write_config(tmp_path, {"shop": env(limits={"calls": 3, "qps": 1_000_000},
                                                  overage=True),
                                      "stop": env(limits={"calls": 2, "qps": 1_000_000})})
     clock = at("2026-11-26T23:59:58")
     lim = await make_limiter(config, clock)
     day26 = day_number(__import__("datetime").date(2026, 11, 26))
-    stale = f"d:{day26 - 70}:calls"
-    await redis_client.hset(keys.usage("shop"), stale, 9)  # a day long gone
+    await redis_client.hset(keys.usage("shop"), mapping={  # days long gone, and one not yet
+        f"d:{day26 - 300}:calls": 9, f"d:{day26 - 32}:calls": 8, f"d:{day26 - 31}:calls": 7,
+        f"d:{day26 - 31}:gbs": 6})
     for _ in range(5):
         assert (await lim.decide("shop", "function", 1)).admitted
     assert (await lim.decide("shop", "ai", 50)).admitted
@@ -163,7 +164,7 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     usage = await redis_client.hgetall(keys.usage("shop"))
     days = {k.decode(): int(v) for k, v in usage.items() if k.startswith(b"d:")}
     assert days == {f"d:{day26}:calls": 5, f"d:{day26}:ai_tokens": 1234,
-                    f"d:{day26 + 1}:calls": 2}
+                    f"d:{day26 + 1}:calls": 2, f"d:{day26 - 31}:gbs": 6}
     stop = await redis_client.hgetall(keys.usage("stop"))
     assert {k: v for k, v in stop.items() if k.startswith(b"d:")} == {
         f"d:{day26 + 1}:calls".encode(): b"2"}

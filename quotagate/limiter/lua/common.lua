@@ -105,7 +105,7 @@ end
 -- in the usage hash as "d:<local day>:<meter>" (the console's chart; the usage report's
 -- "days"). A day's first charge of a meter forgets that meter's days older than DAY_KEEP
 -- (once a day: the hash holds at most DAY_KEEP + 1 of them per meter).
-local DAY_KEEP = 62
+local DAY_KEEP = 31  -- (a cycle is at most 31 days: all of the current one is kept)
 local DAY_FORGET = 400  -- how far back a day's first charge looks for days to forget
 local function count_day(usage_key, meter, n, day)
   if n == 0 then return end
