@@ -141,9 +141,9 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
 
         async def decide(env_id: str) -> Decision:
             async with gate:
-                reply = await rc.evalsha(DECIDE.sha, 10, *keys.decision_keys(env_id),
-                                         now, "function", 1, "enforce", 100, "fn:f", "i1",
-                                         15000, "gbs")
+                names = keys.decision_keys(env_id)
+                reply = await rc.evalsha(DECIDE.sha, len(names), *names, now, "function", 1,
+                                         "enforce", 100, "fn:f", "i1", 15000, "gbs")
             return Decision.from_reply(reply)
 
         results = await asyncio.gather(*(decide(i) for i in ids for _ in range(50)))
@@ -155,8 +155,8 @@ async def test_decide_runs_unchanged_on_a_cluster(cluster, tmp_path: Path):
             node = rc.get_node_from_key(keys.usage(env_id))
             direct = aredis.Redis(host=node.host, port=node.port)
             # ent, qps, usage, slots, lease (40 invocations still held), alerts and events
-            # (80, 90 and 100 % of the 40 calls)
-            assert await direct.exists(*keys.decision_keys(env_id)) == 7
+            # (80, 90 and 100 % of the 40 calls), days (today's 40)
+            assert await direct.exists(*keys.decision_keys(env_id)) == 8
             assert await direct.xlen(keys.env_events(env_id)) == 3
             assert await direct.hget(keys.slots(env_id), "=fn:f") == b"40"
             await direct.aclose()

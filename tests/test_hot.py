@@ -62,7 +62,7 @@ async def used(client: aredis.Redis, env_id: str = "shop") -> int:
 async def day_used(client: aredis.Redis, env_id: str = "shop") -> int:
     """The calls the day's count holds (the clock of these tests: 2026-11-26)."""
     day = day_number(dt.date(2026, 11, 26))
-    return int(await client.hget(keys.usage(env_id), f"d:{day}:calls") or 0)
+    return int(await client.hget(keys.days(env_id), f"{day}:calls") or 0)
 
 
 async def test_hot_environment_is_decided_in_memory(tmp_path: Path, limiters, redis_client):

@@ -147,9 +147,9 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     clock = at("2026-11-26T23:59:58")
     lim = await make_limiter(config, clock)
     day26 = day_number(__import__("datetime").date(2026, 11, 26))
-    await redis_client.hset(keys.usage("shop"), mapping={  # days long gone, and one not yet
-        f"d:{day26 - 300}:calls": 9, f"d:{day26 - 32}:calls": 8, f"d:{day26 - 31}:calls": 7,
-        f"d:{day26 - 31}:gbs": 6})
+    await redis_client.hset(keys.days("shop"), mapping={  # days long gone, and one not yet
+        f"{day26 - 300}:calls": 9, f"{day26 - 32}:calls": 8, f"{day26 - 31}:calls": 7,
+        f"{day26 - 31}:gbs": 6})
     for _ in range(5):
         assert (await lim.decide("shop", "function", 1)).admitted
     assert (await lim.decide("shop", "ai", 50)).admitted
@@ -161,13 +161,12 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     results = [await lim.decide("stop", "function", 1) for _ in range(4)]
     assert [r.admitted for r in results] == [True, True, False, False]
     await lim.close()
-    usage = await redis_client.hgetall(keys.usage("shop"))
-    days = {k.decode(): int(v) for k, v in usage.items() if k.startswith(b"d:")}
-    assert days == {f"d:{day26}:calls": 5, f"d:{day26}:ai_tokens": 1234,
-                    f"d:{day26 + 1}:calls": 2, f"d:{day26 - 31}:gbs": 6}
-    stop = await redis_client.hgetall(keys.usage("stop"))
-    assert {k: v for k, v in stop.items() if k.startswith(b"d:")} == {
-        f"d:{day26 + 1}:calls".encode(): b"2"}
+    days = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.days("shop"))).items()}
+    assert days == {f"{day26}:calls": 5, f"{day26}:ai_tokens": 1234,
+                    f"{day26 + 1}:calls": 2, f"{day26 - 31}:gbs": 6}
+    assert await redis_client.hgetall(keys.days("stop")) == {f"{day26 + 1}:calls".encode(): b"2"}
+    # Kept 40 days from its last day of use: an environment no longer used loses them.
+    assert 39 * 86_400_000 < await redis_client.pttl(keys.days("shop")) <= 40 * 86_400_000
 
 
 async def test_shadow_counts_and_never_refuses(tmp_path: Path, make_limiter, redis_client):

@@ -20,7 +20,8 @@ ARGS = (str(NOON_MS), "function", "1", "enforce", "100", "", "inst", "15000", ""
 
 
 async def decide(client: aredis.Redis, env_id: str) -> list:
-    return await client.fcall(DECIDE.function, 10, *keys.decision_keys(env_id), *ARGS)
+    names = keys.decision_keys(env_id)
+    return await client.fcall(DECIDE.function, len(names), *names, *ARGS)
 
 
 async def test_a_changed_snapshot_is_used_at_once(tmp_path: Path, noon_limiter,
@@ -55,7 +56,8 @@ async def test_the_cache_is_bounded(tmp_path: Path, noon_limiter, redis_client: 
             await pipe.execute()
         async with redis_client.pipeline(transaction=False) as pipe:
             for i in range(first, first + count):
-                pipe.fcall(DECIDE.function, 10, *keys.decision_keys(f"e{i}"), *ARGS)
+                names = keys.decision_keys(f"e{i}")
+                pipe.fcall(DECIDE.function, len(names), *names, *ARGS)
             replies = await pipe.execute()
         assert all(r[0] == 0 for r in replies)
         await redis_client.execute_command("FUNCTION", "STATS")

@@ -34,7 +34,8 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
         pipe.hgetall(keys.pack_usage(env_id))
         pipe.hgetall(keys.payg(env_id))
         pipe.hgetall(keys.slots(env_id))
-        usage, pack_used, payg, slots = await pipe.execute()
+        pipe.hgetall(keys.days(env_id))
+        usage, pack_used, payg, slots, per_day = await pipe.execute()
 
     def num(mapping: dict[bytes, bytes], field: str) -> int:
         return int(mapping.get(field.encode(), 0))
@@ -74,7 +75,7 @@ async def usage_report(envs: Environments, record: Record) -> dict[str, Any]:
             entry["used_gbs"] = str(used_plan / MBMS_PER_GBS)
         if meter != "capacity_bytes":  # (a gauge: no day's use to count)
             entry["days"] = [{"date": cal.date_of(day).isoformat(),
-                              "used": num(usage, f"d:{day}:{meter}")}
+                              "used": num(per_day, f"{day}:{meter}")}
                              for day in range(first, min(cal.day_number(today), last - 1) + 1)]
         meters[meter] = entry
 

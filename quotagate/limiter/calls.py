@@ -67,13 +67,16 @@ class ScriptCalls:
         self.script_reloads = 0
 
     def _set_heads(self) -> None:
+        n = len(keys.decision_keys(""))
+        count = b"$%d\r\n%d\r\n" % (len(str(n)), n)
+
         def head(args: int) -> bytes:
             if self.functions:
                 name = DECIDE.function.encode()
-                return b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n$2\r\n10\r\n" % (
-                    3 + 10 + args, len(name), name)
-            return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$2\r\n10\r\n" % (
-                3 + 10 + args, DECIDE.sha.encode())
+                return b"*%d\r\n$5\r\nFCALL\r\n$%d\r\n%s\r\n%s" % (
+                    3 + n + args, len(name), name, count)
+            return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n%s" % (
+                3 + n + args, DECIDE.sha.encode(), count)
 
         self.decide_head = head(9)
         self.decide_head_pass = head(10)

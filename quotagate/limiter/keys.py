@@ -60,6 +60,13 @@ def hot(env: str) -> str:
     return f"{PREFIX}:{{{env}}}:hot"
 
 
+def days(env: str) -> str:
+    """Hash "<local day>:<meter>" -> what that day used of a cumulative meter (plan, packs and
+    beyond), the last 32 days (the usage report's ``days``); expires 40 days after its last
+    day of use."""
+    return f"{PREFIX}:{{{env}}}:days"
+
+
 def alerts(env: str) -> str:
     """Hash: ``<cycle_day>:<meter>:<level>`` -> when that quota alert fired (once a cycle)."""
     return f"{PREFIX}:{{{env}}}:alerts"
@@ -102,14 +109,15 @@ def decision_keys(env: str) -> list[str]:
     """KEYS of decide.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "qps", tag + "usage", tag + "packs", tag + "payg",
-            tag + "slots", tag + "lease", tag + "alerts", tag + "events", tag + "hot"]
+            tag + "slots", tag + "lease", tag + "alerts", tag + "events", tag + "hot",
+            tag + "days"]
 
 
 def settle_keys(env: str) -> list[str]:
     """KEYS of settle.lua, in its order."""
     tag = f"{PREFIX}:{{{env}}}:"
     return [tag + "ent", tag + "usage", tag + "packs", tag + "payg", tag + "slots",
-            tag + "lease", tag + "alerts", tag + "events", tag + "hot"]
+            tag + "lease", tag + "alerts", tag + "events", tag + "hot", tag + "days"]
 
 
 def seen(env: str, record_id: str) -> str:

@@ -102,18 +102,21 @@ local function allocate(takes, usage_key, packs_key, cycle_day, meter, amount, r
 end
 
 -- Per local day, what each cumulative meter charged (plan, packs and beyond: the day's use),
--- in the usage hash as "d:<local day>:<meter>" (the console's chart; the usage report's
--- "days"). A day's first charge of a meter forgets that meter's days older than DAY_KEEP
--- (once a day: the hash holds at most DAY_KEEP + 1 of them per meter).
-local DAY_KEEP = 31  -- (a cycle is at most 31 days: all of the current one is kept)
+-- in the environment's days hash as "<local day>:<meter>" (the console's chart; the usage
+-- report's "days"). A day's first charge of a meter forgets that meter's days older than
+-- DAY_KEEP (a cycle has at most 31 days: all of the current one is kept) and keeps the hash
+-- DAYS_TTL_MS from then: an environment no longer used loses them by itself.
+local DAY_KEEP = 31
 local DAY_FORGET = 400  -- how far back a day's first charge looks for days to forget
-local function count_day(usage_key, meter, n, day)
+local DAYS_TTL_MS = 40 * 86400000
+local function count_day(days_key, meter, n, day)
   if n == 0 then return end
   local suffix = ':' .. meter
-  if redis.call('HINCRBY', usage_key, 'd:' .. day .. suffix, n) == n and n > 0 then
+  if redis.call('HINCRBY', days_key, day .. suffix, n) == n and n > 0 then
     local old = {}
-    for d = day - DAY_FORGET, day - DAY_KEEP - 1 do old[#old + 1] = 'd:' .. d .. suffix end
-    redis.call('HDEL', usage_key, unpack(old))
+    for d = day - DAY_FORGET, day - DAY_KEEP - 1 do old[#old + 1] = d .. suffix end
+    redis.call('HDEL', days_key, unpack(old))
+    redis.call('PEXPIRE', days_key, DAYS_TTL_MS)
   end
 end
 
@@ -343,7 +346,7 @@ local function orphan_lease(K, f, rec, now_ms)
   for _, tk in ipairs(rec.t) do held = held + tk[3] end
   take_reserved(rec.t, held, {K[3], K[4]}, charged)
   local events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
-  count_day(K[3], 'calls', held, rec.d)
+  count_day(K[11], 'calls', held, rec.d)
   local kept = {}
   for _, tk in ipairs(charged) do
     kept[#kept + 1] = {tk[1] == K[3] and 'u' or 'p', tk[2], tk[3]}
@@ -358,7 +361,7 @@ end
 -- The leases of one environment: reaps the ones past their end (orphan_lease) but `own`'s
 -- (the instance renewing now), and returns the live ones (instance -> record), their QPS
 -- shares' sum, what they reserve per field ("u<field>" / "p<pack id>"), and events written.
--- `K`: decide.lua's KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10).
+-- `K`: decide.lua's KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10, days 11).
 local function hot_state(K, store_ms, now_ms, own)
   local all = redis.call('HGETALL', K[10])
   local live, share, reserved, events = {}, 0, {}, 0
@@ -401,7 +404,7 @@ local function commit_lease(K, inst, id, used, now_ms, revive)
         local beyond = take_reserved(rec.t, delta, {K[3], K[4]}, charged)
         events = charge_takes(charged, K[3], K[8], K[9], rec.cy, now_ms)
         flags = charge_beyond(K[5], beyond, rec.d)
-        count_day(K[3], 'calls', delta, rec.d)
+        count_day(K[11], 'calls', delta, rec.d)
         rec.c = used
       end
       return rec, flags + (events > 0 and 16 or 0)
@@ -429,7 +432,7 @@ local function commit_lease(K, inst, id, used, now_ms, revive)
       back = back - m
     end
     flags = charge_beyond(K[5], delta - held, note.d)
-    count_day(K[3], 'calls', delta - held, note.d)  -- (held was counted when charged whole)
+    count_day(K[11], 'calls', delta - held, note.d)  -- (held was counted when charged whole)
     redis.call('HDEL', K[10], orphan)
     if revive then
       rec = {i = id, c = math.max(used, note.c), b = math.max(note.b or used, used), t = again,

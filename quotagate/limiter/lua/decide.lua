@@ -19,7 +19,8 @@ KEYS[9] events stream of this environment's events (the gateway moves them to qg
 KEYS[10] hot   hash, leases of a hot environment's budget (common.lua, lease.lua): while
                instances hold some, this decides what they leave — the QPS beyond their
                shares, the quota beyond what they reserved — and says so (flags 128)
-KEYS[11] (record mode, optional) seen: string set once per written-back entry id; an entry
+KEYS[11] days  hash "<local day>:<meter>" -> what the day used (common.lua count_day)
+KEYS[12] (record mode, optional) seen: string set once per written-back entry id; an entry
         seen before is not counted again (flags 32) — a journal replayed after a crash
 
 ARGV[1] now_ms    calendar clock, ms since the epoch; "0" = the store's clock
@@ -46,7 +47,7 @@ Reply: {code, flags, qps_limit, qps_remaining, qps_reset_ms, quota, remaining,
          6 concurrency cap
   flags  1 shadow: refused by code but admitted (shadow mode), 2 pay-as-you-go used,
          4 database free, 8 mode off (nothing counted), 16 events written, 32 (record mode
-         with KEYS[11]) an entry written back before: nothing written now, 64 (with code 3
+         with KEYS[12]) an entry written back before: nothing written now, 64 (with code 3
          or 5) let through by ARGV[10] at no cost: counted in QPS only, 128 the
          environment is hot: instances decide it from leases (the caller leases too)
   quota / remaining  the calls meter: plan quota; what plan + valid packs still hold
@@ -71,7 +72,7 @@ end
 
 local ent = snapshot(KEYS[1])
 if not ent then return early(4) end
-if mode == 'record' and KEYS[11] and redis.call('EXISTS', KEYS[11]) == 1 then
+if mode == 'record' and KEYS[12] and redis.call('EXISTS', KEYS[12]) == 1 then
   return {0, 32, 0, 0, 0, 0, 0, 0, 0, 0, '', 0, 0, 0, 0}  -- written back before: not again
 end
 if mode ~= 'record' and ent.mode ~= '' then mode = ent.mode end
@@ -227,8 +228,8 @@ if code ~= 0 then
 end
 
 for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
-count_day(KEYS[3], 'calls', day_calls, TODAY)
-count_day(KEYS[3], 'sms', day_sms, TODAY)
+count_day(KEYS[11], 'calls', day_calls, TODAY)
+count_day(KEYS[11], 'sms', day_sms, TODAY)
 if alert_on(takes, KEYS[3], KEYS[8], KEYS[9], cycle_day, now_ms) > 0 and not hot_events then
   flags = flags + 16
 end
@@ -247,8 +248,8 @@ if slot ~= '' then
   in_use = redis.call('HINCRBY', KEYS[6], '=' .. slot, 1)
   hold_lease(KEYS[6], KEYS[7], inst, store_ms, tonumber(ARGV[8]), false)
 end
-if mode == 'record' and KEYS[11] then  -- last: only a write-back that counted is marked
-  redis.call('SET', KEYS[11], '1', 'PX', 40 * 86400000)  -- longer than any replay
+if mode == 'record' and KEYS[12] then  -- last: only a write-back that counted is marked
+  redis.call('SET', KEYS[12], '1', 'PX', 40 * 86400000)  -- longer than any replay
 end
 if code == 0 and lifecycle_status ~= 0 then  -- let through while isolated (ARGV[10])
   code, flags = lifecycle_status, flags + 64

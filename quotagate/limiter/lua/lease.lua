@@ -4,7 +4,8 @@ One call commits what the instance admitted under its lease and grants the next 
 of the environment's QPS and calls held for it through the waterfall (plan -> packs, then
 pay-as-you-go with overage on). The lease record's fields are common.lua's (hot_state).
 
-KEYS: decide.lua's KEYS[1..10] (ent, qps, usage, packs, payg, slots, lease, alerts, events, hot)
+KEYS: decide.lua's KEYS[1..11] (ent, qps, usage, packs, payg, slots, lease, alerts, events, hot,
+      days)
 ARGV[1] now_ms    the calendar's time, ms since the epoch; "0" = the store's clock
 ARGV[2] instance  the instance holding the lease (recover: the instance that stopped)
 ARGV[3] op        "lease": commit and take the next period; "end": commit and give back what

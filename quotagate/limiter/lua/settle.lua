@@ -3,9 +3,9 @@ slots given back and metered usage (bytes served, GBs run) charged after the res
 
 KEYS[1] ent, KEYS[2] usage, KEYS[3] packs, KEYS[4] payg, KEYS[5] slots, KEYS[6] lease
         (as in decide.lua)
-KEYS[7] alerts, KEYS[8] events, KEYS[9] hot (as in decide.lua: KEYS[8..10]); the calls that
-        leases of a hot environment hold are not taken by usage charged here
-KEYS[10] (optional) seen: string, set once per id — an ingested record, a write-back, refunds
+KEYS[7] alerts, KEYS[8] events, KEYS[9] hot, KEYS[10] days (as in decide.lua: KEYS[8..11]);
+        the calls that leases of a hot environment hold are not taken by usage charged here
+KEYS[11] (optional) seen: string, set once per id — an ingested record, a write-back, refunds
         sent again, a plugin-mode done call ("done:<holder>"): a call whose id was seen before
         changes nothing at all (reply status 8). Set by the call that applies, in the same
         script, whatever it carries (slots only, meters, refunds, nothing).
@@ -14,7 +14,7 @@ ARGV[2] instance  the gateway instance giving slots back
 ARGV[3] mode      "enforce" | "shadow" (the snapshot's mode wins) | "record" (write-back)
 ARGV[4] n         number of (slot, count) pairs that follow, then (meter, amount) pairs;
                   a meter named "-<meter>@<ms>" gives back that amount charged at <ms>;
-                  then, optionally, one last value: how long KEYS[10] is kept (ms; default
+                  then, optionally, one last value: how long KEYS[11] is kept (ms; default
                   40 days, longer than any retry of a record)
 
 Checked before anything is written: every count and amount is a whole number from 0 to
@@ -68,7 +68,7 @@ for j = first, last, 2 do
 end
 
 -- 2. Once per id: a call seen before writes nothing.
-if KEYS[10] and redis.call('EXISTS', KEYS[10]) == 1 then return {8, 0} end
+if KEYS[11] and redis.call('EXISTS', KEYS[11]) == 1 then return {8, 0} end
 
 local function give_slots_back()
   for j = 5, first - 1, 2 do
@@ -76,7 +76,7 @@ local function give_slots_back()
   end
 end
 local function seen()
-  if KEYS[10] then redis.call('SET', KEYS[10], '1', 'PX', keep_ms) end
+  if KEYS[11] then redis.call('SET', KEYS[11], '1', 'PX', keep_ms) end
 end
 
 if first > last then  -- slots only (or nothing): no snapshot needed
@@ -178,7 +178,7 @@ local function cumulative(meter, amount)
   local over = allocate(takes, KEYS[2], KEYS[3], cycle_day, meter, amount,
                         meter == 'calls' and held_by_leases() or nil)
   for _, tk in ipairs(takes) do redis.call('HINCRBY', tk[1], tk[2], tk[3]) end
-  count_day(KEYS[2], meter, amount, TODAY)
+  count_day(KEYS[10], meter, amount, TODAY)
   if alert_on(takes, KEYS[2], KEYS[7], KEYS[8], cycle_day, now_ms) > 0 then
     flags = flags + 16
   end
@@ -208,7 +208,7 @@ local function refund(meter, amount, at)
     if p.meter == meter and p.from <= TODAY and TODAY < p.to then give(KEYS[3], p.id) end
   end
   if amount > 0 then give(KEYS[2], cycle_day .. ':' .. meter) end
-  count_day(KEYS[2], meter, amount - asked, TODAY)
+  count_day(KEYS[10], meter, amount - asked, TODAY)
 end
 
 for i = first, last, 2 do
