@@ -28,9 +28,9 @@ shrink to their fair part at their own renewal: within a period or two the split
 Reply: {code, flags, share, granted, qps_limit, quota, remaining, reset_ms, window_s, until_ms,
         used_up, bandwidth, qps_by, capped}
   code     0 leased; 3 isolated, 4 unknown/released (an "end" or "recover" commits the
-           count all the same: a file's environment removed keeps its usage), 5 not started, 7 not leasable now
-           (shadow or off mode; a local-day or cycle boundary closer than the lease; the
-           quota near its end): no next period — what the lease held stays held until the
+           count all the same: a file's environment removed keeps its usage), 5 not
+           started, 7 not leasable now (shadow or off mode; a local-day or cycle boundary
+           closer than the lease; the quota near its end): no next period — what the lease held stays held until the
            instance sends "end" with its last count, and decides per request from then; 8
            ended ("end" and "recover")
   flags    2 pay-as-you-go written, 4 a database promo makes database and realtime requests
