@@ -194,7 +194,7 @@ class HotEnv:
     )
 
     def __init__(self, env: str, lease_id: int, record: int, journal: mmap.mmap,
-                 since_ms: int = 0):
+                 since_ms: int):
         self.env = env
         #: When (the limiter's clock, epoch ms) this instance began leasing it: calls charged
         #: before that were decided by the store, and a refund of them goes there.
@@ -298,9 +298,9 @@ class Hot:
 
     def __init__(self, calls: ScriptCalls, instance: str, mode: Callable[[], str],
                  script_time: Callable[[], ScriptTime], on_events: Callable[[str], None],
-                 on_missing: Callable[[str], None], now_ms: Callable[[], int] | None = None):
+                 on_missing: Callable[[str], None], now_ms: Callable[[], int]):
         self.calls = calls
-        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.now_ms = now_ms
         self.instance = instance
         self.mode = mode
         self.script_time = script_time

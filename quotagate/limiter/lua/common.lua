@@ -362,6 +362,13 @@ end
 -- (the instance renewing now), and returns the live ones (instance -> record), their QPS
 -- shares' sum, what they reserve per field ("u<field>" / "p<pack id>"), and events written.
 -- `K`: decide.lua's KEYS (usage 3, packs 4, payg 5, alerts 8, events 9, hot 10, days 11).
+local function add_reserved(reserved, rec)  -- a lease record's reservations, added up
+  for _, tk in ipairs(rec.t) do
+    local k = tk[1] .. tk[2]
+    reserved[k] = (reserved[k] or 0) + tk[3]
+  end
+end
+
 local function hot_state(K, store_ms, now_ms, own)
   local all = redis.call('HGETALL', K[10])
   local live, share, reserved, events = {}, 0, {}, 0
@@ -374,10 +381,7 @@ local function hot_state(K, store_ms, now_ms, own)
       else
         live[f] = rec
         share = share + rec.s
-        for _, tk in ipairs(rec.t) do
-          local k = tk[1] .. tk[2]
-          reserved[k] = (reserved[k] or 0) + tk[3]
-        end
+        add_reserved(reserved, rec)
       end
     end
   end

@@ -163,12 +163,7 @@ local function held_by_leases()
   reserved = {}
   local all = redis.call('HGETALL', KEYS[9])
   for i = 1, #all, 2 do
-    if string.sub(all[i], 1, 2) ~= 'x:' then
-      for _, tk in ipairs(cjson.decode(all[i + 1]).t) do
-        local k = tk[1] .. tk[2]
-        reserved[k] = (reserved[k] or 0) + tk[3]
-      end
-    end
+    if string.sub(all[i], 1, 2) ~= 'x:' then add_reserved(reserved, cjson.decode(all[i + 1])) end
   end
   return reserved
 end
