@@ -140,7 +140,8 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     """The day's counts (the usage report's chart): every call charged counts on its local
     day, from the plan and beyond (overage on); a refund takes off its day's; ingested usage
     counts under its meter; refusals and free requests count nothing; a day's first charge
-    forgets the days older than 31 (a cycle's first day is at most 30 days back)."""
+    finding more than 96 days kept forgets those older than 31 (a cycle's first day is at
+    most 30 days back), and only then (most first charges cost no walk of the hash)."""
     config = write_config(tmp_path, {"shop": env(limits={"calls": 3, "qps": 1_000_000},
                                                  overage=True),
                                      "stop": env(limits={"calls": 2, "qps": 1_000_000})})
@@ -149,7 +150,7 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     day26 = day_number(__import__("datetime").date(2026, 11, 26))
     await redis_client.hset(keys.days("shop"), mapping={  # days long gone, and one not yet
         f"{day26 - 300}:calls": 9, f"{day26 - 32}:calls": 8, f"{day26 - 31}:calls": 7,
-        f"{day26 - 31}:gbs": 6})
+        f"{day26 - 31}:gbs": 6, **{f"{day26 - 32 - n}:gbs": n for n in range(100)}})
     for _ in range(5):
         assert (await lim.decide("shop", "function", 1)).admitted
     assert (await lim.decide("shop", "ai", 50)).admitted
@@ -163,7 +164,8 @@ async def test_each_day_counts_what_it_used(tmp_path: Path, make_limiter, redis_
     await lim.close()
     days = {k.decode(): int(v) for k, v in (await redis_client.hgetall(keys.days("shop"))).items()}
     assert days == {f"{day26}:calls": 5, f"{day26}:ai_tokens": 1234,
-                    f"{day26 + 1}:calls": 2, f"{day26 - 31}:gbs": 6}
+                    f"{day26 + 1}:calls": 2, f"{day26 - 31}:calls": 7,
+                    f"{day26 - 31}:gbs": 6}
     assert await redis_client.hgetall(keys.days("stop")) == {f"{day26 + 1}:calls".encode(): b"2"}
     # Kept 40 days from its last day of use: an environment no longer used loses them.
     assert 39 * 86_400_000 < await redis_client.pttl(keys.days("shop")) <= 40 * 86_400_000

@@ -103,21 +103,24 @@ end
 
 -- Per local day, what each cumulative meter charged (plan, packs and beyond: the day's use),
 -- in the environment's days hash as "<local day>:<meter>" (the console's chart; the usage
--- report's "days"). A day's first charge of a meter forgets that meter's days older than
--- DAY_KEEP (a cycle has at most 31 days: all of the current one is kept) and keeps the hash
--- DAYS_TTL_MS from then: an environment no longer used loses them by itself.
+-- report's "days"). A day's first charge of a meter keeps the hash DAYS_TTL_MS from then (an
+-- environment no longer used loses it by itself) and, once the hash holds more than
+-- DAYS_MAX fields, forgets the days older than DAY_KEEP (a cycle has at most 31 days: all of
+-- the current one is kept). Most first charges of a day cost HLEN and PEXPIRE only.
 local DAY_KEEP = 31
-local DAY_FORGET = 400  -- how far back a day's first charge looks for days to forget
+local DAYS_MAX = 96
 local DAYS_TTL_MS = 40 * 86400000
 local function count_day(days_key, meter, n, day)
   if n == 0 then return end
-  local suffix = ':' .. meter
-  if redis.call('HINCRBY', days_key, day .. suffix, n) == n and n > 0 then
-    local old = {}
-    for d = day - DAY_FORGET, day - DAY_KEEP - 1 do old[#old + 1] = d .. suffix end
-    redis.call('HDEL', days_key, unpack(old))
-    redis.call('PEXPIRE', days_key, DAYS_TTL_MS)
+  if redis.call('HINCRBY', days_key, day .. ':' .. meter, n) ~= n or n < 0 then return end
+  redis.call('PEXPIRE', days_key, DAYS_TTL_MS)
+  if redis.call('HLEN', days_key) <= DAYS_MAX then return end
+  local old = {}
+  for _, f in ipairs(redis.call('HKEYS', days_key)) do
+    local d = tonumber(string.match(f, '^(%d+):'))
+    if d and d < day - DAY_KEEP then old[#old + 1] = f end
   end
+  if #old > 0 then redis.call('HDEL', days_key, unpack(old)) end
 end
 
 -- A gauge meter (capacity_bytes): what plan quota + valid packs leave above the last reported
