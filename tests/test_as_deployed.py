@@ -239,6 +239,36 @@ async def test_renewal_counts_from_the_original_expiry_and_not_once_released(
     assert await deployed.get(url, "late") == [404]
 
 
+async def test_a_released_environments_tenant_token_stops_working(deployed: Deployed,
+                                                                 webhook: Webhook):
+    """An environment token made with the CLI reads its environment until the environment
+    is released on the real clock; then it is refused, also once the same id is made again
+    (another tenant's), and the token listing shows no token of it."""
+    deployed.put_env("tenancy", env_yaml(plan="standard"))
+    made = deployed.json("token", "create", "tenancy owner", "--role", "env",
+                         "--env", "tenancy")
+    assert made["role"] == "env" and made["env"] == "tenancy"
+
+    async def reads(path: str) -> int:
+        async with aiohttp.ClientSession() as s, s.get(
+                f"http://127.0.0.1:{deployed.admin}/admin/v1{path}",
+                headers={"Authorization": f"Bearer {made['token']}"}) as r:
+            await r.read()
+            return r.status
+
+    assert await reads("/envs/tenancy/usage") == 200
+    assert await reads("/me") == 200
+    # Lapsed 16 days ago: the next lifecycle round releases it and revokes its token.
+    deployed.put_env("tenancy", env_yaml(plan="standard", anchor=-90, expires=-16))
+    await webhook.wait_for("tenancy", "environment-released")
+    assert await reads("/me") == 401
+    deployed.put_env("tenancy", env_yaml(plan="standard"))  # the id, made again
+    assert await reads("/envs/tenancy/usage") == 401
+    listed = deployed.json("token", "list")["tokens"]
+    assert made["id"] not in [t["id"] for t in listed]
+    assert f"environment tokens {made['id']} are revoked" in deployed.log_text()
+
+
 async def test_rate_limit_headers_count_to_the_real_reset(deployed: Deployed):
     deployed.put_env("hdr", env_yaml(plan="standard"))
     async with aiohttp.ClientSession() as s, s.get(
