@@ -1,5 +1,6 @@
 """Parse one environments file in a child process (``python -m quotagate.settings.child
-FILE``), for ``load.EnvSources``: a big file's parse peaks at several times the size of what
+FILE``, its bytes on stdin: the very bytes the parent read and split into blocks), for
+``load.EnvSources``: a big file's parse peaks at several times the size of what
 it yields (10^5 environments: ~630 MB for a 55 MB config), and the memory a process frees is
 not given back to the system, so a gateway that parsed it itself would keep that RSS for
 good; its CPU would also compete with the event loop for the interpreter lock. The child
@@ -23,7 +24,7 @@ CHUNK = 1000
 
 def main(argv: list[str]) -> int:
     (name,) = argv
-    envs, issues = read_yaml(Path(name), EnvironmentsFile)
+    envs, issues = read_yaml(Path(name), EnvironmentsFile, sys.stdin.buffer.read())
     chunks: list[bytes] = []
     digest = b""
     if envs is not None and not issues:

@@ -236,9 +236,11 @@ def parse_yaml(path: Path, kind: type[T]) -> T:
     return value
 
 
-def read_yaml(path: Path, kind: type[T]) -> tuple[T | None, list[ConfigIssue]]:
-    """One YAML file converted to ``kind`` as far as it goes, and every issue found."""
-    raw, issues = _read_raw(path)
+def read_yaml(path: Path, kind: type[T], data: bytes | None = None
+              ) -> tuple[T | None, list[ConfigIssue]]:
+    """One YAML file converted to ``kind`` as far as it goes, and every issue found.
+    ``data``: its bytes, read already (then the file itself is not read)."""
+    raw, issues = _read_raw(path, data)
     if raw is None:
         return None, issues
     try:
@@ -279,12 +281,13 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_raw(path: Path) -> tuple[dict | None, list[ConfigIssue]]:
+def _read_raw(path: Path, data: bytes | None = None) -> tuple[dict | None, list[ConfigIssue]]:
     """One YAML file's top-level mapping as parsed (a ``.json`` file's as JSON: a key given
-    twice is refused there too), or the issue that it is not one."""
+    twice is refused there too), or the issue that it is not one. ``data``: its bytes, read
+    already."""
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = (path.read_bytes() if data is None else data).decode("utf-8")
     except OSError as exc:
         return None, [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")]
     except UnicodeDecodeError as exc:
@@ -577,8 +580,11 @@ class EnvFile:
     #: Read within ``RACY_NS`` of its last change: a write in the same clock tick would leave
     #: the stat as it was, so the next load compares its content (as git treats such files).
     racy: bool = False
-    #: SHA-256 of its bytes, taken before it was parsed.
+    #: SHA-256 of the bytes parsed.
     content: bytes = b""
+    #: Its environments' blocks of text (``split_blocks``) as id -> hash, when its layout
+    #: allows a reload to parse only the blocks that changed (None: parsed whole).
+    blocks: dict[str, int] | None = None
 
 
 class ChildReply(msgspec.Struct):
@@ -592,15 +598,16 @@ class ChildReply(msgspec.Struct):
     digest: bytes
 
 
-def _parse_elsewhere(path: Path, key: tuple[int, int, int, int, int]) -> EnvFile | None:
-    """``path`` parsed by ``python -m quotagate.settings.child`` and handed back a thousand
-    environments at a time: the parse's peak memory and CPU stay in the child. None (parse it
-    here) if the child could not do it."""
+def _parse_elsewhere(path: Path, key: tuple[int, int, int, int, int], data: bytes
+                     ) -> EnvFile | None:
+    """``data`` (the bytes of ``path``) parsed by ``python -m quotagate.settings.child`` and
+    handed back a thousand environments at a time: the parse's peak memory and CPU stay in
+    the child. None (parse it here) if the child could not do it."""
     try:
         # -I: nothing from the working directory or PYTHON* variables comes into the child.
         out = subprocess.run([sys.executable, "-I", "-m", "quotagate.settings.child", str(path)],
                              capture_output=True, timeout=PARSE_ELSEWHERE_TIMEOUT_S,
-                             check=False, stdin=subprocess.DEVNULL)
+                             check=False, input=data)
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("%s: parsed here, the child process could not (%s)", path, exc)
         return None
@@ -621,13 +628,45 @@ def _parse_elsewhere(path: Path, key: tuple[int, int, int, int, int]) -> EnvFile
     return EnvFile(key, EnvironmentsFile(environments=envs), [], reply.digest, elsewhere=True)
 
 
-def _content_hash(path: Path) -> bytes:
-    """SHA-256 of the file's bytes (empty: it could not be read)."""
-    try:
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").digest()
-    except OSError:
-        return b""
+#: A file's block of environments starts at a line ``environments:`` (after comments and
+#: blank lines only: nothing else at the top level).
+_ENVS_HEAD = re.compile(rb"(?:[ \t]*(?:#[^\r\n]*)?\r?\n)*environments:[ \t]*(?:#[^\r\n]*)?\r?\n")
+#: A line of the block at an indentation of at most n (``%d``), not blank nor a comment:
+#: an environment's first line — its id (as ``ENV_ID`` has it, unquoted) and a colon, at
+#: exactly n (group 1) — or anything else (no group: a layout that is not split).
+_SHALLOW = (rb"^(?: {%d}([a-z0-9][a-z0-9-]{0,62}):(?=[ \t\r\n]|$)"
+            rb"| {0,%d}(?=[^ \r\n#]))")
+#: A reparse of changed blocks only goes up to this many (more: the whole file, elsewhere).
+REPARSE_MAX_BLOCKS = 2000
+
+
+def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
+    """A YAML environments file laid out as operators write it — ``environments:`` and under
+    it, each at one indentation, an unquoted id opening the block of its environment — as id
+    -> (hash of the block's bytes, start, end), in file order. None for anything else (flow
+    style, anchors and aliases, tags, other top-level keys, an id given twice, tabs): those
+    files are parsed whole every time. A block runs from its id's line to the next id's line:
+    its value and the comments after it. (The hash is Python's, keyed per process: a block
+    is compared only with the one this process read before.)"""
+    head = _ENVS_HEAD.match(data)
+    if head is None or b"&" in data or b"*" in data or b"!" in data:
+        return None  # (anchors, aliases and tags could tie one block to another)
+    start = head.end()
+    first = re.compile(rb"^( *)(?=[^ \r\n#])", re.M).search(data, start)
+    if first is None:
+        return {} if not data[start:].strip(b" \t\r\n") else None
+    n = len(first.group(1))
+    if n == 0:
+        return None
+    marks = [(m.start(), m.group(1))
+             for m in re.compile(_SHALLOW % (n, n), re.M).finditer(data, start)]
+    if any(key is None for _, key in marks):
+        return None  # another top-level key, a bad indentation, a quoted id: parsed whole
+    ends = [at for at, _ in marks[1:]]
+    ends.append(len(data))
+    blocks = {key.decode(): (hash(data[at:end]), at, end)
+              for (at, key), end in zip(marks, ends, strict=True)}
+    return blocks if len(blocks) == len(marks) else None  # (an id given twice)
 
 
 class EnvSources:
@@ -642,6 +681,8 @@ class EnvSources:
         self.files: dict[str, EnvFile] = {}
         #: Files parsed by the last load (the others were taken as they were).
         self.parsed: list[str] = []
+        #: Of those, the files of which only the changed blocks were parsed -> how many.
+        self.reparsed: dict[str, int] = {}
 
     def read(self, path: Path) -> EnvFile:
         """The file as parsed, from the last load if its stat is unchanged. Only a file that
@@ -656,27 +697,29 @@ class EnvSources:
                            [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")])
         key = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_dev)
         hit = self.files.get(name)
-        content = b""
-        if hit is not None and hit.stat == key:
-            if not hit.racy:
-                return hit
-            content = _content_hash(path)
-            if content and content == hit.content:
-                hit.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
-                return hit
-        # (Hashed and read after the stat: a write meanwhile shows at the next load.)
-        content = content or _content_hash(path)
-        child = _parse_elsewhere(path, key) if st.st_size >= PARSE_ELSEWHERE_BYTES else None
-        if child is not None:
-            entry = child
-        else:
-            envs, issues = read_yaml(path, EnvironmentsFile)
-            entry = EnvFile(key, None if issues else envs, issues)
-            if entry.envs is not None:
-                try:
-                    entry.digest = environments_digest(entry.envs.environments)
-                except (UnicodeEncodeError, msgspec.EncodeError) as exc:
-                    entry = EnvFile(key, None, [ConfigIssue(name, "$", f"invalid text: {exc}")])
+        if hit is not None and hit.stat == key and not hit.racy:
+            return hit
+        # (Read after the stat: a write meanwhile shows at the next load.)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self.files.pop(name, None)
+            return EnvFile(key, None, [ConfigIssue(name, "$", f"cannot read: {exc.strerror}")])
+        content = hashlib.sha256(data).digest()
+        if hit is not None and content == hit.content:
+            hit.stat = key  # (the same bytes: a touch, or a racy read compared again)
+            hit.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
+            return hit
+        blocks = split_blocks(data) if path.suffix != ".json" else None
+        entry = None
+        if blocks is not None and hit is not None:
+            entry = self._reparse(name, key, data, hit, blocks)
+        if entry is None:
+            entry = self._parse(path, key, data, st.st_size)
+            if (blocks is not None and entry.envs is not None
+                    and list(blocks) == list(entry.envs.environments)):
+                # (keyed by the environments' own id strings: not a second copy of each)
+                entry.blocks = {env_id: blocks[env_id][0] for env_id in entry.envs.environments}
         entry.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
         entry.content = content
         self.parsed.append(name)
@@ -684,6 +727,70 @@ class EnvSources:
             self.files.pop(name, None)
         else:
             self.files[name] = entry
+        return entry
+
+    @staticmethod
+    def _parse(path: Path, key: tuple[int, int, int, int, int], data: bytes, size: int
+               ) -> EnvFile:
+        """The whole file parsed: by a child process when it is big."""
+        name = str(path)
+        child = _parse_elsewhere(path, key, data) if size >= PARSE_ELSEWHERE_BYTES else None
+        if child is not None:
+            return child
+        envs, issues = read_yaml(path, EnvironmentsFile, data)
+        entry = EnvFile(key, None if issues else envs, issues)
+        if entry.envs is not None:
+            try:
+                entry.digest = environments_digest(entry.envs.environments)
+            except (UnicodeEncodeError, msgspec.EncodeError) as exc:
+                entry = EnvFile(key, None, [ConfigIssue(name, "$", f"invalid text: {exc}")])
+        return entry
+
+    def _reparse(self, name: str, key: tuple[int, int, int, int, int], data: bytes,
+                 last: EnvFile, blocks: dict[str, tuple[int, int, int]]) -> EnvFile | None:
+        """The file as ``last`` with only the blocks that changed parsed (an edit of one
+        environment in a file of 10^5 costs that environment, not the file): the others are
+        the very objects parsed before. None — parse it whole — unless the changed blocks,
+        parsed alone, are valid and hold exactly the ids that open them (a whole parse
+        then names any issue where the file has it)."""
+        if last.blocks is None or last.envs is None:
+            return None
+        changed = [(env_id, start, end) for env_id, (h, start, end) in blocks.items()
+                   if last.blocks.get(env_id) != h]
+        if len(changed) > REPARSE_MAX_BLOCKS:
+            return None
+        got = EnvironmentsFile()
+        if changed:
+            try:
+                text = "environments:\n" + "".join(data[start:end].decode("utf-8")
+                                                     for _, start, end in changed)
+                with gc_paused():
+                    raw = _load(text)
+            except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+                    AttributeError, RecursionError):
+                return None
+            if (not isinstance(raw, dict) or list(raw) != ["environments"]
+                    or not isinstance(raw["environments"], dict)
+                    or list(raw["environments"]) != [env_id for env_id, _, _ in changed]):
+                return None
+            converted, issues = convert_all(raw, EnvironmentsFile, name)
+            if issues or converted is None:
+                return None
+            got = converted
+        before, now = last.envs.environments, got.environments
+        envs = {env_id: now[env_id] if env_id in now else before[env_id] for env_id in blocks}
+        entry = EnvFile(key, EnvironmentsFile(environments=envs), [])
+        try:
+            entry.digest = environments_digest(envs)
+        except (UnicodeEncodeError, msgspec.EncodeError):
+            return None
+        entry.blocks = {env_id: blocks[env_id][0] for env_id in envs}
+        if last.checked is not None and not last.check_issues:
+            # Checked as before: only what changed is checked again (each environment's
+            # check reads that environment and the plans only).
+            entry.checked = last.checked
+            entry.check_issues = check_environments(got, last.checked, name)
+        self.reparsed[name] = len(changed)
         return entry
 
     def check(self, path: Path, entry: EnvFile, plans: PlansFile) -> list[ConfigIssue]:
@@ -1010,6 +1117,7 @@ def load_config(gateway_file: str | Path, sources: EnvSources | None = None) -> 
     parsed them (a reload's): those unchanged since are not parsed again."""
     sources = sources if sources is not None else EnvSources()
     sources.parsed = []
+    sources.reparsed = {}
     gw_path = Path(gateway_file)
     gw, issues = read_yaml(gw_path, GatewaySettings)
     if gw is None:

@@ -1,0 +1,177 @@
+"""One big environments file (issue 24, item 2): a reload parses only the blocks of the
+environments that changed (``split_blocks``), and what it yields is exactly what a whole
+parse of the file yields — the same environments in the same order, the same digest, the
+same issues — whatever the edit; anything it cannot split safely is parsed whole."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from quotagate.limiter.sync import file_digest
+from quotagate.settings import ConfigError, load_config
+from quotagate.settings.load import EnvSources, split_blocks
+from tests.helpers import env, write_config
+
+BLOCK = """  {id}:{note}
+    plan: {plan}
+    anchor: 2026-01-01
+    expires: 2027-01-01
+    overage: {overage}
+    limits:
+      calls: {calls}
+"""
+FLOW = "  {id}: {{plan: {plan}, anchor: 2026-01-01, expires: 2027-01-01, overage: {overage}, " \
+       "limits: {{calls: {calls}}}}}{note}\n"
+
+
+def block(env_id: str, calls: int, style: str = "block", plan: str = "standard",
+          overage: str = "false", note: str = "") -> str:
+    return (BLOCK if style == "block" else FLOW).format(
+        id=env_id, calls=calls, plan=plan, overage=overage, note=note)
+
+
+def write(path: Path, text: str) -> None:
+    """Written whole and moved in, dated a minute back (settled: see test_env_dir.put)."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text)
+    back = time.time() - 60 + random.random()
+    os.utime(tmp, (back, back))
+    os.replace(tmp, path)
+
+
+def whole(gateway: Path) -> tuple[object, list[object]]:
+    """What a first load (every file parsed whole) makes of the files as they are."""
+    try:
+        config = load_config(gateway, EnvSources())
+    except ConfigError as exc:
+        return None, exc.issues
+    return config, []
+
+
+def load(gateway: Path, sources: EnvSources) -> tuple[object, list[object]]:
+    try:
+        return load_config(gateway, sources), []
+    except ConfigError as exc:
+        return None, exc.issues
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Path:
+    write_config(tmp_path, {"main": env()})
+    return tmp_path / "gateway.yaml"
+
+
+def test_an_edit_parses_its_block_only_and_yields_the_whole_parse(gateway: Path) -> None:
+    path = gateway.parent / "environments.yaml"
+    ids = [f"shop-{i}" for i in range(300)]
+    head = "# the platform's environments\n\nenvironments:   # one block each\n"
+    write(path, head + "".join(block(e, i + 1) for i, e in enumerate(ids)))
+    sources = EnvSources()
+    first = load_config(gateway, sources)
+    assert sources.files[str(path)].blocks is not None  # laid out as blocks
+    assert sources.reparsed == {}  # (the first load parses whole)
+
+    write(path, head + "".join(block(e, 999 if e == "shop-7" else i + 1)
+                               for i, e in enumerate(ids)))
+    changed = load_config(gateway, sources)
+    assert sources.reparsed == {str(path): 1}
+    got = changed.environments.environments
+    assert got["shop-7"].limits.calls == 999
+    # The others are the very objects parsed before.
+    assert got["shop-8"] is first.environments.environments["shop-8"]
+    expected, _ = whole(gateway)
+    assert list(got) == list(expected.environments.environments) == ids
+    assert changed.environments == expected.environments
+    assert file_digest(changed) == file_digest(expected)
+
+
+def test_random_edits_yield_what_a_whole_parse_yields(gateway: Path) -> None:
+    """Seeded random edits — values, styles, comments, ids added, removed and moved, invalid
+    values, layouts that cannot be split (anchors, another top-level key, quoted ids, an id
+    given twice, tabs) — each loaded after the last by one EnvSources and compared with a
+    first load of the same file: the same environments in the same order, digest and
+    issues."""
+    rng = random.Random(24)
+    path = gateway.parent / "environments.yaml"
+    rows: list[dict[str, object]] = [
+        {"id": f"e{i}", "calls": i + 1, "style": rng.choice(["block", "flow"]), "note": ""}
+        for i in range(40)]
+    sources = EnvSources()
+    kinds: dict[str, int] = {}
+    reparsed = 0
+    for step in range(120):
+        kind = rng.choice(["value", "value", "style", "comment", "add", "remove", "move",
+                           "invalid", "unsplittable", "fixed"])
+        kinds[kind] = kinds.get(kind, 0) + 1
+        extra = ""
+        row = rng.choice(rows)
+        if kind == "value":
+            row["calls"] = rng.randrange(1, 10**6)
+        elif kind == "style":
+            row["style"] = "flow" if row["style"] == "block" else "block"
+        elif kind == "comment":
+            row["note"] = f"  # note {step}"
+        elif kind == "add":
+            rows.insert(rng.randrange(len(rows) + 1),
+                        {"id": f"n{step}", "calls": step + 1, "style": "block", "note": ""})
+        elif kind == "remove" and len(rows) > 5:
+            rows.remove(row)
+        elif kind == "move":
+            rows.remove(row)
+            rows.insert(rng.randrange(len(rows) + 1), row)
+        elif kind == "invalid":
+            row["calls"] = "many"
+        text = "environments:\n" + "".join(
+            block(str(r["id"]), r["calls"], str(r["style"]), note=str(r["note"]))
+            for r in rows)
+        if kind == "unsplittable":
+            extra = rng.choice([
+                "  anchored: &shared {plan: standard, anchor: 2026-01-01, "
+                "expires: 2027-01-01}\n  aliased: *shared\n",
+                '  "quoted-id": {plan: standard, anchor: 2026-01-01, expires: 2027-01-01}\n',
+                f"  {rows[0]['id']}: {{plan: standard, anchor: 2026-01-01, "
+                "expires: 2027-01-01}\n",  # given twice
+                "\tbad-tab: {plan: standard}\n",
+                "other: 1\n"])
+            assert split_blocks((text + extra).encode()) is None
+        if kind == "fixed":
+            for r in rows:
+                if not isinstance(r["calls"], int):
+                    r["calls"] = 5
+            text = "environments:\n" + "".join(
+                block(str(r["id"]), r["calls"], str(r["style"]), note=str(r["note"]))
+                for r in rows)
+        write(path, text + extra)
+        got, got_issues = load(gateway, sources)
+        reparsed += bool(sources.reparsed)
+        expected, issues = whole(gateway)
+        assert [(i.path, i.reason) for i in got_issues] == [
+            (i.path, i.reason) for i in issues], (step, kind)
+        if expected is None:
+            continue
+        assert got is not None
+        assert list(got.environments.environments) == list(expected.environments.environments)
+        assert got.environments == expected.environments, (step, kind)
+        assert file_digest(got) == file_digest(expected), (step, kind)
+    assert reparsed > 25 and all(kinds.get(k) for k in ("unsplittable", "invalid", "move"))
+
+
+def test_a_changed_block_that_does_not_parse_alone_is_parsed_whole(gateway: Path) -> None:
+    """A flow mapping continued on a line at the ids' indentation, or a block left broken:
+    the whole parse is the one that speaks, with the line of the file."""
+    path = gateway.parent / "environments.yaml"
+    rows = "".join(block(f"e{i}", i + 1) for i in range(10))
+    write(path, "environments:\n" + rows)
+    sources = EnvSources()
+    load_config(gateway, sources)
+    write(path, "environments:\n" + rows + "  late: {plan: standard,\n")
+    _, issues = load(gateway, sources)
+    assert sources.reparsed == {}
+    _, expected = whole(gateway)
+    assert issues == expected and "invalid YAML" in issues[0].reason
+    assert issues[0].path.startswith("line ")
