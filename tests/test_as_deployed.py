@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from decimal import Decimal
 
@@ -267,6 +268,13 @@ async def test_a_released_environments_tenant_token_stops_working(deployed: Depl
     listed = deployed.json("token", "list")["tokens"]
     assert made["id"] not in [t["id"] for t in listed]
     assert f"environment tokens {made['id']} are revoked" in deployed.log_text()
+    # The audit trail has the token's creation and its revocation, found by the environment.
+    trail = deployed.cli("audit", "--env", "tenancy", "--json")
+    rows = [json.loads(line) for line in trail.stdout.splitlines()]
+    assert [(r["action"], r["actor"]) for r in rows if "token" in r["action"]] == [
+        ("revoke_token", "lifecycle"), ("create_token", "admin-token")]
+    [revoked] = [r for r in rows if r["action"] == "revoke_token"]
+    assert f"token {made['id']} (tenancy owner) revoked" in revoked["body"]
 
 
 async def test_rate_limit_headers_count_to_the_real_reset(deployed: Deployed):

@@ -156,6 +156,19 @@ async def test_a_config_reload_is_recorded_once_across_instances(tmp_path, make_
     assert [e["id"] for e in await entries(admin, "?env=mall")] == [
         e["id"] for e in await entries(admin, "?action=config_reload")]  # in each of the three
 
+    # gateway.yaml alone changed (no environment): recorded too, once, naming the file.
+    for gw in (one, other):
+        runtime = gw.app[STATE].runtime
+        path = runtime.config.files[0]
+        data = yaml.safe_load(path.read_text())
+        data["on_store_failure"] = "closed"
+        path.write_text(yaml.safe_dump(data))
+        assert await runtime.reload("test")
+    newest = (await entries(admin, "?action=config_reload"))[0]
+    assert len(await entries(admin, "?action=config_reload")) == 4
+    assert newest["body"] == "test; gateway.yaml changed; 0 written, 0 removed"
+    assert newest["envs_count"] == 0
+
 
 async def test_an_environments_events_through_the_api(make_gateway, admin_for, store):
     """GET /envs/{env}/events: its own events only, newest first, paged — a quota alert its
@@ -190,3 +203,30 @@ async def test_an_environments_events_through_the_api(make_gateway, admin_for, s
     assert (await admin.get("/admin/v1/envs/mall/events", headers=mine)).status == 403
     bad = await admin.get("/admin/v1/envs/shop/events?cursor=x", headers=AUTH)
     await assert_problem(bad, 400)
+
+
+async def test_a_change_is_found_by_the_environments_its_body_names(make_gateway, admin_for):
+    """A token made for an environment, a usage batch, an import: the environments named in
+    the body, not the path, find the entry (``?env=``); one named is its ``env``, several its
+    ``envs`` with their count."""
+    admin = await admin_for(await make_gateway({}))
+    for env_id in ("shop", "mall"):
+        assert (await admin.put(f"/admin/v1/envs/{env_id}", json=api_env(),
+                                headers=AUTH)).status == 200
+    made = await admin.post("/admin/v1/tokens", json={"name": "owner", "role": "env",
+                                                      "env": "shop"}, headers=AUTH)
+    assert made.status == 201
+    token = await made.json()
+    assert (await admin.delete(f"/admin/v1/tokens/{token['id']}", headers=AUTH)).status == 200
+    batch = {"records": [{"id": f"r-{env_id}", "env": env_id, "meter": "ai_tokens",
+                          "amount": 5} for env_id in ("shop", "mall")]}
+    assert (await admin.post("/admin/v1/usage", json=batch, headers=AUTH)).status == 200
+    assert [e["action"] for e in await entries(admin, "?env=shop")] == [
+        "ingest_usage", "revoke_token", "create_token", "put_env"]
+    assert [e["action"] for e in await entries(admin, "?env=mall")] == [
+        "ingest_usage", "put_env"]
+    [ingested] = await entries(admin, "?action=ingest_usage")
+    assert ingested["env"] == "" and ingested["envs"] == "shop mall"
+    assert ingested["envs_count"] == 2
+    [created] = await entries(admin, "?action=create_token")
+    assert created["env"] == "shop" and "envs" not in created

@@ -304,6 +304,7 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
         rows = [json.loads(line) for line in out.stdout.splitlines()]
         assert [(r["action"], r["actor"], r["status"]) for r in rows] == [
             ("buy_pack", billing["id"], 201), ("buy_pack", viewer["id"], 403),
+            ("create_token", "admin-token", 201),  # (the tenant's: shop in its body)
             ("put_env", "admin-token", 200)]
         assert all(abs(r["at_ms"] - now_ms) < 600_000 for r in rows)
         out = cli(admin, "audit", "--by", viewer["id"])  # what the viewer's token did
@@ -313,6 +314,23 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
         assert [json.loads(line)["path"] for line in out.stdout.splitlines()] == [
             f"/admin/v1/tokens/{viewer['id']}"]
         assert cli(admin, "audit", token=tenant["token"]).returncode == 1  # not a tenant's
+
+        # A reload that changes gateway.yaml only is recorded too, naming the file.
+        gateway = yaml.safe_load((tmp_path / "gateway.yaml").read_text())
+        assert gateway.get("on_store_failure", "open") == "open"
+        gateway["on_store_failure"] = "closed"
+        (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        reloads: list[dict] = []
+        while not reloads and time.monotonic() < deadline:
+            out = cli(admin, "audit", "--action", "config_reload", "--json")
+            reloads = [r for r in map(json.loads, out.stdout.splitlines())
+                       if "gateway.yaml changed" in r["body"]]
+            await asyncio.sleep(0.1)
+        [reload] = reloads
+        assert reload["actor"] == "config" and reload["envs_count"] == 0
+        assert reload["body"].startswith("SIGHUP; gateway.yaml changed;"), reload
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)

@@ -7,6 +7,7 @@ agree with those configs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,13 @@ def test_the_configs_load_as_serve_loads_them(tmp_path: Path) -> None:
         assert token["valueFrom"]["secretKeyRef"]["name"] == "quotagate-admin"
         data = next(m for m in container["volumeMounts"] if m["name"] == "data")
         assert gw.store.data_dir == data["mountPath"]  # the journal on a writable volume
+        # The grace period outlasts preStop's wait and both drains (admin and plugin
+        # listeners, then the public one), with 5 s for the write-back: never killed
+        # mid-drain.
+        pre_stop = " ".join(container["lifecycle"]["preStop"]["exec"]["command"])
+        waits = float(re.findall(r"\d+(?:\.\d+)?", pre_stop)[-1])
+        grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= waits + 2 * gw.drain_timeout_ms / 1000 + 5, workload["metadata"]
 
 
 def test_a_disruption_budget_and_a_store() -> None:

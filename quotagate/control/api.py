@@ -228,12 +228,18 @@ async def _record(request: web.Request, who: Principal, route: Any,
         stop_if_cancelling(exc)
         body = (f"(unreadable, {type(exc).__name__}: {request.content_length or '?'} bytes "
                 f"of {request.content_type})")
-    await request.app[AUDIT].record({
+    named = request.get(AUDIT_ENVS, [])
+    env = request.match_info.get("env", "") or (named[0] if len(named) == 1 else "")
+    fields = {
         "actor": who.id, "actor_name": who.name, "role": who.role,
         "action": getattr(route.handler, "__name__", "?"),
         "method": request.method, "path": _redacted(request.path),
-        "env": request.match_info.get("env", ""), "body": body,
-        "status": str(response.status), "request_id": request_id})
+        "env": env, "body": body,
+        "status": str(response.status), "request_id": request_id}
+    if len(named) > 1:
+        fields["envs"] = " ".join(named[:audit.MAX_ENVS])
+        fields["envs_count"] = str(len(named))
+    await request.app[AUDIT].record(fields)
 
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -247,6 +253,9 @@ def _redacted(text: str) -> str:
 
 #: What an audit entry keeps of a body another handler read as a stream (NDJSON imports).
 AUDIT_BODY = web.RequestKey("quotagate_audit_body", str)
+#: The environments a change names elsewhere than in its path (a token's, a batch's): its
+#: audit entry is found by each (``GET /audit?env=``).
+AUDIT_ENVS = web.RequestKey("quotagate_audit_envs", list)
 
 
 async def _audit_body(request: web.Request) -> str:
@@ -578,6 +587,7 @@ async def import_envs(request: web.Request) -> web.Response:
             refuse(number, env_id, str(exc))
             continue
         items.append((env_id, line.environment))
+    request[AUDIT_ENVS] = [env_id for env_id, _ in items]
     if bad:
         raise Invalid(f"{bad} of {lines} lines refused; nothing was written",
                       issues=issues, refused=bad)
@@ -848,6 +858,7 @@ async def ingest_usage(request: web.Request) -> web.Response:
                 bad("at: older than 30 days (ids are remembered 40 days)")
                 continue
         checked.append((rid, env_id, meter, amount, at_ms))
+    request[AUDIT_ENVS] = list(dict.fromkeys(env_id for _, env_id, _, _, _ in checked))
     if problems:
         metrics.INGESTED_RECORDS.labels("invalid").inc(len(records))
         raise Invalid(f"{len(problems)} invalid record(s); nothing counted", issues=problems)
@@ -1012,6 +1023,8 @@ async def create_token(request: web.Request) -> web.Response:
     if unknown:
         raise Invalid(f"unknown fields: {', '.join(unknown)} (fields: name, role, env)")
     name, role, env = Tokens.check(body.get("name"), body.get("role"), body.get("env"))
+    if env is not None:
+        request[AUDIT_ENVS] = [env]
     if env is not None and not await request.app[ENVS].existing({env}):
         raise NotFound(f"no environment {env}")
     record, secret = await request.app[TOKENS].create(name, role, env)
@@ -1020,11 +1033,13 @@ async def create_token(request: web.Request) -> web.Response:
 
 async def rotate_token(request: web.Request) -> web.Response:
     record, secret = await request.app[TOKENS].rotate(request.match_info["token"])
+    request[AUDIT_ENVS] = [record.env] if record.env else []
     return web.json_response(_token_body(record, secret))
 
 
 async def revoke_token(request: web.Request) -> web.Response:
     record = await request.app[TOKENS].revoke(request.match_info["token"])
+    request[AUDIT_ENVS] = [record.env] if record.env else []
     return web.json_response({**_token_body(record), "revoked": True})
 
 

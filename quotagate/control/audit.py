@@ -6,10 +6,12 @@ instance. Entries older than ``audit_retention_days`` (gateway.yaml) are trimmed
 are added (``MINID ~``: whole stream nodes at a time, so a few may outlive it a little).
 
 Fields of an entry (all strings): ``actor`` (token id: ``admin-token`` for
-QUOTAGATE_ADMIN_TOKEN, ``config`` for a reload), ``actor_name``, ``role``, ``action`` (the
-route's handler: ``buy_pack``, ``change_plan``, …, or ``config_reload``), ``method``, ``path``,
-``env`` (the environment of the route, if any), ``envs`` (a reload: the environments it
-changed or removed, space-separated, at most ``MAX_ENVS``; ``envs_count``: how many in all),
+QUOTAGATE_ADMIN_TOKEN, ``config`` for a reload, ``lifecycle`` for the tokens of a released
+environment revoked), ``actor_name``, ``role``, ``action`` (the route's handler:
+``buy_pack``, ``change_plan``, …, or ``config_reload``), ``method``, ``path``, ``env`` (the
+environment of the route, or the one environment its body names: a token's, a batch's),
+``envs`` (a reload, an import or a usage batch naming several: the environments, space-separated,
+at most ``MAX_ENVS``; ``envs_count``: how many in all),
 ``body`` (the request's JSON, at most ``MAX_BODY`` characters; other bodies by size and
 type), ``status`` (the HTTP status answered), ``request_id``, ``instance``. Never a token's
 secret: requests carry none in their bodies, and answers are not recorded.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,15 +107,18 @@ class Audit:
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     async def record_reload(self, digest: str, why: str, changed: list[str],
-                            removed: list[str], everything: bool) -> str | None:
+                            removed: list[str], everything: bool,
+                            files: Sequence[str] = ()) -> str | None:
         """A config reload to the files of ``digest``, unless the last one recorded was to
-        those files (another instance applying the same change recorded it)."""
+        those files (another instance applying the same change recorded it). ``files``:
+        the config's files other than the environments' that changed."""
         envs = [*changed, *removed]
         fields = {"actor": "config", "actor_name": "config files", "role": "",
                   "action": "config_reload", "method": "", "path": "", "env": "",
                   "envs": " ".join(envs[:MAX_ENVS]), "envs_count": str(len(envs)),
-                  "body": (f"{why}; " + ("plans or time zone changed: every environment "
-                                         "written again; " if everything else "")
+                  "body": (f"{why}; " + "".join(f"{name} changed; " for name in files)
+                           + ("plans or time zone changed: every environment "
+                              "written again; " if everything else "")
                            + f"{len(changed)} written, {len(removed)} removed"),
                   "status": "200", "request_id": "", "instance": self.instance}
         args = [self._oldest_kept(),

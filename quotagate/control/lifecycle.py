@@ -42,6 +42,7 @@ from quotagate.billing import versions
 from quotagate.common import metrics
 from quotagate.common.aio import pause, stop_if_cancelling
 from quotagate.common.clock import Clock
+from quotagate.control.audit import Audit
 from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record, api_id_batches
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.events import emit as events_emit
@@ -165,7 +166,8 @@ def next_day(env: Environment, plans: PlansFile, today: dt.date) -> dt.date | No
 class Scheduler:
     def __init__(self, envs: Environments, clock: Clock, upstream_for: Any = None,
                  session: aiohttp.ClientSession | None = None, forward: Any = None,
-                 admit: Any = None, carry: Any = None, forward_soon: Any = None):
+                 admit: Any = None, carry: Any = None, forward_soon: Any = None,
+                 audit: Audit | None = None):
         self.envs = envs
         self.redis = envs.redis
         self.clock = clock
@@ -181,6 +183,8 @@ class Scheduler:
         #: Carries the capacity gauge into today's bill (a size kept for days is billed for
         #: each of them, not only on the days it was reported).
         self.carry = carry
+        #: Where the changes it makes to tokens are recorded (an environment released).
+        self.audit = audit
         self.events = 0
         self.replayed = 0
         self.dropped = 0
@@ -473,6 +477,12 @@ class Scheduler:
         if revoked:
             log.info("environment %s is released: its environment tokens %s are revoked",
                      env_id, ", ".join(t.id for t in revoked))
+        for token in revoked if self.audit is not None else ():
+            await self.audit.record({
+                "actor": "lifecycle", "actor_name": "lifecycle scheduler", "role": "",
+                "action": "revoke_token", "method": "", "path": "", "env": env_id,
+                "body": f"environment released: token {token.id} ({token.name}) revoked",
+                "status": "200", "request_id": ""})
         state = [k for k in (*keys.env_keys(env_id), keys.queue(env_id),
                              keys.queue(env_id) + ":bytes", keys.definition(env_id))
                  if k != keys.payg(env_id)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import time
@@ -67,7 +68,7 @@ LAG_LOG_S = 0.02
 LAG_LOG_EVERY_S = 10.0
 #: Settings a reload cannot change in a running process (logged when they differ).
 RESTART_ONLY = ("listen", "admin_listen", "store", "upstream", "leases", "events",
-                "lifecycle_interval_ms", "reload_poll_ms")
+                "lifecycle_interval_ms", "reload_poll_ms", "drain_timeout_ms")
 RESTART_ONLY_CLIENTS = ("header_timeout_ms", "max_connections", "authz_max_connections",
                         "grpc_max_connections", "admin_max_connections", "grpc_idle_timeout_ms")
 
@@ -130,6 +131,9 @@ class ReloadChange:
     digest: str
     #: Environments the file declares now and did not before.
     added: list[str]
+    #: Which of the config's other files changed what they say: "gateway.yaml",
+    #: "plans.yaml" (as the config names them).
+    files: list[str] = field(default_factory=list)
 
 
 def prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
@@ -158,8 +162,11 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
     removed = [env_id for env_id in old if env_id not in new]
     config.modes, config.versioned  # noqa: B018 (derived here, not on the event loop)
     added = [env_id for env_id in changed if env_id not in old]
+    files = [path.name for path, differs in (
+        (config.files[0], config.gateway != current.gateway),
+        (config.files[1], config.plans != current.plans)) if differs]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
-                                file_digest(config), added)
+                                file_digest(config), added, files)
 
 
 def _broken_records(records: dict[str, Environment], config: Config) -> list[str]:
@@ -294,10 +301,13 @@ class Runtime:
                     self.synced = False
                     self._sync_soon()
             metrics.RELOADS.labels("success").inc()
-            if change.blobs or change.removed:  # (once across instances: by the files' digest)
-                await self.audit.record_reload(change.digest, why,
-                                               list(change.blobs), change.removed,
-                                               change.everything)
+            if change.blobs or change.removed or change.files:
+                # (once across instances: by the digest of what the files say)
+                said = hashlib.sha256(change.digest.encode()
+                                      + msgspec.json.encode(config.gateway)).hexdigest()
+                await self.audit.record_reload(said, why, list(change.blobs),
+                                               change.removed, change.everything,
+                                               change.files)
             parsed = config.sources.parsed if config.sources is not None else []
             log.info("config reloaded (%s): %d routes, %d environments (%s; %d environments "
                      "file%s parsed)", why, len(new.routes), len(config.environments.environments),
@@ -593,7 +603,7 @@ class Runtime:
             Environments(self.redis, lambda: self.config, self.limiter.clock),  # type: ignore[arg-type]
             self.limiter.clock, upstream_base, session,
             forward=self.limiter.forward_events, admit=admit, carry=self.carry_capacity,
-            forward_soon=self.limiter.forward_events_soon)
+            forward_soon=self.limiter.forward_events_soon, audit=self.audit)
         tasks.append(loop.create_task(self._once_synced(self._recover_journals)))
         if gw.lifecycle_interval_ms:
             # Not before the clock is sampled: its dates are the store's.

@@ -109,7 +109,8 @@ async def run_gateway(
         ("authz", gw.authz_listen), ("grpc", gw.authz.grpc_listen), ("admin", admin)) if on])
     listeners = {name: Listener(name, cap) for name, cap in caps.items()}
     app = init_app(config, store_url)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    drain = gw.drain_timeout_ms / 1000
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=drain,
                            **SERVER_KWARGS, **server_kwargs(gw.clients))
     await runner.setup()
     assert runner.server is not None
@@ -131,7 +132,7 @@ async def run_gateway(
         await _listen(runner, gw.listen, "listen", reuse_port=reuse_port, backlog=2048)
         if gw.authz_listen:  # plugin mode: the decision service, on the proxy's state
             authz_runner = web.ServerRunner(authz_server(app[STATE], tickets),
-                                            handle_signals=False)
+                                            handle_signals=False, shutdown_timeout=drain)
             await authz_runner.setup()
             assert authz_runner.server is not None
             ConnectionCap(authz_runner.server, listeners["authz"])
@@ -150,7 +151,7 @@ async def run_gateway(
         if admin:
             admin_runner = web.AppRunner(
                 init_admin_app(app[STATE].runtime, registry), access_log=None,
-                handle_signals=False, **server_kwargs(gw.clients))
+                handle_signals=False, shutdown_timeout=drain, **server_kwargs(gw.clients))
             await admin_runner.setup()
             assert admin_runner.server is not None
             ConnectionCap(admin_runner.server, listeners["admin"])
@@ -183,11 +184,16 @@ async def run_gateway(
     try:
         await stop.wait()
     finally:
-        log.info("stopping gateway pid %d", os.getpid())
+        log.info("stopping gateway pid %d: no new connections; requests in flight get up to "
+                 "%.1f s (drain_timeout_ms)", os.getpid(), drain)
+        runners = [r for r in (runner, admin_runner, authz_runner) if r is not None]
+        for each in runners:  # every listener stops accepting at once
+            for site in list(each.sites):
+                await site.stop()
         await _close_grpc(grpc)
-        for extra in (admin_runner, authz_runner):
-            if extra is not None:
-                await extra.cleanup()
+        # The admin and plugin listeners drain together, then the public one (whose
+        # cleanup stops the store client they use).
+        await asyncio.gather(*(r.cleanup() for r in runners[1:]))
         await runner.cleanup()
 
 

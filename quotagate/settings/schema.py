@@ -325,6 +325,10 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
     #: Reload when a config file changes, checked this often; 0: only on SIGHUP.
     reload_poll_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
+    #: At SIGTERM, requests in flight get this long to finish (the listeners stop accepting
+    #: at once); then their connections are closed. Per listener group: the admin and
+    #: plugin listeners drain together, then the public one.
+    drain_timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=600_000)] = 15_000
     #: Audit entries (admin changes, reloads) are kept this many days in the store.
     audit_retention_days: Annotated[int, msgspec.Meta(ge=1, le=3650)] = 90
     routes: tuple[Route, ...] = ()
