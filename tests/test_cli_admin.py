@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -334,3 +335,68 @@ async def test_scoped_tokens_through_the_cli(tmp_path: Path, valkey_url: str, up
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
+
+
+@pytest.mark.deployed
+async def test_tokens_declared_in_a_file(tmp_path: Path, valkey_url: str, upstream):
+    """``tokens_file`` (a Kubernetes Secret's tokens.yaml) against `quotagate serve`: a
+    viewer given as its token and an environment token given as id and SHA-256 both work with
+    their roles; the listing shows them as the file's (never a secret); the API will not
+    rotate or revoke them (409); a token taken out of the file stops at the next reload, which
+    the audit names; a broken file is refused and the last good tokens stay."""
+    _, admin = stage_gateway(tmp_path, valkey_url, upstream.port)
+    anchor = dt.datetime.now(zoneinfo.ZoneInfo("Asia/Shanghai")).date().replace(day=1)
+    (tmp_path / "environments.yaml").write_text(yaml.safe_dump({"environments": {
+        name: {"plan": "standard", "anchor": anchor.isoformat(),
+               "expires": (anchor + dt.timedelta(days=400)).isoformat()}
+        for name in ("shop", "mall")}}))
+    viewer, tenant = "qg_5eed0001_" + "v" * 43, "qg_5eed0002_" + "t" * 43
+    tokens = [{"name": "support desk", "role": "viewer", "token": viewer},
+              {"name": "shop's owner", "role": "env", "env": "shop", "id": "5eed0002",
+               "sha256": hashlib.sha256(tenant.encode()).hexdigest()}]
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_text(yaml.safe_dump({"tokens": tokens}))
+    gateway = yaml.safe_load((tmp_path / "gateway.yaml").read_text())
+    gateway["tokens_file"] = "tokens.yaml"
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(gateway))
+    proc = subprocess.Popen([*QUOTAGATE, "serve", "--config", str(tmp_path / "gateway.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "QUOTAGATE_ADMIN_TOKEN": TOKEN})
+    try:
+        await wait_ready(admin, proc)
+        out = cli(admin, "whoami", token=viewer)
+        assert out.returncode == 0 and "support desk" in out.stdout and "viewer" in out.stdout
+        refused = cli(admin, "pack", "buy", "shop", "calls-10m", token=viewer)
+        assert refused.returncode == 1 and "refused (403)" in refused.stderr
+        assert cli(admin, "env", "usage", "shop", token=tenant).returncode == 0
+        other = cli(admin, "env", "usage", "mall", token=tenant)
+        assert other.returncode == 1 and "refused (403)" in other.stderr
+
+        listed = cli(admin, "token", "list", "--json")
+        got = json.loads(listed.stdout)["tokens"]
+        assert [(t["id"], t["role"], t["env"], t["source"]) for t in got] == [
+            ("5eed0001", "viewer", None, "file"), ("5eed0002", "env", "shop", "file")]
+        assert viewer not in listed.stdout and tenant not in listed.stdout
+        refused = cli(admin, "token", "revoke", "5eed0001")
+        assert refused.returncode == 1 and "(409)" in refused.stderr
+        assert "declared in tokens_file" in refused.stderr
+        assert cli(admin, "whoami", token=viewer).returncode == 0  # still there
+
+        tokens_file.write_text(yaml.safe_dump({"tokens": tokens[1:]}))  # the viewer out
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while cli(admin, "whoami", token=viewer).returncode == 0:
+            assert time.monotonic() < deadline, "the viewer's token still works"
+            await asyncio.sleep(0.1)
+        out = cli(admin, "audit", "--action", "config_reload", "--json")
+        assert any("tokens.yaml changed" in json.loads(line)["body"]
+                   for line in out.stdout.splitlines()), out.stdout
+
+        tokens_file.write_text("tokens:\n  - {name: x, role: boss, token: nope}\n")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.5)
+        assert cli(admin, "env", "usage", "shop", token=tenant).returncode == 0  # kept
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert "tokens.yaml: $.tokens[0].role" in err and "last good config stays" in err

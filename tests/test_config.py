@@ -396,3 +396,46 @@ def test_a_tag_pyyaml_cannot_build_is_an_issue_not_a_crash(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "cannot build a value" in out.stdout + out.stderr, out
     assert "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_tokens_file_with_mistakes_is_refused_naming_each(tmp_path: Path) -> None:
+    """tokens_file: every mistake named by its entry, nothing taken; a good file yields the
+    tokens by id, role and digest, never keeping a token itself."""
+    import hashlib
+
+    from tests.helpers import write_config
+
+    good = "qg_0a0b0c0d_" + "x" * 43
+    (tmp_path / "tokens.yaml").write_text("tokens: []\n")
+    write_config(tmp_path, {}, tokens_file="tokens.yaml")
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
+        {"name": "ok", "role": "viewer", "token": good},
+        {"name": "both", "role": "viewer", "token": good, "sha256": "0" * 64},
+        {"name": "neither", "role": "billing"},
+        {"name": "tenant", "role": "env", "id": "0000bbbb", "sha256": "c" * 64},
+        {"name": "admin with env", "role": "admin", "env": "shop", "id": "0000aaaa",
+         "sha256": "a" * 64},
+        {"name": "bad digest", "role": "support", "id": "XYZ", "sha256": "abc"},
+        {"name": "again", "role": "support", "id": "0a0b0c0d", "sha256": "b" * 64},
+        {"name": "not a token", "role": "viewer", "token": "hunter2"}]}))
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "gateway.yaml")
+    assert [(i.path, i.reason.split(" (")[0].split(":")[0]) for i in info.value.issues] == [
+        ("$.tokens[1]", "give token, or id and sha256, not both"),
+        ("$.tokens[2]", "needs token, or id and sha256"),
+        ("$.tokens[3].env", "an env token needs env, an environment id"),
+        ("$.tokens[4].env", "only an env token has an env"),
+        ("$.tokens[5].id", "8 hex digits"),
+        ("$.tokens[5].sha256", "64 lowercase hex digits"),
+        ("$.tokens[6]", "the same id as $.tokens[0]"),
+        ("$.tokens[7].token", "not a token")]
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
+        {"name": "ok", "role": "viewer", "token": good},
+        {"name": "tenant", "role": "env", "env": "shop", "id": "0000aaaa",
+         "sha256": "a" * 64}]}))
+    config = load_config(tmp_path / "gateway.yaml")
+    assert [(t.id, t.role, t.env, t.digest) for t in config.tokens] == [
+        ("0a0b0c0d", "viewer", None, hashlib.sha256(good.encode()).hexdigest()),
+        ("0000aaaa", "env", "shop", "a" * 64)]
+    assert good not in repr(config.tokens)
+    assert tmp_path / "tokens.yaml" in config.files  # watched: a change is reloaded

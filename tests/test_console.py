@@ -285,9 +285,11 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
             return [...document.querySelectorAll('main tbody tr')].map(r =>
                 [...r.children].map(c => c.textContent));""")
         actions = [(r[3], r[5]) for r in rows]
-        assert actions[:6] == [("change_plan", "200"), ("change_gateway", "200"),
+        assert actions[:7] == [("change_plan", "200"), ("change_gateway", "200"),
                                ("buy_gateway", "201"), ("refund_pack", "409"),
-                               ("buy_pack", "201"), ("put_env", "200")]
+                               ("buy_pack", "201"),
+                               ("create_token", "201"),  # the tenant's, for shop
+                               ("put_env", "200")]
         assert all(r[1] == f"billing desk ({billing['id']})" for r in rows[:5])
         assert page.low_contrast() == []
         assert all(r[0].startswith(dt.datetime.now(dt.UTC).date().isoformat()[:7])

@@ -84,6 +84,22 @@ def test_the_configs_load_as_serve_loads_them(tmp_path: Path) -> None:
         for name, text in config_map["data"].items():
             (etc / name).write_text(text)
         (etc / "plans.yaml").write_text((ROOT / "config" / "plans.yaml").read_text())
+        # The Secrets it mounts, written out too; the config's paths into them follow.
+        secrets = {d["metadata"]["name"]: d for d in everything() if d["kind"] == "Secret"}
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        mounted: dict[str, Path] = {}
+        for mount in container["volumeMounts"]:
+            secret = volumes[mount["name"]].get("secret")
+            if secret is not None:
+                there = etc.parent / f"{etc.name}-{secret['secretName']}"
+                there.mkdir()
+                for name, text in secrets[secret["secretName"]]["stringData"].items():
+                    (there / name).write_text(text)
+                mounted[mount["mountPath"]] = there
+        for name, text in config_map["data"].items():
+            for inside, there in mounted.items():
+                text = text.replace(inside + "/", f"{there}/")
+            (etc / name).write_text(text)
         # What the container runs: its command, else the image's ENTRYPOINT, then its args
         # (Kubernetes appends args to the ENTRYPOINT).
         argv = [*(container.get("command") or ENTRYPOINT), *container.get("args", [])]
@@ -92,6 +108,8 @@ def test_the_configs_load_as_serve_loads_them(tmp_path: Path) -> None:
         assert Path(argv[3]).parent == Path(mount["mountPath"])
         config = load_config(str(etc / Path(argv[3]).name))
         gw = config.gateway
+        if gw.tokens_file:  # declared tokens: from a Secret mounted where it says
+            assert any(gw.tokens_file.startswith(f"{there}/") for there in mounted.values())
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert int(gw.listen.rsplit(":", 1)[1]) == ports["http"]
         admin_port = int(gw.admin_listen.rsplit(":", 1)[1])

@@ -115,6 +115,43 @@ async def test_transitions_once_each_across_schedulers(setup, store):
     assert sorted(t["env"] for t in listed["tokens"] if t["role"] == "env") == ["kept"]
 
 
+async def test_a_declared_token_of_a_released_environment_is_refused(make_gateway, admin_for,
+                                                                    tmp_path):
+    """tokens_file's environment token is refused once its environment is released (the file
+    is the operator's: it is not changed, the token's digest is remembered in the store),
+    while another environment's declared token still reads, by token or by id and digest."""
+    import hashlib
+
+    import yaml
+
+    shop, mall = "qg_0badcafe_" + "A" * 43, "qg_0000beef_" + "B" * 43
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump({"tokens": [
+        {"name": "shop's owner", "role": "env", "env": "shop", "token": shop},
+        {"name": "mall's owner", "role": "env", "env": "mall", "id": "0000beef",
+         "sha256": hashlib.sha256(mall.encode()).hexdigest()}]}))
+    clock = at("2026-12-01T00:00:00")  # shop expired 11-15: released from 11-30
+    gw = await make_gateway({}, clock=clock, lifecycle_interval_ms=0,
+                            tokens_file=str(tmp_path / "tokens.yaml"))
+    admin = await admin_for(gw, TOKEN)
+    for env_id, expires in (("shop", "2026-11-15"), ("mall", "2027-11-15")):
+        assert (await admin.put(f"/admin/v1/envs/{env_id}", headers=AUTH, json={
+            "plan": "personal", "anchor": "2026-01-01", "expires": expires})).status == 200
+
+    async def reads(token: str, env_id: str) -> int:
+        r = await admin.get(f"/admin/v1/envs/{env_id}/usage",
+                            headers={"Authorization": f"Bearer {token}"})
+        return r.status
+
+    assert await reads(shop, "shop") == 200 and await reads(mall, "mall") == 200
+    [sched] = schedulers(gw, clock, 1)
+    await sched.run_once()
+    await sched.run_once()
+    assert await reads(shop, "shop") == 401
+    assert await reads(mall, "mall") == 200
+    listed = await (await admin.get("/admin/v1/tokens", headers=AUTH)).json()
+    assert [(t["id"], t["source"]) for t in listed["tokens"]] == [("0000beef", "file")]
+
+
 async def test_plan_expiring_reminder_and_pack_used_up(setup, store):
     clock = at("2026-11-23T12:00:00")
     gw, admin = await setup(clock)

@@ -1138,7 +1138,7 @@ def install(app: web.Application, envs: Environments, limiter: Limiter,
     app[LIMITER] = limiter
     app[RENEWED] = on_renewed or (lambda env: None)
     app[TOKEN] = token if token is not None else os.environ.get(TOKEN_ENV, "")
-    app[TOKENS] = Tokens(envs.redis, envs.clock.now_ms)
+    app[TOKENS] = Tokens(envs.redis, envs.clock.now_ms, lambda: envs.config.tokens)
     app[AUDIT] = trail or audit.Audit(envs.redis, envs.clock.now_ms,
                                       lambda: envs.config.gateway.audit_retention_days,
                                       limiter.instance)

@@ -493,7 +493,7 @@ def bill(args: argparse.Namespace) -> None:
         print(f"total {data['total']} {data['currency']}")
 
 
-TOKEN_COLUMNS = ["id", "name", "role", "env", "created", "rotated"]
+TOKEN_COLUMNS = ["id", "name", "role", "env", "source", "created", "rotated"]
 
 
 def _when(ms: int | None) -> str:
@@ -503,7 +503,8 @@ def _when(ms: int | None) -> str:
 
 
 def _token_row(token: dict[str, Any]) -> dict[str, Any]:
-    return {**token, "env": token.get("env") or "", "created": _when(token["created_ms"]),
+    return {**token, "env": token.get("env") or "", "source": token.get("source", "api"),
+            "created": _when(token["created_ms"] or None),
             "rotated": _when(token.get("rotated_ms"))}
 
 

@@ -473,11 +473,14 @@ class Scheduler:
             return False
         # Its environment tokens first (an id used again later is another tenant's): should
         # the deletion below fail, the next round releases it again.
-        revoked = await Tokens(self.redis, self.clock.now_ms).revoke_env(env_id)
+        revoked = await Tokens(self.redis, self.clock.now_ms,
+                               lambda: self.envs.config.tokens).revoke_env(env_id)
         if revoked:
             log.info("environment %s is released: its environment tokens %s are revoked",
                      env_id, ", ".join(t.id for t in revoked))
-        for token in revoked if self.audit is not None else ():
+        for token in revoked:
+            if self.audit is None:
+                break
             await self.audit.record({
                 "actor": "lifecycle", "actor_name": "lifecycle scheduler", "role": "",
                 "action": "revoke_token", "method": "", "path": "", "env": env_id,

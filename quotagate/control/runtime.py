@@ -164,7 +164,9 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
     added = [env_id for env_id in changed if env_id not in old]
     files = [path.name for path, differs in (
         (config.files[0], config.gateway != current.gateway),
-        (config.files[1], config.plans != current.plans)) if differs]
+        (config.files[1], config.plans != current.plans),
+        (config.resolve(config.gateway.tokens_file), config.tokens != current.tokens))
+        if differs]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
                                 file_digest(config), added, files)
 

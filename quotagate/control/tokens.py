@@ -17,8 +17,11 @@ Roles, and what each grants (``GRANTS``; each route of ``/admin/v1`` needs one p
 - ``env``: an environment token, for a tenant: read its own environment only (its
   definition, usage, packs, promos, version, quotes and bills).
 
-``QUOTAGATE_ADMIN_TOKEN`` keeps working as ``admin`` (checked without the store). The
-others are looked up in the store on every request (two ``HGET``: by digest, then the
+``QUOTAGATE_ADMIN_TOKEN`` keeps working as ``admin`` (checked without the store). Tokens
+that ``tokens_file`` declares (a Kubernetes Secret, say: the token, or its id and SHA-256)
+are checked in memory, as the last config loaded has them (an ``env`` one also against the
+store's set of those whose environment was released: ``RELEASED``); the file is changed
+there, never through the API (409). The others are looked up in the store on every request (two ``HGET``: by digest, then the
 record by id): a token created, rotated or revoked on one instance is in effect on every
 instance at once.
 """
@@ -37,12 +40,17 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from quotagate.common.envids import ENV_ID
-from quotagate.control.envs import ControlError, Invalid, NotFound
+from quotagate.common.tokenshape import MAX_NAME, NAME, TOKEN
+from quotagate.control.envs import Conflict, ControlError, Invalid, NotFound
 from quotagate.limiter.keys import PREFIX
+from quotagate.settings.load import DeclaredTokenRecord
 
 #: Token records by id, and the same records by their secret's digest (one hash slot).
 RECORDS = f"{PREFIX}:{{tokens}}:records"
 DIGESTS = f"{PREFIX}:{{tokens}}:digests"
+#: Digests of tokens_file's environment tokens whose environment was released since: refused
+#: (the file is the operator's to change; another tenant may get the id again).
+RELEASED = f"{PREFIX}:{{tokens}}:released-declared"
 
 READ, SETTINGS, MONEY, ADMIN = "read", "settings", "money", "admin"
 PERMISSIONS = (READ, SETTINGS, MONEY, ADMIN)
@@ -58,9 +66,7 @@ ROLES = tuple(GRANTS)
 LEAST_ROLE = {READ: "viewer", SETTINGS: "support", MONEY: "billing", ADMIN: "admin"}
 #: Most tokens kept (a listing is one read).
 MAX_TOKENS = 10_000
-MAX_NAME = 64
-_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
-_TOKEN = re.compile(r"qg_([0-9a-f]{8})_[A-Za-z0-9_-]{43}")
+_NAME, _TOKEN = NAME, TOKEN
 
 
 class Token(msgspec.Struct, forbid_unknown_fields=True):
@@ -74,10 +80,14 @@ class Token(msgspec.Struct, forbid_unknown_fields=True):
     rotated_ms: int | None = None
     #: SHA-256 of its secret, hex (kept with the record by id only).
     digest: str = ""
+    #: "api": made through the admin API, kept in the store; "file": declared by
+    #: ``tokens_file`` (changed there only).
+    source: str = "api"
 
     def public(self) -> dict[str, object]:
         return {"id": self.id, "name": self.name, "role": self.role, "env": self.env,
-                "created_ms": self.created_ms, "rotated_ms": self.rotated_ms}
+                "created_ms": self.created_ms, "rotated_ms": self.rotated_ms,
+                "source": self.source}
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -107,16 +117,34 @@ def _secret(token_id: str) -> str:
 
 
 class Tokens:
-    def __init__(self, redis: Redis, now_ms: Callable[[], int]):
+    def __init__(self, redis: Redis, now_ms: Callable[[], int],
+                 declared: Callable[[], tuple[DeclaredTokenRecord, ...]] = tuple):
         self.redis = redis
         self.now_ms = now_ms
+        #: The tokens of ``tokens_file`` in the config in force.
+        self.declared = declared
+
+    def _declared(self) -> dict[str, Token]:
+        """tokens_file's tokens by digest, as records (created_ms 0: a file has no time)."""
+        return {t.digest: Token(t.id, t.name, t.role, t.env, 0, digest=t.digest,
+                                source="file") for t in self.declared()}
+
+    def _refuse_declared(self, token_id: str) -> None:
+        if any(t.id == token_id for t in self.declared()):
+            raise Conflict(f"token {token_id} is declared in tokens_file: change it there "
+                           "(a reload applies it)")
 
     async def identify(self, token: str) -> Principal | None:
-        """The token's principal, or None: not a token of this shape, or none the store has
-        (revoked, rotated, never made)."""
+        """The token's principal, or None: not a token of this shape, or none that
+        tokens_file declares or the store has (revoked, rotated, never made)."""
         if not _TOKEN.fullmatch(token):
             return None
         secret_digest = digest(token)
+        declared = self._declared().get(secret_digest)
+        if declared is not None:
+            if declared.role == "env" and await self.redis.sismember(RELEASED, secret_digest):
+                return None  # its environment was released since
+            return Principal(declared.id, declared.name, declared.role, declared.env)
         raw = await self.redis.hget(DIGESTS, secret_digest)
         if raw is None:
             return None
@@ -129,8 +157,14 @@ class Tokens:
         return Principal(record.id, record.name, record.role, record.env)
 
     async def list(self) -> list[Token]:
+        """tokens_file's (but those whose environment was released since), then the
+        store's."""
+        declared = list(self._declared().values())
+        released = await self.redis.smismember(RELEASED, [t.digest for t in declared]) \
+            if declared else []
         records = [_decode(raw) for raw in (await self.redis.hgetall(RECORDS)).values()]
-        return sorted(records, key=lambda t: (t.created_ms, t.id))
+        return [t for t, gone in zip(declared, released, strict=True) if not gone] + sorted(
+            records, key=lambda t: (t.created_ms, t.id))
 
     @staticmethod
     def check(name: object, role: object, env: object) -> tuple[str, str, str | None]:
@@ -155,6 +189,8 @@ class Tokens:
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:  # a new id, taken by nobody meanwhile (WATCH)
                 token_id = secrets.token_hex(4)
+                if any(t.id == token_id for t in self.declared()):
+                    continue
                 try:
                     await pipe.watch(RECORDS)
                     if await pipe.hexists(RECORDS, token_id):
@@ -171,12 +207,14 @@ class Tokens:
 
     async def rotate(self, token_id: str) -> tuple[Token, str]:
         """A new secret for the token (the old one stops working at once)."""
+        self._refuse_declared(token_id)
         secret = _secret(token_id)
         record = await self._change(token_id, secret)
         assert record is not None
         return record, secret
 
     async def revoke(self, token_id: str) -> Token:
+        self._refuse_declared(token_id)
         record = await self._change(token_id, None)
         assert record is not None
         return record
@@ -187,7 +225,10 @@ class Tokens:
         MAX_TOKENS, whatever the number of environments.)"""
         revoked: builtins.list[Token] = []
         for record in await self.list():
-            if record.role == "env" and record.env == env_id:
+            if record.role == "env" and record.env == env_id and record.source == "file":
+                await self.redis.sadd(RELEASED, record.digest)  # (the file is not changed)
+                revoked.append(record)
+            elif record.role == "env" and record.env == env_id:
                 try:
                     revoked.append(await self.revoke(record.id))
                 except NotFound:  # revoked meanwhile

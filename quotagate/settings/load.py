@@ -28,6 +28,7 @@ import yaml
 from quotagate.common.addresses import StoreAddress
 from quotagate.common.calendar import add_months_clamped
 from quotagate.common.envids import ENV_ID
+from quotagate.common.tokenshape import MAX_NAME, NAME, SHA256_HEX, TOKEN, TOKEN_ID
 from quotagate.settings.schema import (
     FUNCTION_NAME,
     GATEWAY_TERMS,
@@ -37,6 +38,7 @@ from quotagate.settings.schema import (
     GatewayGrant,
     GatewaySettings,
     PlansFile,
+    TokensFile,
 )
 
 T = TypeVar("T")
@@ -816,6 +818,74 @@ def environment_files(directory: Path) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class DeclaredTokenRecord:
+    """A token of ``tokens_file`` as the gateway keeps it: never the token itself."""
+
+    id: str
+    name: str
+    role: str
+    env: str | None
+    #: SHA-256 of the token, hex.
+    digest: str
+
+
+def check_tokens(declared: TokensFile, file: str
+                 ) -> tuple[tuple[DeclaredTokenRecord, ...], list[ConfigIssue]]:
+    """The tokens of ``tokens_file``, and every issue: a name, an environment, a token or
+    digest of the wrong shape, both or neither of them, an id or a token given twice."""
+    records: list[DeclaredTokenRecord] = []
+    issues: list[ConfigIssue] = []
+    ids: dict[str, int] = {}
+    digests: dict[str, int] = {}
+    for i, t in enumerate(declared.tokens):
+        where = f"$.tokens[{i}]"
+        found = len(issues)
+        if not NAME.fullmatch(t.name):
+            issues.append(ConfigIssue(file, f"{where}.name",
+                                      f"1 to {MAX_NAME} printable characters"))
+        if t.role == "env":
+            if t.env is None or not ENV_ID.fullmatch(t.env):
+                issues.append(ConfigIssue(file, f"{where}.env", "an env token needs env, an "
+                                          "environment id ([a-z0-9][a-z0-9-]{0,62})"))
+        elif t.env is not None:
+            issues.append(ConfigIssue(file, f"{where}.env",
+                                      f"only an env token has an env (this one is {t.role})"))
+        token_id, token_digest = t.id, t.sha256
+        if t.token is not None:
+            shape = TOKEN.fullmatch(t.token)
+            if t.sha256 is not None or (t.id is not None and shape is not None
+                                        and t.id != shape.group(1)):
+                issues.append(ConfigIssue(file, where, "give token, or id and sha256, not "
+                                          "both (the token names its id)"))
+            elif shape is None:
+                issues.append(ConfigIssue(file, f"{where}.token", "not a token: "
+                                          "qg_<8 hex digits>_<43 base64url characters> "
+                                          "(quotagate token create makes one)"))
+            else:
+                token_id = shape.group(1)
+                token_digest = hashlib.sha256(t.token.encode()).hexdigest()
+        elif t.id is None or t.sha256 is None:
+            issues.append(ConfigIssue(file, where, "needs token, or id and sha256 (the hex "
+                                      "SHA-256 of the token)"))
+        else:
+            if not TOKEN_ID.fullmatch(t.id):
+                issues.append(ConfigIssue(file, f"{where}.id", "8 hex digits (as in "
+                                          "qg_<id>_…)"))
+            if not SHA256_HEX.fullmatch(t.sha256):
+                issues.append(ConfigIssue(file, f"{where}.sha256",
+                                          "64 lowercase hex digits (sha256sum of the token)"))
+        if len(issues) > found or token_id is None or token_digest is None:
+            continue
+        for seen, value, what in ((ids, token_id, "id"), (digests, token_digest, "token")):
+            if value in seen:
+                issues.append(ConfigIssue(file, where, f"the same {what} as "
+                                          f"$.tokens[{seen[value]}]"))
+            seen.setdefault(value, i)
+        records.append(DeclaredTokenRecord(token_id, t.name, t.role, t.env, token_digest))
+    return tuple(records), issues
+
+
+@dataclass(frozen=True)
 class Config:
     """A validated, consistent set of the three files."""
 
@@ -829,6 +899,8 @@ class Config:
     #: SHA-256 of the environments, file by file (``environments_digest``); empty: not
     #: worked out (``sync.file_digest`` then hashes them itself).
     env_digest: bytes = b""
+    #: The admin API tokens ``tokens_file`` declares.
+    tokens: tuple[DeclaredTokenRecord, ...] = ()
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative)
@@ -1170,6 +1242,14 @@ def load_config(gateway_file: str | Path, sources: EnvSources | None = None) -> 
         else:
             issues.append(ConfigIssue(str(gw_path), "$.environments_dir",
                                       f"no such directory: {env_dir}"))
+    tokens: tuple[DeclaredTokenRecord, ...] = ()
+    tokens_path: Path | None = None
+    if gw.tokens_file and "$.tokens_file" not in broken:
+        tokens_path = base / gw.tokens_file
+        declared, token_issues = read_yaml(tokens_path, TokensFile)
+        if declared is not None and not token_issues:
+            tokens, token_issues = check_tokens(declared, str(tokens_path))
+        issues += token_issues
     entries = [(path, sources.read(path)) for path in env_paths]
     sources.keep_only(env_paths)
     for _, entry in entries:
@@ -1188,7 +1268,9 @@ def load_config(gateway_file: str | Path, sources: EnvSources | None = None) -> 
     for _, entry in entries:
         digest.update(entry.digest)
     return Config(gw, plans, envs, base, (gw_path, plans_path, envs_path, *watched,
-                                          *env_paths[1:]), sources, digest.digest())
+                                          *env_paths[1:],
+                                          *([tokens_path] if tokens_path else [])),
+                  sources, digest.digest(), tokens)
 
 
 def _merged(entries: list[tuple[Path, EnvFile]]) -> tuple[EnvironmentsFile, list[ConfigIssue]]:

@@ -325,6 +325,9 @@ class GatewaySettings(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=
     lifecycle_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 60_000
     #: Reload when a config file changes, checked this often; 0: only on SIGHUP.
     reload_poll_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 2_000
+    #: Admin API tokens declared in a file (a Kubernetes Secret, say): ``tokens.yaml``,
+    #: relative to gateway.yaml; "": none (docs/config.md, "tokens_file").
+    tokens_file: str = ""
     #: At SIGTERM, requests in flight get this long to finish (the listeners stop accepting
     #: at once); then their connections are closed. Per listener group: the admin and
     #: plugin listeners drain together, then the public one.
@@ -479,6 +482,23 @@ class Environment(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True
     #: The gateway version bought for this environment (SPEC §15); None: none (the plan's
     #: QPS, no bandwidth cap).
     gateway: GatewayGrant | None = None
+
+
+class DeclaredToken(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A token of ``tokens_file``: the token itself (``qg_<id>_<secret>``, hashed at load and
+    not kept), or its ``id`` and the SHA-256 of it (``sha256``, hex)."""
+
+    name: str
+    role: Literal["viewer", "support", "billing", "admin", "env"]
+    #: The environment an ``env`` token reads.
+    env: str | None = None
+    token: str | None = None
+    id: str | None = None
+    sha256: str | None = None
+
+
+class TokensFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    tokens: tuple[DeclaredToken, ...] = ()
 
 
 class EnvironmentsFile(_Strict, kw_only=True, frozen=True, forbid_unknown_fields=True):
