@@ -230,3 +230,26 @@ async def test_a_change_is_found_by_the_environments_its_body_names(make_gateway
     assert ingested["envs_count"] == 2
     [created] = await entries(admin, "?action=create_token")
     assert created["env"] == "shop" and "envs" not in created
+
+
+async def test_a_reload_of_the_tokens_file_alone_is_recorded(make_gateway, admin_for,
+                                                            tmp_path):
+    """A Secret's tokens changed, nothing else: recorded each time, after other reloads too
+    (what it is told apart by includes the declared tokens)."""
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens: []\n")
+    gw = await make_gateway({"shop": env()}, tokens_file=str(tokens))
+    admin = await admin_for(gw)
+    runtime = gw.app[STATE].runtime
+    data = yaml.safe_load(runtime.config.files[0].read_text())
+    data["on_store_failure"] = "closed"
+    runtime.config.files[0].write_text(yaml.safe_dump(data))
+    assert await runtime.reload("test")
+    for n in (1, 2):
+        tokens.write_text(yaml.safe_dump({"tokens": [
+            {"name": f"desk {i}", "role": "viewer", "id": f"0000000{i}", "sha256": f"{i}" * 64}
+            for i in range(n)]}))
+        assert await runtime.reload("test")
+    bodies = [e["body"] for e in await entries(admin, "?action=config_reload")]
+    assert bodies == ["test; tokens.yaml changed; 0 written, 0 removed"] * 2 + [
+        "test; gateway.yaml changed; 0 written, 0 removed"]

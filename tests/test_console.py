@@ -295,6 +295,15 @@ async def test_the_console_in_a_browser(tmp_path: Path, valkey_url: str, upstrea
         assert all(r[0].startswith(dt.datetime.now(dt.UTC).date().isoformat()[:7])
                    for r in rows[:5])  # the store's clock: this month, UTC
         page.shot("audit")
+        # The time range: from tomorrow (UTC) nothing yet; until tomorrow, the same rows.
+        tomorrow = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)).isoformat()
+        count = "return document.querySelectorAll('main tbody tr').length"
+        page.open(f"/audit?env=shop&since={tomorrow}", "Audit trail")
+        page.wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "main table")))
+        assert browser.find_element(By.CSS_SELECTOR, "main tbody").text == "(none)"
+        assert browser.find_element(By.NAME, "since").get_attribute("value") == tomorrow
+        page.open(f"/audit?env=shop&until={tomorrow}", "Audit trail")
+        page.wait.until(lambda d: d.execute_script(count) == len(rows))
 
         # A viewer reads, and is offered no purchase.
         page.sign_in(viewer["token"])

@@ -143,13 +143,27 @@ async def test_a_declared_token_of_a_released_environment_is_refused(make_gatewa
         return r.status
 
     assert await reads(shop, "shop") == 200 and await reads(mall, "mall") == 200
+    # A token of the API's for shop, whose id the file then declares too (a token moved
+    # into the Secret): the API's record is still the API's to revoke, and the release's.
+    made = await admin.post("/admin/v1/tokens", headers=AUTH, json={
+        "name": "shop's app", "role": "env", "env": "shop"})
+    by_api = await made.json()
+    declared = yaml.safe_load((tmp_path / "tokens.yaml").read_text())
+    declared["tokens"].append({"name": "moved", "role": "viewer", "id": by_api["id"],
+                               "sha256": hashlib.sha256(b"another").hexdigest()})
+    (tmp_path / "tokens.yaml").write_text(yaml.safe_dump(declared))
+    assert await gw.app[STATE].runtime.reload("test")
+    assert await reads(by_api["token"], "shop") == 200
     [sched] = schedulers(gw, clock, 1)
     await sched.run_once()
     await sched.run_once()
-    assert await reads(shop, "shop") == 401
+    assert await reads(shop, "shop") == 401 and await reads(by_api["token"], "shop") == 401
     assert await reads(mall, "mall") == 200
     listed = await (await admin.get("/admin/v1/tokens", headers=AUTH)).json()
-    assert [(t["id"], t["source"]) for t in listed["tokens"]] == [("0000beef", "file")]
+    assert [(t["id"], t["source"]) for t in listed["tokens"]] == [
+        ("0000beef", "file"), (by_api["id"], "file")]
+    gone = await admin.delete(f"/admin/v1/tokens/{by_api['id']}", headers=AUTH)
+    assert gone.status == 409  # only the file's is left: changed there
 
 
 async def test_plan_expiring_reminder_and_pack_used_up(setup, store):

@@ -175,3 +175,27 @@ def test_a_changed_block_that_does_not_parse_alone_is_parsed_whole(gateway: Path
     _, expected = whole(gateway)
     assert issues == expected and "invalid YAML" in issues[0].reason
     assert issues[0].path.startswith("line ")
+
+
+@pytest.mark.parametrize("hidden", ["\r", "\u2028", "\u0085"])
+def test_what_comes_before_the_first_id_and_other_line_breaks(gateway: Path,
+                                                               hidden: str) -> None:
+    """YAML ends a line at a lone CR, NEL, LS or PS too, and the text before the first id
+    belongs to no block: an environment hidden there, or a changed head, is parsed whole."""
+    path = gateway.parent / "environments.yaml"
+    rows = "".join(block(f"e{i}", i + 1) for i in range(5))
+    write(path, "environments:\n" + rows)
+    sources = EnvSources()
+    load_config(gateway, sources)
+    sneaked = ("environments:\n# note" + hidden
+               + "  z: {plan: standard, anchor: 2026-01-01, expires: 2027-01-01}\n" + rows)
+    write(path, sneaked)
+    got, got_issues = load(gateway, sources)
+    expected, issues = whole(gateway)
+    assert sources.reparsed == {}
+    assert got_issues == issues
+    if expected is not None:
+        assert list(got.environments.environments) == list(expected.environments.environments)
+    write(path, "# a comment on top\nenvironments:\n" + rows)
+    load(gateway, sources)
+    assert sources.reparsed == {}  # (the head changed: parsed whole)

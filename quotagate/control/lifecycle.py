@@ -46,7 +46,7 @@ from quotagate.control.audit import Audit
 from quotagate.control.envs import API_ENV_INDEX, ControlError, Environments, Record, api_id_batches
 from quotagate.control.envs import CLAIM_TTL_S as _CLAIM_TTL_S
 from quotagate.control.events import emit as events_emit
-from quotagate.control.tokens import Tokens
+from quotagate.control.tokens import Token, Tokens
 from quotagate.limiter import due, keys
 from quotagate.limiter.entitlements import ISOLATION_DAYS
 from quotagate.settings.schema import Environment, PackGrant, PlansFile
@@ -473,19 +473,19 @@ class Scheduler:
             return False
         # Its environment tokens first (an id used again later is another tenant's): should
         # the deletion below fail, the next round releases it again.
+        async def audited(token: Token) -> None:
+            if self.audit is not None:
+                await self.audit.record({
+                    "actor": "lifecycle", "actor_name": "lifecycle scheduler", "role": "",
+                    "action": "revoke_token", "method": "", "path": "", "env": env_id,
+                    "body": f"environment released: token {token.id} ({token.name}) revoked",
+                    "status": "200", "request_id": ""})
+
         revoked = await Tokens(self.redis, self.clock.now_ms,
-                               lambda: self.envs.config.tokens).revoke_env(env_id)
+                               lambda: self.envs.config.tokens).revoke_env(env_id, audited)
         if revoked:
             log.info("environment %s is released: its environment tokens %s are revoked",
                      env_id, ", ".join(t.id for t in revoked))
-        for token in revoked:
-            if self.audit is None:
-                break
-            await self.audit.record({
-                "actor": "lifecycle", "actor_name": "lifecycle scheduler", "role": "",
-                "action": "revoke_token", "method": "", "path": "", "env": env_id,
-                "body": f"environment released: token {token.id} ({token.name}) revoked",
-                "status": "200", "request_id": ""})
         state = [k for k in (*keys.env_keys(env_id), keys.queue(env_id),
                              keys.queue(env_id) + ":bytes", keys.definition(env_id))
                  if k != keys.payg(env_id)]

@@ -165,7 +165,8 @@ def _prepare_reload(path: Path, current: Config) -> tuple[Config, ReloadChange]:
     files = [path.name for path, differs in (
         (config.files[0], config.gateway != current.gateway),
         (config.files[1], config.plans != current.plans),
-        (config.resolve(config.gateway.tokens_file), config.tokens != current.tokens))
+        (Path(config.gateway.tokens_file or current.gateway.tokens_file),
+         config.tokens != current.tokens))
         if differs]
     return config, ReloadChange(everything, snapshots(config, changed), removed,
                                 file_digest(config), added, files)
@@ -306,7 +307,8 @@ class Runtime:
             if change.blobs or change.removed or change.files:
                 # (once across instances: by the digest of what the files say)
                 said = hashlib.sha256(change.digest.encode()
-                                      + msgspec.json.encode(config.gateway)).hexdigest()
+                                      + msgspec.json.encode(config.gateway)
+                                      + msgspec.json.encode(config.tokens)).hexdigest()
                 await self.audit.record_reload(said, why, list(change.blobs),
                                                change.removed, change.everything,
                                                change.files)

@@ -21,9 +21,9 @@ Roles, and what each grants (``GRANTS``; each route of ``/admin/v1`` needs one p
 that ``tokens_file`` declares (a Kubernetes Secret, say: the token, or its id and SHA-256)
 are checked in memory, as the last config loaded has them (an ``env`` one also against the
 store's set of those whose environment was released: ``RELEASED``); the file is changed
-there, never through the API (409). The others are looked up in the store on every request (two ``HGET``: by digest, then the
-record by id): a token created, rotated or revoked on one instance is in effect on every
-instance at once.
+there, never through the API (409). The others are looked up in the store on every request
+(two ``HGET``: by digest, then the record by id): a token created, rotated or revoked on one
+instance is in effect on every instance at once.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import builtins
 import hashlib
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from redis.asyncio import Redis
@@ -130,6 +130,7 @@ class Tokens:
                                 source="file") for t in self.declared()}
 
     def _refuse_declared(self, token_id: str) -> None:
+        """A token the store does not have but tokens_file declares: 409, not 404."""
         if any(t.id == token_id for t in self.declared()):
             raise Conflict(f"token {token_id} is declared in tokens_file: change it there "
                            "(a reload applies it)")
@@ -207,33 +208,48 @@ class Tokens:
 
     async def rotate(self, token_id: str) -> tuple[Token, str]:
         """A new secret for the token (the old one stops working at once)."""
-        self._refuse_declared(token_id)
         secret = _secret(token_id)
-        record = await self._change(token_id, secret)
+        try:
+            record = await self._change(token_id, secret)
+        except NotFound:
+            self._refuse_declared(token_id)
+            raise
         assert record is not None
         return record, secret
 
     async def revoke(self, token_id: str) -> Token:
-        self._refuse_declared(token_id)
-        record = await self._change(token_id, None)
+        try:
+            record = await self._change(token_id, None)
+        except NotFound:
+            self._refuse_declared(token_id)
+            raise
         assert record is not None
         return record
 
-    async def revoke_env(self, env_id: str) -> builtins.list[Token]:
+    async def revoke_env(self, env_id: str,
+                         revoked: Callable[[Token], Awaitable[None]] | None = None
+                         ) -> builtins.list[Token]:
         """Revoke every environment token of ``env_id``: its environment was released, and
-        an id used again later is another tenant's. (Reads the token records: at most
-        MAX_TOKENS, whatever the number of environments.)"""
-        revoked: builtins.list[Token] = []
+        an id used again later is another tenant's — the store's (deleted) and
+        tokens_file's (their digests kept in ``RELEASED``: the file is not changed). Each
+        revoked here (not meanwhile by another) is told to ``revoked`` as it goes. (Reads
+        the token records: at most MAX_TOKENS, whatever the number of environments.)"""
+        done: builtins.list[Token] = []
         for record in await self.list():
-            if record.role == "env" and record.env == env_id and record.source == "file":
-                await self.redis.sadd(RELEASED, record.digest)  # (the file is not changed)
-                revoked.append(record)
-            elif record.role == "env" and record.env == env_id:
+            if record.role != "env" or record.env != env_id:
+                continue
+            if record.source == "file":
+                if not await self.redis.sadd(RELEASED, record.digest):
+                    continue  # another scheduler's
+            else:
                 try:
-                    revoked.append(await self.revoke(record.id))
+                    record = await self._change(record.id, None) or record
                 except NotFound:  # revoked meanwhile
                     continue
-        return revoked
+            done.append(record)
+            if revoked is not None:
+                await revoked(record)
+        return done
 
     @staticmethod
     def _queue_write(pipe: Pipeline, record: Token, secret: str,

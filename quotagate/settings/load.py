@@ -638,6 +638,8 @@ _ENVS_HEAD = re.compile(rb"(?:[ \t]*(?:#[^\r\n]*)?\r?\n)*environments:[ \t]*(?:#
 #: exactly n (group 1) — or anything else (no group: a layout that is not split).
 _SHALLOW = (rb"^(?: {%d}([a-z0-9][a-z0-9-]{0,62}):(?=[ \t\r\n]|$)"
             rb"| {0,%d}(?=[^ \r\n#]))")
+#: Line breaks other than ``\n`` that YAML honours: a lone CR, NEL, LS, PS.
+_OTHER_BREAKS = re.compile(rb"\r(?!\n)|\xc2\x85|\xe2\x80[\xa8\xa9]")
 #: A reparse of changed blocks only goes up to this many (more: the whole file, elsewhere).
 REPARSE_MAX_BLOCKS = 2000
 
@@ -645,7 +647,8 @@ REPARSE_MAX_BLOCKS = 2000
 def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
     """A YAML environments file laid out as operators write it — ``environments:`` and under
     it, each at one indentation, an unquoted id opening the block of its environment — as id
-    -> (hash of the block's bytes, start, end), in file order. None for anything else (flow
+    -> (hash of the block's bytes, start, end), in file order, after "" for the text before
+    the first id. None for anything else (flow
     style, anchors and aliases, tags, other top-level keys, an id given twice, tabs): those
     files are parsed whole every time. A block runs from its id's line to the next id's line:
     its value and the comments after it. (The hash is Python's, keyed per process: a block
@@ -653,22 +656,28 @@ def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
     head = _ENVS_HEAD.match(data)
     if head is None or b"&" in data or b"*" in data or b"!" in data:
         return None  # (anchors, aliases and tags could tie one block to another)
+    if _OTHER_BREAKS.search(data):
+        return None  # (line breaks YAML sees and this split would not)
     start = head.end()
     first = re.compile(rb"^( *)(?=[^ \r\n#])", re.M).search(data, start)
     if first is None:
-        return {} if not data[start:].strip(b" \t\r\n") else None
+        return {"": (hash(data), 0, len(data))} if not data[start:].strip(b" \t\r\n") \
+            else None
     n = len(first.group(1))
     if n == 0:
         return None
     marks = [(m.start(), m.group(1))
              for m in re.compile(_SHALLOW % (n, n), re.M).finditer(data, start)]
-    if any(key is None for _, key in marks):
+    if not marks or any(key is None for _, key in marks):
         return None  # another top-level key, a bad indentation, a quoted id: parsed whole
     ends = [at for at, _ in marks[1:]]
     ends.append(len(data))
-    blocks = {key.decode(): (hash(data[at:end]), at, end)
-              for (at, key), end in zip(marks, ends, strict=True)}
-    return blocks if len(blocks) == len(marks) else None  # (an id given twice)
+    # "" (no id has it): what comes before the first id, which a reparse does not read —
+    # changed, the file is parsed whole.
+    blocks = {"": (hash(data[:marks[0][0]]), 0, marks[0][0])}
+    blocks.update((key.decode(), (hash(data[at:end]), at, end))
+                  for (at, key), end in zip(marks, ends, strict=True))
+    return blocks if len(blocks) == len(marks) + 1 else None  # (an id given twice)
 
 
 class EnvSources:
@@ -719,9 +728,10 @@ class EnvSources:
         if entry is None:
             entry = self._parse(path, key, data, st.st_size)
             if (blocks is not None and entry.envs is not None
-                    and list(blocks) == list(entry.envs.environments)):
+                    and list(blocks)[1:] == list(entry.envs.environments)):
                 # (keyed by the environments' own id strings: not a second copy of each)
-                entry.blocks = {env_id: blocks[env_id][0] for env_id in entry.envs.environments}
+                entry.blocks = {"": blocks[""][0], **{
+                    env_id: blocks[env_id][0] for env_id in entry.envs.environments}}
         entry.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
         entry.content = content
         self.parsed.append(name)
@@ -757,8 +767,10 @@ class EnvSources:
         then names any issue where the file has it)."""
         if last.blocks is None or last.envs is None:
             return None
+        if blocks[""][0] != last.blocks.get(""):
+            return None  # the text before the first id changed: parsed whole
         changed = [(env_id, start, end) for env_id, (h, start, end) in blocks.items()
-                   if last.blocks.get(env_id) != h]
+                   if env_id and last.blocks.get(env_id) != h]
         if len(changed) > REPARSE_MAX_BLOCKS:
             return None
         got = EnvironmentsFile()
@@ -780,13 +792,14 @@ class EnvSources:
                 return None
             got = converted
         before, now = last.envs.environments, got.environments
-        envs = {env_id: now[env_id] if env_id in now else before[env_id] for env_id in blocks}
+        envs = {env_id: now[env_id] if env_id in now else before[env_id]
+                for env_id in blocks if env_id}
         entry = EnvFile(key, EnvironmentsFile(environments=envs), [])
         try:
             entry.digest = environments_digest(envs)
         except (UnicodeEncodeError, msgspec.EncodeError):
             return None
-        entry.blocks = {env_id: blocks[env_id][0] for env_id in envs}
+        entry.blocks = {"": blocks[""][0], **{env_id: blocks[env_id][0] for env_id in envs}}
         if last.checked is not None and not last.check_issues:
             # Checked as before: only what changed is checked again (each environment's
             # check reads that environment and the plans only).

@@ -434,14 +434,18 @@ async function auditPage(main, params) {
   for (const [k, label] of [["env", "Environment"], ["token", "Token id"], ["action", "Action"]]) {
     inputs[k] = el("input", {name: k, value: params.get(k) || "", size: 16});
   }
+  for (const k of ["since", "until"]) {  // UTC days, as the API takes them
+    inputs[k] = el("input", {name: k, type: "date", value: params.get(k) || ""});
+  }
   main.append(el("form", {onsubmit: ev => { ev.preventDefault();
     const q = new URLSearchParams();
     for (const [k, i] of Object.entries(inputs)) if (i.value.trim()) q.set(k, i.value.trim());
     location.hash = `#/audit?${q}`; }},
     field("Environment", inputs.env), field("Token id", inputs.token),
-    field("Action", inputs.action), el("button", {type: "submit", class: "secondary",
-                                                  text: "Filter"})));
-  const q = pageQuery(params, ["env", "token", "action"]);
+    field("Action", inputs.action), field("From (UTC day)", inputs.since),
+    field("Until (UTC day, not included)", inputs.until),
+    el("button", {type: "submit", class: "secondary", text: "Filter"})));
+  const q = pageQuery(params, ["env", "token", "action", "since", "until"]);
   const page = await api("GET", `/audit?${q}&limit=50`);
   main.append(table([
     {title: "When (UTC)", key: "at"}, {title: "Who", cell: e => `${e.actor_name} (${e.actor})`},
