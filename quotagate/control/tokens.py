@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import re
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -40,7 +39,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from quotagate.common.envids import ENV_ID
-from quotagate.common.tokenshape import MAX_NAME, NAME, TOKEN
+from quotagate.common.tokenshape import MAX_NAME, NAME, TOKEN, TOKEN_ID
 from quotagate.control.envs import Conflict, ControlError, Invalid, NotFound
 from quotagate.limiter.keys import PREFIX
 from quotagate.settings.load import DeclaredTokenRecord
@@ -66,7 +65,6 @@ ROLES = tuple(GRANTS)
 LEAST_ROLE = {READ: "viewer", SETTINGS: "support", MONEY: "billing", ADMIN: "admin"}
 #: Most tokens kept (a listing is one read).
 MAX_TOKENS = 10_000
-_NAME, _TOKEN = NAME, TOKEN
 
 
 class Token(msgspec.Struct, forbid_unknown_fields=True):
@@ -123,22 +121,35 @@ class Tokens:
         self.now_ms = now_ms
         #: The tokens of ``tokens_file`` in the config in force.
         self.declared = declared
+        #: Those tokens as records by digest, made again only when a reload changed them.
+        self._seen: tuple[DeclaredTokenRecord, ...] | None = None
+        self._by_digest: dict[str, Token] = {}
+        self._ids: frozenset[str] = frozenset()
 
     def _declared(self) -> dict[str, Token]:
         """tokens_file's tokens by digest, as records (created_ms 0: a file has no time)."""
-        return {t.digest: Token(t.id, t.name, t.role, t.env, 0, digest=t.digest,
-                                source="file") for t in self.declared()}
+        now = self.declared()
+        if now is not self._seen:
+            self._by_digest = {t.digest: Token(t.id, t.name, t.role, t.env, 0, digest=t.digest,
+                                               source="file") for t in now}
+            self._ids = frozenset(t.id for t in now)
+            self._seen = now
+        return self._by_digest
+
+    def _declared_ids(self) -> frozenset[str]:
+        self._declared()
+        return self._ids
 
     def _refuse_declared(self, token_id: str) -> None:
         """A token the store does not have but tokens_file declares: 409, not 404."""
-        if any(t.id == token_id for t in self.declared()):
+        if token_id in self._declared_ids():
             raise Conflict(f"token {token_id} is declared in tokens_file: change it there "
                            "(a reload applies it)")
 
     async def identify(self, token: str) -> Principal | None:
         """The token's principal, or None: not a token of this shape, or none that
         tokens_file declares or the store has (revoked, rotated, never made)."""
-        if not _TOKEN.fullmatch(token):
+        if not TOKEN.fullmatch(token):
             return None
         secret_digest = digest(token)
         declared = self._declared().get(secret_digest)
@@ -169,7 +180,7 @@ class Tokens:
 
     @staticmethod
     def check(name: object, role: object, env: object) -> tuple[str, str, str | None]:
-        if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise Invalid(f"name must be 1 to {MAX_NAME} printable characters")
         if role not in GRANTS:
             raise Invalid(f"role must be one of: {', '.join(ROLES)}")
@@ -190,7 +201,7 @@ class Tokens:
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:  # a new id, taken by nobody meanwhile (WATCH)
                 token_id = secrets.token_hex(4)
-                if any(t.id == token_id for t in self.declared()):
+                if token_id in self._declared_ids():
                     continue
                 try:
                     await pipe.watch(RECORDS)
@@ -264,7 +275,7 @@ class Tokens:
     async def _change(self, token_id: str, secret: str | None) -> Token | None:
         """Rotate (a new ``secret``) or revoke (None) the token, against its record as read:
         a change of it meanwhile (WATCH) makes this read it again."""
-        if not re.fullmatch(r"[0-9a-f]{8}", token_id):
+        if not TOKEN_ID.fullmatch(token_id):
             raise NotFound(f"no token {token_id[:40]!r} (a token id is 8 hex digits)")
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
