@@ -45,6 +45,19 @@ def cases(env: str) -> dict[str, tuple[str, list[str], list[str]]]:
             "settle (slot back, GBs)": ("settle", keys.settle_keys(env), settle)}
 
 
+def write_environment(tmp: Path, url: str) -> None:
+    """The benchmark's environment (``ENV_OK``) written to the store at ``url``, as a start
+    of the gateway writes it (configs in ``tmp``)."""
+    config = load_config(str(write_configs(tmp, 1, url)["enforce"]))
+
+    async def sync() -> None:
+        client = aredis.Redis.from_url(url)
+        await sync_environments(client, config)
+        await client.aclose()
+
+    asyncio.run(sync())
+
+
 def measure(r: redis.Redis, command: str, name: str, script: str, names: list[str],
             args: list[str], calls: int) -> float:
     target = {"decide": DECIDE, "settle": SETTLE}[script]
@@ -73,14 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
     with store_beside("qg-store-cost-") as (tmp, valkey):
-        config = load_config(str(write_configs(tmp, 1, valkey.url)["enforce"]))
-
-        async def sync() -> None:
-            client = aredis.Redis.from_url(valkey.url)
-            await sync_environments(client, config)
-            await client.aclose()
-
-        asyncio.run(sync())
+        write_environment(tmp, valkey.url)
         r = redis.Redis.from_url(valkey.url)
         r.function_load(LIBRARY.decode(), replace=True)
         for loaded in (DECIDE, SETTLE):

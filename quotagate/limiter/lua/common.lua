@@ -179,7 +179,12 @@ end
 -- again at once. Two generations bound them: when the new one holds SNAP_MAX, it becomes the
 -- old one and the one before is dropped; an entry found in the old one moves to the new one.
 -- About 2 KB of Lua memory per entry (INFO memory: used_memory_vm_functions).
-local SNAP_MAX = 2000
+-- Kept small on purpose: the store steps Lua's collector every 50 calls, and each step walks
+-- live tables, so a big cache makes every call dearer. With 2 x 2,000 entries a decision cost
+-- the store ~25-30 us on one environment and ~45-49 us spread over 10^5; with 2 x 64, ~15 us
+-- and ~25 us (loadtests/spread_cost.py, docs/benchmarks.md): the hottest environments keep
+-- their decoded snapshot, the rest are decoded each call, which costs less than the walk.
+local SNAP_MAX = 64
 local snap_new, snap_old, snap_n = {}, {}, 0
 
 -- The decoded snapshot, or nil when there is none of this layout. Never modify it: it is
