@@ -330,3 +330,33 @@ async def test_a_lease_ended_after_its_environment_left_the_file_still_counts(
     # Told again (a retry, the journal): nothing more.
     await lease(lim, "end", 1, 300)
     assert (await used(redis_client), await _payg_calls(redis_client)) == (100, 200)
+
+
+async def test_the_first_lease_asks_for_the_rate_seen_before_it(tmp_path: Path, limiters,
+                                                               redis_client):
+    """An environment found hot asks in its first lease for the rate this instance saw of it
+    (x 1.25 headroom), not for a fixed multiple of ``hot_rate``: a fixed one squeezed the
+    others' shares when it was too much and starved a very hot one when it was too little."""
+    config = write_config(tmp_path, {"shop": env(limits={"calls": 10_000_000,
+                                                         "qps": 1_000_000})})
+    lim = await limiters(config)
+    lim.hot.rate = 10  # gateway.hot_rate: 10 requests/s (asked for before: 2 x 10 x 1.25)
+    asked: list[float] = []
+    lease = lim.hot._lease
+
+    async def recorded(h, want_qps: float) -> bool:  # what each lease call asks for
+        asked.append(want_qps)
+        return await lease(h, want_qps)
+
+    lim.hot._lease = recorded
+    for _ in range(3):  # 400 requests in each of three periods: far above 10/s
+        for _ in range(400):
+            lim.hot.note("shop")
+        await asyncio.sleep(hot_module.PERIOD_S)
+
+    async def leased() -> bool:
+        return await redis_client.hget(keys.hot("shop"), lim.instance) is not None
+
+    await until(leased)
+    # 400 in a period of 0.1 s is 4,000/s; a machine stalled 2 s in it still saw 200/s.
+    assert asked[0] >= 200 * hot_module.HEADROOM, asked

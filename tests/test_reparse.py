@@ -5,6 +5,7 @@ same issues — whatever the edit; anything it cannot split safely is parsed who
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from quotagate.limiter.sync import file_digest
 from quotagate.settings import ConfigError, load_config
-from quotagate.settings.load import EnvSources, split_blocks
+from quotagate.settings.load import EnvSources, split_blocks, split_json
 from tests.helpers import env, write_config
 
 BLOCK = """  {id}:{note}
@@ -58,6 +59,23 @@ def load(gateway: Path, sources: EnvSources) -> tuple[object, list[object]]:
         return load_config(gateway, sources), []
     except ConfigError as exc:
         return None, exc.issues
+
+
+def same_as_whole(gateway: Path, sources: EnvSources, where: object) -> bool:
+    """The files as they are, loaded by ``sources`` (after its earlier loads) and by a first
+    load: the same issues, environments in the same order, and digest. Whether ``sources``
+    parsed only changed blocks."""
+    got, got_issues = load(gateway, sources)
+    reparsed = bool(sources.reparsed)
+    expected, issues = whole(gateway)
+    assert [(i.path, i.reason) for i in got_issues] == [
+        (i.path, i.reason) for i in issues], where
+    if expected is not None:
+        assert got is not None
+        assert list(got.environments.environments) == list(expected.environments.environments)
+        assert got.environments == expected.environments, where
+        assert file_digest(got) == file_digest(expected), where
+    return reparsed
 
 
 @pytest.fixture
@@ -147,17 +165,7 @@ def test_random_edits_yield_what_a_whole_parse_yields(gateway: Path) -> None:
                 block(str(r["id"]), r["calls"], str(r["style"]), note=str(r["note"]))
                 for r in rows)
         write(path, text + extra)
-        got, got_issues = load(gateway, sources)
-        reparsed += bool(sources.reparsed)
-        expected, issues = whole(gateway)
-        assert [(i.path, i.reason) for i in got_issues] == [
-            (i.path, i.reason) for i in issues], (step, kind)
-        if expected is None:
-            continue
-        assert got is not None
-        assert list(got.environments.environments) == list(expected.environments.environments)
-        assert got.environments == expected.environments, (step, kind)
-        assert file_digest(got) == file_digest(expected), (step, kind)
+        reparsed += same_as_whole(gateway, sources, (step, kind))
     assert reparsed > 25 and all(kinds.get(k) for k in ("unsplittable", "invalid", "move"))
 
 
@@ -199,3 +207,86 @@ def test_what_comes_before_the_first_id_and_other_line_breaks(gateway: Path,
     write(path, "# a comment on top\nenvironments:\n" + rows)
     load(gateway, sources)
     assert sources.reparsed == {}  # (the head changed: parsed whole)
+
+
+def test_random_edits_of_a_json_file_yield_what_a_whole_parse_yields(tmp_path: Path) -> None:
+    """The same for a JSON environments file (``split_json``): values changed, ids added,
+    removed and moved, pretty and compact layouts, invalid values — and what must be parsed
+    whole: an id given twice (a decoder keeps the last and says nothing), an id written with
+    escapes, an id that is not valid, another top-level member, NaN."""
+    path = tmp_path / "environments.json"
+    path.write_text('{"environments": {}}')
+    write_config(tmp_path, {"main": env()}, environments_file="environments.json")
+    gateway = tmp_path / "gateway.yaml"
+    rng = random.Random(25)
+    rows: list[dict[str, object]] = [{"id": f"e{i}", "calls": i + 1} for i in range(40)]
+    sources = EnvSources()
+    kinds: dict[str, int] = {}
+    reparsed = 0
+
+    def member(r: dict[str, object]) -> tuple[str, object]:
+        return str(r["id"]), {"plan": "standard", "anchor": "2026-01-01",
+                              "expires": "2027-01-01", "limits": {"calls": r["calls"]}}
+
+    for step in range(120):
+        kind = rng.choice(["value", "value", "add", "remove", "move", "layout", "invalid",
+                           "unsplittable", "fixed"])
+        kinds[kind] = kinds.get(kind, 0) + 1
+        row = rng.choice(rows)
+        if kind == "value":
+            row["calls"] = rng.randrange(1, 10**6)
+        elif kind == "add":
+            rows.insert(rng.randrange(len(rows) + 1), {"id": f"n{step}", "calls": step + 1})
+        elif kind == "remove" and len(rows) > 5:
+            rows.remove(row)
+        elif kind == "move":
+            rows.remove(row)
+            rows.insert(rng.randrange(len(rows) + 1), row)
+        elif kind == "invalid":
+            row["calls"] = "many"
+        elif kind == "fixed":
+            for r in rows:
+                if not isinstance(r["calls"], int):
+                    r["calls"] = 5
+        indent = rng.choice([None, 2, 4])
+        text = json.dumps({"environments": dict(member(r) for r in rows)}, indent=indent)
+        if kind == "unsplittable":
+            twice = json.dumps(dict([member(rows[0])]))[1:-1]
+            text = rng.choice([
+                text.replace('{"environments": {', '{"environments": {' + twice + ", ", 1)
+                if indent is None else text.replace("{\n", "{\n" + twice + ",\n", 2),
+                text.replace(f'"{rows[0]["id"]}"', '"\\u0065' + str(rows[0]["id"])[1:] + '"'),
+                text.replace(f'"{rows[0]["id"]}"', '"Upper"'),
+                text[:-1] + ', "other": 1}',
+                text.replace(f'"calls": {rows[0]["calls"]}', '"calls": NaN'),
+            ])
+            assert split_json(text.encode()) is None, text[:200]
+        write(path, text)
+        reparsed += same_as_whole(gateway, sources, (step, kind))
+    assert reparsed > 25 and all(kinds.get(k) for k in ("unsplittable", "invalid", "move"))
+
+
+def test_a_json_edit_parses_that_environment_only(tmp_path: Path) -> None:
+    gateway, path = tmp_path / "gateway.yaml", tmp_path / "environments.json"
+    path.write_text('{"environments": {}}')
+    write_config(tmp_path, {"main": env()}, environments_file="environments.json")
+    ids = [f"shop-{i}" for i in range(300)]
+
+    def text(changed: int) -> str:
+        return json.dumps({"environments": {e: env(limits={"calls": changed if e == "shop-7"
+                                                           else i + 1})
+                                            for i, e in enumerate(ids)}}, indent=2)
+
+    write(path, text(8))
+    sources = EnvSources()
+    first = load_config(gateway, sources)
+    assert sources.files[str(path)].blocks is not None and sources.reparsed == {}
+    write(path, text(999))
+    changed = load_config(gateway, sources)
+    assert sources.reparsed == {str(path): 1}
+    got = changed.environments.environments
+    assert got["shop-7"].limits.calls == 999
+    assert got["shop-8"] is first.environments.environments["shop-8"]
+    expected, _ = whole(gateway)
+    assert changed.environments == expected.environments
+    assert file_digest(changed) == file_digest(expected)

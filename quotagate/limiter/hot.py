@@ -167,6 +167,7 @@ class HotEnv:
         "demand",
         "ending",
         "env",
+        "first_rate",
         "granted",
         "idle",
         "interval",
@@ -227,6 +228,8 @@ class HotEnv:
         #: Requests seen this period (admitted or not), periods with little demand.
         self.demand = 0
         self.idle = 0
+        #: Requests/s seen before the lease began: what its first lease asks for.
+        self.first_rate = 0.0
         self.ending = False
         self.leased = False
         #: Set to renew before the period ends (the share or the calls used up).
@@ -341,17 +344,21 @@ class Hot:
         counts[env] = counts.get(env, 0) + 1
         now = time.monotonic()
         if now >= self._period_end:
-            need = self.rate * (now - self._period_end + PERIOD_S)
+            length = now - self._period_end + PERIOD_S
+            need = self.rate * length
             self._period_end = now + PERIOD_S
-            warm = {e for e, n in counts.items() if n >= need}
+            warm = {e: n / length for e, n in counts.items() if n >= need}
             counts.clear()
-            for e in warm & self._warm:
-                self.start(e)
-            self._warm = warm
+            for e in warm.keys() & self._warm:
+                self.start(e, warm[e])
+            self._warm = set(warm)
         if joined:
             self.start(env)
 
-    def start(self, env: str) -> None:
+    def start(self, env: str, rate: float = 0.0) -> None:
+        """Lease ``env``: its first lease asks for ``rate`` (requests/s seen here in the
+        period before), or for ``gateway.hot_rate`` when none was measured (the store said
+        others lease it)."""
         if env in self.envs or self._stopping or not self.rate:
             return
         if env in self._ending:  # its last lease's end not taken yet: not a new one
@@ -367,6 +374,7 @@ class Hot:
             return
         h = self.envs[env] = HotEnv(env, self._lease_ids, record, self.journal._map,
                                         self.now_ms())
+        h.first_rate = rate or self.rate
         metrics.HOT_ENVIRONMENTS.set(len(self.envs))
         h.task = task = asyncio.get_running_loop().create_task(self._run(h))
         self._tasks.add(task)
@@ -395,8 +403,8 @@ class Hot:
                     break
             else:
                 h.idle = 0
-            if not h.leased:
-                rate = max(rate, self.rate * 2)
+            if not h.leased:  # (nothing measured since the start: what was seen before it)
+                rate = max(rate, h.first_rate)
             if not await self._lease(h, max(MIN_WANT, rate * HEADROOM)):
                 break
             h.wake.clear()

@@ -639,16 +639,30 @@ _ENVS_HEAD = re.compile(rb"(?:[ \t]*(?:#[^\r\n]*)?\r?\n)*environments:[ \t]*(?:#
 _SHALLOW = (rb"^(?: {%d}([a-z0-9][a-z0-9-]{0,62}):(?=[ \t\r\n]|$)"
             rb"| {0,%d}(?=[^ \r\n#]))")
 #: Line breaks other than ``\n`` that YAML honours: a lone CR, NEL, LS, PS.
-_OTHER_BREAKS = re.compile(rb"\r(?!\n)|\xc2\x85|\xe2\x80[\xa8\xa9]")
+_LONE_CR = re.compile(rb"\r(?!\n)")
+_OTHER_BREAKS = (b"\xc2\x85", b"\xe2\x80\xa8", b"\xe2\x80\xa9")
+
+
+def _other_breaks(data: bytes) -> bool:
+    """Whether YAML would end a line of ``data`` where a split on ``\n`` would not. (A
+    search of each, not one regular expression: one scan of a 14 MB file by ``re`` held the
+    interpreter lock, and the event loop with it, for 38 ms.)"""
+    return (b"\r" in data and _LONE_CR.search(data) is not None) \
+        or any(brk in data for brk in _OTHER_BREAKS)
 #: A reparse of changed blocks only goes up to this many (more: the whole file, elsewhere).
 REPARSE_MAX_BLOCKS = 2000
 
 
-def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
+#: An environment's block of a file: (hash of its bytes, where they are: start and end in
+#: the file for YAML, msgspec's ``Raw`` view of them for JSON).
+Block = tuple[int, int, int] | tuple[int, msgspec.Raw]
+
+
+def split_blocks(data: bytes) -> dict[str, Block] | None:
     """A YAML environments file laid out as operators write it — ``environments:`` and under
     it, each at one indentation, an unquoted id opening the block of its environment — as id
-    -> (hash of the block's bytes, start, end), in file order, after "" for the text before
-    the first id. None for anything else (flow
+    -> (hash of the block's bytes, start, end), in file order, after "" for the text
+    before the first id. None for anything else (flow
     style, anchors and aliases, tags, other top-level keys, an id given twice, tabs): those
     files are parsed whole every time. A block runs from its id's line to the next id's line:
     its value and the comments after it. (The hash is Python's, keyed per process: a block
@@ -656,7 +670,7 @@ def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
     head = _ENVS_HEAD.match(data)
     if head is None or b"&" in data or b"*" in data or b"!" in data:
         return None  # (anchors, aliases and tags could tie one block to another)
-    if _OTHER_BREAKS.search(data):
+    if _other_breaks(data):
         return None  # (line breaks YAML sees and this split would not)
     start = head.end()
     first = re.compile(rb"^( *)(?=[^ \r\n#])", re.M).search(data, start)
@@ -674,10 +688,84 @@ def split_blocks(data: bytes) -> dict[str, tuple[int, int, int]] | None:
     ends.append(len(data))
     # "" (no id has it): what comes before the first id, which a reparse does not read —
     # changed, the file is parsed whole.
-    blocks = {"": (hash(data[:marks[0][0]]), 0, marks[0][0])}
+    blocks: dict[str, Block] = {"": (hash(data[:marks[0][0]]), 0, marks[0][0])}
     blocks.update((key.decode(), (hash(data[at:end]), at, end))
                   for (at, key), end in zip(marks, ends, strict=True))
     return blocks if len(blocks) == len(marks) + 1 else None  # (an id given twice)
+
+
+_RAW_MEMBERS = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_JSON_SPACE = b" \t\r\n"
+#: What a JSON environments file may hold before its object of environments.
+_JSON_HEAD = re.compile(rb'[ \t\r\n]*\{[ \t\r\n]*"environments"[ \t\r\n]*:')
+#: Bytes of a big piece of JSON looked at in one C call: the event loop's thread waits for the
+#: interpreter lock no longer than one such call.
+_INK_CHUNK = 1 << 20
+
+
+def _ink(text: bytes | memoryview) -> int:
+    """The bytes of a piece of JSON that are not white space (inside strings too)."""
+    if len(text) <= _INK_CHUNK:
+        return len(bytes(text).translate(None, _JSON_SPACE))
+    view = memoryview(text)
+    return sum(len(bytes(view[at:at + _INK_CHUNK]).translate(None, _JSON_SPACE))
+               for at in range(0, len(view), _INK_CHUNK))
+
+
+def split_json(data: bytes) -> dict[str, Block] | None:
+    """A JSON environments file — one object whose only member is ``environments``, an
+    object of environments — as id -> (hash of the value's bytes, the value as msgspec's
+    ``Raw``: a view of them), in file order,
+    after "" (nothing comes before the first id in JSON: a constant). None when anything
+    could make a split differ from a whole parse: not JSON msgspec reads, another member, an
+    id that is not a valid one as written (``ENV_ID``: nothing escaped), or a member given
+    twice. A decoder keeps the last of a member given twice and says nothing, so the
+    members' bytes are counted: the object's bytes that are not white space must be exactly
+    its braces, the members' keys, colons and values, and the commas between them; a member
+    given twice (or a key written with escapes) leaves more. (The hash is Python's, keyed
+    per process, as ``split_blocks``'.)"""
+    head = _JSON_HEAD.match(data)
+    end = len(data)
+    while end and data[end - 1] in _JSON_SPACE:
+        end -= 1
+    if head is None or end <= head.end() or data[end - 1] != ord("}"):
+        return None
+    inner = memoryview(data)[head.end():end - 1]  # (another member after it: not one value)
+    try:
+        members = _RAW_MEMBERS.decode(inner)
+    except msgspec.DecodeError:
+        return None
+    blocks: dict[str, Block] = {"": (0, msgspec.Raw(b""))}
+    ink = 2 + max(len(members) - 1, 0)
+    for env_id, raw in members.items():
+        if not ENV_ID.fullmatch(env_id):
+            return None
+        value = bytes(raw)  # (a copy of one value at a time, dropped at once)
+        ink += len(env_id) + 3 + _ink(value)
+        blocks[env_id] = (hash(value), raw)
+    return blocks if ink == _ink(inner) else None
+
+
+def _changed_yaml(data: bytes, name: str, changed: list[tuple[str, Block]]) -> dict | None:
+    """The changed blocks of a YAML file (``data``), parsed alone under ``environments:``."""
+    try:
+        text = "environments:\n" + "".join(
+            data[block[1]:block[2]].decode("utf-8") for _, block in changed
+            if len(block) == 3)
+        with gc_paused():
+            raw = _load(text)
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError,
+            AttributeError, RecursionError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _changed_json(name: str, changed: list[tuple[str, Block]]) -> dict | None:
+    """The changed environments of a JSON file, parsed alone as the whole file would be."""
+    doc = b'{"environments":{' + b",".join(
+        b'"' + env_id.encode() + b'":' + bytes(block[1]) for env_id, block in changed) + b"}}"
+    raw, issues = _read_raw(Path(name), doc)
+    return None if issues else raw
 
 
 class EnvSources:
@@ -721,10 +809,12 @@ class EnvSources:
             hit.stat = key  # (the same bytes: a touch, or a racy read compared again)
             hit.racy = time.time_ns() - st.st_mtime_ns < RACY_NS
             return hit
-        blocks = split_blocks(data) if path.suffix != ".json" else None
+        json_file = path.suffix == ".json"
+        blocks = split_json(data) if json_file else split_blocks(data)
         entry = None
         if blocks is not None and hit is not None:
-            entry = self._reparse(name, key, data, hit, blocks)
+            entry = self._reparse(name, key, hit, blocks, _changed_json if json_file
+                                  else functools.partial(_changed_yaml, data))
         if entry is None:
             entry = self._parse(path, key, data, st.st_size)
             if (blocks is not None and entry.envs is not None
@@ -758,34 +848,30 @@ class EnvSources:
                 entry = EnvFile(key, None, [ConfigIssue(name, "$", f"invalid text: {exc}")])
         return entry
 
-    def _reparse(self, name: str, key: tuple[int, int, int, int, int], data: bytes,
-                 last: EnvFile, blocks: dict[str, tuple[int, int, int]]) -> EnvFile | None:
+    def _reparse(self, name: str, key: tuple[int, int, int, int, int], last: EnvFile,
+                 blocks: dict[str, Block],
+                 parse_changed: Callable[[str, list[tuple[str, Block]]], dict | None]
+                 ) -> EnvFile | None:
         """The file as ``last`` with only the blocks that changed parsed (an edit of one
         environment in a file of 10^5 costs that environment, not the file): the others are
         the very objects parsed before. None — parse it whole — unless the changed blocks,
-        parsed alone, are valid and hold exactly the ids that open them (a whole parse
-        then names any issue where the file has it)."""
+        parsed alone (``parse_changed``: the file's ``{"environments": ...}`` of them), are
+        valid and hold exactly the ids that open them (a whole parse then names any issue
+        where the file has it)."""
         if last.blocks is None or last.envs is None:
             return None
         if blocks[""][0] != last.blocks.get(""):
             return None  # the text before the first id changed: parsed whole
-        changed = [(env_id, start, end) for env_id, (h, start, end) in blocks.items()
-                   if env_id and last.blocks.get(env_id) != h]
+        changed = [(env_id, block) for env_id, block in blocks.items()
+                   if env_id and last.blocks.get(env_id) != block[0]]
         if len(changed) > REPARSE_MAX_BLOCKS:
             return None
         got = EnvironmentsFile()
         if changed:
-            try:
-                text = "environments:\n" + "".join(data[start:end].decode("utf-8")
-                                                     for _, start, end in changed)
-                with gc_paused():
-                    raw = _load(text)
-            except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError,
-                    AttributeError, RecursionError):
-                return None
+            raw = parse_changed(name, changed)
             if (not isinstance(raw, dict) or list(raw) != ["environments"]
                     or not isinstance(raw["environments"], dict)
-                    or list(raw["environments"]) != [env_id for env_id, _, _ in changed]):
+                    or list(raw["environments"]) != [env_id for env_id, _ in changed]):
                 return None
             converted, issues = convert_all(raw, EnvironmentsFile, name)
             if issues or converted is None:
