@@ -259,6 +259,8 @@ def test_random_edits_of_a_json_file_yield_what_a_whole_parse_yields(tmp_path: P
                 text.replace(f'"{rows[0]["id"]}"', '"Upper"'),
                 text[:-1] + ', "other": 1}',
                 text.replace(f'"calls": {rows[0]["calls"]}', '"calls": NaN'),
+                text.replace(f'"calls": {rows[0]["calls"]}',
+                             '"calls": ' + "[" * 3000 + "]" * 3000),  # nested too deep
             ])
             assert split_json(text.encode()) is None, text[:200]
         write(path, text)

@@ -733,7 +733,7 @@ def split_json(data: bytes) -> dict[str, Block] | None:
     inner = memoryview(data)[head.end():end - 1]  # (another member after it: not one value)
     try:
         members = _RAW_MEMBERS.decode(inner)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # (nested too deep: the whole parse says so)
         return None
     blocks: dict[str, Block] = {"": (0, msgspec.Raw(b""))}
     ink = 2 + max(len(members) - 1, 0)
