@@ -9,7 +9,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -84,18 +86,20 @@ def gateway(tmp_path: Path) -> Path:
     return tmp_path / "gateway.yaml"
 
 
-def test_an_edit_parses_its_block_only_and_yields_the_whole_parse(gateway: Path) -> None:
-    path = gateway.parent / "environments.yaml"
-    ids = [f"shop-{i}" for i in range(300)]
-    head = "# the platform's environments\n\nenvironments:   # one block each\n"
-    write(path, head + "".join(block(e, i + 1) for i, e in enumerate(ids)))
+IDS = [f"shop-{i}" for i in range(300)]
+
+
+def edit_one(gateway: Path, path: Path, text: Callable[[int], str]) -> tuple[Any, Any]:
+    """``path`` written with ``text(8)`` and loaded, then with ``text(999)`` (shop-7's calls)
+    and loaded again by the same EnvSources: only that environment parsed, the others the
+    very objects parsed before, and what a whole parse yields. The second load and the whole
+    one."""
+    write(path, text(8))
     sources = EnvSources()
     first = load_config(gateway, sources)
     assert sources.files[str(path)].blocks is not None  # laid out as blocks
     assert sources.reparsed == {}  # (the first load parses whole)
-
-    write(path, head + "".join(block(e, 999 if e == "shop-7" else i + 1)
-                               for i, e in enumerate(ids)))
+    write(path, text(999))
     changed = load_config(gateway, sources)
     assert sources.reparsed == {str(path): 1}
     got = changed.environments.environments
@@ -103,9 +107,17 @@ def test_an_edit_parses_its_block_only_and_yields_the_whole_parse(gateway: Path)
     # The others are the very objects parsed before.
     assert got["shop-8"] is first.environments.environments["shop-8"]
     expected, _ = whole(gateway)
-    assert list(got) == list(expected.environments.environments) == ids
     assert changed.environments == expected.environments
     assert file_digest(changed) == file_digest(expected)
+    return changed, expected
+
+
+def test_an_edit_parses_its_block_only_and_yields_the_whole_parse(gateway: Path) -> None:
+    head = "# the platform's environments\n\nenvironments:   # one block each\n"
+    changed, expected = edit_one(gateway, gateway.parent / "environments.yaml", lambda calls: (
+        head + "".join(block(e, calls if e == "shop-7" else i + 1) for i, e in enumerate(IDS))))
+    assert list(changed.environments.environments) == list(
+        expected.environments.environments) == IDS
 
 
 def test_random_edits_yield_what_a_whole_parse_yields(gateway: Path) -> None:
@@ -272,23 +284,6 @@ def test_a_json_edit_parses_that_environment_only(tmp_path: Path) -> None:
     gateway, path = tmp_path / "gateway.yaml", tmp_path / "environments.json"
     path.write_text('{"environments": {}}')
     write_config(tmp_path, {"main": env()}, environments_file="environments.json")
-    ids = [f"shop-{i}" for i in range(300)]
-
-    def text(changed: int) -> str:
-        return json.dumps({"environments": {e: env(limits={"calls": changed if e == "shop-7"
-                                                           else i + 1})
-                                            for i, e in enumerate(ids)}}, indent=2)
-
-    write(path, text(8))
-    sources = EnvSources()
-    first = load_config(gateway, sources)
-    assert sources.files[str(path)].blocks is not None and sources.reparsed == {}
-    write(path, text(999))
-    changed = load_config(gateway, sources)
-    assert sources.reparsed == {str(path): 1}
-    got = changed.environments.environments
-    assert got["shop-7"].limits.calls == 999
-    assert got["shop-8"] is first.environments.environments["shop-8"]
-    expected, _ = whole(gateway)
-    assert changed.environments == expected.environments
-    assert file_digest(changed) == file_digest(expected)
+    edit_one(gateway, path, lambda calls: json.dumps({"environments": {
+        e: env(limits={"calls": calls if e == "shop-7" else i + 1})
+        for i, e in enumerate(IDS)}}, indent=2))

@@ -649,6 +649,8 @@ def _other_breaks(data: bytes) -> bool:
     interpreter lock, and the event loop with it, for 38 ms.)"""
     return (b"\r" in data and _LONE_CR.search(data) is not None) \
         or any(brk in data for brk in _OTHER_BREAKS)
+
+
 #: A reparse of changed blocks only goes up to this many (more: the whole file, elsewhere).
 REPARSE_MAX_BLOCKS = 2000
 
@@ -751,7 +753,7 @@ def _changed_yaml(data: bytes, name: str, changed: list[tuple[str, Block]]) -> d
     try:
         text = "environments:\n" + "".join(
             data[block[1]:block[2]].decode("utf-8") for _, block in changed
-            if len(block) == 3)
+            if len(block) == 3)  # (always: split_blocks' (hash, start, end); for the types)
         with gc_paused():
             raw = _load(text)
     except (yaml.YAMLError, UnicodeDecodeError, ValueError, KeyError, TypeError,
